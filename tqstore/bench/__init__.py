@@ -1,0 +1,1 @@
+"""Benchmarks run by `tqstore bench ...`; each reports ratios against a same-run baseline."""

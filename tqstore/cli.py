@@ -1,0 +1,73 @@
+"""The `tqstore` command line. Each subcommand lives in the module that owns it; that module
+exposes `add_arguments(parser)` and `run(args) -> int`. This file only wires them together."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+import tqstore  # noqa: F401  (loads OpenBLAS before MLX)
+
+# (name, module, help). A module that is not present in this build is left out of the CLI.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("serve", "tqstore.server_cli", "run the gRPC prefix-cache daemon"),
+    ("generate", "tqstore.generate_cli", "generate text with the paged TurboQuant cache"),
+    ("inspect", "tqstore.inspect_cli", "report hit rates, blocks, bytes of a store"),
+    ("demo", "tqstore.demo", "daemon + SmolLM2 on a long prompt, cold vs hit"),
+    ("check", "tqstore.ssd.check_cli", "verify (and optionally repair) a store"),
+    ("calibrate", "tqstore.calibrate", "build a KV quality profile for a model"),
+]
+BENCHES: list[tuple[str, str, str]] = [
+    ("codec", "tqstore.bench.codec", "codec MSE, bounds, bytes and throughput"),
+    ("ssd", "tqstore.ssd.bench", "SSD tier throughput vs raw file I/O, lookup latency"),
+    ("quality", "tqstore.bench.quality", "KL and top-1 of cache configs on SmolLM2"),
+    ("attention", "tqstore.metal.bench", "decode attention kernels vs fp16 SDPA"),
+    ("hit", "tqstore.bench.hit", "hit TTFT vs cold prefill, concurrent throughput"),
+]
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return None  # that part is not in this build
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tqstore", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tqstore {tqstore.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module, help_text in COMMANDS:
+        mod = _load(module)
+        if mod is not None:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            mod.add_arguments(p)
+            p.set_defaults(run=mod.run)
+    bench = sub.add_parser("bench", help="benchmarks (each prints ratios against a same-run baseline)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, module, help_text in BENCHES:
+        mod = _load(module)
+        if mod is not None:
+            p = bench_sub.add_parser(name, help=help_text, description=help_text)
+            mod.add_arguments(p)
+            p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"tqstore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
