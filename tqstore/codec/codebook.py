@@ -14,6 +14,8 @@ The result is rounded to float32, the dtype every path computes in.
 
 from __future__ import annotations
 
+from tqstore.errors import InvalidArgument
+
 from functools import lru_cache
 
 import numpy as np
@@ -87,9 +89,9 @@ def _lloyd_max_float64(head_dim: int, bits: int) -> tuple[float, ...]:
 def lloyd_max_codebook(head_dim: int, bits: int) -> np.ndarray:
     """Sorted float32 centroids (2**bits,) of the Lloyd-Max quantizer for dimension head_dim."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bits {bits}: choose one of {SUPPORTED_BITS}")
+        raise InvalidArgument(f"unsupported bits {bits}: choose one of {SUPPORTED_BITS}")
     if head_dim < 8:
-        raise ValueError(f"unsupported head_dim {head_dim}: must be >= 8")
+        raise InvalidArgument(f"unsupported head_dim {head_dim}: must be >= 8")
     return np.asarray(_lloyd_max_float64(head_dim, bits), dtype=np.float32)
 
 

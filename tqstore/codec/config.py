@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tqstore.errors import InvalidArgument
+
 from dataclasses import dataclass
 
 from tqstore.codec.codebook import SUPPORTED_BITS
@@ -26,11 +28,11 @@ class CodecConfig:
         for name in ("key_bits", "value_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
-                raise ValueError(f"unsupported {name}={bits}: choose one of {SUPPORTED_BITS}")
+                raise InvalidArgument(f"unsupported {name}={bits}: choose one of {SUPPORTED_BITS}")
         if self.key_qjl and self.norm_correction:
             # The QJL sketch corrects the residual of the plain codebook reconstruction; a
             # norm-corrected scale would change that residual. One or the other.
-            raise ValueError("key_qjl and norm_correction are exclusive: pick one")
+            raise InvalidArgument("key_qjl and norm_correction are exclusive: pick one")
 
     def identity(self) -> str:
         """Stable text naming these settings; part of the in-memory pool's namespace."""

@@ -7,6 +7,8 @@ order (index 2i in the low nibble of byte i). Integer ops only: exact on every b
 
 from __future__ import annotations
 
+from tqstore.errors import InvalidArgument
+
 import mlx.core as mx
 
 
@@ -31,7 +33,7 @@ def pack_indices(idx: mx.array, bits: int) -> mx.array:
 def unpack_indices(codes: mx.array, bits: int, head_dim: int) -> mx.array:
     """uint8 codes (..., D * bits / 8) -> uint8 indices (..., D)."""
     if codes.shape[-1] != packed_bytes(head_dim, bits):
-        raise ValueError(f"codes last dim {codes.shape[-1]} != {packed_bytes(head_dim, bits)}"
+        raise InvalidArgument(f"codes last dim {codes.shape[-1]} != {packed_bytes(head_dim, bits)}"
                          f" for head_dim {head_dim} at {bits} bits")
     if bits == 8:
         return codes.astype(mx.uint8)

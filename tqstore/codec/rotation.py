@@ -20,6 +20,8 @@ only correctly rounded operations. No NumPy RNG, no LAPACK, no MLX RNG: identica
 
 from __future__ import annotations
 
+from tqstore.errors import InvalidArgument
+
 import hashlib
 import math
 import struct
@@ -40,7 +42,7 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
 
 def rotation_seed(namespace_seed: int, layer: int, kv_head: int, kind: str) -> bytes:
     if kind not in KINDS:
-        raise ValueError(f"rotation kind must be one of {KINDS}, got {kind!r}")
+        raise InvalidArgument(f"rotation kind must be one of {KINDS}, got {kind!r}")
     material = struct.pack("<qii", int(namespace_seed), int(layer), int(kv_head)) + kind.encode()
     return hashlib.sha256(b"tqstore/rotation/v1\0" + material).digest()
 
@@ -96,7 +98,7 @@ class HeadRotations:
 
     def __init__(self, head_dim: int, seeds: Sequence[bytes]) -> None:
         if head_dim < 8 or head_dim % 8:
-            raise ValueError(f"unsupported head_dim {head_dim}: must be a multiple of 8")
+            raise InvalidArgument(f"unsupported head_dim {head_dim}: must be a multiple of 8")
         self.head_dim = head_dim
         self.num_heads = len(seeds)
         self.p, self.m = split_head_dim(head_dim)
@@ -113,7 +115,7 @@ class HeadRotations:
 
     def _check(self, x: mx.array) -> None:
         if x.ndim < 3 or x.shape[-1] != self.head_dim or x.shape[-3] != self.num_heads:
-            raise ValueError(
+            raise InvalidArgument(
                 f"expected (..., {self.num_heads} heads, tokens, {self.head_dim}), got {x.shape}")
 
     def _mix(self, z: mx.array, transpose: bool) -> mx.array:

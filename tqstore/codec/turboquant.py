@@ -16,6 +16,8 @@ unpack_indices() to score and accumulate in rotated space without dequantizing.
 
 from __future__ import annotations
 
+from tqstore.errors import InvalidArgument
+
 import math
 from dataclasses import dataclass
 
@@ -73,13 +75,13 @@ class TurboQuantCodec:
     def __init__(self, head_dim: int, bits: int, rotation: HeadRotations, *,
                  norm_correction: bool = True, qjl_rotation: HeadRotations | None = None) -> None:
         if bits not in SUPPORTED_BITS:
-            raise ValueError(f"unsupported bits {bits}: choose one of {SUPPORTED_BITS}")
+            raise InvalidArgument(f"unsupported bits {bits}: choose one of {SUPPORTED_BITS}")
         if head_dim % 8 or head_dim < 8:
-            raise ValueError(f"unsupported head_dim {head_dim}: must be a multiple of 8")
+            raise InvalidArgument(f"unsupported head_dim {head_dim}: must be a multiple of 8")
         if rotation.head_dim != head_dim:
-            raise ValueError("rotation head_dim does not match the codec's")
+            raise InvalidArgument("rotation head_dim does not match the codec's")
         if qjl_rotation is not None and norm_correction:
-            raise ValueError("QJL and norm correction are exclusive")
+            raise InvalidArgument("QJL and norm correction are exclusive")
         self.head_dim = head_dim
         self.bits = bits
         self.rotation = rotation
@@ -124,10 +126,10 @@ class TurboQuantCodec:
     # -- quantize / dequantize -------------------------------------------------------------
     def quantize(self, x: mx.array) -> QuantizedVectors:
         if x.ndim < 3 or x.shape[-1] != self.head_dim or x.shape[-3] != self.num_heads:
-            raise ValueError(f"expected (..., {self.num_heads} heads, tokens, {self.head_dim}),"
+            raise InvalidArgument(f"expected (..., {self.num_heads} heads, tokens, {self.head_dim}),"
                              f" got {tuple(x.shape)}")
         if not mx.issubdtype(x.dtype, mx.floating):
-            raise ValueError(f"expected a floating dtype, got {x.dtype}")
+            raise InvalidArgument(f"expected a floating dtype, got {x.dtype}")
         xf = x.astype(mx.float32)
         norm = mx.sqrt(tree_sum_last(xf * xf))
         safe = mx.where(norm > 0, norm, 1.0)
