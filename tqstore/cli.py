@@ -38,7 +38,7 @@ def _load(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tqstore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tqstore", description="KV-cache store and TurboQuant paged KV cache for MLX inference")
     parser.add_argument("--version", action="version", version=f"tqstore {tqstore.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module, help_text in COMMANDS:
