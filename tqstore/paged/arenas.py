@@ -1,0 +1,150 @@
+"""Per-layer KV arenas: the bytes behind the pool's block ids.
+
+Layout (fixed; the fused decode kernels read exactly this), block 0 is the null block:
+  TurboQuant layer: key_codes uint8 (num_blocks, Hkv, block_size, Dk*key_bits/8),
+                    key_scales float16 (num_blocks, Hkv, block_size), and the same for values.
+  fp16 layer (policy keeps it dense): keys float16 (num_blocks, Hkv, block_size, Dk), values alike.
+Every layer has an arena of the same num_blocks, so one block id names the same tokens in every
+layer and the pool needs no per-layer bookkeeping.
+
+Writes are scatters into preallocated arrays (MLX reuses the buffer when the arena holds the
+only reference), so appending a token costs O(token), not O(arena).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from tqstore.codec import CodecConfig, QuantizedVectors, TurboQuantCodec, layer_codecs
+from tqstore.errors import InvalidArgument
+
+KV_DTYPE = mx.float16
+
+
+def _token_major(x: mx.array) -> mx.array:
+    """(H, n, ...) -> (n, H, ...) to match arena[block_ids, :, slots] indexing."""
+    return mx.swapaxes(x, 0, 1)
+
+
+class TurboQuantArena:
+    """Compressed K/V pages of one layer."""
+
+    dense = False
+
+    def __init__(self, layer: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 key_head_dim: int, value_head_dim: int, config: CodecConfig) -> None:
+        if config.key_qjl:
+            raise InvalidArgument("paged arenas store MSE codes only (key_qjl=False)")
+        self.layer = layer
+        self.config = config
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.key_codec, self.value_codec = layer_codecs(
+            config, layer, num_kv_heads, key_head_dim, value_head_dim)
+        H, kc, vc = num_kv_heads, self.key_codec.code_bytes, self.value_codec.code_bytes
+        self.bytes_per_block = self.block_bytes(block_size, H, key_head_dim, value_head_dim, config)
+        self.key_codes = mx.zeros((num_blocks, H, block_size, kc), dtype=mx.uint8)
+        self.key_scales = mx.zeros((num_blocks, H, block_size), dtype=mx.float16)
+        self.value_codes = mx.zeros((num_blocks, H, block_size, vc), dtype=mx.uint8)
+        self.value_scales = mx.zeros((num_blocks, H, block_size), dtype=mx.float16)
+
+    @staticmethod
+    def block_bytes(block_size: int, num_kv_heads: int, key_head_dim: int, value_head_dim: int,
+                    config: CodecConfig) -> int:
+        per_token = (key_head_dim * config.key_bits // 8 + 2
+                     + value_head_dim * config.value_bits // 8 + 2)
+        return block_size * num_kv_heads * per_token
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [self.key_codes, self.key_scales, self.value_codes, self.value_scales]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def write(self, block_ids: mx.array, slots: mx.array, keys: mx.array, values: mx.array) -> None:
+        """Quantize keys/values (Hkv, n, D) and store token i at (block_ids[i], slots[i])."""
+        qk = self.key_codec.quantize(keys)
+        qv = self.value_codec.quantize(values)
+        self.key_codes[block_ids, :, slots] = _token_major(qk.codes)
+        self.key_scales[block_ids, :, slots] = _token_major(qk.scales)
+        self.value_codes[block_ids, :, slots] = _token_major(qv.codes)
+        self.value_scales[block_ids, :, slots] = _token_major(qv.scales)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+            arr = getattr(self, name)
+            arr[dst] = arr[src]
+
+    def _gather(self, arr: mx.array, block_ids: mx.array, num_tokens: int) -> mx.array:
+        pages = arr[block_ids]  # (nb, H, bs, ...)
+        pages = mx.swapaxes(pages, 0, 1)
+        pages = pages.reshape(pages.shape[0], -1, *pages.shape[3:])
+        return pages[:, :num_tokens]
+
+    def quantized(self, block_ids: mx.array, num_tokens: int) -> tuple[QuantizedVectors, QuantizedVectors]:
+        """Codes of the first num_tokens tokens of a sequence, (Hkv, T, ...)."""
+        k = QuantizedVectors(self._gather(self.key_codes, block_ids, num_tokens),
+                             self._gather(self.key_scales, block_ids, num_tokens))
+        v = QuantizedVectors(self._gather(self.value_codes, block_ids, num_tokens),
+                             self._gather(self.value_scales, block_ids, num_tokens))
+        return k, v
+
+    def gather_dense(self, block_ids: mx.array, num_tokens: int,
+                     dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
+        """Dequantized keys, values (Hkv, T, D) of a sequence (the reference for attention and
+        the path for multi-token steps after prefill)."""
+        qk, qv = self.quantized(block_ids, num_tokens)
+        return self.key_codec.dequantize(qk, dtype), self.value_codec.dequantize(qv, dtype)
+
+
+class Fp16Arena:
+    """Dense float16 K/V pages of one layer (layers the policy keeps unquantized)."""
+
+    dense = True
+
+    def __init__(self, layer: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 key_head_dim: int, value_head_dim: int) -> None:
+        self.layer = layer
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.bytes_per_block = self.block_bytes(block_size, num_kv_heads, key_head_dim, value_head_dim)
+        self.keys = mx.zeros((num_blocks, num_kv_heads, block_size, key_head_dim), dtype=KV_DTYPE)
+        self.values = mx.zeros((num_blocks, num_kv_heads, block_size, value_head_dim), dtype=KV_DTYPE)
+
+    @staticmethod
+    def block_bytes(block_size: int, num_kv_heads: int, key_head_dim: int, value_head_dim: int) -> int:
+        return block_size * num_kv_heads * (key_head_dim + value_head_dim) * 2
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [self.keys, self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def write(self, block_ids: mx.array, slots: mx.array, keys: mx.array, values: mx.array) -> None:
+        self.keys[block_ids, :, slots] = _token_major(keys.astype(KV_DTYPE))
+        self.values[block_ids, :, slots] = _token_major(values.astype(KV_DTYPE))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.keys[dst] = self.keys[src]
+        self.values[dst] = self.values[src]
+
+    def gather_dense(self, block_ids: mx.array, num_tokens: int,
+                     dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
+        def gather(arr: mx.array) -> mx.array:
+            pages = mx.swapaxes(arr[block_ids], 0, 1)
+            return pages.reshape(pages.shape[0], -1, pages.shape[-1])[:, :num_tokens].astype(dtype)
+
+        return gather(self.keys), gather(self.values)
+
+
+LayerArena = TurboQuantArena | Fp16Arena
+
+
+def dense_state_bytes(num_tokens: int, num_kv_heads: int, key_head_dim: int, value_head_dim: int) -> int:
+    """fp16 bytes of num_tokens tokens of one layer: the baseline live KV is compared with."""
+    return num_tokens * num_kv_heads * (key_head_dim + value_head_dim) * 2

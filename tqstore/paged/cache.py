@@ -1,0 +1,217 @@
+"""The mlx-lm cache adapter: one ``PagedLayerCache`` per layer, all over one ``Sequence``.
+
+mlx-lm's attention calls ``cache.offset``, ``keys, values = cache.update_and_fetch(k, v)``, then
+``scaled_dot_product_attention(q, keys, values, cache=cache, ...)``; the first layer's cache makes
+the mask; ``generate_step`` evaluates ``[c.state for c in cache]``.
+
+Life of a layer cache:
+- Prefill (chunks of L > 1 tokens): K/V are kept dense in fp16 and returned whole for stock SDPA.
+  Nothing is quantized yet: quantizing during prefill blew up activation memory in the anchors,
+  and a prefix restored in fp16 (``load_fp16_prefix``) must be attended exactly as a cold run.
+- ``finish_prefill()`` (explicit, or at the first L == 1 call): the fp16 K/V go to the prefill
+  listeners (the daemon upload hook), are written into the pages (quantized once), and dropped.
+- Decode (L == 1): the new token is quantized into its page; attention runs over the pages via
+  ``tqstore.paged.integration`` -> ``PagedLayerCache.attend`` -> ``attention.decode_attention``.
+  ``update_and_fetch`` still returns lazily dequantized K/V, so a model whose attention was not
+  routed (integration not installed) computes the same result, only slower; when it is routed,
+  those lazy arrays are never evaluated.
+- Multi-token steps after prefill (a chat's next turn, teacher forcing, a prefix shared from the
+  pool): the chunk is quantized into pages as appended and attended by stock SDPA over the
+  dequantized pages with the model's causal mask, which equals token-by-token decode.
+
+No attribute is named ``bits``: mlx-lm would route such a cache to its own affine path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence as Seq
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import create_attention_mask
+
+from tqstore.errors import InvalidArgument
+from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
+from tqstore.paged.attention import decode_attention
+from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
+from tqstore.paged.policy import CachePolicy
+from tqstore.paged.sequence import Sequence
+
+
+class PagedLayerCache:
+    """mlx-lm cache protocol for one layer of one sequence (batch size 1)."""
+
+    def __init__(self, sequence: Sequence, layer: int) -> None:
+        self.sequence = sequence
+        self.layer = layer
+        self.arena = sequence.pool.arenas[layer]
+        self.offset = sequence.num_cached_tokens
+        self.in_prefill = self.offset == 0
+        self._keys: mx.array | None = None  # fp16 prefill K/V (1, Hkv, T, D)
+        self._values: mx.array | None = None
+        self.decode_pending = False  # set by an L == 1 update, consumed by attend()
+
+    # -- the fp16 prefill ------------------------------------------------------------------
+    def load_fp16_prefix(self, keys: mx.array, values: mx.array) -> None:
+        """Restore an fp16 prefix (1 or no batch axis, Hkv, T, D) into a fresh cache: the rest of
+        the prompt then prefills attending to it exactly as a cold run would."""
+        if not self.in_prefill or self.offset:
+            raise InvalidArgument("load_fp16_prefix needs a fresh cache")
+        keys, values = (x if x.ndim == 4 else x[None] for x in (keys, values))
+        if keys.shape[0] != 1 or keys.shape[2] != values.shape[2]:
+            raise InvalidArgument(f"prefix shapes {keys.shape} / {values.shape} do not match")
+        self._keys, self._values = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
+        self.offset = keys.shape[2]
+
+    def prefill_kv(self) -> tuple[mx.array, mx.array] | None:
+        """The fp16 K/V (1, Hkv, T, D) of the prefill so far, or None once quantized."""
+        return None if self._keys is None else (self._keys, self._values)
+
+    def fp16_blocks(self) -> tuple[mx.array, mx.array] | None:
+        """fp16 K/V (Hkv, n * block_size, D) of the FULL blocks of the prefill (what the SSD
+        tier stores); None once quantized."""
+        if self._keys is None:
+            return None
+        n = (self.offset // self.sequence.block_size) * self.sequence.block_size
+        return self._keys[0, :, :n], self._values[0, :, :n]
+
+    def finish_prefill(self) -> None:
+        """Quantize the prefill into pages once and drop the fp16 copy (idempotent)."""
+        if not self.in_prefill:
+            return
+        self.in_prefill = False
+        if self._keys is None:
+            return
+        for listener in self.sequence.prefill_listeners:
+            listener(self.layer, self._keys, self._values)
+        self._write(0, self._keys, self._values)
+        self._keys = self._values = None
+
+    # -- the mlx-lm protocol ---------------------------------------------------------------
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if keys.shape[0] != 1:
+            raise InvalidArgument("PagedLayerCache holds one sequence: batch size must be 1")
+        L = keys.shape[2]
+        if self.in_prefill and L > 1:
+            k, v = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
+            if self._keys is None:
+                self._keys, self._values = k, v
+            else:
+                self._keys = mx.concatenate([self._keys, k], axis=2)
+                self._values = mx.concatenate([self._values, v], axis=2)
+            self.offset += L
+            return self._keys.astype(keys.dtype), self._values.astype(values.dtype)
+        self.finish_prefill()
+        self._write(self.offset, keys, values)
+        self.decode_pending = L == 1 and not self.arena.dense
+        k, v = self.arena.gather_dense(self.sequence.block_table()[0], self.offset, keys.dtype)
+        return k[None], v[None]
+
+    def _write(self, start: int, keys: mx.array, values: mx.array) -> None:
+        count = keys.shape[2]
+        block_ids, slots = self.sequence.prepare_write(start, count)
+        self.arena.write(block_ids, slots, keys[0], values[0])
+        self.offset = start + count
+        self.sequence.note_written(self.layer, self.offset)
+
+    def attend(self, queries: mx.array, scale: float, mask: Any = None) -> mx.array:
+        """Decode attention over the compressed pages for the token just written.
+
+        queries (1, Hq, 1, Dk) -> (1, Hq, 1, Dv) in the queries' dtype.
+        """
+        self.decode_pending = False
+        if mask is not None and not isinstance(mask, str):
+            raise InvalidArgument("paged decode takes no mask array (sliding layers stay fp16)")
+        B, Hq, L, Dk = queries.shape
+        kc, vc = self.arena.key_codec, self.arena.value_codec
+        Hkv = kc.num_heads
+        q = (queries[:, :, 0, :].astype(mx.float32) * scale).reshape(B, Hkv, Hq // Hkv, Dk)
+        q = kc.rotate(q).reshape(B, Hq, Dk)
+        out = decode_attention(
+            q, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
+            self.arena.value_scales, self.sequence.block_table(),
+            mx.array([self.offset], dtype=mx.int32), kc.codebook, vc.codebook, kc.bits, vc.bits)
+        out = vc.unrotate(out.reshape(B, Hkv, Hq // Hkv, vc.head_dim))
+        return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        return create_attention_mask(N, self.offset, return_array, window_size)
+
+    @property
+    def state(self) -> list[mx.array]:
+        """What generate_step evaluates each step: the pending writes of this layer."""
+        if self._keys is not None:
+            return [self._keys, self._values]
+        return self.arena.arrays
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        if self._keys is not None:
+            self._keys, self._values = self._keys[:, :, : self.offset], self._values[:, :, : self.offset]
+        else:
+            self.sequence.trim(self.layer, self.offset)
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def nbytes(self) -> int:
+        """Live KV bytes of this layer: the fp16 prefill copy, or this sequence's pages."""
+        if self._keys is not None:
+            return self._keys.nbytes + self._values.nbytes
+        return len(self.sequence.blocks) * self.arena.bytes_per_block
+
+    @property
+    def fp16_nbytes(self) -> int:
+        """The same tokens as dense fp16 K/V (the baseline)."""
+        return dense_state_bytes(self.offset, *self._dims()[1:])
+
+    def _dims(self) -> tuple[int, int, int, int]:
+        pool = self.sequence.pool
+        return pool.block_size, pool.num_kv_heads, pool.key_head_dim, pool.value_head_dim
+
+
+# -- building caches for a model -------------------------------------------------------------
+def model_kv_layout(model: nn.Module) -> dict[str, Any]:
+    """num_layers, num_kv_heads, key/value head dims and sliding layers of an mlx-lm model."""
+    layers = model.layers
+    attn = layers[0].self_attn
+    n_kv = attn.n_kv_heads
+    key_dim = getattr(attn, "head_dim", None) or attn.k_proj.weight.shape[0] // n_kv
+    value_dim = attn.v_proj.weight.shape[0] // n_kv
+    sliding = [i for i, layer in enumerate(layers) if getattr(layer, "use_sliding", False)]
+    return dict(num_layers=len(layers), num_kv_heads=n_kv, key_head_dim=key_dim,
+                value_head_dim=value_dim, sliding_layers=sliding)
+
+
+def pool_for_model(model: nn.Module, *, policy: CachePolicy | None = None,
+                   budget_bytes: int = 256 << 20, block_size: int = DEFAULT_BLOCK_SIZE,
+                   model_fingerprint: str = "unnamed-model") -> PagedKVPool:
+    """A pool shaped for ``model`` holding ``budget_bytes`` of KV pages."""
+    return PagedKVPool(**model_kv_layout(model), block_size=block_size, policy=policy,
+                       budget_bytes=budget_bytes, model_fingerprint=model_fingerprint)
+
+
+def make_prompt_cache(pool: PagedKVPool, token_ids: Seq[int] = ()) -> list[PagedLayerCache]:
+    """Per-layer caches for one new sequence (pass as ``prompt_cache=`` to mlx-lm).
+
+    If the pool already holds full blocks of ``token_ids``' prefix, they are shared and
+    ``caches[0].offset`` (== ``caches[0].sequence.num_cached_tokens``) prompt tokens must be
+    skipped: feed ``token_ids[offset:]`` to the model. Call ``release_prompt_cache`` when done.
+    """
+    seq = pool.new_sequence(token_ids)
+    return [PagedLayerCache(seq, layer) for layer in range(pool.num_layers)]
+
+
+def release_prompt_cache(caches: Seq[PagedLayerCache]) -> None:
+    """Return the sequence's blocks to the pool (cached blocks stay findable)."""
+    if caches:
+        caches[0].sequence.release()
