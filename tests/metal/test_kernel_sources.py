@@ -1,0 +1,59 @@
+"""CPU-CI compile check: the generated Metal and CUDA kernel sources must type-check with a
+C++ compiler through small shims of each language's keywords and builtins."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.metal.signature import full_source, syntax_check
+from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, AttentionGeometry,
+                                            attention_body, attention_header, merge_body)
+from tqstore.metal.dialect import DIALECTS
+
+ATTN_TYPES = dict(queries="float32", key_codes="uint8", key_scales="float16",
+                  value_codes="uint8", value_scales="float16", block_tables="int32",
+                  seq_lens="int32", key_codebook="float32", value_codebook="float32",
+                  params="int32")
+
+GEOMETRIES = [
+    AttentionGeometry(128, 128, 4, 4, 16, 32, 8),     # Llama-3-8B shaped, the benchmark case
+    AttentionGeometry(64, 64, 3, 4, 32, 9, 3),        # SmolLM2: G=3, 3-bit keys
+    AttentionGeometry(96, 64, 2, 8, 8, 4, 4),         # no GQA, Dk != Dv, 2/8 bits, LPT 4
+    AttentionGeometry(128, 128, 1, 5, 256, 8, 1, warps=2, unroll=1),
+]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: g.tag())
+@pytest.mark.parametrize("split", [False, True])
+def test_attention_source_compiles(dialect, geo, split, tmp_path):
+    outputs = ["partial_out", "partial_m", "partial_l"] if split else ["out"]
+    src = full_source(dialect, "attn", attention_header(dialect),
+                      attention_body(geo, dialect, split),
+                      [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [(o, "float32") for o in outputs])
+    syntax_check(src, tmp_path, f"attn_{dialect}_{split}")
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_merge_source_compiles(dialect, tmp_path):
+    types = dict(partial_out="float32", partial_m="float32", partial_l="float32", params="int32")
+    src = full_source(dialect, "merge", attention_header(dialect), merge_body(128, 32, dialect),
+                      [(n, types[n]) for n in MERGE_INPUTS], [("out", "float32")])
+    syntax_check(src, tmp_path, f"merge_{dialect}")
+
+
+def test_syntax_check_catches_a_typo(tmp_path):
+    geo = GEOMETRIES[0]
+    body = attention_body(geo, "metal", False).replace("TQ_EXP(sg - m[g])", "TQ_EXPP(sg - m[g])")
+    src = full_source("metal", "attn", attention_header("metal"), body,
+                      [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [("out", "float32")])
+    with pytest.raises(AssertionError, match="syntax check"):
+        syntax_check(src, tmp_path, "typo")
+
+
+def test_metal_body_names_the_attributes_mlx_must_add():
+    body = attention_body(GEOMETRIES[0], "metal", True)
+    for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid",
+                 "threadgroups_per_grid"):
+        assert attr in body
+    assert "threadIdx" not in body and "__shared__" not in body

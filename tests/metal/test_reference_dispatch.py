@@ -1,0 +1,121 @@
+"""CPU tests: the oracle computes the contract's function, the dispatch falls back to a
+reference where no GPU kernel exists and says so, and the launch policy is sane."""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tqstore.codec import CodecConfig, layer_codecs
+from tqstore.metal import dispatch
+from tqstore.metal.attention_kernel import (MAX_SPLITS, attention_kernel, choose_num_splits,
+                                            gpu_backend, kernel_paged_decode_attention)
+from tqstore.metal.attention_source import AttentionGeometry
+from tqstore.metal.bench import random_pages
+from tqstore.metal.reference import paged_decode_attention_oracle
+
+
+def _dense_attention(q, k, v, seq_len):
+    """float64 numpy attention of one sequence: q (Hq, D), k/v (Hkv, T, D)."""
+    hq, hkv = q.shape[0], k.shape[0]
+    out = np.zeros((hq, v.shape[-1]))
+    for h in range(hq):
+        s = k[h // (hq // hkv), :seq_len] @ q[h]
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v[h // (hq // hkv), :seq_len]
+    return out
+
+
+def test_oracle_matches_codec_dequantize_and_dense_attention():
+    """Pages filled by the real codec: the oracle equals attention over dequantized K/V."""
+    rng = np.random.default_rng()
+    hq, hkv, d, bs, lens = 8, 2, 64, 16, [37, 5]
+    kc, vc = layer_codecs(CodecConfig(4, 3), 0, hkv, d)
+    max_blocks = 3
+    nblocks = 1 + 2 * max_blocks
+    arr = {k: np.zeros(s, dtype=t) for k, s, t in [
+        ("kcode", (nblocks, hkv, bs, d // 2), np.uint8), ("ksc", (nblocks, hkv, bs), np.float16),
+        ("vcode", (nblocks, hkv, bs, d * 3 // 8), np.uint8), ("vsc", (nblocks, hkv, bs), np.float16)]}
+    tables = rng.permutation(np.arange(1, nblocks))[: 2 * max_blocks].reshape(2, max_blocks)
+    q = rng.standard_normal((2, hq, d)).astype(np.float32)
+    out_expect = []
+    for b, n in enumerate(lens):
+        k = mx.array(rng.standard_normal((hkv, n, d)).astype(np.float32))
+        v = mx.array(rng.standard_normal((hkv, n, d)).astype(np.float32))
+        qk, qv = kc.quantize(k), vc.quantize(v)
+        for t in range(n):
+            blk, slot = tables[b, t // bs], t % bs
+            arr["kcode"][blk, :, slot] = np.array(qk.codes[:, t])
+            arr["ksc"][blk, :, slot] = np.array(qk.scales[:, t])
+            arr["vcode"][blk, :, slot] = np.array(qv.codes[:, t])
+            arr["vsc"][blk, :, slot] = np.array(qv.scales[:, t])
+        kd = np.array(kc.dequantize_rotated(qk), dtype=np.float64)
+        vd = np.array(vc.dequantize_rotated(qv), dtype=np.float64)
+        out_expect.append(_dense_attention(q[b].astype(np.float64), kd, vd, n))
+    got = paged_decode_attention_oracle(
+        mx.array(q), mx.array(arr["kcode"]), mx.array(arr["ksc"]), mx.array(arr["vcode"]),
+        mx.array(arr["vsc"]), mx.array(tables.astype(np.int32)), mx.array(np.array(lens, np.int32)),
+        kc.codebook, vc.codebook, 4, 3)
+    np.testing.assert_allclose(np.array(got), np.stack(out_expect), rtol=2e-4, atol=2e-5)
+
+
+def test_oracle_agrees_with_paged_reference_on_ragged_gqa():
+    paged = pytest.importorskip("tqstore.paged.attention")
+    pages = random_pages(np.random.default_rng(), [1, 40, 129], 12, 4, 64, 64, 4, 2, 8)
+    a = paged_decode_attention_oracle(**pages)
+    b = paged.paged_decode_attention_reference(**pages)
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+def test_zero_length_sequence_gives_zeros():
+    pages = random_pages(np.random.default_rng(), [0, 20], 4, 2, 64, 64, 4, 4, 16)
+    out = np.array(paged_decode_attention_oracle(**pages))
+    assert np.all(out[0] == 0) and np.all(np.isfinite(out)) and np.any(out[1] != 0)
+
+
+def test_cpu_has_no_kernel_and_dispatch_falls_back(caplog):
+    assert gpu_backend() is None
+    assert attention_kernel(AttentionGeometry(128, 128, 4, 4, 16, 32, 8), True) is None
+    pages = random_pages(np.random.default_rng(), [50, 3], 8, 2, 64, 64, 4, 4, 16)
+    assert kernel_paged_decode_attention(**pages) is None
+    assert dispatch.active_backend().startswith("reference:")
+    dispatch._logged.clear()
+    with caplog.at_level(logging.INFO, logger="tqstore.metal"):
+        out = dispatch.paged_decode_attention(**pages)
+        dispatch.paged_decode_attention(**pages)
+    assert [r.getMessage() for r in caplog.records].count(
+        f"decode attention over TurboQuant pages runs on: {dispatch.active_backend()}") == 1
+    np.testing.assert_allclose(np.array(out), np.array(paged_decode_attention_oracle(**pages)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_forcing_the_kernel_without_a_gpu_raises():
+    pages = random_pages(np.random.default_rng(), [5], 4, 4, 64, 64, 4, 4, 16)
+    dispatch.force_backend("kernel")
+    try:
+        with pytest.raises(RuntimeError, match="no GPU kernel backend"):
+            dispatch.paged_decode_attention(**pages)
+    finally:
+        dispatch.force_backend(None)
+    with pytest.raises(ValueError):
+        dispatch.force_backend("fast")
+
+
+@pytest.mark.parametrize("batch,hkv,tokens,expect", [
+    (1, 8, 131072, 128), (8, 8, 131072, 16), (1, 8, 4096, 8), (1, 8, 300, 1), (8, 8, 4096, 8),
+    (64, 8, 32768, 2), (1, 1, 10**7, MAX_SPLITS)])
+def test_choose_num_splits(batch, hkv, tokens, expect):
+    assert choose_num_splits(batch, hkv, tokens) == expect
+
+
+def test_geometry_validation_and_lanes():
+    assert AttentionGeometry(128, 128, 4, 4, 16, 32, 8).lanes_per_token == 8
+    assert AttentionGeometry(96, 64, 4, 4, 16, 4, 4).lanes_per_token == 4
+    assert AttentionGeometry(8, 8, 4, 4, 16, 4, 4).lanes_per_token == 1
+    with pytest.raises(ValueError):
+        AttentionGeometry(128, 128, 4, 4, 16, 30, 8)
+    with pytest.raises(ValueError):
+        AttentionGeometry(100, 128, 4, 4, 16, 32, 8)

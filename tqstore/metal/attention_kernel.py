@@ -1,0 +1,129 @@
+"""Build and launch the paged decode-attention kernels (single pass, split-K + merge).
+
+The mlx-lm gated_delta pattern: `attention_kernel()` builds the custom kernel for the GPU
+backend MLX has (CUDA or Metal) and returns None where there is none (the CPU); the caller
+(tqstore.metal.dispatch) then runs the pure-MLX reference, which computes the same function.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import mlx.core as mx
+
+from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_OUTPUTS,
+                                            SINGLE_OUTPUTS, SPLIT_OUTPUTS, AttentionGeometry,
+                                            attention_body, attention_header, merge_body)
+
+# Launch policy. A decode step must fill the GPU with threadgroups even for one sequence:
+# aim for TARGET_GROUPS threadgroups (several waves on a 132-SM H100 or a 40-core M-series
+# GPU), but never give a split fewer than MIN_SPLIT_TOKENS tokens (the merge pass and the
+# per-threadgroup fixed cost would dominate) nor more than MAX_SPLITS splits.
+TARGET_GROUPS = 1024
+MIN_SPLIT_TOKENS = 512
+MAX_SPLITS = 256
+INT32_LIMIT = 2**31 - 1
+
+
+def gpu_backend() -> str | None:
+    """'cuda', 'metal' or None (no GPU kernel backend in this MLX build / machine)."""
+    try:
+        if mx.cuda.is_available():
+            return "cuda"
+    except AttributeError:
+        pass
+    try:
+        if mx.metal.is_available():
+            return "metal"
+    except AttributeError:
+        pass
+    return None
+
+
+def _builder(backend: str) -> Callable:
+    return mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+
+
+@lru_cache(maxsize=64)
+def attention_kernel(geo: AttentionGeometry, split: bool, backend: str | None = None):
+    """The custom kernel for `geo`, or None when no GPU backend is present."""
+    backend = backend or gpu_backend()
+    if backend is None:
+        return None
+    name = f"tq_attn_{'split' if split else 'single'}_{geo.tag()}"
+    return _builder(backend)(
+        name=name, input_names=list(ATTN_INPUTS),
+        output_names=list(SPLIT_OUTPUTS if split else SINGLE_OUTPUTS),
+        source=attention_body(geo, backend, split), header=attention_header(backend),
+        ensure_row_contiguous=True)
+
+
+@lru_cache(maxsize=16)
+def merge_kernel(value_dim: int, num_q_heads: int, backend: str | None = None):
+    backend = backend or gpu_backend()
+    if backend is None:
+        return None
+    return _builder(backend)(
+        name=f"tq_attn_merge_d{value_dim}_h{num_q_heads}", input_names=list(MERGE_INPUTS),
+        output_names=list(MERGE_OUTPUTS), source=merge_body(value_dim, num_q_heads, backend),
+        header=attention_header(backend), ensure_row_contiguous=True)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int) -> int:
+    """Token splits per (sequence, kv head): 1 means the single-pass kernel, no merge."""
+    by_occupancy = -(-TARGET_GROUPS // max(1, batch * num_kv_heads))
+    by_length = max(1, max_tokens // MIN_SPLIT_TOKENS)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def geometry_for(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
+                 key_bits: int, value_bits: int) -> AttentionGeometry:
+    _, hq, dk = queries.shape
+    _, hkv, bs, vbytes = value_codes.shape
+    if key_codes.shape[-1] * 8 != dk * key_bits:
+        raise ValueError(f"key codes of {key_codes.shape[-1]} bytes do not hold head_dim {dk}"
+                         f" at {key_bits} bits")
+    return AttentionGeometry(key_dim=dk, value_dim=vbytes * 8 // value_bits, key_bits=key_bits,
+                             value_bits=value_bits, block_size=bs, num_q_heads=hq,
+                             num_kv_heads=hkv)
+
+
+def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
+                                  value_codes: mx.array, value_scales: mx.array,
+                                  block_tables: mx.array, seq_lens: mx.array,
+                                  key_codebook: mx.array, value_codebook: mx.array,
+                                  key_bits: int, value_bits: int, *,
+                                  num_splits: int | None = None,
+                                  backend: str | None = None) -> mx.array | None:
+    """The contract's function on the GPU kernels; None where no kernel backend exists."""
+    backend = backend or gpu_backend()
+    if backend is None:
+        return None
+    geo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits)
+    if max(key_codes.size, value_codes.size) > INT32_LIMIT:
+        raise ValueError("page arenas over 2**31 bytes need 64-bit offsets in the kernel")
+    bsz, hq, _ = queries.shape
+    max_blocks = block_tables.shape[1]
+    nsplit = num_splits or choose_num_splits(bsz, geo.num_kv_heads, max_blocks * geo.block_size)
+    params = mx.array([max_blocks, nsplit], dtype=mx.int32)
+    inputs = [queries.astype(mx.float32), key_codes, key_scales.astype(mx.float16), value_codes,
+              value_scales.astype(mx.float16), block_tables.astype(mx.int32),
+              seq_lens.astype(mx.int32), key_codebook.astype(mx.float32),
+              value_codebook.astype(mx.float32), params]
+    grid = (geo.threads * nsplit, geo.num_kv_heads, bsz)
+    group = (geo.threads, 1, 1)
+    dv = geo.value_dim
+    if nsplit == 1:
+        (out,) = attention_kernel(geo, False, backend)(
+            inputs=inputs, output_shapes=[(bsz, hq, dv)], output_dtypes=[mx.float32],
+            grid=grid, threadgroup=group)
+        return out
+    part, pm, pl = attention_kernel(geo, True, backend)(
+        inputs=inputs,
+        output_shapes=[(bsz, hq, nsplit, dv), (bsz, hq, nsplit), (bsz, hq, nsplit)],
+        output_dtypes=[mx.float32] * 3, grid=grid, threadgroup=group)
+    (out,) = merge_kernel(dv, hq, backend)(
+        inputs=[part, pm, pl, params], output_shapes=[(bsz, hq, dv)],
+        output_dtypes=[mx.float32], grid=(dv, hq, bsz), threadgroup=(dv, 1, 1))
+    return out

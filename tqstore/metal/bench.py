@@ -1,0 +1,215 @@
+"""`tqstore bench attention`: correctness of the decode-attention kernels against the pure-MLX
+oracle on fresh random pages, then per-layer decode time against fp16 SDPA in the same run.
+
+Timing method: a decode step runs one attention call per layer back to back, so each timed
+sample queues `layers` independent layer-shaped calls before one mx.eval and divides; a lone
+call with its own eval would measure launch + sync (>= 115 us on an H100), not the kernel.
+Bandwidth: compressed bytes read (codes + fp16 scales) over time, against an elementwise copy
+of 1 GiB measured in the same run (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from tqstore.codec.codebook import lloyd_max_codebook
+from tqstore.metal.attention_kernel import choose_num_splits, kernel_paged_decode_attention
+from tqstore.metal.dispatch import active_backend
+from tqstore.metal.reference import paged_decode_attention_oracle
+
+
+def random_pages(rng: np.random.Generator, seq_lens: list[int], hq: int, hkv: int, dk: int,
+                 dv: int, kbits: int, vbits: int, block_size: int, spare_blocks: int = 3):
+    """Random valid pages: shuffled block ids (never block 0, the null block), random codes and
+    positive scales; the tail of every table points at the null block."""
+    bsz = len(seq_lens)
+    need = [-(-max(n, 1) // block_size) for n in seq_lens]
+    max_blocks = max(need)
+    num_blocks = 1 + sum(need) + spare_blocks
+    ids = rng.permutation(np.arange(1, num_blocks)).astype(np.int32)
+    tables = np.zeros((bsz, max_blocks), dtype=np.int32)
+    pos = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = ids[pos:pos + n]
+        pos += n
+
+    def codes(d: int, bits: int) -> mx.array:
+        return mx.random.randint(0, 256, (num_blocks, hkv, block_size, d * bits // 8)).astype(mx.uint8)
+
+    def scales() -> mx.array:
+        return mx.random.uniform(0.25, 3.0, (num_blocks, hkv, block_size)).astype(mx.float16)
+
+    return dict(
+        queries=mx.random.normal((bsz, hq, dk)) * 2.0,
+        key_codes=codes(dk, kbits), key_scales=scales(),
+        value_codes=codes(dv, vbits), value_scales=scales(),
+        block_tables=mx.array(tables), seq_lens=mx.array(np.asarray(seq_lens, dtype=np.int32)),
+        key_codebook=mx.array(lloyd_max_codebook(dk, kbits)),
+        value_codebook=mx.array(lloyd_max_codebook(dv, vbits)),
+        key_bits=kbits, value_bits=vbits)
+
+
+# (name, seq_lens, Hq, Hkv, Dk, Dv, kbits, vbits, block_size, forced splits or None)
+CHECKS = [
+    ("gqa4 b1 single", [777], 32, 8, 128, 128, 4, 4, 16, 1),
+    ("gqa4 b1 split", [5000], 32, 8, 128, 128, 4, 4, 16, None),
+    ("gqa4 ragged b4", [1, 17, 300, 9000], 32, 8, 128, 128, 4, 4, 16, None),
+    ("gqa4 ragged b3 bs32 splits7", [4096, 33, 2500], 32, 8, 128, 128, 4, 4, 32, 7),
+    ("gqa3 d64 k3v4 bs8", [129, 1000], 9, 3, 64, 64, 3, 4, 8, None),
+    ("mha d96/64 k2v8 bs64", [700, 64], 4, 4, 96, 64, 2, 8, 64, 3),
+    ("gqa8 k4v4 bs256 zero-len", [0, 3000], 8, 1, 128, 128, 4, 4, 256, 4),
+    ("gqa4 b8 32k", [32768] * 2 + [20000, 1, 9, 31000, 4096, 100], 32, 8, 128, 128, 4, 4, 16, None),
+]
+
+
+def run_checks(seed: int) -> tuple[list[dict], bool]:
+    rng = np.random.default_rng(seed)
+    mx.random.seed(seed)
+    rows, ok = [], True
+    for name, lens, hq, hkv, dk, dv, kb, vb, bs, splits in CHECKS:
+        pages = random_pages(rng, lens, hq, hkv, dk, dv, kb, vb, bs)
+        ref = paged_decode_attention_oracle(**pages)
+        got = kernel_paged_decode_attention(**pages, num_splits=splits)
+        err = mx.abs(got - ref)
+        max_abs = float(mx.max(err).item())
+        rel = float((mx.sqrt(mx.sum(err * err)) / mx.maximum(mx.sqrt(mx.sum(ref * ref)), 1e-30)).item())
+        finite = bool(mx.all(mx.isfinite(got)).item())
+        passed = finite and rel < 1e-4 and max_abs < 1e-3
+        row = dict(name=name, max_abs_err=max_abs, rel_err=rel, finite=finite, passed=passed,
+                   splits=splits or choose_num_splits(len(lens), hkv, pages["block_tables"].shape[1] * bs))
+        if min(lens) >= 1:  # the paged cache's reference requires seq_len >= 1
+            try:
+                from tqstore.paged.attention import paged_decode_attention_reference
+                other = paged_decode_attention_reference(**pages)
+                row["max_abs_err_vs_paged_ref"] = float(mx.max(mx.abs(got - other)).item())
+                passed = passed and row["max_abs_err_vs_paged_ref"] < 1e-3
+                row["passed"] = passed
+            except ImportError:
+                pass
+        ok = ok and passed
+        rows.append(row)
+        print(f"check {name:32s} max_abs {max_abs:.2e} rel {rel:.2e} "
+              f"{'PASS' if passed else 'FAIL'}", flush=True)
+    return rows, ok
+
+
+def _time_queued(fn, inputs: list, reps: int) -> float:
+    """Median seconds per call when len(inputs) calls are queued before one eval."""
+    for _ in range(2):
+        mx.eval([fn(x) for x in inputs])
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval([fn(x) for x in inputs])
+        samples.append((time.perf_counter() - t0) / len(inputs))
+    return statistics.median(samples)
+
+
+def copy_bandwidth(reps: int = 10) -> float:
+    """Bytes/s of an elementwise pass over 1 GiB (read + write counted)."""
+    a = mx.random.uniform(shape=(256 * 1024 * 1024,))  # 1 GiB of float32
+    mx.eval(a)
+    t = _time_queued(lambda x: x + 1.0, [a] * 4, reps)
+    return 2 * a.nbytes / t
+
+
+def time_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, bits: int, block_size: int,
+              reps: int, budget_bytes: float) -> dict:
+    rng = np.random.default_rng(batch * 1_000_003 + ctx)
+    fp16_layer = 2 * batch * hkv * ctx * dim * 2
+    tq_layer = batch * hkv * ctx * (2 * dim * bits // 8 + 4)
+    layers = int(max(2, min(16, budget_bytes // (fp16_layer + tq_layer))))
+    scale = dim ** -0.5
+    dense = []
+    for _ in range(layers):
+        q = mx.random.normal((batch, hq, 1, dim)).astype(mx.float16)
+        k = mx.random.normal((batch, hkv, ctx, dim)).astype(mx.float16)
+        v = mx.random.normal((batch, hkv, ctx, dim)).astype(mx.float16)
+        mx.eval(q, k, v)
+        dense.append((q, k, v))
+    t_sdpa = _time_queued(lambda x: mx.fast.scaled_dot_product_attention(
+        x[0], x[1], x[2], scale=scale), dense, reps)
+    del dense
+    paged = []
+    for _ in range(layers):
+        p = random_pages(rng, [ctx] * batch, hq, hkv, dim, dim, bits, bits, block_size, 0)
+        mx.eval([v for v in p.values() if isinstance(v, mx.array)])
+        paged.append(p)
+    t_tq = _time_queued(lambda p: kernel_paged_decode_attention(**p), paged, reps)
+    return dict(batch=batch, context=ctx, layers_queued=layers, sdpa_fp16_us=t_sdpa * 1e6,
+                tq_us=t_tq * 1e6, ratio=t_tq / t_sdpa, tq_bytes=tq_layer,
+                tq_gbps=tq_layer / t_tq / 1e9, sdpa_gbps=fp16_layer / t_sdpa / 1e9,
+                splits=choose_num_splits(batch, hkv, ctx))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="write results as JSON to PATH (or stdout without PATH)")
+    parser.add_argument("--contexts", default="4096,32768,131072")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--budget-gb", type=float, default=24.0,
+                        help="device memory for the queued layers of one case")
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    parser.add_argument("--skip-timing", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    backend = active_backend()
+    print(f"backend: {backend}; mlx {mx.__version__}; device {mx.default_device()}; "
+          f"seed {args.seed}", flush=True)
+    if not backend.endswith("-kernel"):
+        print("no GPU kernel backend here: nothing to benchmark", file=sys.stderr)
+        return 2
+    checks, ok = run_checks(args.seed)
+    result = dict(backend=backend, mlx=mx.__version__, host=platform.node(), seed=args.seed,
+                  checks=checks, checks_passed=ok)
+    try:
+        result["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
+    except Exception:  # noqa: BLE001  (device_info is informative only)
+        pass
+    if not args.skip_timing:
+        bw = copy_bandwidth()
+        result["copy_gbps"] = bw / 1e9
+        cases = []
+        for b in (int(x) for x in args.batches.split(",")):
+            for ctx in (int(x) for x in args.contexts.split(",")):
+                row = time_case(b, ctx, 32, 8, 128, args.bits, args.block_size, args.reps,
+                                args.budget_gb * 1e9)
+                row["pct_copy_bw"] = 100.0 * row["tq_gbps"] * 1e9 / bw
+                cases.append(row)
+                print(f"  B={b} ctx={ctx}: sdpa {row['sdpa_fp16_us']:.1f} us, "
+                      f"tq {row['tq_us']:.1f} us", flush=True)
+        result["cases"] = cases
+        print(f"\ncopy bandwidth (1 GiB elementwise, r+w): {bw / 1e9:.0f} GB/s")
+        print(f"{'B':>2} {'ctx':>7} {'sdpa_fp16_us':>12} {'tq_us':>8} {'ratio':>6} "
+              f"{'tq_GB/s':>8} {'%copy':>6} {'splits':>6} {'layers':>6}")
+        for r in cases:
+            print(f"{r['batch']:>2} {r['context']:>7} {r['sdpa_fp16_us']:>12.1f} {r['tq_us']:>8.1f} "
+                  f"{r['ratio']:>6.2f} {r['tq_gbps']:>8.0f} {r['pct_copy_bw']:>6.1f} "
+                  f"{r['splits']:>6} {r['layers_queued']:>6}")
+    print(f"correctness: {'all checks passed' if ok else 'FAILED'}")
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

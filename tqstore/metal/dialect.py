@@ -1,0 +1,114 @@
+"""The thin dialect layer: one kernel body, two GPU languages (Metal and CUDA).
+
+Kernel bodies in this package are written once against the macros below; each dialect header
+defines them for its language and is passed to MLX as the kernel's `header=`. The body never
+names a language builtin directly (threadIdx, simd_shuffle_xor, __shared__, ...), so a fix or
+a speed change lands in both backends at once.
+
+Invariants the bodies rely on:
+- SIMD width 32 (Apple GPUs and NVIDIA warps), and every lane of a warp reaches each
+  TQ_SHFL_XOR (shuffles are never inside lane-divergent branches).
+- The launch grid counts threads (MLX convention); threadgroups are 1-D in x. The body
+  prologue binds tq_tid (thread in group), tq_gx/tq_gy/tq_gz (group index) and tq_ngx (groups
+  along x) as locals.
+- Device pointers are cast to wider word types only at offsets that are multiples of the
+  word size (the page rows are multiples of 4 bytes for every supported head_dim and bits).
+"""
+
+from __future__ import annotations
+
+DIALECTS = ("metal", "cuda")
+
+_METAL = r"""
+// ---- tqstore dialect: Metal ----
+#define TQ_DEVICE device
+#define TQ_SHARED threadgroup
+#define TQ_SHARED_PTR threadgroup
+#define TQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define TQ_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
+#define TQ_EXP(x) metal::fast::exp(x)
+#define TQ_SQRT(x) metal::sqrt(x)
+#define TQ_HALF_TO_FLOAT(x) ((float)(x))
+#define TQ_FLOAT_TO_HALF(x) ((half)(x))
+#define TQ_FMAX(a, b) metal::max((a), (b))
+#define TQ_FMIN(a, b) metal::min((a), (b))
+typedef ulong tq_u64;
+typedef uint tq_u32;
+typedef ushort tq_u16;
+"""
+
+_CUDA = r"""
+// ---- tqstore dialect: CUDA ----
+#define TQ_DEVICE
+#define TQ_SHARED __shared__
+#define TQ_SHARED_PTR
+#define TQ_BARRIER() __syncthreads()
+#define TQ_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+#define TQ_EXP(x) __expf(x)
+#define TQ_SQRT(x) sqrtf(x)
+#define TQ_HALF_TO_FLOAT(x) __half2float(x)
+#define TQ_FLOAT_TO_HALF(x) __float2half_rn(x)
+#define TQ_FMAX(a, b) fmaxf((a), (b))
+#define TQ_FMIN(a, b) fminf((a), (b))
+typedef unsigned long long tq_u64;
+typedef unsigned int tq_u32;
+typedef unsigned short tq_u16;
+"""
+
+# Thread and group indices are bound as locals at the top of the body rather than as header
+# macros: MLX's Metal signature generator adds an attribute parameter (thread_position_in_...)
+# only when the BODY text mentions it, so the Metal prologue must spell the attribute names.
+_PROLOGUE = {
+    "metal": (
+        "  const int tq_tid = (int)thread_position_in_threadgroup.x;\n"
+        "  const int tq_gx = (int)threadgroup_position_in_grid.x;\n"
+        "  const int tq_gy = (int)threadgroup_position_in_grid.y;\n"
+        "  const int tq_gz = (int)threadgroup_position_in_grid.z;\n"
+        "  const int tq_ngx = (int)threadgroups_per_grid.x;\n"
+    ),
+    "cuda": (
+        "  const int tq_tid = (int)threadIdx.x;\n"
+        "  const int tq_gx = (int)blockIdx.x;\n"
+        "  const int tq_gy = (int)blockIdx.y;\n"
+        "  const int tq_gz = (int)blockIdx.z;\n"
+        "  const int tq_ngx = (int)gridDim.x;\n"
+    ),
+}
+
+METAL_ATTRIBUTES = {
+    "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3",
+    "threadgroups_per_grid": "uint3",
+    "thread_position_in_grid": "uint3",
+    "threads_per_threadgroup": "uint3",
+    "thread_index_in_simdgroup": "uint",
+    "simdgroup_index_in_threadgroup": "uint",
+}
+
+# MLX's element type names per dialect (what its generated signatures use).
+_TYPES = {
+    "metal": {"float32": "float", "float16": "float16_t", "uint8": "uint8_t", "int32": "int32_t",
+              "uint32": "uint32_t"},
+    "cuda": {"float32": "float", "float16": "__half", "uint8": "uint8_t", "int32": "int32_t",
+             "uint32": "uint32_t"},
+}
+
+
+def dialect_header(dialect: str) -> str:
+    """The macro layer for `dialect` ('metal' or 'cuda')."""
+    if dialect == "metal":
+        return _METAL
+    if dialect == "cuda":
+        return _CUDA
+    raise ValueError(f"unknown dialect {dialect!r}: choose one of {DIALECTS}")
+
+
+def body_prologue(dialect: str) -> str:
+    """Lines that open every kernel body: bind tq_tid, tq_gx/gy/gz (threadgroup index) and
+    tq_ngx (threadgroups along x) for `dialect`."""
+    dialect_header(dialect)  # validates the name
+    return _PROLOGUE[dialect]
+
+
+def element_type(dialect: str, dtype_name: str) -> str:
+    return _TYPES[dialect][dtype_name]
