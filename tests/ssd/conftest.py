@@ -1,0 +1,40 @@
+"""Shared fixtures for the SSD tier tests: real LMDB files in tmp dirs, fresh random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tqstore  # noqa: F401  (entry point convention: loads OpenBLAS first)
+from tqstore.prefix_hash import Namespace
+from tqstore.ssd import BlockPayload, BlockStore, StoreConfig
+
+NS = Namespace("test-model@abc123", num_layers=3, num_kv_heads=2, head_dim=16, block_size=8)
+
+
+def random_payload(rng: np.random.Generator, ns: Namespace = NS) -> BlockPayload:
+    shape = (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
+    return BlockPayload(rng.standard_normal(shape).astype(np.float16),
+                        rng.standard_normal(shape).astype(np.float16))
+
+
+def random_tokens(rng: np.random.Generator, n: int) -> list[int]:
+    return rng.integers(0, 49152, n).tolist()
+
+
+def same_bits(a: BlockPayload, b: BlockPayload) -> bool:
+    return (a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
+            and np.array_equal(a.keys.view(np.uint16), b.keys.view(np.uint16))
+            and np.array_equal(a.values.view(np.uint16), b.values.view(np.uint16)))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = BlockStore(tmp_path / "store", StoreConfig(map_size=1 << 28))
+    yield s
+    s.close()

@@ -1,0 +1,54 @@
+"""Configuration of the SSD tier, in one typed place.
+
+Every field has a default that is safe for a laptop daemon; the daemon builds one StoreConfig from
+its flags and passes it down. Nothing here reads environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+COMPRESSIONS = ("none", "zstd", "zstd-planes")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings of one BlockStore.
+
+    max_bytes: byte budget of the whole store (payload files, rounded up to the 4 KiB the file
+        system allocates, plus the LMDB pages in use). A put that would exceed it first evicts
+        least recently used leaves; if that cannot make room the put raises ResourceExhausted.
+    map_size: LMDB map reservation (a sparse reservation, not disk use). Only the index and
+        metadata live in LMDB, about 2 KB per block, so 16 GiB is millions of blocks.
+    compression: "none" (default: measured not to pay, see docs/fragments/ssd.md), "zstd", or
+        "zstd-planes" (fp16 split into high/low byte planes before zstd).
+    zstd_level: level for the zstd modes.
+    checksum_chunk: payloads are checksummed in chunks of this many bytes (CRC-32 each), so reads
+        can verify on two threads while the next chunk is read.
+    access_flush_interval_s / access_flush_count: last-access times and hit counts of gets are
+        batched in memory and written in one LMDB txn when either limit is reached (and on close,
+        put, evict, check), so a get never pays a synced commit (~0.3 ms) and last access still
+        survives a restart.
+    read_threads: threads that read and verify one payload (2 cores here).
+    """
+
+    max_bytes: int = 64 * GiB
+    map_size: int = 16 * GiB
+    compression: str = "none"
+    zstd_level: int = 1
+    checksum_chunk: int = 1 * MiB
+    access_flush_interval_s: float = 1.0
+    access_flush_count: int = 1024
+    read_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        for name in ("max_bytes", "map_size", "checksum_chunk", "access_flush_count", "read_threads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.checksum_chunk % 4096:
+            raise ValueError("checksum_chunk must be a multiple of 4096")

@@ -1,0 +1,438 @@
+"""BlockStore: durable, verified fp16 boundary snapshots of prompt blocks.
+
+Layout of a store directory:
+    index/        LMDB environment (index and metadata, see index.py)
+    blocks/       one payload file per block, <hash hex>.blk (see payload.py for why files)
+    writer.lock   flock held by the one writer process; readonly openers never take it
+
+Durability (a put is acknowledged only when durable): payload files are written to temp names,
+fsynced, renamed, the directory fsynced, and only then is the index committed (LMDB synced
+commit). A crash leaves at worst payload files without index records (orphans, deleted when a
+writer opens the store) or temp files (same): nothing torn is ever reachable through the index.
+
+Verification (a corrupt store never serves a wrong block and never crashes the reader): get_block
+checks the record frame CRC, namespace, parent, stored token ids and layout, then the payload
+header and every chunk CRC. Any mismatch is counted, the block and its subtree are quarantined
+(writer) and the caller gets NotFound. lookup verifies the frame CRC of the records its binary
+search touches; it relies on prefix closure (index.py) to be O(log n) in the chain length.
+
+Concurrency: one writer process (flock); within it, writes are serialized by a lock and reads run
+concurrently. Other processes open readonly and read while the writer writes (LMDB MVCC; a payload
+file evicted under a reader is a plain miss, a replaced one is re-checked against a fresh record).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import lmdb
+import numpy as np
+
+from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from tqstore.prefix_hash import BlockHash, Namespace
+from tqstore.ssd import payload as pl
+from tqstore.ssd.chain import chain_hashes, token_array
+from tqstore.ssd.check import CheckReport, run_check
+from tqstore.ssd.config import StoreConfig
+from tqstore.ssd.eviction import evict_lru
+from tqstore.ssd.index import Index
+from tqstore.ssd.payload import BlockPayload, PayloadError
+from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
+from tqstore.ssd.stats import NamespaceStats, StoreStats
+
+_INDEX_BYTES_PER_BLOCK = 768  # LMDB overhead estimate per block beyond its token ids (budget)
+
+
+class BlockStore:
+    """The SSD tier. See the module docstring for the invariants."""
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig | None = None, *,
+                 readonly: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.config = config or StoreConfig()
+        self.readonly = readonly
+        self.blocks_dir = os.path.join(self.path, "blocks")
+        self._lock = threading.RLock()
+        self._pending_touch: dict[bytes, list[int]] = {}
+        self._pending: dict[str, int] = {}
+        self._last_flush = time.monotonic()
+        self._clock = 0
+        self._lock_fd: int | None = None
+        if readonly:
+            if not os.path.isdir(os.path.join(self.path, "index")):
+                raise NotFound(f"no store at {self.path}")
+        else:
+            os.makedirs(self.blocks_dir, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise Unavailable(f"another process is writing the store at {self.path}") from None
+        try:
+            self._idx = Index.open(os.path.join(self.path, "index"), self.config.map_size, readonly)
+        except lmdb.Error as exc:
+            self._release_lock()
+            raise Unavailable(f"cannot open store index: {exc}") from exc
+        threads = self.config.read_threads - 1
+        self._executor = ThreadPoolExecutor(threads, "tqstore-ssd-read") if threads > 0 else None
+        if not readonly:
+            self.recovered_orphans = self._remove_orphans()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_idx", None) is None:
+            return
+        if not self.readonly:
+            self.flush()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._idx.env.close()
+        self._idx = None  # type: ignore[assignment]
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "BlockStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _file(self, key: bytes) -> str:
+        return os.path.join(self.blocks_dir, key.hex() + ".blk")
+
+    def _now(self) -> int:
+        """Strictly increasing ns timestamps, so LRU order within a process is total."""
+        self._clock = max(time.time_ns(), self._clock + 1)
+        return self._clock
+
+    def _remove_orphans(self) -> int:
+        """Crash cleanup: temp files and payload files with no index record."""
+        removed = 0
+        with self._idx.env.begin(db=self._idx.blocks) as txn:
+            for name in os.listdir(self.blocks_dir):
+                stem, _, ext = name.partition(".")
+                orphan = ext != "blk"
+                if not orphan:
+                    try:
+                        orphan = txn.get(bytes.fromhex(stem)) is None
+                    except ValueError:
+                        orphan = True
+                if orphan:
+                    os.unlink(os.path.join(self.blocks_dir, name))
+                    removed += 1
+        if removed:
+            pl.fsync_dir(self.blocks_dir)
+        return removed
+
+    # -- validation -----------------------------------------------------------------------------
+    @staticmethod
+    def _layout(ns: Namespace) -> tuple[int, int, int, int]:
+        return (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
+
+    def _check_payload(self, ns: Namespace, p: BlockPayload) -> None:
+        if ns.kv_dtype != "float16":
+            raise InvalidArgument(f"the SSD tier stores float16 KV, namespace says {ns.kv_dtype}")
+        shape = self._layout(ns)
+        for name in ("keys", "values"):
+            a = getattr(p, name, None)
+            if not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.shape != shape:
+                got = (getattr(a, "dtype", type(a).__name__), getattr(a, "shape", None))
+                raise InvalidArgument(f"{name} must be float16 {shape} for this namespace, got {got}")
+
+    # -- put ------------------------------------------------------------------------------------
+    def put_blocks(self, namespace: Namespace, token_ids: Sequence[int], first_block: int,
+                   payloads: Sequence[BlockPayload]) -> list[BlockHash]:
+        """Store blocks first_block .. first_block+len(payloads)-1 of the chain of token_ids.
+        Blocks before first_block must be present (NotFound otherwise: no orphans). Idempotent.
+        Returns their hashes once durable (payload fsynced, index committed)."""
+        if self.readonly:
+            raise InvalidArgument("store opened readonly")
+        tokens = token_array(token_ids)
+        n, bs = len(payloads), namespace.block_size
+        if first_block < 0 or len(tokens) < (first_block + n) * bs:
+            raise InvalidArgument(f"token ids ({len(tokens)}) do not cover blocks "
+                                  f"{first_block}..{first_block + n - 1} of size {bs}")
+        for p in payloads:
+            self._check_payload(namespace, p)
+        hashes = chain_hashes(namespace, tokens, first_block + n)
+        root = namespace.root_hash()
+        cfg = self.config
+        with self._lock:
+            with self._idx.env.begin(db=self._idx.blocks) as txn:
+                for i in range(first_block):
+                    if txn.get(hashes[i]) is None:
+                        raise NotFound(f"block {i} of the chain is not stored; put it first")
+                new = [i for i in range(first_block, first_block + n) if txn.get(hashes[i]) is None]
+            if not new:
+                return hashes[first_block:]
+            encoded = {i: pl.encode(payloads[i - first_block], cfg.compression, cfg.zstd_level,
+                                    cfg.checksum_chunk) for i in new}
+            need = sum(pl.allocated(e.file_size) for e in encoded.values())
+            need += len(new) * (4 * bs + _INDEX_BYTES_PER_BLOCK)
+            self._make_room(need, frozenset(hashes))
+            written: list[str] = []
+            try:
+                for i in new:
+                    path = self._file(hashes[i])
+                    pl.write_file(path, hashes[i], encoded[i])
+                    written.append(path)
+                pl.fsync_dir(self.blocks_dir)
+                now = self._now()
+                with self._idx.env.begin(write=True) as txn:
+                    self._flush_in(txn)
+                    if txn.get(root, db=self._idx.namespaces) is None:
+                        txn.put(root, NamespaceRecord.of(namespace, now).encode(), db=self._idx.namespaces)
+                    for i in new:
+                        e = encoded[i]
+                        rec = BlockRecord(
+                            ns=root, parent=hashes[i - 1] if i else root, index=i,
+                            tokens=tokens[i * bs:(i + 1) * bs].tobytes(), n_tokens=bs,
+                            layout=self._layout(namespace), dtype=namespace.kv_dtype,
+                            format_version=namespace.format_version, compression=e.compression,
+                            raw_size=e.raw_size, stored_size=e.stored_size, file_size=e.file_size,
+                            chunks=e.chunks, created=now, access=now)
+                        self._idx.insert(txn, hashes[i], rec)
+            except BaseException as exc:
+                for path in written:  # never acknowledged: remove now rather than at next open
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                if isinstance(exc, lmdb.MapFullError):
+                    raise ResourceExhausted("LMDB map is full: raise map_size") from exc
+                raise
+        return hashes[first_block:]
+
+    def _make_room(self, need: int, protect: frozenset[bytes]) -> None:
+        with self._idx.env.begin(db=self._idx.meta) as txn:
+            used = self._idx.counters(txn)["payload_bytes"]
+        over = used + self._idx.used_bytes() + need - self.config.max_bytes
+        if over <= 0:
+            return
+        freed = self._evict(over, protect)
+        if freed < over:
+            raise ResourceExhausted(f"put needs {need} bytes; the budget of {self.config.max_bytes} "
+                                    f"cannot make room without evicting the chain itself")
+
+    # -- lookup / get ---------------------------------------------------------------------------
+    def lookup(self, namespace: Namespace, token_ids: Sequence[int]) -> int:
+        """Number of leading full blocks present (binary search, records' frame CRC verified)."""
+        tokens = token_array(token_ids)
+        hashes = chain_hashes(namespace, tokens)
+        found = 0
+        for _attempt in range(3):
+            bad = None
+            with self._idx.env.begin(db=self._idx.blocks, buffers=True) as txn:
+                lo, hi = 0, len(hashes)  # invariant: blocks < lo present, blocks >= hi absent
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    raw = txn.get(hashes[mid])
+                    if raw is None:
+                        hi = mid
+                        continue
+                    try:
+                        check_frame(KIND_BLOCK, raw)
+                        lo = mid + 1
+                    except RecordError:
+                        bad, hi = mid, mid
+                found = lo
+            if bad is None:
+                break
+            self._fail(hashes[bad], hashes[bad - 1] if bad else namespace.root_hash(),
+                       "index record corrupt (lookup)", None)
+            if self.readonly:
+                break
+        self._count({"lookups": 1, "lookup_tokens": len(tokens),
+                     "hit_tokens": found * namespace.block_size})
+        return found
+
+    def get_block(self, namespace: Namespace, token_ids: Sequence[int], index: int) -> BlockPayload:
+        """Block `index` of the chain, verified; NotFound on a miss or a failed verification."""
+        tokens = token_array(token_ids)
+        bs = namespace.block_size
+        if index < 0 or (index + 1) * bs > len(tokens):
+            raise InvalidArgument(f"block {index} is not a full block of {len(tokens)} tokens")
+        hashes = chain_hashes(namespace, tokens, index + 1)
+        key, parent = hashes[index], (hashes[index - 1] if index else namespace.root_hash())
+        want_tokens = tokens[index * bs:(index + 1) * bs].tobytes()
+        reason, raw = "", None
+        for _attempt in range(2):
+            with self._idx.env.begin(db=self._idx.blocks) as txn:
+                raw = txn.get(key)
+            if raw is None:
+                self._count({"gets": 1})
+                raise NotFound("block not stored")
+            try:
+                rec = BlockRecord.decode(raw)
+                reason = self._record_mismatch(rec, namespace, parent, want_tokens)
+                if not reason:
+                    body = pl.read_file(self._file(key), key, rec.file_size, rec.stored_size,
+                                        rec.raw_size, rec.compression, rec.chunks, self._executor)
+                    block = pl.decode(body, rec.layout)
+                    self._touch(key)
+                    return block
+            except FileNotFoundError:
+                reason = "payload file missing"
+            except (RecordError, PayloadError) as exc:
+                reason = str(exc)
+            except Exception as exc:  # a corrupt store must never crash the reader
+                reason = f"unexpected {type(exc).__name__}: {exc}"
+            with self._idx.env.begin(db=self._idx.blocks) as txn:
+                again = txn.get(key)
+            if again is None:  # evicted under us: a plain miss, not corruption
+                self._count({"gets": 1})
+                raise NotFound("block evicted")
+            if again == raw:
+                break  # same record, still bad: corruption
+        self._count({"gets": 1})
+        self._fail(key, parent, reason, raw)
+        raise NotFound(f"block failed verification: {reason}")
+
+    def _record_mismatch(self, rec: BlockRecord, ns: Namespace, parent: bytes, tokens: bytes) -> str:
+        if rec.ns != ns.root_hash() or rec.format_version != ns.format_version:
+            return "namespace mismatch"
+        if rec.parent != parent:
+            return "parent mismatch"
+        if rec.tokens != tokens or rec.n_tokens != ns.block_size:
+            return "token ids mismatch"
+        if tuple(rec.layout) != self._layout(ns) or rec.dtype != ns.kv_dtype:
+            return "layout mismatch"
+        return ""
+
+    def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None) -> None:
+        """Count a verification failure; a writer quarantines the block and its subtree."""
+        if self.readonly:
+            self._count({"verification_failures": 1})
+            return
+        with self._lock:
+            doomed: list[bytes] = []
+            with self._idx.env.begin(write=True) as txn:
+                self._idx.add_counters(txn, {"verification_failures": 1})
+                cur = txn.get(key, db=self._idx.blocks)
+                if cur is None:
+                    return
+                for k in self._idx.subtree(txn, key) + [key]:
+                    kraw = txn.get(k, db=self._idx.blocks)
+                    try:
+                        krec = BlockRecord.decode(kraw) if kraw is not None else None
+                    except RecordError:
+                        krec = None
+                    self._idx.remove(txn, k, krec, parent if k == key else None)
+                    if k == key:
+                        self._idx.quarantine_record(txn, k, reason, self._now(), bytes(cur))
+                        self._idx.add_counters(txn, {"quarantined": 1})
+                    doomed.append(k)
+            for k in doomed:
+                self._pending_touch.pop(k, None)
+                try:
+                    os.unlink(self._file(k))
+                except FileNotFoundError:
+                    pass
+
+    # -- access batching ------------------------------------------------------------------------
+    def _count(self, delta: dict[str, int]) -> None:
+        with self._lock:
+            for k, v in delta.items():
+                self._pending[k] = self._pending.get(k, 0) + v
+        self._maybe_flush()
+
+    def _touch(self, key: bytes) -> None:
+        with self._lock:
+            entry = self._pending_touch.setdefault(key, [0, 0])
+            entry[0] = self._now()
+            entry[1] += 1
+            self._pending["gets"] = self._pending.get("gets", 0) + 1
+            self._pending["get_hits"] = self._pending.get("get_hits", 0) + 1
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if self.readonly:
+            return
+        if (len(self._pending_touch) >= self.config.access_flush_count
+                or time.monotonic() - self._last_flush >= self.config.access_flush_interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        """Persist batched last-access times, hit counts and counters (one txn)."""
+        if self.readonly:
+            return
+        with self._lock:
+            if self._pending_touch or self._pending:
+                with self._idx.env.begin(write=True) as txn:
+                    self._flush_in(txn)
+            self._last_flush = time.monotonic()
+
+    def _flush_in(self, txn: lmdb.Transaction) -> None:
+        for key, (access, hits) in self._pending_touch.items():
+            self._idx.touch(txn, key, access, hits)
+        self._idx.add_counters(txn, self._pending)
+        self._pending_touch, self._pending = {}, {}
+
+    # -- evict / stats / check ------------------------------------------------------------------
+    def evict(self, bytes_to_free: int) -> int:
+        """Evict LRU leaves until at least bytes_to_free payload bytes are freed; returns freed."""
+        if self.readonly:
+            raise InvalidArgument("store opened readonly")
+        return self._evict(bytes_to_free, frozenset())
+
+    def _evict(self, bytes_to_free: int, protect: frozenset[bytes]) -> int:
+        with self._lock:
+            with self._idx.env.begin(write=True) as txn:
+                self._flush_in(txn)
+                gone = evict_lru(self._idx, txn, bytes_to_free, protect)
+            for e in gone:
+                try:
+                    os.unlink(self._file(e.key))
+                except FileNotFoundError:
+                    pass
+            return sum(e.freed for e in gone)
+
+    def stats(self) -> StoreStats:
+        with self._idx.env.begin() as txn:
+            c = self._idx.counters(txn)
+            rows: list[NamespaceStats] = []
+            hist: dict[int, int] = {}
+            for k, v in txn.cursor(db=self._idx.namespaces):
+                try:
+                    r = NamespaceRecord.decode(v)
+                except RecordError:
+                    continue
+                if r.blocks <= 0:
+                    continue
+                rows.append(NamespaceStats(bytes(k).hex()[:16], r.model,
+                                           (r.num_layers, r.num_kv_heads, r.block_size, r.head_dim),
+                                           r.block_size, r.format_version, r.blocks, r.bytes))
+                hist[r.block_size] = hist.get(r.block_size, 0) + r.blocks
+        with self._lock:
+            for k, v in self._pending.items():
+                c[k] = c.get(k, 0) + v
+        index_bytes = self._idx.used_bytes()
+        return StoreStats(
+            blocks=c["blocks"], bytes_on_disk=c["payload_bytes"] + index_bytes,
+            payload_bytes=c["payload_bytes"], index_bytes=index_bytes,
+            logical_bytes=c["logical_bytes"], max_bytes=self.config.max_bytes,
+            compression=self.config.compression, lookups=c["lookups"],
+            lookup_tokens=c["lookup_tokens"], hit_tokens=c["hit_tokens"], gets=c["gets"],
+            get_hits=c["get_hits"], evictions=c["evictions"],
+            verification_failures=c["verification_failures"], quarantined=c["quarantined"],
+            namespaces=sorted(rows, key=lambda r: (-r.bytes, r.digest)),
+            block_size_histogram=dict(sorted(hist.items())))
+
+    def check(self, repair: bool = False) -> CheckReport:
+        """Walk the whole store (every record, every payload byte); optionally repair."""
+        if repair and self.readonly:
+            raise InvalidArgument("repair needs the writer (store opened readonly)")
+        with self._lock:
+            self.flush()
+            return run_check(self._idx, self.blocks_dir, self._executor, repair, self._now)
