@@ -1,0 +1,35 @@
+"""`tqstore serve --path /ssd/kv [--listen unix:/path|host:port]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from tqstore.config import DEFAULT_LISTEN, ServerConfig, StoreConfig
+
+GiB = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", required=True, help="store directory (created if missing)")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN,
+                        help=f"unix:/path/to.sock or host:port (default {DEFAULT_LISTEN}, loopback)")
+    parser.add_argument("--max-gib", type=float, default=StoreConfig.max_bytes / GiB,
+                        help="byte budget of the store in GiB (LRU leaves evicted beyond it)")
+    parser.add_argument("--compression", default=StoreConfig.compression,
+                        choices=["none", "zstd", "zstd-planes"])
+    parser.add_argument("--workers", type=int, default=ServerConfig.workers)
+    parser.add_argument("--drain-seconds", type=float, default=ServerConfig.drain_seconds)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqstore.server import Daemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(path=args.path, listen=args.listen, workers=args.workers,
+                          drain_seconds=args.drain_seconds,
+                          store=StoreConfig(max_bytes=int(args.max_gib * GiB),
+                                            compression=args.compression))
+    daemon = Daemon(config).start()
+    print(f"tqstore: serving {args.path} on {daemon.address}", flush=True)
+    return daemon.serve_until_signal()

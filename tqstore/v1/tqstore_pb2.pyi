@@ -1,0 +1,200 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KvForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_FORM_FP16: _ClassVar[KvForm]
+    KV_FORM_TURBOQUANT: _ClassVar[KvForm]
+KV_FORM_FP16: KvForm
+KV_FORM_TURBOQUANT: KvForm
+
+class Namespace(_message.Message):
+    __slots__ = ("model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "block_size", "kv_dtype", "format_version")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    kv_dtype: str
+    format_version: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., format_version: _Optional[int] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CodecSettings(_message.Message):
+    __slots__ = ("key_bits", "value_bits", "norm_correction", "key_qjl", "seed")
+    KEY_BITS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
+    NORM_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_QJL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    key_bits: int
+    value_bits: int
+    norm_correction: bool
+    key_qjl: bool
+    seed: int
+    def __init__(self, key_bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., norm_correction: _Optional[bool] = ..., key_qjl: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("namespace", "token_ids")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("hit_blocks", "hit_tokens", "lookup_tokens")
+    HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    hit_blocks: int
+    hit_tokens: int
+    lookup_tokens: int
+    def __init__(self, hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., lookup_tokens: _Optional[int] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("namespace", "token_ids", "first_block", "num_blocks", "form", "codec")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FORM_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_block: int
+    num_blocks: int
+    form: KvForm
+    codec: CodecSettings
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., form: _Optional[_Union[KvForm, str]] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ...) -> None: ...
+
+class KvChunk(_message.Message):
+    __slots__ = ("block_index", "layer_start", "layer_count", "keys", "values", "key_codes", "key_scales", "value_codes", "value_scales")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    KEY_CODES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SCALES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_CODES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SCALES_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    layer_start: int
+    layer_count: int
+    keys: Tensor
+    values: Tensor
+    key_codes: Tensor
+    key_scales: Tensor
+    value_codes: Tensor
+    value_scales: Tensor
+    def __init__(self, block_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_count: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., key_codes: _Optional[_Union[Tensor, _Mapping]] = ..., key_scales: _Optional[_Union[Tensor, _Mapping]] = ..., value_codes: _Optional[_Union[Tensor, _Mapping]] = ..., value_scales: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("namespace", "token_ids", "first_block", "chunk")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_block: int
+    chunk: KvChunk
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., chunk: _Optional[_Union[KvChunk, _Mapping]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("stored_blocks",)
+    STORED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    stored_blocks: int
+    def __init__(self, stored_blocks: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NamespaceRow(_message.Message):
+    __slots__ = ("digest", "model", "num_layers", "num_kv_heads", "head_dim", "block_size", "blocks", "bytes")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    model: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    blocks: int
+    bytes: int
+    def __init__(self, digest: _Optional[str] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("blocks", "bytes_on_disk", "logical_bytes", "max_bytes", "lookups", "lookup_tokens", "hit_tokens", "evictions", "verification_failures", "quarantined", "compression", "namespaces", "block_size_histogram", "recent_request_hit_rates", "attention_backend", "payload_bytes", "index_bytes")
+    class BlockSizeHistogramEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_ON_DISK_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    RECENT_REQUEST_HIT_RATES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    blocks: int
+    bytes_on_disk: int
+    logical_bytes: int
+    max_bytes: int
+    lookups: int
+    lookup_tokens: int
+    hit_tokens: int
+    evictions: int
+    verification_failures: int
+    quarantined: int
+    compression: str
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceRow]
+    block_size_histogram: _containers.ScalarMap[int, int]
+    recent_request_hit_rates: _containers.RepeatedScalarFieldContainer[float]
+    attention_backend: str
+    payload_bytes: int
+    index_bytes: int
+    def __init__(self, blocks: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., verification_failures: _Optional[int] = ..., quarantined: _Optional[int] = ..., compression: _Optional[str] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceRow, _Mapping]]] = ..., block_size_histogram: _Optional[_Mapping[int, int]] = ..., recent_request_hit_rates: _Optional[_Iterable[float]] = ..., attention_backend: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ...) -> None: ...

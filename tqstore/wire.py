@@ -1,0 +1,142 @@
+"""Conversions between tqstore's types and the wire messages (proto/tqstore/v1/tqstore.proto).
+
+Shared by the daemon and the client so both sides validate and chunk the same way. Every
+malformed message raises InvalidArgument with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tqstore.codec import CodecConfig
+from tqstore.errors import InvalidArgument
+from tqstore.prefix_hash import Namespace
+from tqstore.v1 import tqstore_pb2 as pb
+
+# Aim for ~1 MiB messages: gRPC loopback streaming peaked there (platform.md).
+CHUNK_TARGET_BYTES = 1 << 20
+_DTYPES = {"float16": np.float16, "uint8": np.uint8}
+
+
+def namespace_to_proto(ns: Namespace) -> pb.Namespace:
+    if ns.extra:
+        raise InvalidArgument("the daemon stores codec-neutral fp16: namespace extra must be empty")
+    return pb.Namespace(model_fingerprint=ns.model_fingerprint, num_layers=ns.num_layers,
+                        num_kv_heads=ns.num_kv_heads, head_dim=ns.head_dim,
+                        block_size=ns.block_size, kv_dtype=ns.kv_dtype,
+                        format_version=ns.format_version)
+
+
+def namespace_from_proto(msg: pb.Namespace) -> Namespace:
+    if msg.kv_dtype not in ("", "float16"):
+        raise InvalidArgument(f"namespace.kv_dtype {msg.kv_dtype!r} unsupported: only float16")
+    if msg.num_layers > 4096 or msg.num_kv_heads > 1024 or msg.head_dim > 1024 or msg.block_size > 65536:
+        raise InvalidArgument("namespace layout out of range")
+    try:
+        return Namespace(model_fingerprint=msg.model_fingerprint, num_layers=msg.num_layers,
+                         num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim,
+                         block_size=msg.block_size, kv_dtype="float16",
+                         format_version=msg.format_version or 1)
+    except ValueError as exc:
+        raise InvalidArgument(f"namespace: {exc}") from exc
+
+
+def codec_to_proto(config: CodecConfig) -> pb.CodecSettings:
+    return pb.CodecSettings(key_bits=config.key_bits, value_bits=config.value_bits,
+                            norm_correction=config.norm_correction, key_qjl=config.key_qjl,
+                            seed=config.seed)
+
+
+def codec_from_proto(msg: pb.CodecSettings) -> CodecConfig:
+    try:
+        return CodecConfig(key_bits=msg.key_bits, value_bits=msg.value_bits,
+                           norm_correction=msg.norm_correction, key_qjl=msg.key_qjl, seed=msg.seed)
+    except ValueError as exc:
+        raise InvalidArgument(f"codec: {exc}") from exc
+
+
+def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(array)
+    if a.dtype.name not in _DTYPES:
+        raise InvalidArgument(f"unsupported tensor dtype {a.dtype}")
+    return pb.Tensor(shape=list(a.shape), dtype=a.dtype.name, data=a.astype(a.dtype.newbyteorder("<")).tobytes())
+
+
+def tensor_from_proto(msg: pb.Tensor, name: str, expect_shape: Sequence[int], expect_dtype: str) -> np.ndarray:
+    if msg.dtype != expect_dtype:
+        raise InvalidArgument(f"{name}: dtype {msg.dtype!r}, expected {expect_dtype}")
+    if tuple(msg.shape) != tuple(expect_shape):
+        raise InvalidArgument(f"{name}: shape {tuple(msg.shape)}, expected {tuple(expect_shape)}")
+    dtype = np.dtype(_DTYPES[expect_dtype]).newbyteorder("<")
+    if len(msg.data) != int(np.prod(expect_shape)) * dtype.itemsize:
+        raise InvalidArgument(f"{name}: {len(msg.data)} bytes do not match shape {tuple(expect_shape)}")
+    return np.frombuffer(msg.data, dtype=dtype).astype(_DTYPES[expect_dtype]).reshape(expect_shape)
+
+
+def layers_per_chunk(ns: Namespace, bytes_per_layer_token: int) -> int:
+    """How many layers of one block make a ~1 MiB message."""
+    per_layer = ns.num_kv_heads * ns.block_size * bytes_per_layer_token
+    return max(1, min(ns.num_layers, CHUNK_TARGET_BYTES // max(per_layer, 1)))
+
+
+def fp16_chunks(ns: Namespace, block_index: int, keys: np.ndarray, values: np.ndarray) -> Iterator[pb.KvChunk]:
+    """Split one block's fp16 K/V (layers, heads, block_size, head_dim) into layer chunks."""
+    step = layers_per_chunk(ns, 2 * 2 * ns.head_dim)
+    for start in range(0, ns.num_layers, step):
+        stop = min(start + step, ns.num_layers)
+        yield pb.KvChunk(block_index=block_index, layer_start=start, layer_count=stop - start,
+                         keys=tensor_to_proto(keys[start:stop]), values=tensor_to_proto(values[start:stop]))
+
+
+@dataclass
+class BlockAssembler:
+    """Reassembles layer chunks into whole blocks; rejects gaps, overlaps and bad shapes.
+
+    `form` is "fp16" or "turboquant"; for turboquant, `code_bytes` = (key bytes, value bytes)
+    per vector. Complete blocks are returned by add() in order of completion."""
+
+    ns: Namespace
+    form: str = "fp16"
+    code_bytes: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        self._parts: dict[int, dict[int, pb.KvChunk]] = {}
+        self._filled: dict[int, int] = {}
+
+    def _fields(self, count: int) -> list[tuple[str, tuple[int, ...], str]]:
+        lead = (count, self.ns.num_kv_heads, self.ns.block_size)
+        if self.form == "fp16":
+            return [("keys", lead + (self.ns.head_dim,), "float16"),
+                    ("values", lead + (self.ns.head_dim,), "float16")]
+        kb, vb = self.code_bytes
+        return [("key_codes", lead + (kb,), "uint8"), ("key_scales", lead, "float16"),
+                ("value_codes", lead + (vb,), "uint8"), ("value_scales", lead, "float16")]
+
+    def add(self, chunk: pb.KvChunk) -> tuple[int, dict[str, np.ndarray]] | None:
+        start, count, index = chunk.layer_start, chunk.layer_count, chunk.block_index
+        if count == 0 or start + count > self.ns.num_layers:
+            raise InvalidArgument(f"chunk layers [{start}, {start + count}) outside "
+                                  f"[0, {self.ns.num_layers})")
+        parts = self._parts.setdefault(index, {})
+        if any(s < start + count and start < s + parts[s].layer_count for s in parts):
+            raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
+        for name, shape, dtype in self._fields(count):
+            tensor_from_proto(getattr(chunk, name), f"block {index} {name}", shape, dtype)
+        parts[start] = chunk
+        self._filled[index] = self._filled.get(index, 0) + count
+        if self._filled[index] < self.ns.num_layers:
+            return None
+        ordered = [parts[s] for s in sorted(parts)]
+        del self._parts[index], self._filled[index]
+        arrays = {}
+        for name, _, dtype in self._fields(1):
+            arrays[name] = np.concatenate([
+                tensor_from_proto(getattr(c, name), name, tuple(getattr(c, name).shape), dtype)
+                for c in ordered])
+        return index, arrays
+
+    def incomplete(self) -> list[int]:
+        return sorted(self._parts)
