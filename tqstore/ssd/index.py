@@ -133,10 +133,12 @@ class Index:
         self.add_counters(txn, {"blocks": 1, "payload_bytes": size, "logical_bytes": rec.raw_size})
 
     def remove(self, txn: lmdb.Transaction, key: bytes, rec: BlockRecord | None,
-               parent: bytes | None) -> None:
+               parent: bytes | None, sizes: tuple[bytes, int, int] | None = None) -> None:
         """Remove one block's index entries. `rec` is None when the record is undecodable: then
-        `parent` (known to the caller from the chain) unlinks it and the leaf index is scanned.
-        The parent becomes a leaf when this was its last child."""
+        `parent` (known to the caller from the chain) unlinks it, the leaf index is scanned, and
+        `sizes` (namespace root, allocated file bytes, logical bytes; the caller knows them from
+        the namespace and the file) keep the counters exact. The parent becomes a leaf when this
+        was its last child."""
         txn.delete(key, db=self.blocks)
         if rec is not None:
             parent = rec.parent
@@ -150,7 +152,9 @@ class Index:
             stale = [bytes(k) for k in cur.iternext(keys=True, values=False) if bytes(k)[8:] == key]
             for k in stale:
                 txn.delete(k, db=self.leaves)
-            self.add_counters(txn, {"blocks": -1})
+            ns, size, logical = sizes if sizes is not None else (b"", 0, 0)
+            self._ns_add(txn, ns, -1, -size)
+            self.add_counters(txn, {"blocks": -1, "payload_bytes": -size, "logical_bytes": -logical})
         if parent is None:
             return
         txn.delete(parent, key, db=self.children)

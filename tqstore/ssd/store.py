@@ -45,7 +45,12 @@ from tqstore.ssd.payload import BlockPayload, PayloadError
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
 from tqstore.ssd.stats import NamespaceStats, StoreStats
 
-_INDEX_BYTES_PER_BLOCK = 768  # LMDB overhead estimate per block beyond its token ids (budget)
+# Budget headroom for LMDB growth of one put: copy-on-write can dirty a root-to-leaf path in each
+# of the six databases before freed pages become reusable, plus about 3x each new record (record,
+# children and leaf entries, page slack). LMDB's used pages are a high-water mark, so the estimate
+# errs high.
+_INDEX_TXN_PAGES = 16
+_INDEX_BYTES_PER_BLOCK = 2400
 
 
 class BlockStore:
@@ -179,7 +184,7 @@ class BlockStore:
             encoded = {i: pl.encode(payloads[i - first_block], cfg.compression, cfg.zstd_level,
                                     cfg.checksum_chunk) for i in new}
             need = sum(pl.allocated(e.file_size) for e in encoded.values())
-            need += len(new) * (4 * bs + _INDEX_BYTES_PER_BLOCK)
+            need += _INDEX_TXN_PAGES * 4096 + len(new) * (3 * 4 * bs + _INDEX_BYTES_PER_BLOCK)
             self._make_room(need, frozenset(hashes))
             written: list[str] = []
             try:
@@ -250,7 +255,7 @@ class BlockStore:
             if bad is None:
                 break
             self._fail(hashes[bad], hashes[bad - 1] if bad else namespace.root_hash(),
-                       "index record corrupt (lookup)", None)
+                       "index record corrupt (lookup)", None, namespace)
             if self.readonly:
                 break
         self._count({"lookups": 1, "lookup_tokens": len(tokens),
@@ -296,7 +301,7 @@ class BlockStore:
             if again == raw:
                 break  # same record, still bad: corruption
         self._count({"gets": 1})
-        self._fail(key, parent, reason, raw)
+        self._fail(key, parent, reason, raw, namespace)
         raise NotFound(f"block failed verification: {reason}")
 
     def _record_mismatch(self, rec: BlockRecord, ns: Namespace, parent: bytes, tokens: bytes) -> str:
@@ -310,7 +315,8 @@ class BlockStore:
             return "layout mismatch"
         return ""
 
-    def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None) -> None:
+    def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None,
+              ns: Namespace) -> None:
         """Count a verification failure; a writer quarantines the block and its subtree."""
         if self.readonly:
             self._count({"verification_failures": 1})
@@ -328,7 +334,15 @@ class BlockStore:
                         krec = BlockRecord.decode(kraw) if kraw is not None else None
                     except RecordError:
                         krec = None
-                    self._idx.remove(txn, k, krec, parent if k == key else None)
+                    sizes = None
+                    if krec is None:  # undecodable: sizes from the namespace and the file
+                        try:
+                            alloc = pl.allocated(os.path.getsize(self._file(k)))
+                        except OSError:
+                            alloc = 0
+                        l, h, b, d = self._layout(ns)
+                        sizes = (ns.root_hash(), alloc, 4 * l * h * b * d)
+                    self._idx.remove(txn, k, krec, parent if k == key else None, sizes)
                     if k == key:
                         self._idx.quarantine_record(txn, k, reason, self._now(), bytes(cur))
                         self._idx.add_counters(txn, {"quarantined": 1})
