@@ -76,7 +76,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             ns = namespace_from_proto(request.namespace)
             tokens = list(request.token_ids)
             hit = self.store.lookup(ns, tokens)
-            looked = _full_blocks(ns, tokens) * ns.block_size
+            looked = len(tokens)  # hit rate counts every prompt token, as the store and vLLM do
             if looked:
                 with self._recent_lock:
                     self._recent.append(hit * ns.block_size / looked)
@@ -221,6 +221,18 @@ class Daemon:
             self.store.close()
             raise OSError(f"cannot listen on {config.listen}")
         self._stopped = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, name="tqstore-flush",
+                                         daemon=True)
+
+    def _flush_periodically(self) -> None:
+        # The store batches last-access times and counters in memory; an idle daemon must still
+        # publish them so `tqstore inspect --path` (another process) sees current figures.
+        interval = self.config.store.access_flush_interval_s
+        while not self._stopped.wait(interval):
+            try:
+                self.store.flush()
+            except Exception:  # noqa: BLE001 - keep serving; the next put/close flushes again
+                log.exception("periodic flush failed")
 
     @property
     def address(self) -> str:
@@ -230,6 +242,7 @@ class Daemon:
 
     def start(self) -> "Daemon":
         self.server.start()
+        self._flusher.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if not self.config.is_loopback:
@@ -244,6 +257,8 @@ class Daemon:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.config.drain_seconds if grace is None else grace).wait()
+        if self._flusher.is_alive():
+            self._flusher.join()
         self.store.close()
         log.info("stopped")
 

@@ -26,7 +26,7 @@ def test_put_lookup_fetch_fp16_round_trip_is_bitwise(client, namespace):
     assert client.lookup(namespace, tokens).hit_blocks == 0
     assert client.put(namespace, tokens, 0, blocks) == 3
     hit = client.lookup(namespace, tokens)
-    assert (hit.hit_blocks, hit.hit_tokens, hit.lookup_tokens) == (3, 48, 48)
+    assert (hit.hit_blocks, hit.hit_tokens, hit.lookup_tokens) == (3, 48, 53)
     got = client.fetch_fp16(namespace, tokens)
     assert len(got) == 3
     for a, b in zip(got, blocks):

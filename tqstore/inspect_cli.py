@@ -1,0 +1,129 @@
+"""`tqstore inspect --path P | --addr A [--json]`: what a store holds and how well it hits.
+
+--path opens the store read-only (works while the daemon writes: LMDB readers never block the
+writer); --addr asks a running daemon, which adds per-request hit rates and the attention path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--path", help="store directory (opened read-only)")
+    where.add_argument("--addr", help="daemon address (unix:/path or host:port)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _from_store(path: str) -> dict[str, Any]:
+    from tqstore.ssd.store import BlockStore
+
+    with BlockStore(path, readonly=True) as store:
+        s = store.stats()
+    return {
+        "source": f"path {path}", "blocks": s.blocks, "bytes_on_disk": s.bytes_on_disk,
+        "payload_bytes": s.payload_bytes, "index_bytes": s.index_bytes,
+        "logical_bytes": s.logical_bytes, "max_bytes": s.max_bytes, "compression": s.compression,
+        "lookups": s.lookups, "lookup_tokens": s.lookup_tokens, "hit_tokens": s.hit_tokens,
+        "evictions": s.evictions, "verification_failures": s.verification_failures,
+        "quarantined": s.quarantined,
+        "namespaces": [{"digest": n.digest, "model": n.model, "num_layers": n.layout[0],
+                        "num_kv_heads": n.layout[1], "head_dim": n.layout[3],
+                        "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
+                       for n in s.namespaces],
+        "block_size_histogram": {int(k): int(v) for k, v in s.block_size_histogram.items()},
+        "recent_request_hit_rates": None, "attention_backend": None,
+    }
+
+
+def _from_daemon(addr: str) -> dict[str, Any]:
+    from tqstore.client import KvStoreClient
+
+    with KvStoreClient(addr) as client:
+        s = client.stats()
+    return {
+        "source": f"daemon {addr}", "blocks": s.blocks, "bytes_on_disk": s.bytes_on_disk,
+        "payload_bytes": s.payload_bytes, "index_bytes": s.index_bytes,
+        "logical_bytes": s.logical_bytes, "max_bytes": s.max_bytes, "compression": s.compression,
+        "lookups": s.lookups, "lookup_tokens": s.lookup_tokens, "hit_tokens": s.hit_tokens,
+        "evictions": s.evictions, "verification_failures": s.verification_failures,
+        "quarantined": s.quarantined,
+        "namespaces": [{"digest": n.digest, "model": n.model, "num_layers": n.num_layers,
+                        "num_kv_heads": n.num_kv_heads, "head_dim": n.head_dim,
+                        "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
+                       for n in s.namespaces],
+        "block_size_histogram": {int(k): int(v) for k, v in s.block_size_histogram.items()},
+        "recent_request_hit_rates": list(s.recent_request_hit_rates),
+        "attention_backend": s.attention_backend,
+    }
+
+
+def summarize(view: dict[str, Any]) -> dict[str, Any]:
+    """Adds the derived figures (hit rate, compression, per-bucket bytes)."""
+    view = dict(view)
+    view["hit_rate"] = view["hit_tokens"] / view["lookup_tokens"] if view["lookup_tokens"] else 0.0
+    view["compression_ratio"] = (view["logical_bytes"] / view["payload_bytes"]
+                                 if view["payload_bytes"] else None)
+    buckets: dict[int, dict[str, int]] = {}
+    for ns in view["namespaces"]:
+        b = buckets.setdefault(ns["block_size"], {"blocks": 0, "bytes": 0})
+        b["blocks"] += ns["blocks"]
+        b["bytes"] += ns["bytes"]
+    view["block_size_table"] = [{"tokens": k, **v} for k, v in sorted(buckets.items())]
+    rates = view.get("recent_request_hit_rates")
+    if rates:
+        ordered = sorted(rates)
+        view["per_request_hit_rate"] = {"requests": len(rates), "mean": sum(rates) / len(rates),
+                                        "p50": ordered[len(ordered) // 2], "min": ordered[0],
+                                        "full_hits": sum(r >= 1.0 for r in rates)}
+    return view
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def render(view: dict[str, Any]) -> str:
+    lines = [f"tqstore store ({view['source']})"]
+    ratio = view["compression_ratio"]
+    rows = [
+        ("hit rate (tokens)", f"{view['hit_rate']:.1%}  ({view['hit_tokens']} of {view['lookup_tokens']} "
+                              f"tokens, {view['lookups']} lookups)"),
+        ("blocks", str(view["blocks"])),
+        ("bytes on disk", f"{_human(view['bytes_on_disk'])} of {_human(view['max_bytes'])} budget "
+                          f"(payload {_human(view['payload_bytes'])}, index {_human(view['index_bytes'])})"),
+        ("logical fp16 bytes", _human(view["logical_bytes"])),
+        ("compression", f"{view['compression']}, ratio {ratio:.2f}x" if ratio else view["compression"]),
+        ("evictions", str(view["evictions"])),
+        ("verification failures", f"{view['verification_failures']} ({view['quarantined']} quarantined)"),
+    ]
+    per = view.get("per_request_hit_rate")
+    if per:
+        rows.insert(1, ("per request", f"{per['requests']} requests: mean {per['mean']:.1%}, "
+                                       f"median {per['p50']:.1%}, {per['full_hits']} full hits"))
+    if view.get("attention_backend"):
+        rows.append(("attention path", view["attention_backend"]))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append("\n  block size (tokens)   blocks        bytes")
+    for b in view["block_size_table"]:
+        lines.append(f"  {b['tokens']:>19}   {b['blocks']:>6}   {_human(b['bytes']):>10}")
+    lines.append("\n  namespace         model                             layout (L x H x D)   blocks        bytes")
+    for ns in view["namespaces"]:
+        layout = f"{ns['num_layers']} x {ns['num_kv_heads']} x {ns['head_dim']}"
+        lines.append(f"  {ns['digest']:<16}  {ns['model'][:32]:<32}  {layout:>18}   {ns['blocks']:>6}"
+                     f"   {_human(ns['bytes']):>10}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    view = summarize(_from_store(args.path) if args.path else _from_daemon(args.addr))
+    print(json.dumps(view, indent=1) if args.json else render(view))
+    return 0
