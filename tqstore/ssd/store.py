@@ -232,14 +232,27 @@ class BlockStore:
 
     # -- lookup / get ---------------------------------------------------------------------------
     def lookup(self, namespace: Namespace, token_ids: Sequence[int]) -> int:
-        """Number of leading full blocks present (binary search, records' frame CRC verified)."""
+        """Number of leading full blocks present (records' frame CRC verified; counts stats)."""
         tokens = token_array(token_ids)
-        hashes = chain_hashes(namespace, tokens)
+        found = self.lookup_hashes(namespace, chain_hashes(namespace, tokens))
+        self._count({"lookups": 1, "lookup_tokens": len(tokens),
+                     "hit_tokens": found * namespace.block_size})
+        return found
+
+    def lookup_hashes(self, namespace: Namespace, hashes: Sequence[bytes]) -> int:
+        """lookup() for a chain the caller already hashed (the generator hashes its prompt
+        anyway; SHA-256 of 128k tokens alone costs ~1.5 ms here). Does not count stats.
+
+        A binary search over the chain, valid because presence is prefix-closed (index.py).
+        It verifies the frame CRC of every record it visits; a damaged record there is
+        quarantined (writer) and the search repeated. Records it does not visit are verified by
+        get_block, which quarantines the block and its subtree: a caller treats the first
+        NotFound from get_block as the end of its hit."""
         found = 0
         for _attempt in range(3):
             bad = None
             with self._idx.env.begin(db=self._idx.blocks, buffers=True) as txn:
-                lo, hi = 0, len(hashes)  # invariant: blocks < lo present, blocks >= hi absent
+                lo, hi = 0, len(hashes)  # blocks < lo present, blocks >= hi absent or bad
                 while lo < hi:
                     mid = (lo + hi) // 2
                     raw = txn.get(hashes[mid])
@@ -258,8 +271,6 @@ class BlockStore:
                        "index record corrupt (lookup)", None, namespace)
             if self.readonly:
                 break
-        self._count({"lookups": 1, "lookup_tokens": len(tokens),
-                     "hit_tokens": found * namespace.block_size})
         return found
 
     def get_block(self, namespace: Namespace, token_ids: Sequence[int], index: int) -> BlockPayload:
