@@ -20,3 +20,8 @@ float sqrtf(float);
 float fmaxf(float, float);
 float fminf(float, float);
 float rintf(float);
+float __fmul_rn(float, float);
+float __fadd_rn(float, float);
+float __fsub_rn(float, float);
+float __fdiv_rn(float, float);
+float __fsqrt_rn(float);

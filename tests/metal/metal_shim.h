@@ -34,5 +34,6 @@ float sqrt(float);
 float exp(float);
 float rint(float);
 namespace fast { float exp(float); float sqrt(float); }
+namespace precise { float divide(float, float); float sqrt(float); }
 }  // namespace metal
 using namespace metal;

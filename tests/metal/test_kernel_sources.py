@@ -20,6 +20,7 @@ GEOMETRIES = [
     AttentionGeometry(64, 64, 3, 4, 32, 9, 3),        # SmolLM2: G=3, 3-bit keys
     AttentionGeometry(96, 64, 2, 8, 8, 4, 4),         # no GQA, Dk != Dv, 2/8 bits, LPT 4
     AttentionGeometry(128, 128, 1, 5, 256, 8, 1, warps=2, unroll=1),
+    AttentionGeometry(128, 128, 4, 4, 16, 32, 8, warps=8, unroll=4, lanes=16, head_split=2),
 ]
 
 
@@ -57,3 +58,38 @@ def test_metal_body_names_the_attributes_mlx_must_add():
                  "threadgroups_per_grid"):
         assert attr in body
     assert "threadIdx" not in body and "__shared__" not in body
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("dim,bits,nc", [(128, 4, True), (64, 3, True), (256, 8, False), (32, 1, True)])
+def test_quantize_source_compiles(dialect, dim, bits, nc, tmp_path):
+    from tqstore.metal.quantize import QUANT_INPUTS, quantize_body, quantize_header
+    types = dict(x="float32", signs="float32", codebook="float32", midpoints="float32",
+                 rot_norm="float32", params="int32")
+    src = full_source(dialect, "quant", quantize_header(dialect),
+                      quantize_body(dim, bits, nc, dialect),
+                      [(n, types[n]) for n in QUANT_INPUTS],
+                      [("codes", "uint8"), ("scales", "float16")])
+    syntax_check(src, tmp_path, f"quant_{dialect}")
+
+
+def test_quantize_tree_sum_matches_the_codec_order():
+    """The generated reduction replays codec.tree_sum_last's pairing, odd tails included."""
+    import mlx.core as mx
+    import numpy as np
+
+    from tqstore.codec.turboquant import tree_sum_last
+    from tqstore.metal.quantize import _tree_sum
+
+    for n in (8, 24, 96, 128):
+        x = np.random.default_rng().standard_normal(n).astype(np.float32) * 1e3
+        a = x.copy()
+        for line in _tree_sum("a", n).splitlines():  # interpret the two statement forms
+            line = line.strip()
+            if line.startswith("for"):
+                half = int(line.split("i < ")[1].split(";")[0])
+                a[:half] = (a[:half] + a[half:2 * half]).astype(np.float32)
+            else:
+                dst, src = (int(t.split("]")[0]) for t in line.split("[")[1:3])
+                a[dst] = a[src]
+        assert a[0] == np.array(tree_sum_last(mx.array(x)))

@@ -24,6 +24,9 @@ TARGET_GROUPS = 1024
 MIN_SPLIT_TOKENS = 512
 MAX_SPLITS = 256
 INT32_LIMIT = 2**31 - 1
+# Tuning knobs measured fastest on an H100 (docs/fragments/kernels.md); shapes they do not fit
+# fall back to AttentionGeometry's defaults.
+DEFAULT_VARIANT: dict = dict(warps=4, unroll=2, lanes=8, head_split=1)
 
 
 def gpu_backend() -> str | None:
@@ -78,15 +81,22 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int) -> int:
 
 
 def geometry_for(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
-                 key_bits: int, value_bits: int) -> AttentionGeometry:
+                 key_bits: int, value_bits: int, variant: dict | None = None) -> AttentionGeometry:
+    """The kernel constants for these inputs; `variant` overrides the tuning knobs (warps,
+    unroll, lanes, head_split), else DEFAULT_VARIANT where it fits."""
     _, hq, dk = queries.shape
     _, hkv, bs, vbytes = value_codes.shape
     if key_codes.shape[-1] * 8 != dk * key_bits:
         raise ValueError(f"key codes of {key_codes.shape[-1]} bytes do not hold head_dim {dk}"
                          f" at {key_bits} bits")
-    return AttentionGeometry(key_dim=dk, value_dim=vbytes * 8 // value_bits, key_bits=key_bits,
-                             value_bits=value_bits, block_size=bs, num_q_heads=hq,
-                             num_kv_heads=hkv)
+    dims = dict(key_dim=dk, value_dim=vbytes * 8 // value_bits, key_bits=key_bits,
+                value_bits=value_bits, block_size=bs, num_q_heads=hq, num_kv_heads=hkv)
+    if variant is not None:
+        return AttentionGeometry(**dims, **variant)
+    try:
+        return AttentionGeometry(**dims, **DEFAULT_VARIANT)
+    except ValueError:  # the tuned knobs do not fit this shape: the safe defaults always do
+        return AttentionGeometry(**dims)
 
 
 def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
@@ -95,12 +105,13 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
                                   key_codebook: mx.array, value_codebook: mx.array,
                                   key_bits: int, value_bits: int, *,
                                   num_splits: int | None = None,
-                                  backend: str | None = None) -> mx.array | None:
+                                  backend: str | None = None,
+                                  variant: dict | None = None) -> mx.array | None:
     """The contract's function on the GPU kernels; None where no kernel backend exists."""
     backend = backend or gpu_backend()
     if backend is None:
         return None
-    geo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits)
+    geo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits, variant)
     if max(key_codes.size, value_codes.size) > INT32_LIMIT:
         raise ValueError("page arenas over 2**31 bytes need 64-bit offsets in the kernel")
     bsz, hq, _ = queries.shape
@@ -111,7 +122,7 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
               value_scales.astype(mx.float16), block_tables.astype(mx.int32),
               seq_lens.astype(mx.int32), key_codebook.astype(mx.float32),
               value_codebook.astype(mx.float32), params]
-    grid = (geo.threads * nsplit, geo.num_kv_heads, bsz)
+    grid = (geo.threads * nsplit * geo.head_split, geo.num_kv_heads, bsz)
     group = (geo.threads, 1, 1)
     dv = geo.value_dim
     if nsplit == 1:

@@ -48,6 +48,8 @@ class AttentionGeometry:
     num_kv_heads: int
     warps: int = 4
     unroll: int = 2
+    lanes: int = 0        # lanes per token; 0 = the largest of 8/4/2/1 that fits
+    head_split: int = 1   # threadgroups sharing one kv head's query heads (fewer registers each)
 
     def __post_init__(self) -> None:
         if self.num_q_heads % self.num_kv_heads:
@@ -60,6 +62,12 @@ class AttentionGeometry:
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) not in range(1, 9):
                 raise ValueError(f"{name} must be in 1..8")
+        if self.lanes and (self.lanes not in (1, 2, 4, 8, 16, 32)
+                           or self.key_dim % (8 * self.lanes) or self.value_dim % (8 * self.lanes)):
+            raise ValueError(f"lanes={self.lanes} must be a power of two <= 32 dividing both"
+                             " head dims into whole 8-index groups")
+        if self.group % self.head_split:
+            raise ValueError(f"head_split {self.head_split} does not divide the group {self.group}")
 
     @property
     def group(self) -> int:
@@ -68,6 +76,8 @@ class AttentionGeometry:
     @property
     def lanes_per_token(self) -> int:
         """Largest of 8/4/2/1 such that every lane owns whole 8-index groups of K and V."""
+        if self.lanes:
+            return self.lanes
         for lpt in (8, 4, 2, 1):
             if self.key_dim % (8 * lpt) == 0 and self.value_dim % (8 * lpt) == 0:
                 return lpt
@@ -84,7 +94,7 @@ class AttentionGeometry:
     def tag(self) -> str:
         return (f"k{self.key_dim}b{self.key_bits}_v{self.value_dim}b{self.value_bits}"
                 f"_bs{self.block_size}_h{self.num_q_heads}x{self.num_kv_heads}"
-                f"_w{self.warps}u{self.unroll}")
+                f"_w{self.warps}u{self.unroll}l{self.lanes_per_token}s{self.head_split}")
 
 
 def _group_loads(var: str, bits: int, base: str, groups: int) -> str:
@@ -130,7 +140,7 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   constexpr int DK = {geo.key_dim}, DV = {geo.value_dim};
   constexpr int KBITS = {geo.key_bits}, VBITS = {geo.value_bits};
   constexpr int BS = {geo.block_size}, HQ = {geo.num_q_heads}, HKV = {geo.num_kv_heads};
-  constexpr int G = {geo.group}, LPT = {lpt}, NW = {geo.warps}, U = {geo.unroll};
+  constexpr int G = {geo.group // geo.head_split}, HS = {geo.head_split}, LPT = {lpt}, NW = {geo.warps}, U = {geo.unroll};
   constexpr int KDPL = {kdpl}, VDPL = {vdpl}, KGRP = {kgrp}, VGRP = {vgrp};
   constexpr int KROW = DK * KBITS / 8, VROW = DV * VBITS / 8;
   constexpr int TPC = (32 / LPT) * NW;
@@ -150,7 +160,10 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     return body_prologue(dialect) + consts + f"""
   const int lane = tq_tid & 31, warp = tq_tid >> 5;
   const int sub = lane / LPT, part = lane % LPT;
-  const int split = tq_gx, kvh = tq_gy, b = tq_gz, nsplit = tq_ngx;
+  // x = split * HS + head part: the HS threadgroups reading the same pages run side by side,
+  // so all but the first find the codes in L2.
+  const int split = tq_gx / HS, kvh = tq_gy, b = tq_gz, nsplit = tq_ngx / HS;
+  const int h0 = kvh * (G * HS) + (tq_gx % HS) * G;  // first query head of this threadgroup
   const int max_blocks = params[0];
 
   TQ_SHARED float ck_s[1 << KBITS];
@@ -168,7 +181,7 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   float q[G][KDPL];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < KDPL; ++j)
-      q[g][j] = queries[((b * HQ) + kvh * G + g) * DK + part * KDPL + j];
+      q[g][j] = queries[((b * HQ) + h0 + g) * DK + part * KDPL + j];
   float m[G], l[G], acc[G][VDPL];
   for (int g = 0; g < G; ++g) {{
     m[g] = NEG_BIG; l[g] = 0.0f;
@@ -253,7 +266,7 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   TQ_BARRIER();
   // Merge the warps; one thread per (query head of the group, value dim).
   for (int i = tq_tid; i < G * DV; i += NW * 32) {{
-    const int g = i / DV, d = i % DV, h = kvh * G + g;
+    const int g = i / DV, d = i % DV, h = h0 + g;
     float M = NEG_BIG;
     for (int w = 0; w < NW; ++w) M = TQ_FMAX(M, red[(w * G + g) * (DV + 2)]);
     float Lsum = 0.0f, O = 0.0f;

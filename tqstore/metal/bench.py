@@ -70,14 +70,19 @@ CHECKS = [
 ]
 
 
-def run_checks(seed: int) -> tuple[list[dict], bool]:
+def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool]:
     rng = np.random.default_rng(seed)
     mx.random.seed(seed)
     rows, ok = [], True
-    for name, lens, hq, hkv, dk, dv, kb, vb, bs, splits in CHECKS:
+    cases = [(c, None) for c in CHECKS] + [(CHECKS[2], v) for v in variants if v is not None]
+    for (name, lens, hq, hkv, dk, dv, kb, vb, bs, splits), variant in cases:
+        if variant is not None:
+            name = f"{name} {_vname(variant)}"
         pages = random_pages(rng, lens, hq, hkv, dk, dv, kb, vb, bs)
-        ref = paged_decode_attention_oracle(**pages)
-        got = kernel_paged_decode_attention(**pages, num_splits=splits)
+        with mx.stream(mx.cpu):  # full fp32 (MLX's GPU matmul may round through TF32)
+            ref = paged_decode_attention_oracle(**pages)
+            mx.eval(ref)
+        got = kernel_paged_decode_attention(**pages, num_splits=splits, variant=variant)
         err = mx.abs(got - ref)
         max_abs = float(mx.max(err).item())
         rel = float((mx.sqrt(mx.sum(err * err)) / mx.maximum(mx.sqrt(mx.sum(ref * ref)), 1e-30)).item())
@@ -85,10 +90,11 @@ def run_checks(seed: int) -> tuple[list[dict], bool]:
         passed = finite and rel < 1e-4 and max_abs < 1e-3
         row = dict(name=name, max_abs_err=max_abs, rel_err=rel, finite=finite, passed=passed,
                    splits=splits or choose_num_splits(len(lens), hkv, pages["block_tables"].shape[1] * bs))
-        if min(lens) >= 1:  # the paged cache's reference requires seq_len >= 1
+        if min(lens) >= 1 and variant is None:  # the paged reference needs seq_len >= 1
             try:
                 from tqstore.paged.attention import paged_decode_attention_reference
-                other = paged_decode_attention_reference(**pages)
+                with mx.stream(mx.cpu):
+                    other = paged_decode_attention_reference(**pages)
                 row["max_abs_err_vs_paged_ref"] = float(mx.max(mx.abs(got - other)).item())
                 passed = passed and row["max_abs_err_vs_paged_ref"] < 1e-3
                 row["passed"] = passed
@@ -96,8 +102,56 @@ def run_checks(seed: int) -> tuple[list[dict], bool]:
                 pass
         ok = ok and passed
         rows.append(row)
-        print(f"check {name:32s} max_abs {max_abs:.2e} rel {rel:.2e} "
+        print(f"check {name:44s} max_abs {max_abs:.2e} rel {rel:.2e} "
               f"{'PASS' if passed else 'FAIL'}", flush=True)
+    return rows, ok
+
+
+SWEEP: list[dict] = [
+    dict(warps=4, unroll=2, lanes=8, head_split=1),
+    dict(warps=4, unroll=1, lanes=8, head_split=1),
+    dict(warps=2, unroll=2, lanes=8, head_split=1),
+    dict(warps=4, unroll=2, lanes=8, head_split=2),
+    dict(warps=4, unroll=2, lanes=16, head_split=1),
+    dict(warps=4, unroll=4, lanes=16, head_split=1),
+    dict(warps=8, unroll=2, lanes=16, head_split=1),
+    dict(warps=4, unroll=2, lanes=16, head_split=2),
+    dict(warps=4, unroll=2, lanes=8, head_split=1, split_scale=4),
+]
+
+# (heads, tokens, head_dim, bits, norm_correction, dtype)
+QUANT_CHECKS = [(8, 37, 128, 4, True, mx.float16), (8, 17, 128, 3, True, mx.float32),
+                (2, 300, 64, 2, False, mx.bfloat16), (4, 9, 128, 8, True, mx.float16),
+                (3, 5, 256, 1, True, mx.float32)]
+
+
+def run_quantize_checks(seed: int) -> tuple[list[dict], bool]:
+    """The quantize kernel against codec.quantize on the GPU: identical bytes and fp16 scales,
+    and quantizing n tokens at once equals quantizing them in two pieces."""
+    from tqstore.codec import CodecConfig, layer_codecs
+    from tqstore.metal.quantize import kernel_quantize
+
+    mx.random.seed(seed + 1)
+    rows, ok = [], True
+    for i, (heads, tokens, dim, bits, nc, dtype) in enumerate(QUANT_CHECKS):
+        codec = layer_codecs(CodecConfig(bits, bits, norm_correction=nc, seed=seed), i, heads, dim)[0]
+        x = mx.random.normal((2, heads, tokens, dim)) * mx.random.uniform(0.01, 50.0, (2, heads, tokens, 1))
+        x = mx.concatenate([x[:, :, :1] * 0.0, x[:, :, 1:]], axis=2).astype(dtype)  # a zero vector
+        ref, got = codec.quantize(x), kernel_quantize(codec, x)
+        cut = tokens // 2
+        a, b = kernel_quantize(codec, x[:, :, :cut]), kernel_quantize(codec, x[:, :, cut:])
+        pieces_codes = mx.concatenate([a.codes, b.codes], axis=2)
+        code_mism = int(mx.sum(ref.codes != got.codes).item())
+        scale_mism = int(mx.sum(ref.scales.view(mx.uint16) != got.scales.view(mx.uint16)).item())
+        piece_mism = int(mx.sum(pieces_codes != got.codes).item())
+        passed = code_mism == 0 and scale_mism == 0 and piece_mism == 0
+        ok = ok and passed
+        name = f"quantize h{heads} n{tokens} d{dim} b{bits} nc{int(nc)} {dtype}"
+        rows.append(dict(name=name, code_bytes_differing=code_mism, scales_differing=scale_mism,
+                         split_vs_whole_differing=piece_mism, total_bytes=ref.codes.size,
+                         passed=passed))
+        print(f"check {name:44s} differing code bytes {code_mism}/{ref.codes.size}, scales "
+              f"{scale_mism}, split-vs-whole {piece_mism} {'PASS' if passed else 'FAIL'}", flush=True)
     return rows, ok
 
 
@@ -121,8 +175,15 @@ def copy_bandwidth(reps: int = 10) -> float:
     return 2 * a.nbytes / t
 
 
+def _vname(v: dict | None) -> str:
+    if v is None:
+        return "default"
+    return "w{warps}u{unroll}l{lanes}s{head_split}".format(**v) + (
+        f"x{v['split_scale']}" if v.get("split_scale", 1) != 1 else "")
+
+
 def time_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, bits: int, block_size: int,
-              reps: int, budget_bytes: float) -> dict:
+              reps: int, budget_bytes: float, variants: list[dict | None]) -> list[dict]:
     rng = np.random.default_rng(batch * 1_000_003 + ctx)
     fp16_layer = 2 * batch * hkv * ctx * dim * 2
     tq_layer = batch * hkv * ctx * (2 * dim * bits // 8 + 4)
@@ -143,11 +204,17 @@ def time_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, bits: int, bloc
         p = random_pages(rng, [ctx] * batch, hq, hkv, dim, dim, bits, bits, block_size, 0)
         mx.eval([v for v in p.values() if isinstance(v, mx.array)])
         paged.append(p)
-    t_tq = _time_queued(lambda p: kernel_paged_decode_attention(**p), paged, reps)
-    return dict(batch=batch, context=ctx, layers_queued=layers, sdpa_fp16_us=t_sdpa * 1e6,
-                tq_us=t_tq * 1e6, ratio=t_tq / t_sdpa, tq_bytes=tq_layer,
-                tq_gbps=tq_layer / t_tq / 1e9, sdpa_gbps=fp16_layer / t_sdpa / 1e9,
-                splits=choose_num_splits(batch, hkv, ctx))
+    rows = []
+    for variant in variants:
+        knobs = None if variant is None else {k: v for k, v in variant.items() if k != "split_scale"}
+        splits = choose_num_splits(batch, hkv, ctx) * (variant or {}).get("split_scale", 1)
+        t_tq = _time_queued(lambda p: kernel_paged_decode_attention(
+            **p, num_splits=splits, variant=knobs), paged, reps)
+        rows.append(dict(batch=batch, context=ctx, variant=_vname(variant), layers_queued=layers,
+                         sdpa_fp16_us=t_sdpa * 1e6, tq_us=t_tq * 1e6, ratio=t_tq / t_sdpa,
+                         tq_bytes=tq_layer, tq_gbps=tq_layer / t_tq / 1e9,
+                         sdpa_gbps=fp16_layer / t_sdpa / 1e9, splits=splits))
+    return rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device memory for the queued layers of one case")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also check and time the tuning variants in SWEEP")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,9 +240,12 @@ def run(args: argparse.Namespace) -> int:
     if not backend.endswith("-kernel"):
         print("no GPU kernel backend here: nothing to benchmark", file=sys.stderr)
         return 2
-    checks, ok = run_checks(args.seed)
+    variants = [None] + (SWEEP if args.sweep else [])
+    checks, ok = run_checks(args.seed, variants)
+    qchecks, qok = run_quantize_checks(args.seed)
+    ok = ok and qok
     result = dict(backend=backend, mlx=mx.__version__, host=platform.node(), seed=args.seed,
-                  checks=checks, checks_passed=ok)
+                  checks=checks, quantize_checks=qchecks, checks_passed=ok)
     try:
         result["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
     except Exception:  # noqa: BLE001  (device_info is informative only)
@@ -184,18 +256,18 @@ def run(args: argparse.Namespace) -> int:
         cases = []
         for b in (int(x) for x in args.batches.split(",")):
             for ctx in (int(x) for x in args.contexts.split(",")):
-                row = time_case(b, ctx, 32, 8, 128, args.bits, args.block_size, args.reps,
-                                args.budget_gb * 1e9)
-                row["pct_copy_bw"] = 100.0 * row["tq_gbps"] * 1e9 / bw
-                cases.append(row)
-                print(f"  B={b} ctx={ctx}: sdpa {row['sdpa_fp16_us']:.1f} us, "
-                      f"tq {row['tq_us']:.1f} us", flush=True)
+                for row in time_case(b, ctx, 32, 8, 128, args.bits, args.block_size,
+                                     args.reps, args.budget_gb * 1e9, variants):
+                    row["pct_copy_bw"] = 100.0 * row["tq_gbps"] * 1e9 / bw
+                    cases.append(row)
+                    print(f"  B={b} ctx={ctx} {row['variant']}: sdpa {row['sdpa_fp16_us']:.1f} us,"
+                          f" tq {row['tq_us']:.1f} us", flush=True)
         result["cases"] = cases
         print(f"\ncopy bandwidth (1 GiB elementwise, r+w): {bw / 1e9:.0f} GB/s")
-        print(f"{'B':>2} {'ctx':>7} {'sdpa_fp16_us':>12} {'tq_us':>8} {'ratio':>6} "
+        print(f"{'B':>2} {'ctx':>7} {'variant':>12} {'sdpa_fp16_us':>12} {'tq_us':>8} {'ratio':>6} "
               f"{'tq_GB/s':>8} {'%copy':>6} {'splits':>6} {'layers':>6}")
         for r in cases:
-            print(f"{r['batch']:>2} {r['context']:>7} {r['sdpa_fp16_us']:>12.1f} {r['tq_us']:>8.1f} "
+            print(f"{r['batch']:>2} {r['context']:>7} {r['variant']:>12} {r['sdpa_fp16_us']:>12.1f} {r['tq_us']:>8.1f} "
                   f"{r['ratio']:>6.2f} {r['tq_gbps']:>8.0f} {r['pct_copy_bw']:>6.1f} "
                   f"{r['splits']:>6} {r['layers_queued']:>6}")
     print(f"correctness: {'all checks passed' if ok else 'FAILED'}")

@@ -16,7 +16,9 @@ from typing import Callable
 
 import mlx.core as mx
 
+from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal.attention_kernel import gpu_backend, kernel_paged_decode_attention
+from tqstore.metal.quantize import kernel_quantize
 from tqstore.metal.reference import paged_decode_attention_oracle
 
 log = logging.getLogger("tqstore.metal")
@@ -84,3 +86,13 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     return _paged_reference()[1](queries, key_codes, key_scales, value_codes, value_scales,
                                  block_tables, seq_lens, key_codebook, value_codebook,
                                  key_bits, value_bits)
+
+
+def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
+    """codec.quantize(x), on the quantize kernel where one fits (byte-identical by design and
+    checked on the GPU by tools/bench_attention.py), else on the codec's own MLX ops."""
+    if _forced != "reference":
+        out = kernel_quantize(codec, x)
+        if out is not None:
+            return out
+    return codec.quantize(x)
