@@ -144,7 +144,14 @@ class KvStoreClient:
     def put_async(self, ns: Namespace, token_ids: Sequence[int], first_block: int,
                   payloads: Sequence[BlockPayload]) -> Future:
         """put() on a background thread; errors land in the returned future."""
-        future = self._uploads.submit(self.put, ns, list(token_ids), first_block, list(payloads))
+        payloads = list(payloads)
+        return self.put_async_lazy(ns, token_ids, first_block, lambda: payloads)
+
+    def put_async_lazy(self, ns: Namespace, token_ids: Sequence[int], first_block: int,
+                       make_payloads) -> Future:
+        """Like put_async, but the payloads are built on the upload thread (make_payloads())."""
+        token_ids = list(token_ids)
+        future = self._uploads.submit(lambda: self.put(ns, token_ids, first_block, make_payloads()))
         with self._pending_lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
         return future
