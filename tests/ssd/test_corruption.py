@@ -151,3 +151,20 @@ def test_garbage_everywhere_never_crashes(tmp_path, rng):
         assert s.lookup(NS, toks) == 0
         assert s.stats().verification_failures == 1  # block 0 took its subtree with it
         assert s.check().ok
+
+
+def test_check_cli_exit_status(tmp_path, rng, capsys):
+    import argparse
+
+    from tqstore.ssd import check_cli
+
+    path = tmp_path / "s"
+    toks, _pls, hashes = _fill(path, rng, n=2)
+    parser = argparse.ArgumentParser()
+    check_cli.add_arguments(parser)
+    assert check_cli.run(parser.parse_args([str(path)])) == 0
+    _flip_file(path / "blocks" / (hashes[1].hex() + ".blk"), 70)
+    assert check_cli.run(parser.parse_args([str(path), "--json"])) == 1
+    assert hashes[1].hex() in capsys.readouterr().out
+    assert check_cli.run(parser.parse_args([str(path), "--repair"])) == 0
+    assert check_cli.run(parser.parse_args([str(path)])) == 0
