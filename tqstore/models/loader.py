@@ -1,0 +1,71 @@
+"""Loading stock mlx-lm models from local directories, and model fingerprints.
+
+The fingerprint names the weights in every prefix-hash namespace: two models share cached KV
+only if their fingerprints match. It must be stable across processes and restarts, so it is a
+SHA-256 over file bytes, never a path or a timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # an mlx-lm model (llama.Model for SmolLM2)
+    tokenizer: TokenizerWrapper  # what mlx_lm.generate / stream_generate take
+    fingerprint: str  # "sha256:<hex>" of the weights (see file_fingerprint / dir_fingerprint)
+    path: str
+
+
+@lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a whole weights file (cached per process by path, size and mtime)."""
+    st = os.stat(path)
+    return "sha256:" + _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def dir_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over config.json and every weights file (name + full sha256) of a model dir."""
+    root = Path(path)
+    h = hashlib.sha256(b"tqstore/model-dir/v1\0")
+    for f in sorted(root.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".gguf", ".npz"):
+            h.update(f.name.encode() + b"\0" + file_fingerprint(f).encode() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """A local mlx-lm model directory (config.json + safetensors + tokenizer files)."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(path))
+    return LoadedModel(model, tokenizer, dir_fingerprint(path), str(path))
+
+
+def chat_prompt_ids(tokenizer: Any, user_text: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat prompt with the generation prompt appended."""
+    messages: list[dict[str, str]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": user_text})
+    ids: Sequence[int] = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return [int(t) for t in ids]
