@@ -1,0 +1,77 @@
+"""`tqstore generate [--server ADDR] [--model DIR] --prompt TEXT | --prompt-file F`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqstore.config import DEFAULT_LISTEN
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the user message")
+    prompt.add_argument("--prompt-file", help="read the user message from a file ('-': stdin)")
+    parser.add_argument("--server", default=DEFAULT_LISTEN,
+                        help=f"daemon address (default {DEFAULT_LISTEN}); 'none' to run without")
+    parser.add_argument("--model", help="local mlx-lm model directory (default: bundled SmolLM2)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--raw", action="store_true", help="no chat template: tokenize the text as is")
+    parser.add_argument("--system", help="system message for the chat template")
+
+
+def load_default_or(path: str | None):
+    from tqstore.models.loader import load_model
+    from tqstore.models.smollm2 import load_smollm2
+
+    return load_model(path) if path else load_smollm2()
+
+
+def prompt_ids(loaded, text: str, raw: bool, system: str | None = None) -> list[int]:
+    from tqstore.models.loader import chat_prompt_ids
+
+    if raw:
+        return list(loaded.tokenizer.encode(text))
+    return chat_prompt_ids(loaded.tokenizer, text, system=system)
+
+
+def connect(address: str | None, log=print):
+    """A client if the daemon answers, else None (generation then runs without the cache)."""
+    from tqstore.client import KvStoreClient
+
+    if not address or address == "none":
+        return None
+    client = KvStoreClient(address)
+    if client.is_serving(timeout=2.0):
+        return client
+    client.close()
+    log(f"tqstore: daemon at {address} unreachable: generating without the prefix cache")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqstore.generator import CachedGenerator
+
+    if args.prompt_file:
+        text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file).read()
+    else:
+        text = args.prompt
+    err = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    loaded = load_default_or(args.model)
+    ids = prompt_ids(loaded, text, args.raw, args.system)
+    client = connect(args.server, log=err)
+    try:
+        generator = CachedGenerator(loaded, client)
+        report = generator.generate(ids, max_tokens=args.max_tokens,
+                                    on_text=lambda t: print(t, end="", flush=True))
+        print()
+        if report.upload is not None:
+            stored = report.upload.result()
+            err(f"uploaded {stored} new blocks to the daemon")
+    finally:
+        if client is not None:
+            client.close()
+    err(f"prompt tokens {report.prompt_tokens}, hit tokens {report.hit_tokens} ({report.cache_status}), "
+        f"TTFT {report.ttft_s:.2f} s, decode {report.decode_tokens_per_s:.1f} tokens/s, "
+        f"KV {report.kv_bytes / max(report.kv_fp16_bytes, 1):.2f}x of fp16")
+    return 0
