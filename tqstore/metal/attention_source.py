@@ -21,6 +21,7 @@ serves every context length; compile-time constants are the page geometry and he
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tqstore.metal.dialect import body_prologue, dialect_header
@@ -50,6 +51,7 @@ class AttentionGeometry:
     unroll: int = 2
     lanes: int = 0        # lanes per token; 0 = the largest of 8/4/2/1 that fits
     head_split: int = 1   # threadgroups sharing one kv head's query heads (fewer registers each)
+    prefetch: bool = True  # load the next U tokens' words before using the current ones
 
     def __post_init__(self) -> None:
         if self.num_q_heads % self.num_kv_heads:
@@ -94,7 +96,8 @@ class AttentionGeometry:
     def tag(self) -> str:
         return (f"k{self.key_dim}b{self.key_bits}_v{self.value_dim}b{self.value_bits}"
                 f"_bs{self.block_size}_h{self.num_q_heads}x{self.num_kv_heads}"
-                f"_w{self.warps}u{self.unroll}l{self.lanes_per_token}s{self.head_split}")
+                f"_w{self.warps}u{self.unroll}l{self.lanes_per_token}s{self.head_split}"
+                f"p{int(self.prefetch)}")
 
 
 def _group_loads(var: str, bits: int, base: str, groups: int) -> str:
@@ -131,8 +134,27 @@ def _word_type(bits: int) -> str:
     return "tq_u32" if bits <= 4 else "tq_u64"
 
 
+_CONST_LOOP = re.compile(r"^(\s*)for \(int (g|j|u|gi|e|i|off|w) = (?!tq_tid)")
+
+
+def _unroll_constant_loops(body: str) -> str:
+    """Put `#pragma unroll` before every loop over a compile-time range: the per-lane arrays
+    (q, acc, words) must stay in registers, which needs every index into them constant."""
+    out = []
+    for line in body.splitlines():
+        m = _CONST_LOOP.match(line)
+        if m:
+            out.append(f"{m.group(1)}#pragma unroll")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     """The kernel body (MLX generates the signature from ATTN_INPUTS and the outputs)."""
+    return _unroll_constant_loops(_attention_body(geo, dialect, split))
+
+
+def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     lpt = geo.lanes_per_token
     kdpl, vdpl = geo.key_dim // lpt, geo.value_dim // lpt
     kgrp, vgrp = kdpl // 8, vdpl // 8
@@ -147,8 +169,41 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   constexpr tq_u32 KMASK = (1u << KBITS) - 1u, VMASK = (1u << VBITS) - 1u;
   constexpr float NEG_BIG = {NEG_BIG};
 """
-    kload = _group_loads("kw[u]", geo.key_bits, "kptr", kgrp)
-    vload = _group_loads("vw[u]", geo.value_bits, "vptr", vgrp)
+    kword, vword = _word_type(geo.key_bits), _word_type(geo.value_bits)
+
+    def load(sfx: str, base: str) -> str:
+        """Statements loading the U tokens starting at token `base` into kw{sfx}, vw{sfx},
+        ks{sfx}, vs{sfx}, valid{sfx}. Tokens outside [start, end) load token 0 instead (its
+        table entry always exists and points at a real or the null block: a valid address)
+        and are masked out."""
+        kload = _group_loads(f"kw{sfx}[u]", geo.key_bits, "kptr", kgrp)
+        vload = _group_loads(f"vw{sfx}[u]", geo.value_bits, "vptr", vgrp)
+        return f"""    for (int u = 0; u < U; ++u) {{
+      const int t = {base} + u * TPC + warp * (32 / LPT) + sub;
+      valid{sfx}[u] = t < end;
+      const int tt = valid{sfx}[u] ? t : 0;
+      const int blk = block_tables[b * max_blocks + tt / BS];
+      const int row = (blk * HKV + kvh) * BS + (tt % BS);
+      const TQ_DEVICE uint8_t* kptr = key_codes + row * KROW + part * (KGRP * KBITS);
+      const TQ_DEVICE uint8_t* vptr = value_codes + row * VROW + part * (VGRP * VBITS);
+{kload}
+{vload}
+      ks{sfx}[u] = TQ_HALF_TO_FLOAT(key_scales[row]);
+      vs{sfx}[u] = TQ_HALF_TO_FLOAT(value_scales[row]);
+    }}"""
+
+    if geo.prefetch:
+        prologue_load = load("", "start")
+        loop_load = (f"    {kword} kwn[U][KGRP];\n    {vword} vwn[U][VGRP];\n"
+                     "    float ksn[U], vsn[U];\n    bool validn[U];\n"
+                     + load("n", "base + TPC * U"))
+        loop_tail = """    for (int u = 0; u < U; ++u) {
+      for (int i = 0; i < KGRP; ++i) kw[u][i] = kwn[u][i];
+      for (int i = 0; i < VGRP; ++i) vw[u][i] = vwn[u][i];
+      ks[u] = ksn[u]; vs[u] = vsn[u]; valid[u] = validn[u];
+    }"""
+    else:
+        prologue_load, loop_load, loop_tail = "", load("", "base"), ""
     if split:
         store = """
     const int prow = (b * HQ + h) * nsplit + split;
@@ -179,9 +234,9 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   const int end = (start + chunk < seq_len) ? start + chunk : seq_len;
 
   float q[G][KDPL];
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < KDPL; ++j)
-      q[g][j] = queries[((b * HQ) + h0 + g) * DK + part * KDPL + j];
+  for (int g = 0; g < G; ++g) {{
+    for (int j = 0; j < KDPL; ++j) q[g][j] = queries[((b * HQ) + h0 + g) * DK + part * KDPL + j];
+  }}
   float m[G], l[G], acc[G][VDPL];
   for (int g = 0; g < G; ++g) {{
     m[g] = NEG_BIG; l[g] = 0.0f;
@@ -189,24 +244,16 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   }}
 
   // The trip count is uniform across the threadgroup: the shuffles below see every lane.
+  // Software pipelining (PREFETCH): the words of the next U tokens are loaded before the
+  // current ones are used, doubling the bytes in flight (decode attention is bound by memory
+  // latency x parallelism long before it is bound by bandwidth).
+  {kword} kw[U][KGRP];
+  {vword} vw[U][VGRP];
+  float ks[U], vs[U];
+  bool valid[U];
+{prologue_load}
   for (int base = start; base < end; base += TPC * U) {{
-    {_word_type(geo.key_bits)} kw[U][KGRP];
-    {_word_type(geo.value_bits)} vw[U][VGRP];
-    float ks[U], vs[U];
-    bool valid[U];
-    for (int u = 0; u < U; ++u) {{
-      const int t = base + u * TPC + warp * (32 / LPT) + sub;
-      valid[u] = t < end;
-      const int tt = valid[u] ? t : start;  // a valid address; its result is discarded
-      const int blk = block_tables[b * max_blocks + tt / BS];
-      const int row = (blk * HKV + kvh) * BS + (tt % BS);
-      const TQ_DEVICE uint8_t* kptr = key_codes + row * KROW + part * (KGRP * KBITS);
-      const TQ_DEVICE uint8_t* vptr = value_codes + row * VROW + part * (VGRP * VBITS);
-{kload}
-{vload}
-      ks[u] = TQ_HALF_TO_FLOAT(key_scales[row]);
-      vs[u] = TQ_HALF_TO_FLOAT(value_scales[row]);
-    }}
+{loop_load}
     for (int u = 0; u < U; ++u) {{
       float s[G];
       for (int g = 0; g < G; ++g) s[g] = 0.0f;
@@ -217,8 +264,9 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
           for (int g = 0; g < G; ++g) s[g] += q[g][gi * 8 + e] * c;
         }}
       }}
-      for (int off = 1; off < LPT; off <<= 1)
+      for (int off = 1; off < LPT; off <<= 1) {{
         for (int g = 0; g < G; ++g) s[g] += TQ_SHFL_XOR(s[g], off);
+      }}
       if (valid[u]) {{
         float p[G];
         for (int g = 0; g < G; ++g) {{
@@ -242,6 +290,7 @@ def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
         }}
       }}
     }}
+{loop_tail}
   }}
 
   // Merge the token groups of a warp (lanes with equal `part` hold the same dims).

@@ -82,7 +82,8 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
         with mx.stream(mx.cpu):  # full fp32 (MLX's GPU matmul may round through TF32)
             ref = paged_decode_attention_oracle(**pages)
             mx.eval(ref)
-        got = kernel_paged_decode_attention(**pages, num_splits=splits, variant=variant)
+        knobs = None if variant is None else {k: v for k, v in variant.items() if k != "split_scale"}
+        got = kernel_paged_decode_attention(**pages, num_splits=splits, variant=knobs)
         err = mx.abs(got - ref)
         max_abs = float(mx.max(err).item())
         rel = float((mx.sqrt(mx.sum(err * err)) / mx.maximum(mx.sqrt(mx.sum(ref * ref)), 1e-30)).item())
@@ -108,15 +109,14 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
 
 
 SWEEP: list[dict] = [
-    dict(warps=4, unroll=2, lanes=8, head_split=1),
-    dict(warps=4, unroll=1, lanes=8, head_split=1),
-    dict(warps=2, unroll=2, lanes=8, head_split=1),
-    dict(warps=4, unroll=2, lanes=8, head_split=2),
-    dict(warps=4, unroll=2, lanes=16, head_split=1),
-    dict(warps=4, unroll=4, lanes=16, head_split=1),
-    dict(warps=8, unroll=2, lanes=16, head_split=1),
-    dict(warps=4, unroll=2, lanes=16, head_split=2),
-    dict(warps=4, unroll=2, lanes=8, head_split=1, split_scale=4),
+    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=False),
+    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=True),
+    dict(warps=4, unroll=4, lanes=8, head_split=1, prefetch=True),
+    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True),
+    dict(warps=8, unroll=2, lanes=8, head_split=1, prefetch=True),
+    dict(warps=4, unroll=2, lanes=8, head_split=2, prefetch=True),
+    dict(warps=4, unroll=4, lanes=16, head_split=1, prefetch=True),
+    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=True, split_scale=2),
 ]
 
 # (heads, tokens, head_dim, bits, norm_correction, dtype)
@@ -178,7 +178,7 @@ def copy_bandwidth(reps: int = 10) -> float:
 def _vname(v: dict | None) -> str:
     if v is None:
         return "default"
-    return "w{warps}u{unroll}l{lanes}s{head_split}".format(**v) + (
+    return "w{warps}u{unroll}l{lanes}s{head_split}p{p}".format(**v, p=int(v["prefetch"])) + (
         f"x{v['split_scale']}" if v.get("split_scale", 1) != 1 else "")
 
 
