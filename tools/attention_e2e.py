@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""End-to-end decode tokens/s of a random-weight model shaped like Llama-3-8B at a long context:
+mlx-lm's fp16 KVCache against tqstore's paged TurboQuant cache (K4/V4), in the same run.
+
+Three rows:
+  fp16          mlx-lm KVCache + mx.fast.scaled_dot_product_attention
+  tq-reference  tqstore.paged as it is wired today (pure-MLX decode attention + codec ops)
+  tq-kernels    the same cache with tqstore.metal's kernels wired in (decode attention and the
+                per-token quantize), which is what tqstore.paged.attention.decode_attention and
+                the arena's write are meant to call
+
+    PYTHONUNBUFFERED=1 python tools/attention_e2e.py --context 32768 --json $OUT/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache as mlx_prompt_cache  # noqa: E402
+
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                 intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 rms_norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0,
+                 tie_word_embeddings=False)
+
+
+def prefill(model, tokens: mx.array, cache, chunk: int) -> mx.array:
+    logits = None
+    for i in range(0, tokens.shape[0], chunk):
+        logits = model(tokens[None, i:i + chunk], cache=cache)
+        mx.eval(logits)
+    return mx.argmax(logits[:, -1, :], axis=-1)
+
+
+def decode(model, y: mx.array, cache, steps: int, warmup: int) -> float:
+    """Tokens/s of greedy decode, after `warmup` steps (the first one quantizes the prefill)."""
+    for _ in range(warmup):
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(y)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(y)
+    return steps / (time.perf_counter() - t0)
+
+
+def wire_kernels(caches) -> None:
+    """Route the paged cache's decode attention and per-token quantize to tqstore.metal."""
+    import tqstore.paged.cache as paged_cache
+    from tqstore.codec.turboquant import TurboQuantCodec
+    from tqstore.metal import dispatch
+    from tqstore.metal.quantize import kernel_quantize
+
+    paged_cache.decode_attention = dispatch.paged_decode_attention
+    for c in caches:
+        for codec in (c.arena.key_codec, c.arena.value_codec):
+            codec.quantize = (lambda x, c=codec: kernel_quantize(c, x)
+                              or TurboQuantCodec.quantize(c, x))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--small", action="store_true", help="a tiny model (CPU smoke test)")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from tqstore.paged.cache import make_prompt_cache, pool_for_model
+    from tqstore.paged.integration import install, uninstall
+
+    shape = dict(LLAMA3_8B, num_hidden_layers=args.layers)
+    if args.small:
+        shape.update(hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                     num_key_value_heads=2, vocab_size=1000)
+    model = llama.Model(llama.ModelArgs.from_dict(shape))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    tokens = mx.random.randint(0, shape["vocab_size"], (args.context,))
+    rows = {}
+
+    cache = mlx_prompt_cache(model)
+    y = prefill(model, tokens, cache, args.chunk)
+    rows["fp16"] = decode(model, y, cache, args.steps, args.warmup)
+    del cache
+    print(f"fp16 KVCache: {rows['fp16']:.2f} tok/s", flush=True)
+
+    per_token = shape["num_hidden_layers"] * shape["num_key_value_heads"] * (2 * 128 // 2 + 4)
+    budget = int((args.context + 4096) * per_token * 1.5) + (64 << 20)
+    variants = (["tq-kernels"] if args.skip_reference else ["tq-reference", "tq-kernels"])
+    for name in variants:
+        pool = pool_for_model(model, budget_bytes=budget)
+        caches = make_prompt_cache(pool)
+        if name == "tq-kernels":
+            wire_kernels(caches)
+        install(model)
+        try:
+            y = prefill(model, tokens, caches, args.chunk)
+            steps = args.steps if name == "tq-kernels" else max(4, args.steps // 4)
+            rows[name] = decode(model, y, caches, steps, args.warmup)
+        finally:
+            uninstall(model)
+        print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
+        del caches, pool
+
+    print(f"\ndecode tokens/s, random-weight Llama-3-8B shape ({shape['num_hidden_layers']} layers),"
+          f" context {args.context}, batch 1")
+    for name, tps in rows.items():
+        print(f"  {name:13s} {tps:8.2f} tok/s  ({tps / rows['fp16']:.2f}x fp16)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(context=args.context, shape=shape,
+                                                   tokens_per_s=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
