@@ -25,3 +25,4 @@ float __fadd_rn(float, float);
 float __fsub_rn(float, float);
 float __fdiv_rn(float, float);
 float __fsqrt_rn(float);
+float exp2f(float);

@@ -33,7 +33,7 @@ template <typename T> T min(T, T);
 float sqrt(float);
 float exp(float);
 float rint(float);
-namespace fast { float exp(float); float sqrt(float); }
+namespace fast { float exp(float); float exp2(float); float sqrt(float); }
 namespace precise { float divide(float, float); float sqrt(float); }
 }  // namespace metal
 using namespace metal;

@@ -45,7 +45,8 @@ def test_merge_source_compiles(dialect, tmp_path):
 
 def test_syntax_check_catches_a_typo(tmp_path):
     geo = GEOMETRIES[0]
-    body = attention_body(geo, "metal", False).replace("TQ_EXP(sg - m[g])", "TQ_EXPP(sg - m[g])")
+    body = attention_body(geo, "metal", False).replace("TQ_EXP2(s[u][g] - m[g])", "TQ_EXPP(s[u][g] - m[g])")
+    assert "TQ_EXPP" in body
     src = full_source("metal", "attn", attention_header("metal"), body,
                       [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [("out", "float32")])
     with pytest.raises(AssertionError, match="syntax check"):

@@ -168,6 +168,7 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   constexpr int TPC = (32 / LPT) * NW;
   constexpr tq_u32 KMASK = (1u << KBITS) - 1u, VMASK = (1u << VBITS) - 1u;
   constexpr float NEG_BIG = {NEG_BIG};
+  constexpr float LOG2E = 1.4426950408889634f;
 """
     kword, vword = _word_type(geo.key_bits), _word_type(geo.value_bits)
 
@@ -235,7 +236,7 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
 
   float q[G][KDPL];
   for (int g = 0; g < G; ++g) {{
-    for (int j = 0; j < KDPL; ++j) q[g][j] = queries[((b * HQ) + h0 + g) * DK + part * KDPL + j];
+    for (int j = 0; j < KDPL; ++j) q[g][j] = queries[((b * HQ) + h0 + g) * DK + part * KDPL + j] * LOG2E;
   }}
   float m[G], l[G], acc[G][VDPL];
   for (int g = 0; g < G; ++g) {{
@@ -254,39 +255,46 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
 {prologue_load}
   for (int base = start; base < end; base += TPC * U) {{
 {loop_load}
+    // Scores of the U tokens, in log2 units (q carries log2(e)), scaled by the key norms.
+    float s[U][G];
     for (int u = 0; u < U; ++u) {{
-      float s[G];
-      for (int g = 0; g < G; ++g) s[g] = 0.0f;
+      for (int g = 0; g < G; ++g) s[u][g] = 0.0f;
       for (int gi = 0; gi < KGRP; ++gi) {{
         const auto w = kw[u][gi];
         for (int e = 0; e < 8; ++e) {{
           const float c = ck_s[(w >> (e * KBITS)) & KMASK];
-          for (int g = 0; g < G; ++g) s[g] += q[g][gi * 8 + e] * c;
+          for (int g = 0; g < G; ++g) s[u][g] += q[g][gi * 8 + e] * c;
         }}
       }}
       for (int off = 1; off < LPT; off <<= 1) {{
-        for (int g = 0; g < G; ++g) s[g] += TQ_SHFL_XOR(s[g], off);
+        for (int g = 0; g < G; ++g) s[u][g] += TQ_SHFL_XOR(s[u][g], off);
       }}
-      if (valid[u]) {{
-        float p[G];
-        for (int g = 0; g < G; ++g) {{
-          const float sg = s[g] * ks[u];
-          if (sg > m[g]) {{  // rescale only when the running max moves (rare after warm-up)
-            const float corr = TQ_EXP(m[g] - sg);
-            l[g] *= corr;
-            for (int j = 0; j < VDPL; ++j) acc[g][j] *= corr;
-            m[g] = sg;
-          }}
-          const float pg = TQ_EXP(sg - m[g]);
-          l[g] += pg;
-          p[g] = pg * vs[u];
-        }}
-        for (int gi = 0; gi < VGRP; ++gi) {{
-          const auto w = vw[u][gi];
-          for (int e = 0; e < 8; ++e) {{
-            const float c = cv_s[(w >> (e * VBITS)) & VMASK];
-            for (int g = 0; g < G; ++g) acc[g][gi * 8 + e] += p[g] * c;
-          }}
+      for (int g = 0; g < G; ++g) s[u][g] = valid[u] ? s[u][g] * ks[u] : NEG_BIG;
+    }}
+    // Online softmax, one max update per U tokens: the rescale branch is rare after the
+    // first steps, and no per-token branch remains (invalid tokens get p = 0).
+    float pw[U][G];
+    for (int g = 0; g < G; ++g) {{
+      float mx = s[0][g];
+      for (int u = 1; u < U; ++u) mx = TQ_FMAX(mx, s[u][g]);
+      if (mx > m[g]) {{
+        const float corr = TQ_EXP2(m[g] - mx);
+        l[g] *= corr;
+        for (int j = 0; j < VDPL; ++j) acc[g][j] *= corr;
+        m[g] = mx;
+      }}
+      for (int u = 0; u < U; ++u) {{
+        const float pg = valid[u] ? TQ_EXP2(s[u][g] - m[g]) : 0.0f;
+        l[g] += pg;
+        pw[u][g] = pg * vs[u];
+      }}
+    }}
+    for (int u = 0; u < U; ++u) {{
+      for (int gi = 0; gi < VGRP; ++gi) {{
+        const auto w = vw[u][gi];
+        for (int e = 0; e < 8; ++e) {{
+          const float c = cv_s[(w >> (e * VBITS)) & VMASK];
+          for (int g = 0; g < G; ++g) acc[g][gi * 8 + e] += pw[u][g] * c;
         }}
       }}
     }}
@@ -299,7 +307,7 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
       const float mo = TQ_SHFL_XOR(m[g], off);
       const float lo = TQ_SHFL_XOR(l[g], off);
       const float mn = TQ_FMAX(m[g], mo);
-      const float a = TQ_EXP(m[g] - mn), c = TQ_EXP(mo - mn);
+      const float a = TQ_EXP2(m[g] - mn), c = TQ_EXP2(mo - mn);
       l[g] = l[g] * a + lo * c;
       for (int j = 0; j < VDPL; ++j) acc[g][j] = acc[g][j] * a + TQ_SHFL_XOR(acc[g][j], off) * c;
       m[g] = mn;
@@ -321,7 +329,7 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     float Lsum = 0.0f, O = 0.0f;
     for (int w = 0; w < NW; ++w) {{
       const TQ_SHARED_PTR float* r = red + (w * G + g) * (DV + 2);
-      const float f = TQ_EXP(r[0] - M);
+      const float f = TQ_EXP2(r[0] - M);
       Lsum += r[1] * f;
       O += r[2 + d] * f;
     }}
@@ -342,7 +350,7 @@ def merge_body(value_dim: int, num_q_heads: int, dialect: str) -> str:
   for (int s = 0; s < nsplit; ++s) M = TQ_FMAX(M, partial_m[base + s]);
   float Lsum = 0.0f, O = 0.0f;
   for (int s = 0; s < nsplit; ++s) {{
-    const float w = partial_l[base + s] * TQ_EXP(partial_m[base + s] - M);
+    const float w = partial_l[base + s] * TQ_EXP2(partial_m[base + s] - M);
     Lsum += w;
     O += w * partial_out[(base + s) * DV + d];
   }}

@@ -109,14 +109,13 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
 
 
 SWEEP: list[dict] = [
-    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=False),
+    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True),
     dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=True),
     dict(warps=4, unroll=4, lanes=8, head_split=1, prefetch=True),
-    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True),
-    dict(warps=8, unroll=2, lanes=8, head_split=1, prefetch=True),
-    dict(warps=4, unroll=2, lanes=8, head_split=2, prefetch=True),
-    dict(warps=4, unroll=4, lanes=16, head_split=1, prefetch=True),
-    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=True, split_scale=2),
+    dict(warps=2, unroll=2, lanes=8, head_split=1, prefetch=True),
+    dict(warps=1, unroll=4, lanes=8, head_split=1, prefetch=True),
+    dict(warps=2, unroll=4, lanes=16, head_split=1, prefetch=True),
+    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=False),
 ]
 
 # (heads, tokens, head_dim, bits, norm_correction, dtype)

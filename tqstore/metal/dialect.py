@@ -27,6 +27,7 @@ _METAL = r"""
 #define TQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define TQ_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
 #define TQ_EXP(x) metal::fast::exp(x)
+#define TQ_EXP2(x) metal::fast::exp2(x)
 #define TQ_SQRT(x) metal::sqrt(x)
 #define TQ_HALF_TO_FLOAT(x) ((float)(x))
 #define TQ_FLOAT_TO_HALF(x) ((half)(x))
@@ -45,6 +46,7 @@ _CUDA = r"""
 #define TQ_BARRIER() __syncthreads()
 #define TQ_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #define TQ_EXP(x) __expf(x)
+#define TQ_EXP2(x) tq_exp2(x)
 #define TQ_SQRT(x) sqrtf(x)
 #define TQ_HALF_TO_FLOAT(x) __half2float(x)
 #define TQ_FLOAT_TO_HALF(x) __float2half_rn(x)
@@ -53,6 +55,17 @@ _CUDA = r"""
 typedef unsigned long long tq_u64;
 typedef unsigned int tq_u32;
 typedef unsigned short tq_u16;
+// 2^x in one MUFU.EX2 (exp2f adds denormal fix-ups); exact 0 for x <= -126, which is what the
+// online softmax feeds it for masked or far-below-max scores.
+__device__ __forceinline__ float tq_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
 """
 
 # Thread and group indices are bound as locals at the top of the body rather than as header
