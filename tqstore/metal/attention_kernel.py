@@ -7,6 +7,7 @@ backend MLX has (CUDA or Metal) and returns None where there is none (the CPU); 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -99,6 +100,58 @@ def geometry_for(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
         return AttentionGeometry(**dims)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about one launch that depends only on shapes, built once per shape: the
+    per-call host work (Python, small uploads) otherwise adds directly to every decode step."""
+
+    single: object | None
+    split: object | None
+    merge: object | None
+    params: mx.array
+    grid: tuple[int, int, int]
+    group: tuple[int, int, int]
+    nsplit: int
+    batch: int
+    num_q_heads: int
+    value_dim: int
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
+          block_tables: mx.array, key_bits: int, value_bits: int, num_splits: int | None,
+          backend: str, variant: dict | None) -> _Plan:
+    key = (queries.shape, key_codes.shape, value_codes.shape, block_tables.shape, key_bits,
+           value_bits, num_splits, backend, None if variant is None else tuple(sorted(variant.items())))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    geo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits, variant)
+    if max(key_codes.size, value_codes.size) > INT32_LIMIT:
+        raise ValueError("page arenas over 2**31 bytes need 64-bit offsets in the kernel")
+    bsz, hq, _ = queries.shape
+    max_blocks = block_tables.shape[1]
+    nsplit = num_splits or choose_num_splits(bsz, geo.num_kv_heads, max_blocks * geo.block_size)
+    params = mx.array([max_blocks, nsplit], dtype=mx.int32)
+    mx.eval(params)
+    plan = _Plan(single=attention_kernel(geo, False, backend) if nsplit == 1 else None,
+                 split=attention_kernel(geo, True, backend) if nsplit > 1 else None,
+                 merge=merge_kernel(geo.value_dim, hq, backend) if nsplit > 1 else None,
+                 params=params, grid=(geo.threads * nsplit * geo.head_split, geo.num_kv_heads, bsz),
+                 group=(geo.threads, 1, 1), nsplit=nsplit, batch=bsz, num_q_heads=hq,
+                 value_dim=geo.value_dim)
+    if len(_PLANS) > 4096:  # a long-running server sees many block-table widths
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
                                   value_codes: mx.array, value_scales: mx.array,
                                   block_tables: mx.array, seq_lens: mx.array,
@@ -111,30 +164,20 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
     backend = backend or gpu_backend()
     if backend is None:
         return None
-    geo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits, variant)
-    if max(key_codes.size, value_codes.size) > INT32_LIMIT:
-        raise ValueError("page arenas over 2**31 bytes need 64-bit offsets in the kernel")
-    bsz, hq, _ = queries.shape
-    max_blocks = block_tables.shape[1]
-    nsplit = num_splits or choose_num_splits(bsz, geo.num_kv_heads, max_blocks * geo.block_size)
-    params = mx.array([max_blocks, nsplit], dtype=mx.int32)
-    inputs = [queries.astype(mx.float32), key_codes, key_scales.astype(mx.float16), value_codes,
-              value_scales.astype(mx.float16), block_tables.astype(mx.int32),
-              seq_lens.astype(mx.int32), key_codebook.astype(mx.float32),
-              value_codebook.astype(mx.float32), params]
-    grid = (geo.threads * nsplit * geo.head_split, geo.num_kv_heads, bsz)
-    group = (geo.threads, 1, 1)
-    dv = geo.value_dim
-    if nsplit == 1:
-        (out,) = attention_kernel(geo, False, backend)(
-            inputs=inputs, output_shapes=[(bsz, hq, dv)], output_dtypes=[mx.float32],
-            grid=grid, threadgroup=group)
+    p = _plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits, num_splits,
+              backend, variant)
+    inputs = [_as(queries, mx.float32), key_codes, _as(key_scales, mx.float16), value_codes,
+              _as(value_scales, mx.float16), _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
+              _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params]
+    bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
+    if p.nsplit == 1:
+        (out,) = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv)],
+                          output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group)
         return out
-    part, pm, pl = attention_kernel(geo, True, backend)(
+    part, pm, pl = p.split(
         inputs=inputs,
-        output_shapes=[(bsz, hq, nsplit, dv), (bsz, hq, nsplit), (bsz, hq, nsplit)],
-        output_dtypes=[mx.float32] * 3, grid=grid, threadgroup=group)
-    (out,) = merge_kernel(dv, hq, backend)(
-        inputs=[part, pm, pl, params], output_shapes=[(bsz, hq, dv)],
-        output_dtypes=[mx.float32], grid=(dv, hq, bsz), threadgroup=(dv, 1, 1))
+        output_shapes=[(bsz, hq, p.nsplit, dv), (bsz, hq, p.nsplit), (bsz, hq, p.nsplit)],
+        output_dtypes=[mx.float32] * 3, grid=p.grid, threadgroup=p.group)
+    (out,) = p.merge(inputs=[part, pm, pl, p.params], output_shapes=[(bsz, hq, dv)],
+                     output_dtypes=[mx.float32], grid=(dv, hq, bsz), threadgroup=(dv, 1, 1))
     return out
