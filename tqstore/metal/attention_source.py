@@ -52,6 +52,7 @@ class AttentionGeometry:
     lanes: int = 0        # lanes per token; 0 = the largest of 8/4/2/1 that fits
     head_split: int = 1   # threadgroups sharing one kv head's query heads (fewer registers each)
     prefetch: bool = True  # load the next U tokens' words before using the current ones
+    table_in_shared: bool = True  # stage the split's block-table entries in threadgroup memory
 
     def __post_init__(self) -> None:
         if self.num_q_heads % self.num_kv_heads:
@@ -97,7 +98,7 @@ class AttentionGeometry:
         return (f"k{self.key_dim}b{self.key_bits}_v{self.value_dim}b{self.value_bits}"
                 f"_bs{self.block_size}_h{self.num_q_heads}x{self.num_kv_heads}"
                 f"_w{self.warps}u{self.unroll}l{self.lanes_per_token}s{self.head_split}"
-                f"p{int(self.prefetch)}")
+                f"p{int(self.prefetch)}t{int(self.table_in_shared)}")
 
 
 def _group_loads(var: str, bits: int, base: str, groups: int) -> str:
@@ -177,13 +178,16 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
         ks{sfx}, vs{sfx}, valid{sfx}. Tokens outside [start, end) load token 0 instead (its
         table entry always exists and points at a real or the null block: a valid address)
         and are masked out."""
+        table_read = ("(table_in_shared ? bt_s[tt / BS - first_blk]"
+                      " : block_tables[b * max_blocks + tt / BS])" if geo.table_in_shared
+                      else "block_tables[b * max_blocks + tt / BS]")
         kload = _group_loads(f"kw{sfx}[u]", geo.key_bits, "kptr", kgrp)
         vload = _group_loads(f"vw{sfx}[u]", geo.value_bits, "vptr", vgrp)
         return f"""    for (int u = 0; u < U; ++u) {{
       const int t = {base} + u * TPC + warp * (32 / LPT) + sub;
       valid{sfx}[u] = t < end;
       const int tt = valid{sfx}[u] ? t : 0;
-      const int blk = block_tables[b * max_blocks + tt / BS];
+      const int blk = !valid{sfx}[u] ? 0 : {table_read};
       const int row = (blk * HKV + kvh) * BS + (tt % BS);
       const TQ_DEVICE uint8_t* kptr = key_codes + row * KROW + part * (KGRP * KBITS);
       const TQ_DEVICE uint8_t* vptr = value_codes + row * VROW + part * (VGRP * VBITS);
@@ -192,6 +196,18 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
       ks{sfx}[u] = TQ_HALF_TO_FLOAT(key_scales[row]);
       vs{sfx}[u] = TQ_HALF_TO_FLOAT(value_scales[row]);
     }}"""
+
+    # The block-table entries of this split go to threadgroup memory once, so a token's code
+    # load waits on one memory round trip instead of two (table, then codes). Splits longer than
+    # TABLE_CAP blocks read the table from device memory as before.
+    table_stage = """  constexpr int TABLE_CAP = 1024;
+  TQ_SHARED int bt_s[TABLE_CAP];
+  const int first_blk = start / BS;
+  const int nblk = start < end ? (end - 1) / BS - first_blk + 1 : 0;
+  const bool table_in_shared = nblk <= TABLE_CAP;
+  if (table_in_shared) {
+    for (int i = tq_tid; i < nblk; i += NW * 32) bt_s[i] = block_tables[b * max_blocks + first_blk + i];
+  }""" if geo.table_in_shared else ""
 
     if geo.prefetch:
         prologue_load = load("", "start")
@@ -222,17 +238,18 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
   const int h0 = kvh * (G * HS) + (tq_gx % HS) * G;  // first query head of this threadgroup
   const int max_blocks = params[0];
 
+  const int seq_len = seq_lens[b];
+  const int chunk = (seq_len + nsplit - 1) / nsplit;
+  const int start = split * chunk;
+  const int end = (start + chunk < seq_len) ? start + chunk : seq_len;
+
   TQ_SHARED float ck_s[1 << KBITS];
   TQ_SHARED float cv_s[1 << VBITS];
   TQ_SHARED float red[NW * G * (DV + 2)];
   for (int i = tq_tid; i < (1 << KBITS); i += NW * 32) ck_s[i] = key_codebook[i];
   for (int i = tq_tid; i < (1 << VBITS); i += NW * 32) cv_s[i] = value_codebook[i];
+{table_stage}
   TQ_BARRIER();
-
-  const int seq_len = seq_lens[b];
-  const int chunk = (seq_len + nsplit - 1) / nsplit;
-  const int start = split * chunk;
-  const int end = (start + chunk < seq_len) ? start + chunk : seq_len;
 
   float q[G][KDPL];
   for (int g = 0; g < G; ++g) {{

@@ -109,13 +109,12 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
 
 
 SWEEP: list[dict] = [
-    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True),
-    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=True),
-    dict(warps=4, unroll=4, lanes=8, head_split=1, prefetch=True),
-    dict(warps=2, unroll=2, lanes=8, head_split=1, prefetch=True),
-    dict(warps=1, unroll=4, lanes=8, head_split=1, prefetch=True),
-    dict(warps=2, unroll=4, lanes=16, head_split=1, prefetch=True),
-    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=False),
+    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True, table_in_shared=False),
+    dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True, table_in_shared=True),
+    dict(warps=1, unroll=4, lanes=8, head_split=1, prefetch=True, table_in_shared=True),
+    dict(warps=4, unroll=2, lanes=8, head_split=1, prefetch=True, table_in_shared=True),
+    dict(warps=2, unroll=2, lanes=8, head_split=1, prefetch=True, table_in_shared=True),
+    dict(warps=4, unroll=4, lanes=8, head_split=1, prefetch=True, table_in_shared=True),
 ]
 
 # (heads, tokens, head_dim, bits, norm_correction, dtype)
@@ -177,7 +176,8 @@ def copy_bandwidth(reps: int = 10) -> float:
 def _vname(v: dict | None) -> str:
     if v is None:
         return "default"
-    return "w{warps}u{unroll}l{lanes}s{head_split}p{p}".format(**v, p=int(v["prefetch"])) + (
+    return "w{warps}u{unroll}l{lanes}s{head_split}p{p}t{t}".format(
+        **v, p=int(v.get("prefetch", True)), t=int(v.get("table_in_shared", True))) + (
         f"x{v['split_scale']}" if v.get("split_scale", 1) != 1 else "")
 
 
