@@ -62,11 +62,11 @@ def measure_row(head_dim: int, bits: int, vectors: int, repeats: int, norm_corre
         "bytes_vs_fp16": codec.bytes_per_vector / (2 * head_dim),
         "quantize_mvec_per_s": vectors / seconds / 1e6,
     }
-    if bits in (2, 3, 4, 8) and not norm_correction:
+    group = 64 if head_dim % 64 == 0 else 32 if head_dim % 32 == 0 else None
+    if bits in (2, 3, 4, 8) and not norm_correction and group:
         # Same-run throughput baseline: MLX's affine quantizer on the same vectors.
         flat = x.reshape(-1, head_dim)
-        base = _time(lambda: mx.quantize(flat, group_size=64 if head_dim % 64 == 0 else 32,
-                                         bits=bits), repeats)
+        base = _time(lambda: mx.quantize(flat, group_size=group, bits=bits), repeats)
         row["affine_mvec_per_s"] = vectors / base / 1e6
         row["throughput_vs_affine"] = base / seconds
     return row
@@ -113,11 +113,12 @@ def run(args: argparse.Namespace) -> int:
           f"{'cos':>7} {'B/vec':>5} {'vs fp16':>7} {'Mvec/s':>7} {'vs affine':>9}")
     for r in rows:
         opt = r["gaussian_optimum"]
+        opt_text = f"{opt:>7.4f} {r['mse'] / opt:>7.3f}" if opt else f"{'-':>7} {'-':>7}"
+        affine = r.get("throughput_vs_affine")
         print(f"{r['head_dim']:>4} {r['bits']:>2} {int(r['norm_correction']):>2} {r['mse']:>9.2e} "
-              f"{r['paper_bound']:>9.2e} {opt or 0:>7.4f} "
-              f"{(r['mse'] / opt if opt else float('nan')):>7.3f} {r['cosine']:>7.4f} "
+              f"{r['paper_bound']:>9.2e} {opt_text} {r['cosine']:>7.4f} "
               f"{r['bytes_per_vector']:>5} {r['bytes_vs_fp16']:>7.3f} "
-              f"{r['quantize_mvec_per_s']:>7.3f} {r.get('throughput_vs_affine', float('nan')):>9.3f}")
+              f"{r['quantize_mvec_per_s']:>7.3f} {f'{affine:.3f}' if affine else '-':>9}")
     print("\ninner products q.k (head_dim 128, q correlated with k):")
     for r in inner:
         print(f"  {r['variant']:<30} {r['bytes_per_vector']:>3} B/vec  bias {r['relative_bias']:+.4f}"

@@ -1,0 +1,114 @@
+"""The hit path end to end on the real SmolLM2: daemon (real gRPC + LMDB) + generator.
+
+- A hit reproduces the cold run exactly (same greedy tokens).
+- The daemon's re-quantized codes equal the generator's own pages from a fresh prefill.
+- An unreachable daemon means generation without the cache, said so, not a failure.
+"""
+
+import numpy as np
+import pytest
+import mlx.core as mx
+
+from tqstore.client import KvStoreClient
+from tqstore.codec import CodecConfig
+from tqstore.config import ServerConfig, StoreConfig
+from tqstore.generator import CachedGenerator
+from tqstore.models.loader import chat_prompt_ids
+from tqstore.models.smollm2 import load_smollm2
+from tqstore.paged import make_prompt_cache, release_prompt_cache
+from tqstore.server import Daemon
+
+BLOCK = 128
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def document():
+    return _gpl_text()
+
+
+def _gpl_text() -> str:
+    from tqstore.demo import demo_document
+    return demo_document()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
+                            store=StoreConfig(max_bytes=1 << 30, map_size=1 << 28))).start()
+    yield d
+    d.stop(grace=2)
+
+
+def _prompt(loaded, document, words=330):
+    text = " ".join(document.split(" ")[:words])
+    return chat_prompt_ids(loaded.tokenizer, text + "\n\nWho wrote this license?")
+
+
+def test_hit_output_identical_to_cold_and_prefix_is_reused(smollm2, document, daemon):
+    ids = _prompt(smollm2, document)
+    assert len(ids) > 3 * BLOCK
+    with KvStoreClient(daemon.address) as client:
+        generator = CachedGenerator(smollm2, client, block_size=BLOCK)
+        cold = generator.generate(ids, max_tokens=16)
+        assert cold.cache_status == "miss" and cold.hit_tokens == 0
+        assert cold.upload.result() == (len(ids) - 1) // BLOCK
+        hit = generator.generate(ids, max_tokens=16)
+        assert hit.cache_status == "hit"
+        assert hit.hit_tokens == ((len(ids) - 1) // BLOCK) * BLOCK
+        assert hit.token_ids == cold.token_ids and hit.text == cold.text
+        # A different question over the same document reuses the document's blocks.
+        other = chat_prompt_ids(smollm2.tokenizer, " ".join(document.split(" ")[:330])
+                                + "\n\nCan I sell copies?")
+        shared = next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b)
+        partial = generator.generate(other, max_tokens=4)
+        assert partial.hit_tokens == (shared // BLOCK) * BLOCK > 0
+
+
+def test_daemon_requantized_codes_equal_generator_pages(smollm2, document, daemon):
+    ids = _prompt(smollm2, document, words=260)
+    assert len(ids) > 2 * BLOCK
+    with KvStoreClient(daemon.address) as client:
+        generator = CachedGenerator(smollm2, client, block_size=BLOCK)
+        generator.generate(ids, max_tokens=1).upload.result()
+        config = generator.policy.codec
+        fetched = client.fetch_turboquant(generator.namespace, ids, config)
+    assert len(fetched) == (len(ids) - 1) // BLOCK >= 1
+    # A fresh prefill of the same tokens by the generator's own cache, same chunking.
+    caches = make_prompt_cache(generator.pool)
+    try:
+        n = len(fetched) * BLOCK
+        for start in range(0, n, BLOCK):
+            mx.eval(smollm2.model(mx.array([ids[start:start + BLOCK]]), cache=caches))
+        for c in caches:
+            c.finish_prefill()
+        pages = caches[0].sequence.block_ids
+        per_block = BLOCK // generator.pool.block_size
+        for layer, cache in enumerate(caches):
+            arena = cache.arena
+            mx.eval(arena.arrays)
+            for b, block in enumerate(fetched):
+                ids_b = mx.array(pages[b * per_block:(b + 1) * per_block])
+                for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+                    mine = np.array(getattr(arena, name)[ids_b])  # (pages, H, page, ...)
+                    mine = np.swapaxes(mine, 0, 1).reshape(block[name][layer].shape)
+                    assert mine.tobytes() == block[name][layer].tobytes(), (layer, b, name)
+    finally:
+        release_prompt_cache(caches)
+
+
+def test_unreachable_daemon_generates_without_cache(smollm2):
+    from tqstore.generate_cli import connect
+
+    said = []
+    assert connect("127.0.0.1:1", log=said.append) is None
+    assert "unreachable" in said[0]
+    ids = chat_prompt_ids(smollm2.tokenizer, "What is the capital of France?")
+    with KvStoreClient("127.0.0.1:1") as client:
+        report = CachedGenerator(smollm2, client).generate(ids, max_tokens=12)
+    assert report.cache_status.startswith("daemon unreachable")
+    assert "Paris" in report.text
