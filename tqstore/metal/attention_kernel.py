@@ -28,7 +28,7 @@ INT32_LIMIT = 2**31 - 1
 # Tuning knobs measured fastest on an H100 (docs/fragments/kernels.md); shapes they do not fit
 # fall back to AttentionGeometry's defaults.
 DEFAULT_VARIANT: dict = dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True,
-                              table_in_shared=True)
+                              table_in_shared=False)
 
 
 def gpu_backend() -> str | None:
