@@ -119,3 +119,23 @@ def test_geometry_validation_and_lanes():
         AttentionGeometry(128, 128, 4, 4, 16, 30, 8)
     with pytest.raises(ValueError):
         AttentionGeometry(100, 128, 4, 4, 16, 32, 8)
+
+
+def test_quantize_dispatch_falls_back_to_the_codec_on_cpu():
+    from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
+
+    kc, _ = layer_codecs(CodecConfig(4, 4), 3, 2, 64)
+    x = mx.random.normal((1, 2, 9, 64))
+    assert quantize_kernel_fits(kc) and kernel_quantize(kc, x) is None
+    got, ref = dispatch.quantize(kc, x), kc.quantize(x)
+    assert np.array_equal(np.array(got.codes), np.array(ref.codes))
+    assert np.array_equal(np.array(got.scales.view(mx.uint16)), np.array(ref.scales.view(mx.uint16)))
+    odd, _ = layer_codecs(CodecConfig(4, 4), 0, 2, 96)  # 96 = 32 * 3: dense mix, no kernel
+    assert not quantize_kernel_fits(odd)
+
+
+def test_cli_exposes_bench_attention():
+    from tqstore.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "attention", "--json", "--skip-timing"])
+    assert args.json == "-" and args.skip_timing and callable(args.run)
