@@ -136,7 +136,6 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
     max_blocks = block_tables.shape[1]
     nsplit = num_splits or choose_num_splits(bsz, geo.num_kv_heads, max_blocks * geo.block_size)
     params = mx.array([max_blocks, nsplit], dtype=mx.int32)
-    mx.eval(params)
     plan = _Plan(single=attention_kernel(geo, False, backend) if nsplit == 1 else None,
                  split=attention_kernel(geo, True, backend) if nsplit > 1 else None,
                  merge=merge_kernel(geo.value_dim, hq, backend) if nsplit > 1 else None,
