@@ -11,9 +11,12 @@ Why a hit reproduces a cold run bit for bit (tested on SmolLM2):
   token 0, so a hit of h blocks starts the rest at a chunk boundary the cold run also has: every
   chunk then sees identical inputs and shapes, hence identical float results (a matmul's result
   may depend on its shape, so a cold run prefilled in 2048-token chunks would not match).
-- Quantization happens once when prefill ends and is deterministic per vector.
-The last prompt token is always left to the model (mlx-lm's first decode step), so at most
-(len(prompt) - 1) // block_size blocks are restored.
+- Quantization happens once when prefill ends and is deterministic per vector. The generator
+tells the cache the prompt length, so the last prompt token (mlx-lm feeds it as a single-token
+step) still attends in fp16 and the quantization pass runs while the first token is already
+being returned: it is not part of TTFT.
+The last prompt token is always left to the model, so at most (len(prompt) - 1) // block_size
+blocks are restored, and full blocks are uploaded from the whole prompt's fp16 K/V.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class CachedGenerator:
         blocks, status = self._fetch_prefix(prompt_ids)
         hit_tokens = len(blocks) * self.block_size
         caches = make_prompt_cache(self.pool)
+        caches[0].sequence.prompt_length = len(prompt_ids)
         uploads: list[Future] = []
         try:
             if blocks:

@@ -107,11 +107,12 @@ def decode_attention(
     key_bits: int,
     value_bits: int,
 ) -> mx.array:
-    """THE dispatch point for paged decode attention (same contract as the reference).
-
-    Today: the pure-MLX reference on every backend. The kernels issue adds fused Metal/CUDA
-    kernels here (kernel when the backend has one, else the reference) and nowhere else.
+    """THE dispatch point for paged decode attention (same contract as the reference):
+    tqstore.metal.dispatch runs the fused Metal/CUDA kernel where MLX has that backend, else
+    paged_decode_attention_reference. The choice is logged once and shown by `tqstore inspect`.
     """
-    return paged_decode_attention_reference(
+    from tqstore.metal.dispatch import paged_decode_attention
+
+    return paged_decode_attention(
         queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
         key_codebook, value_codebook, key_bits, value_bits)

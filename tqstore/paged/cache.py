@@ -8,7 +8,8 @@ Life of a layer cache:
 - Prefill (chunks of L > 1 tokens): K/V are kept dense in fp16 and returned whole for stock SDPA.
   Nothing is quantized yet: quantizing during prefill blew up activation memory in the anchors,
   and a prefix restored in fp16 (``load_fp16_prefix``) must be attended exactly as a cold run.
-- ``finish_prefill()`` (explicit, or at the first L == 1 call): the fp16 K/V go to the prefill
+- ``finish_prefill()`` (explicit, or at the first L == 1 call past ``sequence.prompt_length``
+  when the caller set it, else at the first L == 1 call): the fp16 K/V go to the prefill
   listeners (the daemon upload hook), are written into the pages (quantized once), and dropped.
 - Decode (L == 1): the new token is quantized into its page; attention runs over the pages via
   ``tqstore.paged.integration`` -> ``PagedLayerCache.attend`` -> ``attention.decode_attention``.
@@ -92,7 +93,9 @@ class PagedLayerCache:
         if keys.shape[0] != 1:
             raise InvalidArgument("PagedLayerCache holds one sequence: batch size must be 1")
         L = keys.shape[2]
-        if self.in_prefill and L > 1:
+        prompt_left = (self.sequence.prompt_length is not None
+                       and self.offset + L <= self.sequence.prompt_length)
+        if self.in_prefill and (L > 1 or prompt_left):
             k, v = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
             if self._keys is None:
                 self._keys, self._values = k, v

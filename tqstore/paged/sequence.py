@@ -44,6 +44,10 @@ class Sequence:
         self.num_cached_tokens = len(self.blocks) * self.block_size
         self.written = [self.num_cached_tokens] * pool.num_layers
         self.prefill_listeners: list[PrefillListener] = []
+        # Length of the prompt when the caller knows it (the generator does): single-token steps
+        # up to it are still prefill (fp16), so the one quantization pass runs after the first
+        # token is out, not inside TTFT. None: prefill ends at the first single-token step.
+        self.prompt_length: int | None = None
         self._table_array: mx.array | None = None
         self.released = False
 
