@@ -45,16 +45,23 @@ def namespace_from_proto(msg: pb.Namespace) -> Namespace:
 
 
 def codec_to_proto(config: CodecConfig) -> pb.CodecSettings:
+    profile = getattr(config, "profile", None)
     return pb.CodecSettings(key_bits=config.key_bits, value_bits=config.value_bits,
                             norm_correction=config.norm_correction, key_qjl=config.key_qjl,
-                            seed=config.seed)
+                            seed=config.seed, profile=profile.to_bytes() if profile else b"")
 
 
 def codec_from_proto(msg: pb.CodecSettings) -> CodecConfig:
     try:
+        extra = {}
+        if msg.profile:
+            from tqstore.codec.profile import QualityProfile
+
+            extra["profile"] = QualityProfile.from_bytes(msg.profile)
         return CodecConfig(key_bits=msg.key_bits, value_bits=msg.value_bits,
-                           norm_correction=msg.norm_correction, key_qjl=msg.key_qjl, seed=msg.seed)
-    except ValueError as exc:
+                           norm_correction=msg.norm_correction, key_qjl=msg.key_qjl, seed=msg.seed,
+                           **extra)
+    except (ValueError, TypeError, ImportError) as exc:
         raise InvalidArgument(f"codec: {exc}") from exc
 
 

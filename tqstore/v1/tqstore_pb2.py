@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tqstore/v1/tqstore.proto\x12\ntqstore.v1\"\xa0\x01\n\tNamespace\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x10\n\x08kv_dtype\x18\x06 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x07 \x01(\r\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"m\n\rCodecSettings\x12\x10\n\x08key_bits\x18\x01 \x01(\r\x12\x12\n\nvalue_bits\x18\x02 \x01(\r\x12\x17\n\x0fnorm_correction\x18\x03 \x01(\x08\x12\x0f\n\x07key_qjl\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"L\n\rLookupRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.tqstore.v1.Namespace\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"O\n\x0eLookupResponse\x12\x12\n\nhit_blocks\x18\x01 \x01(\r\x12\x12\n\nhit_tokens\x18\x02 \x01(\r\x12\x15\n\rlookup_tokens\x18\x03 \x01(\r\"\xc0\x01\n\x0c\x46\x65tchRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.tqstore.v1.Namespace\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12 \n\x04\x66orm\x18\x05 \x01(\x0e\x32\x12.tqstore.v1.KvForm\x12(\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x19.tqstore.v1.CodecSettings\"\xb0\x02\n\x07KvChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x13\n\x0blayer_count\x18\x03 \x01(\r\x12 \n\x04keys\x18\x04 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12\"\n\x06values\x18\x05 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12%\n\tkey_codes\x18\x06 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12&\n\nkey_scales\x18\x07 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12\'\n\x0bvalue_codes\x18\x08 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12(\n\x0cvalue_scales\x18\t \x01(\x0b\x32\x12.tqstore.v1.Tensor\"\x82\x01\n\nPutRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.tqstore.v1.Namespace\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.tqstore.v1.KvChunk\"$\n\x0bPutResponse\x12\x15\n\rstored_blocks\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9c\x01\n\x0cNamespaceRow\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06\x62locks\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\"\x9b\x04\n\rStatsResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\x15\n\rbytes_on_disk\x18\x02 \x01(\x04\x12\x15\n\rlogical_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07lookups\x18\x05 \x01(\x04\x12\x15\n\rlookup_tokens\x18\x06 \x01(\x04\x12\x12\n\nhit_tokens\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x1d\n\x15verification_failures\x18\t \x01(\x04\x12\x13\n\x0bquarantined\x18\n \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\x12,\n\nnamespaces\x18\x0c \x03(\x0b\x32\x18.tqstore.v1.NamespaceRow\x12O\n\x14\x62lock_size_histogram\x18\r \x03(\x0b\x32\x31.tqstore.v1.StatsResponse.BlockSizeHistogramEntry\x12 \n\x18recent_request_hit_rates\x18\x0e \x03(\x01\x12\x19\n\x11\x61ttention_backend\x18\x0f \x01(\t\x12\x15\n\rpayload_bytes\x18\x10 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\x11 \x01(\x04\x1a\x39\n\x17\x42lockSizeHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*2\n\x06KvForm\x12\x10\n\x0cKV_FORM_FP16\x10\x00\x12\x16\n\x12KV_FORM_TURBOQUANT\x10\x01\x32\xfc\x01\n\x07KvStore\x12?\n\x06Lookup\x12\x19.tqstore.v1.LookupRequest\x1a\x1a.tqstore.v1.LookupResponse\x12\x38\n\x05\x46\x65tch\x12\x18.tqstore.v1.FetchRequest\x1a\x13.tqstore.v1.KvChunk0\x01\x12\x38\n\x03Put\x12\x16.tqstore.v1.PutRequest\x1a\x17.tqstore.v1.PutResponse(\x01\x12<\n\x05Stats\x12\x18.tqstore.v1.StatsRequest\x1a\x19.tqstore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tqstore/v1/tqstore.proto\x12\ntqstore.v1\"\xa0\x01\n\tNamespace\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x10\n\x08kv_dtype\x18\x06 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x07 \x01(\r\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"~\n\rCodecSettings\x12\x10\n\x08key_bits\x18\x01 \x01(\r\x12\x12\n\nvalue_bits\x18\x02 \x01(\r\x12\x17\n\x0fnorm_correction\x18\x03 \x01(\x08\x12\x0f\n\x07key_qjl\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x0f\n\x07profile\x18\x06 \x01(\x0c\"L\n\rLookupRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.tqstore.v1.Namespace\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"O\n\x0eLookupResponse\x12\x12\n\nhit_blocks\x18\x01 \x01(\r\x12\x12\n\nhit_tokens\x18\x02 \x01(\r\x12\x15\n\rlookup_tokens\x18\x03 \x01(\r\"\xc0\x01\n\x0c\x46\x65tchRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.tqstore.v1.Namespace\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12 \n\x04\x66orm\x18\x05 \x01(\x0e\x32\x12.tqstore.v1.KvForm\x12(\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x19.tqstore.v1.CodecSettings\"\xb0\x02\n\x07KvChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x13\n\x0blayer_count\x18\x03 \x01(\r\x12 \n\x04keys\x18\x04 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12\"\n\x06values\x18\x05 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12%\n\tkey_codes\x18\x06 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12&\n\nkey_scales\x18\x07 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12\'\n\x0bvalue_codes\x18\x08 \x01(\x0b\x32\x12.tqstore.v1.Tensor\x12(\n\x0cvalue_scales\x18\t \x01(\x0b\x32\x12.tqstore.v1.Tensor\"\x82\x01\n\nPutRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.tqstore.v1.Namespace\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.tqstore.v1.KvChunk\"$\n\x0bPutResponse\x12\x15\n\rstored_blocks\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9c\x01\n\x0cNamespaceRow\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06\x62locks\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\"\x9b\x04\n\rStatsResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\x15\n\rbytes_on_disk\x18\x02 \x01(\x04\x12\x15\n\rlogical_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07lookups\x18\x05 \x01(\x04\x12\x15\n\rlookup_tokens\x18\x06 \x01(\x04\x12\x12\n\nhit_tokens\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x1d\n\x15verification_failures\x18\t \x01(\x04\x12\x13\n\x0bquarantined\x18\n \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\x12,\n\nnamespaces\x18\x0c \x03(\x0b\x32\x18.tqstore.v1.NamespaceRow\x12O\n\x14\x62lock_size_histogram\x18\r \x03(\x0b\x32\x31.tqstore.v1.StatsResponse.BlockSizeHistogramEntry\x12 \n\x18recent_request_hit_rates\x18\x0e \x03(\x01\x12\x19\n\x11\x61ttention_backend\x18\x0f \x01(\t\x12\x15\n\rpayload_bytes\x18\x10 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\x11 \x01(\x04\x1a\x39\n\x17\x42lockSizeHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*2\n\x06KvForm\x12\x10\n\x0cKV_FORM_FP16\x10\x00\x12\x16\n\x12KV_FORM_TURBOQUANT\x10\x01\x32\xfc\x01\n\x07KvStore\x12?\n\x06Lookup\x12\x19.tqstore.v1.LookupRequest\x1a\x1a.tqstore.v1.LookupResponse\x12\x38\n\x05\x46\x65tch\x12\x18.tqstore.v1.FetchRequest\x1a\x13.tqstore.v1.KvChunk0\x01\x12\x38\n\x03Put\x12\x16.tqstore.v1.PutRequest\x1a\x17.tqstore.v1.PutResponse(\x01\x12<\n\x05Stats\x12\x18.tqstore.v1.StatsRequest\x1a\x19.tqstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_BLOCKSIZEHISTOGRAMENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_BLOCKSIZEHISTOGRAMENTRY']._serialized_options = b'8\001'
-  _globals['_KVFORM']._serialized_start=1917
-  _globals['_KVFORM']._serialized_end=1967
+  _globals['_KVFORM']._serialized_start=1934
+  _globals['_KVFORM']._serialized_end=1984
   _globals['_NAMESPACE']._serialized_start=41
   _globals['_NAMESPACE']._serialized_end=201
   _globals['_TENSOR']._serialized_start=203
   _globals['_TENSOR']._serialized_end=255
   _globals['_CODECSETTINGS']._serialized_start=257
-  _globals['_CODECSETTINGS']._serialized_end=366
-  _globals['_LOOKUPREQUEST']._serialized_start=368
-  _globals['_LOOKUPREQUEST']._serialized_end=444
-  _globals['_LOOKUPRESPONSE']._serialized_start=446
-  _globals['_LOOKUPRESPONSE']._serialized_end=525
-  _globals['_FETCHREQUEST']._serialized_start=528
-  _globals['_FETCHREQUEST']._serialized_end=720
-  _globals['_KVCHUNK']._serialized_start=723
-  _globals['_KVCHUNK']._serialized_end=1027
-  _globals['_PUTREQUEST']._serialized_start=1030
-  _globals['_PUTREQUEST']._serialized_end=1160
-  _globals['_PUTRESPONSE']._serialized_start=1162
-  _globals['_PUTRESPONSE']._serialized_end=1198
-  _globals['_STATSREQUEST']._serialized_start=1200
-  _globals['_STATSREQUEST']._serialized_end=1214
-  _globals['_NAMESPACEROW']._serialized_start=1217
-  _globals['_NAMESPACEROW']._serialized_end=1373
-  _globals['_STATSRESPONSE']._serialized_start=1376
-  _globals['_STATSRESPONSE']._serialized_end=1915
-  _globals['_STATSRESPONSE_BLOCKSIZEHISTOGRAMENTRY']._serialized_start=1858
-  _globals['_STATSRESPONSE_BLOCKSIZEHISTOGRAMENTRY']._serialized_end=1915
-  _globals['_KVSTORE']._serialized_start=1970
-  _globals['_KVSTORE']._serialized_end=2222
+  _globals['_CODECSETTINGS']._serialized_end=383
+  _globals['_LOOKUPREQUEST']._serialized_start=385
+  _globals['_LOOKUPREQUEST']._serialized_end=461
+  _globals['_LOOKUPRESPONSE']._serialized_start=463
+  _globals['_LOOKUPRESPONSE']._serialized_end=542
+  _globals['_FETCHREQUEST']._serialized_start=545
+  _globals['_FETCHREQUEST']._serialized_end=737
+  _globals['_KVCHUNK']._serialized_start=740
+  _globals['_KVCHUNK']._serialized_end=1044
+  _globals['_PUTREQUEST']._serialized_start=1047
+  _globals['_PUTREQUEST']._serialized_end=1177
+  _globals['_PUTRESPONSE']._serialized_start=1179
+  _globals['_PUTRESPONSE']._serialized_end=1215
+  _globals['_STATSREQUEST']._serialized_start=1217
+  _globals['_STATSREQUEST']._serialized_end=1231
+  _globals['_NAMESPACEROW']._serialized_start=1234
+  _globals['_NAMESPACEROW']._serialized_end=1390
+  _globals['_STATSRESPONSE']._serialized_start=1393
+  _globals['_STATSRESPONSE']._serialized_end=1932
+  _globals['_STATSRESPONSE_BLOCKSIZEHISTOGRAMENTRY']._serialized_start=1875
+  _globals['_STATSRESPONSE_BLOCKSIZEHISTOGRAMENTRY']._serialized_end=1932
+  _globals['_KVSTORE']._serialized_start=1987
+  _globals['_KVSTORE']._serialized_end=2239
 # @@protoc_insertion_point(module_scope)

@@ -43,18 +43,20 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CodecSettings(_message.Message):
-    __slots__ = ("key_bits", "value_bits", "norm_correction", "key_qjl", "seed")
+    __slots__ = ("key_bits", "value_bits", "norm_correction", "key_qjl", "seed", "profile")
     KEY_BITS_FIELD_NUMBER: _ClassVar[int]
     VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
     NORM_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     KEY_QJL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     key_bits: int
     value_bits: int
     norm_correction: bool
     key_qjl: bool
     seed: int
-    def __init__(self, key_bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., norm_correction: _Optional[bool] = ..., key_qjl: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    profile: bytes
+    def __init__(self, key_bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., norm_correction: _Optional[bool] = ..., key_qjl: _Optional[bool] = ..., seed: _Optional[int] = ..., profile: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace", "token_ids")
