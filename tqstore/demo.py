@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cold TTFT          {cold.ttft_s:.2f} s")
         print(f"hit TTFT           {hit.ttft_s:.2f} s  ({hit.ttft_s / cold.ttft_s:.2f} of cold, "
               f"{cold.ttft_s / max(hit.ttft_s, 1e-9):.1f}x faster)")
+        print(f"first decode step  {hit.first_step_s:.2f} s (quantizes the prefill once, after the "
+              f"first token; then {hit.decode_tokens_per_s:.1f} tokens/s)")
         print(f"hit rate           {hit.hit_tokens}/{len(ids)} prompt tokens "
               f"({hit.hit_tokens / len(ids):.1%}); store: {stats.blocks} blocks, "
               f"{stats.bytes_on_disk / 2**20:.1f} MiB on disk")

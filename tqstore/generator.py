@@ -7,16 +7,17 @@ pages, and Put the new full blocks' fp16 KV in the background.
 Why a hit reproduces a cold run bit for bit (tested on SmolLM2):
 - The store holds the exact fp16 K/V a cold prefill computed, and the paged cache keeps prefill
   K/V in fp16 too, so the restored prefix equals what a cold run holds at that point.
-- Prefill runs in chunks of exactly one store block (prefill_step_size = block_size) aligned at
-  token 0, so a hit of h blocks starts the rest at a chunk boundary the cold run also has: every
-  chunk then sees identical inputs and shapes, hence identical float results (a matmul's result
-  may depend on its shape, so a cold run prefilled in 2048-token chunks would not match).
-- Quantization happens once when prefill ends and is deterministic per vector. The generator
-tells the cache the prompt length, so the last prompt token (mlx-lm feeds it as a single-token
-step) still attends in fp16 and the quantization pass runs while the first token is already
-being returned: it is not part of TTFT.
-The last prompt token is always left to the model, so at most (len(prompt) - 1) // block_size
-blocks are restored, and full blocks are uploaded from the whole prompt's fp16 K/V.
+- The generator prefills in chunks of exactly one store block aligned at token 0 (the last
+  chunk holds the last prompt token), so a hit of h blocks starts the rest at a chunk boundary
+  the cold run also has: every chunk sees identical inputs and shapes, hence identical float
+  results (a matmul's result may depend on its shape, so a cold run prefilled in 2048-token
+  chunks would not match).
+- Quantization happens once, when prefill ends, and is deterministic per vector. The cache is
+  told the prompt length, so the whole prompt attends in fp16; the first greedy token comes from
+  the last chunk's logits and is returned before the first decode step quantizes the prefill:
+  the quantization pass is not part of TTFT (it shows in `first_step_s`).
+At most (len(prompt) - 1) // block_size blocks are restored (the model must see at least one
+token), and the prompt's full blocks are uploaded from its fp16 K/V when prefill ends.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm import stream_generate
+from mlx_lm.generate import generate_step
 
 from tqstore.client import KvStoreClient
 from tqstore.errors import NotFound, TqstoreError, Unavailable
@@ -48,10 +49,12 @@ class GenerationReport:
     prompt_tokens: int
     hit_tokens: int
     ttft_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # tokens after the first / time since the first
     cache_status: str  # "hit", "miss", "no daemon", "daemon unreachable: ..."
     kv_bytes: int
     kv_fp16_bytes: int
+    # The first decode step after the first token: includes quantizing the prefill once.
+    first_step_s: float = 0.0
     upload: Future | None = field(default=None, repr=False)
 
 
@@ -143,26 +146,72 @@ class CachedGenerator:
             if self.client is not None and not status.startswith("daemon unreachable"):
                 caches[0].sequence.prefill_listeners.append(
                     self._upload_hook(caches, prompt_ids, len(blocks), uploads))
-            tokens: list[int] = []
-            text: list[str] = []
-            ttft = decode_tps = 0.0
-            for response in stream_generate(
-                    self.loaded.model, self.loaded.tokenizer, prompt_ids[hit_tokens:],
-                    max_tokens=max_tokens, prompt_cache=caches, prefill_step_size=self.block_size,
-                    prompt_progress_callback=progress):
-                if not tokens:
-                    ttft = time.perf_counter() - start
-                tokens.append(response.token)
-                text.append(response.text)
-                decode_tps = response.generation_tps
-                if on_text is not None:
-                    on_text(response.text)
+            first, ttft = self._prefill(caches, prompt_ids, hit_tokens, progress, start)
+            tokens, text, decode_tps, first_step = self._decode(caches, first, max_tokens, on_text)
             kv_bytes = sum(c.nbytes for c in caches)
             kv_fp16 = sum(c.fp16_nbytes for c in caches)
         finally:
             release_prompt_cache(caches)
-        return GenerationReport("".join(text), tokens, len(prompt_ids), hit_tokens, ttft, decode_tps,
-                                status, kv_bytes, kv_fp16, uploads[0] if uploads else None)
+        return GenerationReport(text, tokens, len(prompt_ids), hit_tokens, ttft, decode_tps,
+                                status, kv_bytes, kv_fp16, first_step,
+                                uploads[0] if uploads else None)
+
+    def _prefill(self, caches, prompt_ids: list[int], hit_tokens: int,
+                 progress: Callable[[int, int], None] | None, start: float) -> tuple[int, float]:
+        """Prefill prompt_ids[hit_tokens:] in store-block-aligned chunks, all in fp16 (the cache
+        knows the prompt length); returns the greedy first token and the time to it."""
+        model = self.loaded.model
+        total = len(prompt_ids)
+        logits = None
+        for begin in range(hit_tokens, total, self.block_size):
+            chunk = prompt_ids[begin: begin + self.block_size]
+            logits = model(mx.array([chunk]), cache=caches)
+            mx.eval(logits, [c.state for c in caches])
+            if progress is not None:
+                progress(begin + len(chunk) - hit_tokens, total - hit_tokens)
+        first = int(mx.argmax(logits[0, -1]).item())
+        return first, time.perf_counter() - start
+
+    def _decode(self, caches, first: int, max_tokens: int,
+                on_text: Callable[[str], None] | None) -> tuple[list[int], str, float, float]:
+        """Greedy decode after the first token. The first step past the prompt quantizes the
+        prefill into pages (once), so it runs after the first token is out."""
+        tokenizer = self.loaded.tokenizer
+        eos = set(tokenizer.eos_token_ids)
+        detok = tokenizer.detokenizer
+        detok.reset()
+        pieces: list[str] = []
+
+        def flush() -> None:
+            segment = detok.last_segment  # reading it consumes it
+            if segment:
+                pieces.append(segment)
+                if on_text is not None:
+                    on_text(segment)
+
+        def emit(token: int) -> None:
+            detok.add_token(token)
+            flush()
+
+        tokens = [first]
+        first_step = decode_tps = 0.0
+        if first not in eos:
+            emit(first)
+            t0 = time.perf_counter()
+            for n, (token, _) in enumerate(generate_step(
+                    mx.array([first]), self.loaded.model, max_tokens=max_tokens - 1,
+                    prompt_cache=caches)):
+                if n == 0:
+                    first_step = time.perf_counter() - t0
+                tokens.append(int(token))
+                if token in eos:
+                    break
+                emit(int(token))
+            if len(tokens) > 1:
+                decode_tps = (len(tokens) - 1) / (time.perf_counter() - t0)
+        detok.finalize()
+        flush()
+        return tokens, "".join(pieces), decode_tps, first_step
 
 
 def _payloads(host: list[tuple[np.ndarray, np.ndarray]], count: int, block: int) -> list[BlockPayload]:
