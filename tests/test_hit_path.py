@@ -56,10 +56,10 @@ def test_hit_output_identical_to_cold_and_prefix_is_reused(smollm2, document, da
         generator = CachedGenerator(smollm2, client, block_size=BLOCK)
         cold = generator.generate(ids, max_tokens=16)
         assert cold.cache_status == "miss" and cold.hit_tokens == 0
-        assert cold.upload.result() == (len(ids) - 1) // BLOCK
+        assert cold.upload.result() == len(ids) // BLOCK
         hit = generator.generate(ids, max_tokens=16)
         assert hit.cache_status == "hit"
-        assert hit.hit_tokens == ((len(ids) - 1) // BLOCK) * BLOCK
+        assert hit.hit_tokens == min((len(ids) // BLOCK) * BLOCK, len(ids) - 1)
         assert hit.token_ids == cold.token_ids and hit.text == cold.text
         # A different question over the same document reuses the document's blocks.
         other = chat_prompt_ids(smollm2.tokenizer, " ".join(document.split(" ")[:330])
@@ -77,7 +77,7 @@ def test_daemon_requantized_codes_equal_generator_pages(smollm2, document, daemo
         generator.generate(ids, max_tokens=1).upload.result()
         config = generator.policy.codec
         fetched = client.fetch_turboquant(generator.namespace, ids, config)
-    assert len(fetched) == (len(ids) - 1) // BLOCK >= 1
+    assert len(fetched) == len(ids) // BLOCK >= 1
     # A fresh prefill of the same tokens by the generator's own cache, same chunking.
     caches = make_prompt_cache(generator.pool)
     try:
@@ -99,6 +99,18 @@ def test_daemon_requantized_codes_equal_generator_pages(smollm2, document, daemo
                     assert mine.tobytes() == block[name][layer].tobytes(), (layer, b, name)
     finally:
         release_prompt_cache(caches)
+
+
+def test_whole_prompt_cached_restores_all_but_the_last_token(smollm2, document, daemon):
+    # A prompt of exactly 3 blocks: a hit restores 3 * BLOCK - 1 tokens and computes one.
+    ids = _prompt(smollm2, document)[: 3 * BLOCK]
+    with KvStoreClient(daemon.address) as client:
+        generator = CachedGenerator(smollm2, client, block_size=BLOCK)
+        cold = generator.generate(ids, max_tokens=6)
+        assert cold.upload.result() == 3
+        hit = generator.generate(ids, max_tokens=6)
+    assert hit.hit_tokens == 3 * BLOCK - 1
+    assert hit.token_ids == cold.token_ids
 
 
 def test_unreachable_daemon_generates_without_cache(smollm2):

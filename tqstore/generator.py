@@ -16,8 +16,9 @@ Why a hit reproduces a cold run bit for bit (tested on SmolLM2):
   told the prompt length, so the whole prompt attends in fp16; the first greedy token comes from
   the last chunk's logits and is returned before the first decode step quantizes the prefill:
   the quantization pass is not part of TTFT (it shows in `first_step_s`).
-At most (len(prompt) - 1) // block_size blocks are restored (the model must see at least one
-token), and the prompt's full blocks are uploaded from its fp16 K/V when prefill ends.
+The last prompt token is always a step of its own (as in mlx-lm): a hit of the whole prompt
+restores all but that token, and every chunk before it ends on a block boundary. The prompt's
+full blocks are uploaded from its fp16 K/V when prefill ends.
 """
 
 from __future__ import annotations
@@ -84,9 +85,8 @@ class CachedGenerator:
     def _fetch_prefix(self, prompt_ids: Sequence[int]) -> tuple[list[BlockPayload], str]:
         if self.client is None:
             return [], "no daemon"
-        usable = (len(prompt_ids) - 1) // self.block_size
         try:
-            hit = min(self.client.lookup(self.namespace, prompt_ids).hit_blocks, usable)
+            hit = self.client.lookup(self.namespace, prompt_ids).hit_blocks
             if hit == 0:
                 return [], "miss"
             blocks = self.client.fetch_fp16(self.namespace, prompt_ids, 0, hit)
@@ -96,10 +96,11 @@ class CachedGenerator:
             return [], f"daemon unreachable: {exc}"
         return blocks, "hit" if blocks else "miss"
 
-    def _restore(self, caches, blocks: list[BlockPayload]) -> None:
+    def _restore(self, caches, blocks: list[BlockPayload], tokens: int) -> None:
+        """Load the first `tokens` positions of the fetched blocks into every layer's cache."""
         for layer, cache in enumerate(caches):
-            keys = np.concatenate([b.keys[layer] for b in blocks], axis=1)
-            values = np.concatenate([b.values[layer] for b in blocks], axis=1)
+            keys = np.concatenate([b.keys[layer] for b in blocks], axis=1)[:, :tokens]
+            values = np.concatenate([b.values[layer] for b in blocks], axis=1)[:, :tokens]
             cache.load_fp16_prefix(mx.array(keys), mx.array(values))
 
     def _upload_hook(self, caches, prompt_ids: list[int], first_block: int,
@@ -136,13 +137,15 @@ class CachedGenerator:
             raise TqstoreError("empty prompt")
         start = time.perf_counter()
         blocks, status = self._fetch_prefix(prompt_ids)
-        hit_tokens = len(blocks) * self.block_size
+        # The last prompt token is always computed (its logits give the first token), so a hit of
+        # the whole prompt restores all but that one token.
+        hit_tokens = min(len(blocks) * self.block_size, len(prompt_ids) - 1)
         caches = make_prompt_cache(self.pool)
         caches[0].sequence.prompt_length = len(prompt_ids)
         uploads: list[Future] = []
         try:
             if blocks:
-                self._restore(caches, blocks)
+                self._restore(caches, blocks, hit_tokens)
             if self.client is not None and not status.startswith("daemon unreachable"):
                 caches[0].sequence.prefill_listeners.append(
                     self._upload_hook(caches, prompt_ids, len(blocks), uploads))
@@ -162,13 +165,20 @@ class CachedGenerator:
         knows the prompt length); returns the greedy first token and the time to it."""
         model = self.loaded.model
         total = len(prompt_ids)
+        # Chunk boundaries are absolute multiples of the block size, and the last prompt token
+        # is a step of its own: identical chunks in a cold run and after any hit.
+        bounds = [hit_tokens]
+        bounds += range((hit_tokens // self.block_size + 1) * self.block_size, total - 1,
+                        self.block_size)
+        bounds += [total - 1, total]
         logits = None
-        for begin in range(hit_tokens, total, self.block_size):
-            chunk = prompt_ids[begin: begin + self.block_size]
-            logits = model(mx.array([chunk]), cache=caches)
+        for begin, end in zip(bounds, bounds[1:]):
+            if end <= begin:
+                continue
+            logits = model(mx.array([prompt_ids[begin:end]]), cache=caches)
             mx.eval(logits, [c.state for c in caches])
             if progress is not None:
-                progress(begin + len(chunk) - hit_tokens, total - hit_tokens)
+                progress(end - hit_tokens, total - hit_tokens)
         first = int(mx.argmax(logits[0, -1]).item())
         return first, time.perf_counter() - start
 

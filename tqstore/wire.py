@@ -6,6 +6,7 @@ malformed message raises InvalidArgument with a message naming the field.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -66,21 +67,28 @@ def codec_from_proto(msg: pb.CodecSettings) -> CodecConfig:
 
 
 def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
-    a = np.ascontiguousarray(array)
+    a = np.asarray(array)
     if a.dtype.name not in _DTYPES:
         raise InvalidArgument(f"unsupported tensor dtype {a.dtype}")
-    return pb.Tensor(shape=list(a.shape), dtype=a.dtype.name, data=a.astype(a.dtype.newbyteorder("<")).tobytes())
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return pb.Tensor(shape=list(a.shape), dtype=a.dtype.name, data=np.ascontiguousarray(a).tobytes())
 
 
-def tensor_from_proto(msg: pb.Tensor, name: str, expect_shape: Sequence[int], expect_dtype: str) -> np.ndarray:
+def check_tensor(msg: pb.Tensor, name: str, expect_shape: Sequence[int], expect_dtype: str) -> None:
+    """Validate dtype, shape and byte count without copying the payload."""
     if msg.dtype != expect_dtype:
         raise InvalidArgument(f"{name}: dtype {msg.dtype!r}, expected {expect_dtype}")
     if tuple(msg.shape) != tuple(expect_shape):
         raise InvalidArgument(f"{name}: shape {tuple(msg.shape)}, expected {tuple(expect_shape)}")
-    dtype = np.dtype(_DTYPES[expect_dtype]).newbyteorder("<")
-    if len(msg.data) != int(np.prod(expect_shape)) * dtype.itemsize:
+    if len(msg.data) != int(np.prod(expect_shape)) * np.dtype(_DTYPES[expect_dtype]).itemsize:
         raise InvalidArgument(f"{name}: {len(msg.data)} bytes do not match shape {tuple(expect_shape)}")
-    return np.frombuffer(msg.data, dtype=dtype).astype(_DTYPES[expect_dtype]).reshape(expect_shape)
+
+
+def tensor_view(msg: pb.Tensor) -> np.ndarray:
+    """A read-only little-endian view of a checked tensor's bytes (no copy)."""
+    dtype = np.dtype(_DTYPES[msg.dtype]).newbyteorder("<")
+    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
 
 
 def layers_per_chunk(ns: Namespace, bytes_per_layer_token: int) -> int:
@@ -131,7 +139,7 @@ class BlockAssembler:
         if any(s < start + count and start < s + parts[s].layer_count for s in parts):
             raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
         for name, shape, dtype in self._fields(count):
-            tensor_from_proto(getattr(chunk, name), f"block {index} {name}", shape, dtype)
+            check_tensor(getattr(chunk, name), f"block {index} {name}", shape, dtype)
         parts[start] = chunk
         self._filled[index] = self._filled.get(index, 0) + count
         if self._filled[index] < self.ns.num_layers:
@@ -140,9 +148,9 @@ class BlockAssembler:
         del self._parts[index], self._filled[index]
         arrays = {}
         for name, _, dtype in self._fields(1):
-            arrays[name] = np.concatenate([
-                tensor_from_proto(getattr(c, name), name, tuple(getattr(c, name).shape), dtype)
-                for c in ordered])
+            # One copy: little-endian views of the message bytes concatenated into a native array.
+            arrays[name] = np.concatenate([tensor_view(getattr(c, name)) for c in ordered]).astype(
+                _DTYPES[dtype], copy=False)
         return index, arrays
 
     def incomplete(self) -> list[int]:
