@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import tempfile
-import threading
 import time
 
 from tqstore.demo import DATA
@@ -37,34 +37,44 @@ def _corpus_ids(tokenizer, n: int) -> list[int]:
     raise ValueError(f"the bundled texts hold only {len(ids)} tokens, fewer than {n}")
 
 
-def _throughput(client_factory, ns, ids, blocks: int, clients: int, seconds: float) -> dict:
-    done = [0] * clients
-    bytes_moved = [0] * clients
-    stop = time.perf_counter() + seconds
-    errors: list[BaseException] = []
+def _client_loop(address: str, ns, ids: list[int], blocks: int, stop_at: float, out) -> None:
+    """One client process: Lookup + Fetch until stop_at; reports (requests, fp16 bytes)."""
+    from tqstore.client import KvStoreClient
 
-    def worker(i: int) -> None:
-        try:
-            with client_factory() as client:
-                while time.perf_counter() < stop:
-                    hit = client.lookup(ns, ids).hit_blocks
-                    got = client.fetch_fp16(ns, ids, 0, min(hit, blocks))
-                    done[i] += 1
-                    bytes_moved[i] += sum(b.keys.nbytes + b.values.nbytes for b in got)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    requests = moved = 0
+    with KvStoreClient(address) as client:
+        while time.time() < stop_at:
+            hit = client.lookup(ns, ids).hit_blocks
+            got = client.fetch_fp16(ns, ids, 0, min(hit, blocks))
+            requests += 1
+            moved += sum(b.keys.nbytes + b.values.nbytes for b in got)
+    out.put((requests, moved))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return {"clients": clients, "requests": sum(done), "requests_per_s": sum(done) / elapsed,
-            "fp16_gb_per_s": sum(bytes_moved) / elapsed / 1e9}
+
+def _throughput(address: str, ns, ids, blocks: int, clients: int, seconds: float) -> dict:
+    """Clients are separate processes, as generators are: no shared GIL with the daemon."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 3.0  # let every process import before the clock starts
+    procs = [ctx.Process(target=_delayed_loop, args=(address, ns, ids, blocks, start_at,
+                                                      start_at + seconds, out))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    requests = sum(r for r, _ in results)
+    moved = sum(m for _, m in results)
+    return {"clients": clients, "requests": requests, "requests_per_s": requests / seconds,
+            "fp16_gb_per_s": moved / seconds / 1e9}
+
+
+def _delayed_loop(address, ns, ids, blocks, start_at, stop_at, out) -> None:
+    import tqstore  # noqa: F401
+
+    time.sleep(max(0.0, start_at - time.time()))
+    _client_loop(address, ns, ids, blocks, stop_at, out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
                           flush=True)
                 if size == max(args.sizes):
                     blocks = hit.hit_tokens // generator.block_size
-                    factory = lambda: KvStoreClient(daemon.address)  # noqa: E731
-                    one = _throughput(factory, generator.namespace, ids, blocks, 1, args.seconds)
-                    many = _throughput(factory, generator.namespace, ids, blocks, args.clients,
-                                       args.seconds)
+                    one = _throughput(daemon.address, generator.namespace, ids, blocks, 1,
+                                      args.seconds)
+                    many = _throughput(daemon.address, generator.namespace, ids, blocks,
+                                       args.clients, args.seconds)
                     concurrency = {"prompt_tokens": size, "blocks_per_request": blocks,
                                    "single": one, "concurrent": many,
                                    "throughput_ratio": many["fp16_gb_per_s"] / one["fp16_gb_per_s"]}
