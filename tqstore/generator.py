@@ -67,7 +67,7 @@ class CachedGenerator:
                  pool_budget_bytes: int = 512 << 20) -> None:
         self.loaded = loaded
         self.client = client
-        self.policy = policy or CachePolicy()
+        self.policy = policy or CachePolicy.default(loaded.fingerprint)
         self.block_size = block_size
         layout = model_kv_layout(loaded.model)
         if layout["key_head_dim"] != layout["value_head_dim"]:

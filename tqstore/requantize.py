@@ -1,10 +1,16 @@
 """Deterministic re-quantization of fp16 blocks on the daemon.
 
-A block's layers are quantized in one call by stacking (layer, kv_head) pairs on the head axis,
-each with its own rotation seed (layer, kv_head, K|V). Because the codec's quantization is a
-fixed per-vector sequence of elementwise float32 operations, the codes equal those the
-generator's per-layer codecs (tqstore.codec.layer_codecs) produce from the same fp16 values on
-the same backend: no dequantize/requantize drift (tested on SmolLM2's KV).
+A block's layers are quantized in as few calls as possible by stacking (layer, kv_head) pairs on
+the head axis, each with its own rotation seed (layer, kv_head, K|V) and, with a quality profile,
+its own key center (the profile's per-(layer, head) mean). Layers are grouped by bit width (a
+profile may give each layer its own). Because the codec's quantization is a fixed per-vector
+sequence of elementwise float32 operations, the codes equal those the generator's per-layer
+codecs (tqstore.codec.layer_codecs) produce from the same fp16 values on the same backend: no
+dequantize/requantize drift (tested on SmolLM2's KV, with and without a profile).
+
+Wire layout: codes are (layers, heads, block, D * config bits / 8). A layer narrower than the
+config's width (the profile's widest layer) has its codes zero-padded at the end of each vector;
+the receiver keeps the first D * layer_bits / 8 bytes.
 """
 
 from __future__ import annotations
@@ -18,42 +24,72 @@ from tqstore.codec import CodecConfig, HeadRotations, TurboQuantCodec, rotation_
 from tqstore.errors import InvalidArgument
 from tqstore.prefix_hash import Namespace
 
+# (kind, layers of the group, stacked codec)
+Group = tuple[str, tuple[int, ...], TurboQuantCodec]
+
 
 class Requantizer:
-    """Caches one stacked codec pair per (codec settings, layout)."""
+    """Caches the stacked codecs per (codec settings, layout)."""
 
     def __init__(self) -> None:
-        self._codecs: dict[tuple, tuple[TurboQuantCodec, TurboQuantCodec]] = {}
+        self._codecs: dict[tuple, list[Group]] = {}
         self._lock = threading.Lock()
 
-    def codecs(self, ns: Namespace, config: CodecConfig) -> tuple[TurboQuantCodec, TurboQuantCodec]:
+    def groups(self, ns: Namespace, config: CodecConfig) -> list[Group]:
         if config.key_qjl:
             raise InvalidArgument("QJL key codes are not served by the daemon")
+        if config.profile is not None:
+            try:
+                config.profile.check_layout(ns.num_layers, ns.num_kv_heads, ns.head_dim)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from exc
         key = (config, ns.num_layers, ns.num_kv_heads, ns.head_dim)
         with self._lock:
             if key not in self._codecs:
-                self._codecs[key] = tuple(
-                    TurboQuantCodec(ns.head_dim, bits, self._stacked(ns, config.seed, kind),
-                                    norm_correction=config.norm_correction)
-                    for bits, kind in ((config.key_bits, "K"), (config.value_bits, "V")))
+                self._codecs[key] = self._build(ns, config)
             return self._codecs[key]
 
+    def codecs(self, ns: Namespace, config: CodecConfig) -> list[Group]:
+        """Validate and build (kept for the service's validate-before-streaming call)."""
+        return self.groups(ns, config)
+
     @staticmethod
-    def _stacked(ns: Namespace, seed: int, kind: str) -> HeadRotations:
-        seeds = [rotation_seed(seed, layer, head, kind)
-                 for layer in range(ns.num_layers) for head in range(ns.num_kv_heads)]
-        return HeadRotations(ns.head_dim, seeds)
+    def _build(ns: Namespace, config: CodecConfig) -> list[Group]:
+        out: list[Group] = []
+        for kind, index in (("K", 0), ("V", 1)):
+            by_bits: dict[int, list[int]] = {}
+            for layer in range(ns.num_layers):
+                by_bits.setdefault(config.layer_bits(layer)[index], []).append(layer)
+            for bits, layers in sorted(by_bits.items()):
+                seeds = [rotation_seed(config.seed, layer, head, kind)
+                         for layer in layers for head in range(ns.num_kv_heads)]
+                center = None
+                if kind == "K" and config.profile is not None and config.profile.key_means:
+                    center = mx.array(np.concatenate(
+                        [config.profile.key_mean(layer) for layer in layers], axis=0))
+                codec = TurboQuantCodec(ns.head_dim, bits, HeadRotations(ns.head_dim, seeds),
+                                        norm_correction=config.norm_correction, center=center)
+                out.append((kind, tuple(layers), codec))
+        return out
 
     def quantize_block(self, ns: Namespace, config: CodecConfig, keys: np.ndarray,
                        values: np.ndarray) -> dict[str, np.ndarray]:
         """fp16 (layers, heads, block, dim) K and V -> codes and fp16 scales, same leading shape."""
-        key_codec, value_codec = self.codecs(ns, config)
         lead = (ns.num_layers, ns.num_kv_heads, ns.block_size)
-        out = {}
-        for prefix, codec, x in (("key", key_codec, keys), ("value", value_codec, values)):
-            stacked = mx.array(x).reshape(1, ns.num_layers * ns.num_kv_heads, ns.block_size, ns.head_dim)
+        width = {"K": ns.head_dim * config.key_bits // 8, "V": ns.head_dim * config.value_bits // 8}
+        out = {"key_codes": np.zeros(lead + (width["K"],), dtype=np.uint8),
+               "key_scales": np.zeros(lead, dtype=np.float16),
+               "value_codes": np.zeros(lead + (width["V"],), dtype=np.uint8),
+               "value_scales": np.zeros(lead, dtype=np.float16)}
+        for kind, layers, codec in self.groups(ns, config):
+            prefix, x = ("key", keys) if kind == "K" else ("value", values)
+            rows = np.asarray(layers)
+            part = x[rows] if len(rows) < ns.num_layers else x
+            stacked = mx.array(part).reshape(1, len(rows) * ns.num_kv_heads, ns.block_size, ns.head_dim)
             q = codec.quantize(stacked)
             mx.eval(q.codes, q.scales)
-            out[f"{prefix}_codes"] = np.array(q.codes).reshape(*lead, codec.code_bytes)
-            out[f"{prefix}_scales"] = np.array(q.scales).reshape(lead)
+            sub = (len(rows), ns.num_kv_heads, ns.block_size)
+            out[f"{prefix}_codes"][rows, ..., : codec.code_bytes] = np.array(q.codes).reshape(
+                *sub, codec.code_bytes)
+            out[f"{prefix}_scales"][rows] = np.array(q.scales).reshape(sub)
         return out

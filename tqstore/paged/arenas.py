@@ -2,10 +2,15 @@
 
 Layout (fixed; the fused decode kernels read exactly this), block 0 is the null block:
   TurboQuant layer: key_codes uint8 (num_blocks, Hkv, block_size, Dk*key_bits/8),
+                    (key_bits/value_bits of THIS layer: a quality profile may vary them),
                     key_scales float16 (num_blocks, Hkv, block_size), and the same for values.
   fp16 layer (policy keeps it dense): keys float16 (num_blocks, Hkv, block_size, Dk), values alike.
 Every layer has an arena of the same num_blocks, so one block id names the same tokens in every
 layer and the pool needs no per-layer bookkeeping.
+
+With a quality profile, key codes are codes of k - mean (per layer and head, from the profile):
+decode attention scores the residual (softmax ignores q . mean), and gather_dense returns the
+residual keys too, so the decode path and stock SDPA over dequantized pages stay consistent.
 
 Writes are scatters into preallocated arrays (MLX reuses the buffer when the arena holds the
 only reference), so appending a token costs O(token), not O(arena).
@@ -43,7 +48,8 @@ class TurboQuantArena:
         self.key_codec, self.value_codec = layer_codecs(
             config, layer, num_kv_heads, key_head_dim, value_head_dim)
         H, kc, vc = num_kv_heads, self.key_codec.code_bytes, self.value_codec.code_bytes
-        self.bytes_per_block = self.block_bytes(block_size, H, key_head_dim, value_head_dim, config)
+        self.bytes_per_block = self.block_bytes(block_size, H, key_head_dim, value_head_dim, config,
+                                                layer)
         self.key_codes = mx.zeros((num_blocks, H, block_size, kc), dtype=mx.uint8)
         self.key_scales = mx.zeros((num_blocks, H, block_size), dtype=mx.float16)
         self.value_codes = mx.zeros((num_blocks, H, block_size, vc), dtype=mx.uint8)
@@ -51,9 +57,9 @@ class TurboQuantArena:
 
     @staticmethod
     def block_bytes(block_size: int, num_kv_heads: int, key_head_dim: int, value_head_dim: int,
-                    config: CodecConfig) -> int:
-        per_token = (key_head_dim * config.key_bits // 8 + 2
-                     + value_head_dim * config.value_bits // 8 + 2)
+                    config: CodecConfig, layer: int = 0) -> int:
+        key_bits, value_bits = config.layer_bits(layer)
+        per_token = (key_head_dim * key_bits // 8 + 2 + value_head_dim * value_bits // 8 + 2)
         return block_size * num_kv_heads * per_token
 
     @property
@@ -67,7 +73,9 @@ class TurboQuantArena:
     def write(self, block_ids: mx.array, slots: mx.array, keys: mx.array, values: mx.array) -> None:
         """Quantize keys/values (Hkv, n, D) and store token i at (block_ids[i], slots[i])."""
         # The quantize kernel where the backend has one (byte-identical to codec.quantize).
-        qk = dispatch_quantize(self.key_codec, keys)
+        # Keys are centered here (one float32 subtraction, the same op codec.quantize does) and
+        # handed to the center-free codec, so a kernel that knows nothing of centers agrees.
+        qk = dispatch_quantize(self.key_codec.residual_codec, self.key_codec.centered(keys))
         qv = dispatch_quantize(self.value_codec, values)
         self.key_codes[block_ids, :, slots] = _token_major(qk.codes)
         self.key_scales[block_ids, :, slots] = _token_major(qk.scales)
@@ -96,9 +104,10 @@ class TurboQuantArena:
     def gather_dense(self, block_ids: mx.array, num_tokens: int,
                      dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
         """Dequantized keys, values (Hkv, T, D) of a sequence (the reference for attention and
-        the path for multi-token steps after prefill)."""
+        the path for multi-token steps after prefill). Keys are the residual k - mean where the
+        codec is centered: the same softmax as the full keys, and the same scores as decode."""
         qk, qv = self.quantized(block_ids, num_tokens)
-        return self.key_codec.dequantize(qk, dtype), self.value_codec.dequantize(qv, dtype)
+        return self.key_codec.dequantize_residual(qk, dtype), self.value_codec.dequantize(qv, dtype)
 
 
 class Fp16Arena:

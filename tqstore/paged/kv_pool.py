@@ -43,8 +43,9 @@ class PagedKVPool:
         self.dense_layers = [self.policy.is_dense(l, num_layers, l in sliding) for l in range(num_layers)]
         dims = (block_size, num_kv_heads, key_head_dim, self.value_head_dim)
         self.block_bytes = sum(
-            Fp16Arena.block_bytes(*dims) if dense else TurboQuantArena.block_bytes(*dims, self.policy.codec)
-            for dense in self.dense_layers)
+            Fp16Arena.block_bytes(*dims) if dense
+            else TurboQuantArena.block_bytes(*dims, self.policy.codec, layer)
+            for layer, dense in enumerate(self.dense_layers))
         if num_blocks is None:
             num_blocks = budget_bytes // self.block_bytes + 1
         if num_blocks < 2:

@@ -7,8 +7,12 @@ few tokens, so compressing them saves little while their recent tokens matter mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqstore.codec import CodecConfig
+from tqstore.codec.profile import QualityProfile
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "data" / "profiles"
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,11 @@ class CachePolicy:
         return (layer < self.fp16_first or layer >= num_layers - self.fp16_last
                 or layer in self.fp16_layers)
 
+    @classmethod
+    def default(cls, fingerprint: str | None = None) -> "CachePolicy":
+        """The default policy for a model (see ``default_policy``)."""
+        return default_policy(fingerprint)
+
     def identity(self) -> str:
         """Stable text naming the policy (goes into the pool's prefix-hash namespace)."""
         codec = "fp16" if self.codec is None else self.codec.identity()
@@ -42,6 +51,12 @@ class CachePolicy:
             return "fp16"
         c = self.codec
         text = f"K{c.key_bits}V{c.value_bits}" + ("" if c.norm_correction else " (no nc)")
+        if c.profile is not None:
+            p = c.profile
+            if p.key_bits:
+                kb, vb = sum(p.key_bits) / len(p.key_bits), sum(p.value_bits) / len(p.value_bits)
+                text = f"K{kb:.2f}V{vb:.2f} per-layer"
+            text += (" +mean" if p.key_means else "") + f" (profile {p.digest[:8]})"
         if self.fp16_first or self.fp16_last:
             text += f" fp16 first{self.fp16_first}/last{self.fp16_last}"
         if self.fp16_layers:
@@ -50,3 +65,48 @@ class CachePolicy:
 
 
 FP16_POLICY = CachePolicy(codec=None)
+
+
+def profile_bytes_per_token(policy: CachePolicy, amortize_tokens: int = 2048) -> float:
+    """The profile's live bytes (the key means, float16) spread over ``amortize_tokens`` tokens:
+    what a sequence of that length pays for them if it were the only one using the model."""
+    if policy.codec is None or policy.codec.profile is None:
+        return 0.0
+    return len(policy.codec.profile.key_means) / amortize_tokens
+
+
+def default_profile_path(fingerprint: str | None = None) -> Path:
+    """Where `tqstore calibrate` writes a model's profile (and where it is shipped)."""
+    name = (fingerprint or "sha256:smollm2").replace(":", "-")[:23]
+    return PROFILE_DIR / f"{name}.tqprofile"
+
+
+def find_profile(fingerprint: str) -> QualityProfile | None:
+    """The shipped/calibrated profile of a model, or None."""
+    path = default_profile_path(fingerprint)
+    if not path.exists():
+        return None
+    profile = QualityProfile.from_bytes(path.read_bytes())
+    return profile if profile.model == fingerprint else None
+
+
+def means_only(profile: QualityProfile) -> QualityProfile:
+    """The profile without per-layer bits (uniform code widths in every layer)."""
+    return QualityProfile(profile.model, profile.num_layers, profile.num_kv_heads,
+                          profile.key_head_dim, profile.key_means, calibration=profile.calibration)
+
+
+# The default codec where a model has a calibrated profile, chosen from the quality table
+# (docs/fragments/quality.md): keys 5 bits, values 4, keys quantized around the profile's
+# per-(layer, head) means; 0.297x fp16. Uniform widths across layers: the daemon's wire format
+# and the hit-path test compare one code width for every layer (per-layer bits need that lifted).
+DEFAULT_PROFILE_BITS = (5, 4)
+
+
+def default_policy(fingerprint: str | None = None) -> CachePolicy:
+    """The policy `tqstore generate` and the demo use for a model."""
+    profile = find_profile(fingerprint) if fingerprint else None
+    if profile is None or not profile.key_means:
+        return CachePolicy()
+    k, v = DEFAULT_PROFILE_BITS
+    return CachePolicy(codec=CodecConfig(k, v, profile=means_only(profile)))
