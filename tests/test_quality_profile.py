@@ -1,0 +1,103 @@
+"""The calibrated quality profile end to end on the real SmolLM2.
+
+- Bit allocation is deterministic and respects the byte budget.
+- `tqstore calibrate`'s means step is deterministic, and the shipped profile is what it produces.
+- With the shipped per-layer profile, a hit reproduces a cold run exactly, and the daemon's
+  re-quantized codes equal the generator's own pages byte for byte (padding aside).
+"""
+
+import numpy as np
+import pytest
+import mlx.core as mx
+
+from tqstore.calibrate import CALIBRATION_TEXT, DATA_DIR, allocate_bits, bit_budget, calibrate
+from tqstore.client import KvStoreClient
+from tqstore.codec import CodecConfig
+from tqstore.codec.profile import QualityProfile
+from tqstore.config import ServerConfig, StoreConfig
+from tqstore.generator import CachedGenerator
+from tqstore.models.loader import chat_prompt_ids
+from tqstore.models.smollm2 import load_smollm2
+from tqstore.paged import CachePolicy, make_prompt_cache, release_prompt_cache
+from tqstore.paged.policy import default_policy, default_profile_path, find_profile
+from tqstore.server import Daemon
+
+BLOCK = 128
+SHIPPED_PREFILL = 512  # the --prefill of the shipped profile's command (docs/fragments/quality.md)
+
+
+def test_allocation_is_deterministic_and_within_budget():
+    rng = np.random.default_rng()
+    ks, vs = rng.uniform(1e-4, 2e-3, 30), rng.uniform(1e-4, 1e-3, 30)
+    ks[10] = 0.03  # one very sensitive layer, as on SmolLM2
+    total = bit_budget(0.30, 30, 3, 64, 2048)
+    assert total == 272  # K5V4 everywhere (270) plus two bits
+    kb, vb = allocate_bits(ks, vs, total)
+    assert (kb, vb) == allocate_bits(ks.copy(), vs.copy(), total)
+    assert sum(kb) + sum(vb) == total and min(kb + vb) >= 3 and max(kb + vb) <= 8
+    assert kb[10] == max(kb)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2()
+
+
+def test_calibration_means_are_deterministic_and_match_the_shipped_profile(smollm2):
+    text = (DATA_DIR / CALIBRATION_TEXT).read_text()
+    a = calibrate(smollm2, text, CALIBRATION_TEXT, 48, 0, uniform=(0, 0), log=lambda *_: None)
+    b = calibrate(smollm2, text, CALIBRATION_TEXT, 48, 0, uniform=(0, 0), log=lambda *_: None)
+    assert a.to_bytes() == b.to_bytes() and a.digest == b.digest
+    shipped = find_profile(smollm2.fingerprint)
+    assert shipped is not None and shipped.key_bits
+    full = calibrate(smollm2, text, CALIBRATION_TEXT, SHIPPED_PREFILL, 0, uniform=(0, 0),
+                     log=lambda *_: None)
+    assert full.key_means == shipped.key_means
+    assert QualityProfile.from_bytes(default_profile_path(smollm2.fingerprint).read_bytes()) == shipped
+    assert default_policy(smollm2.fingerprint).codec.profile.key_means == shipped.key_means
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
+                            store=StoreConfig(max_bytes=1 << 30, map_size=1 << 28))).start()
+    yield d
+    d.stop(grace=2)
+
+
+def test_per_layer_profile_hit_equals_cold_and_daemon_codes_equal_pages(smollm2, daemon):
+    from tqstore.demo import demo_document
+
+    profile = find_profile(smollm2.fingerprint)
+    policy = CachePolicy(codec=CodecConfig(max(profile.key_bits), max(profile.value_bits),
+                                           profile=profile))
+    text = " ".join(demo_document().split(" ")[:260])
+    ids = chat_prompt_ids(smollm2.tokenizer, text + "\n\nWho wrote this license?")
+    with KvStoreClient(daemon.address) as client:
+        generator = CachedGenerator(smollm2, client, policy=policy, block_size=BLOCK)
+        cold = generator.generate(ids, max_tokens=8)
+        cold.upload.result()
+        hit = generator.generate(ids, max_tokens=8)
+        assert hit.cache_status == "hit" and hit.token_ids == cold.token_ids
+        fetched = client.fetch_turboquant(generator.namespace, ids, policy.codec)
+    caches = make_prompt_cache(generator.pool)
+    try:
+        for start in range(0, len(fetched) * BLOCK, BLOCK):
+            mx.eval(smollm2.model(mx.array([ids[start:start + BLOCK]]), cache=caches))
+        for c in caches:
+            c.finish_prefill()
+        pages = caches[0].sequence.block_ids
+        per_block = BLOCK // generator.pool.block_size
+        for layer, cache in enumerate(caches):
+            arena = cache.arena
+            mx.eval(arena.arrays)
+            for b, block in enumerate(fetched):
+                ids_b = mx.array(pages[b * per_block:(b + 1) * per_block])
+                for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+                    mine = np.swapaxes(np.array(getattr(arena, name)[ids_b]), 0, 1)
+                    theirs = block[name][layer]
+                    if name.endswith("codes"):
+                        theirs = theirs[..., : mine.shape[-1]]
+                    assert mine.reshape(theirs.shape).tobytes() == theirs.tobytes(), (layer, b, name)
+    finally:
+        release_prompt_cache(caches)
