@@ -61,6 +61,7 @@ def install(model: nn.Module) -> list[str]:
         patched.append(name)
     if not patched:
         raise ValueError(f"{type(model).__name__}: no module calls {_ATTR}; cannot route attention")
+    PagedLayerCache.attention_routed = True
     return patched
 
 
@@ -68,6 +69,7 @@ def uninstall(model: nn.Module) -> None:
     for name in _attention_modules(model) | set(_originals):
         if name in _originals and name in sys.modules:
             setattr(sys.modules[name], _ATTR, _originals.pop(name))
+    PagedLayerCache.attention_routed = bool(_originals)
 
 
 def is_installed(model: nn.Module) -> bool:
