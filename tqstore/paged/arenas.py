@@ -45,6 +45,8 @@ class TurboQuantArena:
         self.config = config
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
+        self._query_rotation: mx.array | None = None
+        self._output_rotation: mx.array | None = None
         self.key_codec, self.value_codec = layer_codecs(
             config, layer, num_kv_heads, key_head_dim, value_head_dim)
         H, kc, vc = num_kv_heads, self.key_codec.code_bytes, self.value_codec.code_bytes
@@ -54,6 +56,22 @@ class TurboQuantArena:
         self.key_scales = mx.zeros((num_blocks, H, block_size), dtype=mx.float16)
         self.value_codes = mx.zeros((num_blocks, H, block_size, vc), dtype=mx.uint8)
         self.value_scales = mx.zeros((num_blocks, H, block_size), dtype=mx.float16)
+
+    @property
+    def query_rotation(self) -> mx.array:
+        """(Hkv, Dk, Dk) = R_K^T per head: q_row @ R_K^T is the rotated query (R_K q)."""
+        if self._query_rotation is None:
+            self._query_rotation = mx.swapaxes(self.key_codec.rotation.matrices(), -1, -2)
+            mx.eval(self._query_rotation)
+        return self._query_rotation
+
+    @property
+    def output_rotation(self) -> mx.array:
+        """(Hkv, Dv, Dv) = R_V per head: o_row @ R_V un-rotates (R_V^T o) the attention output."""
+        if self._output_rotation is None:
+            self._output_rotation = self.value_codec.rotation.matrices()
+            mx.eval(self._output_rotation)
+        return self._output_rotation
 
     @staticmethod
     def block_bytes(block_size: int, num_kv_heads: int, key_head_dim: int, value_head_dim: int,

@@ -143,12 +143,15 @@ class PagedLayerCache:
         kc, vc = self.arena.key_codec, self.arena.value_codec
         Hkv = kc.num_heads
         q = (queries[:, :, 0, :].astype(mx.float32) * scale).reshape(B, Hkv, Hq // Hkv, Dk)
-        q = kc.rotate(q).reshape(B, Hq, Dk)
+        # Queries and outputs are rotated with one batched matmul per step, not the codec's
+        # butterflies: they are never stored, so they need no batch-shape-exact arithmetic, and
+        # one op instead of ~25 per layer is what decode's per-step graph cost is made of.
+        q = mx.matmul(q, self.arena.query_rotation).reshape(B, Hq, Dk)
         out = decode_attention(
             q, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
             self.arena.value_scales, self.sequence.block_table(),
             mx.array([self.offset], dtype=mx.int32), kc.codebook, vc.codebook, kc.bits, vc.bits)
-        out = vc.unrotate(out.reshape(B, Hkv, Hq // Hkv, vc.head_dim))
+        out = mx.matmul(out.reshape(B, Hkv, Hq // Hkv, vc.head_dim), self.arena.output_rotation)
         return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
