@@ -4,10 +4,9 @@ mlx-lm's fp16 KVCache against tqstore's paged TurboQuant cache (K4/V4), in the s
 
 Three rows:
   fp16          mlx-lm KVCache + mx.fast.scaled_dot_product_attention
-  tq-reference  tqstore.paged as it is wired today (pure-MLX decode attention + codec ops)
-  tq-kernels    the same cache with tqstore.metal's kernels wired in (decode attention and the
-                per-token quantize), which is what tqstore.paged.attention.decode_attention and
-                the arena's write are meant to call
+  tq-reference  the paged cache forced onto the pure-MLX reference (dispatch.force_backend)
+  tq-kernels    the same cache on tqstore.metal's kernels (decode attention and the per-token
+                quantize), which its dispatch point picks on a GPU backend
 
     PYTHONUNBUFFERED=1 python tools/attention_e2e.py --context 32768 --json $OUT/e2e.json
 """
@@ -52,20 +51,6 @@ def decode(model, y: mx.array, cache, steps: int, warmup: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def wire_kernels(caches) -> None:
-    """Route the paged cache's decode attention and per-token quantize to tqstore.metal."""
-    import tqstore.paged.cache as paged_cache
-    from tqstore.codec.turboquant import TurboQuantCodec
-    from tqstore.metal import dispatch
-    from tqstore.metal.quantize import kernel_quantize
-
-    paged_cache.decode_attention = dispatch.paged_decode_attention
-    for c in caches:
-        for codec in (c.arena.key_codec, c.arena.value_codec):
-            codec.quantize = (lambda x, c=codec: kernel_quantize(c, x)
-                              or TurboQuantCodec.quantize(c, x))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=32768)
@@ -79,6 +64,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from tqstore.paged.cache import make_prompt_cache, pool_for_model
+    from tqstore.metal import dispatch
     from tqstore.paged.integration import install, uninstall
 
     shape = dict(LLAMA3_8B, num_hidden_layers=args.layers)
@@ -103,8 +89,9 @@ def main() -> int:
     for name in variants:
         pool = pool_for_model(model, budget_bytes=budget)
         caches = make_prompt_cache(pool)
-        if name == "tq-kernels":
-            wire_kernels(caches)
+        # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
+        # forces the pure-MLX path there.
+        dispatch.force_backend("reference" if name == "tq-reference" else None)
         install(model)
         try:
             y = prefill(model, tokens, caches, args.chunk)
@@ -112,6 +99,7 @@ def main() -> int:
             rows[name] = decode(model, y, caches, steps, args.warmup)
         finally:
             uninstall(model)
+            dispatch.force_backend(None)
         print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
         del caches, pool
 
