@@ -18,25 +18,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+_COUNTERS = ("blocks", "bytes_on_disk", "payload_bytes", "index_bytes", "logical_bytes",
+             "max_bytes", "compression", "lookups", "lookup_tokens", "hit_tokens", "evictions",
+             "verification_failures", "quarantined")
+
+
+def _view(source: str, stats: Any, namespaces: list[dict[str, Any]], rates, backend) -> dict[str, Any]:
+    """One shape for StoreStats (read from disk) and StatsResponse (from the daemon)."""
+    view = {"source": source, **{name: getattr(stats, name) for name in _COUNTERS}}
+    view.update(namespaces=namespaces, recent_request_hit_rates=rates, attention_backend=backend,
+                block_size_histogram={int(k): int(v) for k, v in stats.block_size_histogram.items()})
+    return view
+
+
 def _from_store(path: str) -> dict[str, Any]:
     from tqstore.ssd.store import BlockStore
 
     with BlockStore(path, readonly=True) as store:
         s = store.stats()
-    return {
-        "source": f"path {path}", "blocks": s.blocks, "bytes_on_disk": s.bytes_on_disk,
-        "payload_bytes": s.payload_bytes, "index_bytes": s.index_bytes,
-        "logical_bytes": s.logical_bytes, "max_bytes": s.max_bytes, "compression": s.compression,
-        "lookups": s.lookups, "lookup_tokens": s.lookup_tokens, "hit_tokens": s.hit_tokens,
-        "evictions": s.evictions, "verification_failures": s.verification_failures,
-        "quarantined": s.quarantined,
-        "namespaces": [{"digest": n.digest, "model": n.model, "num_layers": n.layout[0],
-                        "num_kv_heads": n.layout[1], "head_dim": n.layout[3],
-                        "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
-                       for n in s.namespaces],
-        "block_size_histogram": {int(k): int(v) for k, v in s.block_size_histogram.items()},
-        "recent_request_hit_rates": None, "attention_backend": None,
-    }
+    namespaces = [{"digest": n.digest, "model": n.model, "num_layers": n.layout[0],
+                   "num_kv_heads": n.layout[1], "head_dim": n.layout[3],
+                   "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
+                  for n in s.namespaces]
+    return _view(f"path {path}", s, namespaces, None, None)
 
 
 def _from_daemon(addr: str) -> dict[str, Any]:
@@ -44,21 +48,12 @@ def _from_daemon(addr: str) -> dict[str, Any]:
 
     with KvStoreClient(addr) as client:
         s = client.stats()
-    return {
-        "source": f"daemon {addr}", "blocks": s.blocks, "bytes_on_disk": s.bytes_on_disk,
-        "payload_bytes": s.payload_bytes, "index_bytes": s.index_bytes,
-        "logical_bytes": s.logical_bytes, "max_bytes": s.max_bytes, "compression": s.compression,
-        "lookups": s.lookups, "lookup_tokens": s.lookup_tokens, "hit_tokens": s.hit_tokens,
-        "evictions": s.evictions, "verification_failures": s.verification_failures,
-        "quarantined": s.quarantined,
-        "namespaces": [{"digest": n.digest, "model": n.model, "num_layers": n.num_layers,
-                        "num_kv_heads": n.num_kv_heads, "head_dim": n.head_dim,
-                        "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
-                       for n in s.namespaces],
-        "block_size_histogram": {int(k): int(v) for k, v in s.block_size_histogram.items()},
-        "recent_request_hit_rates": list(s.recent_request_hit_rates),
-        "attention_backend": s.attention_backend,
-    }
+    namespaces = [{"digest": n.digest, "model": n.model, "num_layers": n.num_layers,
+                   "num_kv_heads": n.num_kv_heads, "head_dim": n.head_dim,
+                   "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
+                  for n in s.namespaces]
+    return _view(f"daemon {addr}", s, namespaces, list(s.recent_request_hit_rates),
+                 s.attention_backend)
 
 
 def summarize(view: dict[str, Any]) -> dict[str, Any]:
