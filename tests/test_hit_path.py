@@ -5,18 +5,16 @@
 - An unreachable daemon means generation without the cache, said so, not a failure.
 """
 
-import numpy as np
 import pytest
-import mlx.core as mx
 
 from tqstore.client import KvStoreClient
-from tqstore.codec import CodecConfig
 from tqstore.config import ServerConfig, StoreConfig
 from tqstore.generator import CachedGenerator
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
-from tqstore.paged import make_prompt_cache, release_prompt_cache
 from tqstore.server import Daemon
+
+from tests.page_compare import assert_fetched_codes_equal_fresh_pages
 
 BLOCK = 128
 
@@ -78,27 +76,7 @@ def test_daemon_requantized_codes_equal_generator_pages(smollm2, document, daemo
         config = generator.policy.codec
         fetched = client.fetch_turboquant(generator.namespace, ids, config)
     assert len(fetched) == len(ids) // BLOCK >= 1
-    # A fresh prefill of the same tokens by the generator's own cache, same chunking.
-    caches = make_prompt_cache(generator.pool)
-    try:
-        n = len(fetched) * BLOCK
-        for start in range(0, n, BLOCK):
-            mx.eval(smollm2.model(mx.array([ids[start:start + BLOCK]]), cache=caches))
-        for c in caches:
-            c.finish_prefill()
-        pages = caches[0].sequence.block_ids
-        per_block = BLOCK // generator.pool.block_size
-        for layer, cache in enumerate(caches):
-            arena = cache.arena
-            mx.eval(arena.arrays)
-            for b, block in enumerate(fetched):
-                ids_b = mx.array(pages[b * per_block:(b + 1) * per_block])
-                for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
-                    mine = np.array(getattr(arena, name)[ids_b])  # (pages, H, page, ...)
-                    mine = np.swapaxes(mine, 0, 1).reshape(block[name][layer].shape)
-                    assert mine.tobytes() == block[name][layer].tobytes(), (layer, b, name)
-    finally:
-        release_prompt_cache(caches)
+    assert_fetched_codes_equal_fresh_pages(smollm2.model, generator, ids, fetched, BLOCK)
 
 
 def test_whole_prompt_cached_restores_all_but_the_last_token(smollm2, document, daemon):

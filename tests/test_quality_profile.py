@@ -18,9 +18,11 @@ from tqstore.config import ServerConfig, StoreConfig
 from tqstore.generator import CachedGenerator
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
-from tqstore.paged import CachePolicy, make_prompt_cache, release_prompt_cache
+from tqstore.paged import CachePolicy
 from tqstore.paged.policy import default_policy, default_profile_path, find_profile
 from tqstore.server import Daemon
+
+from tests.page_compare import assert_fetched_codes_equal_fresh_pages
 
 BLOCK = 128
 SHIPPED_PREFILL = 512  # the --prefill of the shipped profile's command (docs/fragments/quality.md)
@@ -80,24 +82,4 @@ def test_per_layer_profile_hit_equals_cold_and_daemon_codes_equal_pages(smollm2,
         hit = generator.generate(ids, max_tokens=8)
         assert hit.cache_status == "hit" and hit.token_ids == cold.token_ids
         fetched = client.fetch_turboquant(generator.namespace, ids, policy.codec)
-    caches = make_prompt_cache(generator.pool)
-    try:
-        for start in range(0, len(fetched) * BLOCK, BLOCK):
-            mx.eval(smollm2.model(mx.array([ids[start:start + BLOCK]]), cache=caches))
-        for c in caches:
-            c.finish_prefill()
-        pages = caches[0].sequence.block_ids
-        per_block = BLOCK // generator.pool.block_size
-        for layer, cache in enumerate(caches):
-            arena = cache.arena
-            mx.eval(arena.arrays)
-            for b, block in enumerate(fetched):
-                ids_b = mx.array(pages[b * per_block:(b + 1) * per_block])
-                for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
-                    mine = np.swapaxes(np.array(getattr(arena, name)[ids_b]), 0, 1)
-                    theirs = block[name][layer]
-                    if name.endswith("codes"):
-                        theirs = theirs[..., : mine.shape[-1]]
-                    assert mine.reshape(theirs.shape).tobytes() == theirs.tobytes(), (layer, b, name)
-    finally:
-        release_prompt_cache(caches)
+    assert_fetched_codes_equal_fresh_pages(smollm2.model, generator, ids, fetched, BLOCK)
