@@ -76,7 +76,8 @@ class QualityProfile:
         """From float means (layers, kv_heads, key_head_dim), rounded once to float16."""
         if key_means is not None:
             num_layers, num_kv_heads, key_head_dim = (int(d) for d in key_means.shape)
-            raw = np.ascontiguousarray(key_means, dtype=np.float32).astype("<f2").tobytes()
+            with np.errstate(over="ignore"):  # out-of-range means become inf: rejected below
+                raw = np.ascontiguousarray(key_means, dtype=np.float32).astype("<f2").tobytes()
         else:
             raw = b""
         return cls(model, int(num_layers), int(num_kv_heads), int(key_head_dim), raw,
