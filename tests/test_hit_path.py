@@ -102,3 +102,18 @@ def test_unreachable_daemon_generates_without_cache(smollm2):
         report = CachedGenerator(smollm2, client).generate(ids, max_tokens=12)
     assert report.cache_status.startswith("daemon unreachable")
     assert "Paris" in report.text
+
+
+def test_turboquant_form_hit_restores_codes_and_answers_alike(smollm2, document, daemon):
+    ids = _prompt(smollm2, document)
+    with KvStoreClient(daemon.address) as client:
+        fp16_gen = CachedGenerator(smollm2, client, block_size=BLOCK)
+        cold = fp16_gen.generate(ids, max_tokens=8)
+        cold.upload.result()
+        tq_gen = CachedGenerator(smollm2, client, block_size=BLOCK, fetch_form="turboquant")
+        hit = tq_gen.generate(ids, max_tokens=8)
+    assert hit.cache_status == "hit" and hit.upload is None
+    assert hit.hit_tokens == min((len(ids) // BLOCK) * BLOCK, len(ids) - 1)
+    # Not bit-identical by design (the rest attends to a dequantized prefix), but the same
+    # greedy start on this prompt.
+    assert hit.token_ids[:3] == cold.token_ids[:3]

@@ -4,6 +4,11 @@ For a prompt: Lookup the longest cached prefix, Fetch it as fp16, restore it int
 cache, prefill only the rest (attending to the restored prefix), decode over the compressed
 pages, and Put the new full blocks' fp16 KV in the background.
 
+fetch_form="turboquant" instead restores the daemon's re-quantized codes straight into the pages
+(4x fewer bytes on the wire, no local quantization of the prefix); the rest of the prompt then
+attends to the dequantized prefix, so the output is close to a cold run's but not identical, and
+such a hit uploads nothing (it holds no fp16). `tqstore bench hit --forms` measures both.
+
 Why a hit reproduces a cold run bit for bit (tested on SmolLM2):
 - The store holds the exact fp16 K/V a cold prefill computed, and the paged cache keeps prefill
   K/V in fp16 too, so the restored prefix equals what a cold run holds at that point.
@@ -64,7 +69,9 @@ class CachedGenerator:
 
     def __init__(self, loaded: LoadedModel, client: KvStoreClient | None = None, *,
                  policy: CachePolicy | None = None, block_size: int = DEFAULT_STORE_BLOCK,
-                 pool_budget_bytes: int = 512 << 20) -> None:
+                 pool_budget_bytes: int = 512 << 20, fetch_form: str = "fp16") -> None:
+        if fetch_form not in ("fp16", "turboquant"):
+            raise TqstoreError(f"fetch_form must be 'fp16' or 'turboquant', got {fetch_form!r}")
         self.loaded = loaded
         self.client = client
         self.policy = policy or CachePolicy.default(loaded.fingerprint)
@@ -80,24 +87,46 @@ class CachedGenerator:
             raise TqstoreError(f"store block {block_size} must be a multiple of the page size "
                                f"{self.pool.block_size}")
         install(loaded.model)
+        # The TurboQuant form needs every layer compressed with the policy's codec; fp16 layers
+        # (or an fp16 policy) restore from fp16.
+        dense = any(arena.dense for arena in self.pool.arenas)
+        self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
 
     # -- the daemon side ----------------------------------------------------------------------
-    def _fetch_prefix(self, prompt_ids: Sequence[int]) -> tuple[list[BlockPayload], str]:
+    def _fetch_prefix(self, prompt_ids: Sequence[int]) -> tuple[list, str]:
+        """The verified prefix blocks: BlockPayloads (fp16 form) or dicts of codes (TurboQuant
+        form, re-quantized by the daemon with this generator's codec), and a status."""
         if self.client is None:
             return [], "no daemon"
         try:
             hit = self.client.lookup(self.namespace, prompt_ids).hit_blocks
             if hit == 0:
                 return [], "miss"
-            blocks = self.client.fetch_fp16(self.namespace, prompt_ids, 0, hit)
+            if self.fetch_form == "turboquant":
+                blocks = self.client.fetch_turboquant(self.namespace, prompt_ids,
+                                                      self.policy.codec, 0, hit)
+            else:
+                blocks = self.client.fetch_fp16(self.namespace, prompt_ids, 0, hit)
         except NotFound:
             return [], "miss"  # evicted between Lookup and Fetch: a miss, never garbage
         except Unavailable as exc:
             return [], f"daemon unreachable: {exc}"
         return blocks, "hit" if blocks else "miss"
 
-    def _restore(self, caches, blocks: list[BlockPayload], tokens: int) -> None:
+    def _restore(self, caches, blocks: list, tokens: int) -> None:
         """Load the first `tokens` positions of the fetched blocks into every layer's cache."""
+        if self.fetch_form == "turboquant":
+            for layer, cache in enumerate(caches):
+                widths = {"key_codes": cache.arena.key_codec.code_bytes,
+                          "value_codes": cache.arena.value_codec.code_bytes}
+                codes = {}
+                for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+                    joined = np.concatenate([b[name][layer] for b in blocks], axis=1)[:, :tokens]
+                    if name in widths:  # the wire pads narrower per-layer codes to the widest
+                        joined = joined[..., : widths[name]]
+                    codes[name] = mx.array(np.ascontiguousarray(joined))
+                cache.load_turboquant_prefix(codes)
+            return
         for layer, cache in enumerate(caches):
             keys = np.concatenate([b.keys[layer] for b in blocks], axis=1)[:, :tokens]
             values = np.concatenate([b.values[layer] for b in blocks], axis=1)[:, :tokens]
@@ -146,7 +175,9 @@ class CachedGenerator:
         try:
             if blocks:
                 self._restore(caches, blocks, hit_tokens)
-            if self.client is not None and not status.startswith("daemon unreachable"):
+            # A TurboQuant-form hit holds no fp16 prefill to upload (a documented trade-off).
+            if (self.client is not None and not status.startswith("daemon unreachable")
+                    and not (blocks and self.fetch_form == "turboquant")):
                 caches[0].sequence.prefill_listeners.append(
                     self._upload_hook(caches, prompt_ids, len(blocks), uploads))
             first, ttft = self._prefill(caches, prompt_ids, hit_tokens, progress, start)

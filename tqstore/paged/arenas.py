@@ -100,6 +100,16 @@ class TurboQuantArena:
         self.value_codes[block_ids, :, slots] = _token_major(qv.codes)
         self.value_scales[block_ids, :, slots] = _token_major(qv.scales)
 
+    def write_codes(self, block_ids: mx.array, slots: mx.array, codes: dict[str, mx.array]) -> None:
+        """Store already-quantized tokens (the daemon's TurboQuant Fetch form): codes
+        (Hkv, n, bytes) and scales (Hkv, n) under the names of the arena's arrays."""
+        for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+            arr = getattr(self, name)
+            value = codes[name]
+            if value.shape[2:] != arr.shape[3:] or value.shape[0] != arr.shape[1]:
+                raise InvalidArgument(f"{name}: shape {value.shape} does not fit pages {arr.shape}")
+            arr[block_ids, :, slots] = _token_major(value.astype(arr.dtype))
+
     def copy_block(self, src: int, dst: int) -> None:
         for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
             arr = getattr(self, name)

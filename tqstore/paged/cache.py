@@ -68,6 +68,22 @@ class PagedLayerCache:
         self._keys, self._values = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
         self.offset = keys.shape[2]
 
+    def load_turboquant_prefix(self, codes: dict[str, mx.array]) -> None:
+        """Restore a prefix as codes (key_codes/value_codes (Hkv, T, bytes), key_scales/
+        value_scales (Hkv, T)) into a fresh cache. The prefix is then already quantized: the rest
+        of the prompt runs as multi-token steps over the dequantized pages, so unlike an fp16
+        restore the result is close to, not identical with, a cold run."""
+        if not self.in_prefill or self.offset:
+            raise InvalidArgument("load_turboquant_prefix needs a fresh cache")
+        if self.arena.dense:
+            raise InvalidArgument(f"layer {self.layer} keeps fp16 KV: restore it from fp16")
+        count = codes["key_scales"].shape[1]
+        block_ids, slots = self.sequence.prepare_write(0, count)
+        self.arena.write_codes(block_ids, slots, codes)
+        self.in_prefill = False
+        self.offset = count
+        self.sequence.note_written(self.layer, count)
+
     def prefill_kv(self) -> tuple[mx.array, mx.array] | None:
         """The fp16 K/V (1, Hkv, T, D) of the prefill so far, or None once quantized."""
         return None if self._keys is None else (self._keys, self._values)
