@@ -4,3 +4,19 @@
 reference BLAS and could see other tokens than the CLI does."""
 
 import tqstore  # noqa: F401  (must stay the first import)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A real daemon on loopback over a real LMDB store in a temp dir (tests/server overrides it
+    with a smaller store and byte limits)."""
+    from tqstore.config import ServerConfig, StoreConfig
+    from tqstore.server import Daemon
+
+    d = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
+                            store=StoreConfig(max_bytes=1 << 30, map_size=1 << 28))).start()
+    yield d
+    d.stop(grace=2)

@@ -8,11 +8,9 @@
 import pytest
 
 from tqstore.client import KvStoreClient
-from tqstore.config import ServerConfig, StoreConfig
 from tqstore.generator import CachedGenerator
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
-from tqstore.server import Daemon
 
 from tests.page_compare import assert_fetched_codes_equal_fresh_pages
 
@@ -32,14 +30,6 @@ def document():
 def _gpl_text() -> str:
     from tqstore.demo import demo_document
     return demo_document()
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
-                            store=StoreConfig(max_bytes=1 << 30, map_size=1 << 28))).start()
-    yield d
-    d.stop(grace=2)
 
 
 def _prompt(loaded, document, words=330):

@@ -14,13 +14,11 @@ from tqstore.calibrate import CALIBRATION_TEXT, DATA_DIR, allocate_bits, bit_bud
 from tqstore.client import KvStoreClient
 from tqstore.codec import CodecConfig
 from tqstore.codec.profile import QualityProfile
-from tqstore.config import ServerConfig, StoreConfig
 from tqstore.generator import CachedGenerator
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
 from tqstore.paged import CachePolicy
 from tqstore.paged.policy import default_policy, default_profile_path, find_profile
-from tqstore.server import Daemon
 
 from tests.page_compare import assert_fetched_codes_equal_fresh_pages
 
@@ -57,14 +55,6 @@ def test_calibration_means_are_deterministic_and_match_the_shipped_profile(smoll
     assert full.key_means == shipped.key_means
     assert QualityProfile.from_bytes(default_profile_path(smollm2.fingerprint).read_bytes()) == shipped
     assert default_policy(smollm2.fingerprint).codec.profile.key_means == shipped.key_means
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
-                            store=StoreConfig(max_bytes=1 << 30, map_size=1 << 28))).start()
-    yield d
-    d.stop(grace=2)
 
 
 def test_per_layer_profile_hit_equals_cold_and_daemon_codes_equal_pages(smollm2, daemon):
