@@ -8,7 +8,6 @@
 
 import numpy as np
 import pytest
-import mlx.core as mx
 
 from tqstore.calibrate import CALIBRATION_TEXT, DATA_DIR, allocate_bits, bit_budget, calibrate
 from tqstore.client import KvStoreClient
