@@ -40,10 +40,14 @@ def _corpus_ids(tokenizer, n: int) -> list[int]:
     raise ValueError(f"the bundled texts hold only {len(ids)} tokens, fewer than {n}")
 
 
-def _client_loop(address: str, ns, ids: list[int], blocks: int, stop_at: float, out) -> None:
-    """One client process: Lookup + Fetch until stop_at; reports (requests, fp16 bytes)."""
+def _client_loop(address: str, ns, ids: list[int], blocks: int, start_at: float, stop_at: float,
+                 out) -> None:
+    """One client process: from start_at, Lookup + Fetch until stop_at; reports (requests, fp16
+    bytes). The common start lets every process finish importing before the clock runs."""
+    import tqstore  # noqa: F401  (OpenBLAS before MLX, as in every entry point)
     from tqstore.client import KvStoreClient
 
+    time.sleep(max(0.0, start_at - time.time()))
     requests = moved = 0
     with KvStoreClient(address) as client:
         while time.time() < stop_at:
@@ -59,7 +63,7 @@ def _throughput(address: str, ns, ids, blocks: int, clients: int, seconds: float
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3.0  # let every process import before the clock starts
-    procs = [ctx.Process(target=_delayed_loop, args=(address, ns, ids, blocks, start_at,
+    procs = [ctx.Process(target=_client_loop, args=(address, ns, ids, blocks, start_at,
                                                       start_at + seconds, out))
              for _ in range(clients)]
     for p in procs:
@@ -71,13 +75,6 @@ def _throughput(address: str, ns, ids, blocks: int, clients: int, seconds: float
     moved = sum(m for _, m in results)
     return {"clients": clients, "requests": requests, "requests_per_s": requests / seconds,
             "fp16_gb_per_s": moved / seconds / 1e9}
-
-
-def _delayed_loop(address, ns, ids, blocks, start_at, stop_at, out) -> None:
-    import tqstore  # noqa: F401
-
-    time.sleep(max(0.0, start_at - time.time()))
-    _client_loop(address, ns, ids, blocks, stop_at, out)
 
 
 def run(args: argparse.Namespace) -> int:

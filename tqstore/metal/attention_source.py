@@ -90,10 +90,6 @@ class AttentionGeometry:
     def threads(self) -> int:
         return 32 * self.warps
 
-    @property
-    def tokens_per_step(self) -> int:
-        return (32 // self.lanes_per_token) * self.warps
-
     def tag(self) -> str:
         return (f"k{self.key_dim}b{self.key_bits}_v{self.value_dim}b{self.value_bits}"
                 f"_bs{self.block_size}_h{self.num_q_heads}x{self.num_kv_heads}"

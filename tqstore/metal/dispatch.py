@@ -19,7 +19,6 @@ import mlx.core as mx
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal.attention_kernel import gpu_backend, kernel_paged_decode_attention
 from tqstore.metal.quantize import kernel_quantize
-from tqstore.metal.reference import paged_decode_attention_oracle
 
 log = logging.getLogger("tqstore.metal")
 
@@ -28,15 +27,14 @@ _logged: set[str] = set()
 
 
 def _paged_reference() -> tuple[str, Callable]:
-    try:
-        from tqstore.paged.attention import paged_decode_attention_reference
-    except ImportError:
-        return "reference:tqstore.metal", paged_decode_attention_oracle
+    # Imported here, not at the top: tqstore.paged imports this module (arena writes).
+    from tqstore.paged.attention import paged_decode_attention_reference
+
     return "reference:tqstore.paged", paged_decode_attention_reference
 
 
 def active_backend() -> str:
-    """'cuda-kernel', 'metal-kernel', 'reference:tqstore.paged' or 'reference:tqstore.metal'."""
+    """'cuda-kernel', 'metal-kernel' or 'reference:tqstore.paged'."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
         return f"{gpu}-kernel"

@@ -176,9 +176,3 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached[block_hash] = block
         return block
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every hash (e.g. after weights change); refs and queue order are untouched."""
-        for block in self.cached.values():
-            block.block_hash = None
-        self.cached.clear()

@@ -70,9 +70,3 @@ def uninstall(model: nn.Module) -> None:
         if name in _originals and name in sys.modules:
             setattr(sys.modules[name], _ATTR, _originals.pop(name))
     PagedLayerCache.attention_routed = bool(_originals)
-
-
-def is_installed(model: nn.Module) -> bool:
-    names = _attention_modules(model)
-    return bool(names) and all(
-        getattr(getattr(sys.modules[n], _ATTR), "tqstore_dispatch", False) for n in names)
