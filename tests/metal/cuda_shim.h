@@ -7,10 +7,15 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __grid_constant__
+#define __align__(n) alignas(n)
+// Dynamic shared memory (extern __shared__ in CUDA) as a block-scope array.
+#define TQ_DYNAMIC_SHARED(T, name) alignas(16) static T name[1 << 16]
 struct __half { __half() = default; };
 float __half2float(__half);
 __half __float2half_rn(float);
 struct uint2 { unsigned int x, y; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+uint4 make_uint4(unsigned int, unsigned int, unsigned int, unsigned int);
 struct dim3 { unsigned int x, y, z; };
 extern dim3 threadIdx, blockIdx, gridDim, blockDim;
 void __syncthreads();
@@ -26,3 +31,14 @@ float __fsub_rn(float, float);
 float __fdiv_rn(float, float);
 float __fsqrt_rn(float);
 float exp2f(float);
+// The MMA helpers' off-device hooks (inline PTX on the device; tests/metal/cuda_emu.h
+// defines them for the CPU emulator).
+void tq_emu_mma_16816(float (&)[4], unsigned int, unsigned int, unsigned int, unsigned int,
+                      unsigned int, unsigned int);
+unsigned int tq_emu_movmatrix_trans(unsigned int);
+unsigned int tq_emu_pack_half2(float, float);
+bool tq_emu_any(bool);
+// The device branch (checked with -D__CUDA_ARCH__): intrinsics it names besides inline PTX.
+unsigned int __byte_perm(unsigned int, unsigned int, unsigned int);
+int __any_sync(unsigned int, int);
+template <typename T> T __shfl_sync(unsigned int, T, int);

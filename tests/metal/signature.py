@@ -22,10 +22,12 @@ METAL_ATTRIBUTES = [
 
 
 def full_source(dialect: str, name: str, header: str, body: str,
-                inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]) -> str:
-    """inputs/outputs: (name, dtype name). Returns a translation unit for the shim compile."""
+                inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+                prelude: str | None = None) -> str:
+    """inputs/outputs: (name, dtype name). Returns a translation unit for the shim compile
+    (`prelude` replaces the shim include: nvcc's real headers, or the CPU emulator)."""
     shim = HERE / f"{dialect}_shim.h"
-    lines = [f'#include "{shim}"', header]
+    lines = [prelude if prelude is not None else f'#include "{shim}"', header]
     if dialect == "metal":
         params = [f"  const device {element_type(dialect, t)}* {n} [[buffer({i})]]"
                   for i, (n, t) in enumerate(inputs)]
@@ -45,7 +47,7 @@ def full_source(dialect: str, name: str, header: str, body: str,
     return "\n".join(lines) + "\n"
 
 
-def syntax_check(source: str, tmp_path: Path, stem: str) -> None:
+def syntax_check(source: str, tmp_path: Path, stem: str, extra: list[str] | None = None) -> None:
     """Compile with g++ -fsyntax-only; raise AssertionError with the diagnostics."""
     cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     assert cxx, "a C++ compiler is needed for the kernel syntax check"
@@ -53,6 +55,6 @@ def syntax_check(source: str, tmp_path: Path, stem: str) -> None:
     path.write_text(source)
     res = subprocess.run([cxx, "-fsyntax-only", "-std=c++17", "-Wall", "-Werror",
                           "-Wno-unused-variable", "-Wno-unused-but-set-variable",
-                          "-Wno-attributes", "-Wno-unknown-pragmas", str(path)],
+                          "-Wno-attributes", "-Wno-unknown-pragmas", *(extra or []), str(path)],
                          capture_output=True, text=True)
     assert res.returncode == 0, f"{stem} failed the {cxx} syntax check:\n{res.stderr[-4000:]}"

@@ -6,6 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tests.metal.signature import full_source, syntax_check
+import shutil
+import subprocess
+
+from tqstore.metal.attention_mma import MmaGeometry, mma_attention_body, mma_header
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, AttentionGeometry,
                                             attention_body, attention_header, merge_body)
 from tqstore.metal.dialect import DIALECTS
@@ -33,6 +37,59 @@ def test_attention_source_compiles(dialect, geo, split, tmp_path):
                       attention_body(geo, dialect, split),
                       [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [(o, "float32") for o in outputs])
     syntax_check(src, tmp_path, f"attn_{dialect}_{split}")
+
+
+MMA_GEOMETRIES = [
+    MmaGeometry(128, 128, 16, 32, 8, warps=4, depth=2),  # the benchmark case, default knobs
+    MmaGeometry(64, 64, 16, 9, 3, warps=2, depth=1),      # SmolLM2 heads
+    MmaGeometry(96, 64, 64, 4, 4, warps=1, depth=3),      # MHA, Dk != Dv
+    MmaGeometry(256, 128, 32, 64, 8, warps=8, depth=1),   # G = 8
+]
+
+
+def _mma_source(geo: MmaGeometry, split: bool, body: str | None = None, prelude=None) -> str:
+    outputs = ["partial_out", "partial_m", "partial_l"] if split else ["out"]
+    return full_source("cuda", "attn_mma", mma_header(), body or mma_attention_body(geo, split),
+                       [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [(o, "float32") for o in outputs],
+                       prelude=prelude)
+
+
+@pytest.mark.parametrize("geo", MMA_GEOMETRIES, ids=lambda g: g.tag())
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("device_branch", [False, True], ids=["host", "device"])
+def test_mma_source_compiles(geo, split, device_branch, tmp_path):
+    """Both sides of the helpers' #if: the inline-PTX device branch (-D__CUDA_ARCH__) and the
+    emulator hooks."""
+    syntax_check(_mma_source(geo, split), tmp_path, f"mma_{split}",
+                 extra=["-D__CUDA_ARCH__=900"] if device_branch else [])
+
+
+def test_mma_syntax_check_catches_a_typo(tmp_path):
+    geo = MMA_GEOMETRIES[0]
+    body = mma_attention_body(geo, True).replace("tq_movmatrix_trans(", "tq_movmatrix_transs(", 1)
+    with pytest.raises(AssertionError, match="syntax check"):
+        syntax_check(_mma_source(geo, True, body), tmp_path, "mma_typo")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit)")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mma_source_builds_for_sm90_without_spills(depth, tmp_path):
+    """Where a CUDA toolkit is installed: the real compiler accepts the inline PTX, and the
+    kernel (the default knobs, and depth 2) fits the register budget that lets 3 threadgroups
+    share an SM (no local memory spills, <= 168 registers for 4 warps)."""
+    from tqstore.metal.attention_kernel import DEFAULT_MMA_VARIANT
+
+    geo = MmaGeometry(128, 128, 16, 32, 8, **{**DEFAULT_MMA_VARIANT, "depth": depth})
+    src = _mma_source(geo, True, prelude="#include <cuda_fp16.h>\n#include <cstdint>")
+    path = tmp_path / "mma.cu"
+    path.write_text(src)
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "-Xptxas", "-v", "-o",
+                          str(tmp_path / "mma.cubin"), str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    info = res.stderr
+    assert "0 bytes spill stores, 0 bytes spill loads" in info, info
+    regs = int(info.split("Used ")[1].split(" registers")[0])
+    assert regs <= 168, info
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

@@ -139,3 +139,26 @@ def test_cli_exposes_bench_attention():
 
     args = build_parser().parse_args(["bench", "attention", "--json", "--skip-timing"])
     assert args.json == "-" and args.skip_timing and callable(args.run)
+
+
+def test_kernel_kind_picks_the_mma_kernel_where_it_fits():
+    from tqstore.metal.attention_kernel import kernel_kind
+
+    def kind(hq, hkv, dk, dv, kb, vb, bs, backend="cuda", requested=None):
+        q = mx.zeros((1, hq, dk))
+        kc = mx.zeros((2, hkv, bs, dk * kb // 8), dtype=mx.uint8)
+        vc = mx.zeros((2, hkv, bs, dv * vb // 8), dtype=mx.uint8)
+        return kernel_kind(q, kc, vc, kb, vb, backend, requested)
+
+    assert kind(32, 8, 128, 128, 4, 4, 16) == "mma"
+    assert kind(9, 3, 64, 64, 4, 4, 32) == "mma"
+    assert kind(8, 1, 128, 128, 4, 4, 256) == "mma"        # G = 8
+    assert kind(32, 8, 128, 128, 4, 4, 16, backend="metal") == "portable"
+    assert kind(32, 8, 128, 128, 4, 4, 16, requested="portable") == "portable"
+    for args in [(32, 8, 128, 128, 3, 4, 16), (32, 8, 128, 128, 4, 8, 16), (9, 3, 64, 64, 4, 4, 8),
+                 (32, 2, 128, 128, 4, 4, 16), (4, 4, 80, 128, 4, 4, 16), (4, 4, 128, 96, 4, 4, 16)]:
+        assert kind(*args) == "portable", args            # bits, block 8, G = 16, dims
+        with pytest.raises(ValueError, match="does not fit"):
+            kind(*args, requested="mma")
+    with pytest.raises(ValueError):
+        kind(32, 8, 128, 128, 4, 4, 16, requested="fast")

@@ -3,6 +3,12 @@
 The mlx-lm gated_delta pattern: `attention_kernel()` builds the custom kernel for the GPU
 backend MLX has (CUDA or Metal) and returns None where there is none (the CPU); the caller
 (tqstore.metal.dispatch) then runs the pure-MLX reference, which computes the same function.
+
+Two kernel kinds compute the same function with the same outputs and merge pass:
+- "mma" (attention_mma.py): tensor-core tiles, CUDA only (sm_80+), 4-bit K/V, head dims
+  multiple of 32 (K) / 64 (V), block_size multiple of 16, GQA group <= 8;
+- "portable" (attention_source.py): the one-body Metal/CUDA kernel, every other shape and Metal.
+`kernel_kind()` picks one per shape.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from typing import Callable
 
 import mlx.core as mx
 
-from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_OUTPUTS,
+from tqstore.metal.attention_mma import (LUT_BYTES, MmaGeometry, mma_attention_body, mma_header,
+                                         mma_unsupported_reason)
+from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX_SPLITS,
+                                            MERGE_OUTPUTS,
                                             SINGLE_OUTPUTS, SPLIT_OUTPUTS, AttentionGeometry,
                                             attention_body, attention_header, merge_body)
 
@@ -23,12 +32,19 @@ from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_OUT
 # per-threadgroup fixed cost would dominate) nor more than MAX_SPLITS splits.
 TARGET_GROUPS = 1024
 MIN_SPLIT_TOKENS = 512
-MAX_SPLITS = 256
+MAX_SPLITS = MERGE_MAX_SPLITS  # the merge pass stages (m, l) of up to this many splits
 INT32_LIMIT = 2**31 - 1
 # Tuning knobs measured fastest on an H100 (docs/fragments/kernels.md); shapes they do not fit
 # fall back to AttentionGeometry's defaults.
 DEFAULT_VARIANT: dict = dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True,
                               table_in_shared=False)
+# The MMA kernel's knobs (MmaGeometry): 4 warps, one tile in flight beyond the one in use
+# (128 registers); three threadgroups (64 KB of tables each) share an H100 SM.
+DEFAULT_MMA_VARIANT: dict = dict(warps=4, depth=1)
+# MMA splits: at most one wave of resident threadgroups (3 per SM x 132 H100 SMs): longer
+# threadgroups amortize their start (tables, first loads) and the merge reads fewer partials.
+MMA_TARGET_GROUPS = 3 * 132
+KERNEL_KINDS = ("mma", "portable")
 
 
 def gpu_backend() -> str | None:
@@ -64,6 +80,58 @@ def attention_kernel(geo: AttentionGeometry, split: bool, backend: str | None = 
         ensure_row_contiguous=True)
 
 
+@lru_cache(maxsize=64)
+def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = None):
+    """The tensor-core kernel for `geo` (CUDA only), or None without a CUDA backend."""
+    backend = backend or gpu_backend()
+    if backend != "cuda":
+        return None
+    name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}"
+    return mx.fast.cuda_kernel(
+        name=name, input_names=list(ATTN_INPUTS),
+        output_names=list(SPLIT_OUTPUTS if split else SINGLE_OUTPUTS),
+        source=mma_attention_body(geo, split), header=mma_header(),
+        ensure_row_contiguous=True, shared_memory=LUT_BYTES)
+
+
+@lru_cache(maxsize=1)
+def mma_capable() -> bool:
+    """Whether the CUDA device runs mma.sync.m16n8k16 / movmatrix (sm_80+). MLX's device_info
+    is read where it names the architecture; without that, assume a current GPU."""
+    try:
+        info = mx.device_info()
+    except Exception:  # noqa: BLE001  (informative only)
+        return True
+    for key, value in info.items():
+        if "capab" in key or "arch" in key:
+            digits = "".join(ch for ch in str(value) if ch.isdigit())
+            if len(digits) >= 2:
+                return int(digits[:2]) >= 80
+    return True
+
+
+def kernel_kind(queries: mx.array, key_codes: mx.array, value_codes: mx.array, key_bits: int,
+                value_bits: int, backend: str | None, requested: str | None = None) -> str:
+    """'mma' where the tensor-core kernel covers the shape on this backend, else 'portable';
+    `requested` forces one ('mma' raises when it does not fit)."""
+    if requested not in (None, *KERNEL_KINDS):
+        raise ValueError(f"unknown kernel kind {requested!r}: choose one of {KERNEL_KINDS}")
+    if requested == "portable":
+        return "portable"
+    _, hq, dk = queries.shape
+    _, hkv, bs, vbytes = value_codes.shape
+    why = mma_unsupported_reason(dk, vbytes * 8 // value_bits, key_bits, value_bits, bs, hq, hkv)
+    if backend != "cuda":
+        why = why or f"backend {backend}: the MMA kernel is CUDA only"
+    elif why is None and not mma_capable():
+        why = "GPU older than sm_80"
+    if why is None:
+        return "mma"
+    if requested == "mma":
+        raise ValueError(f"the MMA kernel does not fit: {why}")
+    return "portable"
+
+
 @lru_cache(maxsize=16)
 def merge_kernel(value_dim: int, num_q_heads: int, backend: str | None = None):
     backend = backend or gpu_backend()
@@ -75,9 +143,12 @@ def merge_kernel(value_dim: int, num_q_heads: int, backend: str | None = None):
         header=attention_header(backend), ensure_row_contiguous=True)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int) -> int:
-    """Token splits per (sequence, kv head): 1 means the single-pass kernel, no merge."""
-    by_occupancy = -(-TARGET_GROUPS // max(1, batch * num_kv_heads))
+def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int,
+                      target_groups: int = TARGET_GROUPS, round_up: bool = True) -> int:
+    """Token splits per (sequence, kv head): 1 means the single-pass kernel, no merge.
+    round_up=False never exceeds target_groups threadgroups (whole waves of resident ones)."""
+    pairs = max(1, batch * num_kv_heads)
+    by_occupancy = -(-target_groups // pairs) if round_up else target_groups // pairs
     by_length = max(1, max_tokens // MIN_SPLIT_TOKENS)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
@@ -116,6 +187,7 @@ class _Plan:
     batch: int
     num_q_heads: int
     value_dim: int
+    kind: str = "portable"
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -129,19 +201,38 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    geo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits, variant)
+    knobs = dict(variant or {})
+    kind = kernel_kind(queries, key_codes, value_codes, key_bits, value_bits, backend,
+                       knobs.pop("kernel", None))
     if max(key_codes.size, value_codes.size) > INT32_LIMIT:
         raise ValueError("page arenas over 2**31 bytes need 64-bit offsets in the kernel")
-    bsz, hq, _ = queries.shape
+    bsz, hq, dk = queries.shape
+    _, hkv, bs, vbytes = value_codes.shape
     max_blocks = block_tables.shape[1]
-    nsplit = num_splits or choose_num_splits(bsz, geo.num_kv_heads, max_blocks * geo.block_size)
+    if kind == "mma":
+        nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs, MMA_TARGET_GROUPS,
+                                                 round_up=False)
+    else:
+        nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs)
+    if not 1 <= nsplit <= MAX_SPLITS:
+        raise ValueError(f"num_splits {nsplit} outside 1..{MAX_SPLITS}")
+    dv = vbytes * 8 // value_bits
+    if kind == "mma":
+        geo = MmaGeometry(dk, dv, bs, hq, hkv, **(knobs or DEFAULT_MMA_VARIANT))
+        build = lambda split: mma_attention_kernel(geo, split, backend)  # noqa: E731
+        group_threads, groups_x = geo.threads, nsplit
+    else:
+        pgeo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits,
+                            knobs or None)
+        build = lambda split: attention_kernel(pgeo, split, backend)  # noqa: E731
+        group_threads, groups_x = pgeo.threads, nsplit * pgeo.head_split
     params = mx.array([max_blocks, nsplit], dtype=mx.int32)
-    plan = _Plan(single=attention_kernel(geo, False, backend) if nsplit == 1 else None,
-                 split=attention_kernel(geo, True, backend) if nsplit > 1 else None,
-                 merge=merge_kernel(geo.value_dim, hq, backend) if nsplit > 1 else None,
-                 params=params, grid=(geo.threads * nsplit * geo.head_split, geo.num_kv_heads, bsz),
-                 group=(geo.threads, 1, 1), nsplit=nsplit, batch=bsz, num_q_heads=hq,
-                 value_dim=geo.value_dim)
+    plan = _Plan(single=build(False) if nsplit == 1 else None,
+                 split=build(True) if nsplit > 1 else None,
+                 merge=merge_kernel(dv, hq, backend) if nsplit > 1 else None,
+                 params=params, grid=(group_threads * groups_x, hkv, bsz),
+                 group=(group_threads, 1, 1),
+                 nsplit=nsplit, batch=bsz, num_q_heads=hq, value_dim=dv, kind=kind)
     if len(_PLANS) > 4096:  # a long-running server sees many block-table widths
         _PLANS.clear()
     _PLANS[key] = plan
@@ -152,20 +243,22 @@ def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
-                                  value_codes: mx.array, value_scales: mx.array,
-                                  block_tables: mx.array, seq_lens: mx.array,
-                                  key_codebook: mx.array, value_codebook: mx.array,
-                                  key_bits: int, value_bits: int, *,
-                                  num_splits: int | None = None,
-                                  backend: str | None = None,
-                                  variant: dict | None = None) -> mx.array | None:
-    """The contract's function on the GPU kernels; None where no kernel backend exists."""
+def launch_plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
+                block_tables: mx.array, key_bits: int, value_bits: int, *,
+                num_splits: int | None = None, backend: str | None = None,
+                variant: dict | None = None) -> _Plan | None:
+    """The (cached) launch plan for these shapes, None without a GPU backend. `variant`:
+    {"kernel": "mma" | "portable", **that kernel's knobs}; None = automatic."""
     backend = backend or gpu_backend()
     if backend is None:
         return None
-    p = _plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits, num_splits,
-              backend, variant)
+    return _plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits, num_splits,
+                 backend, variant)
+
+
+def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.array,
+             value_codes: mx.array, value_scales: mx.array, block_tables: mx.array,
+             seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array) -> mx.array:
     inputs = [_as(queries, mx.float32), key_codes, _as(key_scales, mx.float16), value_codes,
               _as(value_scales, mx.float16), _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
               _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params]
@@ -181,3 +274,20 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
     (out,) = p.merge(inputs=[part, pm, pl, p.params], output_shapes=[(bsz, hq, dv)],
                      output_dtypes=[mx.float32], grid=(dv, hq, bsz), threadgroup=(dv, 1, 1))
     return out
+
+
+def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
+                                  value_codes: mx.array, value_scales: mx.array,
+                                  block_tables: mx.array, seq_lens: mx.array,
+                                  key_codebook: mx.array, value_codebook: mx.array,
+                                  key_bits: int, value_bits: int, *,
+                                  num_splits: int | None = None,
+                                  backend: str | None = None,
+                                  variant: dict | None = None) -> mx.array | None:
+    """The contract's function on the GPU kernels; None where no kernel backend exists."""
+    p = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
+                    num_splits=num_splits, backend=backend, variant=variant)
+    if p is None:
+        return None
+    return run_plan(p, queries, key_codes, key_scales, value_codes, value_scales, block_tables,
+                    seq_lens, key_codebook, value_codebook)

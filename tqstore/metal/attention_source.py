@@ -351,21 +351,37 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
 """
 
 
+MERGE_MAX_SPLITS = 256  # attention_kernel.MAX_SPLITS
+
+
 def merge_body(value_dim: int, num_q_heads: int, dialect: str) -> str:
-    """Combine split partials. Grid (DV, HQ, B), one thread per output element."""
+    """Combine split partials. Grid (DV, HQ, B), one thread per output element. The (m, l) of
+    all splits go to threadgroup memory in parallel, so the per-thread passes over them are
+    fast local reads; the partial outputs are read 8 splits at a time (8 loads in flight),
+    summed in split order (deterministic)."""
     return body_prologue(dialect) + f"""
-  constexpr int DV = {value_dim}, HQ = {num_q_heads};
+  constexpr int DV = {value_dim}, HQ = {num_q_heads}, MAXS = {MERGE_MAX_SPLITS};
   constexpr float NEG_BIG = {NEG_BIG};
   const int d = tq_tid, h = tq_gy, b = tq_gz;
   const int nsplit = params[1];
   const int base = (b * HQ + h) * nsplit;
+  TQ_SHARED float sm[MAXS];
+  TQ_SHARED float sw[MAXS];
+  for (int s = d; s < nsplit; s += DV) sm[s] = partial_m[base + s];
+  TQ_BARRIER();
   float M = NEG_BIG;
-  for (int s = 0; s < nsplit; ++s) M = TQ_FMAX(M, partial_m[base + s]);
+  for (int s = 0; s < nsplit; ++s) M = TQ_FMAX(M, sm[s]);
+  for (int s = d; s < nsplit; s += DV) sw[s] = partial_l[base + s] * TQ_EXP2(sm[s] - M);
+  TQ_BARRIER();
   float Lsum = 0.0f, O = 0.0f;
-  for (int s = 0; s < nsplit; ++s) {{
-    const float w = partial_l[base + s] * TQ_EXP2(partial_m[base + s] - M);
-    Lsum += w;
-    O += w * partial_out[(base + s) * DV + d];
+  for (int s0 = 0; s0 < nsplit; s0 += 8) {{
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = s0 + j < nsplit ? partial_out[(base + s0 + j) * DV + d] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {{
+      if (s0 + j < nsplit) {{ Lsum += sw[s0 + j]; O += sw[s0 + j] * v[j]; }}
+    }}
   }}
   out[(b * HQ + h) * DV + d] = Lsum > 0.0f ? O / Lsum : 0.0f;
 """

@@ -5,6 +5,10 @@ defines them for its language and is passed to MLX as the kernel's `header=`. Th
 names a language builtin directly (threadIdx, simd_shuffle_xor, __shared__, ...), so a fix or
 a speed change lands in both backends at once.
 
+The tensor-core kernel (attention_mma.py) is CUDA only: it adds inline-PTX helpers (mma.sync,
+movmatrix) on top of the CUDA header. Metal's simdgroup_matrix has other fragment layouts;
+Metal keeps the portable body.
+
 Invariants the bodies rely on:
 - SIMD width 32 (Apple GPUs and NVIDIA warps), and every lane of a warp reaches each
   TQ_SHFL_XOR (shuffles are never inside lane-divergent branches).

@@ -1,12 +1,13 @@
 """The one place that picks how decode attention over TurboQuant pages runs.
 
 Order: the fused GPU kernel of the backend MLX has (CUDA or Metal), else the paged cache's
-reference (tqstore.paged.attention.paged_decode_attention_reference, when that module is
-present), else this package's own pure-MLX reference. Both references compute the same
-function; the kernels are tested against them.
+reference (tqstore.paged.attention.paged_decode_attention_reference). It and this package's
+oracle (reference.py) compute the same function; the kernels are tested against both.
 
-The choice is reported: `active_backend()` names it (for `tqstore inspect` and benchmarks) and
-the first call logs it once on the "tqstore.metal" logger.
+On CUDA (sm_80+) shapes the tensor-core kernel covers (4-bit K/V, see attention_kernel.py) run
+it, the rest the portable kernel. The choice is reported: `active_backend()` names it (for
+`tqstore inspect` and benchmarks) and the first call of each kernel kind logs it once on the
+"tqstore.metal" logger (`cuda-kernel-mma`, `cuda-kernel`, `metal-kernel`, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
-from tqstore.metal.attention_kernel import gpu_backend, kernel_paged_decode_attention
+from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
 from tqstore.metal.quantize import kernel_quantize
 
 log = logging.getLogger("tqstore.metal")
@@ -33,11 +34,17 @@ def _paged_reference() -> tuple[str, Callable]:
     return "reference:tqstore.paged", paged_decode_attention_reference
 
 
+def _kernel_name(gpu: str, kind: str) -> str:
+    return f"{gpu}-kernel-mma" if kind == "mma" else f"{gpu}-kernel"
+
+
 def active_backend() -> str:
-    """'cuda-kernel', 'metal-kernel' or 'reference:tqstore.paged'."""
+    """'cuda-kernel-mma' (tensor-core kernel where a shape fits it, the portable kernel for
+    the others), 'cuda-kernel' (GPU older than sm_80), 'metal-kernel' or
+    'reference:tqstore.paged'. The log line names the kernel each shape actually runs."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
-        return f"{gpu}-kernel"
+        return _kernel_name(gpu, "mma" if gpu == "cuda" and mma_capable() else "portable")
     return _paged_reference()[0]
 
 
@@ -67,23 +74,19 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     (num_blocks, Hkv, block_size), likewise for values; block_tables int32 (B, max_blocks),
     seq_lens int32 (B,). Returns (B, Hq, Dv) float32 in the value-rotated space.
     """
-    name = active_backend()
-    if name.endswith("-kernel"):
-        if _forced == "reference":
-            raise AssertionError("unreachable")
-        out = kernel_paged_decode_attention(
-            queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
-            key_codebook, value_codebook, key_bits, value_bits)
-        if out is not None:
-            _announce(name)
-            return out
-        name = _paged_reference()[0]
-    elif _forced == "kernel":
+    gpu = gpu_backend()
+    if gpu is not None and _forced != "reference":
+        plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
+                           backend=gpu)
+        _announce(_kernel_name(gpu, plan.kind))
+        return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
+                        block_tables, seq_lens, key_codebook, value_codebook)
+    if _forced == "kernel":
         raise RuntimeError("decode-attention kernel forced but no GPU kernel backend is present")
+    name, reference = _paged_reference()
     _announce(name)
-    return _paged_reference()[1](queries, key_codes, key_scales, value_codes, value_scales,
-                                 block_tables, seq_lens, key_codebook, value_codebook,
-                                 key_bits, value_bits)
+    return reference(queries, key_codes, key_scales, value_codes, value_scales, block_tables,
+                     seq_lens, key_codebook, value_codebook, key_bits, value_bits)
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:

@@ -1,0 +1,102 @@
+"""Run the generated CUDA attention kernels on the CPU through tests/metal/cuda_emu.h: the
+kernel bodies exactly as MLX would compile them (same signature generator), a thread per GPU
+thread, warp collectives emulated. Used by CI to check the MMA kernel's fragment layouts and
+the split/merge logic without a GPU (the GPU bench checks the real thing)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from tests.metal.signature import HERE, full_source
+from tqstore.metal.attention_kernel import choose_num_splits, geometry_for
+from tqstore.metal.attention_mma import MmaGeometry, mma_attention_body, mma_header
+from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention_body,
+                                            merge_body)
+
+ATTN_TYPES = dict(queries="float32", key_codes="uint8", key_scales="float16",
+                  value_codes="uint8", value_scales="float16", block_tables="int32",
+                  seq_lens="int32", key_codebook="float32", value_codebook="float32",
+                  params="int32")
+_NP = dict(float32=np.float32, uint8=np.uint8, float16=np.float16, int32=np.int32)
+
+
+def _kernel(name: str, body: str, inputs: list[str], types: dict, outputs: list[str]) -> str:
+    return full_source("cuda", name, "", body, [(n, types[n]) for n in inputs],
+                       [(o, "float32") for o in outputs], prelude="")
+
+
+def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
+                 warps: int = 4, depth: int = 1) -> np.ndarray:
+    """(B, Hq, Dv) float32 from the `kind` ('mma' or 'portable') CUDA kernels on the emulator."""
+    cxx = shutil.which("g++")
+    assert cxx, "g++ is needed for the emulated kernel run"
+    q, kc, vc = pages["queries"], pages["key_codes"], pages["value_codes"]
+    bsz, hq, dk = q.shape
+    _, hkv, bs, vbytes = vc.shape
+    dv = vbytes * 8 // pages["value_bits"]
+    max_blocks = pages["block_tables"].shape[1]
+    nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs)
+    if kind == "mma":
+        geo = MmaGeometry(dk, dv, bs, hq, hkv, warps=warps, depth=depth)
+        body = lambda split: mma_attention_body(geo, split)  # noqa: E731
+        threads = geo.threads
+    else:
+        geo = geometry_for(q, kc, vc, pages["key_bits"], pages["value_bits"])
+        body = lambda split: attention_body(geo, "cuda", split)  # noqa: E731
+        threads = geo.threads
+    split = nsplit > 1
+    outs = ["partial_out", "partial_m", "partial_l"] if split else ["out"]
+    src = ['#include "cuda_emu.h"', mma_header(),
+           _kernel("attn", body(split), list(ATTN_INPUTS), ATTN_TYPES, outs)]
+    if split:
+        src.append(_kernel("merge", merge_body(dv, hq, "cuda"), list(MERGE_INPUTS),
+                           dict(partial_out="float32", partial_m="float32",
+                                partial_l="float32", params="int32"), ["out"]))
+    arrays = dict(pages)
+    arrays["params"] = np.array([max_blocks, nsplit], dtype=np.int32)
+    for name in ATTN_INPUTS:
+        np.ascontiguousarray(np.array(arrays[name]).astype(_NP[ATTN_TYPES[name]])).tofile(
+            tmp / f"{name}.bin")
+    args = ", ".join(f"({'const __half' if ATTN_TYPES[n] == 'float16' else _ctype(ATTN_TYPES[n])}*)"
+                     f"in_{n}.data()" for n in ATTN_INPUTS)
+    npart = bsz * hq * nsplit
+    main = [
+        "#include <fstream>",
+        "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
+        " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
+        "int main() {",
+        *[f'  auto in_{n} = rd("{n}.bin");' for n in ATTN_INPUTS],
+        f"  std::vector<float> out({bsz * hq * dv}), partial_out({npart * dv}),"
+        f" partial_m({npart}), partial_l({npart});",
+    ]
+    if split:
+        main += [
+            f"  tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
+            f"{args}, partial_out.data(), partial_m.data(), partial_l.data()); }});",
+            f"  tq_emu::launch(dim3{{1, {hq}, {bsz}}}, {dv}, [&] {{ mlx::core::cu::merge("
+            f"partial_out.data(), partial_m.data(), partial_l.data(), (const int32_t*)in_params.data(),"
+            f" out.data()); }});",
+        ]
+    else:
+        main.append(f"  tq_emu::launch(dim3{{1, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
+                    f"{args}, out.data()); }});")
+    main += ['  std::ofstream("out.bin", std::ios::binary).write((const char*)out.data(),'
+             ' out.size() * 4);', "  return 0;", "}"]
+    src.append("\n".join(main))
+    cpp = tmp / "emu.cpp"
+    cpp.write_text("\n".join(src))
+    exe = tmp / "emu"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w", str(cpp),
+                          "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"
+    res = subprocess.run([str(exe)], cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"emulated run failed:\n{res.stderr[-2000:]}"
+    return np.fromfile(tmp / "out.bin", dtype=np.float32).reshape(bsz, hq, dv)
+
+
+def _ctype(dtype: str) -> str:
+    return dict(float32="float", uint8="uint8_t", int32="int32_t")[dtype]

@@ -1,0 +1,94 @@
+"""The generated CUDA kernels run on the CPU emulator (tests/metal/cuda_emu.h) against the fp32
+oracle: the tensor-core kernel's fragment layouts, dim/token permutations, GQA padding, split
+and merge, ragged and empty sequences; and its error is the fp16 rounding it documents (a
+numpy model with exactly those roundings agrees with it far more closely than the oracle)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.metal.emulate import run_emulated
+from tqstore.metal.bench import TOLERANCE, random_pages
+from tqstore.metal.reference import paged_decode_attention_oracle
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+
+LOG2E = np.float32(1.4426950408889634)
+
+
+def _unpack4(codes: np.ndarray) -> np.ndarray:
+    lo, hi = codes & 0x0F, codes >> 4
+    return np.stack([lo, hi], axis=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+
+
+def fp16_model(pages: dict) -> np.ndarray:
+    """Attention with q (log2 units), codebook values and p * value_norm rounded to fp16
+    (p against the sequence's final max), everything else in fp32: what the MMA kernel does up
+    to its running-max rescaling and summation order."""
+    f16 = lambda x: np.asarray(x, np.float32).astype(np.float16).astype(np.float32)  # noqa: E731
+    q = np.array(pages["queries"])
+    kc, vc = np.array(pages["key_codes"]), np.array(pages["value_codes"])
+    ks = np.array(pages["key_scales"]).astype(np.float32)
+    vs = np.array(pages["value_scales"]).astype(np.float32)
+    tables, lens = np.array(pages["block_tables"]), np.array(pages["seq_lens"])
+    ck, cv = f16(np.array(pages["key_codebook"])), f16(np.array(pages["value_codebook"]))
+    bsz, hq, _ = q.shape
+    hkv, bs = kc.shape[1], kc.shape[2]
+    out = np.zeros((bsz, hq, vc.shape[-1] * 2), np.float32)
+    for b in range(bsz):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        blk, slot = tables[b, np.arange(n) // bs], np.arange(n) % bs
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            keys = ck[_unpack4(kc[blk, kv, slot])]
+            vals = cv[_unpack4(vc[blk, kv, slot])]
+            s = (keys @ f16(q[b, h] * LOG2E)) * ks[blk, kv, slot]
+            p = np.exp2(s - s.max())
+            out[b, h] = (f16(p * vs[blk, kv, slot]) @ vals) / p.sum()
+    return out
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# (seq_lens, Hq, Hkv, Dk, Dv, block_size, splits, warps, depth)
+MMA_CASES = [
+    ([1, 17, 300, 900], 32, 8, 128, 128, 16, 1, 4, 2),    # Llama-3-8B heads, single pass
+    ([1, 17, 300, 900], 32, 8, 128, 128, 16, 3, 4, 2),    # ... split-K + merge
+    ([129, 1000], 9, 3, 64, 64, 16, None, 2, 1),          # SmolLM2 shape, G = 3
+    ([700, 64], 4, 4, 96, 64, 64, 3, 1, 3),               # MHA, Dk != Dv, 3 words per lane
+    ([0, 3000], 8, 1, 128, 128, 256, 4, 4, 2),            # G = 8 (full n tile), empty sequence
+    ([250, 77], 14, 2, 128, 128, 32, 2, 8, 1),            # G = 7, 8 warps
+]
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: f"h{c[1]}x{c[2]}_d{c[3]}_bs{c[5]}_s{c[6]}")
+def test_mma_kernel_on_the_emulator(case, tmp_path):
+    lens, hq, hkv, dk, dv, bs, splits, warps, depth = case
+    rng = np.random.default_rng(sum(lens) + hq)
+    import mlx.core as mx
+    mx.random.seed(sum(lens) + dk)
+    pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
+    got = run_emulated(pages, "mma", splits, tmp_path, warps=warps, depth=depth)
+    ref = np.array(paged_decode_attention_oracle(**pages))
+    tol_rel, tol_abs = TOLERANCE["mma"]
+    assert np.all(np.isfinite(got))
+    assert _rel(got, ref) < tol_rel and np.max(np.abs(got - ref)) < tol_abs
+    assert _rel(got, fp16_model(pages)) < 3e-4  # the error is the fp16 rounding, nothing else
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert np.all(got[b] == 0)
+
+
+def test_portable_cuda_kernel_on_the_emulator(tmp_path):
+    pages = random_pages(np.random.default_rng(3), [129, 1000, 5], 9, 3, 64, 64, 3, 4, 8)
+    got = run_emulated(pages, "portable", 3, tmp_path)
+    ref = np.array(paged_decode_attention_oracle(**pages))
+    tol_rel, tol_abs = TOLERANCE["portable"]
+    assert _rel(got, ref) < tol_rel and np.max(np.abs(got - ref)) < tol_abs
