@@ -2,11 +2,13 @@
 """End-to-end decode tokens/s of a random-weight model shaped like Llama-3-8B at a long context:
 mlx-lm's fp16 KVCache against tqstore's paged TurboQuant cache (K4/V4), in the same run.
 
-Three rows:
+Rows:
   fp16          mlx-lm KVCache + mx.fast.scaled_dot_product_attention
   tq-reference  the paged cache forced onto the pure-MLX reference (dispatch.force_backend)
   tq-kernels    the same cache on tqstore.metal's kernels (decode attention and the per-token
                 quantize), which its dispatch point picks on a GPU backend
+  tq-kernels-tail  the same with the newest block in fp16 (CachePolicy.fp16_tail): the kernel
+                over the pages plus the merge with the fp16 tail
 
     PYTHONUNBUFFERED=1 python tools/attention_e2e.py --context 32768 --json $OUT/e2e.json
 """
@@ -66,6 +68,7 @@ def main() -> int:
     from tqstore.paged.cache import make_prompt_cache, pool_for_model
     from tqstore.metal import dispatch
     from tqstore.paged.integration import install, uninstall
+    from tqstore.paged.policy import CachePolicy
 
     shape = dict(LLAMA3_8B, num_hidden_layers=args.layers)
     if args.small:
@@ -85,9 +88,10 @@ def main() -> int:
 
     per_token = shape["num_hidden_layers"] * shape["num_key_value_heads"] * (2 * 128 // 2 + 4)
     budget = int((args.context + 4096) * per_token * 1.5) + (64 << 20)
-    variants = (["tq-kernels"] if args.skip_reference else ["tq-reference", "tq-kernels"])
+    variants = ([] if args.skip_reference else ["tq-reference"]) + ["tq-kernels", "tq-kernels-tail"]
     for name in variants:
-        pool = pool_for_model(model, budget_bytes=budget)
+        policy = CachePolicy(fp16_tail=name.endswith("-tail"))
+        pool = pool_for_model(model, budget_bytes=budget, policy=policy)
         caches = make_prompt_cache(pool)
         # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
         # forces the pure-MLX path there.
@@ -95,7 +99,7 @@ def main() -> int:
         install(model)
         try:
             y = prefill(model, tokens, caches, args.chunk)
-            steps = args.steps if name == "tq-kernels" else max(4, args.steps // 4)
+            steps = max(4, args.steps // 4) if name == "tq-reference" else args.steps
             rows[name] = decode(model, y, caches, steps, args.warmup)
         finally:
             uninstall(model)

@@ -6,13 +6,14 @@ Steps (all deterministic on a given machine: fixed text slice, fixed order, no R
 2. Key means per (layer, kv_head): float64 mean over those tokens, rounded once to float16.
 3. Sensitivity per layer (unless ``--uniform``): teacher-forced KL against the fp16 cache on the
    next ``--positions`` tokens with ONLY that layer quantized, keys at 4 bits (values at 8) and
-   values at 4 bits (keys at 8), around the means. Error concentrates in a few layers on
-   SmolLM2 (quality.md), so this is where bits pay.
+   values at 4 bits (keys at 8), around the means, with the newest block in fp16 (the policy
+   the profile is for; ``--no-tail`` without). Error concentrates in a few layers on SmolLM2
+   (quality.md), so this is where bits pay.
 4. Bits per layer: KL_l(b) ~= s_l * 4^-(b - 4) (TurboQuant's distortion falls 4x per bit;
    measured ~3.9x on SmolLM2's keys), contributions add across layers; greedily give one bit at
    a time to the (layer, K|V) with the largest predicted KL drop until the byte budget
-   (``--budget`` x fp16, codes + fp16 norms + the means amortized over ``--amortize`` tokens)
-   is spent. Every bit costs the same bytes, so greedy is optimal for this convex model.
+   (``--budget`` x fp16 for a sequence of ``--amortize`` tokens: codes + fp16 norms, the means
+   once, and at the worst moment one whole block held in fp16 by the tail) is spent. Every bit costs the same bytes, so greedy is optimal for this convex model.
 
 The profile goes to ``--out`` (default tqstore/data/profiles/<model>.tqprofile); its digest
 enters the codec identity. The daemon gets it on the wire with the codec settings.
@@ -77,18 +78,24 @@ def allocate_bits(key_sens: np.ndarray, value_sens: np.ndarray, total_bits: int,
 
 
 def bit_budget(budget: float, num_layers: int, num_kv_heads: int, head_dim: int,
-               amortize_tokens: int) -> int:
-    """Total (key + value) bits over layers per dimension that fit ``budget`` x fp16 bytes."""
+               amortize_tokens: int, tail_tokens: int = 0) -> int:
+    """Total (key + value) bits over layers per dimension that fit ``budget`` x fp16 bytes for
+    a sequence of ``amortize_tokens`` tokens: the profile's means once, and with an fp16 tail
+    its worst moment (``tail_tokens`` tokens in fp16, the rest as codes)."""
     fp16 = num_layers * num_kv_heads * head_dim * 2 * 2  # bytes per token
-    means = num_layers * num_kv_heads * head_dim * 2 / amortize_tokens
-    per_layer_head = (budget * fp16 - means) / (num_layers * num_kv_heads)
+    means = num_layers * num_kv_heads * head_dim * 2
+    n = amortize_tokens
+    codes_per_token = (budget * fp16 * n - tail_tokens * fp16 - means) / (n - tail_tokens)
+    per_layer_head = codes_per_token / (num_layers * num_kv_heads)
     # per (layer, head): (kb + vb) * D / 8 code bytes + 2 fp16 norms
     return int((per_layer_head * num_layers - 4 * num_layers) * 8 // head_dim)
 
 
 def sensitivities(lm, prefix_kv, tokens: list[int], prefill: int, means_profile: QualityProfile,
-                  chunk: int, block_size: int, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer KL of quantizing only that layer's keys (resp. values) at PROBE_BITS."""
+                  chunk: int, block_size: int, log: Callable[[str], None],
+                  fp16_tail: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer KL of quantizing only that layer's keys (resp. values) at PROBE_BITS, under
+    the cache policy the profile is for (with or without the fp16 tail)."""
     from tqstore.bench.quality import run_config
     from tqstore.paged import FP16_POLICY, CachePolicy
 
@@ -99,7 +106,8 @@ def sensitivities(lm, prefix_kv, tokens: list[int], prefill: int, means_profile:
     for kind, (kb, vb) in (("K", (PROBE_BITS, QUIET_BITS)), ("V", (QUIET_BITS, PROBE_BITS))):
         codec = CodecConfig(kb, vb, profile=means_profile)
         for layer in range(n):
-            policy = CachePolicy(codec=codec, fp16_layers=frozenset(set(range(n)) - {layer}))
+            policy = CachePolicy(codec=codec, fp16_layers=frozenset(set(range(n)) - {layer}),
+                                 fp16_tail=fp16_tail)
             logp, _ = run_config(lm, policy, prefix_kv, tokens, prefill, chunk, block_size)
             out[kind][layer] = float(mx.mean(mx.sum(p_ref * (ref - logp), axis=-1)).item())
             log(f"  {kind} layer {layer}: KL {out[kind][layer]:.5f}")
@@ -108,7 +116,8 @@ def sensitivities(lm, prefix_kv, tokens: list[int], prefill: int, means_profile:
 
 def calibrate(lm, text: str, text_name: str, prefill: int, positions: int, *, budget: float = 0.30,
               amortize_tokens: int = 2048, uniform: tuple[int, int] | None = None, chunk: int = 128,
-              block_size: int = 16, log: Callable[[str], None] = print) -> QualityProfile:
+              block_size: int = 16, fp16_tail: bool = True,
+              log: Callable[[str], None] = print) -> QualityProfile:
     from tqstore.paged import FP16_POLICY, make_prompt_cache, pool_for_model
 
     tokens = [int(t) for t in lm.tokenizer.encode(text)]
@@ -129,10 +138,12 @@ def calibrate(lm, text: str, text_name: str, prefill: int, positions: int, *, bu
     if uniform is not None:
         return base
     L, H, D = means.shape
-    key_sens, value_sens = sensitivities(lm, prefix_kv, tokens, prefill, base, chunk, block_size, log)
-    total = bit_budget(budget, L, H, D, amortize_tokens)
+    key_sens, value_sens = sensitivities(lm, prefix_kv, tokens, prefill, base, chunk, block_size,
+                                         log, fp16_tail)
+    total = bit_budget(budget, L, H, D, amortize_tokens, block_size if fp16_tail else 0)
     kbits, vbits = allocate_bits(key_sens, value_sens, total)
-    how += f" positions {positions} budget {budget} amortize {amortize_tokens}"
+    how += (f" positions {positions} budget {budget} amortize {amortize_tokens}"
+            f" fp16_tail {int(fp16_tail)}")
     return QualityProfile.build(lm.fingerprint, means, key_bits=kbits, value_bits=vbits,
                                 calibration=how)
 
@@ -146,6 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=0.30, help="bytes vs fp16 KV")
     parser.add_argument("--amortize", type=int, default=2048,
                         help="tokens the profile's means are amortized over in the budget")
+    parser.add_argument("--no-tail", action="store_true",
+                        help="calibrate for a cache without the fp16 tail (newest block fp16)")
     parser.add_argument("--uniform", action="store_true",
                         help="means only, no per-layer bits (no sensitivity probes)")
     parser.add_argument("--out", default=None, help="profile path (default tqstore/data/profiles)")
@@ -160,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     profile = calibrate(lm, path.read_text(), path.name, args.prefill, args.positions,
                         budget=args.budget, amortize_tokens=args.amortize,
-                        uniform=(0, 0) if args.uniform else None)
+                        uniform=(0, 0) if args.uniform else None, fp16_tail=not args.no_tail)
     out = Path(args.out) if args.out else default_profile_path(lm.fingerprint)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(profile.to_bytes())

@@ -10,8 +10,9 @@ Method (teacher forcing against the fp16 cache, measured in the same run):
    causal mask: the same numbers as decoding it token by token (tests/paged/test_integration.py
    checks the decode path against this one), at a fraction of the CPU time.
 4. Per position: top-1 agreement with the fp16 cache and KL(p_fp16 || p_config) (mean and p99);
-   live KV bytes per token against dense fp16: codes + fp16 norms + fp16 layers, plus a quality
-   profile's key means amortized over ``--amortize`` tokens (they are per model, not per token).
+   live KV bytes per token against dense fp16: codes + fp16 norms + fp16 layers, with an fp16
+   tail the worst moment of the sequence (a whole block in fp16 instead of codes), plus a
+   quality profile's key means amortized over ``--amortize`` tokens (per model, not per token).
 The baseline row (fp16 cache) is run through the same code path.
 """
 
@@ -112,7 +113,7 @@ def measure(lm, policies: list[CachePolicy], text: str, prefill: int, positions:
         logp, pool = run_config(lm, policy, prefix_kv, tokens, prefill, chunk, block_size)
         top1 = float(mx.mean(mx.argmax(logp, axis=-1) == ref_top).item()) * 100
         kls = np.array(mx.sum(p_ref * (ref - logp), axis=-1), dtype=np.float64)
-        bpt = pool.bytes_per_token() + profile_bytes_per_token(policy, amortize)
+        bpt = live_bytes_per_token(policy, pool, prefill + positions, amortize)
         rows.append(Row(policy.label(), top1, float(kls.mean()), float(np.percentile(kls, 99)),
                         bpt, bpt / fp16_bpt, time.perf_counter() - t0))
         log(_format_row(rows[-1]))
@@ -127,6 +128,17 @@ def measure(lm, policies: list[CachePolicy], text: str, prefill: int, positions:
     }
 
 
+def live_bytes_per_token(policy: CachePolicy, pool, tokens: int, amortize: int) -> float:
+    """Live KV bytes per token of a ``tokens``-token sequence at its worst moment: pages, and
+    with an fp16 tail one whole block held in fp16 instead of codes, plus the profile's means
+    amortized over ``amortize`` tokens."""
+    per_token = pool.bytes_per_token()
+    if policy.fp16_tail and policy.codec is not None:
+        bs = pool.block_size
+        per_token = (per_token * (tokens - bs) + pool.fp16_bytes_per_token() * bs) / tokens
+    return per_token + profile_bytes_per_token(policy, amortize)
+
+
 def _format_row(r: Row) -> str:
     return (f"| {r.config} | {r.top1:.1f} | {r.mean_kl:.4f} | {r.p99_kl:.3f} | "
             f"{r.bytes_per_token:.0f} | {r.bytes_vs_fp16:.3f} | {r.seconds:.0f} |")
@@ -137,18 +149,19 @@ TABLE_HEADER = ("| config | top-1 % | mean KL | p99 KL | live KV bytes/token | b
 
 
 def profile_policies(profile_path: str | None, fingerprint: str) -> list[CachePolicy]:
-    """The calibrated policies: K5V4 around the profile's means (uniform widths) and the
-    profile's own per-layer bits (when it has them)."""
+    """The calibrated policies: K4V4 and K5V4 around the profile's means (uniform widths),
+    K5V4 + means with the fp16 tail, and the profile's own per-layer bits with the fp16 tail
+    (the default policy where the profile is the shipped one)."""
     from tqstore.codec.profile import QualityProfile
-    from tqstore.paged.policy import default_profile_path, means_only
+    from tqstore.paged.policy import default_profile_path, means_only, profile_policy
 
     path = Path(profile_path) if profile_path else default_profile_path(fingerprint)
     profile = QualityProfile.from_bytes(path.read_bytes())
     out = [CachePolicy(codec=CodecConfig(k, v, profile=means_only(profile)))
            for k, v in ((4, 4), (5, 4))]
+    out.append(CachePolicy(codec=CodecConfig(5, 4, profile=means_only(profile)), fp16_tail=True))
     if profile.key_bits:
-        out.append(CachePolicy(codec=CodecConfig(max(profile.key_bits), max(profile.value_bits),
-                                                 profile=profile)))
+        out.append(profile_policy(profile))
     return out
 
 

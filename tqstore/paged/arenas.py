@@ -137,6 +137,11 @@ class TurboQuantArena:
         qk, qv = self.quantized(block_ids, num_tokens)
         return self.key_codec.dequantize_residual(qk, dtype), self.value_codec.dequantize(qv, dtype)
 
+    def attention_keys(self, keys: mx.array) -> mx.array:
+        """Exact keys (..., Hkv, n, D) in the space the pages are scored in: float32 k - mean
+        where the codec is centered (what the fp16 tail attends with)."""
+        return self.key_codec.centered(keys)
+
 
 class Fp16Arena:
     """Dense float16 K/V pages of one layer (layers the policy keeps unquantized)."""
@@ -179,6 +184,9 @@ class Fp16Arena:
             return pages.reshape(pages.shape[0], -1, pages.shape[-1])[:, :num_tokens].astype(dtype)
 
         return gather(self.keys), gather(self.values)
+
+    def attention_keys(self, keys: mx.array) -> mx.array:
+        return keys.astype(mx.float32)
 
 
 LayerArena = TurboQuantArena | Fp16Arena

@@ -11,9 +11,10 @@ R^T is orthogonal and the scales factor out (tested to 1e-5 relative in fp32).
 ``paged_decode_attention_reference`` is pure MLX ops (runs on CPU, Metal and CUDA) and is the
 test oracle of the fused kernels. ``decode_attention`` is the single entry point the cache calls;
 the kernels issue slots its dispatcher in there and nowhere else.
-Room for later: a per-(layer, head) key mean m (k = m + residual) adds q~ . R_K m to every score
-of a head, a constant per head that softmax ignores for decode, so it can enter here as an
-optional argument without changing the arena layout.
+Keys quantized around a per-(layer, head) mean m (k = m + residual, tqstore.codec.profile) are
+scored on the residual only: q~ . R_K m is the same for every token of a head, and softmax
+ignores it. With ``return_lse`` the log-sum-exp comes back too, so the fp16 tail
+(tqstore.paged.tail) merges with the pages' softmax exactly.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def paged_decode_attention_reference(
     value_codebook: mx.array,
     key_bits: int,
     value_bits: int,
-) -> mx.array:
-    """(B, Hq, Dk) rotated, pre-scaled queries -> (B, Hq, Dv) float32 in value-rotated space.
+    return_lse: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """(B, Hq, Dk) rotated, pre-scaled queries -> (B, Hq, Dv) float32 in value-rotated space,
+    and with ``return_lse`` also the log-sum-exp (B, Hq) of the scores (natural log), which
+    lets a caller merge this softmax with another piece (tqstore.paged.tail).
 
     Entries of block_tables beyond a sequence's length are ignored (may be 0, the null block).
     Every seq_len must be >= 1 (a row with no valid token would divide 0 by 0).
@@ -91,7 +95,10 @@ def paged_decode_attention_reference(
         vvec = mx.take(value_codebook, vidx) * _pages(value_scales, ids).astype(mx.float32)[..., None]
         acc = acc * corr + p @ vvec
         m = m_new
-    return (acc / l).reshape(B, Hq, Dv)
+    out = (acc / l).reshape(B, Hq, Dv)
+    if return_lse:
+        return out, (m + mx.log(l)).reshape(B, Hq)
+    return out
 
 
 def decode_attention(
@@ -106,13 +113,20 @@ def decode_attention(
     value_codebook: mx.array,
     key_bits: int,
     value_bits: int,
-) -> mx.array:
+    return_lse: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
     """THE dispatch point for paged decode attention (same contract as the reference):
     tqstore.metal.dispatch runs the fused Metal/CUDA kernel where MLX has that backend, else
     paged_decode_attention_reference. The choice is logged once and shown by `tqstore inspect`.
     """
+    import inspect
+
     from tqstore.metal.dispatch import paged_decode_attention
 
-    return paged_decode_attention(
-        queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
-        key_codebook, value_codebook, key_bits, value_bits)
+    args = (queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
+            key_codebook, value_codebook, key_bits, value_bits)
+    if not return_lse:
+        return paged_decode_attention(*args)
+    if "return_lse" in inspect.signature(paged_decode_attention).parameters:  # TEMP until kernels
+        return paged_decode_attention(*args, return_lse=True)
+    return paged_decode_attention_reference(*args, return_lse=True)

@@ -19,6 +19,10 @@ Life of a layer cache:
 - Multi-token steps after prefill (a chat's next turn, teacher forcing, a prefix shared from the
   pool): the chunk is quantized into pages as appended and attended by stock SDPA over the
   dequantized pages with the model's causal mask, which equals token-by-token decode.
+- With ``policy.fp16_tail`` the newest, not yet full block stays fp16 until it fills
+  (tqstore.paged.tail has the one rule every path follows): decode merges the kernel's softmax
+  over the pages with the fp16 tail's, and a multi-token step hands stock SDPA an extended key
+  layout plus the mask from ``make_mask``, so it still equals token-by-token decode.
 
 No attribute is named ``bits``: mlx-lm would route such a cache to its own affine path.
 """
@@ -37,6 +41,7 @@ from tqstore.paged.attention import decode_attention
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from tqstore.paged.policy import CachePolicy
 from tqstore.paged.sequence import Sequence
+from tqstore.paged.tail import commit_point, exact_start, extended_mask, merge_with_tail
 
 
 class PagedLayerCache:
@@ -51,6 +56,13 @@ class PagedLayerCache:
         self._keys: mx.array | None = None  # fp16 prefill K/V (1, Hkv, T, D)
         self._values: mx.array | None = None
         self.decode_pending = False  # set by an L == 1 update, consumed by attend()
+        pool = sequence.pool
+        self.fp16_tail = pool.policy.fp16_tail and layer not in pool.sliding_layers
+        # Tokens whose K/V are in the pages; with fp16_tail, [committed, offset) are held in
+        # _tail_keys/_tail_values (fp16, (1, Hkv, n, D)), else committed == offset after a write.
+        self.committed = self.offset
+        self._tail_keys: mx.array | None = None
+        self._tail_values: mx.array | None = None
 
     # Set by tqstore.paged.integration.install(): decode steps of some model are routed to
     # attend(). Then update_and_fetch skips the dense view it would otherwise return.
@@ -81,7 +93,7 @@ class PagedLayerCache:
         block_ids, slots = self.sequence.prepare_write(0, count)
         self.arena.write_codes(block_ids, slots, codes)
         self.in_prefill = False
-        self.offset = count
+        self.offset = self.committed = count
         self.sequence.note_written(self.layer, count)
 
     def prefill_kv(self) -> tuple[mx.array, mx.array] | None:
@@ -105,17 +117,17 @@ class PagedLayerCache:
             return
         for listener in self.sequence.prefill_listeners:
             listener(self.layer, self._keys, self._values)
-        self._write(0, self._keys, self._values)
+        keys, values = self._keys, self._values
         self._keys = self._values = None
+        self.offset = 0
+        self._append(keys, values)
 
     # -- the mlx-lm protocol ---------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if keys.shape[0] != 1:
             raise InvalidArgument("PagedLayerCache holds one sequence: batch size must be 1")
         L = keys.shape[2]
-        prompt_left = (self.sequence.prompt_length is not None
-                       and self.offset + L <= self.sequence.prompt_length)
-        if self.in_prefill and (L > 1 or prompt_left):
+        if self._prefill_step(L):
             k, v = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
             if self._keys is None:
                 self._keys, self._values = k, v
@@ -125,7 +137,8 @@ class PagedLayerCache:
             self.offset += L
             return self._keys.astype(keys.dtype), self._values.astype(values.dtype)
         self.finish_prefill()
-        self._write(self.offset, keys, values)
+        start, committed = self.offset, self.committed
+        exact = self._append(keys, values)
         if self.decode_pending and self.attention_routed:
             # The previous decode step was never attended through integration.dispatch: this
             # model's attention is not routed, and stock SDPA saw only the placeholder below.
@@ -137,40 +150,92 @@ class PagedLayerCache:
             # don't build a dequantized view of the whole context every step (it cost 39 of 138 ms
             # of graph building per SmolLM2 step).
             return keys, values
-        k, v = self.arena.gather_dense(self.sequence.block_table()[0], self.offset, keys.dtype)
+        table = self.sequence.block_table()[0]
+        k, v = self.arena.gather_dense(table, self.committed, keys.dtype)
+        if exact is not None:
+            # The extended layout of tqstore.paged.tail: codes of [0, committed'), then fp16 of
+            # [first_exact, offset); make_mask gave the matching mask (none for one token).
+            skip = exact_start(committed, start, self.sequence.block_size) - committed
+            exact_k, exact_v = self._exact(exact[0][:, :, skip:], exact[1][:, :, skip:], keys.dtype)
+            k, v = mx.concatenate([k, exact_k], axis=1), mx.concatenate([v, exact_v], axis=1)
         return k[None], v[None]
 
-    def _write(self, start: int, keys: mx.array, values: mx.array) -> None:
+    def _prefill_step(self, L: int) -> bool:
+        prompt_left = (self.sequence.prompt_length is not None
+                       and self.offset + L <= self.sequence.prompt_length)
+        return self.in_prefill and (L > 1 or prompt_left)
+
+    def _append(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array] | None:
+        """Add tokens [offset, offset + n) after prefill: straight into the pages, or with
+        fp16_tail into the tail, committing every block before the newest token's. Returns the
+        fp16 K/V of [committed before, offset after) with fp16_tail (what a multi-token step
+        attends exactly), else None."""
+        count = keys.shape[2]
+        end = self.offset + count
+        if not self.fp16_tail:
+            self._commit(self.offset, keys, values)
+            self.offset = end
+            return None
+        keys, values = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
+        if self._tail_keys is not None:
+            keys = mx.concatenate([self._tail_keys, keys], axis=2)
+            values = mx.concatenate([self._tail_values, values], axis=2)
+        n = commit_point(self.committed, end, self.sequence.block_size) - self.committed
+        if n:
+            self._commit(self.committed, keys[:, :, :n], values[:, :, :n])
+        self._tail_keys, self._tail_values = keys[:, :, n:], values[:, :, n:]
+        self.offset = end
+        return keys, values
+
+    def _commit(self, start: int, keys: mx.array, values: mx.array) -> None:
         count = keys.shape[2]
         block_ids, slots = self.sequence.prepare_write(start, count)
         self.arena.write(block_ids, slots, keys[0], values[0])
-        self.offset = start + count
-        self.sequence.note_written(self.layer, self.offset)
+        self.committed = start + count
+        self.sequence.note_written(self.layer, self.committed)
+
+    def _exact(self, keys: mx.array, values: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """fp16 K/V (1, Hkv, n, D) as attention sees them: (Hkv, n, D), keys in the pages'
+        scoring space (k - mean where keys are centered)."""
+        return self.arena.attention_keys(keys[0]).astype(dtype), values[0].astype(dtype)
 
     def attend(self, queries: mx.array, scale: float, mask: Any = None) -> mx.array:
-        """Decode attention over the compressed pages for the token just written.
-
-        queries (1, Hq, 1, Dk) -> (1, Hq, 1, Dv) in the queries' dtype.
+        """Decode attention over the compressed pages (and the fp16 tail) for the token just
+        written. queries (1, Hq, 1, Dk) -> (1, Hq, 1, Dv) in the queries' dtype.
         """
         self.decode_pending = False
         if mask is not None and not isinstance(mask, str):
             raise InvalidArgument("paged decode takes no mask array (sliding layers stay fp16)")
         B, Hq, L, Dk = queries.shape
         kc, vc = self.arena.key_codec, self.arena.value_codec
-        Hkv = kc.num_heads
-        q = (queries[:, :, 0, :].astype(mx.float32) * scale).reshape(B, Hkv, Hq // Hkv, Dk)
-        # Queries and outputs are rotated with one batched matmul per step, not the codec's
-        # butterflies: they are never stored, so they need no batch-shape-exact arithmetic, and
-        # one op instead of ~25 per layer is what decode's per-step graph cost is made of.
-        q = mx.matmul(q, self.arena.query_rotation).reshape(B, Hq, Dk)
-        out = decode_attention(
-            q, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
-            self.arena.value_scales, self.sequence.block_table(),
-            mx.array([self.offset], dtype=mx.int32), kc.codebook, vc.codebook, kc.bits, vc.bits)
-        out = mx.matmul(out.reshape(B, Hkv, Hq // Hkv, vc.head_dim), self.arena.output_rotation)
+        Hkv, G = kc.num_heads, Hq // kc.num_heads
+        q = (queries[:, :, 0, :].astype(mx.float32) * scale).reshape(B, Hkv, G, Dk)
+        out = lse = None
+        if self.committed:
+            # Queries and outputs are rotated with one batched matmul per step, not the codec's
+            # butterflies: they are never stored, so they need no batch-shape-exact arithmetic,
+            # and one op instead of ~25 per layer is what decode's per-step graph cost is made of.
+            q_rot = mx.matmul(q, self.arena.query_rotation).reshape(B, Hq, Dk)
+            result = decode_attention(
+                q_rot, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
+                self.arena.value_scales, self.sequence.block_table(),
+                mx.array([self.committed], dtype=mx.int32), kc.codebook, vc.codebook, kc.bits,
+                vc.bits, return_lse=self._tail_keys is not None)
+            out, lse = result if isinstance(result, tuple) else (result, None)
+            out = mx.matmul(out.reshape(B, Hkv, G, vc.head_dim), self.arena.output_rotation)
+        if self._tail_keys is not None:
+            tail_k, tail_v = self._exact(self._tail_keys, self._tail_values, mx.float32)
+            out = merge_with_tail(None if out is None else out[0],
+                                  None if lse is None else lse.reshape(Hkv, G, 1),
+                                  q[0], tail_k, tail_v)[None]
         return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        if self.fp16_tail and N > 1 and window_size is None and not self._prefill_step(N):
+            # finish_prefill will commit first: predict its commit point
+            committed = (commit_point(0, self.offset, self.sequence.block_size)
+                         if self.in_prefill else self.committed)
+            return extended_mask(committed, self.offset, N, self.sequence.block_size)
         return create_attention_mask(N, self.offset, return_array, window_size)
 
     @property
@@ -178,6 +243,8 @@ class PagedLayerCache:
         """What generate_step evaluates each step: the pending writes of this layer."""
         if self._keys is not None:
             return [self._keys, self._values]
+        if self._tail_keys is not None:
+            return [*self.arena.arrays, self._tail_keys, self._tail_values]
         return self.arena.arrays
 
     def is_trimmable(self) -> bool:
@@ -188,7 +255,15 @@ class PagedLayerCache:
         self.offset -= n
         if self._keys is not None:
             self._keys, self._values = self._keys[:, :, : self.offset], self._values[:, :, : self.offset]
+        elif self.offset >= self.committed:
+            if self._tail_keys is not None:
+                keep = self.offset - self.committed
+                self._tail_keys = self._tail_keys[:, :, :keep]
+                self._tail_values = self._tail_values[:, :, :keep]
         else:
+            # Into the pages: the tokens left in a partial block are attended through their codes
+            self._tail_keys = self._tail_values = None
+            self.committed = self.offset
             self.sequence.trim(self.layer, self.offset)
         return n
 
@@ -203,7 +278,8 @@ class PagedLayerCache:
         """Live KV bytes of this layer: the fp16 prefill copy, or this sequence's pages."""
         if self._keys is not None:
             return self._keys.nbytes + self._values.nbytes
-        return len(self.sequence.blocks) * self.arena.bytes_per_block
+        tail = 0 if self._tail_keys is None else self._tail_keys.nbytes + self._tail_values.nbytes
+        return len(self.sequence.blocks) * self.arena.bytes_per_block + tail
 
     @property
     def fp16_nbytes(self) -> int:

@@ -40,6 +40,7 @@ class PagedKVPool:
         self.value_head_dim = value_head_dim or key_head_dim
         self.block_size = block_size
         sliding = set(sliding_layers)
+        self.sliding_layers = frozenset(sliding)
         self.dense_layers = [self.policy.is_dense(l, num_layers, l in sliding) for l in range(num_layers)]
         dims = (block_size, num_kv_heads, key_head_dim, self.value_head_dim)
         self.block_bytes = sum(

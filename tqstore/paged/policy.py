@@ -24,6 +24,8 @@ class CachePolicy:
     fp16_last: int = 0  # the last N layers stay fp16
     fp16_layers: frozenset[int] = frozenset()  # any other layers to keep fp16
     fp16_sliding_window: bool = True  # sliding-window layers stay fp16
+    # The newest, not yet full block of a sequence stays fp16 until it fills (tqstore.paged.tail)
+    fp16_tail: bool = False
 
     def is_dense(self, layer: int, num_layers: int, sliding: bool = False) -> bool:
         if self.codec is None:
@@ -42,8 +44,9 @@ class CachePolicy:
         """Stable text naming the policy (goes into the pool's prefix-hash namespace)."""
         codec = "fp16" if self.codec is None else self.codec.identity()
         dense = ",".join(str(x) for x in sorted(self.fp16_layers))
+        tail = ":fp16tail" if self.fp16_tail and self.codec is not None else ""
         return (f"{codec}:first{self.fp16_first}:last{self.fp16_last}:dense[{dense}]"
-                f":swa{int(self.fp16_sliding_window)}")
+                f":swa{int(self.fp16_sliding_window)}{tail}")
 
     def label(self) -> str:
         """Short human label, e.g. K4V4 or K4V4+fp16 first2/last2."""
@@ -61,6 +64,8 @@ class CachePolicy:
             text += f" fp16 first{self.fp16_first}/last{self.fp16_last}"
         if self.fp16_layers:
             text += f" fp16 {sorted(self.fp16_layers)}"
+        if self.fp16_tail:
+            text += " +fp16 tail"
         return text
 
 
@@ -96,17 +101,21 @@ def means_only(profile: QualityProfile) -> QualityProfile:
                           profile.key_head_dim, profile.key_means, calibration=profile.calibration)
 
 
-# The default codec where a model has a calibrated profile, chosen from the quality table
-# (docs/fragments/quality.md): keys 5 bits, values 4, keys quantized around the profile's
-# per-(layer, head) means; 0.297x fp16. Uniform widths across layers: the daemon's wire format
-# and the hit-path test compare one code width for every layer (per-layer bits need that lifted).
-DEFAULT_PROFILE_BITS = (5, 4)
+def profile_policy(profile: QualityProfile) -> CachePolicy:
+    """A profile's own policy: its per-layer bits (the codec's widths are the widest layer's,
+    what the wire carries) around its key means, with the newest block in fp16 (the policy
+    `tqstore calibrate` allocates bits for)."""
+    if not profile.key_bits:
+        raise ValueError("profile has no per-layer bits")
+    codec = CodecConfig(max(profile.key_bits), max(profile.value_bits), profile=profile)
+    return CachePolicy(codec=codec, fp16_tail=True)
 
 
 def default_policy(fingerprint: str | None = None) -> CachePolicy:
-    """The policy `tqstore generate` and the demo use for a model."""
+    """The policy `tqstore generate` and the demo use for a model: the calibrated profile's
+    per-layer bits around its key means with the fp16 tail, chosen from the quality table
+    (docs/fragments/quality.md); K4V4 with the fp16 tail for a model without a profile."""
     profile = find_profile(fingerprint) if fingerprint else None
-    if profile is None or not profile.key_means:
-        return CachePolicy()
-    k, v = DEFAULT_PROFILE_BITS
-    return CachePolicy(codec=CodecConfig(k, v, profile=means_only(profile)))
+    if profile is None or not profile.key_bits:
+        return CachePolicy(fp16_tail=True)
+    return profile_policy(profile)

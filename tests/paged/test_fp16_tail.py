@@ -1,0 +1,135 @@
+"""The newest block stays fp16 until it fills (CachePolicy.fp16_tail, tqstore.paged.tail).
+
+Every path must compute the one rule of tqstore.paged.tail: routed decode (kernel-or-reference
+over the pages merged with the fp16 tail), the unrouted fallback (stock SDPA over the extended
+layout), and multi-token steps (stock SDPA with make_mask's mask) == token-by-token decode.
+"""
+
+import numpy as np
+import pytest
+
+import tqstore  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+from tqstore.codec import CodecConfig
+from tqstore.paged import (CachePolicy, PagedLayerCache, install, make_prompt_cache,
+                           pool_for_model, uninstall)
+from tqstore.paged.tail import commit_point, exact_start, extended_mask
+
+from tests.paged.test_integration import rel, run, tiny_model
+
+BS = 8
+TAIL = CachePolicy(codec=CodecConfig(4, 4), fp16_first=1, fp16_tail=True)
+
+
+def fresh(model, policy=TAIL, prompt=()):
+    pool = pool_for_model(model, policy=policy, budget_bytes=1 << 20, block_size=BS)
+    return make_prompt_cache(pool, prompt)
+
+
+def test_commit_rule_and_mask_by_hand():
+    assert commit_point(0, 17, 8) == 16 and commit_point(0, 16, 8) == 8
+    assert commit_point(12, 14, 8) == 12  # trimmed mid-block: never goes back
+    assert exact_start(8, 13, 8) == 8 and exact_start(12, 13, 8) == 12
+    # committed 8, a step of 3 tokens at 14..16: commit -> 16, exact copies of 8..16
+    mask = np.array(extended_mask(8, 14, 3, 8))
+    assert mask.shape == (3, 16 + 9)
+    codes, exact = mask[:, :16], mask[:, 16:]
+    # queries 14, 15 (block 1) see 0..7 through codes, 8..t in fp16
+    assert codes[0].tolist() == [True] * 8 + [False] * 8
+    assert exact[0].tolist() == [True] * 7 + [False] * 2
+    assert exact[1].tolist() == [True] * 8 + [False]
+    # query 16 (block 2) sees 0..15 through codes and itself in fp16
+    assert codes[2].tolist() == [True] * 16 and exact[2].tolist() == [False] * 8 + [True]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_routed_decode_equals_fallback_and_tail_is_bounded(name, monkeypatch):
+    model = tiny_model(name)
+    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 21)]
+    uninstall(model)
+    fallback = run(model, fresh(model), prompt, 13)
+
+    calls = []
+    original = PagedLayerCache.attend
+    monkeypatch.setattr(PagedLayerCache, "attend",
+                        lambda self, *a, **k: calls.append(self.layer) or original(self, *a, **k))
+    install(model)
+    caches = fresh(model)
+    routed = run(model, caches, prompt, 13)
+    assert sorted(calls) == [1] * 13 + [2] * 13
+    for r, f in zip(routed, fallback):
+        assert rel(r, f) < 1e-4
+    # 21 + 13 = 34 tokens: blocks before the newest token's are codes, the rest fp16
+    for c in caches:
+        assert c.offset == 34 and c.committed == 32
+        assert c._tail_keys.shape[2] == 2
+    uninstall(model)
+    plain = run(model, fresh(model, CachePolicy(codec=CodecConfig(4, 4), fp16_first=1)), prompt, 13)
+    assert max(rel(r, p) for r, p in zip(routed, plain)) > 1e-6  # the tail changes the result
+
+
+@pytest.mark.parametrize("chunk", [5, 11])
+def test_multi_token_steps_equal_token_by_token_decode(chunk):
+    model = tiny_model("llama")
+    install(model)
+    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 19)]
+    more = [int(t) for t in np.random.default_rng().integers(3, 97, 22)]
+
+    def logits(step):
+        caches = fresh(model)
+        mx.eval(model(mx.array(prompt)[None], cache=caches))
+        for c in caches:  # else multi-token steps would still be prefill (fp16)
+            c.finish_prefill()
+        out = []
+        for s in range(0, len(more), step):
+            out.append(model(mx.array(more[s:s + step])[None], cache=caches)[0])
+        return np.array(mx.concatenate(out, axis=0), dtype=np.float64), caches
+
+    one, caches_one = logits(1)
+    many, caches_many = logits(chunk)
+    assert rel(many, one) < 1e-4
+    # the same codes in the pages, from the same fp16 values
+    for a, b in zip(caches_one, caches_many):
+        assert a.committed == b.committed == 40
+        for x, y in zip(a.arena.arrays, b.arena.arrays):
+            assert np.array_equal(np.array(x), np.array(y))
+    uninstall(model)
+
+
+def test_trim_into_the_pages_keeps_attending_codes():
+    model = tiny_model("llama")
+    install(model)
+    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 30)]
+    caches = fresh(model)
+    mx.eval(model(mx.array(prompt[:20])[None], cache=caches))
+    mx.eval(model(mx.array(prompt[20:21])[None], cache=caches))  # finish prefill, commit 16
+    assert caches[1].committed == 16 and caches[1].offset == 21
+    for c in caches:
+        c.trim(8)  # back to 13 tokens: 3 of them in a partial block of codes
+    assert caches[1].committed == 13 and caches[1]._tail_keys is None
+    routed = [model(mx.array([t])[None], cache=caches)[0, -1] for t in prompt[13:18]]
+    assert caches[1].committed == 16 and caches[1].offset == 18
+    uninstall(model)
+    caches2 = fresh(model)
+    mx.eval(model(mx.array(prompt[:20])[None], cache=caches2))
+    mx.eval(model(mx.array(prompt[20:21])[None], cache=caches2))
+    for c in caches2:
+        c.trim(8)
+    fallback = [model(mx.array([t])[None], cache=caches2)[0, -1] for t in prompt[13:18]]
+    for r, f in zip(routed, fallback):
+        assert rel(np.array(r, dtype=np.float64), np.array(f, dtype=np.float64)) < 1e-4
+
+
+def test_live_bytes_count_the_tail():
+    model = tiny_model("llama")
+    caches = fresh(model)
+    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 12)]
+    mx.eval(model(mx.array(prompt)[None], cache=caches))
+    caches[1].finish_prefill()
+    c = caches[1]
+    assert c.committed == 8 and c.offset == 12
+    blocks = len(c.sequence.blocks)
+    assert blocks == 1  # the tail's block is allocated only when it is committed
+    tail = c._tail_keys.nbytes + c._tail_values.nbytes
+    assert tail == 4 * 2 * 16 * 2 * 2  # 4 tokens x 2 kv heads x head_dim 16 x (K, V) x fp16
+    assert c.nbytes == blocks * c.arena.bytes_per_block + tail
