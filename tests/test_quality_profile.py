@@ -11,18 +11,16 @@ import pytest
 
 from tqstore.calibrate import CALIBRATION_TEXT, DATA_DIR, allocate_bits, bit_budget, calibrate
 from tqstore.client import KvStoreClient
-from tqstore.codec import CodecConfig
 from tqstore.codec.profile import QualityProfile
 from tqstore.generator import CachedGenerator
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
-from tqstore.paged import CachePolicy
-from tqstore.paged.policy import default_policy, default_profile_path, find_profile
+from tqstore.paged.policy import default_policy, default_profile_path, find_profile, profile_policy
 
 from tests.page_compare import assert_fetched_codes_equal_fresh_pages
 
 BLOCK = 128
-SHIPPED_PREFILL = 512  # the --prefill of the shipped profile's command (docs/fragments/quality.md)
+SHIPPED_PREFILL = 1024  # the --prefill of the shipped profile's command (docs/fragments/quality.md)
 
 
 def test_allocation_is_deterministic_and_within_budget():
@@ -31,6 +29,8 @@ def test_allocation_is_deterministic_and_within_budget():
     ks[10] = 0.03  # one very sensitive layer, as on SmolLM2
     total = bit_budget(0.30, 30, 3, 64, 2048)
     assert total == 272  # K5V4 everywhere (270) plus two bits
+    # a 16-token fp16 tail at the worst moment of a 2048-token sequence costs 5 of them
+    assert bit_budget(0.30, 30, 3, 64, 2048, tail_tokens=16) == 267
     kb, vb = allocate_bits(ks, vs, total)
     assert (kb, vb) == allocate_bits(ks.copy(), vs.copy(), total)
     assert sum(kb) + sum(vb) == total and min(kb + vb) >= 3 and max(kb + vb) <= 8
@@ -60,8 +60,9 @@ def test_per_layer_profile_hit_equals_cold_and_daemon_codes_equal_pages(smollm2,
     from tqstore.demo import demo_document
 
     profile = find_profile(smollm2.fingerprint)
-    policy = CachePolicy(codec=CodecConfig(max(profile.key_bits), max(profile.value_bits),
-                                           profile=profile))
+    policy = profile_policy(profile)  # per-layer bits, means, the fp16 tail: the default
+    assert policy == default_policy(smollm2.fingerprint) and policy.fp16_tail
+    assert len(set(profile.key_bits + profile.value_bits)) > 1
     text = " ".join(demo_document().split(" ")[:260])
     ids = chat_prompt_ids(smollm2.tokenizer, text + "\n\nWho wrote this license?")
     with KvStoreClient(daemon.address) as client:
