@@ -137,3 +137,4 @@ inline uint32_t tq_emu_pack_half2(float lo, float hi) {
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }

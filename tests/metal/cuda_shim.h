@@ -31,6 +31,8 @@ float __fsub_rn(float, float);
 float __fdiv_rn(float, float);
 float __fsqrt_rn(float);
 float exp2f(float);
+float log2f(float);
+float __int_as_float(int);
 // The MMA helpers' off-device hooks (inline PTX on the device; tests/metal/cuda_emu.h
 // defines them for the CPU emulator).
 void tq_emu_mma_16816(float (&)[4], unsigned int, unsigned int, unsigned int, unsigned int,

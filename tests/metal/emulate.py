@@ -30,8 +30,9 @@ def _kernel(name: str, body: str, inputs: list[str], types: dict, outputs: list[
 
 
 def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
-                 warps: int = 4, depth: int = 1) -> np.ndarray:
-    """(B, Hq, Dv) float32 from the `kind` ('mma' or 'portable') CUDA kernels on the emulator."""
+                 warps: int = 4, depth: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(out (B, Hq, Dv), lse (B, Hq)) float32 from the `kind` ('mma' or 'portable') CUDA
+    kernels on the emulator."""
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
     q, kc, vc = pages["queries"], pages["key_codes"], pages["value_codes"]
@@ -49,13 +50,13 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         body = lambda split: attention_body(geo, "cuda", split)  # noqa: E731
         threads = geo.threads
     split = nsplit > 1
-    outs = ["partial_out", "partial_m", "partial_l"] if split else ["out"]
+    outs = ["partial_out", "partial_m", "partial_l"] if split else ["out", "lse"]
     src = ['#include "cuda_emu.h"', mma_header(),
            _kernel("attn", body(split), list(ATTN_INPUTS), ATTN_TYPES, outs)]
     if split:
         src.append(_kernel("merge", merge_body(dv, hq, "cuda"), list(MERGE_INPUTS),
                            dict(partial_out="float32", partial_m="float32",
-                                partial_l="float32", params="int32"), ["out"]))
+                                partial_l="float32", params="int32"), ["out", "lse"]))
     arrays = dict(pages)
     arrays["params"] = np.array([max_blocks, nsplit], dtype=np.int32)
     for name in ATTN_INPUTS:
@@ -70,7 +71,7 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
         "int main() {",
         *[f'  auto in_{n} = rd("{n}.bin");' for n in ATTN_INPUTS],
-        f"  std::vector<float> out({bsz * hq * dv}), partial_out({npart * dv}),"
+        f"  std::vector<float> out({bsz * hq * dv}), lse({bsz * hq}), partial_out({npart * dv}),"
         f" partial_m({npart}), partial_l({npart});",
     ]
     if split:
@@ -79,13 +80,15 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
             f"{args}, partial_out.data(), partial_m.data(), partial_l.data()); }});",
             f"  tq_emu::launch(dim3{{1, {hq}, {bsz}}}, {dv}, [&] {{ mlx::core::cu::merge("
             f"partial_out.data(), partial_m.data(), partial_l.data(), (const int32_t*)in_params.data(),"
-            f" out.data()); }});",
+            f" out.data(), lse.data()); }});",
         ]
     else:
         main.append(f"  tq_emu::launch(dim3{{1, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
-                    f"{args}, out.data()); }});")
+                    f"{args}, out.data(), lse.data()); }});")
     main += ['  std::ofstream("out.bin", std::ios::binary).write((const char*)out.data(),'
-             ' out.size() * 4);', "  return 0;", "}"]
+             ' out.size() * 4);',
+             '  std::ofstream("lse.bin", std::ios::binary).write((const char*)lse.data(),'
+             ' lse.size() * 4);', "  return 0;", "}"]
     src.append("\n".join(main))
     cpp = tmp / "emu.cpp"
     cpp.write_text("\n".join(src))
@@ -95,7 +98,8 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"
     res = subprocess.run([str(exe)], cwd=tmp, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"emulated run failed:\n{res.stderr[-2000:]}"
-    return np.fromfile(tmp / "out.bin", dtype=np.float32).reshape(bsz, hq, dv)
+    return (np.fromfile(tmp / "out.bin", dtype=np.float32).reshape(bsz, hq, dv),
+            np.fromfile(tmp / "lse.bin", dtype=np.float32).reshape(bsz, hq))
 
 
 def _ctype(dtype: str) -> str:

@@ -8,6 +8,7 @@
 #define device
 #define threadgroup
 #define constant
+#define INFINITY __builtin_inff()
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef unsigned long ulong;
@@ -32,6 +33,7 @@ template <typename T> T max(T, T);
 template <typename T> T min(T, T);
 float sqrt(float);
 float exp(float);
+float log2(float);
 float rint(float);
 namespace fast { float exp(float); float exp2(float); float sqrt(float); }
 namespace precise { float divide(float, float); float sqrt(float); }

@@ -32,7 +32,7 @@ GEOMETRIES = [
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: g.tag())
 @pytest.mark.parametrize("split", [False, True])
 def test_attention_source_compiles(dialect, geo, split, tmp_path):
-    outputs = ["partial_out", "partial_m", "partial_l"] if split else ["out"]
+    outputs = ["partial_out", "partial_m", "partial_l"] if split else ["out", "lse"]
     src = full_source(dialect, "attn", attention_header(dialect),
                       attention_body(geo, dialect, split),
                       [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [(o, "float32") for o in outputs])
@@ -48,7 +48,7 @@ MMA_GEOMETRIES = [
 
 
 def _mma_source(geo: MmaGeometry, split: bool, body: str | None = None, prelude=None) -> str:
-    outputs = ["partial_out", "partial_m", "partial_l"] if split else ["out"]
+    outputs = ["partial_out", "partial_m", "partial_l"] if split else ["out", "lse"]
     return full_source("cuda", "attn_mma", mma_header(), body or mma_attention_body(geo, split),
                        [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [(o, "float32") for o in outputs],
                        prelude=prelude)
@@ -96,7 +96,7 @@ def test_mma_source_builds_for_sm90_without_spills(depth, tmp_path):
 def test_merge_source_compiles(dialect, tmp_path):
     types = dict(partial_out="float32", partial_m="float32", partial_l="float32", params="int32")
     src = full_source(dialect, "merge", attention_header(dialect), merge_body(128, 32, dialect),
-                      [(n, types[n]) for n in MERGE_INPUTS], [("out", "float32")])
+                      [(n, types[n]) for n in MERGE_INPUTS], [("out", "float32"), ("lse", "float32")])
     syntax_check(src, tmp_path, f"merge_{dialect}")
 
 
@@ -105,7 +105,7 @@ def test_syntax_check_catches_a_typo(tmp_path):
     body = attention_body(geo, "metal", False).replace("TQ_EXP2(s[u][g] - m[g])", "TQ_EXPP(s[u][g] - m[g])")
     assert "TQ_EXPP" in body
     src = full_source("metal", "attn", attention_header("metal"), body,
-                      [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [("out", "float32")])
+                      [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [("out", "float32"), ("lse", "float32")])
     with pytest.raises(AssertionError, match="syntax check"):
         syntax_check(src, tmp_path, "typo")
 

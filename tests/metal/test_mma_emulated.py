@@ -75,20 +75,27 @@ def test_mma_kernel_on_the_emulator(case, tmp_path):
     import mlx.core as mx
     mx.random.seed(sum(lens) + dk)
     pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
-    got = run_emulated(pages, "mma", splits, tmp_path, warps=warps, depth=depth)
-    ref = np.array(paged_decode_attention_oracle(**pages))
-    tol_rel, tol_abs = TOLERANCE["mma"]
+    got, lse = run_emulated(pages, "mma", splits, tmp_path, warps=warps, depth=depth)
+    ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
+    _check(got, lse, ref, ref_lse, lens, "mma")
+    assert _rel(got, fp16_model(pages)) < 3e-4  # the error is the fp16 rounding, nothing else
+
+
+def _check(got, lse, ref, ref_lse, lens, kind):
+    tol_rel, tol_abs, tol_lse = TOLERANCE[kind]
     assert np.all(np.isfinite(got))
     assert _rel(got, ref) < tol_rel and np.max(np.abs(got - ref)) < tol_abs
-    assert _rel(got, fp16_model(pages)) < 3e-4  # the error is the fp16 rounding, nothing else
     for b, n in enumerate(lens):
         if n == 0:
-            assert np.all(got[b] == 0)
+            assert np.all(got[b] == 0) and np.all(lse[b] == -np.inf)
+        else:
+            assert np.all(np.abs(lse[b] - ref_lse[b]) < tol_lse)
 
 
 def test_portable_cuda_kernel_on_the_emulator(tmp_path):
-    pages = random_pages(np.random.default_rng(3), [129, 1000, 5], 9, 3, 64, 64, 3, 4, 8)
-    got = run_emulated(pages, "portable", 3, tmp_path)
-    ref = np.array(paged_decode_attention_oracle(**pages))
-    tol_rel, tol_abs = TOLERANCE["portable"]
-    assert _rel(got, ref) < tol_rel and np.max(np.abs(got - ref)) < tol_abs
+    lens = [129, 1000, 0]
+    pages = random_pages(np.random.default_rng(3), lens, 9, 3, 64, 64, 3, 4, 8)
+    ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
+    for splits in (1, 3):
+        got, lse = run_emulated(pages, "portable", splits, tmp_path)
+        _check(got, lse, ref, ref_lse, lens, "portable")

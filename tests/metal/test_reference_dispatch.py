@@ -162,3 +162,17 @@ def test_kernel_kind_picks_the_mma_kernel_where_it_fits():
             kind(*args, requested="mma")
     with pytest.raises(ValueError):
         kind(32, 8, 128, 128, 4, 4, 16, requested="fast")
+
+
+def test_dispatch_returns_the_log_sum_exp_on_request():
+    """return_lse (tqstore.paged.tail merges the pages' softmax with the fp16 tail): the CPU
+    fallback's lse equals the oracle's, natural log."""
+    pages = random_pages(np.random.default_rng(), [40, 1, 129], 8, 2, 64, 64, 4, 4, 16)
+    out, lse = dispatch.paged_decode_attention(**pages, return_lse=True)
+    ref, ref_lse = paged_decode_attention_oracle(**pages, return_lse=True)
+    assert lse.shape == (3, 8)
+    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(lse), np.array(ref_lse), rtol=1e-5, atol=1e-5)
+    empty = random_pages(np.random.default_rng(), [0, 3], 4, 2, 64, 64, 4, 4, 16)
+    _, e_lse = paged_decode_attention_oracle(**empty, return_lse=True)
+    assert np.all(np.array(e_lse)[0] == -np.inf) and np.all(np.isfinite(np.array(e_lse)[1]))

@@ -258,22 +258,27 @@ def launch_plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
 
 def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.array,
              value_codes: mx.array, value_scales: mx.array, block_tables: mx.array,
-             seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array) -> mx.array:
+             seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array,
+             return_lse: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+    """(B, Hq, Dv) float32, and with return_lse the log-sum-exp of the scores (B, Hq) (natural
+    log, -inf for an empty sequence): every launch writes both."""
     inputs = [_as(queries, mx.float32), key_codes, _as(key_scales, mx.float16), value_codes,
               _as(value_scales, mx.float16), _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
               _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params]
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
+    outs = [(bsz, hq, dv), (bsz, hq)]
     if p.nsplit == 1:
-        (out,) = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv)],
-                          output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group)
-        return out
-    part, pm, pl = p.split(
-        inputs=inputs,
-        output_shapes=[(bsz, hq, p.nsplit, dv), (bsz, hq, p.nsplit), (bsz, hq, p.nsplit)],
-        output_dtypes=[mx.float32] * 3, grid=p.grid, threadgroup=p.group)
-    (out,) = p.merge(inputs=[part, pm, pl, p.params], output_shapes=[(bsz, hq, dv)],
-                     output_dtypes=[mx.float32], grid=(dv, hq, bsz), threadgroup=(dv, 1, 1))
-    return out
+        out, lse = p.single(inputs=inputs, output_shapes=outs, output_dtypes=[mx.float32] * 2,
+                            grid=p.grid, threadgroup=p.group)
+    else:
+        part, pm, pl = p.split(
+            inputs=inputs,
+            output_shapes=[(bsz, hq, p.nsplit, dv), (bsz, hq, p.nsplit), (bsz, hq, p.nsplit)],
+            output_dtypes=[mx.float32] * 3, grid=p.grid, threadgroup=p.group)
+        out, lse = p.merge(inputs=[part, pm, pl, p.params], output_shapes=outs,
+                           output_dtypes=[mx.float32] * 2, grid=(dv, hq, bsz),
+                           threadgroup=(dv, 1, 1))
+    return (out, lse) if return_lse else out
 
 
 def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
@@ -283,11 +288,13 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
                                   key_bits: int, value_bits: int, *,
                                   num_splits: int | None = None,
                                   backend: str | None = None,
-                                  variant: dict | None = None) -> mx.array | None:
-    """The contract's function on the GPU kernels; None where no kernel backend exists."""
+                                  variant: dict | None = None,
+                                  return_lse: bool = False):
+    """The contract's function on the GPU kernels (with return_lse also the (B, Hq) natural
+    log-sum-exp of the scores); None where no kernel backend exists."""
     p = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
                     num_splits=num_splits, backend=backend, variant=variant)
     if p is None:
         return None
     return run_plan(p, queries, key_codes, key_scales, value_codes, value_scales, block_tables,
-                    seq_lens, key_codebook, value_codebook)
+                    seq_lens, key_codebook, value_codebook, return_lse)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqstore.metal.attention_source import NEG_BIG
+from tqstore.metal.attention_source import LSE_EXPR, NEG_BIG
 from tqstore.metal.dialect import body_prologue, dialect_header
 
 LUT_BYTES = 256 * 2 * 32 * 4  # 256 entries x (K, V) x 32 lane copies x half2
@@ -304,8 +304,9 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
     partial_out[prow * DV + d] = res;
     if (d == 0) { partial_m[prow] = M; partial_l[prow] = Lsum; }"""
     else:
-        store = """
-    out[(b * HQ + h) * DV + d] = res;"""
+        store = f"""
+    out[(b * HQ + h) * DV + d] = res;
+    if (d == 0) lse[b * HQ + h] = {LSE_EXPR};"""
 
     return body_prologue("cuda") + consts + f"""
   const int lane = tq_tid & 31, warp = TQ_WARP_UNIFORM(tq_tid >> 5);

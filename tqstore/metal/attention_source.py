@@ -29,11 +29,15 @@ from tqstore.metal.dialect import body_prologue, dialect_header
 ATTN_INPUTS = ("queries", "key_codes", "key_scales", "value_codes", "value_scales",
                "block_tables", "seq_lens", "key_codebook", "value_codebook", "params")
 SPLIT_OUTPUTS = ("partial_out", "partial_m", "partial_l")
-SINGLE_OUTPUTS = ("out",)
+SINGLE_OUTPUTS = ("out", "lse")
 MERGE_INPUTS = ("partial_out", "partial_m", "partial_l", "params")
-MERGE_OUTPUTS = ("out",)
+MERGE_OUTPUTS = ("out", "lse")
 
 NEG_BIG = "-3.0e38f"  # finite "minus infinity": exp(NEG_BIG - x) == 0 without inf - inf NaNs
+LN2 = "0.6931471805599453f"
+# The log-sum-exp output (natural log, like the paged reference's return_lse) from a softmax's
+# max M (log2 units) and sum Lsum: -inf for a sequence without tokens.
+LSE_EXPR = f"(Lsum > 0.0f ? (M + TQ_LOG2(Lsum)) * {LN2} : TQ_NEG_INF)"
 
 
 @dataclass(frozen=True)
@@ -223,8 +227,9 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     partial_out[prow * DV + d] = res;
     if (d == 0) { partial_m[prow] = M; partial_l[prow] = Lsum; }"""
     else:
-        store = """
-    out[(b * HQ + h) * DV + d] = res;"""
+        store = f"""
+    out[(b * HQ + h) * DV + d] = res;
+    if (d == 0) lse[b * HQ + h] = {LSE_EXPR};"""
     return body_prologue(dialect) + consts + f"""
   const int lane = tq_tid & 31, warp = tq_tid >> 5;
   const int sub = lane / LPT, part = lane % LPT;
@@ -384,6 +389,7 @@ def merge_body(value_dim: int, num_q_heads: int, dialect: str) -> str:
     }}
   }}
   out[(b * HQ + h) * DV + d] = Lsum > 0.0f ? O / Lsum : 0.0f;
+  if (d == 0) lse[b * HQ + h] = {LSE_EXPR};
 """
 
 

@@ -37,6 +37,8 @@ _METAL = r"""
 #define TQ_FLOAT_TO_HALF(x) ((half)(x))
 #define TQ_FMAX(a, b) metal::max((a), (b))
 #define TQ_FMIN(a, b) metal::min((a), (b))
+#define TQ_LOG2(x) metal::log2(x)
+#define TQ_NEG_INF (-INFINITY)
 typedef ulong tq_u64;
 typedef uint tq_u32;
 typedef ushort tq_u16;
@@ -56,6 +58,8 @@ _CUDA = r"""
 #define TQ_FLOAT_TO_HALF(x) __float2half_rn(x)
 #define TQ_FMAX(a, b) fmaxf((a), (b))
 #define TQ_FMIN(a, b) fminf((a), (b))
+#define TQ_LOG2(x) log2f(x)
+#define TQ_NEG_INF (-__int_as_float(0x7f800000))
 typedef unsigned long long tq_u64;
 typedef unsigned int tq_u32;
 typedef unsigned short tq_u16;

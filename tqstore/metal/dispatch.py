@@ -66,13 +66,15 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
                            value_codes: mx.array, value_scales: mx.array,
                            block_tables: mx.array, seq_lens: mx.array,
                            key_codebook: mx.array, value_codebook: mx.array,
-                           key_bits: int, value_bits: int) -> mx.array:
+                           key_bits: int, value_bits: int, return_lse: bool = False):
     """Decode attention of one query token per sequence over compressed pages.
 
     queries (B, Hq, Dk) float32: scale * q, rotated by its kv head's key rotation. Pages:
     key_codes uint8 (num_blocks, Hkv, block_size, Dk*kbits/8), key_scales float16
     (num_blocks, Hkv, block_size), likewise for values; block_tables int32 (B, max_blocks),
-    seq_lens int32 (B,). Returns (B, Hq, Dv) float32 in the value-rotated space.
+    seq_lens int32 (B,). Returns (B, Hq, Dv) float32 in the value-rotated space; with
+    return_lse also the log-sum-exp of the scores (B, Hq) float32, natural log (-inf where a
+    sequence has no token), so a caller can merge this softmax with another piece.
     """
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
@@ -80,13 +82,14 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
                            backend=gpu)
         _announce(_kernel_name(gpu, plan.kind))
         return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
-                        block_tables, seq_lens, key_codebook, value_codebook)
+                        block_tables, seq_lens, key_codebook, value_codebook, return_lse)
     if _forced == "kernel":
         raise RuntimeError("decode-attention kernel forced but no GPU kernel backend is present")
     name, reference = _paged_reference()
     _announce(name)
     return reference(queries, key_codes, key_scales, value_codes, value_scales, block_tables,
-                     seq_lens, key_codebook, value_codebook, key_bits, value_bits)
+                     seq_lens, key_codebook, value_codebook, key_bits, value_bits,
+                     return_lse=return_lse)
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:

@@ -31,8 +31,9 @@ def paged_decode_attention_oracle(queries: mx.array, key_codes: mx.array, key_sc
                                   value_codes: mx.array, value_scales: mx.array,
                                   block_tables: mx.array, seq_lens: mx.array,
                                   key_codebook: mx.array, value_codebook: mx.array,
-                                  key_bits: int, value_bits: int) -> mx.array:
-    """(B, Hq, Dk) float32 queries (scaled, key-rotated) -> (B, Hq, Dv) float32, value-rotated."""
+                                  key_bits: int, value_bits: int, return_lse: bool = False):
+    """(B, Hq, Dk) float32 queries (scaled, key-rotated) -> (B, Hq, Dv) float32, value-rotated;
+    with return_lse also the scores' log-sum-exp (B, Hq), natural log, -inf without tokens."""
     bsz, hq, dk = queries.shape
     hkv = key_codes.shape[1]
     group = hq // hkv
@@ -50,4 +51,8 @@ def paged_decode_attention_oracle(queries: mx.array, key_codes: mx.array, key_sc
     denom = mx.sum(e, axis=-1, keepdims=True)
     p = e / mx.where(denom > 0, denom, 1.0)
     out = p @ values  # (B, Hkv, G, Dv)
-    return out.reshape(bsz, hq, values.shape[-1])
+    out = out.reshape(bsz, hq, values.shape[-1])
+    if return_lse:
+        lse = mx.where(denom > 0, m + mx.log(mx.where(denom > 0, denom, 1.0)), -mx.inf)
+        return out, lse.reshape(bsz, hq)
+    return out
