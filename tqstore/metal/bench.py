@@ -81,7 +81,7 @@ CHECKS = [
 # error of the weight exp(lse) a caller merges with). The portable kernel computes in fp32
 # throughout. The MMA kernel rounds q, the codebook values and p * value_norm to fp16 (as
 # FlashAttention does); measured errors in docs/fragments/kernels.md, bounds ~2-3x the largest.
-TOLERANCE = {"portable": (1e-4, 1e-3, 1e-4), "mma": (3e-3, 5e-3, 1.5e-2)}
+TOLERANCE = {"portable": (1e-4, 1e-3, 1e-4), "mma": (3e-3, 5e-3, 3e-2)}
 
 
 _LAUNCH_KEYS = ("split_scale", "groups")  # bench-level: how many splits, not kernel knobs
