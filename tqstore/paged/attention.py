@@ -119,14 +119,8 @@ def decode_attention(
     tqstore.metal.dispatch runs the fused Metal/CUDA kernel where MLX has that backend, else
     paged_decode_attention_reference. The choice is logged once and shown by `tqstore inspect`.
     """
-    import inspect
-
     from tqstore.metal.dispatch import paged_decode_attention
 
-    args = (queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
-            key_codebook, value_codebook, key_bits, value_bits)
-    if not return_lse:
-        return paged_decode_attention(*args)
-    if "return_lse" in inspect.signature(paged_decode_attention).parameters:  # TEMP until kernels
-        return paged_decode_attention(*args, return_lse=True)
-    return paged_decode_attention_reference(*args, return_lse=True)
+    return paged_decode_attention(
+        queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
+        key_codebook, value_codebook, key_bits, value_bits, return_lse=return_lse)
