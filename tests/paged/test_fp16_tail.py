@@ -133,3 +133,10 @@ def test_live_bytes_count_the_tail():
     tail = c._tail_keys.nbytes + c._tail_values.nbytes
     assert tail == 4 * 2 * 16 * 2 * 2  # 4 tokens x 2 kv heads x head_dim 16 x (K, V) x fp16
     assert c.nbytes == blocks * c.arena.bytes_per_block + tail
+
+
+def test_the_tail_is_part_of_the_pool_identity():
+    # tail pages are quantized from fp16 values, plain pages from the model's dtype: never mixed
+    plain = CachePolicy(codec=CodecConfig(4, 4))
+    assert plain.identity() != CachePolicy(codec=CodecConfig(4, 4), fp16_tail=True).identity()
+    assert "+fp16 tail" in TAIL.label() and "+fp16 tail" not in plain.label()
