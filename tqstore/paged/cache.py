@@ -219,7 +219,7 @@ class PagedLayerCache:
             result = decode_attention(
                 q_rot, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
                 self.arena.value_scales, self.sequence.block_table(),
-                mx.array([self.committed], dtype=mx.int32), kc.codebook, vc.codebook, kc.bits,
+                self.sequence.length_array(self.committed), kc.codebook, vc.codebook, kc.bits,
                 vc.bits, return_lse=self._tail_keys is not None)
             out, lse = result if isinstance(result, tuple) else (result, None)
             out = mx.matmul(out.reshape(B, Hkv, G, vc.head_dim), self.arena.output_rotation)

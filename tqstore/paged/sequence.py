@@ -49,6 +49,7 @@ class Sequence:
         # token is out, not inside TTFT. None: prefill ends at the first single-token step.
         self.prompt_length: int | None = None
         self._table_array: mx.array | None = None
+        self._length_array: tuple[int, mx.array] | None = None
         self.released = False
 
     # -- queries ---------------------------------------------------------------------------
@@ -66,6 +67,13 @@ class Sequence:
         if self._table_array is None:
             self._table_array = mx.array([self.block_ids or [0]], dtype=mx.int32)
         return self._table_array
+
+    def length_array(self, num_tokens: int) -> mx.array:
+        """int32 (1,) holding num_tokens: decode attention's seq_lens, built once per step for
+        all layers (every layer attends the same number of committed tokens)."""
+        if self._length_array is None or self._length_array[0] != num_tokens:
+            self._length_array = (num_tokens, mx.array([num_tokens], dtype=mx.int32))
+        return self._length_array[1]
 
     # -- writes ----------------------------------------------------------------------------
     def prepare_write(self, start: int, count: int) -> tuple[mx.array, mx.array]:
