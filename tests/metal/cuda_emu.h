@@ -2,9 +2,12 @@
 // GPU thread is a std::thread, a warp's collectives (shuffles, votes, mma.sync, movmatrix)
 // exchange registers through per-warp slots between two barrier phases, __syncthreads is a
 // block barrier, and __shared__ arrays are function statics (blocks run one after another).
+// Blocks run one after another (a legal schedule), so the fused split-K merge's "last
+// threadgroup" is the last split; atomics and fences are real (threads of a block overlap).
 // Fragment layouts follow the PTX ISA (mma.m16n8k16 .f16 -> .f32, movmatrix.m8n8.trans.b16).
 // It checks the kernels' logic and data layout, not their speed; the GPU checks the rest.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -47,13 +50,18 @@ inline float h(uint32_t word, int hi) {  // half hi (0 = low 16 bits) of a half2
   return __half2float(x);
 }
 
-// Run a grid: blocks in order, each with blockDim.x threads.
+// Run a grid: blocks in order (x descending with -DTQ_EMU_REVERSE_X=1: another legal
+// schedule), each with blockDim.x threads.
+#ifndef TQ_EMU_REVERSE_X
+#define TQ_EMU_REVERSE_X 0
+#endif
 template <typename F> void launch(dim3 grid, unsigned threads, F&& kernel) {
   gridDim = grid;
   blockDim = dim3{threads, 1, 1};
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
+      for (unsigned xi = 0; xi < grid.x; ++xi) {
+        const unsigned x = TQ_EMU_REVERSE_X ? grid.x - 1 - xi : xi;
         block_bar = std::make_unique<std::barrier<>>(threads);
         warps.clear();
         for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -138,3 +146,6 @@ inline uint32_t tq_emu_pack_half2(float lo, float hi) {
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+
+inline void tq_emu_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int tq_emu_atomic_add(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }

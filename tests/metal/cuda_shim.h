@@ -40,7 +40,11 @@ void tq_emu_mma_16816(float (&)[4], unsigned int, unsigned int, unsigned int, un
 unsigned int tq_emu_movmatrix_trans(unsigned int);
 unsigned int tq_emu_pack_half2(float, float);
 bool tq_emu_any(bool);
+void tq_emu_fence();
+int tq_emu_atomic_add(int*, int);
 // The device branch (checked with -D__CUDA_ARCH__): intrinsics it names besides inline PTX.
 unsigned int __byte_perm(unsigned int, unsigned int, unsigned int);
 int __any_sync(unsigned int, int);
+int atomicAdd(int*, int);
+void __threadfence();
 template <typename T> T __shfl_sync(unsigned int, T, int);

@@ -13,7 +13,7 @@ import numpy as np
 
 from tests.metal.signature import HERE, full_source
 from tqstore.metal.attention_kernel import choose_num_splits, geometry_for
-from tqstore.metal.attention_mma import MmaGeometry, mma_attention_body, mma_header
+from tqstore.metal.attention_mma import MmaGeometry, fused_layout, mma_attention_body, mma_header
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention_body,
                                             merge_body)
 
@@ -30,9 +30,12 @@ def _kernel(name: str, body: str, inputs: list[str], types: dict, outputs: list[
 
 
 def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
-                 warps: int = 4, depth: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                 warps: int = 4, depth: int = 1, fused: bool = True,
+                 reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(out (B, Hq, Dv), lse (B, Hq)) float32 from the `kind` ('mma' or 'portable') CUDA
-    kernels on the emulator."""
+    kernels on the emulator. MMA split-K: merged in the split launch (`fused`, the default
+    plan) or by the separate merge pass; `reverse` runs the splits' threadgroups last to first
+    (so another threadgroup does the fused merge)."""
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
     q, kc, vc = pages["queries"], pages["key_codes"], pages["value_codes"]
@@ -42,7 +45,7 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     max_blocks = pages["block_tables"].shape[1]
     nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs)
     if kind == "mma":
-        geo = MmaGeometry(dk, dv, bs, hq, hkv, warps=warps, depth=depth)
+        geo = MmaGeometry(dk, dv, bs, hq, hkv, warps=warps, depth=depth, fused=fused)
         body = lambda split: mma_attention_body(geo, split)  # noqa: E731
         threads = geo.threads
     else:
@@ -50,10 +53,12 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         body = lambda split: attention_body(geo, "cuda", split)  # noqa: E731
         threads = geo.threads
     split = nsplit > 1
-    outs = ["partial_out", "partial_m", "partial_l"] if split else ["out", "lse"]
+    fused = kind == "mma" and fused and split
+    outs = (["work"] if fused else ["partial_out", "partial_m", "partial_l"]) if split \
+        else ["out", "lse"]
     src = ['#include "cuda_emu.h"', mma_header(),
            _kernel("attn", body(split), list(ATTN_INPUTS), ATTN_TYPES, outs)]
-    if split:
+    if split and not fused:
         src.append(_kernel("merge", merge_body(dv, hq, "cuda"), list(MERGE_INPUTS),
                            dict(partial_out="float32", partial_m="float32",
                                 partial_l="float32", params="int32"), ["out", "lse"]))
@@ -66,6 +71,7 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
                      f"in_{n}.data()" for n in ATTN_INPUTS)
     npart = bsz * hq * nsplit
     main = [
+        "#include <algorithm>",
         "#include <fstream>",
         "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
@@ -74,7 +80,16 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         f"  std::vector<float> out({bsz * hq * dv}), lse({bsz * hq}), partial_out({npart * dv}),"
         f" partial_m({npart}), partial_l({npart});",
     ]
-    if split:
+    lse_at, _, work_size = fused_layout(bsz, hq, hkv, dv, nsplit)
+    if fused:
+        main += [
+            f"  std::vector<float> work({work_size}, 0.0f);  // MLX: init_value=0",
+            f"  tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
+            f"{args}, work.data()); }});",
+            f"  std::copy(work.begin(), work.begin() + {lse_at}, out.begin());",
+            f"  std::copy(work.begin() + {lse_at}, work.begin() + {lse_at + bsz * hq}, lse.begin());",
+        ]
+    elif split:
         main += [
             f"  tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
             f"{args}, partial_out.data(), partial_m.data(), partial_l.data()); }});",
@@ -93,7 +108,8 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     cpp = tmp / "emu.cpp"
     cpp.write_text("\n".join(src))
     exe = tmp / "emu"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w", str(cpp),
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w",
+                          f"-DTQ_EMU_REVERSE_X={int(reverse)}", str(cpp),
                           "-o", str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"
     res = subprocess.run([str(exe)], cwd=tmp, capture_output=True, text=True, timeout=600)

@@ -1,6 +1,7 @@
 """The generated CUDA kernels run on the CPU emulator (tests/metal/cuda_emu.h) against the fp32
 oracle: the tensor-core kernel's fragment layouts, dim/token permutations, GQA padding, split
-and merge, ragged and empty sequences; and its error is the fp16 rounding it documents (a
+and merge (fused into the split launch, and the separate merge pass), ragged and empty
+sequences; and its error is the fp16 rounding it documents (a
 numpy model with exactly those roundings agrees with it far more closely than the oracle)."""
 
 from __future__ import annotations
@@ -79,6 +80,30 @@ def test_mma_kernel_on_the_emulator(case, tmp_path):
     ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
     _check(got, lse, ref, ref_lse, lens, "mma")
     assert _rel(got, fp16_model(pages)) < 3e-4  # the error is the fp16 rounding, nothing else
+
+
+@pytest.mark.parametrize("case", [MMA_CASES[1], MMA_CASES[4]],
+                         ids=lambda c: f"h{c[1]}x{c[2]}_s{c[6]}")
+def test_mma_fused_merge_is_schedule_independent(case, tmp_path):
+    """The fused merge gives the same bits whichever threadgroup merges (splits run first to
+    last, or last to first), and the same bits as the separate merge pass (same arithmetic)."""
+    lens, hq, hkv, dk, dv, bs, splits, warps, depth = case
+    rng = np.random.default_rng(sum(lens) + hq + 1)
+    import mlx.core as mx
+    mx.random.seed(sum(lens) + dk + 1)
+    pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
+    runs = {}
+    for name, fused, reverse in (("fused", True, False), ("fused-reversed", True, True),
+                                 ("separate", False, False)):
+        sub = tmp_path / name
+        sub.mkdir()
+        runs[name] = run_emulated(pages, "mma", splits, sub, warps=warps, depth=depth,
+                                  fused=fused, reverse=reverse)
+    ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
+    _check(*runs["fused"], ref, ref_lse, lens, "mma")
+    for name in ("fused-reversed", "separate"):
+        for a, b in zip(runs["fused"], runs[name]):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), name
 
 
 def _check(got, lse, ref, ref_lse, lens, kind):

@@ -4,11 +4,14 @@ The mlx-lm gated_delta pattern: `attention_kernel()` builds the custom kernel fo
 backend MLX has (CUDA or Metal) and returns None where there is none (the CPU); the caller
 (tqstore.metal.dispatch) then runs the pure-MLX reference, which computes the same function.
 
-Two kernel kinds compute the same function with the same outputs and merge pass:
+Two kernel kinds compute the same function with the same outputs:
 - "mma" (attention_mma.py): tensor-core tiles, CUDA only (sm_80+), 4-bit K/V, head dims
   multiple of 32 (K) / 64 (V), block_size multiple of 16, GQA group <= 8;
 - "portable" (attention_source.py): the one-body Metal/CUDA kernel, every other shape and Metal.
-`kernel_kind()` picks one per shape.
+`kernel_kind()` picks one per shape. Split-K: the portable kernel writes partials and a
+separate merge pass combines them; the MMA kernel merges in the same launch by default (the
+last threadgroup of each (sequence, kv head) does it, attention_mma._fused_merge), or like the
+portable kernel with MmaGeometry.fused=False.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Callable
 
 import mlx.core as mx
 
-from tqstore.metal.attention_mma import (LUT_BYTES, MmaGeometry, mma_attention_body, mma_header,
-                                         mma_unsupported_reason)
+from tqstore.metal.attention_mma import (FUSED_OUTPUTS, LUT_BYTES, MmaGeometry, fused_layout,
+                                         mma_attention_body, mma_header, mma_unsupported_reason)
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX_SPLITS,
                                             MERGE_OUTPUTS,
                                             SINGLE_OUTPUTS, SPLIT_OUTPUTS, AttentionGeometry,
@@ -38,12 +41,26 @@ INT32_LIMIT = 2**31 - 1
 # fall back to AttentionGeometry's defaults.
 DEFAULT_VARIANT: dict = dict(warps=2, unroll=4, lanes=8, head_split=1, prefetch=True,
                               table_in_shared=False)
-# The MMA kernel's knobs (MmaGeometry): 4 warps, one tile in flight beyond the one in use
-# (128 registers); three threadgroups (64 KB of tables each) share an H100 SM.
-DEFAULT_MMA_VARIANT: dict = dict(warps=4, depth=1)
-# MMA splits: at most one wave of resident threadgroups (3 per SM x 132 H100 SMs): longer
-# threadgroups amortize their start (tables, first loads) and the merge reads fewer partials.
-MMA_TARGET_GROUPS = 3 * 132
+# The MMA kernel's knobs (MmaGeometry): 8 warps, one tile in flight beyond the one in use
+# (128 registers); two threadgroups (64 KB of tables each) share an H100 SM; split-K merged
+# by the last threadgroup of each (sequence, kv head) in the same launch. Measured against
+# 4 warps x 3 threadgroups per SM in five runs (docs/fragments/kernels.md).
+DEFAULT_MMA_VARIANT: dict = dict(warps=8, depth=1, fused=True)
+# MMA splits: at most one wave of resident threadgroups (MMA_SMS x mma_resident_groups):
+# longer threadgroups amortize their start (tables, first loads) and the merge reads fewer
+# partials. The SM count is not in MLX's device_info: an H100's, hard-coded.
+MMA_SMS = 132
+MMA_REGISTERS = {1: 128, 2: 168, 3: 255}  # registers per thread by depth (nvcc, sm_90)
+SM_REGISTERS, SM_SHARED_BYTES, SM_THREADS = 65536, 227 * 1024, 2048
+
+
+def mma_resident_groups(geo: MmaGeometry) -> int:
+    """Threadgroups of `geo` that fit on one SM (registers, shared memory, threads)."""
+    shared = LUT_BYTES + 4 * geo.warps * geo.group * (geo.value_dim + 2) + 64
+    return max(1, min(SM_REGISTERS // (geo.threads * MMA_REGISTERS[geo.depth]),
+                      SM_SHARED_BYTES // shared, SM_THREADS // geo.threads))
+
+
 KERNEL_KINDS = ("mma", "portable")
 
 
@@ -87,9 +104,9 @@ def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = No
     if backend != "cuda":
         return None
     name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}"
+    outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
     return mx.fast.cuda_kernel(
-        name=name, input_names=list(ATTN_INPUTS),
-        output_names=list(SPLIT_OUTPUTS if split else SINGLE_OUTPUTS),
+        name=name, input_names=list(ATTN_INPUTS), output_names=list(outputs),
         source=mma_attention_body(geo, split), header=mma_header(),
         ensure_row_contiguous=True, shared_memory=LUT_BYTES)
 
@@ -188,6 +205,7 @@ class _Plan:
     num_q_heads: int
     value_dim: int
     kind: str = "portable"
+    fused_rows: int = 0  # > 0: split-K merged in the split launch, work buffer (rows, HQ, DV)
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -209,30 +227,35 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
     bsz, hq, dk = queries.shape
     _, hkv, bs, vbytes = value_codes.shape
     max_blocks = block_tables.shape[1]
+    dv = vbytes * 8 // value_bits
     if kind == "mma":
-        nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs, MMA_TARGET_GROUPS,
+        geo = MmaGeometry(dk, dv, bs, hq, hkv, **(knobs or DEFAULT_MMA_VARIANT))
+        nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs,
+                                                 MMA_SMS * mma_resident_groups(geo),
                                                  round_up=False)
     else:
         nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs)
     if not 1 <= nsplit <= MAX_SPLITS:
         raise ValueError(f"num_splits {nsplit} outside 1..{MAX_SPLITS}")
-    dv = vbytes * 8 // value_bits
     if kind == "mma":
-        geo = MmaGeometry(dk, dv, bs, hq, hkv, **(knobs or DEFAULT_MMA_VARIANT))
         build = lambda split: mma_attention_kernel(geo, split, backend)  # noqa: E731
         group_threads, groups_x = geo.threads, nsplit
+        fused = geo.fused and nsplit > 1
     else:
         pgeo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits,
                             knobs or None)
         build = lambda split: attention_kernel(pgeo, split, backend)  # noqa: E731
         group_threads, groups_x = pgeo.threads, nsplit * pgeo.head_split
+        fused = False
     params = mx.array([max_blocks, nsplit], dtype=mx.int32)
     plan = _Plan(single=build(False) if nsplit == 1 else None,
                  split=build(True) if nsplit > 1 else None,
-                 merge=merge_kernel(dv, hq, backend) if nsplit > 1 else None,
+                 merge=merge_kernel(dv, hq, backend) if nsplit > 1 and not fused else None,
                  params=params, grid=(group_threads * groups_x, hkv, bsz),
                  group=(group_threads, 1, 1),
-                 nsplit=nsplit, batch=bsz, num_q_heads=hq, value_dim=dv, kind=kind)
+                 nsplit=nsplit, batch=bsz, num_q_heads=hq, value_dim=dv, kind=kind,
+                 fused_rows=-(-fused_layout(bsz, hq, hkv, dv, nsplit)[2] // (hq * dv))
+                 if fused else 0)
     if len(_PLANS) > 4096:  # a long-running server sees many block-table widths
         _PLANS.clear()
     _PLANS[key] = plan
@@ -270,6 +293,16 @@ def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.ar
     if p.nsplit == 1:
         out, lse = p.single(inputs=inputs, output_shapes=outs, output_dtypes=[mx.float32] * 2,
                             grid=p.grid, threadgroup=p.group)
+    elif p.fused_rows:
+        # One launch: MLX zero-fills the work buffer (the arrival counters) before the kernel.
+        # Shaped (rows, HQ, DV) so that `out` is one slice of it (fewer graph ops per call).
+        (work,) = p.split(inputs=inputs, output_shapes=[(p.fused_rows, hq, dv)],
+                          output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group,
+                          init_value=0.0)
+        out = work[:bsz]
+        if return_lse:
+            lse = work[bsz:].reshape(-1)[:bsz * hq].reshape(outs[1])
+        return (out, lse) if return_lse else out
     else:
         part, pm, pl = p.split(
             inputs=inputs,

@@ -62,6 +62,9 @@ class MmaGeometry:
     num_kv_heads: int
     warps: int = 4
     depth: int = 1  # tiles of code words in flight per warp beyond the one in use
+    # Split-K: the last threadgroup of each (sequence, kv head) merges the splits in the same
+    # launch (FUSED_OUTPUTS), instead of the separate merge pass of attention_source.py.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         why = mma_unsupported_reason(self.key_dim, self.value_dim, 4, 4, self.block_size,
@@ -83,7 +86,27 @@ class MmaGeometry:
 
     def tag(self) -> str:
         return (f"k{self.key_dim}_v{self.value_dim}_bs{self.block_size}"
-                f"_h{self.num_q_heads}x{self.num_kv_heads}_w{self.warps}d{self.depth}")
+                f"_h{self.num_q_heads}x{self.num_kv_heads}_w{self.warps}d{self.depth}"
+                f"{'f' if self.fused else ''}")
+
+
+# The fused split-K kernel's one output: a float32 work buffer that MLX zero-fills at every
+# launch (init_value=0, one fill for everything; shaped (rows, HQ, DV), rows rounded up),
+# laid out as
+#   out (B, HQ, DV) | lse (B, HQ) | counts (B, HKV) int32 | partial_m (B, HQ, nsplit)
+#   | partial_l (B, HQ, nsplit) | partial_out (B, HQ, nsplit, DV)
+# `out` and `lse` are returned as views of it (fused_layout gives the offsets).
+FUSED_OUTPUTS = ("work",)
+
+
+def fused_layout(batch: int, num_q_heads: int, num_kv_heads: int, value_dim: int,
+                 nsplit: int) -> tuple[int, int, int]:
+    """(offset of lse, end of lse, total size) of the fused kernel's work buffer, in floats;
+    `out` starts at 0."""
+    n_out = batch * num_q_heads * value_dim
+    n_lse = batch * num_q_heads
+    rows = batch * num_q_heads * nsplit
+    return n_out, n_out + n_lse, n_out + n_lse + batch * num_kv_heads + rows * (2 + value_dim)
 
 
 def mma_unsupported_reason(key_dim: int, value_dim: int, key_bits: int, value_bits: int,
@@ -148,6 +171,24 @@ __device__ __forceinline__ tq_u32 tq_pack_half2(float lo, float hi) {
   return r;
 #else
   return tq_emu_pack_half2(lo, hi);
+#endif
+}
+// Fused split-K merge: the device-scope fence, the arrival counter, and loads of other
+// threadgroups' partials that bypass L1 (ld.global.cg: the line may be stale in this SM's L1).
+#if defined(__CUDA_ARCH__)
+#define TQ_FENCE() __threadfence()
+#define TQ_ATOMIC_ADD(p, v) atomicAdd((p), (v))
+#else
+#define TQ_FENCE() tq_emu_fence()
+#define TQ_ATOMIC_ADD(p, v) tq_emu_atomic_add((p), (v))
+#endif
+__device__ __forceinline__ float tq_ld_cg(const float* p) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(r) : "l"(p));
+  return r;
+#else
+  return *p;
 #endif
 }
 __device__ __forceinline__ tq_u32 tq_byte_perm(tq_u32 x, tq_u32 y, tq_u32 s) {
@@ -298,6 +339,7 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
     buffers = "\n".join(
         f"  tq_u32 kc{i}[2][KW], vc{i}[4][VW];\n  __half ks{i}[2], vs{i}[2];" for i in range(nbuf))
 
+    fused = split and geo.fused
     if split:
         store = """
     const int prow = (b * HQ + h) * nsplit + split;
@@ -314,6 +356,7 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
   const int split = tq_gx, kvh = tq_gy, b = tq_gz, nsplit = tq_ngx;
   const int h0 = kvh * G;
   const int max_blocks = params[0];
+{_fused_pointers() if fused else ""}
   const int seq_len = seq_lens[b];
   // Splits cover whole 16-token tiles, so a tile never straddles a page (BS % 16 == 0).
   const int chunk = ((seq_len + nsplit - 1) / nsplit + TILE - 1) / TILE * TILE;
@@ -401,5 +444,67 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
       O += r[2 + d] * f;
     }}
     const float res = Lsum > 0.0f ? O / Lsum : 0.0f;{store}
+  }}
+{_fused_merge() if fused else ""}"""
+
+
+def _fused_pointers() -> str:
+    """The fused kernel's views of its work buffer (layout at FUSED_OUTPUTS)."""
+    return """  const int nb_ = (int)gridDim.z;
+  float* const out = work;
+  float* const lse = out + nb_ * HQ * DV;
+  int* const counts = (int*)(lse + nb_ * HQ);
+  float* const partial_m = (float*)(counts + nb_ * HKV);
+  float* const partial_l = partial_m + nb_ * HQ * nsplit;
+  float* const partial_out = partial_l + nb_ * HQ * nsplit;"""
+
+
+def _fused_merge() -> str:
+    """The last threadgroup of a (sequence, kv head) to finish merges its nsplit partials:
+    every threadgroup publishes its partial (stores, device fence, barrier) and then counts
+    itself in; the one that counts nsplit - 1 reads all partials in split order, with the
+    arithmetic of attention_source.merge_body (same bits whichever threadgroup merges). The
+    counters live in the zero-filled work buffer: fresh at every launch."""
+    return f"""  TQ_FENCE();
+  TQ_BARRIER();
+  TQ_SHARED int tq_last;
+  TQ_SHARED float tq_mh[8];
+  if (tq_tid == 0) tq_last = TQ_ATOMIC_ADD(counts + b * HKV + kvh, 1) == nsplit - 1;
+  TQ_BARRIER();
+  if (tq_last) {{  // uniform over the threadgroup
+    TQ_FENCE();
+    // The dequantization tables are dead: their shared memory holds the splits' m and weights.
+    float* const sm = (float*)tq_lut;
+    float* const sw = sm + G * nsplit;
+    const int base = (b * HQ + h0) * nsplit;  // rows of the G heads are contiguous
+    for (int i = tq_tid; i < G * nsplit; i += NT) sm[i] = tq_ld_cg(partial_m + base + i);
+    TQ_BARRIER();
+    if (tq_tid < G) {{
+      float M = NEG_BIG;
+      for (int s = 0; s < nsplit; ++s) M = TQ_FMAX(M, sm[tq_tid * nsplit + s]);
+      tq_mh[tq_tid] = M;
+    }}
+    TQ_BARRIER();
+    for (int i = tq_tid; i < G * nsplit; i += NT)
+      sw[i] = tq_ld_cg(partial_l + base + i) * TQ_EXP2(sm[i] - tq_mh[i / nsplit]);
+    TQ_BARRIER();
+    for (int i = tq_tid; i < G * DV; i += NT) {{
+      const int gq = i / DV, d = i % DV;
+      const float M = tq_mh[gq];
+      const float* po = partial_out + (base + gq * nsplit) * DV + d;
+      const float* w = sw + gq * nsplit;
+      float Lsum = 0.0f, O = 0.0f;
+      for (int s0 = 0; s0 < nsplit; s0 += 8) {{
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = s0 + j < nsplit ? tq_ld_cg(po + (s0 + j) * DV) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {{
+          if (s0 + j < nsplit) {{ Lsum += w[s0 + j]; O += w[s0 + j] * v[j]; }}
+        }}
+      }}
+      out[(b * HQ + h0 + gq) * DV + d] = Lsum > 0.0f ? O / Lsum : 0.0f;
+      if (d == 0) lse[b * HQ + h0 + gq] = {LSE_EXPR};
+    }}
   }}
 """

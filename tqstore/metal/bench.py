@@ -166,15 +166,17 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
 
 
 PORTABLE: dict = dict(kernel="portable")
-# Tuning variants (--sweep): the MMA kernel's warps / tiles in flight / splits, then the
-# portable kernel's knobs measured before.
+# Tuning variants (--sweep) of the MMA kernel: warps / tiles in flight / split-K merged in the
+# split launch or by the separate merge pass (-sep) / splits (no `groups`: the default policy,
+# one wave of resident threadgroups; `gN`: at most N threadgroups).
 SWEEP: list[dict] = [
-    dict(kernel="mma", warps=4, depth=1, split_scale=1),  # the portable kernel's split policy
-    dict(kernel="mma", warps=4, depth=1, groups=792),     # 2 waves of 3 x 132 threadgroups
-    dict(kernel="mma", warps=4, depth=1, groups=1188),    # 3 waves
-    dict(kernel="mma", warps=4, depth=2, groups=396),
-    dict(kernel="mma", warps=8, depth=1, groups=264),     # 1 wave of 2 x 132
-    dict(kernel="mma", warps=8, depth=1, groups=528),
+    dict(kernel="mma", warps=4, depth=1, fused=False),    # the previous default (3 per SM)
+    dict(kernel="mma", warps=4, depth=1),                 # ... with the fused merge
+    dict(kernel="mma", warps=8, depth=1, fused=False),    # the default with the merge pass
+    dict(kernel="mma", warps=4, depth=1, groups=264),     # fewer splits with 4 warps
+    dict(kernel="mma", warps=4, depth=2),
+    dict(kernel="mma", warps=8, depth=1, groups=528),     # 2 waves
+    dict(kernel="mma", warps=16, depth=1),                # 1 per SM
 ]
 
 # (heads, tokens, head_dim, bits, norm_correction, dtype)
@@ -241,7 +243,7 @@ def _vname(v: dict | None) -> str:
     scale = f"x{v['split_scale']}" if v.get("split_scale", 1) != 1 else ""
     scale += f"g{v['groups']}" if "groups" in v else ""
     if v.get("kernel") == "mma":
-        return "mma-w{warps}d{depth}".format(**v) + scale
+        return "mma-w{warps}d{depth}".format(**v) + scale + ("" if v.get("fused", True) else "-sep")
     return "port-w{warps}u{unroll}l{lanes}s{head_split}p{p}t{t}".format(
         **v, p=int(v.get("prefetch", True)), t=int(v.get("table_in_shared", True))) + scale
 
