@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqstore.metal.attention_source import LSE_EXPR, NEG_BIG
+from tqstore.metal.attention_source import LSE_EXPR, NEG_BIG, warp_merge_and_store
 from tqstore.metal.dialect import body_prologue, dialect_header
 
 LUT_BYTES = 256 * 2 * 32 * 4  # 256 entries x (K, V) x 32 lane copies x half2
@@ -340,15 +340,6 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
         f"  tq_u32 kc{i}[2][KW], vc{i}[4][VW];\n  __half ks{i}[2], vs{i}[2];" for i in range(nbuf))
 
     fused = split and geo.fused
-    if split:
-        store = """
-    const int prow = (b * HQ + h) * nsplit + split;
-    partial_out[prow * DV + d] = res;
-    if (d == 0) { partial_m[prow] = M; partial_l[prow] = Lsum; }"""
-    else:
-        store = f"""
-    out[(b * HQ + h) * DV + d] = res;
-    if (d == 0) lse[b * HQ + h] = {LSE_EXPR};"""
 
     return body_prologue("cuda") + consts + f"""
   const int lane = tq_tid & 31, warp = TQ_WARP_UNIFORM(tq_tid >> 5);
@@ -430,22 +421,7 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
       }}
     }}
   }}
-  TQ_BARRIER();
-  // Merge the warps; one thread per (query head of the group, value dim).
-  for (int i = tq_tid; i < G * DV; i += NT) {{
-    const int gq = i / DV, d = i % DV, h = h0 + gq;
-    float M = NEG_BIG;
-    for (int w = 0; w < NW; ++w) M = TQ_FMAX(M, red[(w * G + gq) * (DV + 2)]);
-    float Lsum = 0.0f, O = 0.0f;
-    for (int w = 0; w < NW; ++w) {{
-      const TQ_SHARED_PTR float* r = red + (w * G + gq) * (DV + 2);
-      const float f = TQ_EXP2(r[0] - M);
-      Lsum += r[1] * f;
-      O += r[2 + d] * f;
-    }}
-    const float res = Lsum > 0.0f ? O / Lsum : 0.0f;{store}
-  }}
-{_fused_merge() if fused else ""}"""
+""" + warp_merge_and_store(split, "NT") + (_fused_merge() if fused else "")
 
 
 def _fused_pointers() -> str:

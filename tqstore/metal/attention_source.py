@@ -150,6 +150,38 @@ def _unroll_constant_loops(body: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def warp_merge_and_store(split: bool, threads: str) -> str:
+    """The end both attention bodies share: after each warp staged its (m, l, o) in ``red``
+    ((warp * G + head) * (DV + 2) floats), merge the warps with one thread per (query head of
+    the group, value dim), ``threads`` threads striding, and store the split's partial (split-K)
+    or the output and its log-sum-exp."""
+    if split:
+        store = """
+    const int prow = (b * HQ + h) * nsplit + split;
+    partial_out[prow * DV + d] = res;
+    if (d == 0) { partial_m[prow] = M; partial_l[prow] = Lsum; }"""
+    else:
+        store = f"""
+    out[(b * HQ + h) * DV + d] = res;
+    if (d == 0) lse[b * HQ + h] = {LSE_EXPR};"""
+    return f"""  TQ_BARRIER();
+  // Merge the warps; one thread per (query head of the group, value dim).
+  for (int i = tq_tid; i < G * DV; i += {threads}) {{
+    const int gq = i / DV, d = i % DV, h = h0 + gq;
+    float M = NEG_BIG;
+    for (int w = 0; w < NW; ++w) M = TQ_FMAX(M, red[(w * G + gq) * (DV + 2)]);
+    float Lsum = 0.0f, O = 0.0f;
+    for (int w = 0; w < NW; ++w) {{
+      const TQ_SHARED_PTR float* r = red + (w * G + gq) * (DV + 2);
+      const float f = TQ_EXP2(r[0] - M);
+      Lsum += r[1] * f;
+      O += r[2 + d] * f;
+    }}
+    const float res = Lsum > 0.0f ? O / Lsum : 0.0f;{store}
+  }}
+"""
+
+
 def attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     """The kernel body (MLX generates the signature from ATTN_INPUTS and the outputs)."""
     return _unroll_constant_loops(_attention_body(geo, dialect, split))
@@ -221,15 +253,6 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
     }"""
     else:
         prologue_load, loop_load, loop_tail = "", load("", "base"), ""
-    if split:
-        store = """
-    const int prow = (b * HQ + h) * nsplit + split;
-    partial_out[prow * DV + d] = res;
-    if (d == 0) { partial_m[prow] = M; partial_l[prow] = Lsum; }"""
-    else:
-        store = f"""
-    out[(b * HQ + h) * DV + d] = res;
-    if (d == 0) lse[b * HQ + h] = {LSE_EXPR};"""
     return body_prologue(dialect) + consts + f"""
   const int lane = tq_tid & 31, warp = tq_tid >> 5;
   const int sub = lane / LPT, part = lane % LPT;
@@ -338,22 +361,7 @@ def _attention_body(geo: AttentionGeometry, dialect: str, split: bool) -> str:
       for (int j = 0; j < VDPL; ++j) r[2 + part * VDPL + j] = acc[g][j];
     }}
   }}
-  TQ_BARRIER();
-  // Merge the warps; one thread per (query head of the group, value dim).
-  for (int i = tq_tid; i < G * DV; i += NW * 32) {{
-    const int g = i / DV, d = i % DV, h = h0 + g;
-    float M = NEG_BIG;
-    for (int w = 0; w < NW; ++w) M = TQ_FMAX(M, red[(w * G + g) * (DV + 2)]);
-    float Lsum = 0.0f, O = 0.0f;
-    for (int w = 0; w < NW; ++w) {{
-      const TQ_SHARED_PTR float* r = red + (w * G + g) * (DV + 2);
-      const float f = TQ_EXP2(r[0] - M);
-      Lsum += r[1] * f;
-      O += r[2 + d] * f;
-    }}
-    const float res = Lsum > 0.0f ? O / Lsum : 0.0f;{store}
-  }}
-"""
+""" + warp_merge_and_store(split, "NW * 32")
 
 
 MERGE_MAX_SPLITS = 256  # attention_kernel.MAX_SPLITS
