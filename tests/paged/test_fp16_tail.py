@@ -109,6 +109,10 @@ def test_trim_into_the_pages_keeps_attending_codes():
     assert caches[1].committed == 13 and caches[1]._tail_keys is None
     routed = [model(mx.array([t])[None], cache=caches)[0, -1] for t in prompt[13:18]]
     assert caches[1].committed == 16 and caches[1].offset == 18
+    for c in caches:
+        c.trim(2)  # exactly back to the committed tokens: no tail left
+    assert caches[1]._tail_keys is None and caches[1].nbytes == 2 * caches[1].arena.bytes_per_block
+    routed.append(model(mx.array([prompt[16]])[None], cache=caches)[0, -1])
     uninstall(model)
     caches2 = fresh(model)
     mx.eval(model(mx.array(prompt[:20])[None], cache=caches2))
@@ -116,6 +120,9 @@ def test_trim_into_the_pages_keeps_attending_codes():
     for c in caches2:
         c.trim(8)
     fallback = [model(mx.array([t])[None], cache=caches2)[0, -1] for t in prompt[13:18]]
+    for c in caches2:
+        c.trim(2)
+    fallback.append(model(mx.array([prompt[16]])[None], cache=caches2)[0, -1])
     for r, f in zip(routed, fallback):
         assert rel(np.array(r, dtype=np.float64), np.array(f, dtype=np.float64)) < 1e-4
 

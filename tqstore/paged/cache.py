@@ -256,10 +256,12 @@ class PagedLayerCache:
         if self._keys is not None:
             self._keys, self._values = self._keys[:, :, : self.offset], self._values[:, :, : self.offset]
         elif self.offset >= self.committed:
-            if self._tail_keys is not None:
-                keep = self.offset - self.committed
+            keep = self.offset - self.committed
+            if self._tail_keys is not None and keep:
                 self._tail_keys = self._tail_keys[:, :, :keep]
                 self._tail_values = self._tail_values[:, :, :keep]
+            elif self._tail_keys is not None:  # an empty tail is no tail
+                self._tail_keys = self._tail_values = None
         else:
             # Into the pages: the tokens left in a partial block are attended through their codes
             self._tail_keys = self._tail_values = None
