@@ -13,7 +13,9 @@ Steps (all deterministic on a given machine: fixed text slice, fixed order, no R
    measured ~3.9x on SmolLM2's keys), contributions add across layers; greedily give one bit at
    a time to the (layer, K|V) with the largest predicted KL drop until the byte budget
    (``--budget`` x fp16 for a sequence of ``--amortize`` tokens: codes + fp16 norms, the means
-   once, and at the worst moment one whole block held in fp16 by the tail) is spent. Every bit costs the same bytes, so greedy is optimal for this convex model.
+   once, and at the worst moment one whole block held in fp16 by the tail) is spent. Every bit
+   costs the same bytes, so greedy is optimal for this convex model. A ``--no-tail`` profile is
+   for comparisons: ``profile_policy`` (the default) always keeps the tail on.
 
 The profile goes to ``--out`` (default tqstore/data/profiles/<model>.tqprofile); its digest
 enters the codec identity. The daemon gets it on the wire with the codec settings.
