@@ -41,16 +41,26 @@ def prefill(model, tokens: mx.array, cache, chunk: int) -> mx.array:
     return mx.argmax(logits[:, -1, :], axis=-1)
 
 
-def decode(model, y: mx.array, cache, steps: int, warmup: int) -> float:
-    """Tokens/s of greedy decode, after `warmup` steps (the first one quantizes the prefill)."""
+BUILD_MS: dict[str, float] = {}  # per row: ms per step spent building the graph (host side)
+
+
+def decode(model, y: mx.array, cache, steps: int, warmup: int, name: str = "") -> float:
+    """Tokens/s of greedy decode, after `warmup` steps (the first one quantizes the prefill).
+    Also records in BUILD_MS the host time per step spent building the lazy graph (the model
+    call, before mx.eval): what per-op overhead in Python costs, as opposed to GPU execution."""
     for _ in range(warmup):
         y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
         mx.eval(y)
+    build = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
+        tb = time.perf_counter()
         y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        build += time.perf_counter() - tb
         mx.eval(y)
-    return steps / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    BUILD_MS[name] = 1000 * build / steps
+    return steps / elapsed
 
 
 def tail_check(steps: int = 40, prompt_len: int = 300) -> float:
@@ -120,7 +130,7 @@ def main() -> int:
 
     cache = mlx_prompt_cache(model)
     y = prefill(model, tokens, cache, args.chunk)
-    rows["fp16"] = decode(model, y, cache, args.steps, args.warmup)
+    rows["fp16"] = decode(model, y, cache, args.steps, args.warmup, "fp16")
     del cache
     print(f"fp16 KVCache: {rows['fp16']:.2f} tok/s", flush=True)
 
@@ -138,7 +148,7 @@ def main() -> int:
         try:
             y = prefill(model, tokens, caches, args.chunk)
             steps = max(4, args.steps // 4) if name == "tq-reference" else args.steps
-            rows[name] = decode(model, y, caches, steps, args.warmup)
+            rows[name] = decode(model, y, caches, steps, args.warmup, name)
         finally:
             uninstall(model)
             dispatch.force_backend(None)
@@ -148,10 +158,12 @@ def main() -> int:
     print(f"\ndecode tokens/s, random-weight Llama-3-8B shape ({shape['num_hidden_layers']} layers),"
           f" context {args.context}, batch 1")
     for name, tps in rows.items():
-        print(f"  {name:13s} {tps:8.2f} tok/s  ({tps / rows['fp16']:.2f}x fp16)")
+        print(f"  {name:15s} {tps:8.2f} tok/s  ({tps / rows['fp16']:.2f}x fp16)  step "
+              f"{1000 / tps:6.2f} ms, of which graph building {BUILD_MS[name]:6.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(context=args.context, shape=shape,
-                                                   tokens_per_s=rows), indent=2))
+                                                   tokens_per_s=rows,
+                                                   graph_build_ms=BUILD_MS), indent=2))
     return 0
 
 
