@@ -73,3 +73,22 @@ def test_per_layer_profile_hit_equals_cold_and_daemon_codes_equal_pages(smollm2,
         assert hit.cache_status == "hit" and hit.token_ids == cold.token_ids
         fetched = client.fetch_turboquant(generator.namespace, ids, policy.codec)
     assert_fetched_codes_equal_fresh_pages(smollm2.model, generator, ids, fetched, BLOCK)
+
+
+def test_shipped_default_fits_the_byte_budget_with_its_tail():
+    from tqstore.bench.quality import live_bytes_per_token
+    from tqstore.paged.kv_pool import PagedKVPool
+
+    fingerprint = "sha256:b179c9523d0e6a0f"  # the bundled SmolLM2's profile file name
+    path = default_profile_path(fingerprint)
+    profile = QualityProfile.from_bytes(path.read_bytes())
+    policy = profile_policy(profile)
+    pool = PagedKVPool(num_layers=30, num_kv_heads=3, key_head_dim=64, block_size=16,
+                       num_blocks=4, policy=policy)
+    fp16 = pool.fp16_bytes_per_token()
+    assert fp16 == 23040
+    # the quality benchmark's sequence (1,024 + 1,536 tokens) and calibrate's (2,048 tokens)
+    for tokens in (2560, 2048):
+        assert live_bytes_per_token(policy, pool, tokens, 2048) / fp16 <= 0.30
+    assert sum(profile.key_bits) + sum(profile.value_bits) == bit_budget(
+        0.30, 30, 3, 64, 2048, tail_tokens=16)
