@@ -18,6 +18,12 @@ struct half {
   operator float() const;
 };
 typedef half float16_t;
+struct bfloat {
+  bfloat() = default;
+  bfloat(float);
+  operator float() const;
+};
+typedef bfloat bfloat16_t;
 struct uint2 { uint x, y; };
 struct uint3 { uint x, y, z; };
 struct float2 { float x, y; };

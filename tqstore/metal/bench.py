@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from tqstore.codec.codebook import lloyd_max_codebook
-from tqstore.metal.attention_kernel import (TARGET_GROUPS, choose_num_splits,
+from tqstore.metal.attention_kernel import (TARGET_GROUPS, choose_num_splits, gpu_backend,
                                             kernel_paged_decode_attention, launch_plan)
 from tqstore.metal.dispatch import active_backend
 from tqstore.metal.reference import paged_decode_attention_oracle
@@ -215,6 +215,54 @@ def run_quantize_checks(seed: int) -> tuple[list[dict], bool]:
     return rows, ok
 
 
+# (Dk, Dv, Hq, Hkv, block_size, batch, n_old, n_new, centered, out dtype)
+EPILOGUE_CHECKS = [(128, 128, 32, 8, 16, 1, 5, 1, True, mx.float16),
+                   (128, 128, 32, 8, 16, 1, 15, 1, False, mx.bfloat16),
+                   (64, 64, 9, 3, 16, 2, 7, 0, True, mx.float32),
+                   (96, 64, 4, 4, 256, 1, 200, 1, True, mx.float16)]
+
+
+def run_epilogue_checks(seed: int) -> tuple[list[dict], bool]:
+    """The decode epilogue kernel against tqstore.paged.tail's reference (fp32 on the CPU):
+    the next tail bit-exact, the output within its dtype's rounding, bits equal on a rerun."""
+    from tqstore.metal.epilogue import kernel_decode_epilogue
+    from tqstore.paged.tail import decode_epilogue_reference
+
+    mx.random.seed(seed + 2)
+    rows, ok = [], True
+    for dk, dv, hq, hkv, bs, bsz, n_old, n_new, centered, dtype in EPILOGUE_CHECKS:
+        f16 = lambda *s: (mx.random.normal(s) * 2).astype(mx.float16)  # noqa: E731
+        rot = mx.array(np.linalg.qr(np.random.default_rng(seed).standard_normal((hkv, dv, dv)))[0]
+                       .astype(np.float32))
+        x = dict(pages_out=mx.random.normal((bsz, hq, dv)),
+                 pages_lse=mx.random.normal((bsz, hq)) * 3 + 4,
+                 queries=mx.random.normal((bsz, hq, dk)) * dk ** -0.5,
+                 tail_keys=f16(bsz, hkv, n_old, dk), tail_values=f16(bsz, hkv, n_old, dv),
+                 new_keys=f16(bsz, hkv, n_new, dk) if n_new else None,
+                 new_values=f16(bsz, hkv, n_new, dv) if n_new else None,
+                 key_center=(mx.random.normal((hkv, dk)) if centered else mx.zeros((hkv, dk))),
+                 output_rotation=rot)
+        info = mx.array([n_old + n_new, n_old], dtype=mx.int32)
+        runs = [kernel_decode_epilogue(gpu_backend(), **x, tail_info=info, block_size=bs,
+                                       out_dtype=dtype) for _ in range(2)]
+        with mx.stream(mx.cpu):
+            want = decode_epilogue_reference(**x, out_dtype=mx.float32)
+            mx.eval(want)
+        got = runs[0][0].astype(mx.float32)
+        err = float((mx.max(mx.abs(got - want[0])) / mx.max(mx.abs(want[0]))).item())
+        tail_exact = all(bool(mx.array_equal(a, b).item()) for a, b in zip(runs[0][1:], want[1:]))
+        same = all(bool(mx.array_equal(a, b).item()) for a, b in zip(runs[0], runs[1]))
+        tol = {mx.float16: 2e-3, mx.bfloat16: 1e-2, mx.float32: 1e-5}[dtype]
+        passed = err < tol and tail_exact and same
+        ok = ok and passed
+        name = f"epilogue h{hq}x{hkv} d{dk}/{dv} bs{bs} b{bsz} tail {n_old}+{n_new} {dtype}"
+        rows.append(dict(name=name, max_rel_err=err, tail_exact=tail_exact, deterministic=same,
+                         passed=passed))
+        print(f"check {name:52s} max_rel {err:.2e} tail {'exact' if tail_exact else 'DIFFERS'} "
+              f"{'same-bits' if same else 'BITS-DIFFER'} {'PASS' if passed else 'FAIL'}", flush=True)
+    return rows, ok
+
+
 def _time_queued(fn, inputs: list, reps: int) -> float:
     """Median seconds per call when len(inputs) calls are queued before one eval."""
     for _ in range(2):
@@ -312,9 +360,11 @@ def run(args: argparse.Namespace) -> int:
     variants = [None, PORTABLE] + (SWEEP if args.sweep else [])
     checks, ok = run_checks(args.seed, variants)
     qchecks, qok = run_quantize_checks(args.seed)
-    ok = ok and qok
+    echecks, eok = run_epilogue_checks(args.seed)
+    ok = ok and qok and eok
     result = dict(backend=backend, mlx=mx.__version__, host=platform.node(), seed=args.seed,
-                  checks=checks, quantize_checks=qchecks, checks_passed=ok)
+                  checks=checks, quantize_checks=qchecks, epilogue_checks=echecks,
+                  checks_passed=ok)
     try:
         result["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
         print(f"device_info: {result['device_info']}", flush=True)

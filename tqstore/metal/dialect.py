@@ -108,10 +108,10 @@ METAL_ATTRIBUTES = {
 
 # MLX's element type names per dialect (what its generated signatures use).
 _TYPES = {
-    "metal": {"float32": "float", "float16": "float16_t", "uint8": "uint8_t", "int32": "int32_t",
-              "uint32": "uint32_t"},
-    "cuda": {"float32": "float", "float16": "__half", "uint8": "uint8_t", "int32": "int32_t",
-             "uint32": "uint32_t"},
+    "metal": {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t",
+              "uint8": "uint8_t", "int32": "int32_t", "uint32": "uint32_t"},
+    "cuda": {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16",
+             "uint8": "uint8_t", "int32": "int32_t", "uint32": "uint32_t"},
 }
 
 

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
+from tqstore.metal.epilogue import kernel_decode_epilogue
 from tqstore.metal.quantize import kernel_quantize
 
 log = logging.getLogger("tqstore.metal")
@@ -90,6 +91,30 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     return reference(queries, key_codes, key_scales, value_codes, value_scales, block_tables,
                      seq_lens, key_codebook, value_codebook, key_bits, value_bits,
                      return_lse=return_lse)
+
+
+def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
+                    tail_keys: mx.array, tail_values: mx.array, new_keys: mx.array | None,
+                    new_values: mx.array | None, tail_info: mx.array, key_center: mx.array,
+                    output_rotation: mx.array, block_size: int, out_dtype: mx.Dtype
+                    ) -> tuple[mx.array, mx.array, mx.array]:
+    """Un-rotate the pages' output, merge it with the fp16 tail (plus this step's new token),
+    cast: one kernel where the backend has one (tqstore.metal.epilogue), else the pure-MLX
+    tqstore.paged.tail.decode_epilogue_reference. tail_info int32 [n, n_old] feeds the kernel
+    (one array per step, shared by the layers). Returns (out (B, Hq, Dv), next tail K, V)."""
+    gpu = gpu_backend()
+    if gpu is not None and _forced != "reference":
+        out = kernel_decode_epilogue(gpu, pages_out, pages_lse, queries, tail_keys, tail_values,
+                                     new_keys, new_values, tail_info, key_center,
+                                     output_rotation, block_size, out_dtype)
+        if out is not None:
+            _announce(f"{gpu}-epilogue-kernel")
+            return out
+    from tqstore.paged.tail import decode_epilogue_reference
+
+    return decode_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
+                                     new_keys, new_values, key_center, output_rotation,
+                                     out_dtype)
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:

@@ -47,6 +47,7 @@ class TurboQuantArena:
         self.num_kv_heads = num_kv_heads
         self._query_rotation: mx.array | None = None
         self._output_rotation: mx.array | None = None
+        self._key_center: mx.array | None = None
         self.key_codec, self.value_codec = layer_codecs(
             config, layer, num_kv_heads, key_head_dim, value_head_dim)
         H, kc, vc = num_kv_heads, self.key_codec.code_bytes, self.value_codec.code_bytes
@@ -72,6 +73,18 @@ class TurboQuantArena:
             self._output_rotation = self.value_codec.rotation.matrices()
             mx.eval(self._output_rotation)
         return self._output_rotation
+
+    @property
+    def key_center(self) -> mx.array:
+        """(Hkv, Dk) float32: the keys' center (zeros without one); the fp16 tail is scored
+        on k - center, like the pages."""
+        if self._key_center is None:
+            center = self.key_codec.center
+            shape = (self.num_kv_heads, self.key_codec.head_dim)
+            self._key_center = (mx.zeros(shape, dtype=mx.float32) if center is None
+                                else center.reshape(shape))
+            mx.eval(self._key_center)
+        return self._key_center
 
     @staticmethod
     def block_bytes(block_size: int, num_kv_heads: int, key_head_dim: int, value_head_dim: int,

@@ -37,11 +37,23 @@ from mlx_lm.models.cache import create_attention_mask
 
 from tqstore.errors import InvalidArgument
 from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
+from tqstore.metal.dispatch import decode_epilogue
 from tqstore.paged.attention import decode_attention
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from tqstore.paged.policy import CachePolicy
 from tqstore.paged.sequence import Sequence
 from tqstore.paged.tail import commit_point, exact_start, extended_mask, merge_with_tail
+
+
+@mx.compile
+def _prepare_queries(queries: mx.array, rotation: mx.array, scale: float) -> tuple[mx.array, mx.array]:
+    """(B, Hq, Dk) queries -> (scale * q in float32, the same rotated per kv head: q @ R_K^T).
+    Rotated with one batched matmul, not the codec's butterflies: queries are never stored, so
+    they need no batch-shape-exact arithmetic. Compiled: the cast and scale fuse into one op."""
+    B, Hq, Dk = queries.shape
+    Hkv = rotation.shape[0]
+    q = queries.astype(mx.float32) * scale
+    return q, mx.matmul(q.reshape(B, Hkv, Hq // Hkv, Dk), rotation).reshape(B, Hq, Dk)
 
 
 class PagedLayerCache:
@@ -63,6 +75,10 @@ class PagedLayerCache:
         self.committed = self.offset
         self._tail_keys: mx.array | None = None
         self._tail_values: mx.array | None = None
+        # A routed decode step's token that joins the tail block: the decode epilogue appends
+        # it (tqstore.metal.epilogue), so the step costs no concatenation. Already counted in
+        # offset; _flush_pending() appends it wherever the tail is read otherwise.
+        self._pending: tuple[mx.array, mx.array] | None = None
 
     # Set by tqstore.paged.integration.install(): decode steps of some model are routed to
     # attend(). Then update_and_fetch skips the dense view it would otherwise return.
@@ -137,20 +153,23 @@ class PagedLayerCache:
             self.offset += L
             return self._keys.astype(keys.dtype), self._values.astype(values.dtype)
         self.finish_prefill()
-        start, committed = self.offset, self.committed
-        exact = self._append(keys, values)
         if self.decode_pending and self.attention_routed:
             # The previous decode step was never attended through integration.dispatch: this
             # model's attention is not routed, and stock SDPA saw only the placeholder below.
             raise InvalidArgument("this model's attention is not routed to the paged cache: call "
                                   "tqstore.paged.install(model) before generating")
+        self._flush_pending()
         self.decode_pending = L == 1 and not self.arena.dense
+        if self.decode_pending and self.attention_routed and self._routed_decode_append(keys, values):
+            return keys, values
+        start, committed = self.offset, self.committed
+        exact = self._append(keys, values)
         if self.decode_pending and self.attention_routed:
             # The routed attention reads the pages (attend()); what we return is never used, so
             # don't build a dequantized view of the whole context every step (it cost 39 of 138 ms
             # of graph building per SmolLM2 step).
             return keys, values
-        table = self.sequence.block_table()[0]
+        table = self.sequence.block_table().squeeze(0)
         k, v = self.arena.gather_dense(table, self.committed, keys.dtype)
         if exact is not None:
             # The extended layout of tqstore.paged.tail: codes of [0, committed'), then fp16 of
@@ -164,6 +183,33 @@ class PagedLayerCache:
         prompt_left = (self.sequence.prompt_length is not None
                        and self.offset + L <= self.sequence.prompt_length)
         return self.in_prefill and (L > 1 or prompt_left)
+
+    def _routed_decode_append(self, keys: mx.array, values: mx.array) -> bool:
+        """The one token of a routed decode step, where the fp16 tail makes it cheap (else
+        False: the general _append runs). Joining the tail block: left pending for the decode
+        epilogue. Opening a new block: the whole old tail commits as it is (no concatenation)
+        and the token alone is the new tail."""
+        if not self.fp16_tail or self._tail_keys is None:
+            return False
+        end, tail_len = self.offset + 1, self._tail_keys.shape[2]
+        to_commit = commit_point(self.committed, end, self.sequence.block_size) - self.committed
+        keys, values = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
+        if to_commit == 0:
+            self._pending = (keys, values)
+        elif to_commit == tail_len:
+            self._commit(self.committed, self._tail_keys, self._tail_values)
+            self._tail_keys, self._tail_values = keys, values
+        else:
+            return False
+        self.offset = end
+        return True
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            keys, values = self._pending
+            self._pending = None
+            self._tail_keys = mx.concatenate([self._tail_keys, keys], axis=2)
+            self._tail_values = mx.concatenate([self._tail_values, values], axis=2)
 
     def _append(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array] | None:
         """Add tokens [offset, offset + n) after prefill: straight into the pages, or with
@@ -197,38 +243,49 @@ class PagedLayerCache:
     def _exact(self, keys: mx.array, values: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """fp16 K/V (1, Hkv, n, D) as attention sees them: (Hkv, n, D), keys in the pages'
         scoring space (k - mean where keys are centered)."""
-        return self.arena.attention_keys(keys[0]).astype(dtype), values[0].astype(dtype)
+        return (self.arena.attention_keys(keys.squeeze(0)).astype(dtype),
+                values.squeeze(0).astype(dtype))
 
     def attend(self, queries: mx.array, scale: float, mask: Any = None) -> mx.array:
         """Decode attention over the compressed pages (and the fp16 tail) for the token just
         written. queries (1, Hq, 1, Dk) -> (1, Hq, 1, Dv) in the queries' dtype.
+
+        Per layer and step on a GPU: one compiled query preparation (scale, rotation), the
+        attention kernel over the pages, and with the tail one epilogue kernel (un-rotation,
+        merge with the tail, the pending token's append, the cast): decode's cost on a GPU is
+        mostly launches (tools/profile_decode.py).
         """
         self.decode_pending = False
         if mask is not None and not isinstance(mask, str):
             raise InvalidArgument("paged decode takes no mask array (sliding layers stay fp16)")
         B, Hq, L, Dk = queries.shape
         kc, vc = self.arena.key_codec, self.arena.value_codec
-        Hkv, G = kc.num_heads, Hq // kc.num_heads
-        q = (queries[:, :, 0, :].astype(mx.float32) * scale).reshape(B, Hkv, G, Dk)
-        out = lse = None
-        if self.committed:
-            # Queries and outputs are rotated with one batched matmul per step, not the codec's
-            # butterflies: they are never stored, so they need no batch-shape-exact arithmetic,
-            # and one op instead of ~25 per layer is what decode's per-step graph cost is made of.
-            q_rot = mx.matmul(q, self.arena.query_rotation).reshape(B, Hq, Dk)
-            result = decode_attention(
-                q_rot, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
-                self.arena.value_scales, self.sequence.block_table(),
-                self.sequence.length_array(self.committed), kc.codebook, vc.codebook, kc.bits,
-                vc.bits, return_lse=self._tail_keys is not None)
-            out, lse = result if isinstance(result, tuple) else (result, None)
-            out = mx.matmul(out.reshape(B, Hkv, G, vc.head_dim), self.arena.output_rotation)
-        if self._tail_keys is not None:
+        Hkv, G, Dv = kc.num_heads, Hq // kc.num_heads, vc.head_dim
+        q, q_rot = _prepare_queries(queries[:, :, 0, :], self.arena.query_rotation, scale)
+        if not self.committed:  # no page yet: the fp16 tail alone
+            self._flush_pending()
             tail_k, tail_v = self._exact(self._tail_keys, self._tail_values, mx.float32)
-            out = merge_with_tail(None if out is None else out[0],
-                                  None if lse is None else lse.reshape(Hkv, G, 1),
-                                  q[0], tail_k, tail_v)[None]
-        return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)
+            out = merge_with_tail(None, None, q.reshape(Hkv, G, Dk), tail_k, tail_v)
+            return out.reshape(B, Hq, 1, Dv).astype(queries.dtype)
+        has_tail = self._tail_keys is not None
+        result = decode_attention(
+            q_rot, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
+            self.arena.value_scales, self.sequence.block_table(),
+            self.sequence.length_array(self.committed), kc.codebook, vc.codebook, kc.bits,
+            vc.bits, return_lse=has_tail)
+        if not has_tail:
+            out = mx.matmul(result.reshape(B, Hkv, G, Dv), self.arena.output_rotation)
+            return out.reshape(B, Hq, 1, Dv).astype(queries.dtype)
+        pages_out, lse = result
+        new_keys, new_values = self._pending or (None, None)
+        self._pending = None
+        old_len = self._tail_keys.shape[2]
+        length = old_len + (0 if new_keys is None else new_keys.shape[2])
+        out, self._tail_keys, self._tail_values = decode_epilogue(
+            pages_out, lse, q, self._tail_keys, self._tail_values, new_keys, new_values,
+            self.sequence.tail_info_array(length, old_len), self.arena.key_center,
+            self.arena.output_rotation, self.sequence.block_size, queries.dtype)
+        return out.reshape(B, Hq, 1, Dv)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         if self.fp16_tail and N > 1 and window_size is None and not self._prefill_step(N):
@@ -241,6 +298,7 @@ class PagedLayerCache:
     @property
     def state(self) -> list[mx.array]:
         """What generate_step evaluates each step: the pending writes of this layer."""
+        self._flush_pending()
         if self._keys is not None:
             return [self._keys, self._values]
         if self._tail_keys is not None:
@@ -251,6 +309,7 @@ class PagedLayerCache:
         return True
 
     def trim(self, n: int) -> int:
+        self._flush_pending()
         n = min(self.offset, n)
         self.offset -= n
         if self._keys is not None:
@@ -280,6 +339,7 @@ class PagedLayerCache:
         """Live KV bytes of this layer: the fp16 prefill copy, or this sequence's pages."""
         if self._keys is not None:
             return self._keys.nbytes + self._values.nbytes
+        self._flush_pending()
         tail = 0 if self._tail_keys is None else self._tail_keys.nbytes + self._tail_values.nbytes
         return len(self.sequence.blocks) * self.arena.bytes_per_block + tail
 

@@ -50,6 +50,7 @@ class Sequence:
         self.prompt_length: int | None = None
         self._table_array: mx.array | None = None
         self._length_array: tuple[int, mx.array] | None = None
+        self._tail_info: tuple[tuple[int, int], mx.array] | None = None
         self.released = False
 
     # -- queries ---------------------------------------------------------------------------
@@ -74,6 +75,14 @@ class Sequence:
         if self._length_array is None or self._length_array[0] != num_tokens:
             self._length_array = (num_tokens, mx.array([num_tokens], dtype=mx.int32))
         return self._length_array[1]
+
+    def tail_info_array(self, length: int, old_length: int) -> mx.array:
+        """int32 [length, old_length] of the fp16 tail in this step (the decode epilogue's
+        input), built once per step for all layers."""
+        key = (length, old_length)
+        if self._tail_info is None or self._tail_info[0] != key:
+            self._tail_info = (key, mx.array(key, dtype=mx.int32))
+        return self._tail_info[1]
 
     # -- writes ----------------------------------------------------------------------------
     def prepare_write(self, start: int, count: int) -> tuple[mx.array, mx.array]:

@@ -92,3 +92,30 @@ def _tail_and_pages(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
     p = mx.exp(scores - m)
     w = mx.exp(pages_lse - m)  # = sum of the page weights, rescaled to m
     return (w * pages_out + p @ tail_values) / (w + mx.sum(p, axis=-1, keepdims=True))
+
+
+def decode_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
+                              tail_keys: mx.array, tail_values: mx.array,
+                              new_keys: mx.array | None, new_values: mx.array | None,
+                              key_center: mx.array,
+                              output_rotation: mx.array, out_dtype: mx.Dtype
+                              ) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode step's epilogue in MLX ops: the contract of tqstore.metal.epilogue (which
+    runs it as one kernel) and its oracle. pages_out (B, Hq, Dv) float32 value-rotated,
+    pages_lse (B, Hq), queries (B, Hq, Dk) float32 scaled and unrotated; tail_keys/values
+    (B, Hkv, n_old, D) and new_keys/values (B, Hkv, m, D) fp16 (None: no new token); key_center
+    (Hkv, Dk) float32; output_rotation (Hkv, Dv, Dv). Returns (out (B, Hq, Dv) out_dtype, the
+    next tail's keys, values (B, Hkv, n, D) fp16)."""
+    B, Hq, Dk = queries.shape
+    Hkv, Dv = output_rotation.shape[0], output_rotation.shape[-1]
+    G = Hq // Hkv
+    if new_keys is None:
+        next_keys, next_values = tail_keys, tail_values
+    else:
+        next_keys = mx.concatenate([tail_keys, new_keys], axis=2)
+        next_values = mx.concatenate([tail_values, new_values], axis=2)
+    out = mx.matmul(pages_out.reshape(B, Hkv, G, Dv), output_rotation)
+    keys = next_keys.astype(mx.float32) - key_center[:, None, :]
+    out = merge_with_tail(out, pages_lse.reshape(B, Hkv, G, 1), queries.reshape(B, Hkv, G, Dk),
+                          keys, next_values.astype(mx.float32))
+    return out.reshape(B, Hq, Dv).astype(out_dtype), next_keys, next_values

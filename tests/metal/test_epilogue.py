@@ -1,0 +1,135 @@
+"""The decode epilogue kernel (tqstore.metal.epilogue): its generated Metal and CUDA sources
+type-check through the shims, and the CUDA source, run on the CPU emulator, computes what
+tqstore.paged.tail.decode_epilogue_reference computes (the GPU run is tools/attention_e2e.py's
+tail check, kernels against the reference end to end)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tests.metal.signature import HERE, full_source, syntax_check
+from tqstore.metal.dialect import DIALECTS
+from tqstore.metal.epilogue import (DIMS_PER_GROUP, EPILOGUE_INPUTS, EPILOGUE_OUTPUTS,
+                                    INPUT_TYPES, THREADS, epilogue_body, epilogue_header,
+                                    epilogue_unsupported_reason)
+from tqstore.paged.tail import decode_epilogue_reference
+
+_NP = dict(float32=np.float32, float16=np.float16, int32=np.int32)
+
+
+def _source(dialect: str, dims: tuple, out_dtype: str, prelude=None) -> str:
+    dk, dv, hq, hkv, bs = dims
+    outputs = [("out", out_dtype), ("next_tail_keys", "float16"), ("next_tail_values", "float16")]
+    return full_source(dialect, "epilogue", epilogue_header(dialect, out_dtype),
+                       epilogue_body(dialect, dk, dv, hq, hkv, bs),
+                       [(n, INPUT_TYPES[n]) for n in EPILOGUE_INPUTS], outputs, prelude=prelude)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("out_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("dims", [(128, 128, 32, 8, 16), (64, 64, 9, 3, 256)],
+                         ids=["llama3", "smollm2-bs256"])
+def test_epilogue_source_compiles(dialect, out_dtype, dims, tmp_path):
+    syntax_check(_source(dialect, dims, out_dtype), tmp_path, f"epi_{dialect}_{out_dtype}")
+
+
+def test_unsupported_shapes_are_named():
+    assert epilogue_unsupported_reason(128, 128, 32, 8, 16, "float16") is None
+    assert "value_dim" in epilogue_unsupported_reason(128, 100, 32, 8, 16, "float16")
+    assert "dtype" in epilogue_unsupported_reason(128, 128, 32, 8, 16, "int8")
+    assert "GQA" in epilogue_unsupported_reason(128, 128, 64, 2, 16, "float16")
+
+
+def _inputs(rng: np.random.Generator, dims: tuple, batch: int, n_old: int, n_new: int,
+            centered: bool, empty_row: bool) -> dict:
+    dk, dv, hq, hkv, bs = dims
+    f16 = lambda *shape: (rng.standard_normal(shape) * 2).astype(np.float16)  # noqa: E731
+    lse = (rng.standard_normal((batch, hq)) * 3 + 4).astype(np.float32)
+    if empty_row:
+        lse[0] = -np.inf  # a row with no page token: the tail alone
+    rot = np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0].astype(np.float32)
+    return dict(
+        pages_out=rng.standard_normal((batch, hq, dv)).astype(np.float32),
+        pages_lse=lse,
+        queries=(rng.standard_normal((batch, hq, dk)) * dk ** -0.5).astype(np.float32),
+        tail_keys=f16(batch, hkv, n_old, dk), tail_values=f16(batch, hkv, n_old, dv),
+        new_keys=f16(batch, hkv, max(n_new, 1), dk), new_values=f16(batch, hkv, max(n_new, 1), dv),
+        tail_info=np.array([n_old + n_new, n_old], dtype=np.int32),
+        key_center=((rng.standard_normal((hkv, dk)) if centered else np.zeros((hkv, dk)))
+                    .astype(np.float32)),
+        output_rotation=rot)
+
+
+def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path) -> list[np.ndarray]:
+    dk, dv, hq, hkv, bs = dims
+    batch = x["queries"].shape[0]
+    n = int(x["tail_info"][0])
+    cxx = shutil.which("g++")
+    assert cxx, "g++ is needed for the emulated kernel run"
+    for name in EPILOGUE_INPUTS:
+        np.ascontiguousarray(x[name]).tofile(tmp_path / f"{name}.bin")
+    ctype = dict(float32="float", float16="__half", int32="int32_t")
+    sizes = dict(out=batch * hq * dv, next_tail_keys=batch * hkv * n * dk,
+                 next_tail_values=batch * hkv * n * dv)
+    otypes = dict(out=ctype[out_dtype], next_tail_keys="__half", next_tail_values="__half")
+    args = ", ".join([f"(const {ctype[INPUT_TYPES[n]]}*)in_{n}.data()" for n in EPILOGUE_INPUTS]
+                     + [f"{o}.data()" for o in EPILOGUE_OUTPUTS])
+    main = "\n".join([
+        "#include <fstream>",
+        "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
+        " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
+        "int main() {",
+        *[f'  auto in_{n} = rd("{n}.bin");' for n in EPILOGUE_INPUTS],
+        *[f"  std::vector<{otypes[o]}> {o}({sizes[o]});" for o in EPILOGUE_OUTPUTS],
+        f"  tq_emu::launch(dim3{{{dv // DIMS_PER_GROUP}, {hkv}, {batch}}}, {THREADS}, [&] {{"
+        f" mlx::core::cu::epilogue({args}); }});",
+        *[f'  std::ofstream("{o}.out", std::ios::binary).write((const char*){o}.data(),'
+          f' {o}.size() * sizeof({o}[0]));' for o in EPILOGUE_OUTPUTS],
+        "  return 0;", "}"])
+    cpp = tmp_path / "epi.cpp"
+    cpp.write_text(_source("cuda", dims, out_dtype, prelude='#include "cuda_emu.h"') + main)
+    exe = tmp_path / "epi"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w", str(cpp),
+                          "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"
+    res = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"emulated run failed:\n{res.stderr[-2000:]}"
+    return [np.fromfile(tmp_path / "out.out", dtype=_NP[out_dtype]).reshape(batch, hq, dv),
+            np.fromfile(tmp_path / "next_tail_keys.out", dtype=np.float16).reshape(batch, hkv, n, dk),
+            np.fromfile(tmp_path / "next_tail_values.out", dtype=np.float16).reshape(batch, hkv, n, dv)]
+
+
+# (dims (Dk, Dv, Hq, Hkv, block_size), batch, n_old, n_new, centered, a row without pages, out)
+CASES = [
+    ((128, 128, 32, 8, 16), 1, 5, 1, True, False, "float16"),   # Llama-3-8B, a pending token
+    ((128, 128, 32, 8, 16), 1, 15, 1, False, False, "float32"),  # the token that fills the block
+    ((64, 64, 9, 3, 16), 2, 7, 0, True, True, "float32"),        # SmolLM2 heads, no new token
+    ((96, 64, 4, 4, 8), 1, 1, 1, True, False, "float16"),        # MHA, Dk != Dv
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"h{c[0][2]}x{c[0][3]}_old{c[2]}_new{c[3]}")
+def test_epilogue_kernel_on_the_emulator(case, tmp_path):
+    dims, batch, n_old, n_new, centered, empty_row, out_dtype = case
+    x = _inputs(np.random.default_rng(n_old * 7 + dims[2]), dims, batch, n_old, n_new,
+                centered, empty_row)
+    got = _run_emulated(x, dims, out_dtype, tmp_path)
+    m = {k: mx.array(v) for k, v in x.items()}
+    want = decode_epilogue_reference(
+        m["pages_out"], m["pages_lse"], m["queries"], m["tail_keys"], m["tail_values"],
+        m["new_keys"] if n_new else None, m["new_values"] if n_new else None,
+        m["key_center"], m["output_rotation"], getattr(mx, out_dtype))
+    want = [np.array(w.astype(mx.float32)) for w in want]
+    # The next tail is a copy: exact.
+    assert np.array_equal(got[1].astype(np.float32), want[1])
+    assert np.array_equal(got[2].astype(np.float32), want[2])
+    out = got[0].astype(np.float32)
+    assert np.all(np.isfinite(out))
+    scale = np.max(np.abs(want[0]))
+    tol = 2e-3 if out_dtype == "float16" else 2e-5  # fp16 output: its rounding
+    assert np.max(np.abs(out - want[0])) <= tol * scale

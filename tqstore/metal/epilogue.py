@@ -1,0 +1,207 @@
+"""The end of a decode step's attention as ONE kernel: un-rotate the pages' output, merge its
+softmax with the fp16 tail's, append the new token to the tail, write the model's dtype.
+
+Why: on a GPU a decode step's cost is dominated by launches, not bytes (tools/profile_decode.py
+on an H100: 1,272 kernels per Llama-3-8B step against fp16's 580, with the GPU busy 8.8 ms of a
+much longer step). The pure-MLX epilogue (tqstore.paged.tail.decode_epilogue_reference) is ~14
+launches per layer: the output rotation's matmul, the tail's concatenations, centering, casts,
+the compiled merge's matmuls and reductions. This kernel computes the same function in one.
+
+Inputs (B sequences; every row has the same tail length, which the paged cache guarantees, as
+a sequence's layers share one step):
+  pages_out    float32 (B, HQ, DV)   normalized output over the pages, value-rotated space
+  pages_lse    float32 (B, HQ)       its natural log-sum-exp (-inf: no page token)
+  queries      float32 (B, HQ, DK)   scale * q, NOT rotated (the tail's keys are not)
+  tail_keys    float16 (B, HKV, n_old, DK)  the tail before this step (raw keys)
+  tail_values  float16 (B, HKV, n_old, DV)
+  new_keys     float16 (B, HKV, n - n_old, DK)  this step's tokens (n == n_old: unused)
+  new_values   float16 (B, HKV, n - n_old, DV)
+  tail_info    int32 (2,) = [n, n_old], 1 <= n <= block_size
+  key_center   float32 (HKV, DK)     the keys' center (zeros without one): scores use k - c
+  output_rotation float32 (HKV, DV, DV)  o = o~ @ R per kv head
+Outputs: out (B, HQ, DV) in the model's dtype; next_tail_keys/values float16 (B, HKV, n, D):
+the tail followed by the new tokens (what the cache keeps for the next step).
+
+Math per query head (natural log units, the rule of tqstore.paged.tail):
+  s_t = q . (k_t - c)             for the n tail tokens
+  m   = max(lse, max_t s_t);  w = exp(lse - m);  p_t = exp(s_t - m)
+  out = (w * (o~ @ R) + sum_t p_t v_t) / (w + sum_t p_t)
+
+Launch: grid (DV / DC, HKV, B) threadgroups of NT threads; threadgroup x owns output dims
+[x * DC, (x + 1) * DC) of every head of its kv head (the few tail scores are recomputed per
+threadgroup: G * n * DK multiply-adds, less than reading the rotation's columns); x == 0 also
+writes the next tail.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from tqstore.metal.dialect import body_prologue, dialect_header
+
+EPILOGUE_INPUTS = ("pages_out", "pages_lse", "queries", "tail_keys", "tail_values",
+                   "new_keys", "new_values", "tail_info", "key_center", "output_rotation")
+EPILOGUE_OUTPUTS = ("out", "next_tail_keys", "next_tail_values")
+INPUT_TYPES = dict(pages_out="float32", pages_lse="float32", queries="float32",
+                   tail_keys="float16", tail_values="float16", new_keys="float16",
+                   new_values="float16", tail_info="int32", key_center="float32",
+                   output_rotation="float32")
+THREADS = 128
+DIMS_PER_GROUP = 32
+MAX_GROUP = 16  # GQA group bound of the shared-memory staging
+
+# How the body stores a float into `out`, per dialect and output dtype.
+_STORE = {
+    "cuda": {"float32": "(v)", "float16": "__float2half_rn(v)",
+             "bfloat16": "__float2bfloat16_rn(v)"},
+    "metal": {"float32": "(v)", "float16": "static_cast<float16_t>(v)",
+              "bfloat16": "static_cast<bfloat16_t>(v)"},
+}
+OUT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def epilogue_unsupported_reason(key_dim: int, value_dim: int, num_q_heads: int,
+                                num_kv_heads: int, block_size: int, out_dtype: str) -> str | None:
+    """None when the kernel covers the shape, else why not (the reference then runs)."""
+    if out_dtype not in OUT_DTYPES:
+        return f"output dtype {out_dtype}"
+    if value_dim % DIMS_PER_GROUP:
+        return f"value_dim {value_dim} is not a multiple of {DIMS_PER_GROUP}"
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        return f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+    if num_q_heads // num_kv_heads > MAX_GROUP:
+        return f"GQA group {num_q_heads // num_kv_heads} > {MAX_GROUP}"
+    if block_size > 1024 or key_dim > 1024:
+        return "block_size and key_dim must be <= 1024"
+    return None
+
+
+def epilogue_header(dialect: str, out_dtype: str) -> str:
+    return dialect_header(dialect) + f"\n#define TQ_OUT(v) {_STORE[dialect][out_dtype]}\n"
+
+
+def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
+                  num_kv_heads: int, block_size: int) -> str:
+    g = num_q_heads // num_kv_heads
+    return body_prologue(dialect) + f"""
+  constexpr int DK = {key_dim}, DV = {value_dim}, HQ = {num_q_heads}, HKV = {num_kv_heads};
+  constexpr int G = {g}, MAXN = {block_size}, NT = {THREADS}, NW = NT / 32, DC = {DIMS_PER_GROUP};
+  const int kvh = tq_gy, b = tq_gz, d0 = tq_gx * DC;
+  const int lane = tq_tid & 31, warp = tq_tid >> 5;
+  const int n = tail_info[0], n_old = tail_info[1], n_new = n - n_old;
+  const int h0 = kvh * G;
+  TQ_SHARED float qs[G * DK];
+  TQ_SHARED float o_rot[G * DV];
+  TQ_SHARED float p[G * MAXN];
+  TQ_SHARED float w_pages[G];
+  for (int i = tq_tid; i < G * DK; i += NT) qs[i] = queries[(b * HQ + h0) * DK + i];
+  for (int i = tq_tid; i < G * DV; i += NT) o_rot[i] = pages_out[(b * HQ + h0) * DV + i];
+  // Token t of the tail after this step: the old tail's, then the new ones.
+  const int old_k = (b * HKV + kvh) * n_old, new_k = (b * HKV + kvh) * n_new;
+#define TQ_TAIL_K(t, d) TQ_HALF_TO_FLOAT((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] \\
+                                                   : new_keys[(new_k + (t) - n_old) * DK + (d)])
+#define TQ_TAIL_V(t, d) TQ_HALF_TO_FLOAT((t) < n_old ? tail_values[(old_k + (t)) * DV + (d)] \\
+                                                   : new_values[(new_k + (t) - n_old) * DV + (d)])
+  if (tq_gx == 0) {{  // the next tail: a copy of the old one plus the new tokens
+    const int row = (b * HKV + kvh) * n;
+    for (int i = tq_tid; i < n * DK; i += NT) {{
+      const int t = i / DK, d = i % DK;
+      next_tail_keys[row * DK + i] = t < n_old ? tail_keys[(old_k + t) * DK + d]
+                                               : new_keys[(new_k + t - n_old) * DK + d];
+    }}
+    for (int i = tq_tid; i < n * DV; i += NT) {{
+      const int t = i / DV, d = i % DV;
+      next_tail_values[row * DV + i] = t < n_old ? tail_values[(old_k + t) * DV + d]
+                                                 : new_values[(new_k + t - n_old) * DV + d];
+    }}
+  }}
+  TQ_BARRIER();
+  // Tail scores, one warp per (head, token): s = q . (k - c), lanes over dims.
+  for (int pair = warp; pair < G * n; pair += NW) {{
+    const int gq = pair / n, t = pair % n;
+    float s = 0.0f;
+    for (int d = lane; d < DK; d += 32)
+      s += qs[gq * DK + d] * (TQ_TAIL_K(t, d) - key_center[kvh * DK + d]);
+    for (int off = 16; off > 0; off >>= 1) s += TQ_SHFL_XOR(s, off);
+    if (lane == 0) p[gq * MAXN + t] = s;
+  }}
+  TQ_BARRIER();
+  // Softmax over (pages, tail) per head: normalized weights in place.
+  if (tq_tid < G) {{
+    const float lse = pages_lse[b * HQ + h0 + tq_tid];
+    float m = lse;
+    for (int t = 0; t < n; ++t) m = TQ_FMAX(m, p[tq_tid * MAXN + t]);
+    const float wp = TQ_EXP(lse - m);
+    float sum = wp;
+    for (int t = 0; t < n; ++t) {{
+      const float e = TQ_EXP(p[tq_tid * MAXN + t] - m);
+      p[tq_tid * MAXN + t] = e;
+      sum += e;
+    }}
+    const float inv = 1.0f / sum;
+    for (int t = 0; t < n; ++t) p[tq_tid * MAXN + t] *= inv;
+    w_pages[tq_tid] = wp * inv;
+  }}
+  TQ_BARRIER();
+  // Outputs: un-rotated pages' output (a column of R per dim) plus the tail's values.
+  const int rot = kvh * DV * DV;
+  for (int i = tq_tid; i < G * DC; i += NT) {{
+    const int gq = i / DC, d = d0 + i % DC;
+    float acc = 0.0f;
+    for (int j = 0; j < DV; ++j) acc += o_rot[gq * DV + j] * output_rotation[rot + j * DV + d];
+    float v = w_pages[gq] * acc;
+    for (int t = 0; t < n; ++t) v += p[gq * MAXN + t] * TQ_TAIL_V(t, d);
+    out[(b * HQ + h0 + gq) * DV + d] = TQ_OUT(v);
+  }}
+#undef TQ_TAIL_K
+#undef TQ_TAIL_V
+"""
+
+
+def _dtype_name(dtype: mx.Dtype) -> str | None:
+    for name, dt in OUT_DTYPES.items():
+        if dt == dtype:
+            return name
+    return None
+
+
+@lru_cache(maxsize=32)
+def epilogue_kernel(backend: str, key_dim: int, value_dim: int, num_q_heads: int,
+                    num_kv_heads: int, block_size: int, out_dtype: str):
+    builder = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return builder(
+        name=(f"tq_decode_epilogue_k{key_dim}_v{value_dim}_h{num_q_heads}x{num_kv_heads}"
+              f"_bs{block_size}_{out_dtype}"),
+        input_names=list(EPILOGUE_INPUTS), output_names=list(EPILOGUE_OUTPUTS),
+        source=epilogue_body(backend, key_dim, value_dim, num_q_heads, num_kv_heads, block_size),
+        header=epilogue_header(backend, out_dtype), ensure_row_contiguous=True)
+
+
+def kernel_decode_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.array,
+                           queries: mx.array, tail_keys: mx.array, tail_values: mx.array,
+                           new_keys: mx.array | None, new_values: mx.array | None,
+                           tail_info: mx.array, key_center: mx.array,
+                           output_rotation: mx.array, block_size: int, out_dtype: mx.Dtype
+                           ) -> tuple[mx.array, mx.array, mx.array] | None:
+    """The epilogue on the GPU kernel (contract in the module doc; new_keys None: no new
+    token, tail_info must then hold [n_old, n_old]), or None where the kernel does not cover
+    the shape."""
+    if new_keys is None:
+        new_keys, new_values = tail_keys, tail_values  # never read: n == n_old
+    tail_length = tail_keys.shape[2] + (new_keys.shape[2] if new_keys is not tail_keys else 0)
+    bsz, hq, dk = queries.shape
+    hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
+    name = _dtype_name(out_dtype)
+    if name is None or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name):
+        return None
+    kernel = epilogue_kernel(backend, dk, dv, hq, hkv, block_size, name)
+    f16 = mx.float16
+    return tuple(kernel(
+        inputs=[pages_out, pages_lse, queries, tail_keys.astype(f16), tail_values.astype(f16),
+                new_keys.astype(f16), new_values.astype(f16), tail_info, key_center,
+                output_rotation],
+        output_shapes=[(bsz, hq, dv), (bsz, hkv, tail_length, dk), (bsz, hkv, tail_length, dv)],
+        output_dtypes=[out_dtype, f16, f16],
+        grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))
