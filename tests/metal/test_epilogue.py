@@ -42,7 +42,7 @@ def test_unsupported_shapes_are_named():
     assert epilogue_unsupported_reason(128, 128, 32, 8, 16, "float16") is None
     assert "value_dim" in epilogue_unsupported_reason(128, 100, 32, 8, 16, "float16")
     assert "dtype" in epilogue_unsupported_reason(128, 128, 32, 8, 16, "int8")
-    assert "GQA" in epilogue_unsupported_reason(128, 128, 64, 2, 16, "float16")
+    assert "threadgroup memory" in epilogue_unsupported_reason(128, 128, 64, 2, 16, "float16")
 
 
 def _inputs(rng: np.random.Generator, dims: tuple, batch: int, n_old: int, n_new: int,
@@ -110,6 +110,7 @@ CASES = [
     ((128, 128, 32, 8, 16), 1, 15, 1, False, False, "float32"),  # the token that fills the block
     ((64, 64, 9, 3, 16), 2, 7, 0, True, True, "float32"),        # SmolLM2 heads, no new token
     ((96, 64, 4, 4, 8), 1, 1, 1, True, False, "float16"),        # MHA, Dk != Dv
+    ((128, 64, 16, 2, 64), 1, 40, 1, True, False, "float32"),    # G = 8, 2 staged key chunks
 ]
 
 
