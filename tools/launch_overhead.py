@@ -61,8 +61,8 @@ def main() -> int:
     rot = mx.random.normal((hkv, d, d))
     tail_k = mx.random.normal((1, hkv, 5, d)).astype(mx.float16)
     info = mx.array([5, 5], dtype=mx.int32)
-    center = mx.zeros((hkv, d))
-    lse = mx.zeros((1, hq))
+    center = mx.random.normal((hkv, d))  # real buffers: a broadcast mx.zeros would be copied
+    lse = mx.random.normal((1, hq))
     q = mx.random.normal((1, hq, d))
     mx.eval(rot, tail_k, info, center, lse, q)
 

@@ -106,26 +106,6 @@ def test_mma_fused_merge_is_schedule_independent(case, tmp_path):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), name
 
 
-@pytest.mark.parametrize("case", [MMA_CASES[1], MMA_CASES[4]],
-                         ids=lambda c: f"h{c[1]}x{c[2]}_s{c[6]}")
-def test_mma_fused_merge_with_caller_counters(case, tmp_path):
-    """The decode path's variant: arrival counters owned by the cache layer instead of a zero
-    fill of the work buffer. Two launches on one counters array, a work buffer of NaNs: same
-    bits as the zero-filled launch, counters zero after each (the emulated run checks)."""
-    lens, hq, hkv, dk, dv, bs, splits, warps, depth = case
-    rng = np.random.default_rng(sum(lens) + hq + 2)
-    import mlx.core as mx
-    mx.random.seed(sum(lens) + dk + 2)
-    pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
-    (tmp_path / "fill").mkdir()
-    (tmp_path / "counted").mkdir()
-    filled = run_emulated(pages, "mma", splits, tmp_path / "fill", warps=warps, depth=depth)
-    counted = run_emulated(pages, "mma", splits, tmp_path / "counted", warps=warps, depth=depth,
-                           counters=True)
-    for a, b in zip(filled, counted):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
-
-
 def _check(got, lse, ref, ref_lse, lens, kind):
     tol_rel, tol_abs, tol_lse = TOLERANCE[kind]
     assert np.all(np.isfinite(got))

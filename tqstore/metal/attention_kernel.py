@@ -22,8 +22,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from tqstore.metal.attention_mma import (COUNTERS_INPUT, FUSED_OUTPUTS, LUT_BYTES, MmaGeometry,
-                                         fused_layout,
+from tqstore.metal.attention_mma import (FUSED_OUTPUTS, LUT_BYTES, MmaGeometry, fused_layout,
                                          mma_attention_body, mma_header, mma_unsupported_reason)
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX_SPLITS,
                                             MERGE_OUTPUTS,
@@ -99,19 +98,17 @@ def attention_kernel(geo: AttentionGeometry, split: bool, backend: str | None = 
 
 
 @lru_cache(maxsize=64)
-def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = None,
-                         counters: bool = False):
-    """The tensor-core kernel for `geo` (CUDA only), or None without a CUDA backend.
-    `counters`: the fused split-K variant that takes caller-owned arrival counters."""
+def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = None):
+    """The tensor-core kernel for `geo` (CUDA only), or None without a CUDA backend."""
     backend = backend or gpu_backend()
     if backend != "cuda":
         return None
-    name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}{'c' if counters else ''}"
+    name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}"
     outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
     return mx.fast.cuda_kernel(
-        name=name, input_names=list(ATTN_INPUTS) + ([COUNTERS_INPUT] if counters else []),
-        output_names=list(outputs), source=mma_attention_body(geo, split, counters),
-        header=mma_header(), ensure_row_contiguous=True, shared_memory=LUT_BYTES)
+        name=name, input_names=list(ATTN_INPUTS), output_names=list(outputs),
+        source=mma_attention_body(geo, split), header=mma_header(),
+        ensure_row_contiguous=True, shared_memory=LUT_BYTES)
 
 
 @lru_cache(maxsize=1)
@@ -209,7 +206,6 @@ class _Plan:
     value_dim: int
     kind: str = "portable"
     fused_rows: int = 0  # > 0: split-K merged in the split launch, work buffer (rows, HQ, DV)
-    split_counted: object | None = None  # the fused launch with caller-owned counters
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -245,13 +241,12 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
         build = lambda split: mma_attention_kernel(geo, split, backend)  # noqa: E731
         group_threads, groups_x = geo.threads, nsplit
         fused = geo.fused and nsplit > 1
-        counted = mma_attention_kernel(geo, True, backend, counters=True) if fused else None
     else:
         pgeo = geometry_for(queries, key_codes, value_codes, key_bits, value_bits,
                             knobs or None)
         build = lambda split: attention_kernel(pgeo, split, backend)  # noqa: E731
         group_threads, groups_x = pgeo.threads, nsplit * pgeo.head_split
-        fused, counted = False, None
+        fused = False
     params = mx.array([max_blocks, nsplit], dtype=mx.int32)
     plan = _Plan(single=build(False) if nsplit == 1 else None,
                  split=build(True) if nsplit > 1 else None,
@@ -260,7 +255,7 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
                  group=(group_threads, 1, 1),
                  nsplit=nsplit, batch=bsz, num_q_heads=hq, value_dim=dv, kind=kind,
                  fused_rows=-(-fused_layout(bsz, hq, hkv, dv, nsplit)[2] // (hq * dv))
-                 if fused else 0, split_counted=counted)
+                 if fused else 0)
     if len(_PLANS) > 4096:  # a long-running server sees many block-table widths
         _PLANS.clear()
     _PLANS[key] = plan
@@ -287,12 +282,9 @@ def launch_plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
 def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.array,
              value_codes: mx.array, value_scales: mx.array, block_tables: mx.array,
              seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array,
-             return_lse: bool = False, counters: mx.array | None = None
-             ) -> mx.array | tuple[mx.array, mx.array]:
+             return_lse: bool = False) -> mx.array | tuple[mx.array, mx.array]:
     """(B, Hq, Dv) float32, and with return_lse the log-sum-exp of the scores (B, Hq) (natural
-    log, -inf for an empty sequence): every launch writes both. `counters`: int32 (>= B * Hkv,)
-    zeros owned by the caller, used (and left zeroed) by the fused split-K launch instead of a
-    zero fill of its work buffer; never share one array between launches that may overlap."""
+    log, -inf for an empty sequence): every launch writes both."""
     inputs = [_as(queries, mx.float32), key_codes, _as(key_scales, mx.float16), value_codes,
               _as(value_scales, mx.float16), _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
               _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params]
@@ -302,14 +294,11 @@ def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.ar
         out, lse = p.single(inputs=inputs, output_shapes=outs, output_dtypes=[mx.float32] * 2,
                             grid=p.grid, threadgroup=p.group)
     elif p.fused_rows:
-        # One launch (plus, without caller counters, MLX's zero fill of the work buffer for the
-        # arrival counters). Shaped (rows, HQ, DV) so that `out` is one slice of it.
-        launch = dict(output_shapes=[(p.fused_rows, hq, dv)], output_dtypes=[mx.float32],
-                      grid=p.grid, threadgroup=p.group)
-        if counters is not None:
-            (work,) = p.split_counted(inputs=inputs + [_as(counters, mx.int32)], **launch)
-        else:
-            (work,) = p.split(inputs=inputs, init_value=0.0, **launch)
+        # One launch: MLX zero-fills the work buffer (the arrival counters) before the kernel.
+        # Shaped (rows, HQ, DV) so that `out` is one slice of it (fewer graph ops per call).
+        (work,) = p.split(inputs=inputs, output_shapes=[(p.fused_rows, hq, dv)],
+                          output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group,
+                          init_value=0.0)
         out = work[:bsz]
         if return_lse:
             lse = work[bsz:].reshape(-1)[:bsz * hq].reshape(outs[1])
@@ -333,8 +322,7 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
                                   num_splits: int | None = None,
                                   backend: str | None = None,
                                   variant: dict | None = None,
-                                  return_lse: bool = False,
-                                  counters: mx.array | None = None):
+                                  return_lse: bool = False):
     """The contract's function on the GPU kernels (with return_lse also the (B, Hq) natural
     log-sum-exp of the scores); None where no kernel backend exists."""
     p = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
@@ -342,4 +330,4 @@ def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_sc
     if p is None:
         return None
     return run_plan(p, queries, key_codes, key_scales, value_codes, value_scales, block_tables,
-                    seq_lens, key_codebook, value_codebook, return_lse, counters)
+                    seq_lens, key_codebook, value_codebook, return_lse)

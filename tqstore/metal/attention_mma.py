@@ -97,7 +97,6 @@ class MmaGeometry:
 #   | partial_l (B, HQ, nsplit) | partial_out (B, HQ, nsplit, DV)
 # `out` and `lse` are returned as views of it (fused_layout gives the offsets).
 FUSED_OUTPUTS = ("work",)
-COUNTERS_INPUT = "counters"  # int32 (B * HKV,), all zero between launches
 
 
 def fused_layout(batch: int, num_q_heads: int, num_kv_heads: int, value_dim: int,
@@ -231,11 +230,9 @@ def _load_words(dst: str, ptr: str, nbytes: int) -> str:
     return " ".join(out)
 
 
-def mma_attention_body(geo: MmaGeometry, split: bool, counters: bool = False) -> str:
+def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
     """The kernel body (MLX generates the signature from ATTN_INPUTS and the outputs); the
-    launch passes LUT_BYTES of dynamic shared memory. `counters` (fused split-K only): the
-    arrival counters are the extra input COUNTERS_INPUT, which the kernel leaves zeroed,
-    instead of a region of the zero-filled work buffer (see _fused_merge)."""
+    launch passes LUT_BYTES of dynamic shared memory."""
     dk, dv = geo.key_dim, geo.value_dim
     kbpl, vbpl = dk // 8, dv // 16        # code bytes per lane per token: K, V
     kw, vw = kbpl // 4, vbpl // 4          # ... as words
@@ -350,7 +347,7 @@ def mma_attention_body(geo: MmaGeometry, split: bool, counters: bool = False) ->
   const int split = tq_gx, kvh = tq_gy, b = tq_gz, nsplit = tq_ngx;
   const int h0 = kvh * G;
   const int max_blocks = params[0];
-{_fused_pointers(counters) if fused else ""}
+{_fused_pointers() if fused else ""}
   const int seq_len = seq_lens[b];
   // Splits cover whole 16-token tiles, so a tile never straddles a page (BS % 16 == 0).
   const int chunk = ((seq_len + nsplit - 1) / nsplit + TILE - 1) / TILE * TILE;
@@ -424,40 +421,31 @@ def mma_attention_body(geo: MmaGeometry, split: bool, counters: bool = False) ->
       }}
     }}
   }}
-""" + warp_merge_and_store(split, "NT") + (_fused_merge(counters) if fused else "")
+""" + warp_merge_and_store(split, "NT") + (_fused_merge() if fused else "")
 
 
-def _fused_pointers(counters: bool) -> str:
+def _fused_pointers() -> str:
     """The fused kernel's views of its work buffer (layout at FUSED_OUTPUTS)."""
-    where = "(int*)counters" if counters else "work_counts"
-    return f"""  const int nb_ = (int)gridDim.z;
+    return """  const int nb_ = (int)gridDim.z;
   float* const out = work;
   float* const lse = out + nb_ * HQ * DV;
-  int* const work_counts = (int*)(lse + nb_ * HQ);  // the layout keeps it either way
-  int* const counts = {where};
-  float* const partial_m = (float*)(work_counts + nb_ * HKV);
+  int* const counts = (int*)(lse + nb_ * HQ);
+  float* const partial_m = (float*)(counts + nb_ * HKV);
   float* const partial_l = partial_m + nb_ * HQ * nsplit;
   float* const partial_out = partial_l + nb_ * HQ * nsplit;"""
 
 
-def _fused_merge(counters: bool) -> str:
+def _fused_merge() -> str:
     """The last threadgroup of a (sequence, kv head) to finish merges its nsplit partials:
     every threadgroup publishes its partial (stores, device fence, barrier) and then counts
     itself in; the one that counts nsplit - 1 reads all partials in split order, with the
-    arithmetic of attention_source.merge_body (same bits whichever threadgroup merges).
-    Counters in the work buffer are fresh at every launch (MLX zero-fills it: one more launch,
-    ~7 us on an H100 for B=1). A caller-owned counters input is reset to zero by the last
-    threadgroup, which every other threadgroup of its (sequence, kv head) has already counted
-    past: the next launch that reads it must come after this one (stream order), so one
-    counters array must never serve two launches that may run concurrently."""
-    reset = "      if (tq_last) counts[b * HKV + kvh] = 0;\n" if counters else ""
+    arithmetic of attention_source.merge_body (same bits whichever threadgroup merges). The
+    counters live in the zero-filled work buffer: fresh at every launch."""
     return f"""  TQ_FENCE();
   TQ_BARRIER();
   TQ_SHARED int tq_last;
   TQ_SHARED float tq_mh[8];
-  if (tq_tid == 0) {{
-    tq_last = TQ_ATOMIC_ADD(counts + b * HKV + kvh, 1) == nsplit - 1;
-{reset}  }}
+  if (tq_tid == 0) tq_last = TQ_ATOMIC_ADD(counts + b * HKV + kvh, 1) == nsplit - 1;
   TQ_BARRIER();
   if (tq_last) {{  // uniform over the threadgroup
     TQ_FENCE();

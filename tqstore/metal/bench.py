@@ -1,10 +1,8 @@
 """`tqstore bench attention`: correctness of the decode-attention kernels against the pure-MLX
 oracle on fresh random pages, then per-layer decode time against fp16 SDPA in the same run.
 
-Rows: `default` is what dispatch runs on the decode path (on CUDA sm_80+ the tensor-core kernel
-where the shape fits, attention_mma.py, with each layer's own split-K arrival counters),
-`default-fill` the same kernel with MLX's zero fill of its work buffer instead (what callers
-without counters get), `portable` the one-body Metal/CUDA kernel on the same pages; --sweep
+Rows: `default` is what dispatch runs (on CUDA sm_80+ the tensor-core kernel where the shape
+fits, attention_mma.py), `portable` the one-body Metal/CUDA kernel on the same pages; --sweep
 adds tuning variants. Every check runs twice and must give identical bits (determinism).
 
 Timing method: a decode step runs one attention call per layer back to back, so each timed
@@ -130,16 +128,6 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
                                                     variant=_knobs(variant), return_lse=True)
         same_bits = bool((mx.all(got.view(mx.uint32) == again.view(mx.uint32))
                           & mx.all(lse.view(mx.uint32) == lse2.view(mx.uint32))).item())
-        if variant is None:  # the decode path: caller-owned counters, two launches in turn
-            counters = mx.zeros((len(lens) * hkv,), dtype=mx.int32)
-            for _ in range(2):
-                c_out, c_lse = kernel_paged_decode_attention(
-                    **pages, num_splits=splits, return_lse=True, counters=counters)
-                mx.eval(c_out, c_lse)  # launches sharing counters must not overlap
-                same_bits = same_bits and bool(
-                    (mx.all(got.view(mx.uint32) == c_out.view(mx.uint32))
-                     & mx.all(lse.view(mx.uint32) == c_lse.view(mx.uint32))
-                     & mx.all(counters == 0)).item())
         has = mx.isfinite(ref_lse)
         lse_err = float(mx.max(mx.where(has, mx.abs(lse - ref_lse), 0.0)).item())
         lse_empty_ok = bool(mx.all(mx.where(has, True, lse == -mx.inf)).item())
@@ -331,20 +319,13 @@ def time_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, bits: int, bloc
         mx.eval([v for v in p.values() if isinstance(v, mx.array)])
         paged.append(p)
     rows = []
-    # The decode path passes each layer's own arrival counters (no zero fill of the work
-    # buffer); "default-fill" is the same kernel with MLX's fill, as other callers get it.
-    counters = [mx.zeros((batch * hkv,), dtype=mx.int32) for _ in paged]
-    mx.eval(counters)
-    runs = [(v, v is None) for v in variants] + [(None, False)]
-    for variant, counted in runs:
+    for variant in variants:
         knobs = _knobs(variant)
         splits = _splits(variant, batch, hkv, ctx)
-        inputs = [dict(p, counters=c if counted else None) for p, c in zip(paged, counters)]
         t_tq = _time_queued(lambda p: kernel_paged_decode_attention(
-            **p, num_splits=splits, variant=knobs), inputs, reps)
+            **p, num_splits=splits, variant=knobs), paged, reps)
         plan = _plan_of(paged[0], splits, variant)
-        name = _vname(variant) + ("-fill" if variant is None and not counted else "")
-        rows.append(dict(batch=batch, context=ctx, variant=name,
+        rows.append(dict(batch=batch, context=ctx, variant=_vname(variant),
                          kernel=plan.kind, layers_queued=layers,
                          sdpa_fp16_us=t_sdpa * 1e6, tq_us=t_tq * 1e6, ratio=t_tq / t_sdpa,
                          tq_bytes=tq_layer, tq_gbps=tq_layer / t_tq / 1e9,

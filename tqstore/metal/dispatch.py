@@ -67,8 +67,7 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
                            value_codes: mx.array, value_scales: mx.array,
                            block_tables: mx.array, seq_lens: mx.array,
                            key_codebook: mx.array, value_codebook: mx.array,
-                           key_bits: int, value_bits: int, return_lse: bool = False,
-                           counters: mx.array | None = None):
+                           key_bits: int, value_bits: int, return_lse: bool = False):
     """Decode attention of one query token per sequence over compressed pages.
 
     queries (B, Hq, Dk) float32: scale * q, rotated by its kv head's key rotation. Pages:
@@ -77,10 +76,6 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     seq_lens int32 (B,). Returns (B, Hq, Dv) float32 in the value-rotated space; with
     return_lse also the log-sum-exp of the scores (B, Hq) float32, natural log (-inf where a
     sequence has no token), so a caller can merge this softmax with another piece.
-    counters: optional int32 (>= B * Hkv,) zeros the caller owns for one stream of launches
-    that never overlap (a cache layer's steps): the tensor-core kernel's split-K merge counts
-    arrivals there and leaves it zeroed, saving the zero fill of its work buffer (a launch).
-    Other kernels and the reference ignore it.
     """
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
@@ -88,8 +83,7 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
                            backend=gpu)
         _announce(_kernel_name(gpu, plan.kind))
         return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
-                        block_tables, seq_lens, key_codebook, value_codebook, return_lse,
-                        counters)
+                        block_tables, seq_lens, key_codebook, value_codebook, return_lse)
     if _forced == "kernel":
         raise RuntimeError("decode-attention kernel forced but no GPU kernel backend is present")
     name, reference = _paged_reference()

@@ -19,6 +19,7 @@ only reference), so appending a token costs O(token), not O(arena).
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from tqstore.codec import CodecConfig, QuantizedVectors, TurboQuantCodec, layer_codecs
 from tqstore.errors import InvalidArgument
@@ -70,7 +71,9 @@ class TurboQuantArena:
     def output_rotation(self) -> mx.array:
         """(Hkv, Dv, Dv) = R_V per head: o_row @ R_V un-rotates (R_V^T o) the attention output."""
         if self._output_rotation is None:
-            self._output_rotation = self.value_codec.rotation.matrices()
+            # Contiguous: the decode epilogue kernel reads it row by row (a strided view would
+            # be copied at every launch: one more op per layer and step, seen on an H100).
+            self._output_rotation = mx.contiguous(self.value_codec.rotation.matrices())
             mx.eval(self._output_rotation)
         return self._output_rotation
 
@@ -81,8 +84,10 @@ class TurboQuantArena:
         if self._key_center is None:
             center = self.key_codec.center
             shape = (self.num_kv_heads, self.key_codec.head_dim)
-            self._key_center = (mx.zeros(shape, dtype=mx.float32) if center is None
-                                else center.reshape(shape))
+            # From host memory when there is no center: mx.zeros is a broadcast scalar, which
+            # a kernel's row-contiguity guard would copy at every launch.
+            self._key_center = (mx.array(np.zeros(shape, dtype=np.float32)) if center is None
+                                else mx.contiguous(center.reshape(shape)))
             mx.eval(self._key_center)
         return self._key_center
 

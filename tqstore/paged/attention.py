@@ -114,7 +114,6 @@ def decode_attention(
     key_bits: int,
     value_bits: int,
     return_lse: bool = False,
-    counters: mx.array | None = None,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """THE dispatch point for paged decode attention (same contract as the reference):
     tqstore.metal.dispatch runs the fused Metal/CUDA kernel where MLX has that backend, else
@@ -124,5 +123,4 @@ def decode_attention(
 
     return paged_decode_attention(
         queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
-        key_codebook, value_codebook, key_bits, value_bits, return_lse=return_lse,
-        counters=counters)
+        key_codebook, value_codebook, key_bits, value_bits, return_lse=return_lse)

@@ -79,9 +79,6 @@ class PagedLayerCache:
         # it (tqstore.metal.epilogue), so the step costs no concatenation. Already counted in
         # offset; _flush_pending() appends it wherever the tail is read otherwise.
         self._pending: tuple[mx.array, mx.array] | None = None
-        # The decode kernel's split-K arrival counters (tqstore.metal.dispatch): this layer's
-        # steps never overlap (each depends on the last token), so one array serves them all.
-        self._counters: mx.array | None = None
 
     # Set by tqstore.paged.integration.install(): decode steps of some model are routed to
     # attend(). Then update_and_fetch skips the dense view it would otherwise return.
@@ -275,7 +272,7 @@ class PagedLayerCache:
             q_rot, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
             self.arena.value_scales, self.sequence.block_table(),
             self.sequence.length_array(self.committed), kc.codebook, vc.codebook, kc.bits,
-            vc.bits, return_lse=has_tail, counters=self._decode_counters())
+            vc.bits, return_lse=has_tail)
         if not has_tail:
             out = mx.matmul(result.reshape(B, Hkv, G, Dv), self.arena.output_rotation)
             return out.reshape(B, Hq, 1, Dv).astype(queries.dtype)
@@ -289,12 +286,6 @@ class PagedLayerCache:
             self.sequence.tail_info_array(length, old_len), self.arena.key_center,
             self.arena.output_rotation, self.sequence.block_size, queries.dtype)
         return out.reshape(B, Hq, 1, Dv)
-
-    def _decode_counters(self) -> mx.array:
-        if self._counters is None:
-            self._counters = mx.zeros((self.arena.key_codec.num_heads,), dtype=mx.int32)
-            mx.eval(self._counters)
-        return self._counters
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         if self.fp16_tail and N > 1 and window_size is None and not self._prefill_step(N):
