@@ -25,7 +25,7 @@ from tqstore.metal.quantize import kernel_quantize
 log = logging.getLogger("tqstore.metal")
 
 _forced: str | None = None  # "kernel" | "reference" | None (automatic); tests and benches only
-_logged: set[str] = set()
+_logged: set[tuple[str, str]] = set()
 
 
 def _paged_reference() -> tuple[str, Callable]:
@@ -57,10 +57,10 @@ def force_backend(mode: str | None) -> None:
     _forced = mode
 
 
-def _announce(name: str) -> None:
-    if name not in _logged:
-        _logged.add(name)
-        log.info("decode attention over TurboQuant pages runs on: %s", name)
+def _announce(name: str, what: str = "decode attention over TurboQuant pages") -> None:
+    if (what, name) not in _logged:
+        _logged.add((what, name))
+        log.info("%s runs on: %s", what, name)
 
 
 def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
@@ -108,7 +108,7 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
                                      new_keys, new_values, tail_info, key_center,
                                      output_rotation, block_size, out_dtype)
         if out is not None:
-            _announce(f"{gpu}-epilogue-kernel")
+            _announce(f"{gpu}-kernel", "the decode epilogue (un-rotation, merge with the fp16 tail)")
             return out
     from tqstore.paged.tail import decode_epilogue_reference
 

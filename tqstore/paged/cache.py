@@ -36,8 +36,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import create_attention_mask
 
 from tqstore.errors import InvalidArgument
-from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
 from tqstore.metal.dispatch import decode_epilogue
+from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
 from tqstore.paged.attention import decode_attention
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from tqstore.paged.policy import CachePolicy
@@ -160,7 +160,8 @@ class PagedLayerCache:
                                   "tqstore.paged.install(model) before generating")
         self._flush_pending()
         self.decode_pending = L == 1 and not self.arena.dense
-        if self.decode_pending and self.attention_routed and self._routed_decode_append(keys, values):
+        routed = self.decode_pending and self.attention_routed
+        if routed and self._routed_decode_append(keys, values):
             return keys, values
         start, committed = self.offset, self.committed
         exact = self._append(keys, values)
