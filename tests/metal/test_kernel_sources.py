@@ -66,6 +66,21 @@ def test_mma_source_compiles(geo, split, device_branch, tmp_path):
                  extra=["-D__CUDA_ARCH__=900"] if device_branch else [])
 
 
+def test_mma_register_cap_applies_under_nvrtc_only(tmp_path):
+    """The launch-bounds cap (see mma_header) redefines __global__ only where NVRTC compiles
+    (MLX's JIT); with it the source still type-checks, and the cap names the launch policy's
+    threads and threadgroups per SM."""
+    from tqstore.metal.attention_kernel import mma_resident_groups
+
+    geo = MMA_GEOMETRIES[0]
+    header = mma_header((geo.threads, mma_resident_groups(geo)))
+    assert f"__launch_bounds__({geo.threads}, {mma_resident_groups(geo)})" in header
+    src = full_source("cuda", "attn_mma", header, mma_attention_body(geo, True),
+                      [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [("work", "float32")])
+    syntax_check(src, tmp_path, "mma_bounds",
+                 extra=["-D__CUDACC_RTC__", "-D__location__(a)=", "-D__launch_bounds__(t,b)="])
+
+
 def test_mma_syntax_check_catches_a_typo(tmp_path):
     geo = MMA_GEOMETRIES[0]
     body = mma_attention_body(geo, True).replace("tq_movmatrix_trans(", "tq_movmatrix_transs(", 1)

@@ -107,7 +107,8 @@ def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = No
     outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
     return mx.fast.cuda_kernel(
         name=name, input_names=list(ATTN_INPUTS), output_names=list(outputs),
-        source=mma_attention_body(geo, split), header=mma_header(),
+        source=mma_attention_body(geo, split),
+        header=mma_header((geo.threads, mma_resident_groups(geo))),
         ensure_row_contiguous=True, shared_memory=LUT_BYTES)
 
 

@@ -204,8 +204,20 @@ __device__ __forceinline__ tq_u32 tq_byte_perm(tq_u32 x, tq_u32 y, tq_u32 s) {
 """
 
 
-def mma_header() -> str:
-    return dialect_header("cuda") + _MMA_HELPERS
+def mma_header(launch_bounds: tuple[int, int] | None = None) -> str:
+    """The CUDA dialect plus the MMA helpers. `launch_bounds` (threads, threadgroups per SM)
+    caps registers so that as many threadgroups fit as the launch policy assumes (128 at
+    depth 1 for 2 x 8 warps). MLX generates the kernel's signature, so the cap rides on a
+    redefinition of `__global__`, under NVRTC only. Without a cap, NVRTC builds are one small
+    change away from 130 registers: a variant with one more kernel argument got 130, hence one
+    threadgroup per SM and a ~20% slower kernel (ncu on an H100, docs/fragments/kernels.md)."""
+    bounds = "" if launch_bounds is None else f"""
+#if defined(__CUDACC_RTC__) && defined(__location__)
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__({launch_bounds[0]}, {launch_bounds[1]})
+#endif
+"""
+    return dialect_header("cuda") + _MMA_HELPERS + bounds
 
 
 def _load_words(dst: str, ptr: str, nbytes: int) -> str:
