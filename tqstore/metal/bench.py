@@ -226,7 +226,11 @@ def run_epilogue_checks(seed: int) -> tuple[list[dict], bool]:
     """The decode epilogue kernel against tqstore.paged.tail's reference (fp32 on the CPU):
     the next tail bit-exact, the output within its dtype's rounding, bits equal on a rerun."""
     from tqstore.metal.epilogue import kernel_decode_epilogue
-    from tqstore.paged.tail import decode_epilogue_reference
+    try:
+        from tqstore.paged.tail import decode_epilogue_reference
+    except ImportError as e:  # tqstore.paged needs mlx-lm, a dependency of the package
+        print(f"epilogue checks need tqstore.paged, which did not import: {e}", flush=True)
+        return [dict(name="epilogue", passed=False, error=str(e))], False
 
     mx.random.seed(seed + 2)
     rows, ok = [], True
