@@ -204,9 +204,9 @@ def kernel_decode_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arra
     """The epilogue on the GPU kernel (contract in the module doc; new_keys None: no new
     token, tail_info must then hold [n_old, n_old]), or None where the kernel does not cover
     the shape."""
+    tail_length = tail_keys.shape[2] + (0 if new_keys is None else new_keys.shape[2])
     if new_keys is None:
         new_keys, new_values = tail_keys, tail_values  # never read: n == n_old
-    tail_length = tail_keys.shape[2] + (new_keys.shape[2] if new_keys is not tail_keys else 0)
     bsz, hq, dk = queries.shape
     hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
     name = _dtype_name(out_dtype)

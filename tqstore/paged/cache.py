@@ -165,7 +165,7 @@ class PagedLayerCache:
             return keys, values
         start, committed = self.offset, self.committed
         exact = self._append(keys, values)
-        if self.decode_pending and self.attention_routed:
+        if routed:
             # The routed attention reads the pages (attend()); what we return is never used, so
             # don't build a dequantized view of the whole context every step (it cost 39 of 138 ms
             # of graph building per SmolLM2 step).
