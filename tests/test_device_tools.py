@@ -24,6 +24,8 @@ def test_attention_e2e_runs_every_row_on_a_tiny_model(mode, tmp_path):
     assert result["synthetic"] == bool(mode) and result["context"] == 40
     assert set(result["tokens_per_s"]) == {"fp16", "tq-kernels", "tq-kernels-tail"}
     assert all(v > 0 for v in result["tokens_per_s"].values())
+    assert set(result["tokens_per_s_pipelined"]) == set(result["tokens_per_s"])
+    assert all(v > 0 for v in result["tokens_per_s_pipelined"].values())
 
 
 def test_launch_overhead_refuses_without_a_gpu():

@@ -94,15 +94,17 @@ def test_mma_syntax_check_catches_a_typo(tmp_path):
 def test_mma_source_builds_for_sm90_without_spills(depth, tmp_path):
     """Where a CUDA toolkit is installed: the real compiler accepts the inline PTX, and the
     kernel (the default knobs, and depth 2) fits the register budget the launch policy assumes
-    (attention_kernel.MMA_REGISTERS: 128 at depth 1, so 2 threadgroups of 8 warps share an SM;
-    no local memory spills)."""
+    (attention_kernel.MMA_REGISTERS: 128 at depth 1, so 2 threadgroups of 8 warps share an SM)
+    without local memory spills. MLX's NVRTC build caps registers at that budget through
+    mma_header's __launch_bounds__; nvcc offline gets the same cap as -maxrregcount."""
     from tqstore.metal.attention_kernel import DEFAULT_MMA_VARIANT, MMA_REGISTERS
 
     geo = MmaGeometry(128, 128, 16, 32, 8, **{**DEFAULT_MMA_VARIANT, "depth": depth})
     src = _mma_source(geo, True, prelude="#include <cuda_fp16.h>\n#include <cstdint>")
     path = tmp_path / "mma.cu"
     path.write_text(src)
-    res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "-Xptxas", "-v", "-o",
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "-Xptxas", "-v",
+                          f"-maxrregcount={MMA_REGISTERS[depth]}", "-o",
                           str(tmp_path / "mma.cubin"), str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     info = res.stderr

@@ -28,6 +28,7 @@ from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX
                                             MERGE_OUTPUTS,
                                             SINGLE_OUTPUTS, SPLIT_OUTPUTS, AttentionGeometry,
                                             attention_body, attention_header, merge_body)
+from tqstore.small_arrays import padded_array
 
 # Launch policy. A decode step must fill the GPU with threadgroups even for one sequence:
 # aim for TARGET_GROUPS threadgroups (several waves on a 132-SM H100 or a 40-core M-series
@@ -248,7 +249,7 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
         build = lambda split: attention_kernel(pgeo, split, backend)  # noqa: E731
         group_threads, groups_x = pgeo.threads, nsplit * pgeo.head_split
         fused = False
-    params = mx.array([max_blocks, nsplit], dtype=mx.int32)
+    params = padded_array([max_blocks, nsplit])  # 8 bytes would land in MLX's small pool
     plan = _Plan(single=build(False) if nsplit == 1 else None,
                  split=build(True) if nsplit > 1 else None,
                  merge=merge_kernel(dv, hq, backend) if nsplit > 1 and not fused else None,

@@ -173,8 +173,11 @@ __device__ __forceinline__ tq_u32 tq_pack_half2(float lo, float hi) {
   return tq_emu_pack_half2(lo, hi);
 #endif
 }
-// Fused split-K merge: the device-scope fence, the arrival counter, and loads of other
-// threadgroups' partials that bypass L1 (ld.global.cg: the line may be stale in this SM's L1).
+// Fused split-K merge: the device-scope fence and the arrival counter. The merging threadgroup
+// reads the other threadgroups' partials with plain loads after its own fence: on sm_70+
+// __threadfence() is MEMBAR.SC.GPU + CCTL.IVALL (L1 invalidated), and plain loads let ptxas
+// issue a whole batch before the first use (ld.global.cg loads, which are "strong", were kept
+// one per use: an L2 round trip per split).
 #if defined(__CUDA_ARCH__)
 #define TQ_FENCE() __threadfence()
 #define TQ_ATOMIC_ADD(p, v) atomicAdd((p), (v))
@@ -182,15 +185,6 @@ __device__ __forceinline__ tq_u32 tq_pack_half2(float lo, float hi) {
 #define TQ_FENCE() tq_emu_fence()
 #define TQ_ATOMIC_ADD(p, v) tq_emu_atomic_add((p), (v))
 #endif
-__device__ __forceinline__ float tq_ld_cg(const float* p) {
-#if defined(__CUDA_ARCH__)
-  float r;
-  asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(r) : "l"(p));
-  return r;
-#else
-  return *p;
-#endif
-}
 __device__ __forceinline__ tq_u32 tq_byte_perm(tq_u32 x, tq_u32 y, tq_u32 s) {
 #if defined(__CUDA_ARCH__)
   return __byte_perm(x, y, s);
@@ -368,11 +362,6 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
   constexpr int STRIDE = NW * TILE;
   const int tile0 = start + warp * TILE;
 
-  // Code words in flight (issued before the table is built: their latency overlaps it).
-{buffers}
-  int bt;
-{chr(10).join(prologue_loads)}
-
   // Q^T fragments (B operand): head g (zero beyond the group), dims t*DK/4 + 4j + 0..3, in
   // log2 units, fp16.
   tq_u32 qf[KSTEPS][2];
@@ -385,6 +374,15 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
     qf[j][0] = tq_pack_half2(x[0], x[1]);
     qf[j][1] = tq_pack_half2(x[2], x[3]);
   }}
+
+  // Code words in flight, issued after the queries and before the table is built, whose
+  // latency they overlap. (A kernel's first global loads wait ~4.5 us whatever they read;
+  // queries first, then codes, measured 1.5 us shorter per launch than the reverse order:
+  // clock64 per phase on an H100, docs/fragments/kernels.md.)
+{buffers}
+  int bt;
+{chr(10).join(prologue_loads)}
+
   // The dequantization table: entry e of table T (0 = K, 1 = V) for lane L is the word
   // e * 64 + T * 32 + L, half2(c_T[e & 15], c_T[e >> 4]).
   TQ_DYNAMIC_SHARED(uint8_t, tq_lut);
@@ -433,7 +431,7 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
       }}
     }}
   }}
-""" + warp_merge_and_store(split, "NT") + (_fused_merge() if fused else "")
+""" + warp_merge_and_store(split, "NT") + (_fused_merge(geo) if fused else "")
 
 
 def _fused_pointers() -> str:
@@ -447,12 +445,20 @@ def _fused_pointers() -> str:
   float* const partial_out = partial_l + nb_ * HQ * nsplit;"""
 
 
-def _fused_merge() -> str:
+def _fused_merge(geo: MmaGeometry) -> str:
     """The last threadgroup of a (sequence, kv head) to finish merges its nsplit partials:
     every threadgroup publishes its partial (stores, device fence, barrier) and then counts
     itself in; the one that counts nsplit - 1 reads all partials in split order, with the
     arithmetic of attention_source.merge_body (same bits whichever threadgroup merges). The
-    counters live in the zero-filled work buffer: fresh at every launch."""
+    counters live in the zero-filled work buffer: fresh at every launch.
+
+    The merge is on the critical path of every split launch (the last threadgroup to finish
+    does it), so its loads are batched: the splits' m and l in one round trip, then each
+    thread's outputs (OPT of them) MS splits at a time. Loading one output's 8 splits at a
+    time took 4.4 us at 33 splits (H100, clock64 per phase); the summation order is unchanged."""
+    outputs = geo.group * geo.value_dim
+    opt = -(-outputs // geo.threads)              # outputs per thread
+    ms = max(1, min(16, 32 // opt))               # splits in flight per output (<= 32 loads)
     return f"""  TQ_FENCE();
   TQ_BARRIER();
   TQ_SHARED int tq_last;
@@ -461,11 +467,15 @@ def _fused_merge() -> str:
   TQ_BARRIER();
   if (tq_last) {{  // uniform over the threadgroup
     TQ_FENCE();
+    constexpr int OPT = {opt}, MS = {ms};
     // The dequantization tables are dead: their shared memory holds the splits' m and weights.
     float* const sm = (float*)tq_lut;
     float* const sw = sm + G * nsplit;
     const int base = (b * HQ + h0) * nsplit;  // rows of the G heads are contiguous
-    for (int i = tq_tid; i < G * nsplit; i += NT) sm[i] = tq_ld_cg(partial_m + base + i);
+    for (int i = tq_tid; i < G * nsplit; i += NT) {{
+      sm[i] = partial_m[base + i];
+      sw[i] = partial_l[base + i];
+    }}
     TQ_BARRIER();
     if (tq_tid < G) {{
       float M = NEG_BIG;
@@ -474,25 +484,43 @@ def _fused_merge() -> str:
     }}
     TQ_BARRIER();
     for (int i = tq_tid; i < G * nsplit; i += NT)
-      sw[i] = tq_ld_cg(partial_l + base + i) * TQ_EXP2(sm[i] - tq_mh[i / nsplit]);
+      sw[i] = sw[i] * TQ_EXP2(sm[i] - tq_mh[i / nsplit]);
     TQ_BARRIER();
-    for (int i = tq_tid; i < G * DV; i += NT) {{
-      const int gq = i / DV, d = i % DV;
-      const float M = tq_mh[gq];
-      const float* po = partial_out + (base + gq * nsplit) * DV + d;
-      const float* w = sw + gq * nsplit;
-      float Lsum = 0.0f, O = 0.0f;
-      for (int s0 = 0; s0 < nsplit; s0 += 8) {{
-        float v[8];
+    float ls[OPT], os[OPT];  // per output: sum of weights, weighted sum of partial outputs
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = s0 + j < nsplit ? tq_ld_cg(po + (s0 + j) * DV) : 0.0f;
+    for (int r = 0; r < OPT; ++r) {{ ls[r] = 0.0f; os[r] = 0.0f; }}
+    for (int s0 = 0; s0 < nsplit; s0 += MS) {{
+      float v[OPT][MS];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {{
-          if (s0 + j < nsplit) {{ Lsum += w[s0 + j]; O += w[s0 + j] * v[j]; }}
+      for (int r = 0; r < OPT; ++r) {{
+        // Clamped, unpredicated loads (the extra ones are not summed): ptxas then issues all
+        // OPT * MS of them before the first use; predicated ones it kept one per use.
+        const int i = tq_tid + r * NT < G * DV ? tq_tid + r * NT : G * DV - 1;
+        const float* po = partial_out + (base + (i / DV) * nsplit) * DV + i % DV;
+#pragma unroll
+        for (int j = 0; j < MS; ++j) v[r][j] = po[(s0 + j < nsplit ? s0 + j : nsplit - 1) * DV];
+      }}
+#pragma unroll
+      for (int r = 0; r < OPT; ++r) {{
+        const float* w = sw + ((tq_tid + r * NT) / DV) * nsplit;
+#pragma unroll
+        for (int j = 0; j < MS; ++j) {{
+          if (tq_tid + r * NT < G * DV && s0 + j < nsplit) {{
+            ls[r] += w[s0 + j];
+            os[r] += w[s0 + j] * v[r][j];
+          }}
         }}
       }}
-      out[(b * HQ + h0 + gq) * DV + d] = Lsum > 0.0f ? O / Lsum : 0.0f;
-      if (d == 0) lse[b * HQ + h0 + gq] = {LSE_EXPR};
+    }}
+#pragma unroll
+    for (int r = 0; r < OPT; ++r) {{
+      const int i = tq_tid + r * NT;
+      if (i < G * DV) {{
+        const int gq = i / DV, d = i % DV;
+        const float Lsum = ls[r], M = tq_mh[gq];
+        out[(b * HQ + h0 + gq) * DV + d] = Lsum > 0.0f ? os[r] / Lsum : 0.0f;
+        if (d == 0) lse[b * HQ + h0 + gq] = {LSE_EXPR};
+      }}
     }}
   }}
 """

@@ -14,6 +14,7 @@ says whether a codec qualifies; tqstore.metal.dispatch.quantize falls back other
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import mlx.core as mx
@@ -22,6 +23,7 @@ from tqstore.codec.turboquant import FP16_MAX, QuantizedVectors, TurboQuantCodec
 from tqstore.metal.attention_kernel import gpu_backend
 from tqstore.metal.attention_kernel import _builder  # noqa: PLC2701  (one builder choice)
 from tqstore.metal.dialect import body_prologue, dialect_header
+from tqstore.small_arrays import padded_array
 
 QUANT_INPUTS = ("x", "signs", "codebook", "midpoints", "rot_norm", "params")
 QUANT_OUTPUTS = ("codes", "scales")
@@ -135,6 +137,20 @@ def quantize_kernel(head_dim: int, bits: int, norm_correction: bool, backend: st
         header=quantize_header(backend), ensure_row_contiguous=True)
 
 
+# Made once per value: a host array made per call would move between CPU and GPU memory at
+# every call (MLX's CUDA buffers are managed memory), and one of <= 8 bytes would sit in MLX's
+# small pool (tqstore.small_arrays).
+@lru_cache(maxsize=64)
+def _params(rows: int, tokens: int, heads: int) -> mx.array:
+    return padded_array([rows, tokens, heads])
+
+
+@lru_cache(maxsize=16)
+def _rotation_norm(p: int) -> mx.array:
+    """The rotation's 1/sqrt(p) in float32, rounded like the codec's own scalar."""
+    return padded_array([1.0 / math.sqrt(p)], mx.float32)
+
+
 def kernel_quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors | None:
     """codec.quantize(x) on the GPU kernel; None where there is no kernel for it."""
     backend = gpu_backend()
@@ -152,8 +168,8 @@ def kernel_quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors | N
     kern = quantize_kernel(d, codec.bits, codec.norm_correction, backend)
     codes, scales = kern(
         inputs=[x.astype(mx.float32).reshape(rows, d), codec.rotation.signs.reshape(heads, d),
-                codec.codebook, codec.midpoints, codec.rotation._norm.reshape(1),
-                mx.array([rows, tokens, heads], dtype=mx.int32)],
+                codec.codebook, codec.midpoints, _rotation_norm(codec.rotation.p),
+                _params(rows, tokens, heads)],
         output_shapes=[(rows, codec.code_bytes), (rows,)],
         output_dtypes=[mx.uint8, mx.float16],
         grid=(-(-rows // THREADS) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))

@@ -23,6 +23,7 @@ import mlx.core as mx
 from tqstore.errors import InvalidArgument
 from tqstore.paged.block_pool import KVBlock
 from tqstore.prefix_hash import BlockHash, hash_block_tokens
+from tqstore.small_arrays import padded_array, padded_rows
 
 if TYPE_CHECKING:
     from tqstore.paged.kv_pool import PagedKVPool
@@ -66,14 +67,14 @@ class Sequence:
     def block_table(self) -> mx.array:
         """int32 (1, num_blocks): the row decode attention reads (memoized until it changes)."""
         if self._table_array is None:
-            self._table_array = mx.array([self.block_ids or [0]], dtype=mx.int32)
+            self._table_array = padded_rows([self.block_ids or [0]])
         return self._table_array
 
     def length_array(self, num_tokens: int) -> mx.array:
         """int32 (1,) holding num_tokens: decode attention's seq_lens, built once per step for
         all layers (every layer attends the same number of committed tokens)."""
         if self._length_array is None or self._length_array[0] != num_tokens:
-            self._length_array = (num_tokens, mx.array([num_tokens], dtype=mx.int32))
+            self._length_array = (num_tokens, padded_array([num_tokens]))
         return self._length_array[1]
 
     def tail_info_array(self, length: int, old_length: int) -> mx.array:
@@ -81,7 +82,7 @@ class Sequence:
         input), built once per step for all layers."""
         key = (length, old_length)
         if self._tail_info is None or self._tail_info[0] != key:
-            self._tail_info = (key, mx.array(key, dtype=mx.int32))
+            self._tail_info = (key, padded_array(key))
         return self._tail_info[1]
 
     # -- writes ----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class Sequence:
                 self._copy_on_write(i)
         ids = [self.blocks[p // bs].block_id for p in range(start, start + count)]
         slots = [p % bs for p in range(start, start + count)]
-        return mx.array(ids, dtype=mx.int32), mx.array(slots, dtype=mx.int32)
+        return padded_array(ids), padded_array(slots)
 
     def _copy_on_write(self, index: int) -> None:
         old = self.blocks[index]
