@@ -3,6 +3,7 @@ tiny model (prefill and synthetic-context modes) and tools/launch_overhead.py's 
 a GPU backend. Their numbers come from the GPU machine (docs/BENCHMARKS.md)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,38 @@ def test_launch_overhead_refuses_without_a_gpu():
     res = subprocess.run([sys.executable, str(ROOT / "tools/launch_overhead.py")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "no GPU backend" in res.stderr
+
+
+def test_mma_phases_instruments_the_current_kernel(tmp_path):
+    """tools/mma_phases.py stamps the kernel at source anchors: every anchor must still exist
+    in the current kernel body, and the instrumented source must still compile."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from mma_phases import PHASES, STAMPS, instrumented_source
+    from tests.metal.signature import syntax_check
+    from tests.metal.test_kernel_sources import ATTN_TYPES
+    from tqstore.metal.attention_mma import MmaGeometry, mma_header
+    from tqstore.metal.attention_source import ATTN_INPUTS
+
+    geo = MmaGeometry(128, 128, 16, 32, 8, warps=8, depth=1)
+    src = instrumented_source(geo)
+    assert src.count("clock64()") == len(PHASES) + 2 == STAMPS
+    from tests.metal.signature import full_source
+    full = full_source("cuda", "mma_phases", mma_header(), src,
+                       [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS],
+                       [("work", "float32"), ("dbg", "uint32")])
+    syntax_check(full, tmp_path, "mma_phases")
+    if shutil.which("nvcc"):  # the stamps themselves are device code: the real compiler
+        dev = full_source("cuda", "mma_phases", mma_header(), src,
+                          [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS],
+                          [("work", "float32"), ("dbg", "uint32")],
+                          prelude="#include <cuda_fp16.h>\n#include <cstdint>")
+        (tmp_path / "phases.cu").write_text(dev)
+        res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "p.cubin"),
+                              str(tmp_path / "phases.cu")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_mma_phases_refuses_without_cuda():
+    res = subprocess.run([sys.executable, str(ROOT / "tools/mma_phases.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "CUDA" in res.stderr

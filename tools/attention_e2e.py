@@ -153,6 +153,7 @@ def main() -> int:
     ap.add_argument("--no-tail-check", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    err = None
     if not args.small and not args.no_tail_check:
         err = tail_check()
         print(f"tail check (K4V4 + fp16 tail, 40 decode steps, kernels vs reference): "
@@ -219,6 +220,7 @@ def main() -> int:
                                                    shape=shape,
                                                    tokens_per_s=rows,
                                                    tokens_per_s_pipelined=piped,
+                                                   tail_check_max_rel_logit_diff=err,
                                                    graph_build_ms=BUILD_MS), indent=2))
     return 0
 
