@@ -13,7 +13,8 @@ import numpy as np
 
 from tests.metal.signature import HERE, full_source
 from tqstore.metal.attention_kernel import choose_num_splits, geometry_for
-from tqstore.metal.attention_mma import MmaGeometry, fused_layout, mma_attention_body, mma_header
+from tqstore.metal.attention_mma import MmaGeometry, mma_attention_body, mma_header
+from tqstore.metal.mma_merge import fused_layout
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention_body,
                                             merge_body)
 

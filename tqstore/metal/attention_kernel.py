@@ -10,7 +10,7 @@ Two kernel kinds compute the same function with the same outputs:
 - "portable" (attention_source.py): the one-body Metal/CUDA kernel, every other shape and Metal.
 `kernel_kind()` picks one per shape. Split-K: the portable kernel writes partials and a
 separate merge pass combines them; the MMA kernel merges in the same launch by default (the
-last threadgroup of each (sequence, kv head) does it, attention_mma._fused_merge), or like the
+last threadgroup of each (sequence, kv head) does it, mma_merge.fused_merge), or like the
 portable kernel with MmaGeometry.fused=False.
 """
 
@@ -22,12 +22,13 @@ from typing import Callable
 
 import mlx.core as mx
 
-from tqstore.metal.attention_mma import (FUSED_OUTPUTS, LUT_BYTES, MmaGeometry, fused_layout,
+from tqstore.metal.attention_mma import (LUT_BYTES, MmaGeometry,
                                          mma_attention_body, mma_header, mma_unsupported_reason)
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX_SPLITS,
                                             MERGE_OUTPUTS,
                                             SINGLE_OUTPUTS, SPLIT_OUTPUTS, AttentionGeometry,
                                             attention_body, attention_header, merge_body)
+from tqstore.metal.mma_merge import FUSED_OUTPUTS, fused_layout
 from tqstore.small_arrays import padded_array
 
 # Launch policy. A decode step must fill the GPU with threadgroups even for one sequence:
