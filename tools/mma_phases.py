@@ -4,8 +4,8 @@ The kernel source is instrumented: thread 0 of every threadgroup writes clock64(
 GPU's globaltimer) at the phase boundaries below into an extra uint64 output, and the tool
 prints the median time of each phase over threadgroups and launches, at B=1 with the default
 launch (33 splits x 8 kv heads on an H100). One launch per eval, so launches do not overlap.
-It found the ~10 us that the small-pool inputs cost (tqstore.small_arrays) and the merge's
-one-load-per-split schedule (docs/fragments/kernels.md).
+Scratch versions of it found the ~10 us that the small-pool inputs cost (tqstore.small_arrays)
+and the merge's one-load-per-split schedule (docs/fragments/kernels.md).
 
 Device only (needs MLX's CUDA backend):
     PYTHONUNBUFFERED=1 python3 tools/mma_phases.py [--contexts 32768,131072]

@@ -10,8 +10,8 @@ kernel's first read of its 8-byte `params` and 4-byte `seq_lens` took ~10 us of 
 
 So the decode path's small integer inputs (launch params, sequence lengths, the tail's [n,
 n_old]) are made here: the values are padded to at least MIN_BYTES, and the caller gets a
-prefix view of that buffer (a view, not a copy: no kernel, same buffer). A buffer the CPU
-wrote once moves to the GPU on its first GPU read and stays there.
+prefix view of that buffer (a view, not a copy: no kernel, same buffer). Such a buffer is
+ordinary managed memory: nothing but its own writes invalidates the GPU's access to it.
 """
 
 from __future__ import annotations

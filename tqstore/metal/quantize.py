@@ -137,9 +137,9 @@ def quantize_kernel(head_dim: int, bits: int, norm_correction: bool, backend: st
         header=quantize_header(backend), ensure_row_contiguous=True)
 
 
-# Made once per value: a host array made per call would move between CPU and GPU memory at
-# every call (MLX's CUDA buffers are managed memory), and one of <= 8 bytes would sit in MLX's
-# small pool (tqstore.small_arrays).
+# Made once per value: no host upload per call (MLX's CUDA buffers made from host data are
+# managed memory, written by the CPU), and padded out of MLX's small pool
+# (tqstore.small_arrays).
 @lru_cache(maxsize=64)
 def _params(rows: int, tokens: int, heads: int) -> mx.array:
     return padded_array([rows, tokens, heads])
