@@ -1,7 +1,7 @@
 """The decode epilogue kernel (tqstore.metal.epilogue): its generated Metal and CUDA sources
 type-check through the shims, and the CUDA source, run on the CPU emulator, computes what
-tqstore.paged.tail.decode_epilogue_reference computes (the GPU run is tools/attention_e2e.py's
-tail check, kernels against the reference end to end)."""
+tqstore.metal.reference.decode_epilogue_reference computes (the GPU run is
+tools/attention_e2e.py's tail check, kernels against the reference end to end)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqstore.metal.dialect import DIALECTS
 from tqstore.metal.epilogue import (DIMS_PER_GROUP, EPILOGUE_INPUTS, EPILOGUE_OUTPUTS,
                                     INPUT_TYPES, THREADS, epilogue_body, epilogue_header,
                                     epilogue_unsupported_reason)
-from tqstore.paged.tail import decode_epilogue_reference
+from tqstore.metal.reference import decode_epilogue_reference
 
 _NP = dict(float32=np.float32, float16=np.float16, int32=np.int32)
 

@@ -1,8 +1,8 @@
 """The one place that picks how decode attention over TurboQuant pages runs.
 
-Order: the fused GPU kernel of the backend MLX has (CUDA or Metal), else the paged cache's
-reference (tqstore.paged.attention.paged_decode_attention_reference). It and this package's
-oracle (reference.py) compute the same function; the kernels are tested against both.
+Order: the fused GPU kernel of the backend MLX has (CUDA or Metal), else the kernel's pure-MLX
+reference (reference.py), which computes the same function and is what the kernels are tested
+against. The paged cache calls these functions; it never picks a kernel or a reference.
 
 On CUDA (sm_80+) shapes the tensor-core kernel covers (4-bit K/V, see attention_kernel.py) run
 it, the rest the portable kernel. The choice is reported: `active_backend()` names it (for
@@ -13,7 +13,6 @@ it, the rest the portable kernel. The choice is reported: `active_backend()` nam
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import mlx.core as mx
 
@@ -21,18 +20,13 @@ from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
 from tqstore.metal.epilogue import kernel_decode_epilogue
 from tqstore.metal.quantize import kernel_quantize
+from tqstore.metal.reference import decode_epilogue_reference, paged_decode_attention_reference
 
 log = logging.getLogger("tqstore.metal")
 
 _forced: str | None = None  # "kernel" | "reference" | None (automatic); tests and benches only
 _logged: set[tuple[str, str]] = set()
-
-
-def _paged_reference() -> tuple[str, Callable]:
-    # Imported here, not at the top: tqstore.paged imports this module (arena writes).
-    from tqstore.paged.attention import paged_decode_attention_reference
-
-    return "reference:tqstore.paged", paged_decode_attention_reference
+_REFERENCE = "reference:tqstore.metal"
 
 
 def _kernel_name(gpu: str, kind: str) -> str:
@@ -42,11 +36,11 @@ def _kernel_name(gpu: str, kind: str) -> str:
 def active_backend() -> str:
     """'cuda-kernel-mma' (tensor-core kernel where a shape fits it, the portable kernel for
     the others), 'cuda-kernel' (GPU older than sm_80), 'metal-kernel' or
-    'reference:tqstore.paged'. The log line names the kernel each shape actually runs."""
+    'reference:tqstore.metal'. The log line names the kernel each shape actually runs."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
         return _kernel_name(gpu, "mma" if gpu == "cuda" and mma_capable() else "portable")
-    return _paged_reference()[0]
+    return _REFERENCE
 
 
 def force_backend(mode: str | None) -> None:
@@ -86,11 +80,11 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
                         block_tables, seq_lens, key_codebook, value_codebook, return_lse)
     if _forced == "kernel":
         raise RuntimeError("decode-attention kernel forced but no GPU kernel backend is present")
-    name, reference = _paged_reference()
-    _announce(name)
-    return reference(queries, key_codes, key_scales, value_codes, value_scales, block_tables,
-                     seq_lens, key_codebook, value_codebook, key_bits, value_bits,
-                     return_lse=return_lse)
+    _announce(_REFERENCE)
+    return paged_decode_attention_reference(queries, key_codes, key_scales, value_codes,
+                                            value_scales, block_tables, seq_lens, key_codebook,
+                                            value_codebook, key_bits, value_bits,
+                                            return_lse=return_lse)
 
 
 def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
@@ -100,7 +94,7 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
                     ) -> tuple[mx.array, mx.array, mx.array]:
     """Un-rotate the pages' output, merge it with the fp16 tail (plus this step's new token),
     cast: one kernel where the backend has one (tqstore.metal.epilogue), else the pure-MLX
-    tqstore.paged.tail.decode_epilogue_reference. tail_info int32 [n, n_old] feeds the kernel
+    reference.decode_epilogue_reference. tail_info int32 [n, n_old] feeds the kernel
     (one array per step, shared by the layers). Returns (out (B, Hq, Dv), next tail K, V)."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
@@ -110,8 +104,6 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
         if out is not None:
             _announce(f"{gpu}-kernel", "the decode epilogue (un-rotation, merge with the fp16 tail)")
             return out
-    from tqstore.paged.tail import decode_epilogue_reference
-
     return decode_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
                                      new_keys, new_values, key_center, output_rotation,
                                      out_dtype)

@@ -1,9 +1,22 @@
-"""Pure-MLX paged decode attention over TurboQuant pages: the oracle the kernels are tested
-against and the path every backend without a kernel (the CPU) runs.
+"""The pure-MLX reference of each kernel in this package: what the kernel computes, the path
+every backend without a kernel (the CPU) runs through tqstore.metal.dispatch, and what the
+kernels are tested against. One reference per kernel; the quantize kernel's is the codec itself.
 
-It computes exactly the contract's function: gather the sequence's pages through its block
-table, dequantize in rotated space (codebook[unpack(codes)] * scale), fp32 attention with a
-softmax over the seq_len valid tokens. A sequence of length 0 yields zeros.
+Decode attention over TurboQuant pages (attention_kernel.py), per query head h, kv head
+g = h // (Hq // Hkv), valid tokens t < seq_len:
+  q~  = R_K,g (scale * q_h)                        rotated once by the caller
+  s_t = key_scale_t * sum_j q~_j c_K[kidx_tj]      (keys never leave rotated space)
+  p   = softmax(s) over valid tokens               (online: running max / sum per chunk)
+  o~  = sum_t p_t * value_scale_t * c_V[vidx_t]    (accumulated in the VALUE rotated space)
+The caller un-rotates once: o = R_V,g^T o~. This equals dequantize-then-SDPA because R^T is
+orthogonal and the scales factor out (tests/metal/test_reference.py checks it against float64
+numpy attention over the codec's dequantized K/V). Keys quantized around a per-(layer, head) mean
+m (k = m + residual, tqstore.codec.profile) are scored on the residual only: q~ . R_K m is the
+same for every token of a head, and softmax ignores it. With ``return_lse`` the log-sum-exp
+comes back too, so the fp16 tail merges with the pages' softmax exactly.
+
+The decode epilogue (epilogue.py): un-rotate the pages' output, merge its softmax with the fp16
+tail's (the rule of tqstore.paged.tail), cast.
 """
 
 from __future__ import annotations
@@ -11,48 +24,142 @@ from __future__ import annotations
 import mlx.core as mx
 
 from tqstore.codec.packing import unpack_indices
+from tqstore.errors import InvalidArgument
+
+# Blocks scored per online-softmax step: bounds temporaries to
+# B * Hkv * chunk * block_size * D floats, whatever the context length.
+REFERENCE_CHUNK_TOKENS = 2048
 
 
-def _gather_dequant(codes: mx.array, scales: mx.array, block_tables: mx.array,
-                    codebook: mx.array, bits: int) -> mx.array:
-    """(B, Hkv, max_blocks * block_size, D) float32, rotated space."""
-    nbytes = codes.shape[-1]
-    dim = nbytes * 8 // bits
-    g_codes = codes[block_tables]  # (B, MB, Hkv, BS, nbytes)
-    g_scales = scales[block_tables].astype(mx.float32)  # (B, MB, Hkv, BS)
-    b, mb, hkv, bs, _ = g_codes.shape
-    g_codes = g_codes.transpose(0, 2, 1, 3, 4).reshape(b, hkv, mb * bs, nbytes)
-    g_scales = g_scales.transpose(0, 2, 1, 3).reshape(b, hkv, mb * bs)
-    idx = unpack_indices(g_codes, bits, dim).astype(mx.uint32)
-    return mx.take(codebook.astype(mx.float32), idx) * g_scales[..., None]
+def _pages(arr: mx.array, ids: mx.array) -> mx.array:
+    """arena (num_blocks, H, bs, ...) gathered at ids (B, nb) -> (B, H, nb * bs, ...)."""
+    pages = arr[ids]  # (B, nb, H, bs, ...)
+    B, nb, H, bs = pages.shape[:4]
+    pages = mx.swapaxes(pages, 1, 2)
+    return pages.reshape(B, H, nb * bs, *pages.shape[4:])
 
 
-def paged_decode_attention_oracle(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
-                                  value_codes: mx.array, value_scales: mx.array,
-                                  block_tables: mx.array, seq_lens: mx.array,
-                                  key_codebook: mx.array, value_codebook: mx.array,
-                                  key_bits: int, value_bits: int, return_lse: bool = False):
-    """(B, Hq, Dk) float32 queries (scaled, key-rotated) -> (B, Hq, Dv) float32, value-rotated;
-    with return_lse also the scores' log-sum-exp (B, Hq), natural log, -inf without tokens."""
-    bsz, hq, dk = queries.shape
-    hkv = key_codes.shape[1]
-    group = hq // hkv
-    keys = _gather_dequant(key_codes, key_scales, block_tables, key_codebook, key_bits)
-    values = _gather_dequant(value_codes, value_scales, block_tables, value_codebook, value_bits)
-    tokens = keys.shape[2]
-    q = queries.astype(mx.float32).reshape(bsz, hkv, group, dk)
-    scores = q @ keys.swapaxes(-1, -2)  # (B, Hkv, G, T)
-    valid = mx.arange(tokens)[None, :] < seq_lens.astype(mx.int32)[:, None]  # (B, T)
-    valid = valid[:, None, None, :]
-    scores = mx.where(valid, scores, -mx.inf)
-    m = mx.max(scores, axis=-1, keepdims=True)
-    m = mx.where(mx.isfinite(m), m, 0.0)
-    e = mx.where(valid, mx.exp(scores - m), 0.0)
-    denom = mx.sum(e, axis=-1, keepdims=True)
-    p = e / mx.where(denom > 0, denom, 1.0)
-    out = p @ values  # (B, Hkv, G, Dv)
-    out = out.reshape(bsz, hq, values.shape[-1])
+def paged_decode_attention_reference(
+    queries: mx.array,
+    key_codes: mx.array,
+    key_scales: mx.array,
+    value_codes: mx.array,
+    value_scales: mx.array,
+    block_tables: mx.array,
+    seq_lens: mx.array,
+    key_codebook: mx.array,
+    value_codebook: mx.array,
+    key_bits: int,
+    value_bits: int,
+    return_lse: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """(B, Hq, Dk) rotated, pre-scaled queries -> (B, Hq, Dv) float32 in value-rotated space,
+    and with ``return_lse`` also the log-sum-exp (B, Hq) of the scores (natural log), which
+    lets a caller merge this softmax with another piece (the fp16 tail).
+
+    Entries of block_tables beyond a sequence's length are ignored (may be 0, the null block).
+    A sequence of length 0 yields zeros and an lse of -inf, as the kernels do.
+    """
+    B, Hq, Dk = queries.shape
+    Hkv, block_size = key_codes.shape[1], key_codes.shape[2]
+    if Hq % Hkv:
+        raise InvalidArgument(f"query heads {Hq} not a multiple of kv heads {Hkv}")
+    if key_codes.shape[-1] * 8 != Dk * key_bits:
+        raise InvalidArgument(f"key codes of {key_codes.shape[-1]} bytes do not hold {Dk} x {key_bits} bits")
+    Dv = value_codes.shape[-1] * 8 // value_bits
+    G = Hq // Hkv
+    q = queries.astype(mx.float32).reshape(B, Hkv, G, Dk)
+    lens = seq_lens.astype(mx.int32)
+    # The table's width bounds the work; no .item() on seq_lens: a host sync per layer per
+    # step would serialize the whole decode graph.
+    num_blocks = block_tables.shape[1]
+    chunk_blocks = max(1, REFERENCE_CHUNK_TOKENS // block_size)
+
+    m = mx.full((B, Hkv, G, 1), -mx.inf, dtype=mx.float32)
+    l = mx.zeros((B, Hkv, G, 1), dtype=mx.float32)
+    acc = mx.zeros((B, Hkv, G, Dv), dtype=mx.float32)
+    for start in range(0, num_blocks, chunk_blocks):
+        ids = block_tables[:, start : min(num_blocks, start + chunk_blocks)].astype(mx.int32)
+        kidx = unpack_indices(_pages(key_codes, ids), key_bits, Dk).astype(mx.uint32)
+        kvec = mx.take(key_codebook, kidx)  # (B, Hkv, T, Dk) codebook entries, rotated space
+        ks = _pages(key_scales, ids).astype(mx.float32)[:, :, None, :]  # (B, Hkv, 1, T)
+        s = (q @ mx.swapaxes(kvec, -1, -2)) * ks  # (B, Hkv, G, T)
+        T = s.shape[-1]
+        pos = start * block_size + mx.arange(T, dtype=mx.int32)
+        valid = (pos[None, :] < lens[:, None])[:, None, None, :]
+        s = mx.where(valid, s, -mx.inf)
+        m_new = mx.maximum(m, mx.max(s, axis=-1, keepdims=True))
+        m_safe = mx.where(mx.isinf(m_new), 0.0, m_new)  # a chunk with no valid token
+        p = mx.exp(s - m_safe)
+        corr = mx.exp(m - m_safe)
+        l = l * corr + mx.sum(p, axis=-1, keepdims=True)
+        vidx = unpack_indices(_pages(value_codes, ids), value_bits, Dv).astype(mx.uint32)
+        vvec = mx.take(value_codebook, vidx) * _pages(value_scales, ids).astype(mx.float32)[..., None]
+        acc = acc * corr + p @ vvec
+        m = m_new
+    # l > 0 for every sequence with a token (its max term contributes exp(0) = 1); an empty
+    # one has acc = l = 0 and gets 0, not 0/0. Bits of the others are unchanged by the where.
+    out = (acc / mx.where(l > 0, l, 1.0)).reshape(B, Hq, Dv)
     if return_lse:
-        lse = mx.where(denom > 0, m + mx.log(mx.where(denom > 0, denom, 1.0)), -mx.inf)
-        return out, lse.reshape(bsz, hq)
+        return out, (m + mx.log(l)).reshape(B, Hq)  # -inf + log 0 = -inf when empty
     return out
+
+
+def merge_with_tail(pages_out: mx.array | None, pages_lse: mx.array | None, queries: mx.array,
+                    tail_keys: mx.array, tail_values: mx.array) -> mx.array:
+    """Decode attention = softmax over (page scores, tail scores), from its two pieces.
+
+    pages_out (Hkv, G, Dv) float32 normalized output over the pages, pages_lse (Hkv, G, 1) its
+    log-sum-exp (None when no token is committed); queries (Hkv, G, Dk) float32, pre-scaled, in
+    the keys' space; tail_keys (Hkv, n, Dk) float32 in the same space as the page scores (the
+    residual k - mean where keys are centered); tail_values (Hkv, n, Dv) float32.
+    Returns (Hkv, G, Dv) float32. Compiled: one fused graph per tail length instead of ~13 ops
+    per layer and step (decode's cost on a GPU is mostly per-op overhead).
+    """
+    if pages_out is None:
+        return _tail_only(queries, tail_keys, tail_values)
+    return _tail_and_pages(pages_out, pages_lse, queries, tail_keys, tail_values)
+
+
+@mx.compile
+def _tail_only(queries: mx.array, tail_keys: mx.array, tail_values: mx.array) -> mx.array:
+    scores = queries @ mx.swapaxes(tail_keys, -1, -2)  # (Hkv, G, n)
+    p = mx.exp(scores - mx.max(scores, axis=-1, keepdims=True))
+    return (p @ tail_values) / mx.sum(p, axis=-1, keepdims=True)
+
+
+@mx.compile
+def _tail_and_pages(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
+                    tail_keys: mx.array, tail_values: mx.array) -> mx.array:
+    scores = queries @ mx.swapaxes(tail_keys, -1, -2)  # (Hkv, G, n)
+    m = mx.maximum(mx.max(scores, axis=-1, keepdims=True), pages_lse)
+    p = mx.exp(scores - m)
+    w = mx.exp(pages_lse - m)  # = sum of the page weights, rescaled to m
+    return (w * pages_out + p @ tail_values) / (w + mx.sum(p, axis=-1, keepdims=True))
+
+
+def decode_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
+                              tail_keys: mx.array, tail_values: mx.array,
+                              new_keys: mx.array | None, new_values: mx.array | None,
+                              key_center: mx.array,
+                              output_rotation: mx.array, out_dtype: mx.Dtype
+                              ) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode step's epilogue in MLX ops: the contract of tqstore.metal.epilogue (which
+    runs it as one kernel) and its oracle. pages_out (B, Hq, Dv) float32 value-rotated,
+    pages_lse (B, Hq), queries (B, Hq, Dk) float32 scaled and unrotated; tail_keys/values
+    (B, Hkv, n_old, D) and new_keys/values (B, Hkv, m, D) fp16 (None: no new token); key_center
+    (Hkv, Dk) float32; output_rotation (Hkv, Dv, Dv). Returns (out (B, Hq, Dv) out_dtype, the
+    next tail's keys, values (B, Hkv, n, D) fp16)."""
+    B, Hq, Dk = queries.shape
+    Hkv, Dv = output_rotation.shape[0], output_rotation.shape[-1]
+    G = Hq // Hkv
+    if new_keys is None:
+        next_keys, next_values = tail_keys, tail_values
+    else:
+        next_keys = mx.concatenate([tail_keys, new_keys], axis=2)
+        next_values = mx.concatenate([tail_values, new_values], axis=2)
+    out = mx.matmul(pages_out.reshape(B, Hkv, G, Dv), output_rotation)
+    keys = next_keys.astype(mx.float32) - key_center[:, None, :]
+    out = merge_with_tail(out, pages_lse.reshape(B, Hkv, G, 1), queries.reshape(B, Hkv, G, Dk),
+                          keys, next_values.astype(mx.float32))
+    return out.reshape(B, Hq, Dv).astype(out_dtype), next_keys, next_values

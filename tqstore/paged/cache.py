@@ -12,7 +12,7 @@ Life of a layer cache:
   when the caller set it, else at the first L == 1 call): the fp16 K/V go to the prefill
   listeners (the daemon upload hook), are written into the pages (quantized once), and dropped.
 - Decode (L == 1): the new token is quantized into its page; attention runs over the pages via
-  ``tqstore.paged.integration`` -> ``PagedLayerCache.attend`` -> ``attention.decode_attention``.
+  ``tqstore.paged.integration`` -> ``PagedLayerCache.attend`` -> ``tqstore.metal.dispatch``.
   ``update_and_fetch`` still returns lazily dequantized K/V, so a model whose attention was not
   routed (integration not installed) computes the same result, only slower; when it is routed,
   those lazy arrays are never evaluated.
@@ -36,13 +36,13 @@ import mlx.nn as nn
 from mlx_lm.models.cache import create_attention_mask
 
 from tqstore.errors import InvalidArgument
-from tqstore.metal.dispatch import decode_epilogue
+from tqstore.metal.dispatch import decode_epilogue, paged_decode_attention
+from tqstore.metal.reference import merge_with_tail
 from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
-from tqstore.paged.attention import decode_attention
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from tqstore.paged.policy import CachePolicy
 from tqstore.paged.sequence import Sequence
-from tqstore.paged.tail import commit_point, exact_start, extended_mask, merge_with_tail
+from tqstore.paged.tail import commit_point, exact_start, extended_mask
 
 
 @mx.compile
@@ -269,7 +269,7 @@ class PagedLayerCache:
             out = merge_with_tail(None, None, q.reshape(Hkv, G, Dk), tail_k, tail_v)
             return out.reshape(B, Hq, 1, Dv).astype(queries.dtype)
         has_tail = self._tail_keys is not None
-        result = decode_attention(
+        result = paged_decode_attention(
             q_rot, self.arena.key_codes, self.arena.key_scales, self.arena.value_codes,
             self.arena.value_scales, self.sequence.block_table(),
             self.sequence.length_array(self.committed), kc.codebook, vc.codebook, kc.bits,
