@@ -8,6 +8,36 @@ import tqstore  # noqa: F401  (must stay the first import)
 
 import pytest  # noqa: E402
 
+from tests.seeding import SEED_ENV, seeded_rng, start_test  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def random_seed(request) -> int:
+    """One seed per test for numpy (through `rng`/`seeded_rng`) and MLX's global generator; a
+    failure report names it (pytest_runtest_makereport below)."""
+    import mlx.core as mx
+
+    seed = start_test()
+    mx.random.seed(seed)
+    request.node.user_properties.append(("random seed", seed))
+    return seed
+
+
+@pytest.fixture
+def rng(random_seed):
+    """Fresh random inputs, reproducible with TQSTORE_TEST_SEED=<the seed in the failure>."""
+    return seeded_rng()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        for name, seed in item.user_properties:
+            if name == "random seed":
+                report.sections.append(
+                    ("random seed", f"random seed {seed}: replay with {SEED_ENV}={seed}"))
+
 
 @pytest.fixture
 def daemon(tmp_path):

@@ -38,9 +38,8 @@ def test_one_bit_codebook_matches_gaussian_closed_form():
     assert abs(c[1] - expected) / expected < 5e-3
 
 
-def test_centroids_are_conditional_means():
+def test_centroids_are_conditional_means(rng):
     # Lloyd-Max fixed point: each centroid is the mean of samples falling in its cell.
-    rng = np.random.default_rng()
     d = 64
     x = rng.standard_normal((200_000, d))
     t = (x / np.linalg.norm(x, axis=1, keepdims=True))[:, 0]

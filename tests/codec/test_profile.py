@@ -17,8 +17,7 @@ def _profile(rng, layers=4, heads=2, dim=64, key_bits=(), value_bits=()):
                                 calibration="unit test")
 
 
-def test_bytes_round_trip_and_digest_are_stable():
-    rng = np.random.default_rng()
+def test_bytes_round_trip_and_digest_are_stable(rng):
     p = _profile(rng, key_bits=(4, 6, 5, 4), value_bits=(4, 4, 3, 5))
     data = p.to_bytes()
     q = QualityProfile.from_bytes(data)
@@ -43,8 +42,8 @@ def test_bytes_round_trip_and_digest_are_stable():
     lambda d: d + b"\0\0",
     lambda d: b"",
 ])
-def test_garbage_is_rejected_with_value_error(mutate):
-    p = _profile(np.random.default_rng(), key_bits=(4, 6, 5, 4), value_bits=(4, 4, 3, 5))
+def test_garbage_is_rejected_with_value_error(rng, mutate):
+    p = _profile(rng, key_bits=(4, 6, 5, 4), value_bits=(4, 4, 3, 5))
     with pytest.raises(ValueError):
         QualityProfile.from_bytes(mutate(p.to_bytes()))
 
@@ -56,8 +55,7 @@ def test_non_finite_means_are_rejected():
         QualityProfile.build("m", means)
 
 
-def test_identity_names_the_profile_and_bits_must_match_the_widest_layer():
-    rng = np.random.default_rng()
+def test_identity_names_the_profile_and_bits_must_match_the_widest_layer(rng):
     p = _profile(rng, key_bits=(4, 6, 5, 4), value_bits=(4, 4, 3, 5))
     config = CodecConfig(6, 5, profile=p)
     assert config.identity().endswith(f":profile{p.digest}")
@@ -68,8 +66,7 @@ def test_identity_names_the_profile_and_bits_must_match_the_widest_layer():
     assert hash(config) == hash(CodecConfig(6, 5, profile=QualityProfile.from_bytes(p.to_bytes())))
 
 
-def test_centered_codec_codes_the_residual_whatever_the_batching():
-    rng = np.random.default_rng()
+def test_centered_codec_codes_the_residual_whatever_the_batching(rng):
     p = _profile(rng, layers=3, heads=2, dim=64)
     kc, vc = layer_codecs(CodecConfig(4, 4, profile=p), 2, 2, 64)
     assert kc.center is not None and vc.center is None
@@ -91,8 +88,7 @@ def test_centered_codec_codes_the_residual_whatever_the_batching():
     assert err < 0.12
 
 
-def test_requantizer_with_per_layer_profile_equals_layer_codecs():
-    rng = np.random.default_rng()
+def test_requantizer_with_per_layer_profile_equals_layer_codecs(rng):
     ns = Namespace("test-model", num_layers=4, num_kv_heads=2, head_dim=64, block_size=16)
     p = _profile(rng, key_bits=(4, 6, 5, 4), value_bits=(3, 4, 4, 5))
     config = CodecConfig(6, 5, profile=p, seed=3)

@@ -23,7 +23,7 @@ def _concat(parts, axis):
 @pytest.mark.parametrize("config", [CodecConfig(4, 4), CodecConfig(3, 5), CodecConfig(8, 2),
                                     CodecConfig(4, 3, norm_correction=False, key_qjl=True)])
 @pytest.mark.parametrize("head_dim", [64, 96])
-def test_codes_do_not_depend_on_how_tokens_are_batched(config, head_dim):
+def test_codes_do_not_depend_on_how_tokens_are_batched(rng, config, head_dim):
     keys, values = layer_codecs(config, layer=4, num_kv_heads=3, key_head_dim=head_dim)
     x = mx.random.normal((2, 3, 17, head_dim)) * 3.0
     for codec in (keys, values):
@@ -31,7 +31,6 @@ def test_codes_do_not_depend_on_how_tokens_are_batched(config, head_dim):
         # 16 then 1: the anchors' fused single-token path disagreed with the multi-token one.
         split = _concat([codec.quantize(x[:, :, :16]).arrays(), codec.quantize(x[:, :, 16:]).arrays()], 2)
         one_by_one = _concat([codec.quantize(x[:, :, i : i + 1]).arrays() for i in range(17)], 2)
-        rng = np.random.default_rng()
         cuts = sorted(rng.choice(np.arange(1, 17), size=4, replace=False).tolist())
         bounds = [0, *cuts, 17]
         random_split = _concat([codec.quantize(x[:, :, a:b]).arrays()
@@ -58,8 +57,8 @@ print(h.hexdigest())
 """
 
 
-def test_second_process_produces_identical_bytes():
-    x = np.random.default_rng().standard_normal((1, 2, 9, 80)).astype(np.float32)
+def test_second_process_produces_identical_bytes(rng):
+    x = rng.standard_normal((1, 2, 9, 80)).astype(np.float32)
     k, v = layer_codecs(CodecConfig(4, 3, seed=11), layer=2, num_kv_heads=2, key_head_dim=80)
     h = hashlib.sha256()
     for codec in (k, v):

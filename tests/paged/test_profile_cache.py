@@ -9,8 +9,7 @@ from tqstore.codec.profile import QualityProfile
 from tqstore.paged import CachePolicy, make_prompt_cache
 
 
-def test_decode_over_residual_keys_equals_attention_over_full_keys(small_pool):
-    rng = np.random.default_rng()
+def test_decode_over_residual_keys_equals_attention_over_full_keys(rng, small_pool):
     H, D, L = 2, 16, 2
     means = rng.standard_normal((L, H, D)) * 4  # a large mean: most of the key energy
     profile = QualityProfile.build("test-model", means, key_bits=(4, 6), value_bits=(3, 4))

@@ -21,9 +21,8 @@ def feed(caches, rng, n, chunk=None):
     mx.eval([c.state for c in caches])
 
 
-def test_shared_system_prompt_is_stored_once(small_pool):
+def test_shared_system_prompt_is_stored_once(rng, small_pool):
     pool = small_pool(block_size=4, num_blocks=64)
-    rng = np.random.default_rng()
     system = [int(t) for t in rng.integers(0, 1000, 12)]  # 3 full blocks
     first = make_prompt_cache(pool, system + [7])
     feed(first, rng, 13)
@@ -45,10 +44,9 @@ def test_shared_system_prompt_is_stored_once(small_pool):
     assert pool.stats["prefix_hit_tokens"] == 7 * 12
 
 
-def test_shared_prefix_decode_reads_the_same_pages(small_pool):
+def test_shared_prefix_decode_reads_the_same_pages(rng, small_pool):
     """A request that hits the prefix attends over exactly the pages the first one wrote."""
     pool = small_pool(block_size=4, num_blocks=32)
-    rng = np.random.default_rng()
     prompt = [int(t) for t in rng.integers(0, 1000, 9)]
     a = make_prompt_cache(pool, prompt)
     feed(a, rng, 8, chunk=8)
@@ -62,9 +60,8 @@ def test_shared_prefix_decode_reads_the_same_pages(small_pool):
         assert mx.array_equal(ka, kb) and mx.array_equal(va, vb)
 
 
-def test_fork_copies_partial_block_on_write(small_pool):
+def test_fork_copies_partial_block_on_write(rng, small_pool):
     pool = small_pool(block_size=4, num_blocks=32)
-    rng = np.random.default_rng()
     parent = make_prompt_cache(pool, [])
     feed(parent, rng, 6)  # blocks: [full, partial(2)]
     for c in parent:
@@ -87,9 +84,8 @@ def test_fork_copies_partial_block_on_write(small_pool):
         assert mx.array_equal(kc[:, :6], k)  # the copy carries the parent's 6 tokens
 
 
-def test_trim_then_write_never_changes_a_published_block(small_pool):
+def test_trim_then_write_never_changes_a_published_block(rng, small_pool):
     pool = small_pool(block_size=4, num_blocks=32)
-    rng = np.random.default_rng()
     ids = [int(t) for t in rng.integers(0, 1000, 8)]
     caches = make_prompt_cache(pool, ids)
     feed(caches, rng, 8)
@@ -107,9 +103,8 @@ def test_trim_then_write_never_changes_a_published_block(small_pool):
     assert mx.array_equal(caches[0].arena.key_codes[published.block_id], snapshot)
 
 
-def test_no_leak_after_many_sequences(small_pool):
+def test_no_leak_after_many_sequences(rng, small_pool):
     pool = small_pool(block_size=4, num_blocks=48)
-    rng = np.random.default_rng()
     prefixes = [[int(t) for t in rng.integers(0, 50, 8)] for _ in range(3)]
     live = []
     for i in range(60):

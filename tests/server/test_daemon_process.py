@@ -23,11 +23,11 @@ def _start(tmp_path, listen):
     return proc
 
 
-def test_unix_socket_sigterm_drains_and_data_persists(tmp_path, namespace):
+def test_unix_socket_sigterm_drains_and_data_persists(rng, tmp_path, namespace):
     sock = f"unix:{tmp_path}/kv.sock"
     proc = _start(tmp_path, sock)
     try:
-        tokens = np.random.default_rng().integers(0, 1000, 48).tolist()
+        tokens = rng.integers(0, 1000, 48).tolist()
         blocks = random_blocks(namespace, 3)
         with KvStoreClient(sock) as client:
             assert client.is_serving(timeout=10)

@@ -17,8 +17,8 @@ def _inspect(*args):
     return out.stdout
 
 
-def test_inspect_reads_while_daemon_runs_and_via_daemon(daemon, client, namespace):
-    tokens = np.random.default_rng().integers(0, 5000, 16 * 4 + 8).tolist()
+def test_inspect_reads_while_daemon_runs_and_via_daemon(rng, daemon, client, namespace):
+    tokens = rng.integers(0, 5000, 16 * 4 + 8).tolist()
     client.put(namespace, tokens, 0, random_blocks(namespace, 3))
     client.lookup(namespace, tokens)              # 48 of 72 tokens
     client.lookup(namespace, tokens[:48])         # 48 of 48

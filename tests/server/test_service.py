@@ -13,10 +13,11 @@ from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
 from tqstore.wire import namespace_to_proto
 
 from tests.server.conftest import random_blocks
+from tests.seeding import seeded_rng
 
 
 def _tokens(n, rng=None):
-    rng = rng or np.random.default_rng()
+    rng = rng or seeded_rng()
     return rng.integers(0, 49152, size=n).tolist()
 
 
