@@ -16,11 +16,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tqstore.blocks import BlockPayload
 from tqstore.codec import CodecConfig
 from tqstore.config import ClientConfig
 from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
 from tqstore.prefix_hash import Namespace
-from tqstore.ssd.store import BlockPayload
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
 from tqstore.wire import BlockAssembler, codec_to_proto, fp16_chunks, namespace_to_proto

@@ -37,13 +37,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 
+from tqstore.blocks import BlockPayload
 from tqstore.client import KvStoreClient
 from tqstore.errors import NotFound, TqstoreError, Unavailable
 from tqstore.models.loader import LoadedModel
 from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, release_prompt_cache
 from tqstore.paged.cache import model_kv_layout
 from tqstore.prefix_hash import Namespace
-from tqstore.ssd.store import BlockPayload
 
 DEFAULT_STORE_BLOCK = 256  # tokens per SSD block: oMLX and LMCache use 256 too
 

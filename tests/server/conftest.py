@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 
+from tqstore.blocks import BlockPayload
 from tqstore.client import KvStoreClient
 from tqstore.config import ServerConfig, StoreConfig
 from tqstore.prefix_hash import Namespace
 from tqstore.server import Daemon
-from tqstore.ssd.store import BlockPayload
+
+from tests.seeding import seeded_rng
 
 MiB = 1 << 20
 
@@ -16,7 +18,7 @@ def namespace() -> Namespace:
 
 
 def random_blocks(ns: Namespace, n: int, rng=None) -> list[BlockPayload]:
-    rng = rng or np.random.default_rng()
+    rng = rng or seeded_rng()
     shape = (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
     return [BlockPayload(keys=(rng.standard_normal(shape) * 2).astype(np.float16),
                          values=rng.standard_normal(shape).astype(np.float16)) for _ in range(n)]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import tqstore  # noqa: F401  (entry point convention: loads OpenBLAS first)
+from tqstore.blocks import BlockPayload
 from tqstore.prefix_hash import Namespace
-from tqstore.ssd import BlockPayload, BlockStore, StoreConfig
+from tqstore.ssd import BlockStore, StoreConfig
 
 NS = Namespace("test-model@abc123", num_layers=3, num_kv_heads=2, head_dim=16, block_size=8)
 
@@ -26,11 +27,6 @@ def same_bits(a: BlockPayload, b: BlockPayload) -> bool:
     return (a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
             and np.array_equal(a.keys.view(np.uint16), b.keys.view(np.uint16))
             and np.array_equal(a.values.view(np.uint16), b.values.view(np.uint16)))
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng()
 
 
 @pytest.fixture

@@ -5,9 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from tqstore.blocks import BlockPayload
 from tqstore.errors import InvalidArgument, NotFound, Unavailable
 from tqstore.prefix_hash import hash_prefix_blocks
-from tqstore.ssd import BlockPayload, BlockStore, StoreConfig
+from tqstore.ssd import BlockStore, StoreConfig
 
 from .conftest import NS, random_payload, random_tokens, same_bits
 

@@ -1,4 +1,5 @@
-"""Block payloads: the fp16 K/V of one block, their file format, compression and checksums.
+"""Block payloads on disk (tqstore.blocks.BlockPayload: the fp16 K/V of one block): their file
+format, compression and checksums.
 
 Why payload files and not LMDB values (measured, tools/ssd_payload_location.py, numbers in
 docs/fragments/ssd.md): one file per block, named by its hash, written to a temp name, fsynced and
@@ -32,6 +33,8 @@ import numpy as np
 import xxhash
 import zstandard
 
+from tqstore.blocks import BlockPayload
+
 FILE_MAGIC = b"TQSB"
 FILE_VERSION = 2  # 2: body chunks checksummed with XXH3-64 (1: CRC-32)
 HEADER_SIZE = 64
@@ -42,14 +45,6 @@ ALLOC_UNIT = 4096  # file systems allocate whole 4 KiB blocks: the budget counts
 
 class PayloadError(ValueError):
     """A payload file failed verification (missing, wrong size, bad header, bad checksum)."""
-
-
-@dataclass(frozen=True)
-class BlockPayload:
-    """One block: all layers, K and V, fp16, shape (num_layers, num_kv_heads, block_size, head_dim)."""
-
-    keys: np.ndarray
-    values: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Sequence
 import lmdb
 import numpy as np
 
+from tqstore.blocks import BlockPayload
 from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from tqstore.prefix_hash import BlockHash, Namespace
 from tqstore.ssd import payload as pl
@@ -41,7 +42,7 @@ from tqstore.ssd.check import CheckReport, run_check
 from tqstore.ssd.config import StoreConfig
 from tqstore.ssd.eviction import evict_lru
 from tqstore.ssd.index import Index
-from tqstore.ssd.payload import BlockPayload, PayloadError
+from tqstore.ssd.payload import PayloadError
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
 from tqstore.ssd.stats import NamespaceStats, StoreStats
 
