@@ -42,11 +42,14 @@ pack() {
   echo "packed $k parts: call 1..$((k - 1)) run 'receive' carrying .carry/gpu-k; call $k runs 'test'"
 }
 
-receive() {
+receive() {  # keep the parts this call carried (none is fine: the stage may be complete)
   mkdir -p "$STAGE/parts"
-  cp "$CARRY"/gpu-*/gpu-part-* "$STAGE/parts/"
-  [ -f "$CARRY"/gpu-*/bundle.sha256 ] 2>/dev/null && cp "$CARRY"/gpu-*/bundle.sha256 "$STAGE/"
-  ls "$STAGE/parts"
+  local f
+  for f in "$CARRY"/gpu-*/gpu-part-* "$CARRY"/gpu-*/bundle.sha256; do
+    [ -f "$f" ] || continue
+    case "$f" in *.sha256) cp "$f" "$STAGE/" ;; *) cp "$f" "$STAGE/parts/" ;; esac
+  done
+  echo "gpu_suite: parts staged: $(ls "$STAGE/parts" | tr '\n' ' ')"
 }
 
 install() {
