@@ -1,8 +1,8 @@
 """The generated CUDA kernels run on the CPU emulator (tests/metal/cuda_emu.h) against the fp32
-oracle: the tensor-core kernel's fragment layouts, dim/token permutations, GQA padding, split
-and merge (fused into the split launch, and the separate merge pass), ragged and empty
-sequences; and its error is the fp16 rounding it documents (a
-numpy model with exactly those roundings agrees with it far more closely than the oracle)."""
+reference (tqstore.metal.reference): the tensor-core kernel's fragment layouts, dim/token
+permutations, GQA padding, split and merge (fused into the split launch, and the separate merge
+pass), ragged and empty sequences; and its error is the fp16 rounding it documents (a numpy
+model with exactly those roundings agrees with it far more closely than the reference)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tests.metal.emulate import run_emulated
-from tqstore.metal.bench import TOLERANCE, random_pages
-from tqstore.metal.reference import paged_decode_attention_oracle
+from tqstore.bench.attention import TOLERANCE, random_pages
+from tqstore.metal.reference import paged_decode_attention_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 
@@ -77,7 +77,7 @@ def test_mma_kernel_on_the_emulator(case, tmp_path):
     mx.random.seed(sum(lens) + dk)
     pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
     got, lse = run_emulated(pages, "mma", splits, tmp_path, warps=warps, depth=depth)
-    ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
+    ref, ref_lse = (np.array(x) for x in paged_decode_attention_reference(**pages, return_lse=True))
     _check(got, lse, ref, ref_lse, lens, "mma")
     assert _rel(got, fp16_model(pages)) < 3e-4  # the error is the fp16 rounding, nothing else
 
@@ -99,7 +99,7 @@ def test_mma_fused_merge_is_schedule_independent(case, tmp_path):
         sub.mkdir()
         runs[name] = run_emulated(pages, "mma", splits, sub, warps=warps, depth=depth,
                                   fused=fused, reverse=reverse)
-    ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
+    ref, ref_lse = (np.array(x) for x in paged_decode_attention_reference(**pages, return_lse=True))
     _check(*runs["fused"], ref, ref_lse, lens, "mma")
     for name in ("fused-reversed", "separate"):
         for a, b in zip(runs["fused"], runs[name]):
@@ -120,7 +120,7 @@ def _check(got, lse, ref, ref_lse, lens, kind):
 def test_portable_cuda_kernel_on_the_emulator(tmp_path):
     lens = [129, 1000, 0]
     pages = random_pages(np.random.default_rng(3), lens, 9, 3, 64, 64, 3, 4, 8)
-    ref, ref_lse = (np.array(x) for x in paged_decode_attention_oracle(**pages, return_lse=True))
+    ref, ref_lse = (np.array(x) for x in paged_decode_attention_reference(**pages, return_lse=True))
     for splits in (1, 3):
         got, lse = run_emulated(pages, "portable", splits, tmp_path)
         _check(got, lse, ref, ref_lse, lens, "portable")

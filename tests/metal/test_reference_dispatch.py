@@ -1,5 +1,6 @@
-"""CPU tests: the oracle computes the contract's function, the dispatch falls back to a
-reference where no GPU kernel exists and says so, and the launch policy is sane."""
+"""CPU tests: the kernels' reference computes the contract's function (against float64 numpy
+attention), the dispatch falls back to it where no GPU kernel exists and says so, and the launch
+policy is sane."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tqstore.metal import dispatch
 from tqstore.metal.attention_kernel import (MAX_SPLITS, attention_kernel, choose_num_splits,
                                             gpu_backend, kernel_paged_decode_attention)
 from tqstore.metal.attention_source import AttentionGeometry
-from tqstore.metal.bench import random_pages
-from tqstore.metal.reference import paged_decode_attention_oracle
+from tqstore.bench.attention import random_pages
+from tqstore.codec.packing import unpack_indices
+from tqstore.metal.reference import paged_decode_attention_reference
 
 
 def _dense_attention(q, k, v, seq_len):
@@ -29,9 +31,38 @@ def _dense_attention(q, k, v, seq_len):
     return out
 
 
-def test_oracle_matches_codec_dequantize_and_dense_attention():
-    """Pages filled by the real codec: the oracle equals attention over dequantized K/V."""
-    rng = np.random.default_rng()
+def _dense_pages_attention(pages: dict, key_bits: int, value_bits: int):
+    """float64 numpy attention over the pages as the contract reads them: (B, Hq, Dv) output
+    (zeros for an empty sequence) and (B, Hq) natural-log log-sum-exp (-inf when empty)."""
+    def dequant(codes, scales, book, bits):
+        dim = codes.shape[-1] * 8 // bits
+        idx = np.array(unpack_indices(codes, bits, dim))
+        return np.array(book, np.float64)[idx] * np.array(scales, np.float64)[..., None]
+
+    keys = dequant(pages["key_codes"], pages["key_scales"], pages["key_codebook"], key_bits)
+    values = dequant(pages["value_codes"], pages["value_scales"], pages["value_codebook"],
+                     value_bits)
+    q = np.array(pages["queries"], np.float64)
+    tables, lens = np.array(pages["block_tables"]), np.array(pages["seq_lens"])
+    bsz, hq, _ = q.shape
+    hkv = keys.shape[1]
+    out, lse = np.zeros((bsz, hq, values.shape[-1])), np.full((bsz, hq), -np.inf)
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        k = keys[tables[b]].transpose(1, 0, 2, 3).reshape(hkv, -1, keys.shape[-1])[:, :n]
+        v = values[tables[b]].transpose(1, 0, 2, 3).reshape(hkv, -1, values.shape[-1])[:, :n]
+        for h in range(hq):
+            s = k[h // (hq // hkv)] @ q[b, h]
+            m = s.max()
+            e = np.exp(s - m)
+            out[b, h] = (e / e.sum()) @ v[h // (hq // hkv)]
+            lse[b, h] = m + np.log(e.sum())
+    return out, lse
+
+
+def test_reference_matches_codec_dequantize_and_dense_attention(rng):
+    """Pages filled by the real codec: the reference equals attention over dequantized K/V."""
     hq, hkv, d, bs, lens = 8, 2, 64, 16, [37, 5]
     kc, vc = layer_codecs(CodecConfig(4, 3), 0, hkv, d)
     max_blocks = 3
@@ -55,31 +86,34 @@ def test_oracle_matches_codec_dequantize_and_dense_attention():
         kd = np.array(kc.dequantize_rotated(qk), dtype=np.float64)
         vd = np.array(vc.dequantize_rotated(qv), dtype=np.float64)
         out_expect.append(_dense_attention(q[b].astype(np.float64), kd, vd, n))
-    got = paged_decode_attention_oracle(
+    got = paged_decode_attention_reference(
         mx.array(q), mx.array(arr["kcode"]), mx.array(arr["ksc"]), mx.array(arr["vcode"]),
         mx.array(arr["vsc"]), mx.array(tables.astype(np.int32)), mx.array(np.array(lens, np.int32)),
         kc.codebook, vc.codebook, 4, 3)
     np.testing.assert_allclose(np.array(got), np.stack(out_expect), rtol=2e-4, atol=2e-5)
 
 
-def test_oracle_agrees_with_paged_reference_on_ragged_gqa():
-    paged = pytest.importorskip("tqstore.paged.attention")
-    pages = random_pages(np.random.default_rng(), [1, 40, 129], 12, 4, 64, 64, 4, 2, 8)
-    a = paged_decode_attention_oracle(**pages)
-    b = paged.paged_decode_attention_reference(**pages)
-    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+def test_reference_on_ragged_gqa_equals_float64_attention(rng):
+    """Ragged lengths across more tokens than one online-softmax chunk, GQA, 4/2 bits."""
+    pages = random_pages(rng, [1, 40, 2100], 12, 4, 64, 64, 4, 2, 8)
+    out, lse = paged_decode_attention_reference(**pages, return_lse=True)
+    want, want_lse = _dense_pages_attention(pages, 4, 2)
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(lse), want_lse, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_length_sequence_gives_zeros():
-    pages = random_pages(np.random.default_rng(), [0, 20], 4, 2, 64, 64, 4, 4, 16)
-    out = np.array(paged_decode_attention_oracle(**pages))
+def test_zero_length_sequence_gives_zeros(rng):
+    """As the kernels do: zeros and an lse of -inf, never 0/0."""
+    pages = random_pages(rng, [0, 20], 4, 2, 64, 64, 4, 4, 16)
+    out, lse = (np.array(x) for x in paged_decode_attention_reference(**pages, return_lse=True))
     assert np.all(out[0] == 0) and np.all(np.isfinite(out)) and np.any(out[1] != 0)
+    assert np.all(lse[0] == -np.inf) and np.all(np.isfinite(lse[1]))
 
 
-def test_cpu_has_no_kernel_and_dispatch_falls_back(caplog):
+def test_cpu_has_no_kernel_and_dispatch_falls_back(rng, caplog):
     assert gpu_backend() is None
     assert attention_kernel(AttentionGeometry(128, 128, 4, 4, 16, 32, 8), True) is None
-    pages = random_pages(np.random.default_rng(), [50, 3], 8, 2, 64, 64, 4, 4, 16)
+    pages = random_pages(rng, [50, 3], 8, 2, 64, 64, 4, 4, 16)
     assert kernel_paged_decode_attention(**pages) is None
     assert dispatch.active_backend().startswith("reference:")
     dispatch._logged.clear()
@@ -88,12 +122,11 @@ def test_cpu_has_no_kernel_and_dispatch_falls_back(caplog):
         dispatch.paged_decode_attention(**pages)
     assert [r.getMessage() for r in caplog.records].count(
         f"decode attention over TurboQuant pages runs on: {dispatch.active_backend()}") == 1
-    np.testing.assert_allclose(np.array(out), np.array(paged_decode_attention_oracle(**pages)),
-                               rtol=1e-4, atol=1e-5)
+    assert np.array_equal(np.array(out), np.array(paged_decode_attention_reference(**pages)))
 
 
-def test_forcing_the_kernel_without_a_gpu_raises():
-    pages = random_pages(np.random.default_rng(), [5], 4, 4, 64, 64, 4, 4, 16)
+def test_forcing_the_kernel_without_a_gpu_raises(rng):
+    pages = random_pages(rng, [5], 4, 4, 64, 64, 4, 4, 16)
     dispatch.force_backend("kernel")
     try:
         with pytest.raises(RuntimeError, match="no GPU kernel backend"):
@@ -164,15 +197,12 @@ def test_kernel_kind_picks_the_mma_kernel_where_it_fits():
         kind(32, 8, 128, 128, 4, 4, 16, requested="fast")
 
 
-def test_dispatch_returns_the_log_sum_exp_on_request():
+def test_dispatch_returns_the_log_sum_exp_on_request(rng):
     """return_lse (tqstore.paged.tail merges the pages' softmax with the fp16 tail): the CPU
-    fallback's lse equals the oracle's, natural log."""
-    pages = random_pages(np.random.default_rng(), [40, 1, 129], 8, 2, 64, 64, 4, 4, 16)
+    fallback's lse is float64 attention's, natural log, -inf for an empty sequence."""
+    pages = random_pages(rng, [40, 1, 129, 0], 8, 2, 64, 64, 4, 4, 16)
     out, lse = dispatch.paged_decode_attention(**pages, return_lse=True)
-    ref, ref_lse = paged_decode_attention_oracle(**pages, return_lse=True)
-    assert lse.shape == (3, 8)
-    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.array(lse), np.array(ref_lse), rtol=1e-5, atol=1e-5)
-    empty = random_pages(np.random.default_rng(), [0, 3], 4, 2, 64, 64, 4, 4, 16)
-    _, e_lse = paged_decode_attention_oracle(**empty, return_lse=True)
-    assert np.all(np.array(e_lse)[0] == -np.inf) and np.all(np.isfinite(np.array(e_lse)[1]))
+    want, want_lse = _dense_pages_attention(pages, 4, 4)
+    assert lse.shape == (4, 8)
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(lse), want_lse, rtol=1e-5, atol=1e-5)

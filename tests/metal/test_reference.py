@@ -1,4 +1,5 @@
-"""Decode attention over compressed pages == dequantize-then-SDPA (fp32), to 1e-5 relative."""
+"""The kernels' reference, decode attention over compressed pages (tqstore.metal.reference), ==
+dequantize-then-SDPA in float64, to 1e-5 relative; and so is the dispatch's CPU path."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import pytest
 import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 from tqstore.codec import CodecConfig, QuantizedVectors, layer_codecs
-from tqstore.paged.attention import decode_attention, paged_decode_attention_reference
+from tqstore.metal.dispatch import paged_decode_attention
+from tqstore.metal.reference import paged_decode_attention_reference
 
 
 def random_arena(rng, num_blocks, hkv, bs, dk, dv, kbits, vbits):
@@ -44,8 +46,7 @@ def oracle(queries, arena, table, seq_len, kcodec, vcodec, scale):
     (32, 4, 4, 64, 64, 3, 2),
     (1, 4, 1, 24, 24, 4, 8),
 ])
-def test_reference_equals_dequantize_then_sdpa(bs, hq, hkv, dk, dv, kbits, vbits):
-    rng = np.random.default_rng()
+def test_reference_equals_dequantize_then_sdpa(rng, bs, hq, hkv, dk, dv, kbits, vbits):
     kcodec, vcodec = layer_codecs(CodecConfig(kbits, vbits, seed=int(rng.integers(1 << 30))),
                                   int(rng.integers(30)), hkv, dk, dv)
     num_blocks = 96
@@ -77,9 +78,8 @@ def test_reference_equals_dequantize_then_sdpa(bs, hq, hkv, dk, dv, kbits, vbits
         assert rel < 1e-5, (b, lens[b], rel)
 
 
-def test_long_context_crosses_online_softmax_chunks():
+def test_long_context_crosses_online_softmax_chunks(rng):
     """More tokens than one reference chunk: the running max/sum merge must be exact."""
-    rng = np.random.default_rng()
     bs, hkv, hq, d = 16, 2, 4, 32
     kcodec, vcodec = layer_codecs(CodecConfig(4, 4), 3, hkv, d)
     arena = random_arena(rng, 400, hkv, bs, d, d, 4, 4)
@@ -87,21 +87,20 @@ def test_long_context_crosses_online_softmax_chunks():
     table = np.array([rng.permutation(np.arange(1, 400))[: -(-n // bs)]], dtype=np.int32)
     q = mx.array(rng.standard_normal((1, hq, d)).astype(np.float32) * 3)
     qr = kcodec.rotate((q * d ** -0.5).reshape(1, hkv, 2, d)).reshape(1, hq, d)
-    out = decode_attention(qr, *arena, mx.array(table), mx.array([n], dtype=mx.int32),
-                           kcodec.codebook, vcodec.codebook, 4, 4)
+    out = paged_decode_attention(qr, *arena, mx.array(table), mx.array([n], dtype=mx.int32),
+                                 kcodec.codebook, vcodec.codebook, 4, 4)
     out = vcodec.unrotate(out.reshape(1, hkv, 2, d)).reshape(hq, d)
     want = oracle(q[0], arena, table[0], n, kcodec, vcodec, d ** -0.5)
     assert np.abs(np.array(out) - want).max() / np.abs(want).max() < 1e-5
 
 
-def test_entries_beyond_length_are_ignored():
-    rng = np.random.default_rng()
+def test_entries_beyond_length_are_ignored(rng):
     kcodec, vcodec = layer_codecs(CodecConfig(4, 4), 0, 1, 16)
     arena = random_arena(rng, 8, 1, 4, 16, 16, 4, 4)
     q = mx.array(rng.standard_normal((1, 2, 16)).astype(np.float32))
     args = (kcodec.codebook, vcodec.codebook, 4, 4)
-    a = decode_attention(q, *arena, mx.array([[3, 5, 0, 0]]), mx.array([6]), *args)
-    b = decode_attention(q, *arena, mx.array([[3, 5, 7, 2]]), mx.array([6]), *args)
-    c = decode_attention(q, *arena, mx.array([[3, 6, 0, 0]]), mx.array([6]), *args)
+    a = paged_decode_attention(q, *arena, mx.array([[3, 5, 0, 0]]), mx.array([6]), *args)
+    b = paged_decode_attention(q, *arena, mx.array([[3, 5, 7, 2]]), mx.array([6]), *args)
+    c = paged_decode_attention(q, *arena, mx.array([[3, 6, 0, 0]]), mx.array([6]), *args)
     assert np.array_equal(np.array(a), np.array(b))
     assert not np.allclose(np.array(a), np.array(c))
