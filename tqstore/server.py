@@ -23,10 +23,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
 from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
 from tqstore.requantize import Requantizer
-from tqstore.ssd.store import BlockPayload, BlockStore
+from tqstore.ssd.store import BlockStore
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
 from tqstore.wire import (BlockAssembler, codec_from_proto, fp16_chunks, layers_per_chunk,
