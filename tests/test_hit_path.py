@@ -82,7 +82,7 @@ def test_whole_prompt_cached_restores_all_but_the_last_token(smollm2, document, 
 
 
 def test_unreachable_daemon_generates_without_cache(smollm2):
-    from tqstore.generate_cli import connect
+    from tqstore.cli.generate import connect
 
     said = []
     assert connect("127.0.0.1:1", log=said.append) is None

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from tqstore.metal.attention_kernel import kernel_paged_decode_attention  # noqa: E402
-from tqstore.metal.bench import random_pages  # noqa: E402
+from tqstore.bench.attention import random_pages  # noqa: E402
 
 SEPARATE_MERGE = dict(kernel="mma", warps=8, depth=1, fused=False)
 CALLS = 16

@@ -75,7 +75,7 @@ def main() -> int:
     if gpu_backend() != "cuda":
         print("needs MLX's CUDA backend", file=sys.stderr)
         return 2
-    from tqstore.metal.bench import random_pages
+    from tqstore.bench.attention import random_pages
 
     geo = MmaGeometry(128, 128, 16, 32, 8, warps=8, depth=1, fused=True)
     kern = mx.fast.cuda_kernel(

@@ -98,7 +98,7 @@ def decode_row(model, y, cache, steps: int, label: str) -> dict:
 def attention_rows(ctx: int, layers: int, reps: int) -> list[dict]:
     """fp16 SDPA vs our default kernel at B=1: `layers` calls queued per eval, `reps` evals."""
     from tqstore.metal.attention_kernel import kernel_paged_decode_attention
-    from tqstore.metal.bench import random_pages
+    from tqstore.bench.attention import random_pages
 
     rng = np.random.default_rng(7)
     dense = [(mx.random.normal((1, 32, 1, 128)).astype(mx.float16),

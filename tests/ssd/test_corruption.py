@@ -156,7 +156,7 @@ def test_garbage_everywhere_never_crashes(tmp_path, rng):
 def test_check_cli_exit_status(tmp_path, rng, capsys):
     import argparse
 
-    from tqstore.ssd import check_cli
+    from tqstore.cli import check as check_cli
 
     path = tmp_path / "s"
     toks, _pls, hashes = _fill(path, rng, n=2)

@@ -25,9 +25,12 @@ GAUSSIAN_OPTIMA = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--vectors", type=int, default=16384, help="unit vectors per measurement")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 80, 96, 128, 256])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8],
+                        help="code widths to measure (default 2 3 4 5 6 8)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 80, 96, 128, 256],
+                        help="head dimensions to measure (default 64 80 96 128 256)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats per throughput figure, best kept (default 3)")
 
 
 def _time(fn, repeats: int) -> float:

@@ -20,11 +20,13 @@ from tqstore.demo import DATA
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8000],
                         help="prompt lengths in tokens (SmolLM2's context is 8192)")
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=8,
+                        help="tokens generated per run (default 8)")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="concurrent client processes of the throughput run (default 16)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency measurement")
     parser.add_argument("--forms", nargs="+", default=["fp16"], choices=["fp16", "turboquant"],
                         help="Fetch forms to measure a hit with (turboquant: codes restored "

@@ -179,7 +179,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=1024, help="fp16 prefill tokens")
     parser.add_argument("--positions", type=int, default=1024, help="teacher-forced positions")
     parser.add_argument("--chunk", type=int, default=128, help="teacher-forced tokens per forward")
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="tokens per page of the paged cache (default 16)")
     parser.add_argument("--bits", default="8,4,4/3,3", help="K/V bits, e.g. 8,4,4/3,3")
     parser.add_argument("--profile", default=None,
                         help="quality profile for the calibrated rows (default: the shipped one)")

@@ -1,4 +1,5 @@
-"""`tqstore check PATH [--repair] [--json]`: walk a store and report (or repair) inconsistencies.
+"""`tqstore check PATH [--repair] [--json]`: walk a store and report (or repair) inconsistencies
+(the walk itself is tqstore.ssd.check, run through BlockStore.check).
 
 Without --repair it opens the store readonly, so it can run beside the daemon. --repair needs the
 writer lock (stop the daemon first). Exit status: 0 consistent, 1 inconsistent (after repair: 0
@@ -15,7 +16,9 @@ from tqstore.ssd.store import BlockStore
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="store directory")
-    parser.add_argument("--repair", action="store_true", help="quarantine bad records, drop orphans, rebuild indexes")
+    parser.add_argument("--repair", action="store_true",
+                        help="quarantine bad records, drop orphans, rebuild indexes (stop the "
+                             "daemon first: needs the writer lock)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

@@ -33,7 +33,7 @@ from tqstore.codec.codebook import lloyd_max_codebook
 from tqstore.metal.attention_kernel import (TARGET_GROUPS, choose_num_splits, gpu_backend,
                                             kernel_paged_decode_attention, launch_plan)
 from tqstore.metal.dispatch import active_backend
-from tqstore.metal.reference import paged_decode_attention_oracle
+from tqstore.metal.reference import paged_decode_attention_reference as paged_decode_attention_oracle
 from tqstore.small_arrays import padded_array, padded_rows
 
 
@@ -151,7 +151,7 @@ def run_checks(seed: int, variants: list[dict | None]) -> tuple[list[dict], bool
                    splits=_plan_of(pages, splits, variant).nsplit)
         if min(lens) >= 1 and variant is None:  # the paged reference needs seq_len >= 1
             try:
-                from tqstore.paged.attention import paged_decode_attention_reference
+                from tqstore.metal.reference import paged_decode_attention_reference
                 with mx.stream(mx.cpu):
                     other = paged_decode_attention_reference(**pages)
                 row["max_abs_err_vs_paged_ref"] = float(mx.max(mx.abs(got - other)).item())
@@ -233,7 +233,7 @@ def run_epilogue_checks(seed: int) -> tuple[list[dict], bool]:
     the next tail bit-exact, the output within its dtype's rounding, bits equal on a rerun."""
     from tqstore.metal.epilogue import kernel_decode_epilogue
     try:
-        from tqstore.paged.tail import decode_epilogue_reference
+        from tqstore.metal.reference import decode_epilogue_reference
     except ImportError as e:  # tqstore.paged needs mlx-lm, a dependency of the package
         print(f"epilogue checks need tqstore.paged, which did not import: {e}", flush=True)
         return [dict(name="epilogue", passed=False, error=str(e))], False
@@ -356,15 +356,22 @@ def time_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, bits: int, bloc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write results as JSON to PATH (or stdout without PATH)")
-    parser.add_argument("--contexts", default="4096,32768,131072")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--contexts", default="4096,32768,131072",
+                        help="comma-separated context lengths to time (default 4096,32768,131072)")
+    parser.add_argument("--batches", default="1,8",
+                        help="comma-separated batch sizes to time (default 1,8)")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="tokens per page (default 16)")
+    parser.add_argument("--bits", type=int, default=4, help="key and value code bits (default 4)")
+    parser.add_argument("--reps", type=int, default=15,
+                        help="timed samples per row, the median reported (default 15)")
     parser.add_argument("--budget-gb", type=float, default=24.0,
                         help="device memory for the queued layers of one case")
-    parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
-    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100000,
+                        help="seed of the random pages of the checks (default: from the clock, "
+                             "printed)")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="correctness checks only, no timings")
     parser.add_argument("--sweep", action="store_true",
                         help="also check and time the tuning variants in SWEEP")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tqstore.cli.progress import PrefillProgress
 from tqstore.config import DEFAULT_LISTEN
 
 
@@ -14,8 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt-file", help="read the user message from a file ('-': stdin)")
     parser.add_argument("--server", default=DEFAULT_LISTEN,
                         help=f"daemon address (default {DEFAULT_LISTEN}); 'none' to run without")
-    parser.add_argument("--model", help="local mlx-lm model directory (default: bundled SmolLM2)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--model", help="local mlx-lm model directory: config.json, *.safetensors "
+                                        "and tokenizer files (default: the bundled SmolLM2)")
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="most tokens to generate, the first included (default 128)")
     parser.add_argument("--raw", action="store_true", help="no chat template: tokenize the text as is")
     parser.add_argument("--system", help="system message for the chat template")
 
@@ -62,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
     client = connect(args.server, log=err)
     try:
         generator = CachedGenerator(loaded, client)
+        # Progress goes to stderr: stdout carries only the generated text.
         report = generator.generate(ids, max_tokens=args.max_tokens,
-                                    on_text=lambda t: print(t, end="", flush=True))
+                                    on_text=lambda t: print(t, end="", flush=True),
+                                    progress=PrefillProgress())
         print()
         if report.upload is not None:
             stored = report.upload.result()

@@ -8,14 +8,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import string
 from typing import Any
+
+# The wire names a model only by its fingerprint (sha256 of the weights, tqstore.models.loader):
+# names for the models tqstore ships come from here. tests/cli/test_inspect_names.py pins the
+# entry against the installed weights.
+KNOWN_MODELS = {
+    "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53":
+        "SmolLM2-135M-Instruct (bundled)",
+}
+NAME_WIDTH = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--path", help="store directory (opened read-only)")
     where.add_argument("--addr", help="daemon address (unix:/path or host:port)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output (full model fingerprints, raw strings)")
+
+
+def printable(text: str) -> str:
+    """Client-supplied text made safe to print: control characters, line breaks, escape
+    sequences and other non-printables become Python escapes (backslashes doubled, so the
+    escaping reads unambiguously); printable Unicode stays as it is."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
+def model_name(fingerprint: str) -> str:
+    """A readable name for a namespace's model: the known name, else "unnamed" and the start of
+    its weights' sha256, else (a fingerprint that is not a sha256) the client's text, escaped."""
+    if fingerprint in KNOWN_MODELS:
+        return KNOWN_MODELS[fingerprint]
+    kind, _, digest = fingerprint.partition(":")
+    if kind == "sha256" and len(digest) == 64 and set(digest) <= set(string.hexdigits):
+        return f"unnamed sha256:{digest[:12]}"
+    return printable(fingerprint)
+
+
+def _row(digest: str, model: str, layers: int, heads: int, head_dim: int, block_size: int,
+         blocks: int, nbytes: int) -> dict[str, Any]:
+    return {"digest": digest, "model": model, "model_name": model_name(model),
+            "num_layers": layers, "num_kv_heads": heads, "head_dim": head_dim,
+            "block_size": block_size, "blocks": blocks, "bytes": nbytes}
 
 
 _COUNTERS = ("blocks", "bytes_on_disk", "payload_bytes", "index_bytes", "logical_bytes",
@@ -36,10 +72,8 @@ def _from_store(path: str) -> dict[str, Any]:
 
     with BlockStore(path, readonly=True) as store:
         s = store.stats()
-    namespaces = [{"digest": n.digest, "model": n.model, "num_layers": n.layout[0],
-                   "num_kv_heads": n.layout[1], "head_dim": n.layout[3],
-                   "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
-                  for n in s.namespaces]
+    namespaces = [_row(n.digest, n.model, n.layout[0], n.layout[1], n.layout[3], n.block_size,
+                       n.blocks, n.bytes) for n in s.namespaces]
     return _view(f"path {path}", s, namespaces, None, None)
 
 
@@ -48,10 +82,8 @@ def _from_daemon(addr: str) -> dict[str, Any]:
 
     with KvStoreClient(addr) as client:
         s = client.stats()
-    namespaces = [{"digest": n.digest, "model": n.model, "num_layers": n.num_layers,
-                   "num_kv_heads": n.num_kv_heads, "head_dim": n.head_dim,
-                   "block_size": n.block_size, "blocks": n.blocks, "bytes": n.bytes}
-                  for n in s.namespaces]
+    namespaces = [_row(n.digest, n.model, n.num_layers, n.num_kv_heads, n.head_dim,
+                       n.block_size, n.blocks, n.bytes) for n in s.namespaces]
     return _view(f"daemon {addr}", s, namespaces, list(s.recent_request_hit_rates),
                  s.attention_backend)
 
@@ -110,10 +142,13 @@ def render(view: dict[str, Any]) -> str:
     lines.append("\n  block size (tokens)   blocks        bytes")
     for b in view["block_size_table"]:
         lines.append(f"  {b['tokens']:>19}   {b['blocks']:>6}   {_human(b['bytes']):>10}")
-    lines.append("\n  namespace         model                             layout (L x H x D)   blocks        bytes")
+    lines.append(f"\n  namespace         {'model':<{NAME_WIDTH}}  layout (L x H x D)   blocks        bytes")
     for ns in view["namespaces"]:
         layout = f"{ns['num_layers']} x {ns['num_kv_heads']} x {ns['head_dim']}"
-        lines.append(f"  {ns['digest']:<16}  {ns['model'][:32]:<32}  {layout:>18}   {ns['blocks']:>6}"
+        name = ns["model_name"]
+        if len(name) > NAME_WIDTH:
+            name = name[:NAME_WIDTH - 1] + "…"
+        lines.append(f"  {ns['digest']:<16}  {name:<{NAME_WIDTH}}  {layout:>18}   {ns['blocks']:>6}"
                      f"   {_human(ns['bytes']):>10}")
     return "\n".join(lines)
 

@@ -1,5 +1,9 @@
-"""The `tqstore` command line. Each subcommand lives in the module that owns it; that module
-exposes `add_arguments(parser)` and `run(args) -> int`. This file only wires them together."""
+"""The `tqstore` command line: every subcommand and every benchmark is listed here.
+
+Each subcommand has one module in this package (tqstore/cli/<name>.py) holding its argument
+parsing and its printing; the work itself stays in the module that owns it (tqstore.server,
+tqstore.ssd.check, tqstore.calibrate, ...). Each benchmark is one module of tqstore/bench/.
+Both kinds expose `add_arguments(parser)` and `run(args) -> int`; this file only wires them."""
 
 from __future__ import annotations
 
@@ -9,21 +13,22 @@ import sys
 from typing import Sequence
 
 import tqstore  # noqa: F401  (loads OpenBLAS before MLX)
+from tqstore.errors import TqstoreError
 
 # (name, module, help). A module that is not present in this build is left out of the CLI.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("serve", "tqstore.server_cli", "run the gRPC prefix-cache daemon"),
-    ("generate", "tqstore.generate_cli", "generate text with the paged TurboQuant cache"),
-    ("inspect", "tqstore.inspect_cli", "report hit rates, blocks, bytes of a store"),
-    ("demo", "tqstore.demo", "daemon + SmolLM2 on a long prompt, cold vs hit"),
-    ("check", "tqstore.ssd.check_cli", "verify (and optionally repair) a store"),
-    ("calibrate", "tqstore.calibrate", "build a KV quality profile for a model"),
+    ("serve", "tqstore.cli.serve", "run the gRPC prefix-cache daemon"),
+    ("generate", "tqstore.cli.generate", "generate text with the paged TurboQuant cache"),
+    ("inspect", "tqstore.cli.inspect", "report hit rates, blocks, bytes of a store"),
+    ("demo", "tqstore.cli.demo", "daemon + SmolLM2 on a long prompt, cold vs hit"),
+    ("check", "tqstore.cli.check", "verify (and optionally repair) a store"),
+    ("calibrate", "tqstore.cli.calibrate", "build a KV quality profile for a model"),
 ]
 BENCHES: list[tuple[str, str, str]] = [
     ("codec", "tqstore.bench.codec", "codec MSE, bounds, bytes and throughput"),
-    ("ssd", "tqstore.ssd.bench", "SSD tier throughput vs raw file I/O, lookup latency"),
+    ("ssd", "tqstore.bench.ssd", "SSD tier throughput vs raw file I/O, lookup latency"),
     ("quality", "tqstore.bench.quality", "KL and top-1 of cache configs on SmolLM2"),
-    ("attention", "tqstore.metal.bench", "decode attention kernels vs fp16 SDPA"),
+    ("attention", "tqstore.bench.attention", "decode attention kernels vs fp16 SDPA"),
     ("hit", "tqstore.bench.hit", "hit TTFT vs cold prefill, concurrent throughput"),
 ]
 
@@ -64,10 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as exc:
+    except (TqstoreError, ValueError, OSError) as exc:
+        # What the user can fix (a path, an address, an argument): one line, no traceback.
         print(f"tqstore: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

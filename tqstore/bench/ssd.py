@@ -23,10 +23,11 @@ import zlib
 import numpy as np
 import zstandard
 
+from tqstore.blocks import BlockPayload
 from tqstore.prefix_hash import Namespace
 from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.config import GiB, StoreConfig
-from tqstore.ssd.payload import BlockPayload, allocated, body_checksum
+from tqstore.ssd.payload import allocated, body_checksum
 from tqstore.ssd.records import BlockRecord
 
 
@@ -35,13 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=64, help="blocks written and read (default 64)")
     parser.add_argument("--batch", type=int, default=8, help="blocks per put_blocks call")
     parser.add_argument("--layers", type=int, default=30, help="KV layout (default SmolLM2-135M: 30 x 3 x 64)")
-    parser.add_argument("--kv-heads", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--kv-heads", type=int, default=3, help="KV heads per layer (default 3)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block")
     parser.add_argument("--lookup-blocks", type=int, default=100_000, help="index size for the lookup test")
     parser.add_argument("--lookup-tokens", type=int, default=131_072, help="prompt length for the lookup test")
-    parser.add_argument("--lookup-reps", type=int, default=300)
-    parser.add_argument("--compression", default="none", choices=["none", "zstd", "zstd-planes"])
+    parser.add_argument("--lookup-reps", type=int, default=300,
+                        help="timed lookups for the p50/p99 (default 300)")
+    parser.add_argument("--compression", default="none", choices=["none", "zstd", "zstd-planes"],
+                        help="payload compression of the store under test (default none)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
