@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from tqstore.errors import InvalidArgument
+
 _CHUNK = 8 << 20
 
 
@@ -53,12 +55,42 @@ def dir_fingerprint(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
+ACCEPTED = ("a local mlx-lm model directory (config.json, *.safetensors weights and the "
+            "tokenizer files, e.g. from `mlx_lm.convert` or a downloaded Hugging Face snapshot), "
+            "or no --model for the bundled SmolLM2-135M-Instruct")
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """The directory, or InvalidArgument saying what is wrong and what is accepted.
+
+    mlx-lm's `load` treats any path that does not exist as a Hugging Face Hub id: a typo'd path
+    failed with the Hub's "Repo id must use alphanumeric chars", and a Hub name with a network
+    error (tqstore never downloads). So the checks happen here, before mlx-lm sees the path."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        hub = "" if root.is_absolute() or str(path).startswith(".") else (
+            " (Hugging Face Hub names are not downloaded: download the model first and pass "
+            "its directory)")
+        raise InvalidArgument(f"model {str(path)!r}: no such directory{hub}; expected {ACCEPTED}")
+    if not root.is_dir():
+        raise InvalidArgument(f"model {str(path)!r} is a file, not a directory; expected {ACCEPTED}")
+    missing = [what for what, found in (
+        ("config.json", (root / "config.json").is_file()),
+        ("*.safetensors weights", any(root.glob("*.safetensors"))),
+    ) if not found]
+    if missing:
+        raise InvalidArgument(f"model directory {str(path)!r} has no {' and no '.join(missing)}; "
+                              f"expected {ACCEPTED}")
+    return root
+
+
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """A local mlx-lm model directory (config.json + safetensors + tokenizer files)."""
     from mlx_lm import load
 
-    model, tokenizer = load(str(path))
-    return LoadedModel(model, tokenizer, dir_fingerprint(path), str(path))
+    root = check_model_dir(path)
+    model, tokenizer = load(str(root))
+    return LoadedModel(model, tokenizer, dir_fingerprint(root), str(root))
 
 
 def chat_prompt_ids(tokenizer: Any, user_text: str, system: str | None = None) -> list[int]:
