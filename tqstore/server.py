@@ -9,13 +9,19 @@
   (the caller uses the verified prefix it received); if the first requested block is missing
   the call fails with NOT_FOUND.
 - SIGTERM/SIGINT: stop accepting, drain in-flight calls (drain_seconds), flush, close, exit 0.
+- One daemon per address: a second one on the same TCP port or live Unix socket refuses to
+  start (AddressInUse) instead of sharing or stealing the first one's clients.
+- One log line per RPC (tqstore.rpc_log), one start-up line.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
+import os
 import signal
+import socket
 import threading
 from typing import Iterable, Iterator
 
@@ -27,6 +33,7 @@ from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
 from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
 from tqstore.requantize import Requantizer
+from tqstore.rpc_log import RpcLog
 from tqstore.ssd.store import BlockStore
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
@@ -194,6 +201,48 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             _abort(context, exc)
 
 
+class AddressInUse(OSError):
+    """Another process listens on the daemon's address."""
+
+
+def _bind_failure(listen: str) -> OSError:
+    """Why gRPC could not bind ``listen``, found by binding a plain socket there: gRPC itself
+    only says "Failed to bind"."""
+    if listen.startswith("unix:"):
+        folder = os.path.dirname(os.path.abspath(listen[len("unix:"):]))
+        why = "" if os.path.isdir(folder) else f": no directory {folder}"
+        return OSError(f"cannot listen on {listen}{why}")
+    host, _, port = listen.rpartition(":")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                                          type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(addr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return AddressInUse(f"cannot listen on {listen}: the address is in use (another "
+                                f"`tqstore serve`?); stop it or pick another --listen")
+        return OSError(f"cannot listen on {listen}: {exc.strerror or exc}")
+    except ValueError:
+        pass
+    return OSError(f"cannot listen on {listen}")
+
+
+def _check_unix_socket_free(listen: str) -> None:
+    """gRPC replaces an existing socket file, so a second daemon would silently take a running
+    one's Unix socket: refuse if something accepts connections there (a stale file is fine)."""
+    path = listen[len("unix:"):]
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # nobody listens: gRPC replaces the stale file
+    raise AddressInUse(f"cannot listen on {listen}: a server already listens on that socket "
+                       f"(another `tqstore serve`?); stop it or pick another --listen")
+
+
 def _attention_backend() -> str:
     try:
         from tqstore.metal.dispatch import active_backend
@@ -209,18 +258,31 @@ class Daemon:
         from concurrent.futures import ThreadPoolExecutor
 
         self.config = config
-        self.store = BlockStore(config.path, config.store)
+        if config.listen.startswith("unix:"):
+            _check_unix_socket_free(config.listen)
+        # gRPC sets SO_REUSEPORT by default: a second daemon on a taken port would bind too and
+        # the kernel would split new connections between two stores. Off, the bind fails.
         options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=options)
+                   ("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=options,
+                                  interceptors=[RpcLog()])
+        try:
+            self.port = self.server.add_insecure_port(config.listen)
+        except RuntimeError:  # gRPC's "Failed to bind to address"
+            raise _bind_failure(config.listen) from None
+        if self.port == 0 and not config.listen.startswith("unix:"):
+            raise _bind_failure(config.listen)
+        # The store opens after the bind: a daemon that cannot listen leaves it untouched.
+        try:
+            self.store = BlockStore(config.path, config.store)
+        except BaseException:
+            self.server.stop(None)  # releases the bound port
+            raise
         self.service = KvStoreService(self.store, config)
         pb_grpc.add_KvStoreServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(config.listen)
-        if self.port == 0 and not config.listen.startswith("unix:"):
-            self.store.close()
-            raise OSError(f"cannot listen on {config.listen}")
         self._stopped = threading.Event()
         self._flusher = threading.Thread(target=self._flush_periodically, name="tqstore-flush",
                                          daemon=True)

@@ -1,0 +1,130 @@
+"""One INFO line per RPC the daemon answers, written in one place: a server interceptor.
+
+    KvStore/Lookup ipv4:127.0.0.1:50412 OK 0.8 ms blocks=3 in=1.2 KiB out=8 B
+
+Fields: method (service/method without the package), peer, status code, duration, blocks (hit
+blocks of a Lookup, blocks streamed by a Fetch, blocks stored by a Put) and message bytes in and
+out. The status is the code the handler set or aborted with (tqstore.server maps errors to codes
+in one place), UNKNOWN for an exception that escaped it, CANCELLED when the client went away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+
+log = logging.getLogger("tqstore.rpc")
+
+# Blocks a unary response reports, per method; a Fetch's blocks are counted as they stream.
+_RESPONSE_BLOCKS: dict[str, Callable[[Any], int]] = {
+    "KvStore/Lookup": lambda r: r.hit_blocks,
+    "KvStore/Put": lambda r: r.stored_blocks,
+}
+_STREAMED_BLOCKS: dict[str, Callable[[Any], int]] = {
+    "KvStore/Fetch": lambda chunk: chunk.block_index,
+}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Call:
+    """What one RPC did, logged once when it ends."""
+
+    def __init__(self, method: str, context: grpc.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.start = time.perf_counter()
+        self.bytes_in = self.bytes_out = 0
+        self.blocks: int | None = None
+        self._streamed: set[int] = set()
+        self._done = False
+
+    def requests(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for msg in iterator:
+            self.bytes_in += msg.ByteSize()
+            yield msg
+
+    def response(self, msg: Any) -> None:
+        if msg is None:
+            return
+        self.bytes_out += msg.ByteSize()
+        if self.method in _RESPONSE_BLOCKS:
+            self.blocks = _RESPONSE_BLOCKS[self.method](msg)
+        elif self.method in _STREAMED_BLOCKS:
+            self._streamed.add(_STREAMED_BLOCKS[self.method](msg))
+            self.blocks = len(self._streamed)
+
+    def responses(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        failed = True
+        try:
+            for msg in iterator:
+                self.response(msg)
+                yield msg
+            failed = False
+        finally:
+            # Also reached when gRPC drops the stream of a cancelled call (GeneratorExit).
+            self.end(failed)
+
+    def end(self, failed: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        code = self.context.code()
+        if code is None:
+            if not self.context.is_active():
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        ms = (time.perf_counter() - self.start) * 1e3
+        blocks = "" if self.blocks is None else f" blocks={self.blocks}"
+        log.info("%s %s %s %.1f ms%s in=%s out=%s", self.method, self.context.peer(), code.name,
+                 ms, blocks, _size(self.bytes_in), _size(self.bytes_out))
+
+
+class RpcLog(grpc.ServerInterceptor):
+    """Wraps every method handler of the server so each call ends in one log line."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        # "/tqstore.v1.KvStore/Lookup" -> "KvStore/Lookup"
+        service, _, name = handler_call_details.method.lstrip("/").rpartition("/")
+        method = f"{service.rsplit('.', 1)[-1]}/{name}"
+        if handler.request_streaming and handler.response_streaming:
+            behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.response_streaming:
+            behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+        def logged(request, context):
+            call = _Call(method, context)
+            if handler.request_streaming:
+                request = call.requests(request)
+            elif request is not None:
+                call.bytes_in = request.ByteSize()
+            try:
+                result = behavior(request, context)
+            except BaseException:
+                call.end(failed=True)
+                raise
+            if handler.response_streaming:
+                return call.responses(result)
+            call.response(result)
+            call.end(failed=False)
+            return result
+
+        return make(logged, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
