@@ -36,7 +36,8 @@ def test_every_option_of_every_subcommand_has_help():
             if isinstance(action, argparse._HelpAction):
                 continue
             if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
-                missing.append(f"tqstore {' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+                option = "/".join(action.option_strings) or action.dest
+                missing.append(f"tqstore {' '.join(path)} {option}")
     assert missing == []
 
 

@@ -53,6 +53,7 @@ def test_start_up_line_once_and_one_line_per_rpc(tmp_path, namespace, rng):
                      ("KvStore/Fetch", "NOT_FOUND", None), ("KvStore/Stats", "OK", None)], output
     put, fetch = rows[1], rows[3]
     block_bytes = 2 * namespace.num_layers * namespace.num_kv_heads * 16 * 64 * 2
-    assert put["bytes_in"].endswith("KiB") and float(put["bytes_in"].split()[0]) * 1024 > 3 * block_bytes
+    assert put["bytes_in"].endswith("KiB")
+    assert float(put["bytes_in"].split()[0]) * 1024 > 3 * block_bytes
     assert float(fetch["bytes_out"].split()[0]) * 1024 > 2 * block_bytes
     assert all(r["peer"].startswith("unix:") and float(r["ms"]) >= 0 for r in rows)

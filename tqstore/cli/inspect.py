@@ -142,7 +142,8 @@ def render(view: dict[str, Any]) -> str:
     lines.append("\n  block size (tokens)   blocks        bytes")
     for b in view["block_size_table"]:
         lines.append(f"  {b['tokens']:>19}   {b['blocks']:>6}   {_human(b['bytes']):>10}")
-    lines.append(f"\n  namespace         {'model':<{NAME_WIDTH}}  layout (L x H x D)   blocks        bytes")
+    lines.append(f"\n  namespace         {'model':<{NAME_WIDTH}}  layout (L x H x D)"
+                 "   blocks        bytes")
     for ns in view["namespaces"]:
         layout = f"{ns['num_layers']} x {ns['num_kv_heads']} x {ns['head_dim']}"
         name = ns["model_name"]

@@ -73,7 +73,8 @@ def check_model_dir(path: str | os.PathLike) -> Path:
             "its directory)")
         raise InvalidArgument(f"model {str(path)!r}: no such directory{hub}; expected {ACCEPTED}")
     if not root.is_dir():
-        raise InvalidArgument(f"model {str(path)!r} is a file, not a directory; expected {ACCEPTED}")
+        raise InvalidArgument(f"model {str(path)!r} is a file, not a directory; "
+                              f"expected {ACCEPTED}")
     missing = [what for what, found in (
         ("config.json", (root / "config.json").is_file()),
         ("*.safetensors weights", any(root.glob("*.safetensors"))),
