@@ -23,6 +23,27 @@ def random_seed(request) -> int:
     return seed
 
 
+def _devices() -> list[str]:
+    import mlx.core as mx
+
+    return ["cpu"] + (["gpu"] if mx.cuda.is_available() or mx.metal.is_available() else [])
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """Run the test on each device this machine has (the CPU everywhere, and the GPU where there
+    is one), as MLX's default device: behaviour that differs by device is tested on both, not
+    skipped on one."""
+    import mlx.core as mx
+
+    before = mx.default_device()
+    mx.set_default_device(getattr(mx, request.param))
+    try:
+        yield request.param
+    finally:
+        mx.set_default_device(before)
+
+
 @pytest.fixture
 def rng(random_seed):
     """Fresh random inputs, reproducible with TQSTORE_TEST_SEED=<the seed in the failure>."""

