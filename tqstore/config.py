@@ -1,26 +1,61 @@
-"""Configuration in one typed place. Each subsystem owns the section that decides its bytes
-(CodecConfig in tqstore.codec, StoreConfig in tqstore.ssd); this module adds the daemon's and
-the client's sections. Nothing reads environment variables.
-
-The client imports this module and must not load the store (tqstore.ssd, lmdb;
-tests/test_layering.py), so StoreConfig is imported only when the daemon's side asks for it:
-building a ServerConfig with the default store, or `from tqstore.config import StoreConfig`.
+"""Configuration in one typed place: the store's, the daemon's and the client's sections (the
+codec's, CodecConfig, lives with the codec and is re-exported here). Plain dataclasses that
+import nothing heavier than the codec's settings: the client imports this module and must not
+load the store (tqstore.ssd, lmdb; tests/test_layering.py). Nothing reads environment variables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from tqstore.codec.config import CodecConfig
 
-if TYPE_CHECKING:
-    from tqstore.ssd.config import StoreConfig
-
+GiB = 1 << 30
 MiB = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:50077"
+COMPRESSIONS = ("none", "zstd", "zstd-planes")
 
 __all__ = ["ClientConfig", "CodecConfig", "DEFAULT_LISTEN", "ServerConfig", "StoreConfig"]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings of one BlockStore.
+
+    max_bytes: byte budget of the whole store (payload files, rounded up to the 4 KiB the file
+        system allocates, plus the LMDB pages in use). A put that would exceed it first evicts
+        least recently used leaves; if that cannot make room the put raises ResourceExhausted.
+    map_size: LMDB map reservation (a sparse reservation, not disk use). Only the index and
+        metadata live in LMDB, about 2 KB per block, so 16 GiB is millions of blocks.
+    compression: "none" (default: measured not to pay, see docs/fragments/ssd.md), "zstd", or
+        "zstd-planes" (fp16 split into high/low byte planes before zstd).
+    zstd_level: level for the zstd modes.
+    checksum_chunk: payloads are checksummed in chunks of this many bytes (CRC-32 each), so reads
+        can verify on two threads while the next chunk is read.
+    access_flush_interval_s / access_flush_count: last-access times and hit counts of gets are
+        batched in memory and written in one LMDB txn when either limit is reached (and on close,
+        put, evict, check), so a get never pays a synced commit (~0.3 ms) and last access still
+        survives a restart.
+    read_threads: threads that read and verify one payload (2 cores here).
+    """
+
+    max_bytes: int = 64 * GiB
+    map_size: int = 16 * GiB
+    compression: str = "none"
+    zstd_level: int = 1
+    checksum_chunk: int = 1 * MiB
+    access_flush_interval_s: float = 1.0
+    access_flush_count: int = 1024
+    read_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        for name in ("max_bytes", "map_size", "checksum_chunk", "access_flush_count", "read_threads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.checksum_chunk % 4096:
+            raise ValueError("checksum_chunk must be a multiple of 4096")
 
 
 @dataclass(frozen=True)
@@ -34,7 +69,7 @@ class ServerConfig:
     workers: int = 16
     drain_seconds: float = 30.0
     recent_requests: int = 256  # per-request hit rates kept for Stats
-    store: StoreConfig = field(default_factory=lambda: _store_config()())  # StoreConfig()
+    store: StoreConfig = field(default_factory=lambda: StoreConfig())
 
     def __post_init__(self) -> None:
         if not (self.listen.startswith("unix:") or ":" in self.listen):
@@ -55,15 +90,3 @@ class ClientConfig:
     connect_timeout_s: float = 2.0
     rpc_timeout_s: float = 60.0
 
-
-def _store_config() -> type[StoreConfig]:
-    from tqstore.ssd.config import StoreConfig  # the daemon's side only (module doc)
-
-    return StoreConfig
-
-
-def __getattr__(name: str) -> Any:
-    """`tqstore.config.StoreConfig`, resolved on first use (PEP 562; see the module doc)."""
-    if name == "StoreConfig":
-        return _store_config()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

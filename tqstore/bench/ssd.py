@@ -26,7 +26,7 @@ import zstandard
 from tqstore.blocks import BlockPayload
 from tqstore.prefix_hash import Namespace
 from tqstore.ssd.chain import chain_hashes, token_array
-from tqstore.ssd.config import GiB, StoreConfig
+from tqstore.config import GiB, StoreConfig
 from tqstore.ssd.payload import allocated, body_checksum
 from tqstore.ssd.records import BlockRecord
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tqstore.config import DEFAULT_LISTEN, ServerConfig, StoreConfig
-
-GiB = 1 << 30
+from tqstore.config import COMPRESSIONS, DEFAULT_LISTEN, GiB, ServerConfig, StoreConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gib", type=float, default=StoreConfig.max_bytes / GiB,
                         help="byte budget of the store in GiB (LRU leaves evicted beyond it)")
     parser.add_argument("--compression", default=StoreConfig.compression,
-                        choices=["none", "zstd", "zstd-planes"],
+                        choices=COMPRESSIONS,
                         help="payload compression: zstd-planes splits fp16 into high/low byte "
                              "planes before zstd; none measured not to pay on SmolLM2's KV "
                              f"(default {StoreConfig.compression})")

@@ -3,7 +3,7 @@ files). Entry point: BlockStore (store.py); design notes in docs/fragments/ssd.m
 stores is tqstore.blocks.BlockPayload, which the client shares without importing this package."""
 
 from tqstore.ssd.check import CheckReport
-from tqstore.ssd.config import StoreConfig
+from tqstore.config import StoreConfig
 from tqstore.ssd.stats import NamespaceStats, StoreStats
 from tqstore.ssd.store import BlockStore
 

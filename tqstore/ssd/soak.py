@@ -25,7 +25,7 @@ import numpy as np
 from tqstore.blocks import BlockPayload
 from tqstore.prefix_hash import Namespace
 from tqstore.ssd.chain import chain_hashes, token_array
-from tqstore.ssd.config import StoreConfig
+from tqstore.config import StoreConfig
 
 SOAK_NAMESPACE = Namespace("soak-model", num_layers=8, num_kv_heads=4, head_dim=64, block_size=32)
 MAX_BLOCKS = 24

@@ -39,7 +39,7 @@ from tqstore.prefix_hash import BlockHash, Namespace
 from tqstore.ssd import payload as pl
 from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.check import CheckReport, run_check
-from tqstore.ssd.config import StoreConfig
+from tqstore.config import StoreConfig
 from tqstore.ssd.eviction import evict_lru
 from tqstore.ssd.index import Index
 from tqstore.ssd.payload import PayloadError
