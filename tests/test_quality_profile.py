@@ -39,11 +39,13 @@ def test_allocation_is_deterministic_and_within_budget(rng):
 
 # How far means recomputed on another machine may stray from the shipped ones. Another CPU, BLAS
 # or thread count rounds the prefill's keys differently, and the difference grows through the
-# layers: measured 5.5e-5 (relative RMS) and at most one fp16 step of the (layer, head)'s largest
-# mean, on two OpenBLAS core types and thread counts. Taking one token more or less into the mean
-# moves it by 9e-4 RMS and 2.4 steps; a stale profile of another text or length by far more.
-MEANS_RELATIVE_RMS = 3e-4
-MEANS_MAX_STEPS = 2.0
+# layers. Measured (relative RMS, largest difference in fp16 steps of the (layer, head)'s largest
+# mean): 5.5e-5 and 1.0 on two OpenBLAS core types and thread counts; 4.9e-4 and 2.0 on the GPU
+# machine's CPU (MLX's own BLAS). A profile of 16 prefill tokens fewer is 1.0e-2 and 22 steps
+# away, one of another text or length farther still. (One token fewer, 9e-4 and 2.4 steps, is
+# within what another BLAS does: this check cannot tell those apart.)
+MEANS_RELATIVE_RMS = 2e-3
+MEANS_MAX_STEPS = 8.0
 
 
 def assert_means_agree(got_bytes: bytes, shipped_bytes: bytes) -> None:
