@@ -95,7 +95,14 @@ def test_multi_token_steps_equal_token_by_token_decode(rng, device, chunk, monke
 
     one, caches_one = logits(1)
     many, caches_many = logits(chunk)
-    assert rel(many, one) < rtol(1e-4, MODEL_TF32)  # every matmul of the model on other shapes
+    # Every matmul of the model runs on other shapes, so a token's fp16 K/V may round differently
+    # (see below), and then land on a neighbouring 4-bit code: that moved the logits by up to
+    # 3.9e-3 in 240 seeded cases on the CPU; with every code the same, by at most 2e-5 (1e-4
+    # allowed). A leaking mask moves them by 6e-2.
+    codes_differ = any(not np.array_equal(np.array(x), np.array(y))
+                       for a, b in zip(caches_one, caches_many)
+                       for x, y in zip(a.arena.arrays, b.arena.arrays))
+    assert rel(many, one) < rtol(1e-2 if codes_differ else 1e-4, MODEL_TF32)
     # Each token's codes were written once, from fp16 values, and are a function of them: the
     # same fp16 K/V give the same bytes. (The model's own projections are not batch-invariant:
     # a 5-token matmul may round a K/V entry differently from a 1-token one, so a few tokens
