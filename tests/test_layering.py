@@ -57,6 +57,13 @@ def test_generator_side_loads_no_store(module: str) -> None:
     assert _loaded(f"import {module}", NO_STORE) == []
 
 
+@pytest.mark.parametrize("module", ["tqstore.ssd", "tqstore.config"])
+def test_store_and_config_load_no_mlx(module: str) -> None:
+    """The store holds bytes and blocks (`tqstore check`, `inspect --path` start no MLX)."""
+    assert _loaded(f"import {module}", ("mlx", "tqstore.codec", "tqstore.paged",
+                                        "tqstore.metal")) == []
+
+
 def test_codec_loads_nothing_above_it() -> None:
     assert _loaded("import tqstore.codec", NO_UPPER) == []
 

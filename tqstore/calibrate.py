@@ -34,6 +34,7 @@ import numpy as np
 
 from tqstore.codec import CodecConfig
 from tqstore.codec.profile import QualityProfile
+from tqstore.errors import InvalidArgument
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CALIBRATION_TEXT = "gfdl-1.3.txt"
@@ -60,7 +61,7 @@ def allocate_bits(key_sens: np.ndarray, value_sens: np.ndarray, total_bits: int,
     sens = {"K": [float(s) for s in key_sens], "V": [float(s) for s in value_sens]}
     spent = 2 * lo * n
     if spent > total_bits:
-        raise ValueError(f"a budget of {total_bits} bits cannot hold {lo} bits everywhere")
+        raise InvalidArgument(f"a budget of {total_bits} bits cannot hold {lo} bits everywhere")
     while spent < total_bits:
         best = None
         for kind in ("K", "V"):
@@ -124,7 +125,7 @@ def calibrate(lm, text: str, text_name: str, prefill: int, positions: int, *, bu
     tokens = [int(t) for t in lm.tokenizer.encode(text)]
     need = prefill + (0 if uniform else positions + 1)
     if len(tokens) < need:
-        raise ValueError(f"calibration text has {len(tokens)} tokens, need {need}")
+        raise InvalidArgument(f"calibration text has {len(tokens)} tokens, need {need}")
     tokens = tokens[:need]
     pool = pool_for_model(lm.model, policy=FP16_POLICY, budget_bytes=1 << 20, block_size=block_size)
     caches = make_prompt_cache(pool)

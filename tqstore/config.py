@@ -1,21 +1,21 @@
-"""Configuration in one typed place: the store's, the daemon's and the client's sections (the
-codec's, CodecConfig, lives with the codec and is re-exported here). Plain dataclasses that
-import nothing heavier than the codec's settings: the client imports this module and must not
-load the store (tqstore.ssd, lmdb; tests/test_layering.py). Nothing reads environment variables.
+"""Configuration of the store, the daemon and the client (the codec's, CodecConfig, lives with
+the codec: it names the codec's own types). Plain dataclasses that import nothing: the client
+and the store both import this module, so it must load neither the store (tqstore.ssd, lmdb) nor
+MLX (tests/test_layering.py). Nothing reads environment variables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tqstore.codec.config import CodecConfig
+from tqstore.errors import InvalidArgument
 
 GiB = 1 << 30
 MiB = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:50077"
 COMPRESSIONS = ("none", "zstd", "zstd-planes")
 
-__all__ = ["ClientConfig", "CodecConfig", "DEFAULT_LISTEN", "ServerConfig", "StoreConfig"]
+__all__ = ["ClientConfig", "DEFAULT_LISTEN", "ServerConfig", "StoreConfig"]
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,12 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+            raise InvalidArgument(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         for name in ("max_bytes", "map_size", "checksum_chunk", "access_flush_count", "read_threads"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise InvalidArgument(f"{name} must be positive")
         if self.checksum_chunk % 4096:
-            raise ValueError("checksum_chunk must be a multiple of 4096")
+            raise InvalidArgument("checksum_chunk must be a multiple of 4096")
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ class ServerConfig:
     workers: int = 16
     drain_seconds: float = 30.0
     recent_requests: int = 256  # per-request hit rates kept for Stats
-    store: StoreConfig = field(default_factory=lambda: StoreConfig())
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
         if not (self.listen.startswith("unix:") or ":" in self.listen):
-            raise ValueError(f"--listen must be unix:/path or host:port, got {self.listen!r}")
+            raise InvalidArgument(f"--listen must be unix:/path or host:port, got {self.listen!r}")
 
     @property
     def is_loopback(self) -> bool:

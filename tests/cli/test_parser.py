@@ -7,6 +7,8 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from tqstore.cli import BENCHES, COMMANDS, build_parser
 
 
@@ -46,3 +48,23 @@ def test_python_dash_m_runs_the_same_command():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--drain-seconds" in out.stdout and "in-flight calls" in out.stdout
+
+
+def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from tqstore import cli
+    from tqstore.cli import serve
+    from tqstore.errors import InvalidArgument
+
+    def user_error(args):
+        raise InvalidArgument("--listen must be unix:/path or host:port")
+
+    monkeypatch.setattr(serve, "run", user_error)
+    assert cli.main(["serve", "--path", "unused"]) == 2
+    assert capsys.readouterr().err == "tqstore: error: --listen must be unix:/path or host:port\n"
+
+    def bug(args):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(serve, "run", bug)
+    with pytest.raises(ValueError, match="internal shape"):
+        cli.main(["serve", "--path", "unused"])

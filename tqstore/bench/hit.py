@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from tqstore.demo import DATA
+from tqstore.errors import InvalidArgument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def _corpus_ids(tokenizer, n: int) -> list[int]:
         ids += tokenizer.encode((DATA / name).read_text())
         if len(ids) >= n:
             return ids[:n]
-    raise ValueError(f"the bundled texts hold only {len(ids)} tokens, fewer than {n}")
+    raise InvalidArgument(f"the bundled texts hold only {len(ids)} tokens, fewer than {n}")
 
 
 def _client_loop(address: str, ns, ids: list[int], blocks: int, start_at: float, stop_at: float,

@@ -32,6 +32,7 @@ import numpy as np
 from tqstore.codec import CodecConfig
 from tqstore.paged import FP16_POLICY, CachePolicy, make_prompt_cache, pool_for_model
 from tqstore.paged.policy import profile_bytes_per_token
+from tqstore.errors import InvalidArgument
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TEXTS = {"gpl-3": "gpl-3.txt", "python-docs": "python-stdlib-docstrings.txt"}
@@ -88,7 +89,7 @@ def measure(lm, policies: list[CachePolicy], text: str, prefill: int, positions:
     tokens = lm.tokenizer.encode(text)
     need = prefill + positions + 1
     if len(tokens) < need:
-        raise ValueError(f"text has {len(tokens)} tokens, need {need}")
+        raise InvalidArgument(f"text has {len(tokens)} tokens, need {need}")
     tokens = [int(t) for t in tokens[:need]]
     t0 = time.perf_counter()
     fp16_pool = pool_for_model(lm.model, policy=FP16_POLICY, budget_bytes=1 << 20, block_size=block_size)

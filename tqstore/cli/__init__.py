@@ -46,21 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tqstore", description="KV-cache store and TurboQuant paged KV cache for MLX inference")
     parser.add_argument("--version", action="version", version=f"tqstore {tqstore.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module, help_text in COMMANDS:
+    _add_commands(sub, COMMANDS)
+    bench = sub.add_parser("bench", help="benchmarks (each prints ratios against a same-run baseline)")
+    _add_commands(bench.add_subparsers(dest="bench", required=True), BENCHES)
+    return parser
+
+
+def _add_commands(sub: argparse._SubParsersAction, table: list[tuple[str, str, str]]) -> None:
+    for name, module, help_text in table:
         mod = _load(module)
         if mod is not None:
             p = sub.add_parser(name, help=help_text, description=help_text)
             mod.add_arguments(p)
             p.set_defaults(run=mod.run)
-    bench = sub.add_parser("bench", help="benchmarks (each prints ratios against a same-run baseline)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name, module, help_text in BENCHES:
-        mod = _load(module)
-        if mod is not None:
-            p = bench_sub.add_parser(name, help=help_text, description=help_text)
-            mod.add_arguments(p)
-            p.set_defaults(run=mod.run)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (TqstoreError, ValueError, OSError) as exc:
-        # What the user can fix (a path, an address, an argument): one line, no traceback.
+    except (TqstoreError, OSError) as exc:
+        # What the user can fix (a path, an address, an argument; the project raises those as
+        # TqstoreError): one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"tqstore: error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 Order: the fused GPU kernel of the backend MLX has (CUDA or Metal), else the kernel's pure-MLX
 reference (reference.py), which computes the same function and is what the kernels are tested
-against. The paged cache calls these functions; it never picks a kernel or a reference.
+against. The paged cache calls these functions for attention over pages; it never picks a kernel
+or a reference. (Attention over the fp16 tail alone, before any page is committed, has no kernel:
+the cache takes reference.merge_with_tail for it directly.)
 
 On CUDA (sm_80+) shapes the tensor-core kernel covers (4-bit K/V, see attention_kernel.py) run
 it, the rest the portable kernel. The choice is reported: `active_backend()` names it (for

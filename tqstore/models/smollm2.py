@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from tqstore.models.loader import LoadedModel, file_fingerprint
 from tqstore.models.tokenizer import tokenizer_from_gguf
+from tqstore.errors import InvalidArgument
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GROUP_SIZE = 32
@@ -52,7 +53,7 @@ def _int(metadata: dict, key: str) -> int:
 
 def model_args(metadata: dict) -> llama.ModelArgs:
     if metadata.get("general.architecture") != "llama":
-        raise ValueError(f"not a llama GGUF: {metadata.get('general.architecture')!r}")
+        raise InvalidArgument(f"not a llama GGUF: {metadata.get('general.architecture')!r}")
     heads = _int(metadata, "llama.attention.head_count")
     return llama.ModelArgs(
         model_type="llama",

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from tqstore.errors import InvalidArgument
 
 NUM_SPECIAL_TOKENS = 17
 
@@ -24,7 +25,7 @@ def _meta_int(metadata: Mapping[str, Any], key: str) -> int | None:
 
 def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> PreTrainedTokenizerFast:
     if metadata.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer {metadata.get('tokenizer.ggml.model')!r}")
+        raise InvalidArgument(f"unsupported GGUF tokenizer {metadata.get('tokenizer.ggml.model')!r}")
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
