@@ -64,6 +64,18 @@ def test_store_and_config_load_no_mlx(module: str) -> None:
                                         "tqstore.metal")) == []
 
 
+def test_the_daemon_and_its_command_load_no_live_cache() -> None:
+    """The daemon never holds a live cache: `tqstore serve` loads neither the paged cache nor
+    mlx-lm (the command line imports only the chosen subcommand's module)."""
+    code = """
+        from tqstore.cli import build_parser
+        argv = ["serve", "--path", "unused"]
+        build_parser(argv).parse_args(argv)
+        import tqstore.server
+        """
+    assert _loaded(code, ("tqstore.paged", "mlx_lm")) == []
+
+
 def test_codec_loads_nothing_above_it() -> None:
     assert _loaded("import tqstore.codec", NO_UPPER) == []
 

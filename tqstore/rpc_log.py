@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from tqstore.units import human_bytes
+
 log = logging.getLogger("tqstore.rpc")
 
 # Blocks a unary response reports, per method; a Fetch's blocks are counted as they stream.
@@ -26,14 +28,6 @@ _RESPONSE_BLOCKS: dict[str, Callable[[Any], int]] = {
 _STREAMED_BLOCKS: dict[str, Callable[[Any], int]] = {
     "KvStore/Fetch": lambda chunk: chunk.block_index,
 }
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024 or unit == "MiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class _Call:
@@ -87,7 +81,7 @@ class _Call:
         ms = (time.perf_counter() - self.start) * 1e3
         blocks = "" if self.blocks is None else f" blocks={self.blocks}"
         log.info("%s %s %s %.1f ms%s in=%s out=%s", self.method, self.context.peer(), code.name,
-                 ms, blocks, _size(self.bytes_in), _size(self.bytes_out))
+                 ms, blocks, human_bytes(self.bytes_in), human_bytes(self.bytes_out))
 
 
 class RpcLog(grpc.ServerInterceptor):

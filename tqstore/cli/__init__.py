@@ -15,7 +15,7 @@ from typing import Sequence
 import tqstore  # noqa: F401  (loads OpenBLAS before MLX)
 from tqstore.errors import TqstoreError
 
-# (name, module, help). A module that is not present in this build is left out of the CLI.
+# (name, module, help). A module is imported only when its command is chosen (build_parser).
 COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "tqstore.cli.serve", "run the gRPC prefix-cache daemon"),
     ("generate", "tqstore.cli.generate", "generate text with the paged TurboQuant cache"),
@@ -33,36 +33,34 @@ BENCHES: list[tuple[str, str, str]] = [
 ]
 
 
-def _load(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return None  # that part is not in this build
-        raise
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser. With ``argv``, only the chosen subcommand's module is imported (and
+    gets its options): `tqstore serve` loads neither mlx-lm nor the paged cache, `tqstore
+    --help` none of them. Without it, every module (for tests that walk every option)."""
+    chosen = None if argv is None else [a for a in argv if not a.startswith("-")][:2]
     parser = argparse.ArgumentParser(prog="tqstore", description="KV-cache store and TurboQuant paged KV cache for MLX inference")
     parser.add_argument("--version", action="version", version=f"tqstore {tqstore.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_commands(sub, COMMANDS)
+    _add_commands(sub, COMMANDS, None if chosen is None else chosen[:1])
     bench = sub.add_parser("bench", help="benchmarks (each prints ratios against a same-run baseline)")
-    _add_commands(bench.add_subparsers(dest="bench", required=True), BENCHES)
+    wanted_bench = None if chosen is None else (chosen[1:] if chosen[:1] == ["bench"] else [])
+    _add_commands(bench.add_subparsers(dest="bench", required=True), BENCHES, wanted_bench)
     return parser
 
 
-def _add_commands(sub: argparse._SubParsersAction, table: list[tuple[str, str, str]]) -> None:
+def _add_commands(sub: argparse._SubParsersAction, table: list[tuple[str, str, str]],
+                  wanted: list[str] | None) -> None:
     for name, module, help_text in table:
-        mod = _load(module)
-        if mod is not None:
-            p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if wanted is None or name in wanted:
+            mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(run=mod.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

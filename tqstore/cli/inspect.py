@@ -11,6 +11,8 @@ import json
 import string
 from typing import Any
 
+from tqstore.units import human_bytes
+
 # The wire names a model only by its fingerprint (sha256 of the weights, tqstore.models.loader):
 # names for the models tqstore ships come from here. tests/cli/test_inspect_names.py pins the
 # entry against the installed weights.
@@ -109,14 +111,6 @@ def summarize(view: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def render(view: dict[str, Any]) -> str:
     lines = [f"tqstore store ({view['source']})"]
     ratio = view["compression_ratio"]
@@ -124,9 +118,9 @@ def render(view: dict[str, Any]) -> str:
         ("hit rate (tokens)", f"{view['hit_rate']:.1%}  ({view['hit_tokens']} of {view['lookup_tokens']} "
                               f"tokens, {view['lookups']} lookups)"),
         ("blocks", str(view["blocks"])),
-        ("bytes on disk", f"{_human(view['bytes_on_disk'])} of {_human(view['max_bytes'])} budget "
-                          f"(payload {_human(view['payload_bytes'])}, index {_human(view['index_bytes'])})"),
-        ("logical fp16 bytes", _human(view["logical_bytes"])),
+        ("bytes on disk", f"{human_bytes(view['bytes_on_disk'])} of {human_bytes(view['max_bytes'])} budget "
+                          f"(payload {human_bytes(view['payload_bytes'])}, index {human_bytes(view['index_bytes'])})"),
+        ("logical fp16 bytes", human_bytes(view["logical_bytes"])),
         ("compression", f"{view['compression']}, ratio {ratio:.2f}x" if ratio else view["compression"]),
         ("evictions", str(view["evictions"])),
         ("verification failures", f"{view['verification_failures']} ({view['quarantined']} quarantined)"),
@@ -141,7 +135,7 @@ def render(view: dict[str, Any]) -> str:
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     lines.append("\n  block size (tokens)   blocks        bytes")
     for b in view["block_size_table"]:
-        lines.append(f"  {b['tokens']:>19}   {b['blocks']:>6}   {_human(b['bytes']):>10}")
+        lines.append(f"  {b['tokens']:>19}   {b['blocks']:>6}   {human_bytes(b['bytes']):>10}")
     lines.append(f"\n  namespace         {'model':<{NAME_WIDTH}}  layout (L x H x D)"
                  "   blocks        bytes")
     for ns in view["namespaces"]:
@@ -150,7 +144,7 @@ def render(view: dict[str, Any]) -> str:
         if len(name) > NAME_WIDTH:
             name = name[:NAME_WIDTH - 1] + "…"
         lines.append(f"  {ns['digest']:<16}  {name:<{NAME_WIDTH}}  {layout:>18}   {ns['blocks']:>6}"
-                     f"   {_human(ns['bytes']):>10}")
+                     f"   {human_bytes(ns['bytes']):>10}")
     return "\n".join(lines)
 
 
