@@ -23,12 +23,12 @@ def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 
 def test_every_command_and_benchmark_lives_in_its_package():
-    assert all(module == f"tqstore.cli.{name}" for name, module, _ in COMMANDS)
+    assert all(module == f"tqstore.cli.{name.replace('-', '_')}" for name, module, _ in COMMANDS)
     assert all(module == f"tqstore.bench.{name}" for name, module, _ in BENCHES)
     leaves = {path for path, _ in _subparsers(build_parser())}
     assert leaves == ({(name,) for name, _, _ in COMMANDS}
                       | {("bench", name) for name, _, _ in BENCHES})
-    assert ("serve",) in leaves and ("bench", "attention") in leaves and len(leaves) == 11
+    assert ("serve",) in leaves and ("bench", "attention") in leaves and len(leaves) == 14
 
 
 def test_every_option_of_every_subcommand_has_help():

@@ -20,7 +20,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "tqstore.cli.serve", "run the gRPC prefix-cache daemon"),
     ("generate", "tqstore.cli.generate", "generate text with the paged TurboQuant cache"),
     ("inspect", "tqstore.cli.inspect", "report hit rates, blocks, bytes of a store"),
-    ("demo", "tqstore.cli.demo", "daemon + SmolLM2 on a long prompt, cold vs hit"),
+    ("openai", "tqstore.cli.openai", "OpenAI-compatible endpoint with continuous batching"),
+    ("export-model", "tqstore.cli.export_model", "write the bundled SmolLM2 as an mlx-lm model directory"),
+    ("demo", "tqstore.cli.demo", "daemon + endpoint + a multi-turn agent conversation"),
     ("check", "tqstore.cli.check", "verify (and optionally repair) a store"),
     ("calibrate", "tqstore.cli.calibrate", "build a KV quality profile for a model"),
 ]
@@ -30,6 +32,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("quality", "tqstore.bench.quality", "KL and top-1 of cache configs on SmolLM2"),
     ("attention", "tqstore.bench.attention", "decode attention kernels vs fp16 SDPA"),
     ("hit", "tqstore.bench.hit", "hit TTFT vs cold prefill, concurrent throughput"),
+    ("serve", "tqstore.bench.serve", "agent workload: our endpoint vs mlx_lm.server"),
 ]
 
 
