@@ -15,7 +15,7 @@ MiB = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:50077"
 COMPRESSIONS = ("none", "zstd", "zstd-planes")
 
-__all__ = ["ClientConfig", "DEFAULT_LISTEN", "ServerConfig", "StoreConfig"]
+__all__ = ["ClientConfig", "DEFAULT_LISTEN", "ServerConfig", "ServingConfig", "StoreConfig"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,41 @@ class ClientConfig:
     connect_timeout_s: float = 2.0
     rpc_timeout_s: float = 60.0
 
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """`tqstore openai`: the serving engine behind the OpenAI-compatible endpoint.
+
+    pool_bytes: byte budget of the paged TurboQuant KV pool (every live sequence's pages plus
+        the unreferenced pages kept for prefix sharing, evicted LRU). A request is admitted only
+        when its prompt plus max_tokens fits next to the admitted ones' worst case, so decode
+        never runs out of pages.
+    max_batch: sequences decoded together in one step (prefill included).
+    queue_size: requests waiting for admission; past it a request gets HTTP 503 + Retry-After.
+    prefill_chunk: tokens per prefill step, aligned at absolute multiples of itself, so that a
+        daemon hit (a multiple of store_block) and a cold run see the same chunks; decode steps
+        of the other sequences run between chunks. Must divide store_block.
+    store_block: tokens per daemon (SSD) block.
+    exact_hits: serve prefixes only from the daemon's fp16 blocks (a hit then reproduces a cold
+        run bit for bit) and never from pages shared in memory (TurboQuant codes: close to a
+        cold run, not identical, and never uploaded).
+    context_tokens: longest prompt + completion; None: the model's max_position_embeddings.
+    """
+
+    pool_bytes: int = 1024 * MiB
+    max_batch: int = 16
+    queue_size: int = 64
+    prefill_chunk: int = 256
+    store_block: int = 256
+    exact_hits: bool = False
+    context_tokens: int | None = None
+    retry_after_s: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("pool_bytes", "max_batch", "queue_size", "prefill_chunk", "store_block"):
+            if int(getattr(self, name)) <= 0:
+                raise InvalidArgument(f"{name} must be positive")
+        if self.store_block % self.prefill_chunk:
+            raise InvalidArgument(f"prefill_chunk {self.prefill_chunk} must divide the store "
+                                  f"block {self.store_block}")

@@ -93,15 +93,19 @@ class CachedGenerator:
         self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
 
     # -- the daemon side ----------------------------------------------------------------------
-    def _fetch_prefix(self, prompt_ids: Sequence[int]) -> tuple[list, str]:
+    def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0) -> tuple[list, str]:
         """The verified prefix blocks: BlockPayloads (fp16 form) or dicts of codes (TurboQuant
-        form, re-quantized by the daemon with this generator's codec), and a status."""
+        form, re-quantized by the daemon with this generator's codec), and a status. Nothing is
+        fetched (status "no gain") unless the hit covers more than ``better_than`` tokens (what
+        the caller already holds in memory)."""
         if self.client is None:
             return [], "no daemon"
         try:
             hit = self.client.lookup(self.namespace, prompt_ids).hit_blocks
             if hit == 0:
                 return [], "miss"
+            if min(hit * self.block_size, len(prompt_ids) - 1) <= better_than:
+                return [], "no gain"
             if self.fetch_form == "turboquant":
                 blocks = self.client.fetch_turboquant(self.namespace, prompt_ids,
                                                       self.policy.codec, 0, hit)
@@ -113,7 +117,7 @@ class CachedGenerator:
             return [], f"daemon unreachable: {exc}"
         return blocks, "hit" if blocks else "miss"
 
-    def _restore(self, caches, blocks: list, tokens: int) -> None:
+    def restore(self, caches, blocks: list, tokens: int) -> None:
         """Load the first `tokens` positions of the fetched blocks into every layer's cache."""
         if self.fetch_form == "turboquant":
             for layer, cache in enumerate(caches):
@@ -132,7 +136,7 @@ class CachedGenerator:
             values = np.concatenate([b.values[layer] for b in blocks], axis=1)[:, :tokens]
             cache.load_fp16_prefix(mx.array(keys), mx.array(values))
 
-    def _upload_hook(self, caches, prompt_ids: list[int], first_block: int,
+    def upload_hook(self, caches, prompt_ids: list[int], first_block: int,
                      started: list[Future]) -> Callable:
         """A prefill listener that Puts the new full blocks once every layer reported."""
         per_layer: dict[int, tuple[mx.array, mx.array]] = {}
@@ -165,7 +169,7 @@ class CachedGenerator:
         if not prompt_ids:
             raise TqstoreError("empty prompt")
         start = time.perf_counter()
-        blocks, status = self._fetch_prefix(prompt_ids)
+        blocks, status = self.fetch_prefix(prompt_ids)
         # The last prompt token is always computed (its logits give the first token), so a hit of
         # the whole prompt restores all but that one token.
         hit_tokens = min(len(blocks) * self.block_size, len(prompt_ids) - 1)
@@ -174,12 +178,12 @@ class CachedGenerator:
         uploads: list[Future] = []
         try:
             if blocks:
-                self._restore(caches, blocks, hit_tokens)
+                self.restore(caches, blocks, hit_tokens)
             # A TurboQuant-form hit holds no fp16 prefill to upload (a documented trade-off).
             if (self.client is not None and not status.startswith("daemon unreachable")
                     and not (blocks and self.fetch_form == "turboquant")):
                 caches[0].sequence.prefill_listeners.append(
-                    self._upload_hook(caches, prompt_ids, len(blocks), uploads))
+                    self.upload_hook(caches, prompt_ids, len(blocks), uploads))
             first, ttft = self._prefill(caches, prompt_ids, hit_tokens, progress, start)
             tokens, text, decode_tps, first_step = self._decode(caches, first, max_tokens, on_text)
             kv_bytes = sum(c.nbytes for c in caches)
@@ -196,12 +200,7 @@ class CachedGenerator:
         knows the prompt length); returns the greedy first token and the time to it."""
         model = self.loaded.model
         total = len(prompt_ids)
-        # Chunk boundaries are absolute multiples of the block size, and the last prompt token
-        # is a step of its own: identical chunks in a cold run and after any hit.
-        bounds = [hit_tokens]
-        bounds += range((hit_tokens // self.block_size + 1) * self.block_size, total - 1,
-                        self.block_size)
-        bounds += [total - 1, total]
+        bounds = prefill_bounds(hit_tokens, total, self.block_size)
         logits = None
         for begin, end in zip(bounds, bounds[1:]):
             if end <= begin:
@@ -253,6 +252,17 @@ class CachedGenerator:
         detok.finalize()
         flush()
         return tokens, "".join(pieces), decode_tps, first_step
+
+
+def prefill_bounds(start: int, total: int, chunk: int) -> list[int]:
+    """Chunk boundaries for prefilling tokens [start, total): absolute multiples of ``chunk``,
+    and the last prompt token a step of its own. A cold run and a run after any hit whose length
+    is a multiple of ``chunk`` then see identical chunks (shapes and inputs), hence identical
+    floats. Consecutive equal bounds are dropped."""
+    bounds = [start]
+    bounds += range((start // chunk + 1) * chunk, total - 1, chunk)
+    bounds += [total - 1, total]
+    return [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
 
 
 def _payloads(host: list[tuple[np.ndarray, np.ndarray]], count: int, block: int) -> list[BlockPayload]:

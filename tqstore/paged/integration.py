@@ -20,7 +20,11 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from tqstore.paged.batch import BatchedLayerCache
 from tqstore.paged.cache import PagedLayerCache
+
+# The caches whose decode steps go to their own attend(): one sequence, or a batch of them.
+_ROUTED = (PagedLayerCache, BatchedLayerCache)
 
 _ATTR = "scaled_dot_product_attention"
 _originals: dict[str, Callable[..., mx.array]] = {}
@@ -29,7 +33,7 @@ _originals: dict[str, Callable[..., mx.array]] = {}
 def _make_dispatch(original: Callable[..., mx.array]) -> Callable[..., mx.array]:
     def dispatch(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
                  scale: float, mask: Any = None, sinks: Any = None, **kwargs: Any) -> mx.array:
-        if (isinstance(cache, PagedLayerCache) and cache.decode_pending and sinks is None
+        if (isinstance(cache, _ROUTED) and cache.decode_pending and sinks is None
                 and queries.shape[2] == 1 and (mask is None or isinstance(mask, str))):
             return cache.attend(queries, scale, mask)
         if sinks is not None:

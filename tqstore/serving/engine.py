@@ -1,0 +1,403 @@
+"""The serving engine: continuous batching over the paged TurboQuant pool, three prefix tiers.
+
+One thread (the engine thread) does all MLX work: MLX must not evaluate on two threads at
+once. HTTP threads call ``submit`` (validation, admission control) and read each request's
+event queue; they never touch an MLX array.
+
+A request's life, each state moved only by the engine thread:
+  waiting  -> planned: the longest prefix of full pages already in the pool (memory tier) is
+              peeked; if the daemon could add more, its Lookup + Fetch run on a worker thread
+              (fetching), so the engine keeps decoding meanwhile.
+  ready    -> admitted when a batch slot is free and its worst case (prompt + max_tokens) fits
+              in the pool next to every admitted request's worst case: decode never runs out of
+              pages, and nothing is ever killed for memory. FIFO: the head waits, later requests
+              wait behind it (no starvation).
+  prefill  -> one chunk per engine iteration (tqstore.generator.prefill_bounds), so decode
+              steps of the others interleave with a long prompt.
+  decode   -> every decoding sequence advances in ONE batched model step
+              (tqstore.paged.batch); a request alone decodes through its own caches exactly as
+              `tqstore generate` does.
+  finished -> its pages go back to the pool at once (also on cancel: a client that went away).
+
+Prefix tiers, fastest first (the tiers a request used are reported in its usage):
+  memory:  full pages other requests left in the pool, shared by reference count (codes: the
+           rest of the prompt attends the dequantized prefix: close to cold, not identical, and
+           such K/V are never uploaded: the daemon keeps only exact prefill snapshots);
+  daemon:  fp16 blocks restored exactly (a hit reproduces a cold run bit for bit);
+  computed: the rest. New full blocks of a prompt prefilled in fp16 go to the daemon in the
+           background (tqstore.generator.CachedGenerator.upload_hook).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from tqstore.client import KvStoreClient
+from tqstore.config import ServingConfig
+from tqstore.errors import InvalidArgument, ResourceExhausted
+from tqstore.generator import CachedGenerator, prefill_bounds
+from tqstore.models.loader import LoadedModel
+from tqstore.paged import make_prompt_cache, release_prompt_cache
+from tqstore.paged.batch import batch_caches
+from tqstore.prefix_hash import hash_prefix_blocks
+from tqstore.serving.sampling import SamplingParams, sample_rows
+
+log = logging.getLogger("tqstore.serving")
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float
+    finish_reason: str | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    """One completion request. ``events`` receives ("progress", done, total), TokenEvent,
+    ("done", None) or ("error", exc); ``cancel()`` may be called from any thread."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    state: str = "waiting"
+    memory_tokens: int = 0
+    daemon_tokens: int = 0
+    daemon_status: str = ""
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    # engine-thread only
+    caches: list | None = None
+    fetch: Future | None = None
+    blocks: list = field(default_factory=list)
+    bounds: list[int] = field(default_factory=list)
+    chunk: int = 0
+    next_token: int | None = None
+    key: Any = None
+    matcher: Any = None
+    context: list[int] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def computed_tokens(self) -> int:
+        return len(self.prompt) - self.memory_tokens - self.daemon_tokens
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted
+
+
+class Engine:
+    """Runs one mlx-lm model for many concurrent requests (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, client: KvStoreClient | None,
+                 config: ServingConfig = ServingConfig(), policy=None) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.client = client
+        args = getattr(loaded.model, "args", None)
+        self.context_tokens = config.context_tokens or getattr(
+            args, "max_position_embeddings", None) or 1 << 20
+        self.eos = set(loaded.tokenizer.eos_token_ids)
+        self._ids = itertools.count(1)
+        self._incoming: "queue.Queue[Request]" = queue.Queue()
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []
+        self._lock = threading.Lock()  # guards the counts submit() reads
+        self._queued = 0
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tqstore-fetch")
+        self._stop = False
+        self.failed: BaseException | None = None
+        self.totals = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0,
+                       "prompt_tokens": 0, "memory_tokens": 0, "daemon_tokens": 0,
+                       "computed_tokens": 0, "generated_tokens": 0}
+        self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(policy,), name="tqstore-engine",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.failed is not None:
+            raise self.failed
+
+    # -- any thread --------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a request, or raise InvalidArgument (it can never run: 400) or
+        ResourceExhausted (the queue is full: 503, retry later)."""
+        if not prompt:
+            raise InvalidArgument("the prompt is empty")
+        if len(prompt) >= self.context_tokens:
+            raise InvalidArgument(f"the prompt has {len(prompt)} tokens; this model's context is "
+                                  f"{self.context_tokens} tokens")
+        if self._blocks_needed(len(prompt) + min(params.max_tokens, self.context_tokens)) > \
+                self.pool.num_blocks - 1:
+            raise InvalidArgument(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs more KV "
+                f"than the whole pool holds ({(self.pool.num_blocks - 1) * self.pool.block_size} "
+                "tokens): lower max_tokens or start the server with a larger --pool-mib")
+        if not self.healthy:
+            raise ResourceExhausted("the engine stopped")
+        with self._lock:
+            if self._queued >= self.config.queue_size:
+                self.totals["rejected"] += 1
+                raise ResourceExhausted(f"{self._queued} requests are waiting already")
+            self._queued += 1
+            self.totals["requests"] += 1
+        request = Request(next(self._ids), list(prompt), params)
+        self._incoming.put(request)
+        return request
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.failed is None
+
+    def stats(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self._rate) if now - t <= 10.0]
+        tps = 0.0
+        if len(recent) > 1:
+            tps = sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
+        active = list(self._active)
+        return {
+            "active_sequences": len(active),
+            "decoding": sum(r.state == "decode" for r in active),
+            "prefilling": sum(r.state == "prefill" for r in active),
+            "queue_depth": self._queued - len(active),
+            "pool_bytes_used": self.pool.used_bytes(),
+            "pool_bytes_budget": (self.pool.num_blocks - 1) * self.pool.block_bytes,
+            "pool_blocks_free": self.pool.block_pool.num_free_blocks,
+            "kv_bytes_live": sum(sum(c.nbytes for c in r.caches) for r in active if r.caches),
+            "decode_tokens_per_s": round(tps, 2),
+            "cached_tokens": {"memory": self.totals["memory_tokens"],
+                              "daemon": self.totals["daemon_tokens"],
+                              "computed": self.totals["computed_tokens"]},
+            "totals": dict(self.totals),
+            "daemon": "none" if self.client is None else self.client.config.address,
+            "healthy": self.healthy,
+        }
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=30)
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _setup(self, policy) -> None:
+        # MLX streams are per thread: the pool's arrays (codebooks, rotations, arenas) are made
+        # here, on the thread that evaluates every step, never on the caller's thread.
+        mx.default_stream(mx.default_device())
+        # CachedGenerator owns the daemon side (namespace, fetch, restore, upload) and the pool.
+        self.gen = CachedGenerator(self.loaded, self.client, policy=policy,
+                                   block_size=self.config.store_block,
+                                   pool_budget_bytes=self.config.pool_bytes)
+        self.gen.fetch_form = "fp16"  # a daemon hit must reproduce a cold prefill
+        self.pool = self.gen.pool
+
+    def _run(self, policy) -> None:
+        try:
+            self._setup(policy)
+        except BaseException as exc:  # noqa: BLE001 - raised again by __init__
+            self.failed = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop:
+                self._intake(block=not (self._active or self._waiting))
+                self._drop_cancelled()
+                self._plan_and_admit()
+                prefilling = [r for r in self._active if r.state == "prefill"]
+                if prefilling:
+                    self._prefill_chunk(prefilling[0])
+                if any(r.state == "decode" for r in self._active):
+                    self._decode_step()
+                elif not prefilling and self._waiting:
+                    time.sleep(0.002)  # waiting on a fetch or on pages
+        except BaseException as exc:  # noqa: BLE001 - reported to every request, then re-raised
+            self.failed = exc
+            log.exception("the serving engine stopped")
+            for r in self._active + list(self._waiting):
+                r.events.put(("error", exc))
+            raise
+
+    def _intake(self, block: bool) -> None:
+        try:
+            item = self._incoming.get(timeout=0.1) if block else self._incoming.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._waiting.append(item)
+            try:
+                item = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._active + list(self._waiting) if r.cancelled]:
+            self._finish(r, None, cancelled=True)
+
+    def _memory_hit_tokens(self, prompt: list[int]) -> int:
+        if self.config.exact_hits:
+            return 0
+        count = 0
+        for h in hash_prefix_blocks(self.pool.namespace, prompt[: len(prompt) - 1]):
+            if self.pool.block_pool.lookup(h) is None:
+                break
+            count += 1
+        return count * self.pool.block_size
+
+    def _plan_and_admit(self) -> None:
+        for r in self._waiting:
+            if r.state == "waiting":
+                memory = self._memory_hit_tokens(r.prompt)
+                gain = len(r.prompt) - 1 - memory >= self.config.store_block
+                if self.client is not None and gain:
+                    r.fetch = self._fetcher.submit(self.gen.fetch_prefix, r.prompt, memory)
+                    r.state = "fetching"
+                else:
+                    r.state = "ready"
+            if r.state == "fetching" and r.fetch.done():
+                r.blocks, r.daemon_status = r.fetch.result()
+                r.fetch, r.state = None, "ready"
+        while self._waiting and self._waiting[0].state == "ready" and \
+                len(self._active) < self.config.max_batch:
+            if not self._start(self._waiting[0]):
+                break
+            self._active.append(self._waiting.popleft())
+
+    def _blocks_needed(self, tokens: int) -> int:
+        return -(-tokens // self.pool.block_size)
+
+    def _worst_case(self, r: Request) -> int:
+        return min(len(r.prompt) + r.params.max_tokens, self.context_tokens)
+
+    def _start(self, r: Request) -> bool:
+        """Create the request's caches if its worst case fits; False leaves it waiting."""
+        outstanding = sum(max(0, self._blocks_needed(self._worst_case(a)) - len(a.caches[0].sequence.blocks))
+                          for a in self._active)
+        if self._blocks_needed(self._worst_case(r)) > \
+                self.pool.block_pool.num_free_blocks - outstanding:
+            return False
+        hit = min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1)
+        if r.blocks and hit > self._memory_hit_tokens(r.prompt):
+            caches = make_prompt_cache(self.pool)  # no memory sharing: the daemon's fp16 is exact
+            caches[0].sequence.append_token_ids(r.prompt)
+            self.gen.restore(caches, r.blocks, hit)
+            r.daemon_tokens = hit
+            start = hit
+        else:
+            caches = make_prompt_cache(self.pool, [] if self.config.exact_hits else r.prompt)
+            if self.config.exact_hits:
+                caches[0].sequence.append_token_ids(r.prompt)
+            r.memory_tokens = start = caches[0].offset
+        caches[0].sequence.prompt_length = len(r.prompt)
+        uploadable = (self.client is not None and r.memory_tokens == 0
+                      and not r.daemon_status.startswith("daemon unreachable"))
+        if uploadable:
+            caches[0].sequence.prefill_listeners.append(self.gen.upload_hook(
+                caches, r.prompt, r.daemon_tokens // self.config.store_block, []))
+        r.blocks = []  # restored: drop the host copy
+        r.caches, r.state = caches, "prefill"
+        r.bounds, r.chunk = prefill_bounds(start, len(r.prompt), self.config.prefill_chunk), 0
+        r.key = mx.random.key(r.params.seed if r.params.seed is not None
+                              else random.getrandbits(63))
+        r.matcher = r.params.stop_sequences.matcher()
+        r.context = list(r.prompt)
+        for name, value in (("prompt_tokens", len(r.prompt)), ("memory_tokens", r.memory_tokens),
+                            ("daemon_tokens", r.daemon_tokens),
+                            ("computed_tokens", r.computed_tokens)):
+            self.totals[name] += value
+        return True
+
+    def _prefill_chunk(self, r: Request) -> None:
+        begin, end = r.bounds[r.chunk], r.bounds[r.chunk + 1]
+        logits = self.loaded.model(mx.array([r.prompt[begin:end]]), cache=r.caches)
+        r.chunk += 1
+        done = r.chunk == len(r.bounds) - 1
+        if not done:
+            mx.eval([c.state for c in r.caches])
+            r.events.put(("progress", end - r.bounds[0], len(r.prompt) - r.bounds[0]))
+            return
+        self._emit([r], logits[:, -1, :])
+        if r.state == "prefill":
+            r.state = "decode"
+
+    def _decode_step(self) -> None:
+        rows = [r for r in self._active if r.state == "decode"]
+        for r in rows:
+            r.caches[0].sequence.append_token_ids([r.next_token])
+        inputs = mx.array([[r.next_token] for r in rows])
+        caches = rows[0].caches if len(rows) == 1 else batch_caches([r.caches for r in rows])
+        logits = self.loaded.model(inputs, cache=caches)
+        self._emit(rows, logits[:, -1, :], caches)
+        self._rate.append((time.perf_counter(), len(rows)))
+        while len(self._rate) > 256:
+            self._rate.popleft()
+
+    def _emit(self, rows: list[Request], logits: mx.array, caches=None) -> None:
+        """Sample each row's next token, evaluate the step, and hand the tokens out."""
+        tokens, logprobs, tops = sample_rows(rows, logits)
+        state = ([c.state for c in caches] if caches is not None
+                 else [c.state for r in rows for c in r.caches])
+        mx.eval(tokens, logprobs, [t for t in tops if t is not None], state)
+        now = time.perf_counter()
+        tops = [[] if t is None else list(zip(t[0].tolist(), t[1].tolist())) for t in tops]
+        for r, token, lp, top in zip(rows, tokens.tolist(), logprobs.tolist(), tops):
+            if r.first_token_at is None:
+                r.first_token_at = now
+            r.generated.append(token)
+            r.context.append(token)
+            r.next_token = token
+            reason = None
+            if r.matcher.advance(token) or token in self.eos:
+                reason = "stop"
+            elif len(r.generated) >= r.params.max_tokens or \
+                    len(r.prompt) + len(r.generated) >= self.context_tokens:
+                reason = "length"
+            r.events.put(TokenEvent(token, lp, reason, top))
+            if reason is not None:
+                self._finish(r, reason)
+
+    def _finish(self, r: Request, reason: str | None, cancelled: bool = False) -> None:
+        if r in self._active:
+            self._active.remove(r)
+        elif r in self._waiting:
+            self._waiting.remove(r)
+            if r.fetch is not None:
+                r.fetch.cancel()
+        if r.caches is not None:
+            release_prompt_cache(r.caches)  # pages back to the pool now; cached ones stay findable
+            r.caches = None
+        r.state, r.finished_at = "finished", time.perf_counter()
+        with self._lock:
+            self._queued -= 1
+        self.totals["cancelled" if cancelled else "completed"] += 1
+        self.totals["generated_tokens"] += len(r.generated)
+        if not cancelled:
+            r.events.put(("done", reason))
+        decode_s = (r.finished_at - r.first_token_at) if r.first_token_at else 0.0
+        log.info("request %d %s: prompt %d tokens (memory %d, daemon %d, computed %d), "
+                 "TTFT %s, %d tokens, %.1f tokens/s", r.id,
+                 "cancelled" if cancelled else reason, len(r.prompt), r.memory_tokens,
+                 r.daemon_tokens, r.computed_tokens,
+                 "-" if r.ttft_s is None else f"{r.ttft_s:.3f} s", len(r.generated),
+                 (len(r.generated) - 1) / decode_s if decode_s > 0 else 0.0)
+
