@@ -1,0 +1,93 @@
+"""`tqstore openai [--model DIR] [--store ADDR|none] [--host 127.0.0.1] [--port 8080]`: the
+OpenAI-compatible endpoint (tqstore.serving) with continuous batching over the paged TurboQuant
+cache and the daemon. Without --model it serves the bundled SmolLM2, written out once as a
+standard mlx-lm model directory (tqstore.models.export), so `mlx_lm.server --model` on that
+directory loads the same weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tqstore.config import DEFAULT_LISTEN, MiB, ServingConfig
+from tqstore.errors import InvalidArgument
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local mlx-lm model directory (default: the bundled "
+                                        "SmolLM2-135M-Instruct, exported once to the user cache)")
+    parser.add_argument("--store", default=DEFAULT_LISTEN,
+                        help=f"prefix-cache daemon address (default {DEFAULT_LISTEN}); 'none' "
+                             "to serve without it")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                            "127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    parser.add_argument("--pool-mib", type=int, default=ServingConfig.pool_bytes // MiB,
+                        help="byte budget of the paged KV pool in MiB: live sequences plus "
+                             "pages kept for prefix sharing (default "
+                             f"{ServingConfig.pool_bytes // MiB})")
+    parser.add_argument("--max-batch", type=int, default=ServingConfig.max_batch,
+                        help="sequences decoded together (default "
+                             f"{ServingConfig.max_batch})")
+    parser.add_argument("--queue", type=int, default=ServingConfig.queue_size,
+                        help="requests that may wait for a slot; beyond it HTTP 503 with "
+                             f"Retry-After (default {ServingConfig.queue_size})")
+    parser.add_argument("--prefill-chunk", type=int, default=ServingConfig.prefill_chunk,
+                        help="prompt tokens per prefill step between decode steps; divides "
+                             f"the store block (default {ServingConfig.prefill_chunk})")
+    parser.add_argument("--exact-hits", action="store_true",
+                        help="take prefixes only from the daemon's fp16 blocks (a hit then "
+                             "equals a cold run bit for bit), never from pages shared in memory")
+    parser.add_argument("--max-tokens", type=int, default=512,
+                        help="completion length when a request gives none (default 512)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a --host other than loopback (no authentication: put it "
+                             "behind your own proxy)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqstore.cli.generate import connect
+    from tqstore.models.loader import load_model
+    from tqstore.paged import install
+    from tqstore.serving.engine import Engine
+    from tqstore.serving.http import make_server
+
+    if args.host not in _LOOPBACK and not args.allow_remote:
+        raise InvalidArgument(f"--host {args.host} is not loopback; the endpoint has no "
+                              "authentication: pass --allow-remote to listen there anyway")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log = logging.getLogger("tqstore.serving")
+    config = ServingConfig(pool_bytes=args.pool_mib * MiB, max_batch=args.max_batch,
+                           queue_size=args.queue, prefill_chunk=args.prefill_chunk,
+                           exact_hits=args.exact_hits)
+    if args.model:
+        model_dir = args.model
+    else:
+        from tqstore.models.export import bundled_model_dir
+
+        model_dir = str(bundled_model_dir())
+    log.info("loading %s", model_dir)
+    loaded = load_model(model_dir)
+    install(loaded.model)
+    client = connect(args.store, log=log.warning)
+    engine = Engine(loaded, client, config)
+    server = make_server(engine, model_dir, args.host, args.port, args.max_tokens)
+    host, port = server.server_address[:2]
+    log.info("serving %s at http://%s:%d/v1 (daemon: %s, pool %d MiB, batch %d)",
+             model_dir, host, port, "none" if client is None else args.store, args.pool_mib,
+             args.max_batch)
+    print(f"tqstore openai: http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.close()
+        if client is not None:
+            client.wait_uploads(timeout=30)
+            client.close()
+    return 0
