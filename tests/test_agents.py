@@ -1,0 +1,100 @@
+"""The agent workload (tqstore.agents): deterministic texts sized with the model's tokenizer, and
+the aggregate figures the benchmark derives from per-turn records. No server needed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tqstore.agents import (TurnRecord, WorkloadConfig, aggregate_decode_tokens_per_s,
+                            build_workload, content_tokens, percentile, prompt_tokens)
+from tqstore.errors import InvalidArgument
+from tqstore.models import load_smollm2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_smollm2().tokenizer
+
+
+def _within(n: int, target: int) -> bool:
+    # Cut at a whole word: never over, and at most one long word (a code line) short.
+    return target - 24 <= n <= target
+
+
+def test_same_seed_same_workload_other_seed_other_texts(tokenizer):
+    config = WorkloadConfig(agents=3, turns=3, system_tokens=300, task_tokens=120,
+                            tool_tokens=60, seed=7)
+    a, b = build_workload(tokenizer, config), build_workload(tokenizer, config)
+    assert a == b
+    c = build_workload(tokenizer, WorkloadConfig(**{**config.__dict__, "seed": 8}))
+    assert c.system == a.system  # the shared prompt does not depend on the seed
+    assert c.tasks != a.tasks and c.tool_results != a.tool_results
+
+
+def test_token_counts_are_measured_and_near_the_targets(tokenizer):
+    seed = random.randrange(1 << 16)
+    config = WorkloadConfig(agents=4, turns=4, system_tokens=random.choice([400, 1500]),
+                            task_tokens=random.randint(100, 500),
+                            tool_tokens=random.randint(50, 200), seed=seed)
+    w = build_workload(tokenizer, config)
+    assert w.token_counts["system"] == content_tokens(tokenizer, w.system)
+    assert _within(w.token_counts["system"], config.system_tokens)
+    assert len(w.tasks) == 4 and len(w.tool_results) == 4
+    for agent in range(4):
+        assert w.token_counts["tasks"][agent] == content_tokens(tokenizer, w.tasks[agent])
+        assert _within(w.token_counts["tasks"][agent], config.task_tokens), seed
+        assert len(w.tool_results[agent]) == config.turns - 1
+        for text, n in zip(w.tool_results[agent], w.token_counts["tool_results"][agent]):
+            assert n == content_tokens(tokenizer, text)
+            assert _within(n, config.tool_tokens), seed
+
+
+def test_agents_share_the_system_prompt_and_nothing_else(tokenizer):
+    w = build_workload(tokenizer, WorkloadConfig(agents=3, turns=2, system_tokens=200,
+                                                 task_tokens=80, tool_tokens=40))
+    firsts = [w.first_messages(a) for a in range(3)]
+    assert all(m[0] == {"role": "system", "content": w.system} for m in firsts)
+    assert [m[1]["role"] for m in firsts] == ["user"] * 3
+    # Token prompts: common prefix = template + system prompt, then they differ at once.
+    ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
+           for m in firsts]
+    ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]
+    system_only = tokenizer.apply_chat_template(firsts[0][:1], tokenize=True)
+    system_only = list(system_only["input_ids"]) if hasattr(system_only, "keys") else system_only
+    for other in ids[1:]:
+        shared = next(i for i, (x, y) in enumerate(zip(ids[0], other)) if x != y)
+        assert len(system_only) <= shared <= len(system_only) + 6  # "<|im_start|>user\nAgent "
+    assert prompt_tokens(tokenizer, firsts[0]) == len(ids[0])
+    assert len(ids[0]) == pytest.approx(w.token_counts["system"] + w.token_counts["tasks"][0],
+                                        abs=16)  # the template's few tokens per message
+
+
+def test_config_refuses_sizes_that_cannot_run():
+    with pytest.raises(InvalidArgument):
+        WorkloadConfig(agents=0)
+    with pytest.raises(InvalidArgument):
+        WorkloadConfig(system_tokens=5)
+
+
+def _record(first: float, end: float, tokens: int) -> TurnRecord:
+    return TurnRecord(agent=0, turn=1, prompt_tokens=10, cached_tokens=0, memory_tokens=None,
+                      daemon_tokens=None, computed_tokens=None, ttft_s=first,
+                      completion_tokens=tokens, decode_tokens_per_s=None, wall_s=end, start_s=0.0, first_token_s=first,
+                      end_s=end)
+
+
+def test_aggregate_decode_rate_counts_busy_time_once():
+    # Two overlapping decodes [1, 3] and [2, 5], one apart [10, 11]: busy 4 + 1 = 5 s;
+    # tokens after each first: 10 + 20 + 5 = 35.
+    records = [_record(1, 3, 11), _record(2, 5, 21), _record(10, 11, 6), _record(4, 4, 1)]
+    assert aggregate_decode_tokens_per_s(records) == pytest.approx(35 / 5)
+    assert aggregate_decode_tokens_per_s([_record(1, 1, 1)]) is None
+
+
+def test_percentile_interpolates_like_numpy():
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([], 50) is None
