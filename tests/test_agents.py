@@ -81,8 +81,8 @@ def test_config_refuses_sizes_that_cannot_run():
 def _record(first: float, end: float, tokens: int) -> TurnRecord:
     return TurnRecord(agent=0, turn=1, prompt_tokens=10, cached_tokens=0, memory_tokens=None,
                       daemon_tokens=None, computed_tokens=None, ttft_s=first,
-                      completion_tokens=tokens, decode_tokens_per_s=None, wall_s=end, start_s=0.0, first_token_s=first,
-                      end_s=end)
+                      completion_tokens=tokens, decode_tokens_per_s=None, wall_s=end,
+                      start_s=0.0, first_token_s=first, end_s=end)
 
 
 def test_aggregate_decode_rate_counts_busy_time_once():
