@@ -184,7 +184,11 @@ class Engine:
             "pool_bytes_used": self.pool.used_bytes(),
             "pool_bytes_budget": (self.pool.num_blocks - 1) * self.pool.block_bytes,
             "pool_blocks_free": self.pool.block_pool.num_free_blocks,
-            "kv_bytes_live": sum(sum(c.nbytes for c in r.caches) for r in active if r.caches),
+            # Plain ints only: this runs on an HTTP thread, and touching a cache's arrays here
+            # would build MLX graphs on a thread whose stream the engine cannot evaluate.
+            "kv_tokens_live": sum(c[0].offset for c in (r.caches for r in active) if c),
+            "kv_fp16_bytes_per_token": self.pool.fp16_bytes_per_token(),
+            "kv_bytes_per_token": round(self.pool.bytes_per_token(), 1),
             "decode_tokens_per_s": round(tps, 2),
             "cached_tokens": {"memory": self.totals["memory_tokens"],
                               "daemon": self.totals["daemon_tokens"],
