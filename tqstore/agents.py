@@ -255,11 +255,14 @@ class AgentRun:
 
 def run_agents(base_url: str, workload: Workload, model: str = "default_model",
                turns: int | None = None, agents: Sequence[int] | None = None,
-               on_record: Callable[[TurnRecord], None] | None = None) -> AgentRun:
+               on_record: Callable[[TurnRecord], None] | None = None,
+               stagger: bool = False) -> AgentRun:
     """Run ``agents`` (default: all) concurrently, one thread each, for ``turns`` (default: the
-    workload's). Each turn waits for the agent's previous answer. ``on_record`` is called
-    (under a lock) as each turn ends. The first failure of any agent is raised once every
-    thread has stopped."""
+    workload's). Each turn waits for the agent's previous answer. With ``stagger`` the other
+    agents send their first request only once the first agent's first turn has ended (the
+    shared system prompt is then cached somewhere, as when agents start over time). ``on_record``
+    is called (under a lock) as each turn ends. The first failure of any agent is raised once
+    every thread has stopped."""
     config = workload.config
     turns = config.turns if turns is None else turns
     if not 1 <= turns <= config.turns:
@@ -269,6 +272,7 @@ def run_agents(base_url: str, workload: Workload, model: str = "default_model",
     errors: list[BaseException] = []
     lock = threading.Lock()
     release = threading.Barrier(len(chosen) + 1)
+    leader_done = threading.Event()
     origin: list[float] = []
 
     def agent_loop(agent: int) -> None:
@@ -277,6 +281,8 @@ def run_agents(base_url: str, workload: Workload, model: str = "default_model",
         try:
             client = make_client(base_url)
             messages = workload.first_messages(agent)
+            if stagger and agent != chosen[0]:
+                leader_done.wait()
             for turn in range(1, turns + 1):
                 if errors:
                     return
@@ -286,6 +292,8 @@ def run_agents(base_url: str, workload: Workload, model: str = "default_model",
                     records.append(record)
                     if on_record is not None:
                         on_record(record)
+                if agent == chosen[0]:
+                    leader_done.set()
                 if turn < turns:
                     messages = messages + [
                         {"role": "assistant", "content": record.text},
@@ -294,6 +302,7 @@ def run_agents(base_url: str, workload: Workload, model: str = "default_model",
             with lock:
                 errors.append(exc)
         finally:
+            leader_done.set()  # never leave the others waiting on a leader that failed
             if client is not None:
                 client.close()
 
