@@ -441,6 +441,23 @@ def test_a_client_that_goes_away_frees_its_sequence(small):
     assert after["totals"]["generated_tokens"] < before["totals"]["generated_tokens"] + 200
 
 
+def test_a_non_streamed_client_that_goes_away_is_cancelled(small):
+    """Nothing is written to a non-streamed client until the end, so the server watches its
+    socket: closing it cancels the request within a step or two, not after max_tokens."""
+    before = small.stats()["totals"]
+    conn = http.client.HTTPConnection("127.0.0.1", small.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": small.model, "messages": [{"role": "user", "content": POEM}],
+        "max_tokens": 300, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json"})
+    assert wait_for(lambda: small.stats()["decoding"] == 1, timeout=30), small.stats()
+    conn.close()
+    assert wait_for(lambda: small.stats()["active_sequences"] == 0, timeout=5), small.stats()
+    after = small.stats()["totals"]
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["generated_tokens"] < before["generated_tokens"] + 300
+
+
 class _Streaming:
     """A raw streamed request held open (so its sequence keeps the only batch slot)."""
 
@@ -497,10 +514,6 @@ def test_a_full_queue_answers_503_with_retry_after(small):
     assert "Paris" in small.chat(FRANCE, max_tokens=8).choices[0].message.content
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "--queue counts the running sequences too (Engine.submit compares _queued, which includes "
-    "admitted requests, to queue_size): with --queue 1 --max-batch 1 a request arriving while "
-    "one runs gets 503 though no request waits; --help says 'requests that may wait'"))
 def test_queue_of_one_lets_one_request_wait(small):
     [(status, _, body)] = _send_while_one_runs(small, 1)
     assert status == 200, body

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from tqstore.config import DEFAULT_LISTEN, MiB, ServingConfig
 from tqstore.errors import InvalidArgument
@@ -80,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
              model_dir, host, port, "none" if client is None else args.store, args.pool_mib,
              args.max_batch)
     print(f"tqstore openai: http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    # SIGTERM (systemd, docker, kill) stops like Ctrl-C: the engine ends and queued uploads
+    # reach the daemon before the process exits.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:

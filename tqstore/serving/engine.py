@@ -122,7 +122,8 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []
         self._lock = threading.Lock()  # guards the counts submit() reads
-        self._queued = 0
+        self._queued = 0  # submitted and not finished
+        self._admitted = 0  # of those, admitted (in self._active)
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tqstore-fetch")
         self._stop = False
         self.failed: BaseException | None = None
@@ -156,9 +157,11 @@ class Engine:
         if not self.healthy:
             raise ResourceExhausted("the engine stopped")
         with self._lock:
-            if self._queued >= self.config.queue_size:
+            # queue_size counts requests not yet admitted; admitted ones hold batch slots.
+            waiting = self._queued - self._admitted
+            if waiting >= self.config.queue_size:
                 self.totals["rejected"] += 1
-                raise ResourceExhausted(f"{self._queued} requests are waiting already")
+                raise ResourceExhausted(f"{waiting} requests are waiting already")
             self._queued += 1
             self.totals["requests"] += 1
         request = Request(next(self._ids), list(prompt), params)
@@ -180,7 +183,7 @@ class Engine:
             "active_sequences": len(active),
             "decoding": sum(r.state == "decode" for r in active),
             "prefilling": sum(r.state == "prefill" for r in active),
-            "queue_depth": self._queued - len(active),
+            "queue_depth": self._queued - self._admitted,
             "pool_bytes_used": self.pool.used_bytes(),
             "pool_bytes_budget": (self.pool.num_blocks - 1) * self.pool.block_bytes,
             "pool_blocks_free": self.pool.block_pool.num_free_blocks,
@@ -286,6 +289,8 @@ class Engine:
             if not self._start(self._waiting[0]):
                 break
             self._active.append(self._waiting.popleft())
+            with self._lock:
+                self._admitted += 1
 
     def _blocks_needed(self, tokens: int) -> int:
         return -(-tokens // self.pool.block_size)
@@ -383,6 +388,8 @@ class Engine:
     def _finish(self, r: Request, reason: str | None, cancelled: bool = False) -> None:
         if r in self._active:
             self._active.remove(r)
+            with self._lock:
+                self._admitted -= 1
         elif r in self._waiting:
             self._waiting.remove(r)
             if r.fetch is not None:

@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import queue
+import select
 import socket
 import threading
 from http.server import ThreadingHTTPServer
@@ -128,9 +129,14 @@ class EngineResponses:
                    progress: Callable[[int, int], None] | None) -> Iterator[Any]:
         detok = tokenizer.detokenizer
         detok.reset()
+        conn = getattr(_local, "connection", None)
         while True:
+            if conn is not None and _peer_closed(conn):
+                # A non-streamed request's client is not written to until the end, so a
+                # failed write cannot tell us it went away: its socket can.
+                raise ConnectionResetError("the client closed the connection")
             try:
-                event = req.events.get(timeout=1.0)
+                event = req.events.get(timeout=0.5)
             except queue.Empty:
                 if not self.engine.healthy:
                     raise RuntimeError("the serving engine stopped") from self.engine.failed
@@ -156,6 +162,16 @@ class EngineResponses:
                 return
             else:
                 raise RuntimeError(f"generation failed: {event[1]}")
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    """True once the client has closed its end (readable with nothing to read). A client sends
+    nothing after its request (HTTP/1.0, one request per connection), so readable means EOF."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 class _ErrorBodies:
@@ -195,7 +211,15 @@ class Handler(mlx_server.APIHandler):
 
     def do_POST(self) -> None:
         _local.error = _local.ctx = None
-        super().do_POST()
+        _local.connection = self.connection
+        try:
+            super().do_POST()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The handler's `finally` stopped the context: the engine frees the pages.
+            log.info("client %s went away: %s", self.address_string(), exc)
+            self.close_connection = True
+        finally:
+            _local.connection = None
 
     def _set_completion_headers(self, status_code: int = 200) -> None:
         err = getattr(_local, "error", None)
