@@ -10,6 +10,7 @@
 #   device, k < N:    carry [".carry/gpu-k"]:  bash tools/gpu_suite.sh receive
 #   device, last:     carry [".carry/gpu-N"]:  bash tools/gpu_suite.sh test [pytest args]
 #   device, if `test` says the suite is still running:  bash tools/gpu_suite.sh wait
+#   device, last, instead of `test`:  bash tools/gpu_suite.sh run CMD ARGS  (e.g. a benchmark)
 # The calls must follow each other while the machine is warm (it keeps $HOME between calls);
 # `test` says which parts are missing if it went back in between. The log lands in $OUT.
 set -euo pipefail
@@ -110,6 +111,7 @@ case "${1:-}" in
   pack) pack ;;
   receive) receive ;;
   test) shift; run_tests "$@" ;;
+  run) shift; install; "$@" ;;  # any command with the carried packages on the path
   wait) wait_tests ;;
-  *) echo "usage: bash tools/gpu_suite.sh pack | receive | test [pytest args] | wait" >&2; exit 2 ;;
+  *) echo "usage: bash tools/gpu_suite.sh pack | receive | test [pytest args] | wait | run CMD" >&2; exit 2 ;;
 esac
