@@ -11,24 +11,26 @@ endpoint, the store dir kept; mlx_lm.server loses its RAM prompt cache) and turn
 agent is replayed at once; that TTFT is reported too. Ratios are against mlx_lm.server's
 figures from the same run.
 
-KV bytes. Ours: the peak of `kv_bytes_live` in GET /v1/stats (polled every 0.5 s), the live
-sequences' pages. mlx_lm.server exposes no figure, so it is computed from config.json for the
-tokens the workload makes it hold at the end, every agent's final context (last prompt + its
-completion):  tokens x 2 (K and V) x layers x kv_heads x head_dim x bytes per element, with
-bytes per element = 2 for fp16; the activations' dtype (float32 for the bundled export) for
-what it actually stores; and for `--kv-bits 4` (group 64) 4/8 + 2 x dtype bytes / 64 (mlx's
-QuantizedKVCache: packed codes, one scale and one bias per group). mlx_lm.server quantizes only
-from `--quantized-kv-start` (5000 by default, beyond every prompt here), so the kv4 baseline
-runs with `--quantized-kv-start 0` unless told otherwise. Ours is compared per token: its peak
-sample's bytes over fp16 bytes for the tokens live at that sample (in-flight requests' prompts
-plus the tokens decoded so far, from the records; samples with a request still in prefill are
-skipped, its page count is not known from outside).
+KV bytes. Ours: from GET /v1/stats, polled every 0.5 s while the workload runs: the sample
+with the most tokens in live sequences' caches (`kv_tokens_live`) times the pool's bytes per
+token (`kv_bytes_per_token`: its pages at the policy's bits), and that over
+`kv_fp16_bytes_per_token`. mlx_lm.server exposes no figure, so it is computed from config.json
+for the tokens the workload makes it hold at the end, every agent's final context (last prompt
++ its completion): tokens x 2 (K and V) x layers x kv_heads x head_dim x bytes per element,
+with bytes per element = 2 for fp16; the activations' dtype (float32 for the bundled export)
+for what it actually stores; and for `--kv-bits 4` (group 64) 4/8 + 2 x dtype bytes / 64
+(mlx's QuantizedKVCache: packed codes, one scale and one bias per group). mlx_lm.server
+quantizes only from `--quantized-kv-start` (5000 by default, beyond every prompt here), so the
+kv4 baseline runs with `--quantized-kv-start 0` unless told otherwise.
+
+Servers are sent no `seed`: mlx_lm.server batches only requests without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import struct
@@ -43,16 +45,20 @@ from tqstore.errors import InvalidArgument
 
 SERVERS = ("tqstore", "mlx", "mlx-kv4")
 BASELINE = "mlx"
-# Defaults sized for the 2-core CPU VM (a 1,500-token cold prefill through mlx_lm.server takes
-# ~14 s there): the issue's sizes (S=1500, T=500, R=200), fewer turns and new tokens. The
-# issue's full spec: --turns 6 --max-tokens 64.
-DEFAULTS = {"agents": "1,4,8", "turns": 4, "system_tokens": 1500, "task_tokens": 500,
-            "tool_tokens": 200, "max_tokens": 32}
+# Defaults sized for the 2-core CPU VM, where they take ~20 minutes: a 1,500-token cold prefill
+# through mlx_lm.server takes ~14 s there, the kv4 server runs requests one at a time, and our
+# CPU decode at 2k tokens of context is ~2 tokens/s per sequence. The issue's sizes (S=1500,
+# T=500, R=200) with fewer agents, turns and new tokens; its full spec: --agents 1,4,8
+# --turns 6 --max-tokens 64.
+DEFAULTS = {"agents": "1,4", "turns": 3, "system_tokens": 1500, "task_tokens": 500,
+            "tool_tokens": 200, "max_tokens": 16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--out", help="also write the JSON report (every per-turn record "
+                                      "included) to this file")
     parser.add_argument("--model", help="mlx-lm model directory both servers load (default: the "
                                         "bundled SmolLM2 exported by `tqstore export-model`)")
     parser.add_argument("--servers", default=",".join(SERVERS),
@@ -60,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mlx (stock mlx_lm.server), mlx-kv4 (mlx_lm.server --kv-bits 4); "
                              f"ratios need {BASELINE} (default {','.join(SERVERS)})")
     parser.add_argument("--agents", default=d["agents"],
-                        help=f"comma-separated concurrent agent counts N (default {d['agents']})")
+                        help=f"comma-separated concurrent agent counts N (default {d['agents']}; "
+                             "the issue's spec: 1,4,8)")
     parser.add_argument("--turns", type=int, default=d["turns"],
                         help=f"turns per agent (default {d['turns']}; the issue's spec: 6)")
     parser.add_argument("--system-tokens", type=int, default=d["system_tokens"],
@@ -73,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"new tokens per turn (default {d['max_tokens']}; the issue's "
                              "spec: 64)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument("--stagger", action="store_true",
+                        help="start agents 2..N once agent 1's first turn has ended (the system "
+                             "prompt is then cached), instead of all at once")
     parser.add_argument("--no-restart", action="store_true",
                         help="skip the restart and the replay of turn 1")
     parser.add_argument("--kv4-start", type=int, default=0,
@@ -189,7 +199,7 @@ class Stack:
         return time.perf_counter() - t0
 
     def memory(self) -> dict[str, dict[str, int]]:
-        return {p.name: p.memory() for p in self.procs}
+        return {p.name: p.memory() for p in reversed(self.procs)}  # the endpoint first
 
     def stop(self) -> None:
         # The endpoint first (its background uploads finish within its SIGTERM grace), then the
@@ -229,20 +239,6 @@ class StatsPoller:
         self._thread.join(timeout=10)
 
 
-def _tokens_live(records: list, t: float) -> int | None:
-    """Tokens the in-flight requests hold at workload time t: prompt plus the share of the
-    completion decoded by then; None if a request is still prefilling (pages unknown)."""
-    total = 0
-    for r in records:
-        if r.start_s <= t <= r.end_s:
-            if t < r.first_token_s:
-                return None
-            span = r.end_s - r.first_token_s
-            done = 1 + (r.completion_tokens - 1) * ((t - r.first_token_s) / span if span else 1)
-            total += r.prompt_tokens + int(done)
-    return total
-
-
 def _ttft_summary(records: list) -> dict[str, Any]:
     from tqstore.agents import percentile
 
@@ -255,7 +251,7 @@ def _ttft_summary(records: list) -> dict[str, Any]:
             "later_p50": percentile(later, 50), "later_p95": percentile(later, 95)}
 
 
-def _kv(stack: Stack, records: list, samples: list, origin: float, shape: dict) -> dict:
+def _kv(stack: Stack, records: list, samples: list, shape: dict) -> dict:
     kv_bits = 4 if stack.name == "mlx-kv4" else None
     per_token = mlx_kv_bytes_per_token(shape, kv_bits)
     if stack.name != "tqstore":
@@ -270,19 +266,17 @@ def _kv(stack: Stack, records: list, samples: list, origin: float, shape: dict) 
         return {"tokens": tokens, "bytes": tokens * stored,
                 "fp16_bytes": tokens * per_token["fp16"],
                 "how": "computed: final contexts x bytes/token from config.json"}
-    peak = max((s.get("kv_bytes_live", 0) for _, s in samples), default=0)
-    best = None  # the sample with the most tokens live and no request prefilling
-    for t, s in samples:
-        live = _tokens_live(records, t - origin)
-        if live and s.get("kv_bytes_live") and (best is None or live > best[0]):
-            best = (live, s["kv_bytes_live"])
-    out = {"bytes": peak, "pool_bytes_used_peak": max(
-        (s.get("pool_bytes_used", 0) for _, s in samples), default=0),
-        "how": "GET /v1/stats kv_bytes_live, peak of samples every 0.5 s"}
-    if best:
-        out.update(tokens=best[0], sample_bytes=best[1], fp16_bytes=best[0] * per_token["fp16"],
-                   vs_fp16=best[1] / (best[0] * per_token["fp16"]))
-    return out
+    # The endpoint's figures: tokens in live sequences' caches and the pool's bytes per token
+    # (its pages at the policy's bits); the peak sample is the one with the most tokens live.
+    live = [(st.get("kv_tokens_live", 0), st) for _, st in samples]
+    tokens, peak = max(live, key=lambda x: x[0], default=(0, {}))
+    per = peak.get("kv_bytes_per_token")
+    fp16 = peak.get("kv_fp16_bytes_per_token") or per_token["fp16"]
+    return {"tokens": tokens, "bytes": tokens * per if per else None,
+            "fp16_bytes": tokens * fp16, "vs_fp16": per / fp16 if per else None,
+            "pool_bytes_used_peak": max((st.get("pool_bytes_used", 0) for _, st in samples),
+                                        default=0),
+            "how": "GET /v1/stats every 0.5 s: peak kv_tokens_live x kv_bytes_per_token"}
 
 
 def run_server(name: str, n: int, workload, model_dir: Path, logs: Path,
@@ -297,7 +291,8 @@ def run_server(name: str, n: int, workload, model_dir: Path, logs: Path,
         say(f"  {name}: up in {startup:.1f} s, warm-up {warm:.1f} s; {n} agents x "
             f"{workload.config.turns} turns")
         with StatsPoller(stack.base_url) if name == "tqstore" else _Null() as poller:
-            run = run_agents(stack.base_url, workload, stack.model, agents=range(n))
+            run = run_agents(stack.base_url, workload, stack.model, agents=range(n),
+                             stagger=args.stagger)
         records = sorted(run.records, key=lambda r: (r.agent, r.turn))
         samples = getattr(poller, "samples", [])
         out: dict[str, Any] = {
@@ -306,7 +301,7 @@ def run_server(name: str, n: int, workload, model_dir: Path, logs: Path,
             "completion_tokens": sum(r.completion_tokens for r in records),
             "throughput_tokens_per_s": sum(r.completion_tokens for r in records) / run.wall_s,
             "memory": stack.memory(),
-            "kv": _kv(stack, records, samples, run.origin, shape),
+            "kv": _kv(stack, records, samples, shape),
             "stats_final": samples[-1][1] if samples else None,
             "records": [r.as_dict() for r in records]}
         say(f"  {name}: {run.wall_s:.1f} s, TTFT turns>=2 p50 "
@@ -315,7 +310,8 @@ def run_server(name: str, n: int, workload, model_dir: Path, logs: Path,
             stack.stop()
             stack.start()
             warm_up(stack.base_url, stack.model)
-            replay = run_agents(stack.base_url, workload, stack.model, turns=1, agents=range(n))
+            replay = run_agents(stack.base_url, workload, stack.model, turns=1, agents=range(n),
+                                stagger=args.stagger)
             rec = sorted(replay.records, key=lambda r: r.agent)
             ttfts = [r.ttft_s for r in rec]
             out["restart"] = {"ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
@@ -368,24 +364,24 @@ def _rss(result: dict) -> int:
 
 
 def _print_table(n: int, results: dict[str, dict], rat: dict) -> None:
-    print(f"\nN={n} agents")
+    print(f"\nN={n} agents (TTFT in s; RSS: peak MiB per process, ours endpoint+daemon)")
     print(f"{'server':<9} {'TTFT t1':>8} {'t>=2 p50':>9} {'t>=2 p95':>9} {'restart':>8} "
-          f"{'decode/s':>9} {'tok/s':>6} {'peak RSS':>9} {'KV MiB':>7} {'KV/fp16':>7}")
+          f"{'decode/s':>9} {'tok/s':>6} {'peak RSS':>10} {'KV MiB':>7} {'KV/fp16':>7}")
     for name, r in results.items():
         kv = r["kv"]
         vs = kv.get("vs_fp16", _ratio(kv["bytes"], kv.get("fp16_bytes")))
+        rss = "+".join(f"{m.get('VmHWM', 0) / 2**20:.0f}" for m in r["memory"].values())
         print(f"{name:<9} {_fmt(r['ttft']['turn1_p50']):>8} {_fmt(r['ttft']['later_p50']):>9} "
               f"{_fmt(r['ttft']['later_p95']):>9} {_fmt(r.get('restart', {}).get('ttft_p50')):>8} "
               f"{_fmt(r['decode_tokens_per_s'], 1):>9} {_fmt(r['throughput_tokens_per_s'], 1):>6} "
-              f"{_rss(r) / 2**20:>8.0f}M {kv['bytes'] / 2**20:>7.1f} {_fmt(vs):>7}")
+              f"{rss:>10} {_fmt(_ratio(kv['bytes'], 2**20), 1):>7} {_fmt(vs):>7}")
     turns = sorted({t for r in results.values() for t in r["ttft"]["per_turn"]}, key=int)
-    print("TTFT p50/p95 per turn (s): " + "; ".join(
-        f"{name} " + " ".join(f"t{t} {_fmt(r['ttft']['per_turn'][t]['p50'])}/"
-                              f"{_fmt(r['ttft']['per_turn'][t]['p95'])}"
-                              for t in turns if t in r["ttft"]["per_turn"])
-        for name, r in results.items()))
+    for name, r in results.items():
+        print(f"  {name} TTFT p50/p95 per turn: " + "  ".join(
+            f"t{t} {_fmt(r['ttft']['per_turn'][t]['p50'])}/{_fmt(r['ttft']['per_turn'][t]['p95'])}"
+            for t in turns if t in r["ttft"]["per_turn"]))
     for name, q in rat.items():
-        print(f"{name} / {BASELINE}: " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in q.items()))
+        print(f"  {name} / {BASELINE}: " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in q.items()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -416,20 +412,47 @@ def run(args: argparse.Namespace) -> int:
         "machine": f"{platform.machine()}, {platform.node()}", "model_dir": str(model_dir),
         "command": "tqstore bench serve " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else
         "tqstore bench serve", "config": config.__dict__, "kv_shape": shape,
-        "token_counts": workload.token_counts, "runs": []}
+        "token_counts": workload.token_counts, "load_average_start": list(os.getloadavg()),
+        "runs": []}
     try:
         for n in counts:
             results = {}
             say(f"N={n}")
+            failed = {}
             for name in servers:
-                results[name] = run_server(name, n, workload, model_dir, logs, args, shape, say)
+                try:
+                    results[name] = run_server(name, n, workload, model_dir, logs, args, shape,
+                                               say)
+                except (RuntimeError, OSError) as exc:
+                    # One server failing (a crash, a broken stream) must not lose the others'
+                    # figures: recorded with its log's tail, and the run goes on.
+                    failed[name] = {"error": f"{type(exc).__name__}: {exc}",
+                                    "log_tail": _log_tail(logs, name)}
+                    say(f"  {name}: FAILED: {exc}")
             rat = ratios(results)
-            report["runs"].append({"agents": n, "servers": results, "ratios": rat})
+            report["runs"].append({"agents": n, "servers": results, "failed": failed,
+                                   "ratios": rat})
             if not args.json:
                 _print_table(n, results, rat)
+                for name, f in failed.items():
+                    print(f"{name}: FAILED: {f['error']}")
     finally:
+        report["load_average_end"] = list(os.getloadavg())
         if not args.logs:
             shutil.rmtree(logs, ignore_errors=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
         print(json.dumps(report, indent=1))
-    return 0
+    else:
+        start, end = report["load_average_start"], report["load_average_end"]
+        print(f"\nload average (1/5/15 min) at start {start[0]:.1f}/{start[1]:.1f}/{start[2]:.1f}, "
+              f"at end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}")
+    return 1 if any(r["failed"] for r in report["runs"]) else 0
+
+
+def _log_tail(logs: Path, name: str, lines: int = 30) -> str:
+    newest = sorted(logs.glob(f"{name}-server-*.log"), key=lambda p: p.stat().st_mtime)
+    if not newest:
+        return ""
+    return "\n".join(newest[-1].read_text(errors="replace").splitlines()[-lines:])
