@@ -82,6 +82,7 @@ class Request:
     finished_at: float | None = None
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
+    stop_requested: bool = False
     # engine-thread only
     caches: list | None = None
     fetch: Future | None = None
@@ -94,7 +95,12 @@ class Request:
     context: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
+        """The client went away: free everything, count it cancelled."""
         self.cancelled = True
+
+    def stop(self) -> None:
+        """The answer is complete (a stop word found in its text): finish it as stopped."""
+        self.stop_requested = True
 
     @property
     def computed_tokens(self) -> int:
@@ -260,6 +266,8 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for r in [r for r in self._active + list(self._waiting) if r.cancelled]:
             self._finish(r, None, cancelled=True)
+        for r in [r for r in self._active + list(self._waiting) if r.stop_requested]:
+            self._finish(r, "stop")
 
     def _memory_hit_tokens(self, prompt: list[int]) -> int:
         if self.config.exact_hits:

@@ -123,12 +123,24 @@ class EngineResponses:
             initial_state=initial_state, prompt=prompt, prompt_cache_count=0)
         ctx.request = req
         _local.ctx = ctx
-        return ctx, self._responses(req, ctx, tokenizer, progress_callback)
+        return ctx, self._responses(req, ctx, tokenizer, progress_callback, args.stop_words)
 
     def _responses(self, req: Request, ctx: _Context, tokenizer,
-                   progress: Callable[[int, int], None] | None) -> Iterator[Any]:
+                   progress: Callable[[int, int], None] | None,
+                   stop_words: list[str]) -> Iterator[Any]:
+        """mlx_lm.server Responses from the engine's token events.
+
+        Stop words: mlx-lm matches them as the token ids of the bare word, so a model that
+        writes " Paris" never matches stop=["Paris"] (mlx-lm's text filter then cuts the word
+        out of the text while generation runs on to the end). Here they are also matched in
+        the decoded text: the token that completes a stop word ends the answer with
+        finish_reason "stop", the request is finished at once, and (as for any stop token)
+        that token's own text is not emitted."""
         detok = tokenizer.detokenizer
         detok.reset()
+        stops = [w for w in stop_words or [] if w]
+        keep = max((len(w) for w in stops), default=1) - 1
+        recent = ""  # the last `keep` characters emitted: a stop word may span segments
         conn = getattr(_local, "connection", None)
         while True:
             if conn is not None and _peer_closed(conn):
@@ -153,8 +165,15 @@ class EngineResponses:
                     names = tokenizer.convert_ids_to_tokens([i for i, _ in event.top])
                     top = tuple({"id": i, "token": s, "logprob": g}
                                 for (i, g), s in zip(event.top, names))
-                yield mlx_server.Response(detok.last_segment, event.token, event.logprob,
-                                          event.finish_reason, top)
+                segment, reason = detok.last_segment, event.finish_reason
+                if stops and reason is None:
+                    window = recent + segment
+                    if any(w in window for w in stops):
+                        req.stop()
+                        yield mlx_server.Response("", event.token, event.logprob, "stop", top)
+                        return
+                    recent = window[len(window) - keep:] if keep else ""
+                yield mlx_server.Response(segment, event.token, event.logprob, reason, top)
             elif event[0] == "progress":
                 if progress is not None:
                     progress(event[1], event[2])
