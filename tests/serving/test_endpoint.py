@@ -517,3 +517,19 @@ def test_a_full_queue_answers_503_with_retry_after(small):
 def test_queue_of_one_lets_one_request_wait(small):
     [(status, _, body)] = _send_while_one_runs(small, 1)
     assert status == 200, body
+
+
+def test_inspect_shows_an_endpoints_live_figures(small, capsys):
+    from tqstore.cli import main
+
+    small.chat(FRANCE, max_tokens=2)
+    url = f"http://127.0.0.1:{small.port}"
+    assert main(["inspect", "--endpoint", url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"tqstore endpoint ({url})")
+    assert "prompt tokens by tier" in out and "computed" in out and "0 waiting" in out
+    assert main(["inspect", "--endpoint", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["completed"] >= 1
+    # Nothing listening: one line naming the address, exit 2.
+    assert main(["inspect", "--endpoint", "http://127.0.0.1:9"]) == 2
+    assert "no tqstore endpoint answers at http://127.0.0.1:9" in capsys.readouterr().err

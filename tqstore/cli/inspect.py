@@ -1,7 +1,9 @@
-"""`tqstore inspect --path P | --addr A [--json]`: what a store holds and how well it hits.
+"""`tqstore inspect --path P | --addr A | --endpoint URL [--json]`: what a store holds and how
+well it hits, or what a serving endpoint is doing.
 
 --path opens the store read-only (works while the daemon writes: LMDB readers never block the
-writer); --addr asks a running daemon, which adds per-request hit rates and the attention path.
+writer); --addr asks a running daemon, which adds per-request hit rates and the attention path;
+--endpoint reads a `tqstore openai` endpoint's live figures (its GET /v1/stats).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--path", help="store directory (opened read-only)")
     where.add_argument("--addr", help="daemon address (unix:/path or host:port)")
+    where.add_argument("--endpoint", help="a `tqstore openai` endpoint, e.g. "
+                                          "http://127.0.0.1:8080 (its live figures)")
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output (full model fingerprints, raw strings)")
 
@@ -148,7 +152,46 @@ def render(view: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def endpoint_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    import urllib.request
+
+    from tqstore.errors import Unavailable
+
+    target = url.rstrip("/")
+    target = target if target.endswith("/v1") else target + "/v1"
+    try:
+        with urllib.request.urlopen(target + "/stats", timeout=timeout) as reply:
+            return json.load(reply)
+    except (OSError, ValueError) as exc:
+        raise Unavailable(f"no tqstore endpoint answers at {url}: {exc}") from exc
+
+
+def render_endpoint(url: str, s: dict[str, Any]) -> str:
+    tiers = s["cached_tokens"]
+    prompt = max(1, sum(tiers.values()))
+    fp16 = s["kv_fp16_bytes_per_token"]
+    rows = [
+        ("sequences", f"{s['active_sequences']} active ({s['decoding']} decoding, "
+                      f"{s['prefilling']} prefilling), {s['queue_depth']} waiting"),
+        ("pool", f"{human_bytes(s['pool_bytes_used'])} used of {human_bytes(s['pool_bytes_budget'])}"
+                 f" ({s['pool_blocks_free']} pages free or cached)"),
+        ("live KV", f"{s['kv_tokens_live']} tokens; {s['kv_bytes_per_token']:.0f} B/token "
+                    f"({s['kv_bytes_per_token'] / fp16:.2f}x of fp16's {fp16} B)"),
+        ("prompt tokens by tier", "  ".join(f"{k} {v} ({v / prompt:.0%})" for k, v in tiers.items())),
+        ("decode", f"{s['decode_tokens_per_s']:.1f} tokens/s (last 10 s)"),
+        ("requests", ", ".join(f"{k} {s['totals'][k]}" for k in
+                               ("requests", "completed", "cancelled", "rejected"))),
+        ("daemon", str(s["daemon"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"tqstore endpoint ({url})"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        stats = endpoint_stats(args.endpoint)
+        print(json.dumps(stats, indent=1) if args.json else render_endpoint(args.endpoint, stats))
+        return 0
     view = summarize(_from_store(args.path) if args.path else _from_daemon(args.addr))
     print(json.dumps(view, indent=1) if args.json else render(view))
     return 0
