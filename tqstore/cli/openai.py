@@ -39,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"Retry-After (default {ServingConfig.queue_size})")
     parser.add_argument("--prefill-chunk", type=int, default=ServingConfig.prefill_chunk,
                         help="prompt tokens per prefill step between decode steps; divides "
-                             f"the store block (default {ServingConfig.prefill_chunk})")
+                             "the store block, at most one block (default "
+                             f"{ServingConfig.prefill_chunk})")
+    parser.add_argument("--store-block", type=int, default=ServingConfig.store_block,
+                        help="tokens per daemon block: smaller blocks leave fewer tokens to "
+                             "recompute after a daemon hit (at most one block's worth), at more "
+                             f"records per token (default {ServingConfig.store_block})")
     parser.add_argument("--exact-hits", action="store_true",
                         help="take prefixes only from the daemon's fp16 blocks (a hit then "
                              "equals a cold run bit for bit), never from pages shared in memory")
@@ -63,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("tqstore.serving")
     config = ServingConfig(pool_bytes=args.pool_mib * MiB, max_batch=args.max_batch,
-                           queue_size=args.queue, prefill_chunk=args.prefill_chunk,
+                           queue_size=args.queue,
+                           prefill_chunk=min(args.prefill_chunk, args.store_block),
+                           store_block=args.store_block,
                            exact_hits=args.exact_hits)
     if args.model:
         model_dir = args.model
