@@ -276,6 +276,7 @@ class Rec:
     last: float
     end: float
     server_ttft_s: float | None = None
+    times: tuple = ()  # arrival of every content chunk (about one per token)
 
     @property
     def ttft(self) -> float:
@@ -295,11 +296,13 @@ def one_request(base_url: str, model: str, text: str, max_tokens: int, bias: dic
             logit_bias=bias)
         first = last = None
         usage = None
+        times = []
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                 now = time.perf_counter()
                 first = now if first is None else first
                 last = now
+                times.append(now)
             if getattr(chunk, "usage", None) is not None:
                 usage = chunk.usage.model_dump()
         end = time.perf_counter()
@@ -311,7 +314,7 @@ def one_request(base_url: str, model: str, text: str, max_tokens: int, bias: dic
     last = end if last is None else last
     tq = usage.get("tqstore") or {}
     return Rec(idx, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-               start, first, last, end, tq.get("ttft_s"))
+               start, first, last, end, tq.get("ttft_s"), tuple(times))
 
 
 def fire(base_url: str, model: str, texts: list[str], max_tokens: int, bias: dict,
@@ -365,6 +368,11 @@ def summarize(recs: list[Rec]) -> dict:
         busy += hi - lo
     after_first = sum(r.completion_tokens - 1 for r in recs if r.completion_tokens > 1)
     ttfts = [r.ttft for r in recs]
+    # Pure decode: content chunks that arrived after the last request's first token (no prefill
+    # left anywhere), over that window: all unfinished sequences decode together.
+    all_first = max(r.first for r in recs)
+    tail_end = max(r.end for r in recs)
+    tail = sum(1 for r in recs for t in r.times if t > all_first)
     return {
         "requests": len(recs), "wall_s": round(wall, 3),
         "prompt_tokens_mean": round(statistics.mean(r.prompt_tokens for r in recs), 1),
@@ -375,6 +383,9 @@ def summarize(recs: list[Rec]) -> dict:
         "decode_union_tok_s": round(after_first / busy, 2) if busy > 0 else None,
         "ttft_p50_s": round(pct(ttfts, 50), 3), "ttft_p95_s": round(pct(ttfts, 95), 3),
         "ttft_max_s": round(max(ttfts), 3),
+        "steady_decode_tok_s": round(tail / (tail_end - all_first), 2)
+        if tail_end > all_first else None,
+        "steady_decode_chunks": tail, "steady_window_s": round(tail_end - all_first, 3),
         "first_token_spread_s": round(max(r.first for r in recs) - min(r.first for r in recs), 3),
         "prefill_tok_s": round(sum(r.prompt_tokens for r in recs)
                                / (max(r.first for r in recs) - t0), 1),
@@ -391,7 +402,7 @@ def server_argv(kind: str, model_dir: str, port: int, args) -> list[str]:
     return [sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--host", "127.0.0.1",
             "--port", str(port), "--decode-concurrency", str(args.max_batch),
             "--prompt-concurrency", str(args.prompt_concurrency), "--max-tokens",
-            str(args.new_tokens)]
+            str(args.new_tokens), *args.mlx_extra.split()]
 
 
 def run_config(kind: str, n: int, model_dir: str, texts: list[str], warm_texts: list[str],
@@ -460,7 +471,7 @@ def run_config(kind: str, n: int, model_dir: str, texts: list[str], warm_texts: 
 
 def table(results: list[dict]) -> str:
     head = (f"{'server':<9} {'N':>3} {'wall s':>8} {'agg tok/s':>10} {'dec sum':>9} "
-            f"{'dec union':>10} {'TTFT p50':>9} {'TTFT p95':>9} {'GPU MiB':>8} {'tok':>5}")
+            f"{'dec union':>10} {'steady':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'GPU MiB':>8} {'tok':>5}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "wall_s" not in r:
@@ -473,6 +484,7 @@ def table(results: list[dict]) -> str:
 
         lines.append(f"{r['server']:<9} {r['n']:>3} {f('wall_s', 8)} {f('agg_tok_s', 10, 1)} "
                      f"{f('decode_sum_tok_s', 9, 1)} {f('decode_union_tok_s', 10, 1)} "
+                     f"{f('steady_decode_tok_s', 8, 1)} "
                      f"{f('ttft_p50_s', 9)} {f('ttft_p95_s', 9)} "
                      f"{f('gpu_peak_server_mib', 8, 0)} {r['completion_tokens']:>5}")
     by = {(r["server"], r["n"]): r for r in results if "agg_tok_s" in r}
@@ -480,7 +492,8 @@ def table(results: list[dict]) -> str:
         a, b = by.get(("tqstore", n)), by.get(("mlx_lm", n))
         if a and b:
             ratios = {k: round(a[k] / b[k], 3) for k in ("agg_tok_s", "decode_sum_tok_s",
-                                                         "decode_union_tok_s", "ttft_p50_s")
+                                                         "decode_union_tok_s", "ttft_p50_s",
+                                                         "steady_decode_tok_s")
                       if a.get(k) and b.get(k)}
             lines.append(f"N={n} ours/mlx_lm: {ratios}")
     return "\n".join(lines)
@@ -500,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--prompt-concurrency", type=int, default=8,
                    help="mlx_lm.server --prompt-concurrency (its default is 8)")
+    p.add_argument("--mlx-extra", default="",
+                   help="more mlx_lm.server options, one string (e.g. '--prefill-step-size 512')")
     p.add_argument("--warm-n", type=int, default=2)
     p.add_argument("--warm-tokens", type=int, default=1024)
     p.add_argument("--ready-timeout", type=float, default=240.0)
