@@ -228,12 +228,14 @@ class Poller:
         self.stats_peak: dict = {}
         self.last_stats = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.stats_samples = 0
+        self._threads = [threading.Thread(target=self._gpu, daemon=True)]
+        if stats_url:  # its own thread: nvidia-smi calls must not thin out the samples
+            self._threads.append(threading.Thread(target=self._stats, daemon=True))
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
-        from tqstore.agents import http_json
-
+    def _gpu(self) -> None:
         while not self._stop.is_set():
             used = gpu_used_mib()
             if used is not None:
@@ -247,21 +249,28 @@ class Poller:
                         except ValueError:
                             continue
                         self.app_peak = v if self.app_peak is None else max(self.app_peak, v)
-            if self.stats_url:
-                try:
-                    s = http_json(self.stats_url, timeout=2.0)
-                    self.last_stats = s
-                    for k in ("kv_tokens_live", "pool_bytes_used", "active_sequences",
-                              "decoding", "decode_tokens_per_s"):
-                        if isinstance(s.get(k), (int, float)):
-                            self.stats_peak[k] = max(self.stats_peak.get(k, 0), s[k])
-                except Exception:  # noqa: BLE001 - a busy server may answer late
-                    pass
             self._stop.wait(self.period)
+
+    def _stats(self) -> None:
+        from tqstore.agents import http_json
+
+        while not self._stop.is_set():
+            try:
+                s = http_json(self.stats_url, timeout=5.0)
+                self.last_stats = s
+                self.stats_samples += 1
+                for k in ("kv_tokens_live", "pool_bytes_used", "active_sequences",
+                          "decoding", "decode_tokens_per_s"):
+                    if isinstance(s.get(k), (int, float)):
+                        self.stats_peak[k] = max(self.stats_peak.get(k, 0), s[k])
+            except Exception:  # noqa: BLE001 - a busy server may answer late
+                pass
+            self._stop.wait(0.25)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=15)
+        for t in self._threads:
+            t.join(timeout=15)
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -462,6 +471,7 @@ def run_config(kind: str, n: int, model_dir: str, texts: list[str], warm_texts: 
             result["gpu_apps_seen"] = sorted(poller.apps_seen)
             if poller.stats_peak:
                 result["stats_peak"] = poller.stats_peak
+                result["stats_samples"] = poller.stats_samples
         mem = srv.memory()
         if mem:
             result["rss_peak_bytes"] = mem.get("VmHWM")
@@ -528,13 +538,20 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.deadline_s
     model_dir = Path(args.model_dir or f"/tmp/tqstore-bench-{args.shape}")
 
-    import mlx.core as mx
-
-    log(f"mlx {mx.__version__} on {mx.default_device()}; GPU: "
-        f"{smi('name,memory.total') or 'none (no nvidia-smi)'}")
-    write_model(model_dir, args.shape, args.seed)
     if args.write_only:
+        import mlx.core as mx
+
+        log(f"mlx {mx.__version__} on {mx.default_device()}")
+        write_model(model_dir, args.shape, args.seed)
         return 0
+    # The model is written by a child process: this process never touches the GPU, so the
+    # servers get all of its memory (MLX's buffer cache would keep the weights' ~14 GB).
+    from importlib.metadata import version
+
+    mlx_version = version("mlx")
+    log(f"mlx {mlx_version}; GPU: {smi('name,memory.total') or 'none (no nvidia-smi)'}")
+    subprocess.run([sys.executable, __file__, "--write-only", "--shape", args.shape,
+                    "--model-dir", str(model_dir), "--seed", str(args.seed)], check=True)
 
     from transformers import AutoTokenizer
 
@@ -568,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"shape": args.shape, "config": json.loads((model_dir / "config.json").read_text()),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "pool_mib": args.pool_mib, "max_batch": args.max_batch, "logit_bias": bias,
-            "mlx": mx.__version__, "gpu": smi("name,memory.total,driver_version")}
+            "mlx": mlx_version, "gpu": smi("name,memory.total,driver_version")}
     results: list[dict] = []
     for n in args.n:
         for kind in args.servers:
