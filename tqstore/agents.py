@@ -204,21 +204,22 @@ def stream_turn(client: Any, model: str, messages: list[dict[str, str]], max_tok
         stream_options={"include_usage": True})
     first = last = None
     pieces: list[str] = []
-    chunks = 0
     usage = None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
-            now = clock()
-            first = now if first is None else first
-            last = now
-            chunks += 1
-            pieces.append(chunk.choices[0].delta.content)
-        if getattr(chunk, "usage", None) is not None:
-            usage = chunk.usage
+    with stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                now = clock()
+                first = now if first is None else first
+                last = now
+                pieces.append(chunk.choices[0].delta.content)
+            if getattr(chunk, "usage", None) is not None:
+                usage = chunk.usage
     end = clock()
     if usage is None:
-        raise RuntimeError(f"agent {agent + 1} turn {turn}: the server sent no usage chunk "
-                           "(stream_options include_usage)")
+        # Asked for with include_usage; a stream that ends without it was cut short (a server
+        # that failed mid-answer closes the stream without an error event).
+        raise RuntimeError(f"agent {agent + 1} turn {turn}: the stream ended without its usage "
+                           "chunk (the server failed mid-answer? see its log)")
     if first is None:  # no content at all (an immediate end of sequence)
         first = last = end
     dump = usage.model_dump()
