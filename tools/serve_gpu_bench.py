@@ -17,9 +17,10 @@ The model directory (written once, reused while its marker matches):
                model.safetensors.index.json, written with mx.save_safetensors.
   tokenizer    SmolLM2's tokenizer and chat template (tqstore.models.export's bundled export).
 
-Per configuration and server: start the server, wait for /v1/models, warm it up (W concurrent
-requests of ~1k tokens, 8 new tokens: the model loads and MLX compiles the prefill and batched
-decode kernels before anything is timed), release N threads at once (the official openai
+Per configuration and server: start the server, wait for /v1/models, warm it up (N concurrent
+requests of ~2.3k tokens, 8 new tokens: the model loads and MLX compiles the batched prefill
+and decode kernels of this N before anything is timed; a warm-up of 2 requests left ~3-6 s of
+first-use cost inside mlx_lm.server's timed batch of 8), release N threads at once (the official openai
 client, streamed with include_usage), poll GPU memory (nvidia-smi) and our /v1/stats meanwhile,
 stop the server, next. Figures per configuration:
   wall_s             first request sent -> last response ended
@@ -525,8 +526,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="mlx_lm.server --prompt-concurrency (its default is 8)")
     p.add_argument("--mlx-extra", default="",
                    help="more mlx_lm.server options, one string (e.g. '--prefill-step-size 512')")
-    p.add_argument("--warm-n", type=int, default=2)
-    p.add_argument("--warm-tokens", type=int, default=1024)
+    p.add_argument("--warm-n", type=int, default=0,
+                   help="concurrent warm-up requests (default 0: as many as the measured "
+                        "configuration's N, so the batched kernels of its sizes compile before "
+                        "the timing: MLX's CUDA backend compiles per shape)")
+    p.add_argument("--warm-tokens", type=int, default=2304,
+                   help="warm-up prompt tokens (default 2304: over mlx_lm.server's 2048-token "
+                        "prefill step, so a full step and a remainder are seen)")
     p.add_argument("--ready-timeout", type=float, default=240.0)
     p.add_argument("--deadline-s", type=float, default=540.0,
                    help="whole run, model writing included; configurations not reached by "
@@ -573,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts[(kind, n)] = [make_prompt(tok, pool, f"{kind}-{n}-{i}-{rng.randrange(10**9)}",
                                               args.prompt_tokens, rng) for i in range(n)]
     warm = {key: [make_prompt(tok, pool, f"warm-{key[0]}-{key[1]}-{i}", args.warm_tokens, rng)
-                  for i in range(args.warm_n)] for key in prompts}
+                  for i in range(args.warm_n or key[1])] for key in prompts}
     lens = [chat_len(tok, t) for v in prompts.values() for t in v]
     log(f"{len(lens)} prompts of {min(lens)}..{max(lens)} tokens (mean "
         f"{statistics.mean(lens):.0f}) from {len(pool)} ASCII token ids in "
