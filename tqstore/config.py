@@ -92,6 +92,9 @@ class ClientConfig:
 
 
 
+WIDE_PREFILL_CHUNK = 2048  # mlx-lm's prefill step
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """`tqstore openai`: the serving engine behind the OpenAI-compatible endpoint.
@@ -102,9 +105,13 @@ class ServingConfig:
         never runs out of pages.
     max_batch: sequences decoded together in one step (prefill included).
     queue_size: requests waiting for admission; past it a request gets HTTP 503 + Retry-After.
-    prefill_chunk: tokens per prefill step, aligned at absolute multiples of itself, so that a
-        daemon hit (a multiple of store_block) and a cold run see the same chunks; decode steps
-        of the other sequences run between chunks. Must divide store_block.
+    prefill_chunk: tokens per prefill step, aligned at absolute multiples of itself. With a
+        daemon it must divide store_block, so that a daemon hit (a multiple of store_block) and
+        a cold run see the same chunks (identical floats); None: the store block with a daemon,
+        WIDE_PREFILL_CHUNK without one (larger steps prefill faster on a GPU).
+    prefill_slice_s: prefill chunks run back to back for up to this long before the next
+        decode step of the running sequences (at least one chunk): more time prefilling
+        shortens the queue, less keeps the running sequences' token rate.
     store_block: tokens per daemon (SSD) block.
     exact_hits: serve prefixes only from the daemon's fp16 blocks (a hit then reproduces a cold
         run bit for bit) and never from pages shared in memory (TurboQuant codes: close to a
@@ -115,16 +122,28 @@ class ServingConfig:
     pool_bytes: int = 1024 * MiB
     max_batch: int = 16
     queue_size: int = 64
-    prefill_chunk: int = 256
+    prefill_chunk: int | None = None
+    prefill_slice_s: float = 0.25
     store_block: int = 256
     exact_hits: bool = False
     context_tokens: int | None = None
     retry_after_s: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("pool_bytes", "max_batch", "queue_size", "prefill_chunk", "store_block"):
+        for name in ("pool_bytes", "max_batch", "queue_size", "store_block"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidArgument(f"{name} must be positive")
-        if self.store_block % self.prefill_chunk:
-            raise InvalidArgument(f"prefill_chunk {self.prefill_chunk} must divide the store "
-                                  f"block {self.store_block}")
+        if self.prefill_chunk is not None and self.prefill_chunk <= 0:
+            raise InvalidArgument("prefill_chunk must be positive")
+        if self.prefill_slice_s < 0:
+            raise InvalidArgument("prefill_slice_s must be >= 0")
+
+    def chunk_for(self, with_daemon: bool) -> int:
+        """The prefill chunk in force (see prefill_chunk)."""
+        if self.prefill_chunk is None:
+            return self.store_block if with_daemon else WIDE_PREFILL_CHUNK
+        if with_daemon and self.store_block % self.prefill_chunk:
+            raise InvalidArgument(f"prefill chunk {self.prefill_chunk} must divide the store "
+                                  f"block {self.store_block}: a daemon hit must see the chunks "
+                                  "a cold run sees")
+        return self.prefill_chunk

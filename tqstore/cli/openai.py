@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 
-from tqstore.config import DEFAULT_LISTEN, MiB, ServingConfig
+from tqstore.config import DEFAULT_LISTEN, WIDE_PREFILL_CHUNK, MiB, ServingConfig
 from tqstore.errors import InvalidArgument
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -37,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=int, default=ServingConfig.queue_size,
                         help="requests that may wait for a slot; beyond it HTTP 503 with "
                              f"Retry-After (default {ServingConfig.queue_size})")
-    parser.add_argument("--prefill-chunk", type=int, default=ServingConfig.prefill_chunk,
-                        help="prompt tokens per prefill step between decode steps; divides "
-                             "the store block, at most one block (default "
-                             f"{ServingConfig.prefill_chunk})")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens per prefill step; with a daemon it divides the "
+                             "store block (default: the store block with a daemon, "
+                             f"{WIDE_PREFILL_CHUNK} without)")
+    parser.add_argument("--prefill-slice", type=float, default=ServingConfig.prefill_slice_s,
+                        help="seconds of prefill chunks between two decode steps of the "
+                             f"running sequences (default {ServingConfig.prefill_slice_s:g})")
     parser.add_argument("--store-block", type=int, default=ServingConfig.store_block,
                         help="tokens per daemon block: smaller blocks leave fewer tokens to "
                              "recompute after a daemon hit (at most one block's worth), at more "
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("tqstore.serving")
     config = ServingConfig(pool_bytes=args.pool_mib * MiB, max_batch=args.max_batch,
                            queue_size=args.queue,
-                           prefill_chunk=min(args.prefill_chunk, args.store_block),
+                           prefill_chunk=args.prefill_chunk,
+                           prefill_slice_s=args.prefill_slice,
                            store_block=args.store_block,
                            exact_hits=args.exact_hits)
     if args.model:
@@ -102,4 +107,10 @@ def run(args: argparse.Namespace) -> int:
         if client is not None:
             client.wait_uploads(timeout=30)
             client.close()
-    return 0
+    # Everything is done: requests ended, uploads acknowledged. Skip interpreter teardown: on
+    # MLX's CUDA backend, destroying the engine thread's stream at exit aborted the process
+    # (SIGABRT, "terminate called without an active exception", seen on the H200).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -12,8 +12,8 @@ A request's life, each state moved only by the engine thread:
               in the pool next to every admitted request's worst case: decode never runs out of
               pages, and nothing is ever killed for memory. FIFO: the head waits, later requests
               wait behind it (no starvation).
-  prefill  -> one chunk per engine iteration (tqstore.generator.prefill_bounds), so decode
-              steps of the others interleave with a long prompt.
+  prefill  -> chunks (tqstore.generator.prefill_bounds) for up to prefill_slice_s per engine
+              iteration, so decode steps of the others interleave with a long prompt.
   decode   -> every decoding sequence advances in ONE batched model step
               (tqstore.paged.batch); a request alone decodes through its own caches exactly as
               `tqstore generate` does.
@@ -223,6 +223,7 @@ class Engine:
                                    pool_budget_bytes=self.config.pool_bytes)
         self.gen.fetch_form = "fp16"  # a daemon hit must reproduce a cold prefill
         self.pool = self.gen.pool
+        self.chunk = self.config.chunk_for(self.client is not None)
 
     def _run(self, policy) -> None:
         try:
@@ -237,9 +238,7 @@ class Engine:
                 self._intake(block=not (self._active or self._waiting))
                 self._drop_cancelled()
                 self._plan_and_admit()
-                prefilling = [r for r in self._active if r.state == "prefill"]
-                if prefilling:
-                    self._prefill_chunk(prefilling[0])
+                prefilling = self._prefill_slice()
                 if any(r.state == "decode" for r in self._active):
                     self._decode_step()
                 elif not prefilling and self._waiting:
@@ -333,7 +332,7 @@ class Engine:
                 caches, r.prompt, r.daemon_tokens // self.config.store_block, []))
         r.blocks = []  # restored: drop the host copy
         r.caches, r.state = caches, "prefill"
-        r.bounds, r.chunk = prefill_bounds(start, len(r.prompt), self.config.prefill_chunk), 0
+        r.bounds, r.chunk = prefill_bounds(start, len(r.prompt), self.chunk), 0
         r.key = mx.random.key(r.params.seed if r.params.seed is not None
                               else random.getrandbits(63))
         r.matcher = r.params.stop_sequences.matcher()
@@ -343,6 +342,19 @@ class Engine:
                             ("computed_tokens", r.computed_tokens)):
             self.totals[name] += value
         return True
+
+    def _prefill_slice(self) -> bool:
+        """Prefill chunks (oldest request first) for up to prefill_slice_s; False if none."""
+        start = time.perf_counter()
+        ran = False
+        while True:
+            prefilling = [r for r in self._active if r.state == "prefill" and not r.cancelled]
+            if not prefilling:
+                return ran
+            self._prefill_chunk(prefilling[0])
+            ran = True
+            if time.perf_counter() - start >= self.config.prefill_slice_s:
+                return ran
 
     def _prefill_chunk(self, r: Request) -> None:
         begin, end = r.bounds[r.chunk], r.bounds[r.chunk + 1]
