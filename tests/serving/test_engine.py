@@ -193,3 +193,22 @@ def test_daemon_hit_reproduces_the_cold_run_after_a_restart(smollm2, daemon):
     assert hit.daemon_tokens == (len(prompt) // 128) * 128
     assert hit.memory_tokens == 0
     assert hit_tokens == cold_tokens
+
+
+def test_requests_sharing_a_prefix_in_flight_wait_for_its_pages(smollm2, engine):
+    """Agents with one system prompt arriving together: the first computes it, the others
+    wait for its pages and share them, while a request with another prompt goes ahead."""
+    from tqstore.demo import demo_document
+
+    system = " ".join(demo_document().split(" ")[2000:2300])
+    asks = [chat_prompt_ids(smollm2.tokenizer, q, system=system) for q in QUESTIONS]
+    other = chat_prompt_ids(smollm2.tokenizer, "Say hello.")
+    first, second, unrelated, third = (engine.submit(p, params(smollm2, max_tokens=4))
+                                       for p in (asks[0], asks[1], other, asks[2]))
+    for r in (first, second, unrelated, third):
+        collect(r)
+    assert first.computed_tokens >= 256
+    for r in (second, third):
+        assert r.memory_tokens >= first.computed_tokens - 64, (r.memory_tokens, first.computed_tokens)
+        assert r.first_token_at > first.first_token_at
+    assert unrelated.first_token_at < second.first_token_at  # it was not held behind them

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 
 from tqstore.client import KvStoreClient
 from tqstore.config import ServingConfig
@@ -54,6 +55,16 @@ from tqstore.prefix_hash import hash_prefix_blocks
 from tqstore.serving.sampling import SamplingParams, sample_rows
 
 log = logging.getLogger("tqstore.serving")
+
+# A waiting request is held back for a prefix being computed by another only if it would share
+# at least this many more tokens (one store block: a prefill chunk's worth of work saved).
+WORTH_WAITING = 256
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 @dataclass
@@ -84,6 +95,8 @@ class Request:
     cancelled: bool = False
     stop_requested: bool = False
     # engine-thread only
+    pages_written: bool = False  # its prompt's pages are in the pool (after its first step)
+    _prompt_ids: np.ndarray | None = None
     caches: list | None = None
     fetch: Future | None = None
     blocks: list = field(default_factory=list)
@@ -93,6 +106,12 @@ class Request:
     key: Any = None
     matcher: Any = None
     context: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        if self._prompt_ids is None:
+            self._prompt_ids = np.asarray(self.prompt, dtype=np.int64)
+        return self._prompt_ids
 
     def cancel(self) -> None:
         """The client went away: free everything, count it cancelled."""
@@ -291,13 +310,37 @@ class Engine:
             if r.state == "fetching" and r.fetch.done():
                 r.blocks, r.daemon_status = r.fetch.result()
                 r.fetch, r.state = None, "ready"
-        while self._waiting and self._waiting[0].state == "ready" and \
-                len(self._active) < self.config.max_batch:
-            if not self._start(self._waiting[0]):
+        # FIFO, except that a request whose prefix another request is computing right now
+        # waits for those pages (they are shared once written) while later ones go ahead.
+        for r in list(self._waiting):
+            if len(self._active) >= self.config.max_batch or r.state != "ready":
                 break
-            self._active.append(self._waiting.popleft())
+            if self._prefix_in_flight(r):
+                continue
+            if not self._start(r):
+                break  # no pages for the oldest that could run: nobody overtakes it
+            self._waiting.remove(r)
+            self._active.append(r)
             with self._lock:
                 self._admitted += 1
+
+    def _prefix_in_flight(self, r: Request) -> bool:
+        """Whether an admitted request whose pages are not yet written shares at least
+        WORTH_WAITING more tokens of r's prompt than the pool holds now (eight agents with one
+        system prompt: the first computes it, the others then share its pages)."""
+        if self.config.exact_hits:
+            return False
+        held = None
+        for a in self._active:
+            if a.pages_written:
+                continue
+            shared = _common_prefix(a.prompt_ids, r.prompt_ids)
+            if shared >= WORTH_WAITING:
+                if held is None:
+                    held = self._memory_hit_tokens(r.prompt)
+                if shared - held >= WORTH_WAITING:
+                    return True
+        return False
 
     def _blocks_needed(self, tokens: int) -> int:
         return -(-tokens // self.pool.block_size)
@@ -371,12 +414,15 @@ class Engine:
 
     def _decode_step(self) -> None:
         rows = [r for r in self._active if r.state == "decode"]
+        published = [r for r in rows if not r.pages_written]
         for r in rows:
             r.caches[0].sequence.append_token_ids([r.next_token])
         inputs = mx.array([[r.next_token] for r in rows])
         caches = rows[0].caches if len(rows) == 1 else batch_caches([r.caches for r in rows])
         logits = self.loaded.model(inputs, cache=caches)
         self._emit(rows, logits[:, -1, :], caches)
+        for r in published:  # the first decode step wrote the prompt's pages (finish_prefill)
+            r.pages_written = True
         self._rate.append((time.perf_counter(), len(rows)))
         while len(self._rate) > 256:
             self._rate.popleft()
