@@ -366,16 +366,9 @@ def summarize(recs: list[Rec]) -> dict:
     comp = sum(r.completion_tokens for r in recs)
     per = [(r.completion_tokens - 1) / (r.last - r.first) for r in recs
            if r.completion_tokens > 1 and r.last > r.first]
-    spans = sorted((r.first, r.end) for r in recs if r.completion_tokens > 1)
-    busy, lo, hi = 0.0, None, None
-    for a, b in spans:
-        if hi is None or a > hi:
-            busy += 0.0 if hi is None else hi - lo
-            lo, hi = a, b
-        else:
-            hi = max(hi, b)
-    if hi is not None:
-        busy += hi - lo
+    from tqstore.agents import covered_seconds
+
+    busy = covered_seconds((r.first, r.end) for r in recs if r.completion_tokens > 1)
     after_first = sum(r.completion_tokens - 1 for r in recs if r.completion_tokens > 1)
     ttfts = [r.ttft for r in recs]
     # Pure decode: content chunks that arrived after the last request's first token (no prefill

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from tqstore.errors import InvalidArgument
 
@@ -321,13 +321,10 @@ def run_agents(base_url: str, workload: Workload, model: str = "default_model",
     return AgentRun(records, origin[0], wall)
 
 
-def aggregate_decode_tokens_per_s(records: Sequence[TurnRecord]) -> float | None:
-    """Tokens decoded after each request's first, over the time at least one request was
-    decoding (the union of the [first token, end] intervals): the rate the server sustains
-    while it has decode work, not diluted by stretches of pure prefill."""
-    spans = sorted((r.first_token_s, r.end_s) for r in records if r.completion_tokens > 1)
+def covered_seconds(spans: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals."""
     busy, cur_lo, cur_hi = 0.0, None, None
-    for lo, hi in spans:
+    for lo, hi in sorted(spans):
         if cur_hi is None or lo > cur_hi:
             busy += 0.0 if cur_hi is None else cur_hi - cur_lo
             cur_lo, cur_hi = lo, hi
@@ -335,6 +332,15 @@ def aggregate_decode_tokens_per_s(records: Sequence[TurnRecord]) -> float | None
             cur_hi = max(cur_hi, hi)
     if cur_hi is not None:
         busy += cur_hi - cur_lo
+    return busy
+
+
+def aggregate_decode_tokens_per_s(records: Sequence[TurnRecord]) -> float | None:
+    """Tokens decoded after each request's first, over the time at least one request was
+    decoding (the union of the [first token, end] intervals): the rate the server sustains
+    while it has decode work, not diluted by stretches of pure prefill."""
+    busy = covered_seconds((r.first_token_s, r.end_s) for r in records
+                           if r.completion_tokens > 1)
     tokens = sum(r.completion_tokens - 1 for r in records if r.completion_tokens > 1)
     return tokens / busy if busy > 0 else None
 
