@@ -212,3 +212,25 @@ def test_requests_sharing_a_prefix_in_flight_wait_for_its_pages(smollm2, engine)
         assert r.memory_tokens >= first.computed_tokens - 64, (r.memory_tokens, first.computed_tokens)
         assert r.first_token_at > first.first_token_at
     assert unrelated.first_token_at < second.first_token_at  # it was not held behind them
+
+
+def test_requests_with_the_prefix_on_the_daemon_do_not_wait_for_each_other(smollm2, daemon):
+    config = ServingConfig(pool_bytes=64 << 20, store_block=128)
+    first_ask = document_prompt(smollm2, 330, "Who wrote this license?")
+    with KvStoreClient(daemon.address) as client:
+        warm = Engine(smollm2, client, config)
+        collect(warm.submit(first_ask, params(smollm2, max_tokens=2)))
+        client.wait_uploads(timeout=60)
+        warm.close()
+        fresh = Engine(smollm2, client, config)  # empty pool, as after a restart
+        try:
+            asks = [document_prompt(smollm2, 330, q)
+                    for q in ("Can I sell copies?", "Is there a warranty?")]
+            requests = [fresh.submit(p, params(smollm2, max_tokens=2)) for p in asks]
+            for r in requests:
+                collect(r)
+        finally:
+            fresh.close()
+    # Both take the document from the daemon; neither is held for the other's pages.
+    assert all(r.daemon_tokens >= 256 and r.memory_tokens == 0 for r in requests), \
+        [(r.daemon_tokens, r.memory_tokens) for r in requests]

@@ -326,8 +326,9 @@ class Engine:
 
     def _prefix_in_flight(self, r: Request) -> bool:
         """Whether an admitted request whose pages are not yet written shares at least
-        WORTH_WAITING more tokens of r's prompt than the pool holds now (eight agents with one
-        system prompt: the first computes it, the others then share its pages)."""
+        WORTH_WAITING more tokens of r's prompt than r has already (from the pool or the
+        daemon): eight agents with one system prompt: the first computes it, the others then
+        share its pages."""
         if self.config.exact_hits:
             return False
         held = None
@@ -336,8 +337,9 @@ class Engine:
                 continue
             shared = _common_prefix(a.prompt_ids, r.prompt_ids)
             if shared >= WORTH_WAITING:
-                if held is None:
-                    held = self._memory_hit_tokens(r.prompt)
+                if held is None:  # what r has already: pages in the pool or daemon blocks
+                    held = max(self._memory_hit_tokens(r.prompt),
+                               min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1))
                 if shared - held >= WORTH_WAITING:
                     return True
         return False
