@@ -234,3 +234,36 @@ def test_requests_with_the_prefix_on_the_daemon_do_not_wait_for_each_other(smoll
     # Both take the document from the daemon; neither is held for the other's pages.
     assert all(r.daemon_tokens >= 256 and r.memory_tokens == 0 for r in requests), \
         [(r.daemon_tokens, r.memory_tokens) for r in requests]
+
+
+def test_agents_sharing_a_system_prompt_all_reach_the_daemon(smollm2, daemon):
+    """With a daemon, a request held for another's system prompt starts from the daemon's exact
+    blocks once they are uploaded, so its own task's blocks are uploaded too: after a restart
+    every agent's whole prompt (its full blocks) is a daemon hit."""
+    from tqstore.demo import demo_document
+
+    words = demo_document().split(" ")
+    system = " ".join(words[3000:3300])
+    tasks = [" ".join(words[a:a + 150]) for a in (4000, 4500, 5000)]
+    prompts = [chat_prompt_ids(smollm2.tokenizer, t, system=system) for t in tasks]
+    config = ServingConfig(pool_bytes=64 << 20, store_block=128)
+    with KvStoreClient(daemon.address) as client:
+        first = Engine(smollm2, client, config)
+        try:
+            turn1 = [first.submit(p, params(smollm2, max_tokens=2)) for p in prompts]
+            for r in turn1:
+                collect(r)
+            client.wait_uploads(timeout=60)
+        finally:
+            first.close()
+        assert turn1[0].computed_tokens == len(prompts[0])
+        assert all(r.daemon_tokens >= 256 for r in turn1[1:]), \
+            [(r.daemon_tokens, r.memory_tokens) for r in turn1]
+        replay = Engine(smollm2, client, config)
+        try:
+            again = [replay.submit(p, params(smollm2, max_tokens=2)) for p in prompts]
+            for r in again:
+                collect(r)
+        finally:
+            replay.close()
+    assert [r.daemon_tokens for r in again] == [len(p) // 128 * 128 for p in prompts]

@@ -96,6 +96,8 @@ class Request:
     stop_requested: bool = False
     # engine-thread only
     pages_written: bool = False  # its prompt's pages are in the pool (after its first step)
+    held: bool = False  # waited for another request's prefix
+    uploads: list = field(default_factory=list)  # its Put futures
     _prompt_ids: np.ndarray | None = None
     caches: list | None = None
     fetch: Future | None = None
@@ -303,7 +305,9 @@ class Engine:
                 memory = self._memory_hit_tokens(r.prompt)
                 gain = len(r.prompt) - 1 - memory >= self.config.store_block
                 if self.client is not None and gain:
-                    r.fetch = self._fetcher.submit(self.gen.fetch_prefix, r.prompt, memory)
+                    # Ask for anything within a block of the memory hit: see _prefer_daemon.
+                    r.fetch = self._fetcher.submit(self.gen.fetch_prefix, r.prompt,
+                                                   max(0, memory - self.config.store_block))
                     r.state = "fetching"
                 else:
                     r.state = "ready"
@@ -316,6 +320,12 @@ class Engine:
             if len(self._active) >= self.config.max_batch or r.state != "ready":
                 break
             if self._prefix_in_flight(r):
+                r.held = True
+                continue
+            if r.held and self.client is not None:
+                # The prefix it waited for is on the daemon now: plan again, so that it can
+                # start from those exact fp16 blocks (and upload its own) rather than from pages.
+                r.held, r.state, r.blocks = False, "waiting", []
                 continue
             if not self._start(r):
                 break  # no pages for the oldest that could run: nobody overtakes it
@@ -325,15 +335,16 @@ class Engine:
                 self._admitted += 1
 
     def _prefix_in_flight(self, r: Request) -> bool:
-        """Whether an admitted request whose pages are not yet written shares at least
-        WORTH_WAITING more tokens of r's prompt than r has already (from the pool or the
-        daemon): eight agents with one system prompt: the first computes it, the others then
-        share its pages."""
+        """Whether an admitted request whose pages are not yet written (or, with a daemon, whose
+        blocks are not yet uploaded) shares at least WORTH_WAITING more tokens of r's prompt
+        than r has already (from the pool or the daemon): eight agents with one system prompt:
+        the first computes it, the others then start from its blocks."""
         if self.config.exact_hits:
             return False
         held = None
         for a in self._active:
-            if a.pages_written:
+            uploading = self.client is not None and not all(f.done() for f in a.uploads)
+            if a.pages_written and not uploading:
                 continue
             shared = _common_prefix(a.prompt_ids, r.prompt_ids)
             if shared >= WORTH_WAITING:
@@ -343,6 +354,12 @@ class Engine:
                 if shared - held >= WORTH_WAITING:
                     return True
         return False
+
+    def _prefer_daemon(self, daemon: int, memory: int) -> bool:
+        """Daemon blocks over pool pages when they cover as much, give or take one store block:
+        the rest then prefills exactly (a cold run's floats) and its new blocks are uploaded;
+        a prefix from pages is close, not exact, and nothing computed over it is uploaded."""
+        return daemon > 0 and daemon >= memory - self.config.store_block
 
     def _blocks_needed(self, tokens: int) -> int:
         return -(-tokens // self.pool.block_size)
@@ -358,7 +375,7 @@ class Engine:
                 self.pool.block_pool.num_free_blocks - outstanding:
             return False
         hit = min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1)
-        if r.blocks and hit > self._memory_hit_tokens(r.prompt):
+        if r.blocks and self._prefer_daemon(hit, self._memory_hit_tokens(r.prompt)):
             caches = make_prompt_cache(self.pool)  # no memory sharing: the daemon's fp16 is exact
             caches[0].sequence.append_token_ids(r.prompt)
             self.gen.restore(caches, r.blocks, hit)
@@ -374,7 +391,7 @@ class Engine:
                       and not r.daemon_status.startswith("daemon unreachable"))
         if uploadable:
             caches[0].sequence.prefill_listeners.append(self.gen.upload_hook(
-                caches, r.prompt, r.daemon_tokens // self.config.store_block, []))
+                caches, r.prompt, r.daemon_tokens // self.config.store_block, r.uploads))
         r.blocks = []  # restored: drop the host copy
         r.caches, r.state = caches, "prefill"
         r.bounds, r.chunk = prefill_bounds(start, len(r.prompt), self.chunk), 0
