@@ -26,6 +26,10 @@ Prefix tiers, fastest first (the tiers a request used are reported in its usage)
   daemon:  fp16 blocks restored exactly (a hit reproduces a cold run bit for bit);
   computed: the rest. New full blocks of a prompt prefilled in fp16 go to the daemon in the
            background (tqstore.generator.CachedGenerator.upload_hook).
+The daemon wins when its blocks cover as much as the pool's pages, give or take one store block
+(_prefer_daemon): the request is then exact and its own blocks reach the daemon. A request whose
+prefix another admitted request is computing waits for it (_prefix_in_flight) instead of
+computing it twice, and then plans again: the prefix is on the daemon by then.
 """
 
 from __future__ import annotations
