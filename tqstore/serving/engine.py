@@ -152,6 +152,7 @@ class Engine:
         self._incoming: "queue.Queue[Request]" = queue.Queue()
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []
+        self._uploading: list[Request] = []  # finished, with uploads in flight
         self._lock = threading.Lock()  # guards the counts submit() reads
         self._queued = 0  # submitted and not finished
         self._admitted = 0  # of those, admitted (in self._active)
@@ -346,7 +347,10 @@ class Engine:
         if self.config.exact_hits:
             return False
         held = None
-        for a in self._active:
+        # Finished requests count until their uploads land: a short answer ends before its
+        # blocks reach the daemon, and the waiter would then plan without them.
+        self._uploading = [a for a in self._uploading if not all(f.done() for f in a.uploads)]
+        for a in self._active + self._uploading:
             uploading = self.client is not None and not all(f.done() for f in a.uploads)
             if a.pages_written and not uploading:
                 continue
@@ -483,6 +487,8 @@ class Engine:
             self._waiting.remove(r)
             if r.fetch is not None:
                 r.fetch.cancel()
+        if self.client is not None and not all(f.done() for f in r.uploads):
+            self._uploading.append(r)
         if r.caches is not None:
             release_prompt_cache(r.caches)  # pages back to the pool now; cached ones stay findable
             r.caches = None
