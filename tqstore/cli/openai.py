@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in _LOOPBACK and not args.allow_remote:
         raise InvalidArgument(f"--host {args.host} is not loopback; the endpoint has no "
                               "authentication: pass --allow-remote to listen there anyway")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Our lines at INFO; mlx_lm.server's handler logs every prefill step at INFO on the root
+    # logger, which would drown them: others from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("tqstore").setLevel(logging.INFO)
     log = logging.getLogger("tqstore.serving")
     config = ServingConfig(pool_bytes=args.pool_mib * MiB, max_batch=args.max_batch,
                            queue_size=args.queue,
