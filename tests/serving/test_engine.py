@@ -17,7 +17,8 @@ from tqstore.errors import InvalidArgument, ResourceExhausted
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
 from tqstore.paged import install
-from tqstore.serving.engine import Engine, TokenEvent
+from tqstore.serving.engine import Engine
+from tqstore.serving.request import TokenEvent
 from tqstore.serving.sampling import SamplingParams
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.",

@@ -167,8 +167,8 @@ class Stack:
         self.starts = 0
 
     def start(self) -> float:
-        from tqstore.agents import (ServerProcess, free_port, http_ok, mlx_server_argv,
-                                    served_model, tcp_open, tqstore_argv)
+        from tqstore.servers import (ServerProcess, free_port, http_ok, mlx_server_argv,
+                                     served_model, tcp_open, tqstore_argv)
 
         self.starts += 1
         log = lambda what: self.logs / f"{self.name}-{what}-{self.starts}.log"  # noqa: E731
@@ -220,7 +220,7 @@ class StatsPoller:
         self._thread = threading.Thread(target=self._loop, name="stats-poller", daemon=True)
 
     def _loop(self) -> None:
-        from tqstore.agents import http_json
+        from tqstore.servers import http_json
 
         while not self._stop.is_set():
             t = time.perf_counter()
@@ -281,7 +281,8 @@ def _kv(stack: Stack, records: list, samples: list, shape: dict) -> dict:
 
 def run_server(name: str, n: int, workload, model_dir: Path, logs: Path,
                args: argparse.Namespace, shape: dict, say) -> dict[str, Any]:
-    from tqstore.agents import aggregate_decode_tokens_per_s, percentile, run_agents, warm_up
+    from tqstore.agents import aggregate_decode_tokens_per_s, percentile, run_agents
+    from tqstore.servers import warm_up
 
     store = Path(tempfile.mkdtemp(prefix="tqstore-bench-serve-store-"))
     stack = Stack(name, model_dir, logs, args, store)

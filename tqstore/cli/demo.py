@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start_endpoint(model_dir: str, daemon_addr: str, logs: Path, n: int):
-    from tqstore.agents import ServerProcess, free_port, http_ok, tqstore_argv
+    from tqstore.servers import ServerProcess, free_port, http_ok, tqstore_argv
 
     port = free_port()
     endpoint = ServerProcess("tqstore openai", tqstore_argv(
@@ -83,8 +83,9 @@ def _start_endpoint(model_dir: str, daemon_addr: str, logs: Path, n: int):
 
 
 def _run(args: argparse.Namespace, path: str, logs: Path) -> int:
-    from tqstore.agents import (ServerProcess, build_workload, free_port, load_tokenizer,
-                                run_agents, served_model, tcp_open, tqstore_argv, warm_up)
+    from tqstore.agents import build_workload, load_tokenizer, run_agents
+    from tqstore.servers import (ServerProcess, free_port, served_model, tcp_open, tqstore_argv,
+                                 warm_up)
 
     started = time.perf_counter()
     if args.model:

@@ -41,9 +41,8 @@ import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -56,6 +55,7 @@ from tqstore.models.loader import LoadedModel
 from tqstore.paged import make_prompt_cache, release_prompt_cache
 from tqstore.paged.batch import batch_caches
 from tqstore.prefix_hash import hash_prefix_blocks
+from tqstore.serving.request import Request, TokenEvent
 from tqstore.serving.sampling import SamplingParams, sample_rows
 
 log = logging.getLogger("tqstore.serving")
@@ -69,71 +69,6 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
-
-
-@dataclass
-class TokenEvent:
-    token: int
-    logprob: float
-    finish_reason: str | None
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Request:
-    """One completion request. ``events`` receives ("progress", done, total), TokenEvent,
-    ("done", None) or ("error", exc); ``cancel()`` may be called from any thread."""
-
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
-    state: str = "waiting"
-    memory_tokens: int = 0
-    daemon_tokens: int = 0
-    daemon_status: str = ""
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    stop_requested: bool = False
-    # engine-thread only
-    pages_written: bool = False  # its prompt's pages are in the pool (after its first step)
-    held: bool = False  # waited for another request's prefix
-    uploads: list = field(default_factory=list)  # its Put futures
-    _prompt_ids: np.ndarray | None = None
-    caches: list | None = None
-    fetch: Future | None = None
-    blocks: list = field(default_factory=list)
-    bounds: list[int] = field(default_factory=list)
-    chunk: int = 0
-    next_token: int | None = None
-    key: Any = None
-    matcher: Any = None
-    context: list[int] = field(default_factory=list)
-
-    @property
-    def prompt_ids(self) -> np.ndarray:
-        if self._prompt_ids is None:
-            self._prompt_ids = np.asarray(self.prompt, dtype=np.int64)
-        return self._prompt_ids
-
-    def cancel(self) -> None:
-        """The client went away: free everything, count it cancelled."""
-        self.cancelled = True
-
-    def stop(self) -> None:
-        """The answer is complete (a stop word found in its text): finish it as stopped."""
-        self.stop_requested = True
-
-    @property
-    def computed_tokens(self) -> int:
-        return len(self.prompt) - self.memory_tokens - self.daemon_tokens
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.submitted
 
 
 class Engine:
@@ -377,23 +312,25 @@ class Engine:
 
     def _start(self, r: Request) -> bool:
         """Create the request's caches if its worst case fits; False leaves it waiting."""
-        outstanding = sum(max(0, self._blocks_needed(self._worst_case(a)) - len(a.caches[0].sequence.blocks))
-                          for a in self._active)
+        outstanding = sum(max(0, self._blocks_needed(self._worst_case(a))
+                              - len(a.caches[0].sequence.blocks)) for a in self._active)
         if self._blocks_needed(self._worst_case(r)) > \
                 self.pool.block_pool.num_free_blocks - outstanding:
             return False
         hit = min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1)
-        if r.blocks and self._prefer_daemon(hit, self._memory_hit_tokens(r.prompt)):
-            caches = make_prompt_cache(self.pool)  # no memory sharing: the daemon's fp16 is exact
+        from_daemon = bool(r.blocks) and self._prefer_daemon(hit, self._memory_hit_tokens(r.prompt))
+        # Shared pages hold codes: a prefix from the daemon (exact fp16) or in exact mode starts
+        # fresh; its pages are still published for others once written.
+        share = not (from_daemon or self.config.exact_hits)
+        caches = make_prompt_cache(self.pool, r.prompt if share else [])
+        if not share:
             caches[0].sequence.append_token_ids(r.prompt)
+        if from_daemon:
             self.gen.restore(caches, r.blocks, hit)
             r.daemon_tokens = hit
-            start = hit
         else:
-            caches = make_prompt_cache(self.pool, [] if self.config.exact_hits else r.prompt)
-            if self.config.exact_hits:
-                caches[0].sequence.append_token_ids(r.prompt)
-            r.memory_tokens = start = caches[0].offset
+            r.memory_tokens = caches[0].offset
+        start = caches[0].offset
         caches[0].sequence.prompt_length = len(r.prompt)
         uploadable = (self.client is not None and r.memory_tokens == 0
                       and not r.daemon_status.startswith("daemon unreachable"))
@@ -406,7 +343,6 @@ class Engine:
         r.key = mx.random.key(r.params.seed if r.params.seed is not None
                               else random.getrandbits(63))
         r.matcher = r.params.stop_sequences.matcher()
-        r.context = list(r.prompt)
         for name, value in (("prompt_tokens", len(r.prompt)), ("memory_tokens", r.memory_tokens),
                             ("daemon_tokens", r.daemon_tokens),
                             ("computed_tokens", r.computed_tokens)):
@@ -466,7 +402,6 @@ class Engine:
             if r.first_token_at is None:
                 r.first_token_at = now
             r.generated.append(token)
-            r.context.append(token)
             r.next_token = token
             reason = None
             if r.matcher.advance(token) or token in self.eos:

@@ -40,7 +40,8 @@ from mlx_lm import server as mlx_server
 from mlx_lm.generate import make_stop_sequences, make_text_state_machine
 
 from tqstore.errors import InvalidArgument, ResourceExhausted
-from tqstore.serving.engine import Engine, Request, TokenEvent
+from tqstore.serving.engine import Engine
+from tqstore.serving.request import Request, TokenEvent
 from tqstore.serving.sampling import SamplingParams
 
 log = logging.getLogger("tqstore.serving")
