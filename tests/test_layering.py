@@ -52,7 +52,8 @@ def test_kernel_modules_load_no_paged_cache(module: str) -> None:
 
 
 @pytest.mark.parametrize("module", ["tqstore.client", "tqstore.generator", "tqstore.config",
-                                    "tqstore.wire", "tqstore.blocks"])
+                                    "tqstore.wire", "tqstore.blocks", "tqstore.direct_read",
+                                    "tqstore.payload_format"])
 def test_generator_side_loads_no_store(module: str) -> None:
     assert _loaded(f"import {module}", NO_STORE) == []
 

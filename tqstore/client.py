@@ -2,11 +2,15 @@
 
 Failures come back as tqstore errors (the inverse of the daemon's status mapping), so callers
 handle one hierarchy: Unavailable means "run without the cache", never "crash".
-Puts can run in the background (put_async) so the first token is never delayed by an upload.
+Puts can run in the background (put_async) so the first token is never delayed by an upload;
+a long upload goes in several Put calls of at most put_piece_bytes each.
+fp16 fetches (fetch_fp16_prefix) land straight in a PrefixKV: on the daemon's host by reading its
+payload files (tqstore/direct_read.py), else on fetch_streams parallel gRPC streams.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,14 +20,16 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tqstore.blocks import BlockPayload
+from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.codec import CodecConfig
 from tqstore.config import ClientConfig
 from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
-from tqstore.prefix_hash import Namespace
+from tqstore.prefix_hash import Namespace, hash_prefix_blocks
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
-from tqstore.wire import BlockAssembler, codec_to_proto, fp16_chunks, namespace_to_proto
+from tqstore.wire import BlockAssembler, PrefixWriter, codec_to_proto, fp16_chunks, namespace_to_proto
+
+log = logging.getLogger("tqstore.client")
 
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -59,10 +65,22 @@ class KvStoreClient:
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tqstore-put")
         self._pending: list[Future] = []
         self._pending_lock = threading.Lock()
+        self._options = options
+        self._stream_stubs: list[tuple[grpc.Channel, pb_grpc.KvStoreStub]] = []
+        self._streams = ThreadPoolExecutor(max_workers=config.fetch_streams,
+                                           thread_name_prefix="tqstore-fetch")
+        self._reader = None  # DirectReader, made at the first same-host fetch
+        self.direct_reads = config.direct_reads == "on" or (config.direct_reads == "auto"
+                                                            and config.is_local)
 
     def close(self) -> None:
         self.wait_uploads()
         self._uploads.shutdown(wait=True)
+        self._streams.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+        for channel, _ in self._stream_stubs:
+            channel.close()
         self._channel.close()
 
     def __enter__(self) -> "KvStoreClient":
@@ -109,13 +127,125 @@ class KvStoreClient:
 
     def fetch_fp16(self, ns: Namespace, token_ids: Sequence[int], first_block: int = 0,
                    num_blocks: int = 0) -> list[BlockPayload]:
-        """The verified fp16 blocks [first_block, first_block + num_blocks) (fewer if the
-        store lost some on the way: a shorter hit, never a wrong one)."""
-        request = pb.FetchRequest(namespace=namespace_to_proto(ns), token_ids=list(token_ids),
-                                  first_block=first_block, num_blocks=num_blocks,
-                                  form=pb.KV_FORM_FP16)
-        return [BlockPayload(keys=b["keys"], values=b["values"])
-                for b in self._fetch(request, BlockAssembler(ns))]
+        """fetch_fp16_prefix as a list of blocks (views into one PrefixKV)."""
+        prefix = self.fetch_fp16_prefix(ns, token_ids, first_block, num_blocks)
+        return [prefix.block(i) for i in range(len(prefix))]
+
+    def fetch_fp16_prefix(self, ns: Namespace, token_ids: Sequence[int], first_block: int = 0,
+                          num_blocks: int = 0) -> PrefixKV:
+        """The verified fp16 blocks [first_block, first_block + num_blocks) (0: to the last full
+        block of token_ids), or fewer if the store lost some on the way: a shorter hit, never a
+        wrong one. NotFound if the first one is missing. Same host: read from the daemon's files;
+        whatever that could not verify, and every other case: gRPC Fetch on fetch_streams
+        streams. `source` on the result says which."""
+        token_ids = list(token_ids)
+        bs = ns.block_size
+        full = len(token_ids) // bs
+        count = num_blocks or full - first_block
+        if first_block < 0 or count <= 0 or first_block + count > full:
+            raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
+                                  f"{full} full blocks of {len(token_ids)} tokens")
+        out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count)
+        done, source = 0, "grpc"
+        located = self._locate(ns, token_ids, first_block, count) if self.direct_reads else None
+        if located is not None:
+            if not located.blocks:
+                raise NotFound("block not stored")
+            hashes = hash_prefix_blocks(ns, token_ids[: (first_block + count) * bs])
+            done = self._reader.read(located, hashes, out, first_block)
+            source = "direct"
+            if done == len(located.blocks) < count:  # the index holds no more of the chain
+                count = done
+        if done < count:
+            try:
+                done += self._fetch_streams(ns, token_ids, first_block + done, count - done, out,
+                                            first_block)
+            except NotFound:
+                if not done:
+                    raise
+            source = "direct+grpc" if source == "direct" else "grpc"
+        result = out.head(done)
+        result.source = source
+        return result
+
+    def _locate(self, ns: Namespace, token_ids: list[int], first_block: int,
+                count: int) -> pb.LocateResponse | None:
+        """The daemon's Locate answer when this process shares its files, else None (and direct
+        reads stay off for this client: another container or host, or an older daemon)."""
+        try:
+            answer = self._stub.Locate(pb.LocateRequest(
+                namespace=namespace_to_proto(ns), token_ids=token_ids, first_block=first_block,
+                num_blocks=count, lease_ms=self.config.lease_ms), timeout=self.config.rpc_timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                self.direct_reads = False
+                log.info("the daemon at %s has no Locate: fetching over gRPC", self.config.address)
+                return None
+            raise _translate(exc) from None
+        from tqstore.direct_read import DirectReader
+
+        if not DirectReader.shares_files(answer):
+            self.direct_reads = False
+            log.info("the daemon's store %s is not visible here: fetching over gRPC",
+                     answer.blocks_dir)
+            return None
+        if self._reader is None:
+            self._reader = DirectReader(self.config.read_threads)
+        return answer
+
+    def _stream_stub(self, i: int) -> pb_grpc.KvStoreStub:
+        """Stub i of the parallel fetch: each on its own channel and connection (a local
+        subchannel pool), so streams do not queue behind each other on one HTTP/2 connection."""
+        while len(self._stream_stubs) <= i:
+            channel = grpc.insecure_channel(self.config.address, options=self._options + [
+                ("grpc.use_local_subchannel_pool", 1)])
+            self._stream_stubs.append((channel, pb_grpc.KvStoreStub(channel)))
+        return self._stream_stubs[i][1]
+
+    def _fetch_streams(self, ns: Namespace, token_ids: list[int], first: int, count: int,
+                       out: PrefixKV, out_first: int) -> int:
+        """Fetch blocks [first, first + count) into out (whose block 0 is out_first) on up to
+        fetch_streams concurrent streams of contiguous ranges; returns how many leading blocks
+        arrived. NotFound when the first is missing; a later stream's failure only shortens."""
+        block_bytes = 4 * ns.num_layers * ns.num_kv_heads * ns.block_size * ns.head_dim
+        streams = max(1, min(self.config.fetch_streams, count,
+                             count * block_bytes // self.config.min_stream_bytes))
+        per = -(-count // streams)
+        ranges = [(a, min(per, first + count - a)) for a in range(first, first + count, per)]
+        for i in range(len(ranges)):
+            self._stream_stub(i)  # channels are made here, on one thread
+
+        def one(i: int) -> set[int]:
+            a, n = ranges[i]
+            writer = PrefixWriter(ns, out, out_first)
+            request = pb.FetchRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
+                                      first_block=a, num_blocks=n, form=pb.KV_FORM_FP16)
+            complete: set[int] = set()
+            try:
+                for chunk in self._stream_stubs[i][1].Fetch(request,
+                                                            timeout=self.config.rpc_timeout_s):
+                    index = writer.add(chunk)
+                    if index is not None:
+                        complete.add(index)
+            except grpc.RpcError as exc:
+                if i == 0 and not complete:
+                    raise _translate(exc) from None
+            return complete
+
+        futures = [self._streams.submit(one, i) for i in range(len(ranges))]
+        complete: set[int] = set()
+        error = None
+        for f in futures:  # wait for all: none may write into out after we return
+            try:
+                complete |= f.result()
+            except TqstoreError as exc:
+                error = exc
+        done = 0
+        while first + done in complete:
+            done += 1
+        if error is not None and done == 0:
+            raise error
+        return done
 
     def fetch_turboquant(self, ns: Namespace, token_ids: Sequence[int], codec: CodecConfig,
                          first_block: int = 0, num_blocks: int = 0) -> list[dict[str, np.ndarray]]:
@@ -129,9 +259,27 @@ class KvStoreClient:
 
     def put(self, ns: Namespace, token_ids: Sequence[int], first_block: int,
             payloads: Sequence[BlockPayload]) -> int:
-        """Upload fp16 blocks; returns once the daemon made them durable."""
+        """Upload fp16 blocks; returns once the daemon made them durable. Split into Put calls
+        of at most put_piece_bytes, in chain order: each piece is durable before the next is
+        sent (the daemon stores a block only after its parent), so a failure leaves a stored
+        prefix of the chain and raises."""
+        token_ids = list(token_ids)
+        stored = start = 0
+        while start < len(payloads):
+            end, size = start, 0
+            while end < len(payloads) and (end == start or size + _nbytes(payloads[end])
+                                           <= self.config.put_piece_bytes):
+                size += _nbytes(payloads[end])
+                end += 1
+            stored += self._put_piece(ns, token_ids[: (first_block + end) * ns.block_size],
+                                      first_block + start, payloads[start:end])
+            start = end
+        return stored
+
+    def _put_piece(self, ns: Namespace, token_ids: list[int], first_block: int,
+                   payloads: Sequence[BlockPayload]) -> int:
         def messages():
-            yield pb.PutRequest(namespace=namespace_to_proto(ns), token_ids=list(token_ids),
+            yield pb.PutRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
                                 first_block=first_block)
             for i, p in enumerate(payloads):
                 for chunk in fp16_chunks(ns, first_block + i, p.keys, p.values):
@@ -167,3 +315,7 @@ class KvStoreClient:
             return self._stub.Stats(pb.StatsRequest(), timeout=self.config.rpc_timeout_s)
         except grpc.RpcError as exc:
             raise _translate(exc) from None
+
+
+def _nbytes(p: BlockPayload) -> int:
+    return p.keys.nbytes + p.values.nbytes

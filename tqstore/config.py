@@ -65,7 +65,9 @@ class ServerConfig:
     path: str
     listen: str = DEFAULT_LISTEN
     max_message_bytes: int = 32 * MiB  # both directions; chunks are ~1 MiB
-    max_put_bytes: int = 2048 * MiB  # one Put stream
+    max_put_bytes: int = 2048 * MiB  # one Put stream (clients split longer uploads)
+    lease_ms: int = 10_000  # Locate: how long located blocks stay out of eviction by default
+    max_lease_ms: int = 60_000  # the most a client may ask for
     workers: int = 16
     drain_seconds: float = 30.0
     recent_requests: int = 256  # per-request hit rates kept for Stats
@@ -83,12 +85,45 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """A generator's connection to the daemon."""
+    """A generator's connection to the daemon.
+
+    direct_reads: "auto" (default): on a Unix socket or loopback address, read the daemon's
+        payload files directly when they are visible here (tqstore/direct_read.py), else gRPC;
+        "off": always gRPC; "on": as auto, but also on other addresses (a shared file system).
+    read_threads: threads of the same-host reader (each reads and verifies whole blocks).
+    fetch_streams: concurrent Fetch streams, each on its own connection, of one gRPC fetch;
+        a fetch is split only where each stream carries at least min_stream_bytes, so small
+        fetches and misses stay one call.
+    put_piece_bytes: an upload is split into Put calls of at most this many fp16 bytes, each
+        continuing the chain, so no prompt is too long for the daemon's per-stream limit.
+    lease_ms: how long located blocks stay out of eviction (0: the daemon's default).
+    """
 
     address: str = DEFAULT_LISTEN
     max_message_bytes: int = 32 * MiB
     connect_timeout_s: float = 2.0
     rpc_timeout_s: float = 60.0
+    direct_reads: str = "auto"
+    read_threads: int = 4
+    fetch_streams: int = 4
+    min_stream_bytes: int = 16 * MiB
+    put_piece_bytes: int = 256 * MiB
+    lease_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.direct_reads not in ("auto", "on", "off"):
+            raise InvalidArgument(f"direct_reads must be auto, on or off, got {self.direct_reads!r}")
+        for name in ("read_threads", "fetch_streams", "min_stream_bytes", "put_piece_bytes"):
+            if int(getattr(self, name)) <= 0:
+                raise InvalidArgument(f"{name} must be positive")
+
+    @property
+    def is_local(self) -> bool:
+        """A Unix socket or a loopback address: the daemon runs on this host."""
+        if self.address.startswith("unix:"):
+            return True
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 

@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 
-from tqstore.blocks import BlockPayload
+from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.client import KvStoreClient
 from tqstore.errors import NotFound, TqstoreError, Unavailable
 from tqstore.models.loader import LoadedModel
@@ -93,9 +93,9 @@ class CachedGenerator:
         self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
 
     # -- the daemon side ----------------------------------------------------------------------
-    def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0) -> tuple[list, str]:
-        """The verified prefix blocks: BlockPayloads (fp16 form) or dicts of codes (TurboQuant
-        form, re-quantized by the daemon with this generator's codec), and a status. Nothing is
+    def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0) -> tuple[list | PrefixKV, str]:
+        """The verified prefix blocks: a PrefixKV (fp16 form) or a list of dicts of codes
+        (TurboQuant form, re-quantized by the daemon with this generator's codec), and a status. Nothing is
         fetched (status "no gain") unless the hit covers more than ``better_than`` tokens (what
         the caller already holds in memory)."""
         if self.client is None:
@@ -110,7 +110,7 @@ class CachedGenerator:
                 blocks = self.client.fetch_turboquant(self.namespace, prompt_ids,
                                                       self.policy.codec, 0, hit)
             else:
-                blocks = self.client.fetch_fp16(self.namespace, prompt_ids, 0, hit)
+                blocks = self.client.fetch_fp16_prefix(self.namespace, prompt_ids, 0, hit)
         except NotFound:
             return [], "miss"  # evicted between Lookup and Fetch: a miss, never garbage
         except Unavailable as exc:
@@ -131,10 +131,11 @@ class CachedGenerator:
                     codes[name] = mx.array(np.ascontiguousarray(joined))
                 cache.load_turboquant_prefix(codes)
             return
+        # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
+        # each layer is then a slice of it.
+        keys, values = mx.array(blocks.keys), mx.array(blocks.values)
         for layer, cache in enumerate(caches):
-            keys = np.concatenate([b.keys[layer] for b in blocks], axis=1)[:, :tokens]
-            values = np.concatenate([b.values[layer] for b in blocks], axis=1)[:, :tokens]
-            cache.load_fp16_prefix(mx.array(keys), mx.array(values))
+            cache.load_fp16_prefix(keys[layer, :, :tokens], values[layer, :, :tokens])
 
     def upload_hook(self, caches, prompt_ids: list[int], first_block: int,
                      started: list[Future]) -> Callable:

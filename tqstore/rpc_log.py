@@ -3,7 +3,7 @@
     KvStore/Lookup ipv4:127.0.0.1:50412 OK 0.8 ms blocks=3 in=1.2 KiB out=8 B
 
 Fields: method (service/method without the package), peer, status code, duration, blocks (hit
-blocks of a Lookup, blocks streamed by a Fetch, blocks stored by a Put) and message bytes in and
+blocks of a Lookup, blocks streamed by a Fetch, blocks stored by a Put, blocks located) and message bytes in and
 out. The status is the code the handler set or aborted with (tqstore.server maps errors to codes
 in one place), UNKNOWN for an exception that escaped it, CANCELLED when the client went away.
 """
@@ -24,6 +24,7 @@ log = logging.getLogger("tqstore.rpc")
 _RESPONSE_BLOCKS: dict[str, Callable[[Any], int]] = {
     "KvStore/Lookup": lambda r: r.hit_blocks,
     "KvStore/Put": lambda r: r.stored_blocks,
+    "KvStore/Locate": lambda r: len(r.blocks),
 }
 _STREAMED_BLOCKS: dict[str, Callable[[Any], int]] = {
     "KvStore/Fetch": lambda chunk: chunk.block_index,

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
+from tqstore.payload_format import FILE_VERSION
 from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
 from tqstore.requantize import Requantizer
 from tqstore.rpc_log import RpcLog
@@ -176,6 +177,27 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             if blocks:
                 self.store.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
             return pb.PutResponse(stored_blocks=len(blocks))
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+
+    # -- Locate ----------------------------------------------------------------------------
+    def Locate(self, request: pb.LocateRequest, context) -> pb.LocateResponse:
+        """Where a same-host reader finds the verified prefix's payload files (the proto's
+        LocateRequest comment gives the contract)."""
+        try:
+            ns = namespace_from_proto(request.namespace)
+            lease_ms = min(request.lease_ms or self.config.lease_ms, self.config.max_lease_ms)
+            found = self.store.locate(ns, list(request.token_ids), request.first_block,
+                                      request.num_blocks, lease_ms / 1000)
+            return pb.LocateResponse(
+                blocks_dir=os.path.abspath(self.store.blocks_dir), store_id=self.store.store_id,
+                lease_ms=lease_ms, payload_version=FILE_VERSION,
+                blocks=[pb.BlockLocation(block_index=i, file_size=rec.file_size,
+                                         raw_size=rec.raw_size, stored_size=rec.stored_size,
+                                         compression=rec.compression,
+                                         chunk_lengths=[n for n, _ in rec.chunks],
+                                         chunk_checksums=[c for _, c in rec.chunks])
+                        for i, rec in found])
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
 

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from tqstore.blocks import PrefixKV
 from tqstore.codec import CodecConfig
 from tqstore.errors import InvalidArgument
 from tqstore.prefix_hash import Namespace
@@ -155,3 +156,36 @@ class BlockAssembler:
 
     def incomplete(self) -> list[int]:
         return sorted(self._parts)
+
+
+class PrefixWriter:
+    """Writes fp16 Fetch chunks straight into a PrefixKV: block `first_block + k` goes to the
+    PrefixKV's block k, one copy from the message bytes. Same checks as BlockAssembler (layer
+    range, overlaps, shapes, dtypes). add() returns a block's index when all its layers arrived.
+    One writer per stream: streams write disjoint blocks, so they share no state."""
+
+    def __init__(self, ns: Namespace, out: PrefixKV, first_block: int) -> None:
+        self.ns, self.out, self.first_block = ns, out, first_block
+        self._layers: dict[int, list[tuple[int, int]]] = {}
+
+    def add(self, chunk: pb.KvChunk) -> int | None:
+        start, count, index = chunk.layer_start, chunk.layer_count, chunk.block_index
+        slot = index - self.first_block
+        if not 0 <= slot < len(self.out):
+            raise InvalidArgument(f"block {index} outside the requested run")
+        if count == 0 or start + count > self.ns.num_layers:
+            raise InvalidArgument(f"chunk layers [{start}, {start + count}) outside "
+                                  f"[0, {self.ns.num_layers})")
+        have = self._layers.setdefault(index, [])
+        if any(s < start + count and start < s + n for s, n in have):
+            raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
+        shape = (count, self.ns.num_kv_heads, self.ns.block_size, self.ns.head_dim)
+        cut = slice(slot * self.ns.block_size, (slot + 1) * self.ns.block_size)
+        for name, target in (("keys", self.out.keys), ("values", self.out.values)):
+            check_tensor(getattr(chunk, name), f"block {index} {name}", shape, "float16")
+            target[start:start + count, :, cut] = tensor_view(getattr(chunk, name))
+        have.append((start, count))
+        if sum(n for _, n in have) < self.ns.num_layers:
+            return None
+        del self._layers[index]
+        return index

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tqstore.client import KvStoreClient
+from tqstore.config import ClientConfig
 from tqstore.errors import InvalidArgument, NotFound
 from tqstore.prefix_hash import Namespace
 
@@ -28,7 +29,7 @@ def test_start_up_line_once_and_one_line_per_rpc(tmp_path, namespace, rng):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         tokens = rng.integers(0, 5000, 16 * 3).tolist()
-        with KvStoreClient(sock) as client:
+        with KvStoreClient(ClientConfig(sock, direct_reads="off")) as client:
             assert client.is_serving(timeout=30)                              # Health/Check
             assert client.put(namespace, tokens, 0, random_blocks(namespace, 3, rng)) == 3
             assert client.lookup(namespace, tokens).hit_blocks == 3
@@ -38,6 +39,8 @@ def test_start_up_line_once_and_one_line_per_rpc(tmp_path, namespace, rng):
             with pytest.raises(NotFound):
                 client.fetch_fp16(Namespace("other", 4, 2, 64, 16), tokens)
             client.stats()
+        with KvStoreClient(sock) as local:  # same host: Locate, then the files are read here
+            assert local.fetch_fp16_prefix(namespace, tokens, 0, 3).source == "direct"
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -50,7 +53,8 @@ def test_start_up_line_once_and_one_line_per_rpc(tmp_path, namespace, rng):
     assert calls == [("Health/Check", "OK", None), ("KvStore/Put", "OK", "3"),
                      ("KvStore/Lookup", "OK", "3"), ("KvStore/Fetch", "OK", "2"),
                      ("KvStore/Lookup", "INVALID_ARGUMENT", None),
-                     ("KvStore/Fetch", "NOT_FOUND", None), ("KvStore/Stats", "OK", None)], output
+                     ("KvStore/Fetch", "NOT_FOUND", None), ("KvStore/Stats", "OK", None),
+                     ("KvStore/Locate", "OK", "3")], output
     put, fetch = rows[1], rows[3]
     block_bytes = 2 * namespace.num_layers * namespace.num_kv_heads * 16 * 64 * 2
     assert put["bytes_in"].endswith("KiB")

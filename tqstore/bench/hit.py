@@ -1,10 +1,12 @@
-"""`tqstore bench hit`: TTFT of a full hit against cold prefill of the same prompt, and
-concurrent Lookup/Fetch throughput of the daemon.
+"""`tqstore bench hit`: TTFT of a full hit against cold prefill of the same prompt, the block
+transport's GB/s against a raw read of the same files, and concurrent Lookup/Fetch throughput.
 
-Same process, same run: for each prompt length a fresh store, a cold generation (nothing
-cached; its prefill blocks are uploaded), then the same prompt again (prefix fetched as fp16 from
-the daemon). The ratio hit/cold is the figure; outputs must be identical. Then N client threads
-Lookup+Fetch the largest prompt's blocks concurrently, against one client in the same run.
+Same run: for each prompt length a fresh store and daemon (`tqstore serve`, its own process on
+loopback TCP), a cold generation (nothing cached; its prefill blocks are uploaded), then the same
+prompt again (prefix fetched as fp16: read from the daemon's files, this being its host). The
+ratio hit/cold is the figure; outputs must be identical. At the largest length the fetch alone
+is timed by path (`transport`), then 1 and N client processes Lookup+Fetch the blocks, with
+same-host reads and over gRPC alone.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import tempfile
 import time
@@ -44,30 +47,34 @@ def _corpus_ids(tokenizer, n: int) -> list[int]:
 
 
 def _client_loop(address: str, ns, ids: list[int], blocks: int, start_at: float, stop_at: float,
-                 out) -> None:
+                 direct: bool, out) -> None:
     """One client process: from start_at, Lookup + Fetch until stop_at; reports (requests, fp16
-    bytes). The common start lets every process finish importing before the clock runs."""
+    bytes). The common start lets every process finish importing before the clock runs.
+    direct: same-host reads of the daemon's files where possible; False: gRPC only."""
     import tqstore  # noqa: F401  (OpenBLAS before MLX, as in every entry point)
     from tqstore.client import KvStoreClient
+    from tqstore.config import ClientConfig
 
     time.sleep(max(0.0, start_at - time.time()))
     requests = moved = 0
-    with KvStoreClient(address) as client:
+    config = ClientConfig(address, direct_reads="auto" if direct else "off")
+    with KvStoreClient(config) as client:
         while time.time() < stop_at:
             hit = client.lookup(ns, ids).hit_blocks
-            got = client.fetch_fp16(ns, ids, 0, min(hit, blocks))
+            got = client.fetch_fp16_prefix(ns, ids, 0, min(hit, blocks))
             requests += 1
-            moved += sum(b.keys.nbytes + b.values.nbytes for b in got)
+            moved += got.keys.nbytes + got.values.nbytes
     out.put((requests, moved))
 
 
-def _throughput(address: str, ns, ids, blocks: int, clients: int, seconds: float) -> dict:
+def _throughput(address: str, ns, ids, blocks: int, clients: int, seconds: float,
+                direct: bool = True) -> dict:
     """Clients are separate processes, as generators are: no shared GIL with the daemon."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3.0  # let every process import before the clock starts
     procs = [ctx.Process(target=_client_loop, args=(address, ns, ids, blocks, start_at,
-                                                      start_at + seconds, out))
+                                                      start_at + seconds, direct, out))
              for _ in range(clients)]
     for p in procs:
         p.start()
@@ -80,24 +87,106 @@ def _throughput(address: str, ns, ids, blocks: int, clients: int, seconds: float
             "fp16_gb_per_s": moved / seconds / 1e9}
 
 
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def best(fn, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) -> dict:
+    """GB/s of fetching the stored blocks [0, blocks) of ids alone: same-host read, gRPC with 1
+    and 4 streams; a raw read of the same payload files (into fresh memory, and into a reused
+    buffer) as the baseline; and the copy into MLX arrays (host to device on CUDA). Best of 3."""
+    import mlx.core as mx
+    import numpy as np
+
+    from tqstore.client import KvStoreClient
+    from tqstore.config import ClientConfig
+    from tqstore.payload_format import file_name
+    from tqstore.prefix_hash import hash_prefix_blocks
+
+    nbytes = blocks * 4 * ns.num_layers * ns.num_kv_heads * ns.block_size * ns.head_dim
+    row = {"bytes": nbytes}
+    for label, cfg in (("direct", dict(direct_reads="on")),
+                       ("grpc_1_stream", dict(direct_reads="off", fetch_streams=1)),
+                       ("grpc_4_streams", dict(direct_reads="off", fetch_streams=4))):
+        with KvStoreClient(ClientConfig(address, **cfg)) as client:
+            got = client.fetch_fp16_prefix(ns, ids, 0, blocks)
+            assert len(got) == blocks, (label, len(got))
+            row[label + "_gbps"] = gbps(nbytes, best(lambda: client.fetch_fp16_prefix(ns, ids, 0, blocks)))
+            row[label + "_source"] = got.source
+    files = [os.path.join(store_path, "blocks", file_name(h))
+             for h in hash_prefix_blocks(ns, ids[: blocks * ns.block_size])]
+    size = os.path.getsize(files[0])
+
+    def read_into(buffer) -> None:
+        view = memoryview(buffer)
+        for i, path in enumerate(files):
+            fd = os.open(path, os.O_RDONLY)
+            os.preadv(fd, [view[i * size:(i + 1) * size]], 0)
+            os.close(fd)
+
+    reused = np.empty(size * len(files), np.uint8)
+    read_into(reused)
+    row["raw_read_fresh_gbps"] = gbps(nbytes, best(lambda: read_into(np.empty(size * len(files), np.uint8))))
+    row["raw_read_reused_gbps"] = gbps(nbytes, best(lambda: read_into(reused)))
+    row["direct_over_raw_fresh"] = row["direct_gbps"] / row["raw_read_fresh_gbps"]
+    row["direct_over_raw_reused"] = row["direct_gbps"] / row["raw_read_reused_gbps"]
+    with KvStoreClient(address) as client:
+        got = client.fetch_fp16_prefix(ns, ids, 0, blocks)
+
+    def to_device() -> None:
+        k, v = mx.array(got.keys), mx.array(got.values)
+        mx.eval(k, v)
+
+    row["to_device_gbps"] = gbps(nbytes, best(to_device))
+    return row
+
+
+def _daemon(path: str):
+    """`tqstore serve` in its own process on loopback TCP (no GIL shared with the client)."""
+    from tqstore.client import KvStoreClient
+    from tqstore.servers import ServerProcess, free_port, tqstore_argv
+
+    address = f"127.0.0.1:{free_port()}"
+    proc = ServerProcess("daemon", tqstore_argv("serve", "--path", path, "--listen", address,
+                                                "--max-gib", "8"), os.path.join(path, "daemon.log"))
+    with KvStoreClient(address) as probe:
+        proc.wait_ready(lambda: probe.is_serving(timeout=1), 120)
+    return proc, address
+
+
+def _concurrency(address: str, ns, ids, blocks: int, clients: int, seconds: float,
+                 direct: bool) -> dict:
+    one = _throughput(address, ns, ids, blocks, 1, seconds, direct)
+    many = _throughput(address, ns, ids, blocks, clients, seconds, direct)
+    return {"path": "same-host reads" if direct else "gRPC over TCP", "prompt_tokens": len(ids),
+            "blocks_per_request": blocks, "single": one, "concurrent": many,
+            "throughput_ratio": many["fp16_gb_per_s"] / one["fp16_gb_per_s"]}
+
+
 def run(args: argparse.Namespace) -> int:
     from tqstore.client import KvStoreClient
-    from tqstore.config import ServerConfig, StoreConfig
     from tqstore.generator import CachedGenerator
     from tqstore.models.smollm2 import load_smollm2
-    from tqstore.server import Daemon
 
     loaded = load_smollm2()
     corpus = _corpus_ids(loaded.tokenizer, max(args.sizes))
     rows = []
-    concurrency = {}
+    moved, concurrency = {}, []
     for size in args.sizes:
         ids = corpus[:size]
-        daemon = Daemon(ServerConfig(path=tempfile.mkdtemp(prefix="tqstore-bench-hit-"),
-                                     listen="127.0.0.1:0",
-                                     store=StoreConfig(max_bytes=8 << 30, map_size=1 << 30))).start()
+        path = tempfile.mkdtemp(prefix="tqstore-bench-hit-")
+        daemon, address = _daemon(path)
         try:
-            with KvStoreClient(daemon.address) as client:
+            with KvStoreClient(address) as client:
                 generator = CachedGenerator(loaded, client)
                 cold = generator.generate(ids, args.max_tokens)
                 cold.upload.result()
@@ -118,26 +207,32 @@ def run(args: argparse.Namespace) -> int:
                               f"{hit.ttft_s:6.2f} s  ratio {row['hit_over_cold']:.3f}  first step "
                               f"{hit.first_step_s:.2f} s  tokens equal {row['tokens_equal_to_cold']}",
                               flush=True)
-                if size == max(args.sizes):
-                    blocks = hit.hit_tokens // generator.block_size
-                    one = _throughput(daemon.address, generator.namespace, ids, blocks, 1,
-                                      args.seconds)
-                    many = _throughput(daemon.address, generator.namespace, ids, blocks,
-                                       args.clients, args.seconds)
-                    concurrency = {"prompt_tokens": size, "blocks_per_request": blocks,
-                                   "single": one, "concurrent": many,
-                                   "throughput_ratio": many["fp16_gb_per_s"] / one["fp16_gb_per_s"]}
+            if size == max(args.sizes):
+                ns, blocks = generator.namespace, hit.hit_tokens // generator.block_size
+                moved = transport(address, ns, ids, blocks, path)
+                if not args.json:
+                    print(f"fetch of {blocks} blocks ({moved['bytes'] / 1e6:.0f} MB): same-host "
+                          f"{moved['direct_gbps']:.2f} GB/s = {moved['direct_over_raw_fresh']:.2f}x "
+                          f"a raw read into fresh memory ({moved['raw_read_fresh_gbps']:.2f}), "
+                          f"{moved['direct_over_raw_reused']:.2f}x into a reused buffer "
+                          f"({moved['raw_read_reused_gbps']:.2f}); gRPC "
+                          f"{moved['grpc_1_stream_gbps']:.2f} / {moved['grpc_4_streams_gbps']:.2f} "
+                          f"GB/s (1 / 4 streams); into MLX {moved['to_device_gbps']:.2f} GB/s",
+                          flush=True)
+                for direct in (True, False):
+                    c = _concurrency(address, ns, ids, blocks, args.clients, args.seconds, direct)
+                    concurrency.append(c)
+                    if not args.json:
+                        print(f"Lookup+Fetch, {c['path']}, {blocks} blocks: 1 client "
+                              f"{c['single']['fp16_gb_per_s']:.2f} GB/s; "
+                              f"{c['concurrent']['clients']} clients "
+                              f"{c['concurrent']['fp16_gb_per_s']:.2f} GB/s "
+                              f"({c['throughput_ratio']:.2f}x)", flush=True)
         finally:
-            daemon.stop(grace=5)
-    report = {"machine": f"{platform.machine()}, {platform.node()}", "model": "SmolLM2-135M-Instruct fp32",
-              "rows": rows, "concurrency": concurrency}
+            daemon.stop(grace=10)
+    report = {"machine": f"{platform.machine()}, {platform.node()}, {os.cpu_count()} cores",
+              "model": "SmolLM2-135M-Instruct fp32", "rows": rows, "transport": moved,
+              "concurrency": concurrency}
     if args.json:
         print(json.dumps(report, indent=1))
-    else:
-        c = concurrency
-        if c:
-            print(f"Lookup+Fetch of {c['blocks_per_request']} blocks ({c['prompt_tokens']} tokens): "
-                  f"1 client {c['single']['requests_per_s']:.2f} req/s {c['single']['fp16_gb_per_s']:.2f} GB/s; "
-                  f"{c['concurrent']['clients']} clients {c['concurrent']['requests_per_s']:.2f} req/s "
-                  f"{c['concurrent']['fp16_gb_per_s']:.2f} GB/s ({c['throughput_ratio']:.2f}x)")
     return 0

@@ -23,23 +23,17 @@ CRCs in the index match the body; decoding checks sizes against the namespace la
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import xxhash
 import zstandard
 
 from tqstore.blocks import BlockPayload
+from tqstore.payload_format import (  # noqa: F401  (re-exported: the store's callers use them)
+    FILE_MAGIC, FILE_VERSION, HEADER_SIZE, body_checksum, header as _header)
 
-FILE_MAGIC = b"TQSB"
-FILE_VERSION = 2  # 2: body chunks checksummed with XXH3-64 (1: CRC-32)
-HEADER_SIZE = 64
-_HEADER = struct.Struct("<4sHBBQQ32s")  # magic, version, compression code, pad, raw, stored, hash
-_COMPRESSION_CODES = {"none": 0, "zstd": 1, "zstd-planes": 2}
 ALLOC_UNIT = 4096  # file systems allocate whole 4 KiB blocks: the budget counts those
 
 
@@ -64,11 +58,6 @@ class EncodedPayload:
 
 def allocated(nbytes: int) -> int:
     return -(-nbytes // ALLOC_UNIT) * ALLOC_UNIT
-
-
-def body_checksum(piece: memoryview) -> int:
-    """Checksum of one body chunk (XXH3-64: fast enough not to bound the read path)."""
-    return xxhash.xxh3_64_intdigest(piece)
 
 
 def chunk_crcs(segments: Sequence[memoryview], chunk: int) -> list[tuple[int, int]]:
@@ -99,13 +88,6 @@ def encode(payload: BlockPayload, compression: str, level: int, chunk: int) -> E
         segments = (memoryview(body),)
     stored = sum(len(s) for s in segments)
     return EncodedPayload(segments, compression, raw_size, stored, chunk_crcs(segments, chunk))
-
-
-def _header(key: bytes, enc_compression: str, raw_size: int, stored_size: int) -> bytes:
-    head = _HEADER.pack(FILE_MAGIC, FILE_VERSION, _COMPRESSION_CODES[enc_compression], 0,
-                        raw_size, stored_size, key)
-    head += struct.pack("<I", zlib.crc32(head))
-    return head.ljust(HEADER_SIZE, b"\0")
 
 
 def write_file(final_path: str, key: bytes, enc: EncodedPayload) -> None:

@@ -4,6 +4,8 @@ Layout of a store directory:
     index/        LMDB environment (index and metadata, see index.py)
     blocks/       one payload file per block, <hash hex>.blk (see payload.py for why files)
     writer.lock   flock held by the one writer process; readonly openers never take it
+    store.id      random, rewritten by each writer open: a same-host reader that reads the id
+                  the daemon told it from here shares the daemon's file system (locate())
 
 Durability (a put is acknowledged only when durable): payload files are written to temp names,
 fsynced, renamed, the directory fsynced, and only then is the index committed (LMDB synced
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +45,7 @@ from tqstore.ssd.check import CheckReport, run_check
 from tqstore.config import StoreConfig
 from tqstore.ssd.eviction import evict_lru
 from tqstore.ssd.index import Index
+from tqstore.ssd.leases import Leases
 from tqstore.ssd.payload import PayloadError
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
 from tqstore.ssd.stats import NamespaceStats, StoreStats
@@ -69,6 +73,8 @@ class BlockStore:
         self._last_flush = time.monotonic()
         self._clock = 0
         self._lock_fd: int | None = None
+        self.leases = Leases()
+        self.store_id = ""
         if readonly:
             if not os.path.isdir(os.path.join(self.path, "index")):
                 raise NotFound(f"no store at {self.path}")
@@ -90,6 +96,7 @@ class BlockStore:
         self._executor = ThreadPoolExecutor(threads, "tqstore-ssd-read") if threads > 0 else None
         if not readonly:
             self.recovered_orphans = self._remove_orphans()
+            self.store_id = self._write_store_id()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -116,6 +123,15 @@ class BlockStore:
 
     def _file(self, key: bytes) -> str:
         return os.path.join(self.blocks_dir, key.hex() + ".blk")
+
+    def _write_store_id(self) -> str:
+        store_id = secrets.token_hex(16)
+        final = os.path.join(self.path, "store.id")
+        tmp = f"{final}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(store_id)
+        os.replace(tmp, final)
+        return store_id
 
     def _now(self) -> int:
         """Strictly increasing ns timestamps, so LRU order within a process is total."""
@@ -226,7 +242,10 @@ class BlockStore:
         over = used + self._idx.used_bytes() + need - self.config.max_bytes
         if over <= 0:
             return
-        freed = self._evict(over, protect)
+        # Leased blocks go last: a same-host reader was just told where they are.
+        freed = self._evict(over, protect | self.leases.live())
+        if freed < over:
+            freed += self._evict(over - freed, protect)
         if freed < over:
             raise ResourceExhausted(f"put needs {need} bytes; the budget of {self.config.max_bytes} "
                                     f"cannot make room without evicting the chain itself")
@@ -315,6 +334,46 @@ class BlockStore:
         self._count({"gets": 1})
         self._fail(key, parent, reason, raw, namespace)
         raise NotFound(f"block failed verification: {reason}")
+
+    def locate(self, namespace: Namespace, token_ids: Sequence[int], first_block: int,
+               num_blocks: int, lease_s: float) -> list[tuple[int, BlockRecord]]:
+        """The index records of blocks first_block .. (at most num_blocks; 0: all present) whose
+        records verify (frame CRC, namespace, parent, token ids, layout), for a reader that
+        verifies the payload bytes itself; they are leased against eviction for lease_s. A
+        record that fails is quarantined and ends the list, as a failed get_block does."""
+        tokens = token_array(token_ids)
+        bs = namespace.block_size
+        full = len(tokens) // bs
+        count = num_blocks or max(full - first_block, 0)
+        if first_block < 0 or first_block + count > full:
+            raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
+                                  f"{full} full blocks of {len(tokens)} tokens")
+        hashes = chain_hashes(namespace, tokens, first_block + count)
+        found: list[tuple[int, BlockRecord]] = []
+        bad = None
+        with self._idx.env.begin(db=self._idx.blocks) as txn:
+            for i in range(first_block, first_block + count):
+                raw = txn.get(hashes[i])
+                if raw is None:
+                    break
+                parent = hashes[i - 1] if i else namespace.root_hash()
+                try:
+                    rec = BlockRecord.decode(raw)
+                    reason = self._record_mismatch(rec, namespace, parent,
+                                                   tokens[i * bs:(i + 1) * bs].tobytes())
+                except RecordError as exc:
+                    reason = str(exc)
+                if reason:
+                    bad = (hashes[i], parent, reason, raw)
+                    break
+                found.append((i, rec))
+        if found:
+            self.leases.grant([hashes[i] for i, _ in found], lease_s)
+            for i, _ in found:
+                self._touch(hashes[i])
+        if bad is not None:
+            self._fail(*bad, namespace)
+        return found
 
     def _record_mismatch(self, rec: BlockRecord, ns: Namespace, parent: bytes, tokens: bytes) -> str:
         if rec.ns != ns.root_hash() or rec.format_version != ns.format_version:
@@ -410,7 +469,10 @@ class BlockStore:
         """Evict LRU leaves until at least bytes_to_free payload bytes are freed; returns freed."""
         if self.readonly:
             raise InvalidArgument("store opened readonly")
-        return self._evict(bytes_to_free, frozenset())
+        freed = self._evict(bytes_to_free, self.leases.live())
+        if freed < bytes_to_free:
+            freed += self._evict(bytes_to_free - freed, frozenset())
+        return freed
 
     def _evict(self, bytes_to_free: int, protect: frozenset[bytes]) -> int:
         with self._lock:

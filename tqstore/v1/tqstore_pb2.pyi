@@ -132,6 +132,52 @@ class PutResponse(_message.Message):
     stored_blocks: int
     def __init__(self, stored_blocks: _Optional[int] = ...) -> None: ...
 
+class LocateRequest(_message.Message):
+    __slots__ = ("namespace", "token_ids", "first_block", "num_blocks", "lease_ms")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_block: int
+    num_blocks: int
+    lease_ms: int
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class BlockLocation(_message.Message):
+    __slots__ = ("block_index", "file_size", "raw_size", "stored_size", "compression", "chunk_lengths", "chunk_checksums")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    file_size: int
+    raw_size: int
+    stored_size: int
+    compression: str
+    chunk_lengths: _containers.RepeatedScalarFieldContainer[int]
+    chunk_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_index: _Optional[int] = ..., file_size: _Optional[int] = ..., raw_size: _Optional[int] = ..., stored_size: _Optional[int] = ..., compression: _Optional[str] = ..., chunk_lengths: _Optional[_Iterable[int]] = ..., chunk_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LocateResponse(_message.Message):
+    __slots__ = ("blocks_dir", "store_id", "lease_ms", "payload_version", "blocks")
+    BLOCKS_DIR_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks_dir: str
+    store_id: str
+    lease_ms: int
+    payload_version: int
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
+    def __init__(self, blocks_dir: _Optional[str] = ..., store_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., payload_version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

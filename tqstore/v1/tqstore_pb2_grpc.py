@@ -49,6 +49,11 @@ class KvStoreStub:
                 request_serializer=tqstore_dot_v1_dot_tqstore__pb2.PutRequest.SerializeToString,
                 response_deserializer=tqstore_dot_v1_dot_tqstore__pb2.PutResponse.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/tqstore.v1.KvStore/Locate',
+                request_serializer=tqstore_dot_v1_dot_tqstore__pb2.LocateRequest.SerializeToString,
+                response_deserializer=tqstore_dot_v1_dot_tqstore__pb2.LocateResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/tqstore.v1.KvStore/Stats',
                 request_serializer=tqstore_dot_v1_dot_tqstore__pb2.StatsRequest.SerializeToString,
@@ -77,6 +82,12 @@ class KvStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Locate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -100,6 +111,11 @@ def add_KvStoreServicer_to_server(servicer, server):
                     servicer.Put,
                     request_deserializer=tqstore_dot_v1_dot_tqstore__pb2.PutRequest.FromString,
                     response_serializer=tqstore_dot_v1_dot_tqstore__pb2.PutResponse.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=tqstore_dot_v1_dot_tqstore__pb2.LocateRequest.FromString,
+                    response_serializer=tqstore_dot_v1_dot_tqstore__pb2.LocateResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -188,6 +204,33 @@ class KvStore:
             '/tqstore.v1.KvStore/Put',
             tqstore_dot_v1_dot_tqstore__pb2.PutRequest.SerializeToString,
             tqstore_dot_v1_dot_tqstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tqstore.v1.KvStore/Locate',
+            tqstore_dot_v1_dot_tqstore__pb2.LocateRequest.SerializeToString,
+            tqstore_dot_v1_dot_tqstore__pb2.LocateResponse.FromString,
             options,
             channel_credentials,
             insecure,

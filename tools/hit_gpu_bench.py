@@ -1,0 +1,169 @@
+"""A full hit against cold prefill on a real-size model shape, and the block transport's GB/s,
+in one run on one machine (issue 16). For the GPU machine; `--shape tiny` runs anywhere.
+
+Model: random bf16 weights in a Llama-3-8B shape (32 layers, 8 KV heads, head_dim 128: fp16 KV
+131 KB per token), built in memory (no weights file), SmolLM2's tokenizer; prompts are random
+token ids. The blocks a hit reads are the ones our own cold run computed and uploaded, so a hit
+must give the cold run's tokens exactly.
+
+Per prompt length, in this order:
+- stock: mlx-lm's fp16 KVCache, generate_step's prefill (2048-token steps): the cold TTFT users
+  have today (best of 2, after a warm-up);
+- cold: tqstore's CachedGenerator with nothing stored (its blocks are uploaded, then awaited);
+- hit: the same prompt again (Lookup, same-host read or gRPC, restore, the last token), 3 runs;
+- transport: the hit's blocks fetched alone: same-host read, gRPC with 1 and 4 streams, against
+  a raw read of the same payload files (into fresh memory, and into a reused buffer), and the
+  host-to-device copy (mx.array of the fetched K and V).
+Then 1 and 16 client processes Lookup+Fetch over TCP (gRPC, no same-host reads).
+The daemon is a separate `tqstore serve` process on loopback TCP. Prints a table and JSON.
+
+    python3 tools/hit_gpu_bench.py --sizes 8192 32768 [--shape llama3-8b] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
+from gpu_bench_inputs import SHAPES, log, model_config  # noqa: E402
+
+
+def build_model(shape: str, seed: int):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models import llama
+
+    from tqstore.models.loader import LoadedModel
+    from tqstore.models.smollm2 import load_smollm2
+
+    smol = load_smollm2()
+    cfg = model_config(shape, smol.tokenizer.vocab_size, {})
+    cfg["max_position_embeddings"] = 131072
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    key = mx.random.key(seed)
+    params = []
+    for name, p in tree_flatten(model.parameters()):
+        key, sub = mx.random.split(key)
+        params.append((name, mx.ones(p.shape, mx.bfloat16) if name.endswith("norm.weight")
+                       else mx.random.normal(p.shape, mx.bfloat16, scale=0.02, key=sub)))
+        mx.eval(params[-1][1])
+    model.update(tree_unflatten(params))
+    return LoadedModel(model, smol.tokenizer, f"random-{shape}-seed{seed}", "")
+
+
+def stock_ttft(loaded, ids: list[int]) -> float:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(loaded.model)
+    start = time.perf_counter()
+    token, _ = next(generate_step(mx.array(ids), loaded.model, max_tokens=1, prompt_cache=cache,
+                                  prefill_step_size=2048))
+    int(token)
+    ttft = time.perf_counter() - start
+    del cache
+    mx.clear_cache()
+    return ttft
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--pool-gib", type=float, default=8.0)
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args()
+
+    import mlx.core as mx
+    import numpy as np
+
+    from tqstore.bench.hit import _throughput, transport
+    from tqstore.client import KvStoreClient
+    from tqstore.generator import CachedGenerator
+    from tqstore.servers import ServerProcess, free_port, tqstore_argv
+
+    log(f"building a random {args.shape} model on {mx.default_device()}")
+    loaded = build_model(args.shape, 0)
+    store = tempfile.mkdtemp(prefix="tqstore-hit-gpu-")
+    address = f"127.0.0.1:{free_port()}"
+    daemon = ServerProcess("daemon", tqstore_argv("serve", "--path", store, "--listen", address,
+                                                  "--max-gib", "200"), Path(store) / "daemon.log")
+    rows, concurrency, prompts = [], {}, {}
+    rng = np.random.default_rng(0)
+    try:
+        probe = KvStoreClient(address)
+        daemon.wait_ready(lambda: probe.is_serving(timeout=1), 120)
+        for size in args.sizes:
+            ids = prompts[size] = rng.integers(0, loaded.tokenizer.vocab_size - 1, size).tolist()
+            stock_ttft(loaded, ids[:1024])  # warm-up: kernels compiled, memory pools sized
+            stock = min(stock_ttft(loaded, ids) for _ in range(2))
+            with KvStoreClient(address) as client:
+                gen = CachedGenerator(loaded, client, pool_budget_bytes=int(args.pool_gib * 2**30))
+                cold = gen.generate(ids, 2)
+                t = time.perf_counter()
+                cold.upload.result()
+                upload_s = time.perf_counter() - t
+                hits = [gen.generate(ids, 2) for _ in range(3)]
+                ns = gen.namespace
+                del gen
+                mx.clear_cache()
+                # The TurboQuant form: the daemon re-quantizes, ~4x fewer bytes move, the rest
+                # of the prompt attends to the dequantized prefix (close to cold, not equal).
+                tq_gen = CachedGenerator(loaded, client, fetch_form="turboquant",
+                                         pool_budget_bytes=int(args.pool_gib * 2**30))
+                tq = [tq_gen.generate(ids, 2) for _ in range(2)]
+                del tq_gen
+            mx.clear_cache()
+            hit = min(hits, key=lambda h: h.ttft_s)
+            blocks = hit.hit_tokens // ns.block_size
+            row = {"prompt_tokens": size, "stock_cold_ttft_s": stock, "cold_ttft_s": cold.ttft_s,
+                   "upload_wait_s": upload_s, "hit_ttft_s": [h.ttft_s for h in hits],
+                   "hit_tokens": hit.hit_tokens, "hit_status": hit.cache_status,
+                   "identical_to_cold": all(h.token_ids == cold.token_ids for h in hits),
+                   "hit_over_stock": hit.ttft_s / stock, "hit_over_cold": hit.ttft_s / cold.ttft_s,
+                   "turboquant_form_ttft_s": [h.ttft_s for h in tq],
+                   "turboquant_form_hit_tokens": tq[-1].hit_tokens,
+                   "turboquant_form_first_token_equal": tq[-1].token_ids[:1] == cold.token_ids[:1]}
+            row.update(transport(address, ns, ids, blocks, store))
+            rows.append(row)
+            log(f"{size} tokens: stock cold {stock:.3f} s, ours cold {cold.ttft_s:.3f} s, hit "
+                f"{hit.ttft_s:.3f} s = {row['hit_over_stock']:.3f}x stock, "
+                f"{row['hit_over_cold']:.3f}x ours; identical {row['identical_to_cold']}; "
+                f"TurboQuant-form hit {min(row['turboquant_form_ttft_s']):.3f} s; "
+                f"direct {row['direct_gbps']:.2f} GB/s ({row['direct_over_raw_fresh']:.2f}x raw "
+                f"fresh, {row['direct_over_raw_reused']:.2f}x raw reused), gRPC "
+                f"{row['grpc_1_stream_gbps']:.2f} / {row['grpc_4_streams_gbps']:.2f} GB/s (1/4 "
+                f"streams), to device {row['to_device_gbps']:.2f} GB/s")
+        size = args.sizes[0]
+        ids = prompts[size]
+        blocks = size // ns.block_size
+        one = _throughput(address, ns, ids, blocks, 1, args.seconds, direct=False)
+        many = _throughput(address, ns, ids, blocks, args.clients, args.seconds, direct=False)
+        concurrency = {"prompt_tokens": size, "single": one, "concurrent": many,
+                       "ratio": many["fp16_gb_per_s"] / one["fp16_gb_per_s"]}
+        log(f"TCP gRPC Lookup+Fetch, {size} tokens: 1 client {one['fp16_gb_per_s']:.2f} GB/s, "
+            f"{args.clients} clients {many['fp16_gb_per_s']:.2f} GB/s ({concurrency['ratio']:.2f}x)")
+    finally:
+        daemon.stop(grace=10)
+    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {mx.default_device()}",
+              "shape": args.shape, "rows": rows, "concurrency": concurrency}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
