@@ -111,7 +111,9 @@ def main() -> int:
             stock = min(stock_ttft(loaded, ids) for _ in range(2))
             with KvStoreClient(address) as client:
                 gen = CachedGenerator(loaded, client, pool_budget_bytes=int(args.pool_gib * 2**30))
-                cold = gen.generate(ids, 2)
+                chunk_times: list[float] = []
+                cold = gen.generate(ids, 2, progress=lambda done, total: chunk_times.append(
+                    time.perf_counter()))
                 t = time.perf_counter()
                 cold.upload.result()
                 upload_s = time.perf_counter() - t
@@ -132,6 +134,8 @@ def main() -> int:
                    "upload_wait_s": upload_s, "hit_ttft_s": [h.ttft_s for h in hits],
                    "hit_tokens": hit.hit_tokens, "hit_status": hit.cache_status,
                    "identical_to_cold": all(h.token_ids == cold.token_ids for h in hits),
+                   "cold_chunk_s": [round(b - a, 4) for a, b in zip(chunk_times, chunk_times[1:])],
+                   "hit_phases_s": hit.phases, "cold_phases_s": cold.phases,
                    "hit_over_stock": hit.ttft_s / stock, "hit_over_cold": hit.ttft_s / cold.ttft_s,
                    "turboquant_form_ttft_s": [h.ttft_s for h in tq],
                    "turboquant_form_hit_tokens": tq[-1].hit_tokens,
@@ -141,7 +145,9 @@ def main() -> int:
             log(f"{size} tokens: stock cold {stock:.3f} s, ours cold {cold.ttft_s:.3f} s, hit "
                 f"{hit.ttft_s:.3f} s = {row['hit_over_stock']:.3f}x stock, "
                 f"{row['hit_over_cold']:.3f}x ours; identical {row['identical_to_cold']}; "
-                f"TurboQuant-form hit {min(row['turboquant_form_ttft_s']):.3f} s; "
+                f"TurboQuant-form hit {min(row['turboquant_form_ttft_s']):.3f} s; hit phases "
+                f"{ {k: round(v, 3) for k, v in hit.phases.items()} }; cold chunks (s) first "
+                f"{row['cold_chunk_s'][:3]} last {row['cold_chunk_s'][-3:]}; "
                 f"direct {row['direct_gbps']:.2f} GB/s ({row['direct_over_raw_fresh']:.2f}x raw "
                 f"fresh, {row['direct_over_raw_reused']:.2f}x raw reused), gRPC "
                 f"{row['grpc_1_stream_gbps']:.2f} / {row['grpc_4_streams_gbps']:.2f} GB/s (1/4 "

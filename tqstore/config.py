@@ -90,7 +90,8 @@ class ClientConfig:
     direct_reads: "auto" (default): on a Unix socket or loopback address, read the daemon's
         payload files directly when they are visible here (tqstore/direct_read.py), else gRPC;
         "off": always gRPC; "on": as auto, but also on other addresses (a shared file system).
-    read_threads: threads of the same-host reader (each reads and verifies whole blocks).
+    read_threads: threads of the same-host reader (each reads and verifies whole blocks); 0:
+        one per core, at most 8 (page-cache reads scale with cores).
     fetch_streams: concurrent Fetch streams, each on its own connection, of one gRPC fetch;
         a fetch is split only where each stream carries at least min_stream_bytes, so small
         fetches and misses stay one call.
@@ -104,7 +105,7 @@ class ClientConfig:
     connect_timeout_s: float = 2.0
     rpc_timeout_s: float = 60.0
     direct_reads: str = "auto"
-    read_threads: int = 4
+    read_threads: int = 0
     fetch_streams: int = 4
     min_stream_bytes: int = 16 * MiB
     put_piece_bytes: int = 256 * MiB
@@ -113,7 +114,9 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.direct_reads not in ("auto", "on", "off"):
             raise InvalidArgument(f"direct_reads must be auto, on or off, got {self.direct_reads!r}")
-        for name in ("read_threads", "fetch_streams", "min_stream_bytes", "put_piece_bytes"):
+        if self.read_threads < 0:
+            raise InvalidArgument("read_threads must be 0 (automatic) or positive")
+        for name in ("fetch_streams", "min_stream_bytes", "put_piece_bytes"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidArgument(f"{name} must be positive")
 

@@ -40,9 +40,11 @@ _IOV_MAX = 512  # below Linux's 1024 and macOS's 1024 iovecs per preadv
 
 
 class DirectReader:
-    """Reads located blocks into a PrefixKV on `threads` threads (one block per task)."""
+    """Reads located blocks into a PrefixKV on `threads` threads (one block per task; 0: one
+    per core, at most 8)."""
 
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self, threads: int = 0) -> None:
+        threads = threads or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tqstore-read")
 
     def close(self) -> None:

@@ -62,6 +62,9 @@ class GenerationReport:
     # The first decode step after the first token: includes quantizing the prefill once.
     first_step_s: float = 0.0
     upload: Future | None = field(default=None, repr=False)
+    # Where TTFT went: "fetch" (Lookup and the blocks' bytes), "restore" (into the cache, on the
+    # device), "prefill" (the rest of the prompt and the first token).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class CachedGenerator:
@@ -171,6 +174,7 @@ class CachedGenerator:
             raise TqstoreError("empty prompt")
         start = time.perf_counter()
         blocks, status = self.fetch_prefix(prompt_ids)
+        fetched = time.perf_counter()
         # The last prompt token is always computed (its logits give the first token), so a hit of
         # the whole prompt restores all but that one token.
         hit_tokens = min(len(blocks) * self.block_size, len(prompt_ids) - 1)
@@ -180,6 +184,8 @@ class CachedGenerator:
         try:
             if blocks:
                 self.restore(caches, blocks, hit_tokens)
+                mx.eval([c.state for c in caches])
+            restored = time.perf_counter()
             # A TurboQuant-form hit holds no fp16 prefill to upload (a documented trade-off).
             if (self.client is not None and not status.startswith("daemon unreachable")
                     and not (blocks and self.fetch_form == "turboquant")):
@@ -191,9 +197,11 @@ class CachedGenerator:
             kv_fp16 = sum(c.fp16_nbytes for c in caches)
         finally:
             release_prompt_cache(caches)
+        phases = {"fetch": fetched - start, "restore": restored - fetched,
+                  "prefill": ttft - (restored - start)}
         return GenerationReport(text, tokens, len(prompt_ids), hit_tokens, ttft, decode_tps,
                                 status, kv_bytes, kv_fp16, first_step,
-                                uploads[0] if uploads else None)
+                                uploads[0] if uploads else None, phases)
 
     def _prefill(self, caches, prompt_ids: list[int], hit_tokens: int,
                  progress: Callable[[int, int], None] | None, start: float) -> tuple[int, float]:
@@ -207,7 +215,9 @@ class CachedGenerator:
             if end <= begin:
                 continue
             logits = model(mx.array([prompt_ids[begin:end]]), cache=caches)
-            mx.eval(logits, [c.state for c in caches])
+            # Only the last chunk's logits are used: an earlier chunk evaluates its KV alone
+            # (as mlx-lm's prefill does), so the lm_head never runs over its positions.
+            mx.eval(logits if end == total else [], [c.state for c in caches])
             if progress is not None:
                 progress(end - hit_tokens, total - hit_tokens)
         first = int(mx.argmax(logits[0, -1]).item())

@@ -31,15 +31,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
-from tqstore.payload_format import FILE_VERSION
 from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
+from tqstore.payload_format import FILE_VERSION
 from tqstore.requantize import Requantizer
 from tqstore.rpc_log import RpcLog
 from tqstore.ssd.store import BlockStore
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
-from tqstore.wire import (BlockAssembler, codec_from_proto, fp16_chunks, layers_per_chunk,
-                          namespace_from_proto, tensor_to_proto)
+from tqstore.wire import (BlockAssembler, codec_from_proto, fp16_chunks_encoded, layers_per_chunk,
+                          namespace_from_proto, serialize_chunk, tensor_to_proto)
 
 log = logging.getLogger("tqstore.server")
 SERVICE_NAME = "tqstore.v1.KvStore"
@@ -127,7 +127,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                 _abort(context, exc)
                 return
             if codec is None:
-                yield from fp16_chunks(ns, index, payload.keys, payload.values)
+                yield from fp16_chunks_encoded(ns, index, payload.keys, payload.values)
             else:
                 yield from self._turboquant_chunks(ns, codec, index, payload)
 
@@ -223,6 +223,26 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             _abort(context, exc)
 
 
+def _add_service(servicer: KvStoreService, server: grpc.Server) -> None:
+    """pb_grpc.add_KvStoreServicer_to_server, except that Fetch's responses are serialized by
+    wire.serialize_chunk, so fp16 chunks go out pre-encoded (one copy of their bytes)."""
+    captured: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            captured.update(handlers)
+
+    pb_grpc.add_KvStoreServicer_to_server(servicer, _Capture())
+    captured["Fetch"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Fetch, request_deserializer=pb.FetchRequest.FromString,
+        response_serializer=serialize_chunk)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, captured),))
+    server.add_registered_method_handlers(SERVICE_NAME, captured)
+
+
 class AddressInUse(OSError):
     """Another process listens on the daemon's address."""
 
@@ -302,7 +322,7 @@ class Daemon:
             self.server.stop(None)  # releases the bound port
             raise
         self.service = KvStoreService(self.store, config)
-        pb_grpc.add_KvStoreServicer_to_server(self.service, self.server)
+        _add_service(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._stopped = threading.Event()

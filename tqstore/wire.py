@@ -98,6 +98,71 @@ def layers_per_chunk(ns: Namespace, bytes_per_layer_token: int) -> int:
     return max(1, min(ns.num_layers, CHUNK_TARGET_BYTES // max(per_layer, 1)))
 
 
+@dataclass(frozen=True)
+class EncodedChunk:
+    """A KvChunk already in protobuf wire format (the daemon's Fetch sends these: see
+    encode_fp16_chunk). Quacks like the message where the daemon's RPC log looks at it."""
+
+    block_index: int
+    data: bytes
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf message method it stands in for
+        return len(self.data)
+
+
+def serialize_chunk(chunk: pb.KvChunk | EncodedChunk) -> bytes:
+    """The Fetch response serializer: encoded chunks as they are, messages serialized."""
+    return chunk.data if isinstance(chunk, EncodedChunk) else chunk.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _fp16_tensor_head(shape: Sequence[int], nbytes: int) -> bytes:
+    """A Tensor message's fields before its data: packed shape (1), dtype (2), data's tag and
+    length (3); the data follows."""
+    packed = b"".join(_varint(d) for d in shape)
+    return (b"\x0a" + _varint(len(packed)) + packed + b"\x12\x07float16"
+            + b"\x1a" + _varint(nbytes))
+
+
+def encode_fp16_chunk(block_index: int, layer_start: int, keys: np.ndarray,
+                      values: np.ndarray) -> EncodedChunk:
+    """KvChunk(block_index, layer_start, layer_count, keys, values) in wire format, with the
+    arrays' bytes copied once (protobuf would copy them into the message, then again into the
+    serialized bytes: on loopback those copies bounded the daemon's Fetch). Byte for byte what
+    SerializeToString gives (tests/server/test_wire.py): fields in number order, zeros omitted.
+    Arrays must be C-contiguous little-endian float16."""
+    parts: list[bytes | memoryview] = []
+    for tag, value in ((0x08, block_index), (0x10, layer_start), (0x18, keys.shape[0])):
+        if value:
+            parts += [bytes([tag]), _varint(value)]
+    for tag, array in ((0x22, keys), (0x2A, values)):
+        if array.dtype != np.dtype("<f2") or not array.flags.c_contiguous:
+            raise InvalidArgument("encode_fp16_chunk takes C-contiguous little-endian float16")
+        head = _fp16_tensor_head(array.shape, array.nbytes)
+        parts += [bytes([tag]), _varint(len(head) + array.nbytes), head,
+                  memoryview(array).cast("B")]
+    return EncodedChunk(block_index, b"".join(parts))
+
+
+def fp16_chunks_encoded(ns: Namespace, block_index: int, keys: np.ndarray,
+                        values: np.ndarray) -> Iterator[EncodedChunk]:
+    """fp16_chunks, pre-encoded (the daemon's Fetch)."""
+    step = layers_per_chunk(ns, 2 * 2 * ns.head_dim)
+    for start in range(0, ns.num_layers, step):
+        stop = min(start + step, ns.num_layers)
+        yield encode_fp16_chunk(block_index, start, keys[start:stop], values[start:stop])
+
+
 def fp16_chunks(ns: Namespace, block_index: int, keys: np.ndarray, values: np.ndarray) -> Iterator[pb.KvChunk]:
     """Split one block's fp16 K/V (layers, heads, block_size, head_dim) into layer chunks."""
     step = layers_per_chunk(ns, 2 * 2 * ns.head_dim)
