@@ -151,7 +151,8 @@ def main() -> int:
                 f"direct {row['direct_gbps']:.2f} GB/s ({row['direct_over_raw_fresh']:.2f}x raw "
                 f"fresh, {row['direct_over_raw_reused']:.2f}x raw reused), gRPC "
                 f"{row['grpc_1_stream_gbps']:.2f} / {row['grpc_4_streams_gbps']:.2f} GB/s (1/4 "
-                f"streams), to device {row['to_device_gbps']:.2f} GB/s")
+                f"streams), into MLX {row['to_device_gbps']:.2f} GB/s, first device read "
+                f"{row['first_device_read_gbps']:.2f} GB/s")
         size = args.sizes[0]
         ids = prompts[size]
         blocks = size // ns.block_size

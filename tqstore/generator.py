@@ -135,10 +135,12 @@ class CachedGenerator:
                 cache.load_turboquant_prefix(codes)
             return
         # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
-        # each layer is then a slice of it.
+        # each layer is then a 4-D slice of it: a view. (keys[layer] would be 3-D, and the
+        # cache's added batch axis would reshape a strided view, which copies.)
         keys, values = mx.array(blocks.keys), mx.array(blocks.values)
         for layer, cache in enumerate(caches):
-            cache.load_fp16_prefix(keys[layer, :, :tokens], values[layer, :, :tokens])
+            cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))
+            cache.load_fp16_prefix(keys[cut], values[cut])
 
     def upload_hook(self, caches, prompt_ids: list[int], first_block: int,
                      started: list[Future]) -> Callable:

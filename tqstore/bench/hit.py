@@ -147,6 +147,17 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
         mx.eval(k, v)
 
     row["to_device_gbps"] = gbps(nbytes, best(to_device))
+
+    def first_touch() -> float:
+        # On CUDA, MLX allocates managed memory: mx.array copies on the host, and the device's
+        # first read of the pages migrates them. This times that first read.
+        k, v = mx.array(got.keys), mx.array(got.values)
+        mx.eval(k, v)
+        t = time.perf_counter()
+        mx.eval(k.sum(), v.sum())
+        return time.perf_counter() - t
+
+    row["first_device_read_gbps"] = gbps(nbytes, min(first_touch() for _ in range(3)))
     return row
 
 
