@@ -88,6 +88,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []
         self._uploading: list[Request] = []  # finished, with uploads in flight
+        self._landed = 0  # finished requests whose uploads have all landed (an epoch)
         self._lock = threading.Lock()  # guards the counts submit() reads
         self._queued = 0  # submitted and not finished
         self._admitted = 0  # of those, admitted (in self._active)
@@ -239,7 +240,13 @@ class Engine:
             count += 1
         return count * self.pool.block_size
 
+    def _note_landed_uploads(self) -> None:
+        still = [a for a in self._uploading if not all(f.done() for f in a.uploads)]
+        self._landed += len(self._uploading) - len(still)
+        self._uploading = still
+
     def _plan_and_admit(self) -> None:
+        self._note_landed_uploads()
         for r in self._waiting:
             if r.state == "waiting":
                 memory = self._memory_hit_tokens(r.prompt)
@@ -248,7 +255,7 @@ class Engine:
                     # Ask for anything within a block of the memory hit: see _prefer_daemon.
                     r.fetch = self._fetcher.submit(self.gen.fetch_prefix, r.prompt,
                                                    max(0, memory - self.config.store_block))
-                    r.state = "fetching"
+                    r.fetch_epoch, r.state = self._landed, "fetching"
                 else:
                     r.state = "ready"
             if r.state == "fetching" and r.fetch.done():
@@ -267,6 +274,12 @@ class Engine:
                 # start from those exact fp16 blocks (and upload its own) rather than from pages.
                 r.held, r.state, r.blocks = False, "waiting", []
                 continue
+            if r.fetch_epoch is not None and r.fetch_epoch != self._landed and not r.replanned:
+                # Uploads landed after its daemon answer (a short request can prefill, answer
+                # and upload while this one's Lookup is in flight, so it was never held): the
+                # daemon may hold more of its prefix now. Plan once more.
+                r.replanned, r.state, r.blocks = True, "waiting", []
+                continue
             if not self._start(r):
                 break  # no pages for the oldest that could run: nobody overtakes it
             self._waiting.remove(r)
@@ -281,19 +294,22 @@ class Engine:
         the first computes it, the others then start from its blocks."""
         if self.config.exact_hits:
             return False
-        held = None
+        blocks = memory = None
         # Finished requests count until their uploads land: a short answer ends before its
         # blocks reach the daemon, and the waiter would then plan without them.
-        self._uploading = [a for a in self._uploading if not all(f.done() for f in a.uploads)]
         for a in self._active + self._uploading:
             uploading = self.client is not None and not all(f.done() for f in a.uploads)
             if a.pages_written and not uploading:
                 continue
             shared = _common_prefix(a.prompt_ids, r.prompt_ids)
             if shared >= WORTH_WAITING:
-                if held is None:  # what r has already: pages in the pool or daemon blocks
-                    held = max(self._memory_hit_tokens(r.prompt),
-                               min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1))
+                if blocks is None:  # what r has already: daemon blocks, pool pages
+                    blocks = min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1)
+                    memory = self._memory_hit_tokens(r.prompt)
+                # While a's blocks are uploading, r waits for them even though a's pages are
+                # in the pool: they are exact and r's own blocks then reach the daemon too
+                # (from pages, nothing computed over them is uploaded).
+                held = blocks if uploading else max(blocks, memory)
                 if shared - held >= WORTH_WAITING:
                     return True
         return False
@@ -422,8 +438,11 @@ class Engine:
             self._waiting.remove(r)
             if r.fetch is not None:
                 r.fetch.cancel()
-        if self.client is not None and not all(f.done() for f in r.uploads):
-            self._uploading.append(r)
+        if self.client is not None and r.uploads:
+            if all(f.done() for f in r.uploads):
+                self._landed += 1
+            else:
+                self._uploading.append(r)
         if r.caches is not None:
             release_prompt_cache(r.caches)  # pages back to the pool now; cached ones stay findable
             r.caches = None

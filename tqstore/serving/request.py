@@ -47,6 +47,8 @@ class Request:
     # engine-thread only
     pages_written: bool = False  # its prompt's pages are in the pool (after its first step)
     held: bool = False  # waited for another request's prefix
+    fetch_epoch: int | None = None  # the engine's landed-uploads count when it asked the daemon
+    replanned: bool = False  # planned again once because uploads landed after its answer
     uploads: list = field(default_factory=list)  # its Put futures
     _prompt_ids: np.ndarray | None = None
     caches: list | None = None
