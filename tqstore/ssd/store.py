@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from tqstore.config import StoreConfig
 from tqstore.ssd.eviction import evict_lru
 from tqstore.ssd.index import Index
 from tqstore.ssd.leases import Leases
+from tqstore.ssd.opening import remove_orphans, write_store_id
 from tqstore.ssd.payload import PayloadError
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
 from tqstore.ssd.stats import NamespaceStats, StoreStats
@@ -95,8 +95,8 @@ class BlockStore:
         threads = self.config.read_threads - 1
         self._executor = ThreadPoolExecutor(threads, "tqstore-ssd-read") if threads > 0 else None
         if not readonly:
-            self.recovered_orphans = self._remove_orphans()
-            self.store_id = self._write_store_id()
+            self.recovered_orphans = remove_orphans(self._idx, self.blocks_dir)
+            self.store_id = write_store_id(self.path)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -124,38 +124,10 @@ class BlockStore:
     def _file(self, key: bytes) -> str:
         return os.path.join(self.blocks_dir, key.hex() + ".blk")
 
-    def _write_store_id(self) -> str:
-        store_id = secrets.token_hex(16)
-        final = os.path.join(self.path, "store.id")
-        tmp = f"{final}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(store_id)
-        os.replace(tmp, final)
-        return store_id
-
     def _now(self) -> int:
         """Strictly increasing ns timestamps, so LRU order within a process is total."""
         self._clock = max(time.time_ns(), self._clock + 1)
         return self._clock
-
-    def _remove_orphans(self) -> int:
-        """Crash cleanup: temp files and payload files with no index record."""
-        removed = 0
-        with self._idx.env.begin(db=self._idx.blocks) as txn:
-            for name in os.listdir(self.blocks_dir):
-                stem, _, ext = name.partition(".")
-                orphan = ext != "blk"
-                if not orphan:
-                    try:
-                        orphan = txn.get(bytes.fromhex(stem)) is None
-                    except ValueError:
-                        orphan = True
-                if orphan:
-                    os.unlink(os.path.join(self.blocks_dir, name))
-                    removed += 1
-        if removed:
-            pl.fsync_dir(self.blocks_dir)
-        return removed
 
     # -- validation -----------------------------------------------------------------------------
     @staticmethod
