@@ -27,7 +27,8 @@ from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, Tqstore
 from tqstore.prefix_hash import Namespace, hash_prefix_blocks
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
-from tqstore.wire import BlockAssembler, PrefixWriter, codec_to_proto, fp16_chunks, namespace_to_proto
+from tqstore.wire import (BlockAssembler, PrefixWriter, codec_to_proto, fp16_chunks, namespace_to_proto,
+                          parse_fp16_chunk)
 
 log = logging.getLogger("tqstore.client")
 
@@ -66,7 +67,7 @@ class KvStoreClient:
         self._pending: list[Future] = []
         self._pending_lock = threading.Lock()
         self._options = options
-        self._stream_stubs: list[tuple[grpc.Channel, pb_grpc.KvStoreStub]] = []
+        self._stream_stubs: list[tuple[grpc.Channel, grpc.UnaryStreamMultiCallable]] = []
         self._streams = ThreadPoolExecutor(max_workers=config.fetch_streams,
                                            thread_name_prefix="tqstore-fetch")
         self._reader = None  # DirectReader, made at the first same-host fetch
@@ -193,13 +194,17 @@ class KvStoreClient:
             self._reader = DirectReader(self.config.read_threads)
         return answer
 
-    def _stream_stub(self, i: int) -> pb_grpc.KvStoreStub:
+    def _stream_stub(self, i: int):
         """Stub i of the parallel fetch: each on its own channel and connection (a local
         subchannel pool), so streams do not queue behind each other on one HTTP/2 connection."""
         while len(self._stream_stubs) <= i:
             channel = grpc.insecure_channel(self.config.address, options=self._options + [
                 ("grpc.use_local_subchannel_pool", 1)])
-            self._stream_stubs.append((channel, pb_grpc.KvStoreStub(channel)))
+            # fp16 chunks are parsed into views of the received bytes (wire.parse_fp16_chunk).
+            fetch = channel.unary_stream("/tqstore.v1.KvStore/Fetch",
+                                         request_serializer=pb.FetchRequest.SerializeToString,
+                                         response_deserializer=parse_fp16_chunk)
+            self._stream_stubs.append((channel, fetch))
         return self._stream_stubs[i][1]
 
     def _fetch_streams(self, ns: Namespace, token_ids: list[int], first: int, count: int,
@@ -222,14 +227,16 @@ class KvStoreClient:
                                       first_block=a, num_blocks=n, form=pb.KV_FORM_FP16)
             complete: set[int] = set()
             try:
-                for chunk in self._stream_stubs[i][1].Fetch(request,
-                                                            timeout=self.config.rpc_timeout_s):
+                for chunk in self._stream_stubs[i][1](request, timeout=self.config.rpc_timeout_s):
                     index = writer.add(chunk)
                     if index is not None:
                         complete.add(index)
             except grpc.RpcError as exc:
                 if i == 0 and not complete:
                     raise _translate(exc) from None
+            except InvalidArgument:
+                if i == 0 and not complete:
+                    raise
             return complete
 
         futures = [self._streams.submit(one, i) for i in range(len(ranges))]

@@ -223,6 +223,91 @@ class BlockAssembler:
         return sorted(self._parts)
 
 
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise InvalidArgument("malformed chunk: truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: memoryview):
+    """(field number, varint value or length-delimited view) of one protobuf message; fixed32 and
+    fixed64 fields are skipped (KvChunk and Tensor have none)."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, kind = key >> 3, key & 7
+        if kind == 0:
+            value, pos = _read_varint(data, pos)
+        elif kind == 2:
+            size, pos = _read_varint(data, pos)
+            if pos + size > len(data):
+                raise InvalidArgument("malformed chunk: field runs past the message")
+            value, pos = data[pos:pos + size], pos + size
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+            continue
+        else:
+            raise InvalidArgument(f"malformed chunk: wire type {kind}")
+        yield number, value
+
+
+def _tensor_fields(data: memoryview) -> tuple[tuple[int, ...], str, memoryview]:
+    shape: list[int] = []
+    dtype, payload = "", memoryview(b"")
+    for number, value in _fields(data):
+        if number == 1:  # packed (or, from other encoders, unpacked) repeated uint32
+            if isinstance(value, int):
+                shape.append(value)
+            else:
+                pos = 0
+                while pos < len(value):
+                    dim, pos = _read_varint(value, pos)
+                    shape.append(dim)
+        elif number == 2:
+            dtype = bytes(value).decode("ascii", "replace")
+        elif number == 3:
+            payload = value
+    return tuple(shape), dtype, payload
+
+
+@dataclass
+class Fp16ChunkView:
+    """An fp16 KvChunk parsed from its wire bytes without copying them (the client's Fetch
+    deserializer, parse_fp16_chunk): what PrefixWriter.add needs."""
+
+    block_index: int = 0
+    layer_start: int = 0
+    layer_count: int = 0
+    keys: tuple[tuple[int, ...], str, memoryview] = ((), "", memoryview(b""))
+    values: tuple[tuple[int, ...], str, memoryview] = ((), "", memoryview(b""))
+
+
+def parse_fp16_chunk(data: bytes) -> Fp16ChunkView:
+    """A KvChunk's block index, layers and keys/values tensors as views of `data` (protobuf's
+    parser would copy the payloads into new bytes objects first; on one client that copy, under
+    the GIL, bounded a gRPC fetch). Other fields are ignored, as a fp16 fetch has none."""
+    chunk = Fp16ChunkView()
+    for number, value in _fields(memoryview(data)):
+        if number == 1:
+            chunk.block_index = value
+        elif number == 2:
+            chunk.layer_start = value
+        elif number == 3:
+            chunk.layer_count = value
+        elif number == 4:
+            chunk.keys = _tensor_fields(value)
+        elif number == 5:
+            chunk.values = _tensor_fields(value)
+    return chunk
+
+
 class PrefixWriter:
     """Writes fp16 Fetch chunks straight into a PrefixKV: block `first_block + k` goes to the
     PrefixKV's block k, one copy from the message bytes. Same checks as BlockAssembler (layer
@@ -233,7 +318,7 @@ class PrefixWriter:
         self.ns, self.out, self.first_block = ns, out, first_block
         self._layers: dict[int, list[tuple[int, int]]] = {}
 
-    def add(self, chunk: pb.KvChunk) -> int | None:
+    def add(self, chunk: pb.KvChunk | Fp16ChunkView) -> int | None:
         start, count, index = chunk.layer_start, chunk.layer_count, chunk.block_index
         slot = index - self.first_block
         if not 0 <= slot < len(self.out):
@@ -247,8 +332,17 @@ class PrefixWriter:
         shape = (count, self.ns.num_kv_heads, self.ns.block_size, self.ns.head_dim)
         cut = slice(slot * self.ns.block_size, (slot + 1) * self.ns.block_size)
         for name, target in (("keys", self.out.keys), ("values", self.out.values)):
-            check_tensor(getattr(chunk, name), f"block {index} {name}", shape, "float16")
-            target[start:start + count, :, cut] = tensor_view(getattr(chunk, name))
+            tensor = getattr(chunk, name)
+            if isinstance(chunk, Fp16ChunkView):
+                got_shape, dtype, data = tensor
+                if dtype != "float16" or got_shape != shape or len(data) != 2 * int(np.prod(shape)):
+                    raise InvalidArgument(f"block {index} {name}: {dtype} {got_shape} "
+                                          f"({len(data)} bytes), expected float16 {shape}")
+                view = np.frombuffer(data, dtype="<f2").reshape(shape)
+            else:
+                check_tensor(tensor, f"block {index} {name}", shape, "float16")
+                view = tensor_view(tensor)
+            target[start:start + count, :, cut] = view
         have.append((start, count))
         if sum(n for _, n in have) < self.ns.num_layers:
             return None

@@ -10,7 +10,7 @@ from tqstore.errors import InvalidArgument
 from tqstore.prefix_hash import Namespace
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.wire import (PrefixWriter, encode_fp16_chunk, fp16_chunks, fp16_chunks_encoded,
-                          tensor_to_proto)
+                          parse_fp16_chunk, tensor_to_proto)
 
 
 @pytest.mark.parametrize("block_index", [0, 1, 300, 70000])
@@ -68,3 +68,28 @@ def test_prefix_writer_places_chunks_and_rejects_what_does_not_fit(rng):
     bad.keys.dtype = "uint8"
     with pytest.raises(InvalidArgument, match="dtype"):
         PrefixWriter(ns, out, 5).add(bad)
+
+
+def test_the_clients_chunk_parser_reads_what_protobuf_writes_and_rejects_damage(rng):
+    ns = Namespace("m", num_layers=6, num_kv_heads=2, head_dim=64, block_size=512)
+    shape = (6, 2, 512, 64)
+    keys = rng.standard_normal(shape).astype(np.float16)
+    values = rng.standard_normal(shape).astype(np.float16)
+    chunks = list(fp16_chunks(ns, 9, keys, values))
+    assert len(chunks) > 1
+    out = PrefixKV.empty(shape, 1)
+    writer = PrefixWriter(ns, out, first_block=9)
+    for chunk in chunks:
+        view = parse_fp16_chunk(chunk.SerializeToString())
+        assert (view.block_index, view.layer_start, view.layer_count) == \
+            (chunk.block_index, chunk.layer_start, chunk.layer_count)
+        writer.add(view)
+    assert np.array_equal(out.keys, keys) and np.array_equal(out.values, values)
+    data = chunks[0].SerializeToString()
+    with pytest.raises(InvalidArgument, match="malformed"):
+        parse_fp16_chunk(data[:-10])  # the values tensor cut short
+    short = pb.KvChunk()
+    short.CopyFrom(chunks[0])
+    short.keys.data = short.keys.data[:-2]
+    with pytest.raises(InvalidArgument, match="expected float16"):
+        PrefixWriter(ns, PrefixKV.empty(shape, 1), 9).add(parse_fp16_chunk(short.SerializeToString()))
