@@ -71,6 +71,7 @@ class KvStoreClient:
         self._streams = ThreadPoolExecutor(max_workers=config.fetch_streams,
                                            thread_name_prefix="tqstore-fetch")
         self._reader = None  # DirectReader, made at the first same-host fetch
+        self._lazy = threading.Lock()  # the reader and the stream channels: made once, on use
         self.direct_reads = config.direct_reads == "on" or (config.direct_reads == "auto"
                                                             and config.is_local)
 
@@ -190,8 +191,9 @@ class KvStoreClient:
             log.info("the daemon's store %s is not visible here: fetching over gRPC",
                      answer.blocks_dir)
             return None
-        if self._reader is None:
-            self._reader = DirectReader(self.config.read_threads)
+        with self._lazy:  # fetches may run on several threads (the engine's fetchers)
+            if self._reader is None:
+                self._reader = DirectReader(self.config.read_threads)
         return answer
 
     def _stream_stub(self, i: int):
@@ -217,8 +219,8 @@ class KvStoreClient:
                              count * block_bytes // self.config.min_stream_bytes))
         per = -(-count // streams)
         ranges = [(a, min(per, first + count - a)) for a in range(first, first + count, per)]
-        for i in range(len(ranges)):
-            self._stream_stub(i)  # channels are made here, on one thread
+        with self._lazy:
+            stubs = [self._stream_stub(i) for i in range(len(ranges))]
 
         def one(i: int) -> set[int]:
             a, n = ranges[i]
@@ -227,7 +229,7 @@ class KvStoreClient:
                                       first_block=a, num_blocks=n, form=pb.KV_FORM_FP16)
             complete: set[int] = set()
             try:
-                for chunk in self._stream_stubs[i][1](request, timeout=self.config.rpc_timeout_s):
+                for chunk in stubs[i](request, timeout=self.config.rpc_timeout_s):
                     index = writer.add(chunk)
                     if index is not None:
                         complete.add(index)

@@ -193,3 +193,21 @@ def test_shares_files_needs_the_daemons_store_id_beside_its_blocks(tmp_path):
         for k, v in wrong.items():
             setattr(changed, k, v)
         assert not DirectReader.shares_files(changed), wrong
+
+
+@pytest.mark.parametrize("direct", ["auto", "off"])
+def test_one_client_fetching_on_several_threads_at_once(daemon, namespace, rng, direct):
+    """The serving engine fetches on two threads through one client: the reader and the stream
+    channels are made once, and every fetch gets its own bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chains = [_tokens(rng, namespace, 6) for _ in range(4)]
+    blocks = [random_blocks(namespace, 6, rng) for _ in chains]
+    config = ClientConfig(daemon.address, direct_reads=direct, min_stream_bytes=1)
+    with KvStoreClient(config) as client:
+        for tokens, chain in zip(chains, blocks):
+            client.put(namespace, tokens, 0, chain)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda t: client.fetch_fp16_prefix(namespace, t, 0, 6), chains * 3))
+        assert all(_same(g, blocks[i % 4]) for i, g in enumerate(got))
+        assert len(client._stream_stubs) <= config.fetch_streams
