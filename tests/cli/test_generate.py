@@ -57,6 +57,11 @@ def test_prefill_progress_goes_to_stderr_as_plain_lines(tmp_path):
     assert lines and lines[-1] == (str(total), str(total))  # the last line always comes
     assert "\r" not in out.stderr  # not a terminal: no bar redrawn in place
     assert "prefill" not in out.stdout  # stdout carries only the generated text
+    # Where TTFT went, by phase (no daemon here: no fetch, no restore to speak of).
+    ttft, fetch, restore, rest = map(float, re.search(
+        r"TTFT ([\d.]+) s \(fetch ([\d.]+), restore ([\d.]+), prefill ([\d.]+)\)",
+        out.stderr).groups())
+    assert rest > 0 and abs(fetch + restore + rest - ttft) <= 0.025  # four values printed to 0.01
 
 
 def test_progress_on_a_terminal_redraws_one_bar():
