@@ -18,6 +18,14 @@ COMPRESSIONS = ("none", "zstd", "zstd-planes")
 __all__ = ["ClientConfig", "DEFAULT_LISTEN", "ServerConfig", "ServingConfig", "StoreConfig"]
 
 
+def is_local_address(address: str) -> bool:
+    """A Unix socket (unix:/path) or a loopback host:port."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Settings of one BlockStore.
@@ -79,8 +87,7 @@ class ServerConfig:
 
     @property
     def is_loopback(self) -> bool:
-        host = self.listen.rsplit(":", 1)[0].strip("[]")
-        return self.listen.startswith("unix:") or host in ("127.0.0.1", "localhost", "::1")
+        return is_local_address(self.listen)
 
 
 @dataclass(frozen=True)
@@ -123,10 +130,7 @@ class ClientConfig:
     @property
     def is_local(self) -> bool:
         """A Unix socket or a loopback address: the daemon runs on this host."""
-        if self.address.startswith("unix:"):
-            return True
-        host = self.address.rsplit(":", 1)[0].strip("[]")
-        return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+        return is_local_address(self.address)
 
 
 

@@ -29,10 +29,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import xxhash
-
 from tqstore.blocks import PrefixKV
-from tqstore.payload_format import FILE_VERSION, HEADER_SIZE, body_checksum, file_name, header
+from tqstore.payload_format import FILE_VERSION, HEADER_SIZE, body_checksum_state, file_name, header
 from tqstore.v1 import tqstore_pb2 as pb
 
 log = logging.getLogger("tqstore.direct_read")
@@ -143,22 +141,15 @@ def _finish(fd: int, runs: list[memoryview], offset: int, done: int) -> bool:
 
 
 def _verify(runs: list[memoryview], lengths: Sequence[int], checksums: Sequence[int]) -> bool:
-    """Each body chunk's XXH3-64 over the runs in file order (a chunk may span runs)."""
-    it = iter(runs)
-    run = next(it, memoryview(b""))
+    """Each body chunk's checksum over the runs in file order (a chunk spans several runs: a
+    run is one (layer, head) of the block, a chunk 1 MiB)."""
+    pieces = iter(runs)
+    run = memoryview(b"")
     for length, checksum in zip(lengths, checksums):
-        need = length
-        if len(run) >= need:  # the common case: one call over one contiguous piece
-            if body_checksum(run[:need]) != checksum:
-                return False
-            run = run[need:]
-            if not len(run):
-                run = next(it, memoryview(b""))
-            continue
-        state = xxhash.xxh3_64()
+        state, need = body_checksum_state(), length
         while need:
             if not len(run):
-                run = next(it, None)
+                run = next(pieces, None)
                 if run is None:
                     return False
                 continue
@@ -167,6 +158,4 @@ def _verify(runs: list[memoryview], lengths: Sequence[int], checksums: Sequence[
             run, need = run[take:], need - take
         if state.intdigest() != checksum:
             return False
-        if not len(run):
-            run = next(it, memoryview(b""))
     return True

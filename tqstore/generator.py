@@ -135,8 +135,8 @@ class CachedGenerator:
                 cache.load_turboquant_prefix(codes)
             return
         # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
-        # each layer is then a 4-D slice of it: a view. (keys[layer] would be 3-D, and the
-        # cache's added batch axis would reshape a strided view, which copies.)
+        # each layer is then a 4-D slice of it (the cache takes it as it is; a 3-D slice
+        # would get a batch axis added by reshaping a strided view).
         keys, values = mx.array(blocks.keys), mx.array(blocks.values)
         for layer, cache in enumerate(caches):
             cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))

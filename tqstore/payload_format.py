@@ -28,6 +28,12 @@ def body_checksum(piece) -> int:
     return xxhash.xxh3_64_intdigest(piece)
 
 
+def body_checksum_state() -> "xxhash.xxh3_64":
+    """body_checksum fed piece by piece (a chunk read into several places): update() each
+    piece in order, then intdigest() equals body_checksum of the whole chunk."""
+    return xxhash.xxh3_64()
+
+
 def header(key: bytes, compression: str, raw_size: int, stored_size: int) -> bytes:
     head = _HEADER.pack(FILE_MAGIC, FILE_VERSION, COMPRESSION_CODES[compression], 0,
                         raw_size, stored_size, key)

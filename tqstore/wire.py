@@ -154,20 +154,23 @@ def encode_fp16_chunk(block_index: int, layer_start: int, keys: np.ndarray,
     return EncodedChunk(block_index, b"".join(parts))
 
 
+def fp16_layer_ranges(ns: Namespace) -> Iterator[tuple[int, int]]:
+    """The [start, stop) layers of each ~1 MiB fp16 chunk of one block."""
+    step = layers_per_chunk(ns, 2 * 2 * ns.head_dim)
+    for start in range(0, ns.num_layers, step):
+        yield start, min(start + step, ns.num_layers)
+
+
 def fp16_chunks_encoded(ns: Namespace, block_index: int, keys: np.ndarray,
                         values: np.ndarray) -> Iterator[EncodedChunk]:
     """fp16_chunks, pre-encoded (the daemon's Fetch)."""
-    step = layers_per_chunk(ns, 2 * 2 * ns.head_dim)
-    for start in range(0, ns.num_layers, step):
-        stop = min(start + step, ns.num_layers)
+    for start, stop in fp16_layer_ranges(ns):
         yield encode_fp16_chunk(block_index, start, keys[start:stop], values[start:stop])
 
 
 def fp16_chunks(ns: Namespace, block_index: int, keys: np.ndarray, values: np.ndarray) -> Iterator[pb.KvChunk]:
     """Split one block's fp16 K/V (layers, heads, block_size, head_dim) into layer chunks."""
-    step = layers_per_chunk(ns, 2 * 2 * ns.head_dim)
-    for start in range(0, ns.num_layers, step):
-        stop = min(start + step, ns.num_layers)
+    for start, stop in fp16_layer_ranges(ns):
         yield pb.KvChunk(block_index=block_index, layer_start=start, layer_count=stop - start,
                          keys=tensor_to_proto(keys[start:stop]), values=tensor_to_proto(values[start:stop]))
 
@@ -309,8 +312,8 @@ def parse_fp16_chunk(data: bytes) -> Fp16ChunkView:
 
 
 class PrefixWriter:
-    """Writes fp16 Fetch chunks straight into a PrefixKV: block `first_block + k` goes to the
-    PrefixKV's block k, one copy from the message bytes. Same checks as BlockAssembler (layer
+    """Writes fp16 Fetch chunks (parse_fp16_chunk's views) straight into a PrefixKV: block
+    `first_block + k` goes to the PrefixKV's block k, one copy from the message bytes. Same checks as BlockAssembler (layer
     range, overlaps, shapes, dtypes). add() returns a block's index when all its layers arrived.
     One writer per stream: streams write disjoint blocks, so they share no state."""
 
@@ -318,7 +321,7 @@ class PrefixWriter:
         self.ns, self.out, self.first_block = ns, out, first_block
         self._layers: dict[int, list[tuple[int, int]]] = {}
 
-    def add(self, chunk: pb.KvChunk | Fp16ChunkView) -> int | None:
+    def add(self, chunk: Fp16ChunkView) -> int | None:
         start, count, index = chunk.layer_start, chunk.layer_count, chunk.block_index
         slot = index - self.first_block
         if not 0 <= slot < len(self.out):
@@ -332,17 +335,11 @@ class PrefixWriter:
         shape = (count, self.ns.num_kv_heads, self.ns.block_size, self.ns.head_dim)
         cut = slice(slot * self.ns.block_size, (slot + 1) * self.ns.block_size)
         for name, target in (("keys", self.out.keys), ("values", self.out.values)):
-            tensor = getattr(chunk, name)
-            if isinstance(chunk, Fp16ChunkView):
-                got_shape, dtype, data = tensor
-                if dtype != "float16" or got_shape != shape or len(data) != 2 * int(np.prod(shape)):
-                    raise InvalidArgument(f"block {index} {name}: {dtype} {got_shape} "
-                                          f"({len(data)} bytes), expected float16 {shape}")
-                view = np.frombuffer(data, dtype="<f2").reshape(shape)
-            else:
-                check_tensor(tensor, f"block {index} {name}", shape, "float16")
-                view = tensor_view(tensor)
-            target[start:start + count, :, cut] = view
+            got_shape, dtype, data = getattr(chunk, name)
+            if dtype != "float16" or got_shape != shape or len(data) != 2 * int(np.prod(shape)):
+                raise InvalidArgument(f"block {index} {name}: dtype {dtype!r} {got_shape} "
+                                      f"({len(data)} bytes), expected float16 {shape}")
+            target[start:start + count, :, cut] = np.frombuffer(data, "<f2").reshape(shape)
         have.append((start, count))
         if sum(n for _, n in have) < self.ns.num_layers:
             return None

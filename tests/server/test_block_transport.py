@@ -211,3 +211,16 @@ def test_one_client_fetching_on_several_threads_at_once(daemon, namespace, rng, 
             got = list(pool.map(lambda t: client.fetch_fp16_prefix(namespace, t, 0, 6), chains * 3))
         assert all(_same(g, blocks[i % 4]) for i, g in enumerate(got))
         assert len(client._stream_stubs) <= config.fetch_streams
+
+
+@pytest.mark.parametrize("address, local", [
+    ("unix:/tmp/kv.sock", True), ("127.0.0.1:50077", True), ("127.0.0.2:1", True),
+    ("localhost:80", True), ("[::1]:50077", True), ("10.0.0.5:50077", False),
+    ("kv.example.com:50077", False), ("[2001:db8::1]:1", False)])
+def test_which_addresses_count_as_this_host(address, local):
+    """Same-host reads are tried by default only here (and the daemon warns off loopback)."""
+    from tqstore.config import ServerConfig, is_local_address
+
+    assert is_local_address(address) is local
+    assert ClientConfig(address).is_local is local
+    assert ServerConfig(path="unused", listen=address).is_loopback is local

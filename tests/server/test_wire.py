@@ -13,6 +13,11 @@ from tqstore.wire import (PrefixWriter, encode_fp16_chunk, fp16_chunks, fp16_chu
                           parse_fp16_chunk, tensor_to_proto)
 
 
+def _parsed(chunk: pb.KvChunk):
+    """What the client's Fetch deserializer hands PrefixWriter for this message."""
+    return parse_fp16_chunk(chunk.SerializeToString())
+
+
 @pytest.mark.parametrize("block_index", [0, 1, 300, 70000])
 def test_pre_encoded_fp16_chunks_are_the_messages_bytes(block_index, rng):
     """The daemon sends fp16 chunks it encoded itself; they must be byte for byte what
@@ -49,25 +54,25 @@ def test_prefix_writer_places_chunks_and_rejects_what_does_not_fit(rng):
     for index in (6, 5):  # out of order, as parallel streams deliver them
         k, v = blocks[index - 5]
         for chunk in fp16_chunks(ns, index, k, v):
-            done.append(writer.add(chunk))
+            done.append(writer.add(_parsed(chunk)))
     assert [d for d in done if d is not None] == [6, 5]
     for slot in range(2):
         assert np.array_equal(out.block(slot).keys, blocks[slot][0])
         assert np.array_equal(out.block(slot).values, blocks[slot][1])
     k, v = blocks[2]
     with pytest.raises(InvalidArgument, match="outside the requested run"):
-        writer.add(next(fp16_chunks(ns, 7, k, v)))
+        writer.add(_parsed(next(fp16_chunks(ns, 7, k, v))))
     half = pb.KvChunk(block_index=5, layer_start=0, layer_count=2,
                       keys=tensor_to_proto(k[0:2]), values=tensor_to_proto(v[0:2]))
     fresh = PrefixWriter(ns, out, first_block=5)
-    assert fresh.add(half) is None
+    assert fresh.add(_parsed(half)) is None
     with pytest.raises(InvalidArgument, match="overlapping"):
-        fresh.add(half)
+        fresh.add(_parsed(half))
     bad = pb.KvChunk()
     bad.CopyFrom(half)
     bad.keys.dtype = "uint8"
     with pytest.raises(InvalidArgument, match="dtype"):
-        PrefixWriter(ns, out, 5).add(bad)
+        PrefixWriter(ns, out, 5).add(_parsed(bad))
 
 
 def test_the_clients_chunk_parser_reads_what_protobuf_writes_and_rejects_damage(rng):
