@@ -150,13 +150,15 @@ class KvStoreClient:
         out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count)
         done, source = 0, "grpc"
         located = self._locate(ns, token_ids, first_block, count) if self.direct_reads else None
-        if located is not None:
-            if not located.blocks:
-                raise NotFound("block not stored")
+        if located is not None and located.blocks:
             hashes = hash_prefix_blocks(ns, token_ids[: (first_block + count) * bs])
             done = self._reader.read(located, hashes, out, first_block)
             source = "direct"
-            if done == len(located.blocks) < count:  # the index holds no more of the chain
+        if located is not None and not located.more_by_fetch:
+            # The daemon's only tier is the index it answered from: it holds no more of the chain.
+            if not located.blocks:
+                raise NotFound("block not stored")
+            if done == len(located.blocks) < count:
                 count = done
         if done < count:
             try:
@@ -165,7 +167,7 @@ class KvStoreClient:
             except NotFound:
                 if not done:
                     raise
-            source = "direct+grpc" if source == "direct" else "grpc"
+            source = "direct+grpc" if done and source == "direct" else "grpc"
         result = out.head(done)
         result.source = source
         return result

@@ -15,7 +15,8 @@ MiB = 1 << 20
 DEFAULT_LISTEN = "127.0.0.1:50077"
 COMPRESSIONS = ("none", "zstd", "zstd-planes")
 
-__all__ = ["ClientConfig", "DEFAULT_LISTEN", "ServerConfig", "ServingConfig", "StoreConfig"]
+__all__ = ["ClientConfig", "DEFAULT_LISTEN", "RemoteConfig", "ServerConfig", "ServingConfig",
+           "StoreConfig"]
 
 
 def is_local_address(address: str) -> bool:
@@ -67,6 +68,45 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """The remote tier behind the daemon's local store (tqstore/remote): Redis or Redis Cluster.
+
+    url: redis://[user:password@]host:port[/db], rediss:// (TLS), redis-cluster://h1:p1,h2:p2,...
+        or rediss-cluster:// (tqstore/remote/address.py). The password is never logged.
+    lookup_deadline_s: the longest a Lookup waits on the remote; past it the daemon answers from
+        the local tier alone (and counts a timeout).
+    timeout_s: one remote read or write of block values (connect included).
+    max_backoff_s: after a remote error the remote is skipped for a backoff that doubles from
+        0.1 s up to this; the daemon serves from the local tier meanwhile.
+    upload_queue_bytes: blocks acknowledged locally and waiting to be copied to the remote; past
+        it a new upload is dropped and counted (the blocks stay in the local tier).
+    fill_queue_bytes: blocks served from the remote and waiting to be copied into the local tier.
+    fetch_batch_bytes: block bytes read from the remote in one round trip.
+    max_lookup_blocks: the most blocks one Lookup asks the remote about.
+    tls_ca_file: CA bundle for rediss:// (None: the system's).
+    """
+
+    url: str = field(repr=False)  # may carry a password
+    lookup_deadline_s: float = 0.05
+    timeout_s: float = 5.0
+    max_backoff_s: float = 5.0
+    upload_queue_bytes: int = 1 * GiB
+    fill_queue_bytes: int = 512 * MiB
+    fetch_batch_bytes: int = 64 * MiB
+    max_lookup_blocks: int = 8192
+    tls_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lookup_deadline_s", "timeout_s", "max_backoff_s", "upload_queue_bytes",
+                     "fill_queue_bytes", "fetch_batch_bytes", "max_lookup_blocks"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"remote {name} must be positive")
+        from tqstore.remote.address import parse_remote  # errors only: the URL checked up front
+
+        parse_remote(self.url)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """`tqstore serve`. Listens on loopback (or a Unix socket) unless told otherwise."""
 
@@ -80,6 +120,7 @@ class ServerConfig:
     drain_seconds: float = 30.0
     recent_requests: int = 256  # per-request hit rates kept for Stats
     store: StoreConfig = field(default_factory=StoreConfig)
+    remote: RemoteConfig | None = None  # None: the local tier only
 
     def __post_init__(self) -> None:
         if not (self.listen.startswith("unix:") or ":" in self.listen):

@@ -33,6 +33,7 @@ from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
 from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
 from tqstore.payload_format import FILE_VERSION
+from tqstore.remote.tiers import Tiers
 from tqstore.requantize import Requantizer
 from tqstore.rpc_log import RpcLog
 from tqstore.ssd.store import BlockStore
@@ -72,8 +73,9 @@ def _full_blocks(ns, token_ids) -> int:
 
 
 class KvStoreService(pb_grpc.KvStoreServicer):
-    def __init__(self, store: BlockStore, config: ServerConfig) -> None:
+    def __init__(self, store: BlockStore, config: ServerConfig, tiers: Tiers | None = None) -> None:
         self.store = store
+        self.tiers = tiers or Tiers(store)
         self.config = config
         self.requantizer = Requantizer()
         self._recent: collections.deque[float] = collections.deque(maxlen=config.recent_requests)
@@ -84,7 +86,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         try:
             ns = namespace_from_proto(request.namespace)
             tokens = list(request.token_ids)
-            hit = self.store.lookup(ns, tokens)
+            hit = self.tiers.lookup(ns, tokens)
             looked = len(tokens)  # hit rate counts every prompt token, as the store and vLLM do
             if looked:
                 with self._recent_lock:
@@ -114,16 +116,13 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
             return
-        for index in range(first, first + count):
-            if not context.is_active():
-                return
+        blocks = self.tiers.blocks(ns, tokens, first, count)
+        while context.is_active():
             try:
-                payload = self.store.get_block(ns, tokens, index)
-            except (NotFound, Corruption) as exc:
-                if index == first:
-                    _abort(context, exc)
-                return  # later blocks: the verified prefix already sent is the hit
-            except Exception as exc:  # noqa: BLE001
+                index, payload = next(blocks)
+            except StopIteration:
+                return  # the verified prefix already sent is the hit
+            except Exception as exc:  # noqa: BLE001 - NotFound: the first block is missing
                 _abort(context, exc)
                 return
             if codec is None:
@@ -175,7 +174,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             if sorted(blocks) != expected:
                 raise InvalidArgument(f"Put blocks {sorted(blocks)} are not contiguous from {first}")
             if blocks:
-                self.store.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
+                self.tiers.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
             return pb.PutResponse(stored_blocks=len(blocks))
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
@@ -192,6 +191,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             return pb.LocateResponse(
                 blocks_dir=os.path.abspath(self.store.blocks_dir), store_id=self.store.store_id,
                 lease_ms=lease_ms, payload_version=FILE_VERSION,
+                more_by_fetch=self.tiers.remote is not None,
                 blocks=[pb.BlockLocation(block_index=i, file_size=rec.file_size,
                                          raw_size=rec.raw_size, stored_size=rec.stored_size,
                                          compression=rec.compression,
@@ -218,9 +218,23 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                                             block_size=n.block_size, blocks=n.blocks, bytes=n.bytes)
                             for n in s.namespaces],
                 block_size_histogram=dict(s.block_size_histogram),
-                recent_request_hit_rates=recent, attention_backend=_attention_backend())
+                recent_request_hit_rates=recent, attention_backend=_attention_backend(),
+                tiers=_tier_stats(self.tiers.stats()))
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
+
+
+def _tier_stats(stats: dict[str, object]) -> pb.TierStats:
+    """Tiers.stats() as the proto message: counters keep their names; the local copies are the
+    filler's "fills"."""
+    renamed = {"fills": "local_copies", "fills_failed": "local_copies_failed"}
+    fields = {f.name for f in pb.TierStats.DESCRIPTOR.fields}
+    out = {}
+    for key, value in stats.items():
+        name = renamed.get(key, key)
+        if name in fields:
+            out[name] = value
+    return pb.TierStats(**out)
 
 
 def _add_service(servicer: KvStoreService, server: grpc.Server) -> None:
@@ -321,7 +335,14 @@ class Daemon:
         except BaseException:
             self.server.stop(None)  # releases the bound port
             raise
-        self.service = KvStoreService(self.store, config)
+        remote = None
+        if config.remote is not None:
+            from tqstore.remote.redis_tier import RedisTier  # imports redis only when asked
+
+            remote = RedisTier(config.remote)
+        self.tiers = Tiers(self.store, remote,
+                           config.remote.fill_queue_bytes if config.remote else 0)
+        self.service = KvStoreService(self.store, config, self.tiers)
         _add_service(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -346,13 +367,17 @@ class Daemon:
         return f"{self.config.listen.rsplit(':', 1)[0]}:{self.port}"
 
     def start(self) -> "Daemon":
+        if self.tiers.remote is not None:
+            self.tiers.remote.connect()  # not fatal: the daemon serves from local meanwhile
         self.server.start()
         self._flusher.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if not self.config.is_loopback:
             log.warning("listening on %s: reachable from other machines", self.config.listen)
-        log.info("serving %s on %s", self.config.path, self.address)
+        remote = self.tiers.remote
+        log.info("serving %s on %s%s", self.config.path, self.address,
+                 f" with remote tier {remote.address.redacted}" if remote else "")
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -364,6 +389,7 @@ class Daemon:
         self.server.stop(self.config.drain_seconds if grace is None else grace).wait()
         if self._flusher.is_alive():
             self._flusher.join()
+        self.tiers.close()
         self.store.close()
         log.info("stopped")
 

@@ -32,6 +32,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("quality", "tqstore.bench.quality", "KL and top-1 of cache configs on SmolLM2"),
     ("attention", "tqstore.bench.attention", "decode attention kernels vs fp16 SDPA"),
     ("hit", "tqstore.bench.hit", "hit TTFT vs cold prefill, concurrent throughput"),
+    ("remote", "tqstore.bench.remote", "the Redis tier: reads vs raw GETs, hit TTFT by tier"),
     ("serve", "tqstore.bench.serve", "agent workload: our endpoint vs mlx_lm.server"),
 ]
 

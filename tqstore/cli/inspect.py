@@ -90,8 +90,13 @@ def _from_daemon(addr: str) -> dict[str, Any]:
         s = client.stats()
     namespaces = [_row(n.digest, n.model, n.num_layers, n.num_kv_heads, n.head_dim,
                        n.block_size, n.blocks, n.bytes) for n in s.namespaces]
-    return _view(f"daemon {addr}", s, namespaces, list(s.recent_request_hit_rates),
+    view = _view(f"daemon {addr}", s, namespaces, list(s.recent_request_hit_rates),
                  s.attention_backend)
+    from google.protobuf.json_format import MessageToDict
+
+    view["tiers"] = MessageToDict(s.tiers, preserving_proto_field_name=True,
+                                  always_print_fields_with_no_presence=True)
+    return view
 
 
 def summarize(view: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +140,7 @@ def render(view: dict[str, Any]) -> str:
                                        f"median {per['p50']:.1%}, {per['full_hits']} full hits"))
     if view.get("attention_backend"):
         rows.append(("attention path", view["attention_backend"]))
+    rows += _tier_rows(view.get("tiers"))
     width = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     lines.append("\n  block size (tokens)   blocks        bytes")
@@ -150,6 +156,39 @@ def render(view: dict[str, Any]) -> str:
         lines.append(f"  {ns['digest']:<16}  {name:<{NAME_WIDTH}}  {layout:>18}   {ns['blocks']:>6}"
                      f"   {human_bytes(ns['bytes']):>10}")
     return "\n".join(lines)
+
+
+def _tier_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Hits by tier and the remote tier's health (a daemon's own counts since it started)."""
+    if not t:
+        return []
+    n = lambda key: int(t.get(key, 0))  # noqa: E731 - proto JSON gives uint64 as strings
+    looked = n("lookup_tokens") or 1
+    rows = [("hits by tier", f"local {n('local_hit_tokens')} tokens "
+                             f"({n('local_hit_tokens') / looked:.1%}), remote "
+                             f"{n('remote_hit_tokens')} ({n('remote_hit_tokens') / looked:.1%}) "
+                             f"of {n('lookup_tokens')} since start")]
+    if not t.get("remote_address"):
+        return rows + [("remote tier", "none")]
+    error = f"; last error: {printable(t['remote_last_error'])}" if t.get("remote_last_error") else ""
+    rows += [
+        ("remote tier", f"{t['remote_address']} ({t.get('remote_state', '?')}{error})"),
+        ("remote bytes", f"in {human_bytes(n('remote_bytes_in'))} ({n('remote_hit_blocks')} blocks), "
+                         f"out {human_bytes(n('remote_bytes_out'))} ({n('remote_uploaded_blocks')} "
+                         f"blocks, {n('remote_uploads_skipped')} already there)"),
+        ("remote errors", f"{n('remote_errors')} ({n('remote_lookup_timeouts')} lookup timeouts); "
+                          f"{n('remote_verification_failures')} values failed verification, "
+                          f"{n('remote_incomplete')} incomplete (deleted)"),
+        ("remote latency", f"lookup p50 {t.get('remote_lookup_ms_p50', 0):.2f} ms p99 "
+                           f"{t.get('remote_lookup_ms_p99', 0):.2f}; get p50 "
+                           f"{t.get('remote_get_ms_p50', 0):.2f} p99 {t.get('remote_get_ms_p99', 0):.2f}; "
+                           f"put p50 {t.get('remote_put_ms_p50', 0):.2f} p99 "
+                           f"{t.get('remote_put_ms_p99', 0):.2f}"),
+        ("remote uploads", f"queued {human_bytes(n('remote_upload_queue_bytes'))}, dropped "
+                           f"{n('remote_uploads_dropped')}, failed {n('remote_uploads_failed')}; "
+                           f"local copies {n('local_copies')} ({n('local_copies_failed')} not kept)"),
+    ]
+    return rows
 
 
 def endpoint_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:

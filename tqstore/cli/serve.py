@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tqstore.config import COMPRESSIONS, DEFAULT_LISTEN, GiB, ServerConfig, StoreConfig
+from tqstore.config import COMPRESSIONS, DEFAULT_LISTEN, GiB, RemoteConfig, ServerConfig, StoreConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-seconds", type=float, default=ServerConfig.drain_seconds,
                         help="on SIGTERM/SIGINT, how long in-flight calls may finish before the "
                              f"daemon exits (default {ServerConfig.drain_seconds:g})")
+    parser.add_argument("--remote", metavar="URL",
+                        help="a remote tier shared by daemons on several hosts, behind this "
+                             "store: redis://[:password@]host:port[/db], rediss:// (TLS), or "
+                             "redis-cluster://host1:port1,host2:port2,... (rediss-cluster:// "
+                             "with TLS)")
+    parser.add_argument("--remote-deadline-ms", type=float,
+                        default=RemoteConfig.lookup_deadline_s * 1000,
+                        help="the longest a Lookup waits on the remote before answering from the "
+                             f"local store alone (default {RemoteConfig.lookup_deadline_s * 1000:g})")
+    parser.add_argument("--remote-timeout-s", type=float, default=RemoteConfig.timeout_s,
+                        help="one remote read or write of block values (default "
+                             f"{RemoteConfig.timeout_s:g})")
+    parser.add_argument("--remote-ca-file", help="CA bundle for rediss:// (default: the system's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
     # The one handler of the process: the start-up line and one line per RPC come from
     # tqstore.server through it, once each (a print beside it doubled the start-up line).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    remote = None
+    if args.remote:
+        remote = RemoteConfig(url=args.remote, lookup_deadline_s=args.remote_deadline_ms / 1000,
+                              timeout_s=args.remote_timeout_s, tls_ca_file=args.remote_ca_file)
     config = ServerConfig(path=args.path, listen=args.listen, workers=args.workers,
-                          drain_seconds=args.drain_seconds,
+                          drain_seconds=args.drain_seconds, remote=remote,
                           store=StoreConfig(max_bytes=int(args.max_gib * GiB),
                                             compression=args.compression))
     return Daemon(config).start().serve_until_signal()

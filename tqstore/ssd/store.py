@@ -227,9 +227,12 @@ class BlockStore:
         """Number of leading full blocks present (records' frame CRC verified; counts stats)."""
         tokens = token_array(token_ids)
         found = self.lookup_hashes(namespace, chain_hashes(namespace, tokens))
-        self._count({"lookups": 1, "lookup_tokens": len(tokens),
-                     "hit_tokens": found * namespace.block_size})
+        self.count_lookup(len(tokens), found * namespace.block_size)
         return found
+
+    def count_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
+        """Count one lookup in the persisted stats (the daemon's tiers count hits of both)."""
+        self._count({"lookups": 1, "lookup_tokens": lookup_tokens, "hit_tokens": hit_tokens})
 
     def lookup_hashes(self, namespace: Namespace, hashes: Sequence[bytes]) -> int:
         """lookup() for a chain the caller already hashed (the generator hashes its prompt

@@ -165,18 +165,20 @@ class BlockLocation(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., file_size: _Optional[int] = ..., raw_size: _Optional[int] = ..., stored_size: _Optional[int] = ..., compression: _Optional[str] = ..., chunk_lengths: _Optional[_Iterable[int]] = ..., chunk_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LocateResponse(_message.Message):
-    __slots__ = ("blocks_dir", "store_id", "lease_ms", "payload_version", "blocks")
+    __slots__ = ("blocks_dir", "store_id", "lease_ms", "payload_version", "blocks", "more_by_fetch")
     BLOCKS_DIR_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MORE_BY_FETCH_FIELD_NUMBER: _ClassVar[int]
     blocks_dir: str
     store_id: str
     lease_ms: int
     payload_version: int
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
-    def __init__(self, blocks_dir: _Optional[str] = ..., store_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., payload_version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ...) -> None: ...
+    more_by_fetch: bool
+    def __init__(self, blocks_dir: _Optional[str] = ..., store_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., payload_version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., more_by_fetch: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -203,7 +205,7 @@ class NamespaceRow(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("blocks", "bytes_on_disk", "logical_bytes", "max_bytes", "lookups", "lookup_tokens", "hit_tokens", "evictions", "verification_failures", "quarantined", "compression", "namespaces", "block_size_histogram", "recent_request_hit_rates", "attention_backend", "payload_bytes", "index_bytes")
+    __slots__ = ("blocks", "bytes_on_disk", "logical_bytes", "max_bytes", "lookups", "lookup_tokens", "hit_tokens", "evictions", "verification_failures", "quarantined", "compression", "namespaces", "block_size_histogram", "recent_request_hit_rates", "attention_backend", "payload_bytes", "index_bytes", "tiers")
     class BlockSizeHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +230,7 @@ class StatsResponse(_message.Message):
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     bytes_on_disk: int
     logical_bytes: int
@@ -245,4 +248,61 @@ class StatsResponse(_message.Message):
     attention_backend: str
     payload_bytes: int
     index_bytes: int
-    def __init__(self, blocks: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., verification_failures: _Optional[int] = ..., quarantined: _Optional[int] = ..., compression: _Optional[str] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceRow, _Mapping]]] = ..., block_size_histogram: _Optional[_Mapping[int, int]] = ..., recent_request_hit_rates: _Optional[_Iterable[float]] = ..., attention_backend: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ...) -> None: ...
+    tiers: TierStats
+    def __init__(self, blocks: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., verification_failures: _Optional[int] = ..., quarantined: _Optional[int] = ..., compression: _Optional[str] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceRow, _Mapping]]] = ..., block_size_histogram: _Optional[_Mapping[int, int]] = ..., recent_request_hit_rates: _Optional[_Iterable[float]] = ..., attention_backend: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("lookup_tokens", "local_hit_tokens", "remote_hit_tokens", "remote_address", "remote_state", "remote_last_error", "remote_hit_blocks", "remote_bytes_in", "remote_bytes_out", "remote_errors", "remote_lookup_timeouts", "remote_verification_failures", "remote_incomplete", "remote_uploaded_blocks", "remote_uploads_skipped", "remote_uploads_dropped", "remote_uploads_failed", "remote_upload_queue_bytes", "local_copies", "local_copies_failed", "remote_lookup_ms_p50", "remote_lookup_ms_p99", "remote_get_ms_p50", "remote_get_ms_p99", "remote_put_ms_p50", "remote_put_ms_p99")
+    LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_STATE_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_LOOKUP_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_VERIFICATION_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_UPLOADED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_UPLOADS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_UPLOADS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_UPLOADS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_UPLOAD_QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_COPIES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_COPIES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_LOOKUP_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_LOOKUP_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_GET_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_GET_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PUT_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PUT_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    lookup_tokens: int
+    local_hit_tokens: int
+    remote_hit_tokens: int
+    remote_address: str
+    remote_state: str
+    remote_last_error: str
+    remote_hit_blocks: int
+    remote_bytes_in: int
+    remote_bytes_out: int
+    remote_errors: int
+    remote_lookup_timeouts: int
+    remote_verification_failures: int
+    remote_incomplete: int
+    remote_uploaded_blocks: int
+    remote_uploads_skipped: int
+    remote_uploads_dropped: int
+    remote_uploads_failed: int
+    remote_upload_queue_bytes: int
+    local_copies: int
+    local_copies_failed: int
+    remote_lookup_ms_p50: float
+    remote_lookup_ms_p99: float
+    remote_get_ms_p50: float
+    remote_get_ms_p99: float
+    remote_put_ms_p50: float
+    remote_put_ms_p99: float
+    def __init__(self, lookup_tokens: _Optional[int] = ..., local_hit_tokens: _Optional[int] = ..., remote_hit_tokens: _Optional[int] = ..., remote_address: _Optional[str] = ..., remote_state: _Optional[str] = ..., remote_last_error: _Optional[str] = ..., remote_hit_blocks: _Optional[int] = ..., remote_bytes_in: _Optional[int] = ..., remote_bytes_out: _Optional[int] = ..., remote_errors: _Optional[int] = ..., remote_lookup_timeouts: _Optional[int] = ..., remote_verification_failures: _Optional[int] = ..., remote_incomplete: _Optional[int] = ..., remote_uploaded_blocks: _Optional[int] = ..., remote_uploads_skipped: _Optional[int] = ..., remote_uploads_dropped: _Optional[int] = ..., remote_uploads_failed: _Optional[int] = ..., remote_upload_queue_bytes: _Optional[int] = ..., local_copies: _Optional[int] = ..., local_copies_failed: _Optional[int] = ..., remote_lookup_ms_p50: _Optional[float] = ..., remote_lookup_ms_p99: _Optional[float] = ..., remote_get_ms_p50: _Optional[float] = ..., remote_get_ms_p99: _Optional[float] = ..., remote_put_ms_p50: _Optional[float] = ..., remote_put_ms_p99: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,167 @@
+"""Tiers: the daemon's local BlockStore in front, the shared remote tier (RedisTier) behind it.
+
+- Lookup: the local hit, then, for the rest of the chain, the blocks present in full in the
+  remote (within its deadline; none if it is down or slow). Stats count tokens hit by tier.
+- Fetch (`blocks`): local blocks while they last, then remote blocks, each verified like a
+  local read. A block served from the remote is copied into the local tier in the background
+  (a filler thread, queue bounded in bytes), so the next hit on this host is local. The copy
+  goes to the local tier only: it never goes back up to the remote.
+- Put: the local tier makes the blocks durable and only then is the Put acknowledged; the copy
+  to the remote is queued after that. A crash between the two loses no acknowledged block: it
+  is on the local disk, only missing from the shared tier (other hosts recompute it once).
+
+Without a remote this is the local store and nothing else runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tqstore.blocks import BlockPayload
+from tqstore.errors import Corruption, NotFound, TqstoreError
+from tqstore.prefix_hash import Namespace
+from tqstore.remote.redis_tier import RedisTier, UploadJob
+from tqstore.ssd.chain import chain_hashes, token_array
+from tqstore.ssd.store import BlockStore
+
+log = logging.getLogger("tqstore.tiers")
+
+
+class Tiers:
+    def __init__(self, local: BlockStore, remote: RedisTier | None = None,
+                 fill_queue_bytes: int = 512 << 20) -> None:
+        self.local = local
+        self.remote = remote
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Condition()
+        self._fills: collections.deque[tuple[Namespace, np.ndarray, int, BlockPayload]] = \
+            collections.deque()
+        self._fill_bytes = 0
+        self._fill_limit = fill_queue_bytes
+        self._fill_busy = False
+        self._stopping = False
+        self._filler = None
+        if remote is not None:
+            self._filler = threading.Thread(target=self._fill_loop, name="tqstore-remote-fill",
+                                            daemon=True)
+            self._filler.start()
+
+    # -- Lookup ----------------------------------------------------------------------------------
+    def lookup(self, ns: Namespace, token_ids: Sequence[int]) -> int:
+        """Leading full blocks available from either tier."""
+        tokens = token_array(token_ids)
+        hashes = chain_hashes(ns, tokens)
+        local = self.local.lookup_hashes(ns, hashes)
+        remote = 0
+        if self.remote is not None and local < len(hashes):
+            remote = self.remote.present(ns, hashes, local)
+        bs = ns.block_size
+        self.local.count_lookup(len(tokens), (local + remote) * bs)
+        with self._lock:
+            self.counters["local_hit_tokens"] += local * bs
+            self.counters["remote_hit_tokens"] += remote * bs
+            self.counters["lookup_tokens"] += len(tokens)
+        return local + remote
+
+    # -- Fetch -----------------------------------------------------------------------------------
+    def blocks(self, ns: Namespace, token_ids: Sequence[int], first: int,
+               count: int) -> Iterator[tuple[int, BlockPayload]]:
+        """Verified blocks first .. first+count-1 in order, ending early at the first that no
+        tier can serve. NotFound (raised before anything is yielded) if that is the first."""
+        tokens = token_array(token_ids)
+        index, end = first, first + count
+        while index < end:
+            try:
+                payload = self.local.get_block(ns, tokens, index)
+            except (NotFound, Corruption):
+                break
+            yield index, payload
+            index += 1
+        if index < end and self.remote is not None:
+            hashes = chain_hashes(ns, tokens, end)
+            for i, payload in self.remote.get_blocks(ns, hashes, tokens, index, end - index):
+                self._fill(ns, tokens, i, payload)
+                yield i, payload
+                index = i + 1
+        if index == first:
+            raise NotFound("block not stored")
+
+    def _fill(self, ns: Namespace, tokens: np.ndarray, index: int, payload: BlockPayload) -> None:
+        nbytes = payload.keys.nbytes + payload.values.nbytes
+        with self._lock:
+            if self._fill_bytes + nbytes > self._fill_limit:
+                self.counters["fills_dropped"] += 1
+                return
+            self._fills.append((ns, tokens, index, payload))
+            self._fill_bytes += nbytes
+            self._lock.notify_all()
+
+    def _fill_loop(self) -> None:
+        """Copy remote blocks into the local tier, in the order they were served (a block's
+        parent is copied before it, as put_blocks requires)."""
+        while True:
+            with self._lock:
+                while not self._fills and not self._stopping:
+                    self._lock.wait()
+                if not self._fills:
+                    return
+                ns, tokens, index, payload = self._fills.popleft()
+                self._fill_busy = True
+            try:
+                self.local.put_blocks(ns, tokens[:(index + 1) * ns.block_size], index, [payload])
+                outcome = "fills"
+            except TqstoreError as exc:  # parent evicted meanwhile, budget: stays remote-only
+                outcome = "fills_failed"
+                log.debug("local copy of remote block %d not kept: %s", index, exc)
+            except Exception:  # noqa: BLE001 - never kill the filler
+                outcome = "fills_failed"
+                log.exception("local copy of a remote block failed")
+            with self._lock:
+                self.counters[outcome] += 1
+                self._fill_bytes -= payload.keys.nbytes + payload.values.nbytes
+                self._fill_busy = False
+                self._lock.notify_all()
+
+    # -- Put -------------------------------------------------------------------------------------
+    def put_blocks(self, ns: Namespace, token_ids: Sequence[int], first: int,
+                   payloads: Sequence[BlockPayload]) -> list[bytes]:
+        """Durable in the local tier when this returns; queued for the remote after that."""
+        tokens = token_array(token_ids)
+        stored = self.local.put_blocks(ns, tokens, first, payloads)
+        if self.remote is not None and payloads:
+            hashes = chain_hashes(ns, tokens, first + len(payloads))
+            self.remote.upload(UploadJob(ns, hashes, tokens, first, list(payloads)))
+        return stored
+
+    # -- lifecycle / stats -----------------------------------------------------------------------
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until queued uploads and local copies are done (tests, benchmarks)."""
+        ok = self.remote.wait_uploads(timeout) if self.remote is not None else True
+        with self._lock:
+            ok = self._lock.wait_for(lambda: not self._fills and not self._fill_busy, timeout) and ok
+        return ok
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            out: dict[str, object] = dict(self.counters)
+            out["fill_queue_bytes"] = self._fill_bytes
+        if self.remote is not None:
+            out.update({f"remote_{k}": v for k, v in self.remote.stats().items()})
+        return out
+
+    def close(self, drain_s: float = 5.0) -> None:
+        """Stop the background copies (uploads get up to drain_s); the local store stays open."""
+        if self.remote is None:
+            return
+        self.remote.close(drain_s)
+        with self._lock:
+            self._stopping = True
+            self._fills.clear()
+            self._lock.notify_all()
+        if self._filler is not None:
+            self._filler.join(timeout=30)

@@ -1,0 +1,137 @@
+"""How one block lives in the remote tier (Redis): its keys and the bytes of its values.
+
+Keys are content addressed and never contain client strings:
+    tqs1:<namespace digest, 16 hex>:{<chain hash, 64 hex>}:<part>
+The chain hash already commits to the namespace and every token of the prefix (prefix_hash.py);
+the namespace digest in front only groups a model's keys for an operator's SCAN. The braces are a
+Redis Cluster hash tag: all parts of one block live in one slot, so one MGET reads a block, one
+EXISTS counts its parts, one MULTI/EXEC writes them, and one DEL removes them, on any node.
+
+Values: a block's fp16 body (K then V, the layout the local payload files use) is cut into parts
+of PART_BYTES, each a comfortable Redis value (one part never blocks the server for long, and
+never nears proto-max-bulk-len). Part 0 starts with a header:
+    "TQRB" | u16 version | u32 header length | msgpack header | body part 0
+The header names what the value claims to be (namespace root hash, chain hash, parent hash,
+block index, its token ids, layout, dtype, body size) and the XXH3-64 of every part's body, so a
+reader verifies a value exactly as the local tier verifies a payload file: a value that claims
+anything else than what the reader asked for, or whose bytes do not match, is rejected
+(`RemoteValueError`) and the caller counts a miss and deletes it. Parts written by two hosts
+never mix: a block's parts are written in one transaction and read by one MGET.
+
+The part size is part of the format (tqs1): daemons sharing a remote must agree on it to read a
+block in one round trip, so it is a constant, not a setting.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from tqstore.blocks import BlockPayload
+from tqstore.payload_format import body_checksum
+from tqstore.prefix_hash import Namespace
+
+KEY_PREFIX = "tqs1"
+PART_BYTES = 4 << 20
+_MAGIC = b"TQRB"
+_VERSION = 1
+_HEAD = struct.Struct("<4sHI")
+_MAX_HEADER = 1 << 20  # a header is ~1-5 KB (the token ids dominate); anything larger is damage
+
+
+class RemoteValueError(ValueError):
+    """A remote value failed verification (wrong block, damaged, truncated, a part missing)."""
+
+
+def layout(ns: Namespace) -> tuple[int, int, int, int]:
+    return (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
+
+
+def body_bytes(ns: Namespace) -> int:
+    """fp16 K + V bytes of one block of this namespace."""
+    layers, heads, tokens, dim = layout(ns)
+    return 2 * 2 * layers * heads * tokens * dim
+
+
+def part_count(ns: Namespace) -> int:
+    return max(1, -(-body_bytes(ns) // PART_BYTES))
+
+
+def block_keys(ns: Namespace, chain_hash: bytes) -> list[bytes]:
+    """The keys of all parts of one block (same hash slot)."""
+    base = f"{KEY_PREFIX}:{ns.digest_hex()[:16]}:{{{chain_hash.hex()}}}:"
+    return [(base + str(i)).encode() for i in range(part_count(ns))]
+
+
+@dataclass(frozen=True)
+class BlockIdentity:
+    """What a value must claim to be for the reader that asked for it."""
+
+    chain_hash: bytes
+    parent: bytes
+    index: int
+    tokens: bytes  # the block's token ids, little-endian uint32
+
+
+def encode_block(ns: Namespace, who: BlockIdentity, payload: BlockPayload) -> list[bytes]:
+    """The values of one block's parts, in key order."""
+    keys = np.ascontiguousarray(payload.keys, dtype=np.float16)
+    values = np.ascontiguousarray(payload.values, dtype=np.float16)
+    body = memoryview(keys).cast("B").tobytes() + memoryview(values).cast("B").tobytes()
+    if len(body) != body_bytes(ns):
+        raise ValueError(f"block body is {len(body)} bytes, the namespace needs {body_bytes(ns)}")
+    pieces = [body[i:i + PART_BYTES] for i in range(0, len(body), PART_BYTES)]
+    header = msgpack.packb({
+        "ns": ns.root_hash(), "key": who.chain_hash, "parent": who.parent, "index": who.index,
+        "tokens": who.tokens, "layout": list(layout(ns)), "dtype": ns.kv_dtype,
+        "body": len(body), "sums": [body_checksum(p) for p in pieces]}, use_bin_type=True)
+    pieces[0] = _HEAD.pack(_MAGIC, _VERSION, len(header)) + header + pieces[0]
+    return pieces
+
+
+def decode_block(ns: Namespace, who: BlockIdentity, parts: list[bytes | None]) -> BlockPayload:
+    """The verified block from its parts' values (as MGET returned them, None for a missing
+    part). RemoteValueError for anything that is not exactly the block `who` names."""
+    if len(parts) != part_count(ns) or any(p is None for p in parts):
+        raise RemoteValueError("a part is missing")
+    first = parts[0]
+    if len(first) < _HEAD.size:
+        raise RemoteValueError("value shorter than its header")
+    magic, version, head_len = _HEAD.unpack_from(first)
+    if magic != _MAGIC or version != _VERSION or head_len > _MAX_HEADER:
+        raise RemoteValueError("not a tqstore block value of this version")
+    try:
+        head = msgpack.unpackb(first[_HEAD.size:_HEAD.size + head_len], raw=False,
+                               max_bin_len=_MAX_HEADER, max_array_len=4096, max_map_len=64)
+    except Exception as exc:  # noqa: BLE001 - any undecodable header is damage
+        raise RemoteValueError(f"undecodable header: {type(exc).__name__}") from None
+    want = {"ns": ns.root_hash(), "key": who.chain_hash, "parent": who.parent,
+            "index": who.index, "tokens": who.tokens, "layout": list(layout(ns)),
+            "dtype": ns.kv_dtype, "body": body_bytes(ns)}
+    if not isinstance(head, dict):
+        raise RemoteValueError("header is not a map")
+    for name, value in want.items():
+        if head.get(name) != value:
+            raise RemoteValueError(f"header {name} mismatch")
+    pieces = [memoryview(first)[_HEAD.size + head_len:]] + [memoryview(p) for p in parts[1:]]
+    sums = head.get("sums")
+    if not isinstance(sums, list) or len(sums) != len(pieces):
+        raise RemoteValueError("header part checksums malformed")
+    expected_len = [min(PART_BYTES, body_bytes(ns) - i * PART_BYTES) for i in range(len(pieces))]
+    for i, piece in enumerate(pieces):
+        if len(piece) != expected_len[i]:
+            raise RemoteValueError(f"part {i} is {len(piece)} bytes, expected {expected_len[i]}")
+        if body_checksum(piece) != sums[i]:
+            raise RemoteValueError(f"part {i} checksum mismatch")
+    body = np.empty(body_bytes(ns), np.uint8)
+    at = 0
+    for piece in pieces:
+        body[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
+        at += len(piece)
+    half = body_bytes(ns) // 2
+    shape = layout(ns)
+    return BlockPayload(keys=body[:half].view(np.float16).reshape(shape),
+                        values=body[half:].view(np.float16).reshape(shape))
