@@ -81,7 +81,6 @@ class RemoteConfig:
     upload_queue_bytes: blocks acknowledged locally and waiting to be copied to the remote; past
         it a new upload is dropped and counted (the blocks stay in the local tier).
     fill_queue_bytes: blocks served from the remote and waiting to be copied into the local tier.
-    fetch_batch_bytes: block bytes read from the remote in one round trip.
     max_lookup_blocks: the most blocks one Lookup asks the remote about.
     tls_ca_file: CA bundle for rediss:// (None: the system's).
     """
@@ -92,13 +91,12 @@ class RemoteConfig:
     max_backoff_s: float = 5.0
     upload_queue_bytes: int = 1 * GiB
     fill_queue_bytes: int = 512 * MiB
-    fetch_batch_bytes: int = 64 * MiB
     max_lookup_blocks: int = 8192
     tls_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("lookup_deadline_s", "timeout_s", "max_backoff_s", "upload_queue_bytes",
-                     "fill_queue_bytes", "fetch_batch_bytes", "max_lookup_blocks"):
+                     "fill_queue_bytes", "max_lookup_blocks"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"remote {name} must be positive")
         from tqstore.remote.address import parse_remote  # errors only: the URL checked up front

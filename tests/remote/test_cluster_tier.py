@@ -48,26 +48,67 @@ def test_two_daemons_share_a_chain_spread_over_the_cluster(cluster_pair, redis_c
 
 
 def test_a_master_killed_mid_run_costs_hits_never_errors(tmp_path, redis_cluster):
-    a = start_daemon(tmp_path / "a", redis_cluster.url)
-    # B keeps no local copies, so every read of its reader goes to the cluster.
-    b = start_daemon(tmp_path / "b", redis_cluster.url, fill_queue_bytes=1)
+    def failover(chains) -> None:
+        for m in redis_cluster.masters():  # every write is on its replica before the kill
+            m.admin().execute_command("WAIT", 1, 2000)
+        first_hashes = chain_hashes(NS, token_array(chains[-1][0]))
+        redis_cluster.kill_master_for_key(block_keys(NS, first_hashes[5])[0])
+        redis_cluster.wait_ok(30)
+
+    _outage_under_load(tmp_path, redis_cluster.url, failover)
+
+
+def test_the_single_redis_killed_mid_run_costs_hits_never_errors(tmp_path, redis_server):
+    def outage(chains) -> None:
+        redis_server.kill()
+        time.sleep(1.0)  # the reader runs on against a dead Redis
+        redis_server.restart()  # empty (no persistence)
+
+    _outage_under_load(tmp_path, redis_server.url, outage, reupload=True)
+
+
+def _outage_under_load(tmp_path, url: str, outage, reupload: bool = False) -> None:
+    """Daemon A stores chains; daemon B (no local copies: every read goes to Redis) reads them
+    in a loop while `outage` breaks Redis. No error may reach B's client and every byte served
+    must be right; afterwards B, and a third daemon with an empty store, find every chain."""
+    a = start_daemon(tmp_path / "a", url)
+    b = start_daemon(tmp_path / "b", url, fill_queue_bytes=1)
     try:
-        _kill_a_master_under_load(a, b, redis_cluster)
+        chains = []
+        for n in range(6):
+            tokens = list(range(1000 * (n + 1), 1000 * (n + 1) + BLOCKS * NS.block_size))
+            blocks = random_blocks(NS, BLOCKS)
+            put_on(a, NS, tokens, blocks)
+            chains.append((tokens, blocks))
+        errors, hits = _read_through(b, chains, outage)
+        assert not errors, errors
+        s = b.tiers.stats()
+        assert s["remote_errors"] >= 1 and s["fills_dropped"] > 0  # B did read through it
+        assert len(hits) >= 2 * len(chains)
+        if reupload:  # a restarted Redis is empty: A's local store puts the chains back
+            for tokens, blocks in chains:
+                put_on(a, NS, tokens, blocks)
+        with KvStoreClient(b.address) as c:
+            deadline = time.monotonic() + 20  # B retries with backoff after its errors
+            while (any(c.lookup(NS, t).hit_blocks < BLOCKS for t, _ in chains)
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
+            for tokens, blocks in chains:
+                assert same(c.fetch_fp16(NS, tokens), blocks)
+        third = start_daemon(tmp_path / "c", url)
+        try:
+            with KvStoreClient(third.address) as c:
+                for tokens, blocks in chains:
+                    assert c.lookup(NS, tokens).hit_blocks == BLOCKS
+                    assert same(c.fetch_fp16(NS, tokens), blocks)
+        finally:
+            third.stop(grace=1)
     finally:
         a.stop(grace=1)
         b.stop(grace=1)
 
 
-def _kill_a_master_under_load(a, b, redis_cluster) -> None:
-    chains = []
-    for n in range(6):
-        tokens = list(range(1000 * (n + 1), 1000 * (n + 1) + BLOCKS * NS.block_size))
-        blocks = random_blocks(NS, BLOCKS)
-        put_on(a, NS, tokens, blocks)
-        chains.append((tokens, blocks))
-    for m in redis_cluster.masters():  # every write is on its replica before the kill
-        m.admin().execute_command("WAIT", 1, 2000)
-
+def _read_through(b, chains, outage) -> tuple[list[BaseException], list[int]]:
     errors: list[BaseException] = []
     hits: list[int] = []
     stop = threading.Event()
@@ -84,7 +125,7 @@ def _kill_a_master_under_load(a, b, redis_cluster) -> None:
                             hits.append(len(got))
                     except NotFound:
                         pass  # the whole hit went away between Lookup and Fetch: a miss
-                    except BaseException as exc:  # noqa: BLE001 - reported below
+                    except BaseException as exc:  # noqa: BLE001 - reported by the caller
                         errors.append(exc)
                         return
 
@@ -93,33 +134,9 @@ def _kill_a_master_under_load(a, b, redis_cluster) -> None:
     try:
         deadline = time.monotonic() + 20
         while len(hits) < 2 * len(chains) and time.monotonic() < deadline and not errors:
-            time.sleep(0.01)  # the reader is reading through the cluster before the kill
-        first_hashes = chain_hashes(NS, token_array(chains[-1][0]))
-        redis_cluster.kill_master_for_key(block_keys(NS, first_hashes[5])[0])
-        redis_cluster.wait_ok(30)
+            time.sleep(0.01)  # the reader reads through Redis before the outage
+        outage(chains)
     finally:
         stop.set()
         thread.join(60)
-    assert not errors, errors
-    s = b.tiers.stats()
-    assert s["remote_errors"] >= 1 and s["fills_dropped"] > 0  # B did read through the kill
-    assert len(hits) >= 2 * len(chains)
-    # After the failover the promoted replica serves: B finds every chain in full (its local
-    # copies count too), and so does a third daemon with an empty store, from the cluster alone.
-    with KvStoreClient(b.address) as c:
-        deadline = time.monotonic() + 20  # B retries the remote with backoff after its errors
-        while (any(c.lookup(NS, t).hit_blocks < BLOCKS for t, _ in chains)
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
-        for tokens, blocks in chains:
-            assert same(c.fetch_fp16(NS, tokens), blocks)
-    import tempfile
-    with tempfile.TemporaryDirectory() as empty:
-        third = start_daemon(empty, redis_cluster.url)
-        try:
-            with KvStoreClient(third.address) as c:
-                for tokens, blocks in chains:
-                    assert c.lookup(NS, tokens).hit_blocks == BLOCKS
-                    assert same(c.fetch_fp16(NS, tokens), blocks)
-        finally:
-            third.stop(grace=1)
+    return errors, hits

@@ -217,3 +217,53 @@ def test_inspect_shows_both_tiers_and_never_the_password(tmp_path, capsys):
     assert "pw-Zq81" not in str(err.value)
     good = RemoteConfig(url="redis://:pw-Zq81@127.0.0.1:1")
     assert "pw-Zq81" not in repr(ServerConfig(path="x", remote=good))
+
+
+def test_redis_evicting_under_maxmemory_gives_shorter_hits_never_wrong_ones(tmp_path):
+    """Redis's own LRU eviction (2 MB maxmemory, ~4 MB of blocks): whatever survives is served
+    exactly, a chain ends at its first evicted block."""
+    from tests.redis_servers import RedisServer
+
+    server = RedisServer(tmp_path / "redis", maxmemory="2mb")
+    a = start_daemon(tmp_path / "a", server.url)
+    b = start_daemon(tmp_path / "b", server.url)
+    try:
+        chains = []
+        for n in range(16):
+            tokens = list(range(100 * n, 100 * n + 8 * NS.block_size))
+            blocks = random_blocks(NS, 8)
+            put_on(a, NS, tokens, blocks)
+            chains.append((tokens, blocks))
+        assert int(server.client().info("stats")["evicted_keys"]) > 0
+        served = 0
+        with KvStoreClient(b.address) as c:
+            for tokens, blocks in chains:
+                found = c.lookup(NS, tokens).hit_blocks
+                if found:
+                    got = c.fetch_fp16(NS, tokens, 0, found)
+                    assert same(got, blocks[:len(got)])
+                    served += len(got)
+        assert 0 < served < 16 * 8
+        assert b.tiers.stats().get("remote_verification_failures", 0) == 0
+    finally:
+        a.stop(grace=1)
+        b.stop(grace=1)
+        server.stop()
+
+
+def test_blocks_fetched_on_parallel_streams_all_become_local_copies(pair):
+    """A client's parallel Fetch streams serve a chain's ranges out of order; the local copy
+    still keeps every block (a block waits for its parent)."""
+    from tqstore.config import ClientConfig
+
+    a, b = pair
+    tokens = list(range(16 * NS.block_size))
+    blocks = random_blocks(NS, 16)
+    put_on(a, NS, tokens, blocks)
+    config = ClientConfig(b.address, fetch_streams=4, min_stream_bytes=32 * 1024)
+    with KvStoreClient(config) as c:
+        assert same(c.fetch_fp16(NS, tokens), blocks)
+    assert b.tiers.settle(30)
+    s = b.tiers.stats()
+    assert s["fills"] == 16 and s.get("fills_failed", 0) == 0
+    assert b.store.lookup(NS, tokens) == 16

@@ -32,16 +32,27 @@ def chain():
     return tokens, chain_hashes(NS, tokens)
 
 
-def test_a_block_round_trips_bit_for_bit_and_encodes_deterministically(chain):
-    tokens, hashes = chain
-    block = _block(NS)
-    who = identity(NS, hashes, tokens, 1)
-    parts = encode_block(NS, who, block)
-    assert part_count(NS) == len(parts) == 2 and body_bytes(NS) > PART_BYTES
-    assert parts == encode_block(NS, who, block)  # same block, same bytes
-    back = decode_block(NS, who, parts)
+# Llama-3-8B's layout with 128-token blocks: K and V exactly 8 MiB each, two parts each.
+LARGE = Namespace("sha256:" + "ef" * 32, num_layers=32, num_kv_heads=8, head_dim=128, block_size=128)
+
+
+@pytest.mark.parametrize("ns,parts", [(NS, 2), (LARGE, 4)])
+def test_a_block_round_trips_bit_for_bit_and_encodes_deterministically(ns, parts):
+    tokens = token_array(list(range(3 * ns.block_size)))
+    hashes = chain_hashes(ns, tokens)
+    block = _block(ns)
+    who = identity(ns, hashes, tokens, 1)
+    encoded = encode_block(ns, who, block)
+    assert part_count(ns) == len(encoded) == parts and body_bytes(ns) > PART_BYTES
+    assert max(len(p) for p in encoded) <= PART_BYTES + 4096  # part 0 adds the header
+    assert encoded == encode_block(ns, who, block)  # same block, same bytes
+    back = decode_block(ns, who, encoded)
     assert back.keys.tobytes() == block.keys.tobytes()
     assert back.values.tobytes() == block.values.tobytes()
+    flipped = bytearray(encoded[-1])
+    flipped[len(flipped) // 3] ^= 1
+    with pytest.raises(RemoteValueError):
+        decode_block(ns, who, encoded[:-1] + [bytes(flipped)])
 
 
 def test_keys_are_content_addressed_one_hash_slot_per_block(chain):

@@ -33,11 +33,12 @@ from tqstore.blocks import BlockPayload
 from tqstore.config import RemoteConfig
 from tqstore.prefix_hash import Namespace
 from tqstore.remote.address import parse_remote
-from tqstore.remote.value_format import (BlockIdentity, RemoteValueError, block_keys, body_bytes,
+from tqstore.remote.value_format import (BlockIdentity, RemoteValueError, block_keys,
                                          decode_block, encode_block, part_count)
 
 log = logging.getLogger("tqstore.remote")
 _FIRST_BACKOFF_S = 0.1
+_READ_SIZE = 4 << 20
 
 
 @dataclass
@@ -110,18 +111,22 @@ class RedisTier:
         if a.tls and cfg.tls_ca_file:
             common["ssl_ca_certs"] = cfg.tls_ca_file
         fast_timeout = max(4 * cfg.lookup_deadline_s, 0.2)
+        # Block values are MBs: redis-py reads the socket in socket_read_size pieces, and its
+        # 64 KiB default cost a third of the read rate with hiredis (measured, BENCHMARKS.md).
+        data_options = dict(socket_read_size=_READ_SIZE)
         if a.cluster:
             from redis.cluster import ClusterNode, RedisCluster
 
-            def make(timeout: float):
+            def make(timeout: float, **extra):
                 return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in a.nodes],
-                                    socket_timeout=timeout, **common)
+                                    socket_timeout=timeout, **common, **extra)
         else:
             (host, port), = a.nodes
 
-            def make(timeout: float):
-                return redis.Redis(host=host, port=port, db=a.db, socket_timeout=timeout, **common)
-        return make(fast_timeout), make(cfg.timeout_s)
+            def make(timeout: float, **extra):
+                return redis.Redis(host=host, port=port, db=a.db, socket_timeout=timeout,
+                                   **common, **extra)
+        return make(fast_timeout), make(cfg.timeout_s, **data_options)
 
     def _client(self, which: int):
         """The fast (0) or data (1) client, built on first use after a failure. Raises the
@@ -252,37 +257,32 @@ class RedisTier:
                    count: int) -> Iterator[tuple[int, BlockPayload]]:
         """Verified blocks start .. start+count-1, in order, until the first one that is absent,
         fails verification (counted, deleted) or cannot be read (remote error)."""
-        per_batch = max(1, self.config.fetch_batch_bytes // body_bytes(ns))
-        index, end = start, start + count
-        while index < end and self.available():
-            batch = list(range(index, min(end, index + per_batch)))
+        # One MGET per block (its parts, one slot), not pipelined: measured (docs/BENCHMARKS.md),
+        # a pipeline of MGETs ran at a third of plain GETs' GB/s with multi-MB values (the
+        # server buffers the whole reply), one MGET at a time at 0.9x of them.
+        for i in range(start, start + count):
+            if not self.available():
+                return
             began = time.monotonic()
             try:
-                pipe = self._client(1).pipeline(transaction=False)
-                for i in batch:
-                    # MGET by name: redis-py's cluster pipeline refuses .mget(), though a
-                    # block's parts share one slot and the node answers it in one command.
-                    pipe.execute_command("MGET", *block_keys(ns, hashes[i]))
-                values = pipe.execute()
+                parts = self._client(1).execute_command("MGET", *block_keys(ns, hashes[i]))
             except Exception as exc:  # noqa: BLE001
                 self._failed("get", exc)
                 return
             self._succeeded()
             self.latency["get"].add(time.monotonic() - began)
-            for i, parts in zip(batch, values):
-                if all(p is None for p in parts):
-                    return  # evicted (or never there): the hit ends here
-                try:
-                    payload = decode_block(ns, identity(ns, hashes, tokens, i), parts)
-                except RemoteValueError as exc:
-                    self._discard(ns, hashes[i], "incomplete" if None in parts
-                                  else "verification_failures", exc)
-                    return
-                with self._lock:
-                    self.counters["hit_blocks"] += 1
-                    self.counters["bytes_in"] += sum(len(p) for p in parts)
-                yield i, payload
-            index = batch[-1] + 1
+            if all(p is None for p in parts):
+                return  # evicted (or never there): the hit ends here
+            try:
+                payload = decode_block(ns, identity(ns, hashes, tokens, i), parts)
+            except RemoteValueError as exc:
+                self._discard(ns, hashes[i], "incomplete" if None in parts
+                              else "verification_failures", exc)
+                return
+            with self._lock:
+                self.counters["hit_blocks"] += 1
+                self.counters["bytes_in"] += sum(len(p) for p in parts)
+            yield i, payload
 
     def _discard(self, ns: Namespace, chain_hash: bytes, counter: str, why: Exception) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.store import BlockStore
 
 log = logging.getLogger("tqstore.tiers")
+_FILL_TRIES = 50  # a block whose parent is still missing after this many passes stays remote
 
 
 class Tiers:
@@ -39,7 +40,8 @@ class Tiers:
         self.remote = remote
         self.counters: collections.Counter[str] = collections.Counter()
         self._lock = threading.Condition()
-        self._fills: collections.deque[tuple[Namespace, np.ndarray, int, BlockPayload]] = \
+        # (namespace, tokens, block index, payload, tries)
+        self._fills: collections.deque[tuple[Namespace, np.ndarray, int, BlockPayload, int]] = \
             collections.deque()
         self._fill_bytes = 0
         self._fill_limit = fill_queue_bytes
@@ -97,34 +99,43 @@ class Tiers:
             if self._fill_bytes + nbytes > self._fill_limit:
                 self.counters["fills_dropped"] += 1
                 return
-            self._fills.append((ns, tokens, index, payload))
+            self._fills.append((ns, tokens, index, payload, 0))
             self._fill_bytes += nbytes
             self._lock.notify_all()
 
     def _fill_loop(self) -> None:
-        """Copy remote blocks into the local tier, in the order they were served (a block's
-        parent is copied before it, as put_blocks requires)."""
+        """Copy remote blocks into the local tier. put_blocks needs a block's parent first;
+        a client's parallel Fetch streams serve a chain's ranges concurrently, so a block may
+        come before its parent: it goes back in the queue, a few times, behind the others."""
         while True:
             with self._lock:
                 while not self._fills and not self._stopping:
                     self._lock.wait()
                 if not self._fills:
                     return
-                ns, tokens, index, payload = self._fills.popleft()
+                ns, tokens, index, payload, tries = self._fills.popleft()
                 self._fill_busy = True
+            outcome = "fills"
             try:
                 self.local.put_blocks(ns, tokens[:(index + 1) * ns.block_size], index, [payload])
-                outcome = "fills"
-            except TqstoreError as exc:  # parent evicted meanwhile, budget: stays remote-only
+            except NotFound as exc:  # the parent is not local (yet)
+                outcome = "retry" if tries < _FILL_TRIES else "fills_failed"
+                log.debug("local copy of remote block %d waits for its parent: %s", index, exc)
+            except TqstoreError as exc:  # budget, bad state: the block stays remote-only
                 outcome = "fills_failed"
                 log.debug("local copy of remote block %d not kept: %s", index, exc)
             except Exception:  # noqa: BLE001 - never kill the filler
                 outcome = "fills_failed"
                 log.exception("local copy of a remote block failed")
             with self._lock:
+                self._fill_busy = False
+                if outcome == "retry":
+                    self._fills.append((ns, tokens, index, payload, tries + 1))
+                    if all(entry[4] for entry in self._fills):
+                        self._lock.wait(0.02)  # only waiting blocks left: let parents arrive
+                    continue
                 self.counters[outcome] += 1
                 self._fill_bytes -= payload.keys.nbytes + payload.values.nbytes
-                self._fill_busy = False
                 self._lock.notify_all()
 
     # -- Put -------------------------------------------------------------------------------------

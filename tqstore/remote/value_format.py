@@ -7,10 +7,11 @@ the namespace digest in front only groups a model's keys for an operator's SCAN.
 Redis Cluster hash tag: all parts of one block live in one slot, so one MGET reads a block, one
 EXISTS counts its parts, one MULTI/EXEC writes them, and one DEL removes them, on any node.
 
-Values: a block's fp16 body (K then V, the layout the local payload files use) is cut into parts
-of PART_BYTES, each a comfortable Redis value (one part never blocks the server for long, and
-never nears proto-max-bulk-len). Part 0 starts with a header:
-    "TQRB" | u16 version | u32 header length | msgpack header | body part 0
+Values: a block's fp16 K and V (the layout the local payload files use) are each cut into parts
+of at most PART_BYTES, K's parts first, each a comfortable Redis value (one part never blocks
+the server for long, and never nears proto-max-bulk-len). Where K or V fits one part a reader
+takes it as a view of the value, with no copy. Part 0 starts with a header:
+    "TQRB" | u16 version | u32 header length | msgpack header | zero pad to 16 bytes | K part 0
 The header names what the value claims to be (namespace root hash, chain hash, parent hash,
 block index, its token ids, layout, dtype, body size) and the XXH3-64 of every part's body, so a
 reader verifies a value exactly as the local tier verifies a payload file: a value that claims
@@ -57,7 +58,12 @@ def body_bytes(ns: Namespace) -> int:
 
 
 def part_count(ns: Namespace) -> int:
-    return max(1, -(-body_bytes(ns) // PART_BYTES))
+    """Parts of one block: K's bytes cut into PART_BYTES pieces, then V's."""
+    return 2 * max(1, -(-(body_bytes(ns) // 2) // PART_BYTES))
+
+
+def _cut(data: bytes) -> list[bytes]:
+    return [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
 
 
 def block_keys(ns: Namespace, chain_hash: bytes) -> list[bytes]:
@@ -76,25 +82,33 @@ class BlockIdentity:
     tokens: bytes  # the block's token ids, little-endian uint32
 
 
+def _body_offset(header_len: int) -> int:
+    """Where part 0's body starts: 16-byte aligned, so K read as a view of the value is
+    aligned too (CPython's bytes data is 16-byte aligned)."""
+    return -(-(_HEAD.size + header_len) // 16) * 16
+
+
 def encode_block(ns: Namespace, who: BlockIdentity, payload: BlockPayload) -> list[bytes]:
     """The values of one block's parts, in key order."""
     keys = np.ascontiguousarray(payload.keys, dtype=np.float16)
     values = np.ascontiguousarray(payload.values, dtype=np.float16)
-    body = memoryview(keys).cast("B").tobytes() + memoryview(values).cast("B").tobytes()
-    if len(body) != body_bytes(ns):
-        raise ValueError(f"block body is {len(body)} bytes, the namespace needs {body_bytes(ns)}")
-    pieces = [body[i:i + PART_BYTES] for i in range(0, len(body), PART_BYTES)]
+    if keys.nbytes + values.nbytes != body_bytes(ns) or keys.nbytes != values.nbytes:
+        raise ValueError(f"block body is {keys.nbytes + values.nbytes} bytes, the namespace "
+                         f"needs {body_bytes(ns)}")
+    pieces = _cut(keys.tobytes()) + _cut(values.tobytes())
     header = msgpack.packb({
         "ns": ns.root_hash(), "key": who.chain_hash, "parent": who.parent, "index": who.index,
         "tokens": who.tokens, "layout": list(layout(ns)), "dtype": ns.kv_dtype,
-        "body": len(body), "sums": [body_checksum(p) for p in pieces]}, use_bin_type=True)
-    pieces[0] = _HEAD.pack(_MAGIC, _VERSION, len(header)) + header + pieces[0]
+        "body": body_bytes(ns), "sums": [body_checksum(p) for p in pieces]}, use_bin_type=True)
+    head = _HEAD.pack(_MAGIC, _VERSION, len(header)) + header
+    pieces[0] = head.ljust(_body_offset(len(header)), b"\0") + pieces[0]
     return pieces
 
 
 def decode_block(ns: Namespace, who: BlockIdentity, parts: list[bytes | None]) -> BlockPayload:
     """The verified block from its parts' values (as MGET returned them, None for a missing
-    part). RemoteValueError for anything that is not exactly the block `who` names."""
+    part). RemoteValueError for anything that is not exactly the block `who` names. Where K or
+    V is one part (SmolLM2's 256-token blocks), it is a read-only view of the value: no copy."""
     if len(parts) != part_count(ns) or any(p is None for p in parts):
         raise RemoteValueError("a part is missing")
     first = parts[0]
@@ -116,22 +130,29 @@ def decode_block(ns: Namespace, who: BlockIdentity, parts: list[bytes | None]) -
     for name, value in want.items():
         if head.get(name) != value:
             raise RemoteValueError(f"header {name} mismatch")
-    pieces = [memoryview(first)[_HEAD.size + head_len:]] + [memoryview(p) for p in parts[1:]]
+    pieces = [memoryview(first)[_body_offset(head_len):]] + [memoryview(p) for p in parts[1:]]
     sums = head.get("sums")
     if not isinstance(sums, list) or len(sums) != len(pieces):
         raise RemoteValueError("header part checksums malformed")
-    expected_len = [min(PART_BYTES, body_bytes(ns) - i * PART_BYTES) for i in range(len(pieces))]
+    half = body_bytes(ns) // 2
+    per = len(pieces) // 2
     for i, piece in enumerate(pieces):
-        if len(piece) != expected_len[i]:
-            raise RemoteValueError(f"part {i} is {len(piece)} bytes, expected {expected_len[i]}")
+        expected = min(PART_BYTES, half - (i % per) * PART_BYTES)
+        if len(piece) != expected:
+            raise RemoteValueError(f"part {i} is {len(piece)} bytes, expected {expected}")
         if body_checksum(piece) != sums[i]:
             raise RemoteValueError(f"part {i} checksum mismatch")
-    body = np.empty(body_bytes(ns), np.uint8)
+    shape = layout(ns)
+    return BlockPayload(keys=_join(pieces[:per]).reshape(shape),
+                        values=_join(pieces[per:]).reshape(shape))
+
+
+def _join(pieces: list[memoryview]) -> np.ndarray:
+    if len(pieces) == 1:
+        return np.frombuffer(pieces[0], np.float16)
+    out = np.empty(sum(len(p) for p in pieces), np.uint8)
     at = 0
     for piece in pieces:
-        body[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
+        out[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
         at += len(piece)
-    half = body_bytes(ns) // 2
-    shape = layout(ns)
-    return BlockPayload(keys=body[:half].view(np.float16).reshape(shape),
-                        values=body[half:].view(np.float16).reshape(shape))
+    return out.view(np.float16)
