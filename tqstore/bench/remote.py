@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt lengths in tokens for the TTFT part (none: skip it)")
     parser.add_argument("--transport-blocks", type=int, default=32,
                         help="blocks read in the transport part (default 32: 190 MB)")
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens generated per run")
     parser.add_argument("--redis", help="redis:// URL of a server to use (FLUSHALLed!) instead "
                                         "of starting one")
 
