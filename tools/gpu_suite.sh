@@ -29,7 +29,9 @@ pack() {
               openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 anyio==4.16.0
               sniffio==1.3.1 jiter==0.19.0 pydantic==2.13.4 pydantic_core==2.46.4
               typing_extensions==4.16.0 typing-inspection==0.4.2 annotated-types==0.7.0
-              idna==3.20 h11==0.16.0)
+              idna==3.20 h11==0.16.0
+              # the remote tier's Redis client and its C reply parser
+              redis==8.1.0 hiredis==3.5.0)
   mkdir -p .git/info
   grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
   rm -rf "$CARRY"/gpu-* "$CARRY/gpu-wheels" && mkdir -p "$CARRY/gpu-wheels"
@@ -37,7 +39,9 @@ pack() {
     --python-version "$PY" --implementation cp --platform manylinux_2_35_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$CARRY/gpu-wheels" "${pins[@]}"
-  (cd "$CARRY/gpu-wheels" && sha256sum ./*.whl > SHA256SUMS && tar cf ../gpu-bundle.tar ./*.whl SHA256SUMS)
+  pack_redis "$CARRY/gpu-wheels/redis-bin.tar"
+  (cd "$CARRY/gpu-wheels" && sha256sum ./*.whl redis-bin.tar > SHA256SUMS \
+     && tar cf ../gpu-bundle.tar ./*.whl redis-bin.tar SHA256SUMS)
   split -b "$PART_BYTES" -d -a 2 "$CARRY/gpu-bundle.tar" "$CARRY/gpu-part-"
   local k=0 part
   for part in "$CARRY"/gpu-part-*; do
@@ -47,6 +51,37 @@ pack() {
   rm -rf "$CARRY/gpu-wheels" "$CARRY/gpu-bundle.tar"
   du -sh "$CARRY"/gpu-*
   echo "packed $k parts: call 1..$((k - 1)) run 'receive' carrying .carry/gpu-k; call $k runs 'test'"
+}
+
+pack_redis() {
+  # The GPU machine has no registry and no Redis: the remote tier's tests start real
+  # redis-server processes, so this machine's Debian redis-server and redis-cli travel with
+  # every library they load and Debian's own dynamic loader, which runs them whatever glibc
+  # the GPU machine has (install() writes wrappers that call the loader).
+  local dir; dir=$(mktemp -d)
+  mkdir -p "$dir/redis/lib"
+  cp "$(readlink -f "$(command -v redis-server)")" "$dir/redis/redis-server"
+  cp "$(readlink -f "$(command -v redis-cli)")" "$dir/redis/redis-cli"
+  ldd "$dir/redis/redis-server" "$dir/redis/redis-cli" | awk '/=> \// {print $3} /^\t\/lib64/ {print $1}' \
+    | sort -u | while read -r lib; do cp -L "$lib" "$dir/redis/lib/"; done
+  cp -L /lib64/ld-linux-x86-64.so.2 "$dir/redis/lib/"
+  tar cf "$1" -C "$dir" redis
+  rm -rf "$dir"
+}
+
+install_redis() {
+  if [ ! -x "$STAGE/bin/redis-server" ]; then
+    tar xf "$STAGE/wheels/redis-bin.tar" -C "$STAGE"
+    mkdir -p "$STAGE/bin"
+    local name
+    for name in redis-server redis-cli; do
+      printf '#!/bin/sh\nexec %s/redis/lib/ld-linux-x86-64.so.2 --library-path %s/redis/lib --argv0 %s %s/redis/%s "$@"\n' \
+        "$STAGE" "$STAGE" "$name" "$STAGE" "$name" > "$STAGE/bin/$name"
+      chmod +x "$STAGE/bin/$name"
+    done
+  fi
+  export PATH="$STAGE/bin:$PATH"
+  redis-server --version
 }
 
 receive() {  # keep the parts this call carried (none is fine: the stage may be complete)
@@ -76,6 +111,7 @@ install() {
       --no-cache-dir --upgrade --target "$STAGE/site" "$STAGE"/wheels/*.whl
     touch "$STAGE/site/.installed"
   fi
+  install_redis
   export PYTHONPATH="$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c 'import mlx.core as mx, mlx_lm, lmdb, grpc, google.protobuf as pb; print("gpu_suite:", "mlx", mx.__version__, mx.default_device(), "grpc", grpc.__version__, "protobuf", pb.__version__)'
 }

@@ -25,6 +25,7 @@ block in one round trip, so it is a constant, not a setting.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -66,10 +67,18 @@ def _cut(data: bytes) -> list[bytes]:
     return [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
 
 
+@functools.lru_cache(maxsize=256)
+def _key_shape(ns: Namespace) -> tuple[str, int]:
+    """(key prefix, parts) of a namespace: hashing it costs ~10 us, and a Lookup of a long
+    chain asks for hundreds of blocks' keys."""
+    return f"{KEY_PREFIX}:{ns.digest_hex()[:16]}:", part_count(ns)
+
+
 def block_keys(ns: Namespace, chain_hash: bytes) -> list[bytes]:
     """The keys of all parts of one block (same hash slot)."""
-    base = f"{KEY_PREFIX}:{ns.digest_hex()[:16]}:{{{chain_hash.hex()}}}:"
-    return [(base + str(i)).encode() for i in range(part_count(ns))]
+    prefix, parts = _key_shape(ns)
+    base = f"{prefix}{{{chain_hash.hex()}}}:"
+    return [(base + str(i)).encode() for i in range(parts)]
 
 
 @dataclass(frozen=True)
