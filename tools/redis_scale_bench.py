@@ -90,8 +90,8 @@ def _reader(url: str, blocks: int, raw: bool, start_at: float, stop_at: float, o
 
     tokens, hashes = _chain(blocks)
     tier = RedisTier(RemoteConfig(url=url))
-    tier.connect()
-    client = tier._client(1)  # the tier's own data connection: same settings for both
+    assert tier.connect(10.0)
+    _, _, client = tier.conn.clients()  # the tier's own data connection: same settings for both
     keys = [k for h in hashes for k in block_keys(NS, h)]
     time.sleep(max(0.0, start_at - time.time()))
     moved = 0

@@ -83,6 +83,8 @@ class RemoteConfig:
     fill_queue_bytes: blocks served from the remote and waiting to be copied into the local tier.
     max_lookup_blocks: the most blocks one Lookup asks the remote about.
     tls_ca_file: CA bundle for rediss:// (None: the system's).
+    password_file: a file holding the password (over the URL's; keeps it out of the process
+        list and the shell history).
     """
 
     url: str = field(repr=False)  # may carry a password
@@ -93,6 +95,7 @@ class RemoteConfig:
     fill_queue_bytes: int = 512 * MiB
     max_lookup_blocks: int = 8192
     tls_ca_file: str | None = None
+    password_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("lookup_deadline_s", "timeout_s", "max_backoff_s", "upload_queue_bytes",

@@ -227,7 +227,8 @@ class KvStoreService(pb_grpc.KvStoreServicer):
 def _tier_stats(stats: dict[str, object]) -> pb.TierStats:
     """Tiers.stats() as the proto message: counters keep their names; the local copies are the
     filler's "fills"."""
-    renamed = {"fills": "local_copies", "fills_failed": "local_copies_failed"}
+    renamed = {"fills": "local_copies", "fills_failed": "local_copies_failed",
+               "fills_dropped": "local_copies_dropped"}
     fields = {f.name for f in pb.TierStats.DESCRIPTOR.fields}
     out = {}
     for key, value in stats.items():
@@ -367,8 +368,8 @@ class Daemon:
         return f"{self.config.listen.rsplit(':', 1)[0]}:{self.port}"
 
     def start(self) -> "Daemon":
-        if self.tiers.remote is not None:
-            self.tiers.remote.connect()  # not fatal: the daemon serves from local meanwhile
+        if self.tiers.remote is not None:  # not fatal: the daemon serves from local meanwhile
+            self.tiers.remote.connect(wait_s=min(2.0, self.config.remote.timeout_s))
         self.server.start()
         self._flusher.start()
         for name in ("", SERVICE_NAME):

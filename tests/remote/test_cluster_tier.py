@@ -1,6 +1,7 @@
 """Two daemons share blocks through a real 3-master Redis Cluster (one replica each); a master
-killed mid-run costs hits, never an error at the client or a wrong byte, and the daemons pick up
-the promoted replica. The failover test kills a node: it stays last in this module."""
+killed mid-run, or the single Redis killed mid-run, costs hits, never an error at the client or
+a wrong byte, and the daemons pick up the promoted replica or the restarted server. The
+failover test kills a cluster node: it stays the module's last user of the cluster."""
 
 import threading
 import time
@@ -13,7 +14,7 @@ from tqstore.prefix_hash import Namespace
 from tqstore.remote.value_format import block_keys
 from tqstore.ssd.chain import chain_hashes, token_array
 
-from tests.remote.test_shared_tier import NS, put_on, same, start_daemon
+from tests.remote.test_shared_tier import NS, daemon_pair, put_on, same, start_daemon
 from tests.server.conftest import random_blocks
 
 BLOCKS = 12  # enough for the chain's keys to land on all three masters
@@ -21,11 +22,7 @@ BLOCKS = 12  # enough for the chain's keys to land on all three masters
 
 @pytest.fixture
 def cluster_pair(tmp_path, redis_cluster):
-    a = start_daemon(tmp_path / "a", redis_cluster.url)
-    b = start_daemon(tmp_path / "b", redis_cluster.url)
-    yield a, b
-    a.stop(grace=1)
-    b.stop(grace=1)
+    yield from daemon_pair(tmp_path, redis_cluster.url)
 
 
 def _masters_of_chain(cluster, ns: Namespace, tokens: list[int]) -> set[int]:

@@ -130,6 +130,9 @@ def test_remote_addresses_parse_and_never_show_the_password():
         with pytest.raises(InvalidArgument) as err:
             parse_remote(bad)
         assert "--remote" in str(err.value)
-    with pytest.raises(InvalidArgument) as err:
-        parse_remote("redis://:hunter2@h:99999")
-    assert "hunter2" not in str(err.value)
+    for leaky in ("redis://:hunter2@h:99999", "redis://h:1/0?password=hunter2",
+                  "redis://h:1/hunter2"):
+        with pytest.raises(InvalidArgument) as err:
+            parse_remote(leaky)
+        assert "hunter2" not in str(err.value)
+    assert parse_remote("redis://:in-url@h:1", "from-file").password == "from-file"

@@ -11,7 +11,7 @@
    store: the hit comes from Redis); and again through B (its local copy, same-host reads).
    Outputs must equal the cold one. Ratios are against the cold TTFT of the same run.
 The Redis server is started here (`redis-server` on a free loopback port, no persistence)
-unless --redis names one, which is then FLUSHALLed: give it a database of its own.
+unless --redis names one, whose database is then emptied (FLUSHDB): give it one of its own.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport-blocks", type=int, default=32,
                         help="blocks read in the transport part (default 32: 190 MB)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens generated per run")
-    parser.add_argument("--redis", help="redis:// URL of a server to use (FLUSHALLed!) instead "
-                                        "of starting one")
+    parser.add_argument("--redis", help="redis:// URL of a server to use instead of starting "
+                                        "one (its database is FLUSHDBed: give it one of its own)")
 
 
 def _start_redis(folder: str) -> tuple[subprocess.Popen | None, str]:
@@ -83,9 +83,7 @@ def transport(url: str, blocks: int, rounds: int = 9) -> dict:
     payloads = [BlockPayload(rng.standard_normal(shape).astype(np.float16),
                              rng.standard_normal(shape).astype(np.float16)) for _ in range(blocks)]
     tier = RedisTier(RemoteConfig(url=url))
-    (host, port), = parse_remote(url).nodes
-    db = parse_remote(url).db
-    plain = redis.Redis(host=host, port=port, db=db)
+    plain = redis.Redis.from_url(url)
     try:
         nbytes = sum(p.keys.nbytes + p.values.nbytes for p in payloads)
         # Upload: the tier's background writer (one MULTI/EXEC per block) against raw SETs of
@@ -119,7 +117,7 @@ def transport(url: str, blocks: int, rounds: int = 9) -> dict:
         assert all(g.keys.tobytes() == p.keys.tobytes() for (_, g), p in
                    zip(tier.get_blocks(ns, hashes, tokens, 0, blocks), payloads))
         keys = [block_keys(ns, h) for h in hashes]
-        big_reads = redis.Redis(host=host, port=port, db=db, socket_read_size=4 << 20)
+        big_reads = redis.Redis.from_url(url, socket_read_size=4 << 20)
 
         def raw_get(client) -> None:
             got = 0
@@ -212,11 +210,12 @@ def ttft(url: str, sizes: list[int], max_tokens: int, json_out: bool) -> list[di
 
     loaded = load_smollm2()
     corpus = _corpus_ids(loaded.tokenizer, max(sizes))
-    (host, port), = parse_remote(url).nodes
+    if parse_remote(url).cluster:
+        raise SystemExit("bench remote: --redis takes a single server (redis:// or rediss://)")
     rows = []
     for size in sizes:
         ids = corpus[:size]
-        redis.Redis(host=host, port=port, db=parse_remote(url).db).flushdb()
+        redis.Redis.from_url(url).flushdb()
         folder = tempfile.mkdtemp(prefix="tqstore-bench-remote-")
         daemons = [_daemon(os.path.join(folder, name), url) for name in ("a", "b")]
         try:

@@ -162,7 +162,8 @@ def _tier_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Hits by tier and the remote tier's health (a daemon's own counts since it started)."""
     if not t:
         return []
-    n = lambda key: int(t.get(key, 0))  # noqa: E731 - proto JSON gives uint64 as strings
+    def n(key: str) -> int:
+        return int(t.get(key, 0))  # proto JSON gives uint64 as strings
     looked = n("lookup_tokens") or 1
     rows = [("hits by tier", f"local {n('local_hit_tokens')} tokens "
                              f"({n('local_hit_tokens') / looked:.1%}), remote "
@@ -186,7 +187,9 @@ def _tier_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
                            f"{t.get('remote_put_ms_p99', 0):.2f}"),
         ("remote uploads", f"queued {human_bytes(n('remote_upload_queue_bytes'))}, dropped "
                            f"{n('remote_uploads_dropped')}, failed {n('remote_uploads_failed')}; "
-                           f"local copies {n('local_copies')} ({n('local_copies_failed')} not kept)"),
+                           f"local copies {n('local_copies')} ({n('local_copies_failed')} not kept, "
+                           f"{n('local_copies_dropped')} dropped); "
+                           f"{n('remote_lookups_while_connecting')} lookups before connecting"),
     ]
     return rows
 

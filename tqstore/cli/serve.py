@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one remote read or write of block values (default "
                              f"{RemoteConfig.timeout_s:g})")
     parser.add_argument("--remote-ca-file", help="CA bundle for rediss:// (default: the system's)")
+    parser.add_argument("--remote-password-file",
+                        help="file holding the remote's password (instead of putting it in the "
+                             "URL, where the process list shows it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     remote = None
     if args.remote:
         remote = RemoteConfig(url=args.remote, lookup_deadline_s=args.remote_deadline_ms / 1000,
-                              timeout_s=args.remote_timeout_s, tls_ca_file=args.remote_ca_file)
+                              timeout_s=args.remote_timeout_s, tls_ca_file=args.remote_ca_file,
+                              password_file=args.remote_password_file)
     config = ServerConfig(path=args.path, listen=args.listen, workers=args.workers,
                           drain_seconds=args.drain_seconds, remote=remote,
                           store=StoreConfig(max_bytes=int(args.max_gib * GiB),

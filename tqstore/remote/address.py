@@ -35,9 +35,9 @@ class RemoteAddress:
         return f"{scheme}://{who}{hosts}" + (f"/{self.db}" if self.db else "")
 
 
-def parse_remote(url: str) -> RemoteAddress:
-    """Parse a --remote URL (module docstring). InvalidArgument names what is wrong, never the
-    password."""
+def parse_remote(url: str, password_override: str | None = None) -> RemoteAddress:
+    """Parse a --remote URL (module docstring); `password_override` (--remote-password-file)
+    replaces one in the URL. InvalidArgument names what is wrong, never the password."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in _SCHEMES:
         raise InvalidArgument(f"--remote must start with one of "
@@ -51,13 +51,16 @@ def parse_remote(url: str) -> RemoteAddress:
         password = unquote(secret) if colon else None
         if not colon:  # redis://secret@host is how some tools write a bare password
             username, password = None, unquote(user) or None
+    if "?" in rest:
+        raise InvalidArgument("--remote takes no ?options; give a password as "
+                              "redis://:password@host:port or with --remote-password-file")
     hosts, slash, db_text = rest.partition("/")
     db = 0
     if slash and db_text:
         if cluster:
             raise InvalidArgument("--remote: Redis Cluster has only database 0")
         if not db_text.isdigit():
-            raise InvalidArgument(f"--remote: database must be a number, got {db_text!r}")
+            raise InvalidArgument("--remote: the database after / must be a number")
         db = int(db_text)
     nodes = []
     for item in hosts.split(","):
@@ -71,4 +74,6 @@ def parse_remote(url: str) -> RemoteAddress:
     if not cluster and len(nodes) != 1:
         raise InvalidArgument("--remote redis:// takes one host:port; use redis-cluster:// "
                               "for several nodes")
+    if password_override is not None:
+        password = password_override
     return RemoteAddress(cluster, tls, tuple(nodes), db, username, password)
