@@ -13,7 +13,7 @@ Inputs (edit the constants to model another workload):
   tokens each, and how many new prefix tokens per second the fleet uploads.
 Measured: a Redis node serves about NODE_GBPS to many readers (tools/redis_scale_bench.py, 16
 cores, loopback); Redis holds MEMORY_PER_BYTE bytes per value byte; one daemon reads
-DAEMON_READ_GBPS from the tier and uploads DAEMON_UPLOAD_GBPS (tqstore bench remote, 2 cores).
+DAEMON_READ_GBPS from the tier (tqstore bench remote, 2 cores).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ MODELS = {  # fp16 K+V bytes per token: 2 (K, V) x 2 bytes x layers x KV heads x
 NODE_GBPS = 2.5  # one Redis node, many readers (BENCHMARKS.md: 2.3-3.4 from 4 readers up)
 MEMORY_PER_BYTE = 1.084  # Redis used_memory per value byte
 DAEMON_READ_GBPS = 0.97  # one daemon's verified reads, blocks kept (2-core VM)
-DAEMON_UPLOAD_GBPS = 0.62  # one daemon's background uploads (2-core VM)
 NODE_MEMORY_GB = 48  # usable per node (a 64 GB machine with room for fork, buffers)
 REPLICAS = 1
 GENERATORS_PER_HOST = 8

@@ -49,6 +49,7 @@ class UploadJob:
 
 
 def identity(ns: Namespace, hashes: list[bytes], tokens: np.ndarray, index: int) -> BlockIdentity:
+    """What block `index` of the chain (hashes, tokens) is: what its value must claim."""
     bs = ns.block_size
     return BlockIdentity(hashes[index], hashes[index - 1] if index else ns.root_hash(), index,
                          tokens[index * bs:(index + 1) * bs].tobytes())
@@ -83,6 +84,7 @@ class RedisTier:
         self._lookups = ThreadPoolExecutor(4, "tqstore-remote-lookup")
         self._uploads: collections.deque[UploadJob] = collections.deque()
         self._upload_bytes = 0
+        self._uploading = 0  # jobs taken off the queue and not finished
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._uploader = threading.Thread(target=self._upload_loop, name="tqstore-remote-upload",
@@ -93,9 +95,6 @@ class RedisTier:
         """Connect in the background, waiting up to wait_s (the daemon's start-up); the
         daemon serves either way."""
         return self.conn.wait_connected(wait_s)
-
-    def available(self) -> bool:
-        return self.conn.available()
 
     # -- presence (Lookup) ----------------------------------------------------------------------
     def present(self, ns: Namespace, hashes: list[bytes], start: int) -> int:
@@ -118,7 +117,6 @@ class RedisTier:
             found = future.result(timeout=self.config.lookup_deadline_s)
         except FutureTimeout:
             future.cancel()  # if still queued; a running one ends on its socket timeout
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.conn.lookup_timed_out()
             return 0
         except RuntimeError:  # the executor is shut down: the tier is closing
@@ -192,7 +190,7 @@ class RedisTier:
         """Until the upload queue is empty (tests, benchmarks, shutdown); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            while self._uploads or self.counters["_uploading"]:
+            while self._uploads or self._uploading:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -207,7 +205,7 @@ class RedisTier:
                 if self._stopping:
                     return
                 job = self._uploads.popleft()
-                self.counters["_uploading"] += 1
+                self._uploading += 1
             try:
                 for _attempt in range(3):
                     while not self.conn.available() and not self._stopping:
@@ -228,7 +226,7 @@ class RedisTier:
             finally:
                 with self._wake:
                     self._upload_bytes -= job.nbytes
-                    self.counters["_uploading"] -= 1
+                    self._uploading -= 1
                     self._wake.notify_all()
 
     def _upload(self, client, job: UploadJob) -> None:
@@ -262,7 +260,7 @@ class RedisTier:
     # -- lifecycle / stats ----------------------------------------------------------------------
     def stats(self) -> dict[str, object]:
         with self._lock:
-            out: dict[str, object] = {k: v for k, v in self.counters.items() if not k.startswith("_")}
+            out: dict[str, object] = dict(self.counters)
             out["upload_queue_bytes"] = self._upload_bytes
             out["last_error"] = self.conn.last_error
         out["state"] = self.conn.state

@@ -63,7 +63,9 @@ def part_count(ns: Namespace) -> int:
     return 2 * max(1, -(-(body_bytes(ns) // 2) // PART_BYTES))
 
 
-def _cut(data: bytes) -> list[bytes]:
+def _cut(array: np.ndarray) -> list[memoryview]:
+    """An array's bytes in PART_BYTES pieces, as views (redis-py sends memoryviews as they are)."""
+    data = memoryview(np.ascontiguousarray(array, dtype=np.float16)).cast("B")
     return [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
 
 
@@ -97,14 +99,13 @@ def _body_offset(header_len: int) -> int:
     return -(-(_HEAD.size + header_len) // 16) * 16
 
 
-def encode_block(ns: Namespace, who: BlockIdentity, payload: BlockPayload) -> list[bytes]:
-    """The values of one block's parts, in key order."""
-    keys = np.ascontiguousarray(payload.keys, dtype=np.float16)
-    values = np.ascontiguousarray(payload.values, dtype=np.float16)
-    if keys.nbytes + values.nbytes != body_bytes(ns) or keys.nbytes != values.nbytes:
-        raise ValueError(f"block body is {keys.nbytes + values.nbytes} bytes, the namespace "
-                         f"needs {body_bytes(ns)}")
-    pieces = _cut(keys.tobytes()) + _cut(values.tobytes())
+def encode_block(ns: Namespace, who: BlockIdentity,
+                 payload: BlockPayload) -> list[bytes | memoryview]:
+    """The values of one block's parts, in key order: part 0 a new bytes (header + K's first
+    piece), the others views of the payload's arrays (no copy)."""
+    if 2 * payload.keys.size * 2 != body_bytes(ns) or payload.values.size != payload.keys.size:
+        raise ValueError(f"block body does not fit the namespace's {body_bytes(ns)} bytes")
+    pieces = _cut(payload.keys) + _cut(payload.values)
     header = msgpack.packb({
         "ns": ns.root_hash(), "key": who.chain_hash, "parent": who.parent, "index": who.index,
         "tokens": who.tokens, "layout": list(layout(ns)), "dtype": ns.kv_dtype,

@@ -1,8 +1,10 @@
-"""What `BlockStore.stats()` reports (and `tqstore inspect` prints)."""
+"""What `BlockStore.stats()` reports (and `tqstore inspect` prints), read from the index."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from tqstore.ssd.records import NamespaceRecord, RecordError
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,35 @@ class StoreStats:
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+
+def read_stats(idx, pending: dict[str, int], max_bytes: int, compression: str) -> StoreStats:
+    """The persisted counters plus `pending` (counted, not yet flushed), the live namespaces
+    (records that fail to decode are left out) and the index's size. idx: tqstore.ssd.index.Index."""
+    with idx.env.begin() as txn:
+        c = idx.counters(txn)
+        rows: list[NamespaceStats] = []
+        hist: dict[int, int] = {}
+        for k, v in txn.cursor(db=idx.namespaces):
+            try:
+                r = NamespaceRecord.decode(v)
+            except RecordError:
+                continue
+            if r.blocks <= 0:
+                continue
+            rows.append(NamespaceStats(bytes(k).hex()[:16], r.model,
+                                       (r.num_layers, r.num_kv_heads, r.block_size, r.head_dim),
+                                       r.block_size, r.format_version, r.blocks, r.bytes))
+            hist[r.block_size] = hist.get(r.block_size, 0) + r.blocks
+    for k, v in pending.items():
+        c[k] = c.get(k, 0) + v
+    index_bytes = idx.used_bytes()
+    return StoreStats(
+        blocks=c["blocks"], bytes_on_disk=c["payload_bytes"] + index_bytes,
+        payload_bytes=c["payload_bytes"], index_bytes=index_bytes,
+        logical_bytes=c["logical_bytes"], max_bytes=max_bytes, compression=compression,
+        lookups=c["lookups"], lookup_tokens=c["lookup_tokens"], hit_tokens=c["hit_tokens"],
+        gets=c["gets"], get_hits=c["get_hits"], evictions=c["evictions"],
+        verification_failures=c["verification_failures"], quarantined=c["quarantined"],
+        namespaces=sorted(rows, key=lambda r: (-r.bytes, r.digest)),
+        block_size_histogram=dict(sorted(hist.items())))

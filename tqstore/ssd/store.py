@@ -48,7 +48,7 @@ from tqstore.ssd.leases import Leases
 from tqstore.ssd.opening import remove_orphans, write_store_id
 from tqstore.ssd.payload import PayloadError
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
-from tqstore.ssd.stats import NamespaceStats, StoreStats
+from tqstore.ssd.stats import StoreStats, read_stats
 
 # Budget headroom for LMDB growth of one put: copy-on-write can dirty a root-to-leaf path in each
 # of the six databases before freed pages become reusable, plus about 3x each new record (record,
@@ -462,35 +462,9 @@ class BlockStore:
             return sum(e.freed for e in gone)
 
     def stats(self) -> StoreStats:
-        with self._idx.env.begin() as txn:
-            c = self._idx.counters(txn)
-            rows: list[NamespaceStats] = []
-            hist: dict[int, int] = {}
-            for k, v in txn.cursor(db=self._idx.namespaces):
-                try:
-                    r = NamespaceRecord.decode(v)
-                except RecordError:
-                    continue
-                if r.blocks <= 0:
-                    continue
-                rows.append(NamespaceStats(bytes(k).hex()[:16], r.model,
-                                           (r.num_layers, r.num_kv_heads, r.block_size, r.head_dim),
-                                           r.block_size, r.format_version, r.blocks, r.bytes))
-                hist[r.block_size] = hist.get(r.block_size, 0) + r.blocks
         with self._lock:
-            for k, v in self._pending.items():
-                c[k] = c.get(k, 0) + v
-        index_bytes = self._idx.used_bytes()
-        return StoreStats(
-            blocks=c["blocks"], bytes_on_disk=c["payload_bytes"] + index_bytes,
-            payload_bytes=c["payload_bytes"], index_bytes=index_bytes,
-            logical_bytes=c["logical_bytes"], max_bytes=self.config.max_bytes,
-            compression=self.config.compression, lookups=c["lookups"],
-            lookup_tokens=c["lookup_tokens"], hit_tokens=c["hit_tokens"], gets=c["gets"],
-            get_hits=c["get_hits"], evictions=c["evictions"],
-            verification_failures=c["verification_failures"], quarantined=c["quarantined"],
-            namespaces=sorted(rows, key=lambda r: (-r.bytes, r.digest)),
-            block_size_histogram=dict(sorted(hist.items())))
+            pending = dict(self._pending)
+        return read_stats(self._idx, pending, self.config.max_bytes, self.config.compression)
 
     def check(self, repair: bool = False) -> CheckReport:
         """Walk the whole store (every record, every payload byte); optionally repair."""
