@@ -65,7 +65,7 @@ def daemon(tmp_path):
     """A real daemon on loopback over a real LMDB store in a temp dir (tests/server overrides it
     with a smaller store and byte limits)."""
     from tqstore.config import ServerConfig, StoreConfig
-    from tqstore.server import Daemon
+    from tqstore.daemon import Daemon
 
     d = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
                             store=StoreConfig(max_bytes=1 << 30, map_size=1 << 28))).start()

@@ -72,7 +72,7 @@ def test_the_daemon_and_its_command_load_no_live_cache() -> None:
         from tqstore.cli import build_parser
         argv = ["serve", "--path", "unused"]
         build_parser(argv).parse_args(argv)
-        import tqstore.server
+        import tqstore.daemon
         """
     assert _loaded(code, ("tqstore.paged", "mlx_lm")) == []
 

@@ -122,6 +122,22 @@ class ServerConfig:
     recent_requests: int = 256  # per-request hit rates kept for Stats
     store: StoreConfig = field(default_factory=StoreConfig)
     remote: RemoteConfig | None = None  # None: the local tier only
+    # -- bounds on the work one request can cause (tqstore/server.py enforces them) --
+    max_request_tokens: int = 1 << 21  # token ids in one Lookup/Fetch/Put/Locate
+    min_block_size: int = 16  # a namespace's smallest block (tokens)
+    max_request_blocks: int = 1 << 15  # blocks one Fetch or Locate may name
+    heavy_request_tokens: int = 1 << 17  # a request with more token ids takes a heavy slot
+    max_heavy_requests: int = 4  # concurrent heavy requests; past it RESOURCE_EXHAUSTED
+    max_string_bytes: int = 256  # every client-supplied string (the model fingerprint)
+    max_stats_namespaces: int = 1000  # Stats lists the largest namespaces, counts the rest
+    # -- access (tqstore/access.py) --
+    token_file: str | None = None  # bearer token clients must send; required off loopback
+    tls_cert_file: str | None = None  # TLS certificate chain (PEM); with tls_key_file
+    tls_key_file: str | None = None
+    socket_group: str | None = None  # a Unix socket is 0600, or 0660 owned by this group
+    # -- observability --
+    metrics_port: int | None = None  # Prometheus metrics on metrics_host:port (None: off)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not (self.listen.startswith("unix:") or ":" in self.listen):

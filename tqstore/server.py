@@ -1,4 +1,5 @@
-"""The daemon: a gRPC KvStore service over one BlockStore (tqstore/ssd).
+"""The KvStore gRPC service over one BlockStore (tqstore/ssd) and its tiers; the running daemon
+(bind, health, drain) is tqstore.daemon.
 
 - Lookup: longest present prefix of full blocks. Fetch: streams blocks in ~1 MiB layer chunks,
   as stored fp16 or re-quantized (tqstore.requantize) with the caller's codec settings.
@@ -8,26 +9,18 @@
 - Fetch semantics on a block that fails verification mid-stream: the stream ends early
   (the caller uses the verified prefix it received); if the first requested block is missing
   the call fails with NOT_FOUND.
-- SIGTERM/SIGINT: stop accepting, drain in-flight calls (drain_seconds), flush, close, exit 0.
-- One daemon per address: a second one on the same TCP port or live Unix socket refuses to
-  start (AddressInUse) instead of sharing or stealing the first one's clients.
 - One log line per RPC (tqstore.rpc_log), one start-up line.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
-import signal
-import socket
 import threading
 from typing import Iterable, Iterator
 
 import grpc
-import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
@@ -35,7 +28,6 @@ from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhaus
 from tqstore.payload_format import FILE_VERSION
 from tqstore.remote.tiers import Tiers
 from tqstore.requantize import Requantizer
-from tqstore.rpc_log import RpcLog
 from tqstore.ssd.store import BlockStore
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
@@ -238,7 +230,7 @@ def _tier_stats(stats: dict[str, object]) -> pb.TierStats:
     return pb.TierStats(**out)
 
 
-def _add_service(servicer: KvStoreService, server: grpc.Server) -> None:
+def add_service(servicer: KvStoreService, server: grpc.Server) -> None:
     """pb_grpc.add_KvStoreServicer_to_server, except that Fetch's responses are serialized by
     wire.serialize_chunk, so fp16 chunks go out pre-encoded (one copy of their bytes)."""
     captured: dict[str, grpc.RpcMethodHandler] = {}
@@ -258,147 +250,9 @@ def _add_service(servicer: KvStoreService, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, captured)
 
 
-class AddressInUse(OSError):
-    """Another process listens on the daemon's address."""
-
-
-def _bind_failure(listen: str) -> OSError:
-    """Why gRPC could not bind ``listen``, found by binding a plain socket there: gRPC itself
-    only says "Failed to bind"."""
-    if listen.startswith("unix:"):
-        folder = os.path.dirname(os.path.abspath(listen[len("unix:"):]))
-        why = "" if os.path.isdir(folder) else f": no directory {folder}"
-        return OSError(f"cannot listen on {listen}{why}")
-    host, _, port = listen.rpartition(":")
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]") or None, int(port),
-                                                          type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.bind(addr)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return AddressInUse(f"cannot listen on {listen}: the address is in use (another "
-                                f"`tqstore serve`?); stop it or pick another --listen")
-        return OSError(f"cannot listen on {listen}: {exc.strerror or exc}")
-    except ValueError:
-        pass
-    return OSError(f"cannot listen on {listen}")
-
-
-def _check_unix_socket_free(listen: str) -> None:
-    """gRPC replaces an existing socket file, so a second daemon would silently take a running
-    one's Unix socket: refuse if something accepts connections there (a stale file is fine)."""
-    path = listen[len("unix:"):]
-    if not os.path.exists(path):
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return  # nobody listens: gRPC replaces the stale file
-    raise AddressInUse(f"cannot listen on {listen}: a server already listens on that socket "
-                       f"(another `tqstore serve`?); stop it or pick another --listen")
-
-
 def _attention_backend() -> str:
     try:
         from tqstore.metal.dispatch import active_backend
     except ImportError:
         return "reference"
     return active_backend()
-
-
-class Daemon:
-    """A running server: start() binds and serves; stop() drains and closes the store."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.config = config
-        if config.listen.startswith("unix:"):
-            _check_unix_socket_free(config.listen)
-        # gRPC sets SO_REUSEPORT by default: a second daemon on a taken port would bind too and
-        # the kernel would split new connections between two stores. Off, the bind fails.
-        options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=options,
-                                  interceptors=[RpcLog()])
-        try:
-            self.port = self.server.add_insecure_port(config.listen)
-        except RuntimeError:  # gRPC's "Failed to bind to address"
-            raise _bind_failure(config.listen) from None
-        if self.port == 0 and not config.listen.startswith("unix:"):
-            raise _bind_failure(config.listen)
-        # The store opens after the bind: a daemon that cannot listen leaves it untouched.
-        try:
-            self.store = BlockStore(config.path, config.store)
-        except BaseException:
-            self.server.stop(None)  # releases the bound port
-            raise
-        remote = None
-        if config.remote is not None:
-            from tqstore.remote.redis_tier import RedisTier  # imports redis only when asked
-
-            remote = RedisTier(config.remote)
-        self.tiers = Tiers(self.store, remote,
-                           config.remote.fill_queue_bytes if config.remote else 0)
-        self.service = KvStoreService(self.store, config, self.tiers)
-        _add_service(self.service, self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self._stopped = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, name="tqstore-flush",
-                                         daemon=True)
-
-    def _flush_periodically(self) -> None:
-        # The store batches last-access times and counters in memory; an idle daemon must still
-        # publish them so `tqstore inspect --path` (another process) sees current figures.
-        interval = self.config.store.access_flush_interval_s
-        while not self._stopped.wait(interval):
-            try:
-                self.store.flush()
-            except Exception:  # noqa: BLE001 - keep serving; the next put/close flushes again
-                log.exception("periodic flush failed")
-
-    @property
-    def address(self) -> str:
-        if self.config.listen.startswith("unix:"):
-            return self.config.listen
-        return f"{self.config.listen.rsplit(':', 1)[0]}:{self.port}"
-
-    def start(self) -> "Daemon":
-        if self.tiers.remote is not None:  # not fatal: the daemon serves from local meanwhile
-            self.tiers.remote.connect(wait_s=min(2.0, self.config.remote.timeout_s))
-        self.server.start()
-        self._flusher.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if not self.config.is_loopback:
-            log.warning("listening on %s: reachable from other machines", self.config.listen)
-        remote = self.tiers.remote
-        log.info("serving %s on %s%s", self.config.path, self.address,
-                 f" with remote tier {remote.address.redacted}" if remote else "")
-        return self
-
-    def stop(self, grace: float | None = None) -> None:
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(self.config.drain_seconds if grace is None else grace).wait()
-        if self._flusher.is_alive():
-            self._flusher.join()
-        self.tiers.close()
-        self.store.close()
-        log.info("stopped")
-
-    def serve_until_signal(self) -> int:
-        """Block until SIGTERM/SIGINT, then drain and exit cleanly (returns 0)."""
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        done.wait()
-        self.stop()
-        return 0

@@ -11,7 +11,7 @@ from tqstore.client import KvStoreClient
 from tqstore.config import RemoteConfig, ServerConfig, StoreConfig
 from tqstore.prefix_hash import Namespace
 from tqstore.remote.value_format import block_keys, part_count
-from tqstore.server import Daemon
+from tqstore.daemon import Daemon
 from tqstore.ssd.chain import chain_hashes, token_array
 
 from tests.server.conftest import random_blocks

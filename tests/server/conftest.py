@@ -5,7 +5,7 @@ from tqstore.blocks import BlockPayload
 from tqstore.client import KvStoreClient
 from tqstore.config import ServerConfig, StoreConfig
 from tqstore.prefix_hash import Namespace
-from tqstore.server import Daemon
+from tqstore.daemon import Daemon
 
 from tests.seeding import seeded_rng
 

@@ -8,7 +8,7 @@ import sys
 
 from tqstore.client import KvStoreClient
 from tqstore.config import ServerConfig, StoreConfig
-from tqstore.server import Daemon
+from tqstore.daemon import Daemon
 
 
 def _serve(path, listen: str) -> subprocess.CompletedProcess:

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqstore.server import Daemon
+    from tqstore.daemon import Daemon
 
     # The one handler of the process: the start-up line and one line per RPC come from
     # tqstore.server through it, once each (a print beside it doubled the start-up line).
