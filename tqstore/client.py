@@ -6,6 +6,8 @@ Puts can run in the background (put_async) so the first token is never delayed b
 a long upload goes in several Put calls of at most put_piece_bytes each.
 fp16 fetches (fetch_fp16_prefix) land straight in a PrefixKV: on the daemon's host by reading its
 payload files (tqstore/direct_read.py), else on fetch_streams parallel gRPC streams.
+Every channel (the main one and each fetch stream's) is made by tqstore.access.open_channel:
+TLS when configured, and the bearer token on every call when the config has one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tqstore.access import Unauthenticated, client_token, open_channel
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.codec import CodecConfig
 from tqstore.config import ClientConfig
@@ -38,6 +41,7 @@ _ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 
@@ -60,7 +64,8 @@ class KvStoreClient:
         self.config = config
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self._channel = grpc.insecure_channel(config.address, options=options)
+        self._token = client_token(config)  # read once; None: the daemon needs none
+        self._channel = open_channel(config, options, self._token)
         self._stub = pb_grpc.KvStoreStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tqstore-put")
@@ -100,6 +105,11 @@ class KvStoreClient:
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def check_access(self) -> None:
+        """Raises Unauthenticated when the daemon refuses this client's token (or its lack of
+        one): is_serving cannot tell, the health check is open to all. One Stats call."""
+        self.stats()
 
     def lookup(self, ns: Namespace, token_ids: Sequence[int]) -> LookupResult:
         try:
@@ -202,8 +212,8 @@ class KvStoreClient:
         """Stub i of the parallel fetch: each on its own channel and connection (a local
         subchannel pool), so streams do not queue behind each other on one HTTP/2 connection."""
         while len(self._stream_stubs) <= i:
-            channel = grpc.insecure_channel(self.config.address, options=self._options + [
-                ("grpc.use_local_subchannel_pool", 1)])
+            channel = open_channel(self.config, self._options + [
+                ("grpc.use_local_subchannel_pool", 1)], self._token)
             # fp16 chunks are parsed into views of the received bytes (wire.parse_fp16_chunk).
             fetch = channel.unary_stream("/tqstore.v1.KvStore/Fetch",
                                          request_serializer=pb.FetchRequest.SerializeToString,

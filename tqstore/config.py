@@ -142,6 +142,17 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not (self.listen.startswith("unix:") or ":" in self.listen):
             raise InvalidArgument(f"--listen must be unix:/path or host:port, got {self.listen!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+        if self.socket_group is not None and not self.listen.startswith("unix:"):
+            raise InvalidArgument("--socket-group applies to a unix:/path --listen only")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"--metrics-port must be 0..65535, got {self.metrics_port}")
+        for name in ("max_request_tokens", "min_block_size", "max_request_blocks",
+                     "heavy_request_tokens", "max_heavy_requests", "max_string_bytes",
+                     "max_stats_namespaces"):
+            if int(getattr(self, name)) <= 0:
+                raise InvalidArgument(f"{name} must be positive")
 
     @property
     def is_loopback(self) -> bool:
@@ -163,6 +174,12 @@ class ClientConfig:
     put_piece_bytes: an upload is split into Put calls of at most this many fp16 bytes, each
         continuing the chain, so no prompt is too long for the daemon's per-stream limit.
     lease_ms: how long located blocks stay out of eviction (0: the daemon's default).
+    token / token_file: the daemon's bearer token, sent on every call (tqstore/access.py);
+        token_file is read once, when the client is made. At most one of the two.
+    tls: connect with TLS, trusting the system's roots; tls_ca_file: trust this PEM CA instead
+        (a private CA or the daemon's self-signed certificate; implies tls).
+    tls_server_name: the name the daemon's certificate must carry, when the address does not
+        (e.g. connecting by IP to a certificate issued for a host name).
     """
 
     address: str = DEFAULT_LISTEN
@@ -175,8 +192,19 @@ class ClientConfig:
     min_stream_bytes: int = 16 * MiB
     put_piece_bytes: int = 256 * MiB
     lease_ms: int = 0
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.token is not None and self.token_file is not None:
+            raise InvalidArgument("give the token or a token file, not both")
+        if self.token is not None and not self.token.strip():
+            raise InvalidArgument("the token is empty")
+        if self.tls_server_name is not None and not self.uses_tls:
+            raise InvalidArgument("tls_server_name needs tls (or tls_ca_file)")
         if self.direct_reads not in ("auto", "on", "off"):
             raise InvalidArgument(f"direct_reads must be auto, on or off, got {self.direct_reads!r}")
         if self.read_threads < 0:
@@ -189,6 +217,10 @@ class ClientConfig:
     def is_local(self) -> bool:
         """A Unix socket or a loopback address: the daemon runs on this host."""
         return is_local_address(self.address)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca_file is not None
 
 
 

@@ -5,6 +5,8 @@ on SIGTERM/SIGINT.
 - One daemon per address: a second one on the same TCP port or live Unix socket refuses to
   start (AddressInUse) instead of sharing or stealing the first one's clients.
 - SIGTERM/SIGINT: stop accepting, drain in-flight calls (drain_seconds), flush, close, exit 0.
+- Who may connect (token, TLS, the Unix socket's mode) is tqstore.access: its checks run
+  before the bind, so a daemon refused by them binds nothing and leaves the store untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tqstore.access import ServerAccess
 from tqstore.config import ServerConfig
 from tqstore.remote.tiers import Tiers
 from tqstore.rpc_log import RpcLog
@@ -78,17 +81,23 @@ class Daemon:
         self.config = config
         if config.listen.startswith("unix:"):
             _check_unix_socket_free(config.listen)
+        self.access = ServerAccess.from_config(config)
         # gRPC sets SO_REUSEPORT by default: a second daemon on a taken port would bind too and
         # the kernel would split new connections between two stores. Off, the bind fails.
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
+        # The token check runs first: a refused call is neither parsed nor handled.
+        self.rpc_log = RpcLog()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=options,
-                                  interceptors=[RpcLog()])
+                                  interceptors=self.access.interceptors + [self.rpc_log])
         try:
-            self.port = self.server.add_insecure_port(config.listen)
+            self.port = self.access.add_port(self.server, config.listen)
         except RuntimeError:  # gRPC's "Failed to bind to address"
             raise _bind_failure(config.listen) from None
+        except BaseException:  # bound, but the socket's group could not be set
+            self.server.stop(None)
+            raise
         if self.port == 0 and not config.listen.startswith("unix:"):
             raise _bind_failure(config.listen)
         # The store opens after the bind: a daemon that cannot listen leaves it untouched.
@@ -106,6 +115,14 @@ class Daemon:
                            config.remote.fill_queue_bytes if config.remote else 0)
         self.service = KvStoreService(self.store, config, self.tiers)
         add_service(self.service, self.server)
+        # Metrics only when asked (prometheus_client loads only then), fed by the RPC log.
+        self.metrics = None
+        self.metrics_port: int | None = None
+        if config.metrics_port is not None:
+            from tqstore.metrics import DaemonMetrics
+
+            self.metrics = DaemonMetrics(self.store, self.tiers)
+            self.rpc_log.observers.append(self.metrics.observe_rpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._stopped = threading.Event()
@@ -129,6 +146,15 @@ class Daemon:
         return f"{self.config.listen.rsplit(':', 1)[0]}:{self.port}"
 
     def start(self) -> "Daemon":
+        if self.metrics is not None:  # first: a taken metrics port fails before anything serves
+            try:
+                self.metrics_port = self.metrics.start(self.config.metrics_host,
+                                                       self.config.metrics_port)
+            except BaseException:
+                self.server.stop(None)
+                self.tiers.close()
+                self.store.close()
+                raise
         if self.tiers.remote is not None:  # not fatal: the daemon serves from local meanwhile
             self.tiers.remote.connect(wait_s=min(2.0, self.config.remote.timeout_s))
         self.server.start()
@@ -137,8 +163,12 @@ class Daemon:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if not self.config.is_loopback:
             log.warning("listening on %s: reachable from other machines", self.config.listen)
+        for warning in self.access.start_warnings(self.config):
+            log.warning("%s", warning)
         remote = self.tiers.remote
-        log.info("serving %s on %s%s", self.config.path, self.address,
+        log.info("serving %s on %s%s%s%s", self.config.path, self.address,
+                 " (TLS)" if self.access.credentials is not None else "",
+                 " (token required)" if self.access.token is not None else "",
                  f" with remote tier {remote.address.redacted}" if remote else "")
         return self
 
@@ -151,6 +181,8 @@ class Daemon:
         self.server.stop(self.config.drain_seconds if grace is None else grace).wait()
         if self._flusher.is_alive():
             self._flusher.join()
+        if self.metrics is not None:  # after the drain, before the store closes
+            self.metrics.stop()
         self.tiers.close()
         self.store.close()
         log.info("stopped")

@@ -6,12 +6,17 @@ Fields: method (service/method without the package), peer, status code, duration
 blocks of a Lookup, blocks streamed by a Fetch, blocks stored by a Put, blocks located) and message bytes in and
 out. The status is the code the handler set or aborted with (tqstore.server maps errors to codes
 in one place), UNKNOWN for an exception that escaped it, CANCELLED when the client went away.
+
+The same figures go, as one RpcRecord per call, to the observers registered on the RpcLog
+(tqstore.metrics counts them for Prometheus). An observer runs on the RPC's thread when the
+call ends, so it must be cheap; one that raises is logged and the call is unaffected.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -31,12 +36,29 @@ _STREAMED_BLOCKS: dict[str, Callable[[Any], int]] = {
 }
 
 
-class _Call:
-    """What one RPC did, logged once when it ends."""
+@dataclass(frozen=True, slots=True)
+class RpcRecord:
+    """One finished RPC, as logged."""
 
-    def __init__(self, method: str, context: grpc.ServicerContext) -> None:
+    method: str  # "KvStore/Lookup": from the server's registered handlers (a bounded set)
+    code: grpc.StatusCode
+    seconds: float
+    bytes_in: int  # serialized request messages
+    bytes_out: int  # serialized response messages
+    blocks: int | None  # see the module docstring; None where the method reports none
+
+
+RpcObserver = Callable[[RpcRecord], None]
+
+
+class _Call:
+    """What one RPC did, logged (and observed) once when it ends."""
+
+    def __init__(self, method: str, context: grpc.ServicerContext,
+                 observers: list[RpcObserver]) -> None:
         self.method = method
         self.context = context
+        self.observers = observers
         self.start = time.perf_counter()
         self.bytes_in = self.bytes_out = 0
         self.blocks: int | None = None
@@ -79,14 +101,26 @@ class _Call:
                 code = grpc.StatusCode.CANCELLED
             else:
                 code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-        ms = (time.perf_counter() - self.start) * 1e3
+        seconds = time.perf_counter() - self.start
         blocks = "" if self.blocks is None else f" blocks={self.blocks}"
         log.info("%s %s %s %.1f ms%s in=%s out=%s", self.method, self.context.peer(), code.name,
-                 ms, blocks, human_bytes(self.bytes_in), human_bytes(self.bytes_out))
+                 seconds * 1e3, blocks, human_bytes(self.bytes_in), human_bytes(self.bytes_out))
+        if not self.observers:
+            return
+        record = RpcRecord(self.method, code, seconds, self.bytes_in, self.bytes_out, self.blocks)
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # noqa: BLE001 - metrics must never fail the call they count
+                log.exception("RPC observer %r failed", observer)
 
 
 class RpcLog(grpc.ServerInterceptor):
-    """Wraps every method handler of the server so each call ends in one log line."""
+    """Wraps every method handler of the server so each call ends in one log line and one
+    RpcRecord to each of `observers` (append before the server starts; read per call)."""
+
+    def __init__(self, observers: list[RpcObserver] | None = None) -> None:
+        self.observers: list[RpcObserver] = list(observers or [])
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -105,7 +139,7 @@ class RpcLog(grpc.ServerInterceptor):
             behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
 
         def logged(request, context):
-            call = _Call(method, context)
+            call = _Call(method, context, self.observers)
             if handler.request_streaming:
                 request = call.requests(request)
             elif request is not None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from tqstore.agents import WorkloadConfig
+from tqstore.cli.connection_args import add_token_argument
 
 # Sized to finish in under 2 minutes on the 2-core CPU machine, model loads included.
 DEMO = WorkloadConfig(agents=2, turns=3, system_tokens=1000, task_tokens=250, tool_tokens=120,
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"each tool result, tokens (default {DEMO.tool_tokens})")
     parser.add_argument("--max-tokens", type=int, default=DEMO.max_tokens,
                         help=f"tokens each answer may have (default {DEMO.max_tokens})")
+    add_token_argument(parser, help_text="make the demo's daemon require the bearer token in FILE "
+                                         "(chmod 600) and its endpoint send it")
 
 
 def _say(msg: str) -> None:
@@ -70,13 +73,18 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _start_endpoint(model_dir: str, daemon_addr: str, logs: Path, n: int):
+def _token_args(token_file: str | None) -> list[str]:
+    return [] if token_file is None else ["--token-file", str(Path(token_file).resolve())]
+
+
+def _start_endpoint(model_dir: str, daemon_addr: str, logs: Path, n: int,
+                    token_file: str | None = None):
     from tqstore.servers import ServerProcess, free_port, http_ok, tqstore_argv
 
     port = free_port()
     endpoint = ServerProcess("tqstore openai", tqstore_argv(
         "openai", "--model", model_dir, "--store", daemon_addr, "--host", "127.0.0.1",
-        "--port", str(port)), logs / f"openai-{n}.log")
+        "--port", str(port), *_token_args(token_file)), logs / f"openai-{n}.log")
     root = f"http://127.0.0.1:{port}"
     waited = endpoint.wait_ready(lambda: http_ok(root + "/health"), 300)
     return endpoint, root + "/v1", waited
@@ -106,13 +114,15 @@ def _run(args: argparse.Namespace, path: str, logs: Path) -> int:
         daemon_addr = f"127.0.0.1:{dport}"
         _say(f"[2/5] starting the daemon on {path}: tqstore serve --path {path} "
              f"--listen {daemon_addr}")
-        daemon = ServerProcess("tqstore serve", tqstore_argv("serve", "--path", path, "--listen",
-                                                            daemon_addr), logs / "daemon.log")
+        daemon = ServerProcess("tqstore serve", tqstore_argv(
+            "serve", "--path", path, "--listen", daemon_addr, *_token_args(args.token_file)),
+            logs / "daemon.log")
         procs.append(daemon)
         daemon.wait_ready(lambda: tcp_open("127.0.0.1", dport), 120)
         _say(f"[3/5] starting the endpoint: tqstore openai --model {model_dir} "
              f"--store {daemon_addr}")
-        endpoint, base_url, waited = _start_endpoint(model_dir, daemon_addr, logs, 1)
+        endpoint, base_url, waited = _start_endpoint(model_dir, daemon_addr, logs, 1,
+                                                     args.token_file)
         procs.append(endpoint)
         model = served_model(base_url)
         warm_up(base_url, model)
@@ -128,7 +138,8 @@ def _run(args: argparse.Namespace, path: str, logs: Path) -> int:
         procs.remove(endpoint)
         _say("[5/5] restarting the endpoint (its memory is gone; the daemon keeps the store) and "
              "replaying turn 1 of both agents")
-        endpoint, base_url, waited = _start_endpoint(model_dir, daemon_addr, logs, 2)
+        endpoint, base_url, waited = _start_endpoint(model_dir, daemon_addr, logs, 2,
+                                                     args.token_file)
         procs.append(endpoint)
         warm_up(base_url, model)
         print(HEADER, flush=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tqstore.cli.connection_args import add_connection_arguments, client_config_from
 from tqstore.cli.progress import PrefillProgress
-from tqstore.config import DEFAULT_LISTEN
+from tqstore.config import DEFAULT_LISTEN, ClientConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most tokens to generate, the first included (default 128)")
     parser.add_argument("--raw", action="store_true", help="no chat template: tokenize the text as is")
     parser.add_argument("--system", help="system message for the chat template")
+    add_connection_arguments(parser)
 
 
 def load_default_or(path: str | None):
@@ -38,18 +40,34 @@ def prompt_ids(loaded, text: str, raw: bool, system: str | None = None) -> list[
     return chat_prompt_ids(loaded.tokenizer, text, system=system)
 
 
-def connect(address: str | None, log=print):
-    """A client if the daemon answers, else None (generation then runs without the cache)."""
+def connect(target: ClientConfig | str | None, log=print):
+    """A client if the daemon answers, else None (generation then runs without the cache).
+    A daemon that answers but refuses the token raises Unauthenticated: a setting to fix, not
+    an outage to run through."""
     from tqstore.client import KvStoreClient
 
+    address = target.address if isinstance(target, ClientConfig) else target
     if not address or address == "none":
         return None
-    client = KvStoreClient(address)
-    if client.is_serving(timeout=2.0):
-        return client
-    client.close()
-    log(f"tqstore: daemon at {address} unreachable: generating without the prefix cache")
-    return None
+    client = KvStoreClient(target)
+    if not client.is_serving(timeout=2.0):
+        client.close()
+        log(f"tqstore: daemon at {address} unreachable: generating without the prefix cache")
+        return None
+    from tqstore.access import Unauthenticated
+    from tqstore.errors import TqstoreError
+
+    try:
+        client.check_access()
+    except Unauthenticated:
+        client.close()
+        raise
+    except TqstoreError as exc:  # it went away after answering the health check
+        client.close()
+        log(f"tqstore: daemon at {address} unreachable ({exc}): generating without the prefix "
+            "cache")
+        return None
+    return client
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     err = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     loaded = load_default_or(args.model)
     ids = prompt_ids(loaded, text, args.raw, args.system)
-    client = connect(args.server, log=err)
+    client = connect(client_config_from(args, args.server), log=err)
     try:
         generator = CachedGenerator(loaded, client)
         # Progress goes to stderr: stdout carries only the generated text.

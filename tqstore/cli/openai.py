@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 
+from tqstore.cli.connection_args import add_connection_arguments, client_config_from
 from tqstore.config import DEFAULT_LISTEN, WIDE_PREFILL_CHUNK, MiB, ServingConfig
 from tqstore.errors import InvalidArgument
 
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow a --host other than loopback (no authentication: put it "
                              "behind your own proxy)")
+    add_connection_arguments(parser)  # to the daemon (--store), not this endpoint's clients
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("loading %s", model_dir)
     loaded = load_model(model_dir)
     install(loaded.model)
-    client = connect(args.store, log=log.warning)
+    client = connect(client_config_from(args, args.store), log=log.warning)
     engine = Engine(loaded, client, config)
     server = make_server(engine, model_dir, args.host, args.port, args.max_tokens)
     host, port = server.server_address[:2]

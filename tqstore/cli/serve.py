@@ -1,4 +1,5 @@
-"""`tqstore serve --path /ssd/kv [--listen unix:/path|host:port]`."""
+"""`tqstore serve --path /ssd/kv [--listen unix:/path|host:port] [--token-file F]
+[--tls-cert F --tls-key F] [--socket-group NAME]`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,23 @@ import logging
 from tqstore.config import COMPRESSIONS, DEFAULT_LISTEN, GiB, RemoteConfig, ServerConfig, StoreConfig
 
 
+ACCESS = """who can connect (tqstore/access.py):
+  unix:/path     the socket is 0600: only this user (0660 with --socket-group: that group too).
+                 The safe choice on a host shared by several users.
+  127.0.0.1:P    loopback TCP: EVERY user of this host can connect unless --token-file is set
+                 (the daemon warns at start).
+  other hosts    0.0.0.0, a LAN address, a host name: refuses to start without --token-file;
+                 add --tls-cert/--tls-key so the token does not travel in clear text.
+A token, once set, is required on every address. The gRPC health service answers without it
+(it tells only whether the daemon serves). Make a token with
+`(umask 077; openssl rand -hex 32 > token)`; the daemon refuses a token file that its group
+or other users can read. Clients (generate, openai, inspect --addr) pass the token in a file
+of their own with --token-file, and --tls-ca for TLS."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ACCESS
     parser.add_argument("--path", required=True, help="store directory (created if missing)")
     parser.add_argument("--listen", default=DEFAULT_LISTEN,
                         help=f"unix:/path/to.sock or host:port (default {DEFAULT_LISTEN}, loopback)")
@@ -37,6 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one remote read or write of block values (default "
                              f"{RemoteConfig.timeout_s:g})")
     parser.add_argument("--remote-ca-file", help="CA bundle for rediss:// (default: the system's)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="require this bearer token (one line, chmod 600) on every call; "
+                             "required for an address other than loopback or unix:")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="serve TLS with this PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    parser.add_argument("--socket-group", metavar="NAME",
+                        help="with --listen unix:/path: make the socket 0660 owned by this "
+                             "group, so its members can connect (default 0600: this user only)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics "
+                             "(default: off; 0 picks a free port, logged at start)")
+    parser.add_argument("--metrics-host", default=ServerConfig.metrics_host,
+                        help=f"address of the metrics endpoint (default "
+                             f"{ServerConfig.metrics_host}; it has no authentication)")
     parser.add_argument("--remote-password-file",
                         help="file holding the remote's password (instead of putting it in the "
                              "URL, where the process list shows it)")
@@ -55,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
                               password_file=args.remote_password_file)
     config = ServerConfig(path=args.path, listen=args.listen, workers=args.workers,
                           drain_seconds=args.drain_seconds, remote=remote,
+                          token_file=args.token_file, tls_cert_file=args.tls_cert,
+                          tls_key_file=args.tls_key, socket_group=args.socket_group,
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                           store=StoreConfig(max_bytes=int(args.max_gib * GiB),
                                             compression=args.compression))
     return Daemon(config).start().serve_until_signal()
