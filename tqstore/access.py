@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import grpc
 
 from tqstore.config import ClientConfig, ServerConfig
-from tqstore.errors import InvalidArgument, TqstoreError
+from tqstore.errors import InvalidArgument
 
 log = logging.getLogger("tqstore.access")
 rpc_log = logging.getLogger("tqstore.rpc")  # the one-line-per-RPC log (tqstore.rpc_log)
@@ -52,10 +52,6 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 MAX_TOKEN_FILE_BYTES = 4096
 SOCKET_MODE = 0o600
 GROUP_SOCKET_MODE = 0o660
-
-
-class Unauthenticated(TqstoreError):
-    """The daemon refused the call: no bearer token, or not its token (gRPC UNAUTHENTICATED)."""
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tqstore.access import Unauthenticated, client_token, open_channel
+from tqstore.access import client_token, open_channel
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.codec import CodecConfig
 from tqstore.config import ClientConfig
-from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
+from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unauthenticated, Unavailable
 from tqstore.prefix_hash import Namespace, hash_prefix_blocks
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc

@@ -29,3 +29,7 @@ class Corruption(TqstoreError):
 
 class Unavailable(TqstoreError):
     """A dependency (the daemon, the disk) cannot be reached right now."""
+
+
+class Unauthenticated(TqstoreError):
+    """The daemon refused the call: no bearer token, or not its token (gRPC UNAUTHENTICATED)."""

@@ -15,6 +15,7 @@ the receiver keeps the first D * layer_bits / 8 bytes.
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import mlx.core as mx
@@ -29,10 +30,13 @@ Group = tuple[str, tuple[int, ...], TurboQuantCodec]
 
 
 class Requantizer:
-    """Caches the stacked codecs per (codec settings, layout)."""
+    """Caches the stacked codecs per (codec settings, layout), the MAX_CODECS most recently
+    used: codec settings come from clients, so a client cycling seeds must not grow the daemon."""
+
+    MAX_CODECS = 64
 
     def __init__(self) -> None:
-        self._codecs: dict[tuple, list[Group]] = {}
+        self._codecs: collections.OrderedDict[tuple, list[Group]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def groups(self, ns: Namespace, config: CodecConfig) -> list[Group]:
@@ -45,9 +49,15 @@ class Requantizer:
                 raise InvalidArgument(str(exc)) from exc
         key = (config, ns.num_layers, ns.num_kv_heads, ns.head_dim)
         with self._lock:
-            if key not in self._codecs:
-                self._codecs[key] = self._build(ns, config)
-            return self._codecs[key]
+            if key in self._codecs:
+                self._codecs.move_to_end(key)
+                return self._codecs[key]
+        built = self._build(ns, config)  # outside the lock: other Fetches keep their codecs
+        with self._lock:
+            self._codecs[key] = built
+            while len(self._codecs) > self.MAX_CODECS:
+                self._codecs.popitem(last=False)
+        return built
 
     def codecs(self, ns: Namespace, config: CodecConfig) -> list[Group]:
         """Validate and build (kept for the service's validate-before-streaming call)."""

@@ -10,21 +10,40 @@
   (the caller uses the verified prefix it received); if the first requested block is missing
   the call fails with NOT_FOUND.
 - One log line per RPC (tqstore.rpc_log), one start-up line.
+
+Hostile input (issue 17). Invariants:
+- No input yields INTERNAL or UNKNOWN: bytes that do not decode reach the handler as an
+  _Undecodable marker (grpc answers INTERNAL when a request deserializer raises) and become
+  INVALID_ARGUMENT; every validation failure is a tqstore error; environment failures map to
+  RESOURCE_EXHAUSTED (disk full, memory) or UNAVAILABLE (index damage, I/O). INTERNAL is left
+  for genuine bugs, logged with their traceback.
+- The work one request causes is bounded before it is done: token ids are counted
+  (len() of the repeated field is free) before they are copied, blocks per Fetch/Locate are
+  capped, and a request over heavy_request_tokens needs a heavy slot or is refused at once
+  (RESOURCE_EXHAUSTED), so small requests never wait behind heavy ones.
+- Stats fits the message limit whatever the store holds: at most max_stats_namespaces rows,
+  strings cut to max_string_bytes.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import itertools
 import logging
 import os
 import threading
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
+import lmdb
+import numpy as np
 
 from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
-from tqstore.errors import Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unavailable
+from tqstore.errors import (Corruption, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated,
+                            Unavailable)
 from tqstore.payload_format import FILE_VERSION
 from tqstore.remote.tiers import Tiers
 from tqstore.requantize import Requantizer
@@ -36,6 +55,7 @@ from tqstore.wire import (BlockAssembler, codec_from_proto, fp16_chunks_encoded,
 
 log = logging.getLogger("tqstore.server")
 SERVICE_NAME = "tqstore.v1.KvStore"
+_MAX_DETAILS = 1000  # characters of an error's text sent back (gRPC trailers are size-limited)
 
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -43,25 +63,101 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Corruption, grpc.StatusCode.NOT_FOUND),  # a block that fails verification is a miss
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (lmdb.MapFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # A damaged index or one LMDB cannot read: not the request's fault, and the store rebuilds
+    # damaged indexes (tqstore/ssd), so "try again later" is the truthful answer.
+    (lmdb.Error, grpc.StatusCode.UNAVAILABLE),
 ]
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _status_for(exc: BaseException) -> grpc.StatusCode:
     for cls, code in _STATUS:
         if isinstance(exc, cls):
             return code
+    if isinstance(exc, OSError):  # the disk, not the request: full is a budget, the rest a fault
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.errno in _DISK_FULL
+                else grpc.StatusCode.UNAVAILABLE)
     return grpc.StatusCode.INTERNAL
+
+
+def _details(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, lmdb.Error):
+        text = f"store index unavailable ({type(exc).__name__}: {text}); retry later"
+    elif isinstance(exc, OSError) and not isinstance(exc, TqstoreError):
+        text = f"{'disk full' if exc.errno in _DISK_FULL else 'store I/O error'}: {text}"
+    return text if len(text) <= _MAX_DETAILS else text[:_MAX_DETAILS] + "..."
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code = _status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error")
-    context.abort(code, str(exc) or type(exc).__name__)
+    context.abort(code, _details(exc))
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse as its message (see _lenient)."""
+
+    __slots__ = ("message", "nbytes")
+
+    def __init__(self, message: str, nbytes: int) -> None:
+        self.message, self.nbytes = message, nbytes
+
+    def ByteSize(self) -> int:  # noqa: N802 - the RPC log sizes requests with it
+        return self.nbytes
+
+
+def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises (gRPC turns a raising one into INTERNAL)."""
+    name = message_cls.DESCRIPTOR.name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except Exception:  # noqa: BLE001 - DecodeError, nesting too deep: all the client's fault
+            return _Undecodable(name, len(data))
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"request does not decode as {request.message}")
+    return request
+
+
+class _HeavySlots:
+    """At most `limit` requests over `threshold` token ids run at once; past that, refused at
+    once rather than queued (a queue would hold gRPC workers that small requests need)."""
+
+    def __init__(self, limit: int, threshold: int) -> None:
+        self._free = threading.BoundedSemaphore(max(limit, 1))
+        self.limit, self.threshold = limit, threshold
+
+    @contextlib.contextmanager
+    def hold(self, tokens: int) -> Iterator[None]:
+        if tokens <= self.threshold:
+            yield
+            return
+        if self.limit <= 0 or not self._free.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.limit} requests of over {self.threshold} token ids "
+                                    f"already running; retry later")
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 def _full_blocks(ns, token_ids) -> int:
     return len(token_ids) // ns.block_size
+
+
+def _token_array(token_ids: Any) -> np.ndarray:
+    """The repeated field as uint32 (4 bytes a token; a list would hold a Python int each)."""
+    return np.array(token_ids, dtype=np.uint32)
 
 
 class KvStoreService(pb_grpc.KvStoreServicer):
@@ -72,13 +168,39 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         self.requantizer = Requantizer()
         self._recent: collections.deque[float] = collections.deque(maxlen=config.recent_requests)
         self._recent_lock = threading.Lock()
+        self._heavy = _HeavySlots(config.max_heavy_requests, config.heavy_request_tokens)
+
+    # -- request bounds ----------------------------------------------------------------------
+    def _namespace(self, msg: pb.Namespace):
+        return namespace_from_proto(msg, max_string_bytes=self.config.max_string_bytes,
+                                    min_block_size=self.config.min_block_size)
+
+    def _count_tokens(self, token_ids: Any) -> int:
+        n = len(token_ids)
+        if n > self.config.max_request_tokens:
+            raise InvalidArgument(f"{n} token ids over the limit of {self.config.max_request_tokens}")
+        return n
+
+    def _block_count(self, first: int, num_blocks: int, full: int) -> int:
+        """Blocks a Fetch/Locate names: num_blocks, or 0 for "to the last full block" (capped
+        at max_request_blocks: the answer may be a shorter prefix anyway)."""
+        limit = self.config.max_request_blocks
+        if num_blocks > limit:
+            raise InvalidArgument(f"num_blocks {num_blocks} over the limit of {limit}")
+        count = num_blocks or min(max(full - first, 0), limit)
+        if first + count > full or count == 0:
+            raise InvalidArgument(f"blocks [{first}, {first + count}) outside the {full} full "
+                                  f"blocks of the token ids")
+        return count
 
     # -- Lookup ----------------------------------------------------------------------------
     def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
         try:
-            ns = namespace_from_proto(request.namespace)
-            tokens = list(request.token_ids)
-            hit = self.tiers.lookup(ns, tokens)
+            request = _decoded(request)
+            ns = self._namespace(request.namespace)
+            with self._heavy.hold(self._count_tokens(request.token_ids)):
+                tokens = _token_array(request.token_ids)
+                hit = self.tiers.lookup(ns, tokens)
             looked = len(tokens)  # hit rate counts every prompt token, as the store and vLLM do
             if looked:
                 with self._recent_lock:
@@ -90,28 +212,37 @@ class KvStoreService(pb_grpc.KvStoreServicer):
 
     # -- Fetch -----------------------------------------------------------------------------
     def Fetch(self, request: pb.FetchRequest, context) -> Iterator[pb.KvChunk]:
-        try:
-            ns = namespace_from_proto(request.namespace)
-            tokens = list(request.token_ids)
-            full = _full_blocks(ns, tokens)
-            first = request.first_block
-            count = request.num_blocks or max(full - first, 0)
-            if first + count > full or count == 0:
-                raise InvalidArgument(f"blocks [{first}, {first + count}) outside the {full} full "
-                                      f"blocks of {len(tokens)} tokens")
-            codec = None
-            if request.form == pb.KV_FORM_TURBOQUANT:
-                if not request.HasField("codec"):
-                    raise InvalidArgument("KV_FORM_TURBOQUANT needs codec settings")
-                codec = codec_from_proto(request.codec)
-                self.requantizer.codecs(ns, codec)  # validate before streaming
-        except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
-            return
-        blocks = self.tiers.blocks(ns, tokens, first, count)
+        with contextlib.ExitStack() as held:  # the heavy slot, for the whole stream
+            try:
+                request = _decoded(request)
+                ns = self._namespace(request.namespace)
+                held.enter_context(self._heavy.hold(self._count_tokens(request.token_ids)))
+                if request.form not in (pb.KV_FORM_FP16, pb.KV_FORM_TURBOQUANT):
+                    raise InvalidArgument(f"unknown KvForm {request.form}")
+                first = request.first_block
+                count = self._block_count(first, request.num_blocks,
+                                          len(request.token_ids) // ns.block_size)
+                codec = None
+                if request.form == pb.KV_FORM_TURBOQUANT:
+                    if not request.HasField("codec"):
+                        raise InvalidArgument("KV_FORM_TURBOQUANT needs codec settings")
+                    codec = codec_from_proto(request.codec)
+                    _check_requantizable(ns, codec)
+                tokens = _token_array(request.token_ids)
+            except Exception as exc:  # noqa: BLE001
+                _abort(context, exc)
+                return
+            yield from self._stream(context, ns, codec, self.tiers.blocks(ns, tokens, first, count))
+
+    def _stream(self, context, ns, codec, blocks: Iterator[tuple[int, BlockPayload]]) -> Iterator[Any]:
         while context.is_active():
             try:
                 index, payload = next(blocks)
+                if codec is not None:
+                    # Built at the first block served, not before: building a codec costs
+                    # rotations per (layer, head), which a namespace with no stored block
+                    # must not be able to make the daemon compute.
+                    chunks = list(self._turboquant_chunks(ns, codec, index, payload))
             except StopIteration:
                 return  # the verified prefix already sent is the hit
             except Exception as exc:  # noqa: BLE001 - NotFound: the first block is missing
@@ -120,7 +251,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             if codec is None:
                 yield from fp16_chunks_encoded(ns, index, payload.keys, payload.values)
             else:
-                yield from self._turboquant_chunks(ns, codec, index, payload)
+                yield from chunks
 
     def _turboquant_chunks(self, ns, codec, index: int, payload: BlockPayload) -> Iterator[pb.KvChunk]:
         q = self.requantizer.quantize_block(ns, codec, payload.keys, payload.values)
@@ -134,52 +265,68 @@ class KvStoreService(pb_grpc.KvStoreServicer):
     # -- Put -------------------------------------------------------------------------------
     def Put(self, request_iterator: Iterable[pb.PutRequest], context) -> pb.PutResponse:
         try:
-            ns = tokens = assembler = None
-            first = 0
-            blocks: dict[int, BlockPayload] = {}
-            received = 0
-            for msg in request_iterator:
-                if ns is None:
-                    if not msg.HasField("namespace"):
-                        raise InvalidArgument("the first Put message must carry the namespace")
-                    ns = namespace_from_proto(msg.namespace)
-                    tokens = list(msg.token_ids)
-                    first = msg.first_block
-                    assembler = BlockAssembler(ns)
-                if not msg.HasField("chunk"):
-                    continue
-                received += msg.chunk.ByteSize()
-                if received > self.config.max_put_bytes:
-                    raise ResourceExhausted(f"Put stream over {self.config.max_put_bytes} bytes")
-                index = msg.chunk.block_index
-                if index < first or index >= _full_blocks(ns, tokens):
-                    raise InvalidArgument(f"block {index} outside [{first}, "
-                                          f"{_full_blocks(ns, tokens)}) for these token ids")
-                done = assembler.add(msg.chunk)
-                if done is not None:
-                    blocks[done[0]] = BlockPayload(keys=done[1]["keys"], values=done[1]["values"])
-            if ns is None:
+            messages = iter(request_iterator)
+            head = next(messages, None)
+            if head is None:
                 raise InvalidArgument("empty Put stream")
-            if assembler.incomplete():
-                raise InvalidArgument(f"blocks {assembler.incomplete()} arrived incomplete")
-            expected = list(range(first, first + len(blocks)))
-            if sorted(blocks) != expected:
-                raise InvalidArgument(f"Put blocks {sorted(blocks)} are not contiguous from {first}")
-            if blocks:
-                self.tiers.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
-            return pb.PutResponse(stored_blocks=len(blocks))
+            head = _decoded(head)
+            if not head.HasField("namespace"):
+                raise InvalidArgument("the first Put message must carry the namespace")
+            ns = self._namespace(head.namespace)
+            with self._heavy.hold(self._count_tokens(head.token_ids)):
+                tokens = _token_array(head.token_ids)
+                stored = self._put_stream(ns, tokens, head.first_block,
+                                          itertools.chain([head], messages))
+            return pb.PutResponse(stored_blocks=stored)
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
+
+    def _put_stream(self, ns, tokens: np.ndarray, first: int, messages: Iterator[Any]) -> int:
+        """Assemble and store one Put stream's blocks; nothing is stored unless every message
+        is valid (the blocks are written together at the end)."""
+        assembler = BlockAssembler(ns)
+        full = _full_blocks(ns, tokens)
+        blocks: dict[int, BlockPayload] = {}
+        received = 0
+        for n, msg in enumerate(messages):
+            msg = _decoded(msg)
+            if n and (msg.HasField("namespace") or len(msg.token_ids) or msg.first_block):
+                raise InvalidArgument(f"Put message {n} carries namespace, token_ids or "
+                                      f"first_block: only the first message may")
+            if not msg.HasField("chunk"):
+                continue
+            received += msg.chunk.ByteSize()
+            if received > self.config.max_put_bytes:
+                raise ResourceExhausted(f"Put stream over {self.config.max_put_bytes} bytes")
+            index = msg.chunk.block_index
+            if index < first or index >= full:
+                raise InvalidArgument(f"block {index} outside [{first}, {full}) for these token ids")
+            done = assembler.add(msg.chunk)
+            if done is not None:
+                blocks[done[0]] = BlockPayload(keys=done[1]["keys"], values=done[1]["values"])
+        if assembler.incomplete():
+            raise InvalidArgument(f"blocks {assembler.incomplete()[:20]} arrived incomplete")
+        expected = list(range(first, first + len(blocks)))
+        if sorted(blocks) != expected:
+            raise InvalidArgument(f"Put blocks {sorted(blocks)[:20]} are not contiguous from {first}")
+        if blocks:
+            self.tiers.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
+        return len(blocks)
 
     # -- Locate ----------------------------------------------------------------------------
     def Locate(self, request: pb.LocateRequest, context) -> pb.LocateResponse:
         """Where a same-host reader finds the verified prefix's payload files (the proto's
         LocateRequest comment gives the contract)."""
         try:
-            ns = namespace_from_proto(request.namespace)
+            request = _decoded(request)
+            ns = self._namespace(request.namespace)
             lease_ms = min(request.lease_ms or self.config.lease_ms, self.config.max_lease_ms)
-            found = self.store.locate(ns, list(request.token_ids), request.first_block,
-                                      request.num_blocks, lease_ms / 1000)
+            with self._heavy.hold(self._count_tokens(request.token_ids)):
+                first = request.first_block
+                count = self._block_count(first, request.num_blocks,
+                                          len(request.token_ids) // ns.block_size)
+                found = self.store.locate(ns, _token_array(request.token_ids), first, count,
+                                          lease_ms / 1000)
             return pb.LocateResponse(
                 blocks_dir=os.path.abspath(self.store.blocks_dir), store_id=self.store.store_id,
                 lease_ms=lease_ms, payload_version=FILE_VERSION,
@@ -196,24 +343,51 @@ class KvStoreService(pb_grpc.KvStoreServicer):
     # -- Stats -----------------------------------------------------------------------------
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         try:
+            _decoded(request)
             s = self.store.stats()
             with self._recent_lock:
                 recent = list(self._recent)
+            shown = s.namespaces[:self.config.max_stats_namespaces]  # largest by bytes first
+            cut = self.config.max_string_bytes
             return pb.StatsResponse(
                 blocks=s.blocks, bytes_on_disk=s.bytes_on_disk, logical_bytes=s.logical_bytes,
                 max_bytes=s.max_bytes, lookups=s.lookups, lookup_tokens=s.lookup_tokens,
                 hit_tokens=s.hit_tokens, evictions=s.evictions,
                 verification_failures=s.verification_failures, quarantined=s.quarantined,
                 compression=s.compression, payload_bytes=s.payload_bytes, index_bytes=s.index_bytes,
-                namespaces=[pb.NamespaceRow(digest=n.digest, model=n.model, num_layers=n.layout[0],
-                                            num_kv_heads=n.layout[1], head_dim=n.layout[3],
-                                            block_size=n.block_size, blocks=n.blocks, bytes=n.bytes)
-                            for n in s.namespaces],
+                namespaces=[pb.NamespaceRow(digest=n.digest, model=_cut_text(n.model, cut),
+                                            num_layers=n.layout[0], num_kv_heads=n.layout[1],
+                                            head_dim=n.layout[3], block_size=n.block_size,
+                                            blocks=n.blocks, bytes=n.bytes)
+                            for n in shown],
+                namespaces_omitted=len(s.namespaces) - len(shown),
                 block_size_histogram=dict(s.block_size_histogram),
                 recent_request_hit_rates=recent, attention_backend=_attention_backend(),
                 tiers=_tier_stats(self.tiers.stats()))
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
+
+
+def _cut_text(text: str, max_bytes: int) -> str:
+    """At most max_bytes of UTF-8, cut at a character boundary (stores written before the
+    string bound may hold longer fingerprints: Stats shows them cut rather than failing)."""
+    data = text.encode("utf-8", "surrogatepass")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
+
+
+def _check_requantizable(ns, codec) -> None:
+    """What Requantizer.groups checks before it builds anything (here so that a Fetch fails
+    before streaming, without building codecs for a namespace that may hold no block)."""
+    if codec.key_qjl:
+        raise InvalidArgument("QJL key codes are not served by the daemon")
+    if ns.head_dim % 8:
+        raise InvalidArgument(f"unsupported head_dim {ns.head_dim} for TurboQuant: must be a "
+                              f"multiple of 8")
+    if codec.profile is not None:
+        try:
+            codec.profile.check_layout(ns.num_layers, ns.num_kv_heads, ns.head_dim)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
 
 
 def _tier_stats(stats: dict[str, object]) -> pb.TierStats:
@@ -231,23 +405,29 @@ def _tier_stats(stats: dict[str, object]) -> pb.TierStats:
 
 
 def add_service(servicer: KvStoreService, server: grpc.Server) -> None:
-    """pb_grpc.add_KvStoreServicer_to_server, except that Fetch's responses are serialized by
+    """The KvStore methods with request deserializers that never raise (_lenient: gRPC would
+    answer INTERNAL for bytes that do not decode), and Fetch's responses serialized by
     wire.serialize_chunk, so fp16 chunks go out pre-encoded (one copy of their bytes)."""
-    captured: dict[str, grpc.RpcMethodHandler] = {}
-
-    class _Capture:
-        def add_generic_rpc_handlers(self, handlers) -> None:
-            pass
-
-        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-            captured.update(handlers)
-
-    pb_grpc.add_KvStoreServicer_to_server(servicer, _Capture())
-    captured["Fetch"] = grpc.unary_stream_rpc_method_handler(
-        servicer.Fetch, request_deserializer=pb.FetchRequest.FromString,
-        response_serializer=serialize_chunk)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, captured),))
-    server.add_registered_method_handlers(SERVICE_NAME, captured)
+    response = lambda cls: cls.SerializeToString  # noqa: E731
+    handlers = {
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            servicer.Lookup, request_deserializer=_lenient(pb.LookupRequest),
+            response_serializer=response(pb.LookupResponse)),
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            servicer.Fetch, request_deserializer=_lenient(pb.FetchRequest),
+            response_serializer=serialize_chunk),
+        "Put": grpc.stream_unary_rpc_method_handler(
+            servicer.Put, request_deserializer=_lenient(pb.PutRequest),
+            response_serializer=response(pb.PutResponse)),
+        "Locate": grpc.unary_unary_rpc_method_handler(
+            servicer.Locate, request_deserializer=_lenient(pb.LocateRequest),
+            response_serializer=response(pb.LocateResponse)),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, request_deserializer=_lenient(pb.StatsRequest),
+            response_serializer=response(pb.StatsResponse)),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _attention_backend() -> str:

@@ -32,11 +32,41 @@ def namespace_to_proto(ns: Namespace) -> pb.Namespace:
                         format_version=ns.format_version)
 
 
-def namespace_from_proto(msg: pb.Namespace) -> Namespace:
-    if msg.kv_dtype not in ("", "float16"):
-        raise InvalidArgument(f"namespace.kv_dtype {msg.kv_dtype!r} unsupported: only float16")
-    if msg.num_layers > 4096 or msg.num_kv_heads > 1024 or msg.head_dim > 1024 or msg.block_size > 65536:
-        raise InvalidArgument("namespace layout out of range")
+# Layout bounds of a namespace on the wire: generous for real models (the largest ship about 128
+# layers, 128 KV heads of 256 dims), small enough that no layout makes one block's bookkeeping
+# or a re-quantizer's rotations explode.
+MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_BLOCK_SIZE = 1024, 1024, 1024, 65536
+# A quality profile is per-(layer, head) means and bit allocations: 64 KiB for an 8B model.
+MAX_PROFILE_BYTES = 4 << 20
+
+
+def check_text(value: str, name: str, max_bytes: int) -> None:
+    """A client-supplied string: non-empty and at most max_bytes of UTF-8. Protobuf already
+    rejects invalid UTF-8 in string fields; any printable or not character is allowed, because
+    every place that shows one (tqstore inspect) escapes it (cli/inspect.py printable())."""
+    if not value:
+        raise InvalidArgument(f"{name} is empty")
+    if len(value) > max_bytes or len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise InvalidArgument(f"{name} longer than {max_bytes} bytes")
+
+
+def namespace_from_proto(msg: pb.Namespace, *, max_string_bytes: int = 256,
+                         min_block_size: int = 1) -> Namespace:
+    """The daemon's view of a request's namespace; InvalidArgument on anything it does not
+    serve: kv_dtype other than exactly "float16" (clients always send it: namespace_to_proto),
+    a model fingerprint over max_string_bytes, a layout past the MAX_* bounds or a block smaller
+    than min_block_size (tiny blocks multiply the hashing and index work per token)."""
+    if msg.kv_dtype != "float16":
+        raise InvalidArgument(f"namespace.kv_dtype {msg.kv_dtype[:32]!r} unsupported: only float16")
+    check_text(msg.model_fingerprint, "namespace.model_fingerprint", max_string_bytes)
+    if (msg.num_layers > MAX_LAYERS or msg.num_kv_heads > MAX_KV_HEADS
+            or msg.head_dim > MAX_HEAD_DIM or msg.block_size > MAX_BLOCK_SIZE):
+        raise InvalidArgument(f"namespace layout out of range: layers <= {MAX_LAYERS}, kv heads "
+                              f"<= {MAX_KV_HEADS}, head_dim <= {MAX_HEAD_DIM}, block_size <= "
+                              f"{MAX_BLOCK_SIZE}")
+    if 0 < msg.block_size < min_block_size:
+        raise InvalidArgument(f"namespace block_size {msg.block_size} below the daemon's minimum "
+                              f"{min_block_size}")
     try:
         return Namespace(model_fingerprint=msg.model_fingerprint, num_layers=msg.num_layers,
                          num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim,
@@ -54,6 +84,11 @@ def codec_to_proto(config: CodecConfig) -> pb.CodecSettings:
 
 
 def codec_from_proto(msg: pb.CodecSettings) -> CodecConfig:
+    """InvalidArgument for any settings or profile bytes that do not decode: the profile is
+    client input, so whatever its parser raises (a RecursionError from JSON nested too deep
+    included) is the request's fault, never the daemon's."""
+    if len(msg.profile) > MAX_PROFILE_BYTES:
+        raise InvalidArgument(f"codec profile of {len(msg.profile)} bytes over {MAX_PROFILE_BYTES}")
     try:
         extra = {}
         if msg.profile:
@@ -63,8 +98,11 @@ def codec_from_proto(msg: pb.CodecSettings) -> CodecConfig:
         return CodecConfig(key_bits=msg.key_bits, value_bits=msg.value_bits,
                            norm_correction=msg.norm_correction, key_qjl=msg.key_qjl, seed=msg.seed,
                            **extra)
-    except (ValueError, TypeError, ImportError) as exc:
-        raise InvalidArgument(f"codec: {exc}") from exc
+    except InvalidArgument:
+        raise
+    except (RecursionError, ValueError, TypeError, KeyError, OverflowError, ImportError,
+            ArithmeticError) as exc:
+        raise InvalidArgument(f"codec: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
@@ -177,7 +215,8 @@ def fp16_chunks(ns: Namespace, block_index: int, keys: np.ndarray, values: np.nd
 
 @dataclass
 class BlockAssembler:
-    """Reassembles layer chunks into whole blocks; rejects gaps, overlaps and bad shapes.
+    """Reassembles layer chunks into whole blocks; rejects gaps, overlaps, bad shapes and a
+    chunk of a block that already completed in this stream (which would otherwise replace it).
 
     `form` is "fp16" or "turboquant"; for turboquant, `code_bytes` = (key bytes, value bytes)
     per vector. Complete blocks are returned by add() in order of completion."""
@@ -189,6 +228,7 @@ class BlockAssembler:
     def __post_init__(self) -> None:
         self._parts: dict[int, dict[int, pb.KvChunk]] = {}
         self._filled: dict[int, int] = {}
+        self._completed: set[int] = set()
 
     def _fields(self, count: int) -> list[tuple[str, tuple[int, ...], str]]:
         lead = (count, self.ns.num_kv_heads, self.ns.block_size)
@@ -204,6 +244,8 @@ class BlockAssembler:
         if count == 0 or start + count > self.ns.num_layers:
             raise InvalidArgument(f"chunk layers [{start}, {start + count}) outside "
                                   f"[0, {self.ns.num_layers})")
+        if index in self._completed:
+            raise InvalidArgument(f"block {index} sent again after it completed")
         parts = self._parts.setdefault(index, {})
         if any(s < start + count and start < s + parts[s].layer_count for s in parts):
             raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
@@ -215,6 +257,7 @@ class BlockAssembler:
             return None
         ordered = [parts[s] for s in sorted(parts)]
         del self._parts[index], self._filled[index]
+        self._completed.add(index)
         arrays = {}
         for name, _, dtype in self._fields(1):
             # One copy: little-endian views of the message bytes concatenated into a native array.

@@ -16,7 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tqstore.access import BearerToken, Unauthenticated, read_token_file
+from tqstore.access import BearerToken, read_token_file
+from tqstore.errors import Unauthenticated
 from tqstore.cli.connection_args import add_connection_arguments, client_config_from
 from tqstore.cli.generate import connect
 from tqstore.client import KvStoreClient

@@ -54,7 +54,7 @@ def connect(target: ClientConfig | str | None, log=print):
         client.close()
         log(f"tqstore: daemon at {address} unreachable: generating without the prefix cache")
         return None
-    from tqstore.access import Unauthenticated
+    from tqstore.errors import Unauthenticated
     from tqstore.errors import TqstoreError
 
     try:

@@ -13,6 +13,7 @@ import json
 import string
 from typing import Any
 
+from tqstore.cli.connection_args import add_connection_arguments, client_config_from
 from tqstore.units import human_bytes
 
 # The wire names a model only by its fingerprint (sha256 of the weights, tqstore.models.loader):
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "http://127.0.0.1:8080 (its live figures)")
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output (full model fingerprints, raw strings)")
+    add_connection_arguments(parser)  # with --addr: the daemon's token and TLS
 
 
 def printable(text: str) -> str:
@@ -65,10 +67,12 @@ _COUNTERS = ("blocks", "bytes_on_disk", "payload_bytes", "index_bytes", "logical
              "verification_failures", "quarantined")
 
 
-def _view(source: str, stats: Any, namespaces: list[dict[str, Any]], rates, backend) -> dict[str, Any]:
+def _view(source: str, stats: Any, namespaces: list[dict[str, Any]], rates, backend,
+          omitted: int = 0) -> dict[str, Any]:
     """One shape for StoreStats (read from disk) and StatsResponse (from the daemon)."""
     view = {"source": source, **{name: getattr(stats, name) for name in _COUNTERS}}
-    view.update(namespaces=namespaces, recent_request_hit_rates=rates, attention_backend=backend,
+    view.update(namespaces=namespaces, namespaces_omitted=omitted,
+                recent_request_hit_rates=rates, attention_backend=backend,
                 block_size_histogram={int(k): int(v) for k, v in stats.block_size_histogram.items()})
     return view
 
@@ -83,15 +87,15 @@ def _from_store(path: str) -> dict[str, Any]:
     return _view(f"path {path}", s, namespaces, None, None)
 
 
-def _from_daemon(addr: str) -> dict[str, Any]:
+def _from_daemon(config) -> dict[str, Any]:
     from tqstore.client import KvStoreClient
 
-    with KvStoreClient(addr) as client:
+    with KvStoreClient(config) as client:
         s = client.stats()
     namespaces = [_row(n.digest, n.model, n.num_layers, n.num_kv_heads, n.head_dim,
                        n.block_size, n.blocks, n.bytes) for n in s.namespaces]
-    view = _view(f"daemon {addr}", s, namespaces, list(s.recent_request_hit_rates),
-                 s.attention_backend)
+    view = _view(f"daemon {config.address}", s, namespaces, list(s.recent_request_hit_rates),
+                 s.attention_backend, s.namespaces_omitted)
     from google.protobuf.json_format import MessageToDict
 
     view["tiers"] = MessageToDict(s.tiers, preserving_proto_field_name=True,
@@ -121,7 +125,9 @@ def summarize(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(view: dict[str, Any]) -> str:
-    lines = [f"tqstore store ({view['source']})"]
+    # Every string that did not come from this program goes through printable(): fingerprints
+    # are the clients' text, and a daemon's or endpoint's answers are another process's.
+    lines = [f"tqstore store ({printable(view['source'])})"]
     ratio = view["compression_ratio"]
     rows = [
         ("hit rate (tokens)", f"{view['hit_rate']:.1%}  ({view['hit_tokens']} of {view['lookup_tokens']} "
@@ -130,7 +136,8 @@ def render(view: dict[str, Any]) -> str:
         ("bytes on disk", f"{human_bytes(view['bytes_on_disk'])} of {human_bytes(view['max_bytes'])} budget "
                           f"(payload {human_bytes(view['payload_bytes'])}, index {human_bytes(view['index_bytes'])})"),
         ("logical fp16 bytes", human_bytes(view["logical_bytes"])),
-        ("compression", f"{view['compression']}, ratio {ratio:.2f}x" if ratio else view["compression"]),
+        ("compression", f"{printable(view['compression'])}, ratio {ratio:.2f}x" if ratio
+                        else printable(view["compression"])),
         ("evictions", str(view["evictions"])),
         ("verification failures", f"{view['verification_failures']} ({view['quarantined']} quarantined)"),
     ]
@@ -139,7 +146,7 @@ def render(view: dict[str, Any]) -> str:
         rows.insert(1, ("per request", f"{per['requests']} requests: mean {per['mean']:.1%}, "
                                        f"median {per['p50']:.1%}, {per['full_hits']} full hits"))
     if view.get("attention_backend"):
-        rows.append(("attention path", view["attention_backend"]))
+        rows.append(("attention path", printable(view["attention_backend"])))
     rows += _tier_rows(view.get("tiers"))
     width = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -153,8 +160,10 @@ def render(view: dict[str, Any]) -> str:
         name = ns["model_name"]
         if len(name) > NAME_WIDTH:
             name = name[:NAME_WIDTH - 1] + "…"
-        lines.append(f"  {ns['digest']:<16}  {name:<{NAME_WIDTH}}  {layout:>18}   {ns['blocks']:>6}"
+        lines.append(f"  {printable(ns['digest']):<16}  {name:<{NAME_WIDTH}}  {layout:>18}   {ns['blocks']:>6}"
                      f"   {human_bytes(ns['bytes']):>10}")
+    if view.get("namespaces_omitted"):
+        lines.append(f"  ... and {view['namespaces_omitted']} smaller namespaces not listed")
     return "\n".join(lines)
 
 
@@ -173,7 +182,8 @@ def _tier_rows(t: dict[str, Any] | None) -> list[tuple[str, str]]:
         return rows + [("remote tier", "none")]
     error = f"; last error: {printable(t['remote_last_error'])}" if t.get("remote_last_error") else ""
     rows += [
-        ("remote tier", f"{t['remote_address']} ({t.get('remote_state', '?')}{error})"),
+        ("remote tier", f"{printable(t['remote_address'])} "
+                        f"({printable(t.get('remote_state', '?'))}{error})"),
         ("remote bytes", f"in {human_bytes(n('remote_bytes_in'))} ({n('remote_hit_blocks')} blocks), "
                          f"out {human_bytes(n('remote_bytes_out'))} ({n('remote_uploaded_blocks')} "
                          f"blocks, {n('remote_uploads_skipped')} already there)"),
@@ -219,14 +229,15 @@ def render_endpoint(url: str, s: dict[str, Any]) -> str:
                  f" ({s['pool_blocks_free']} pages free or cached)"),
         ("live KV", f"{s['kv_tokens_live']} tokens; {s['kv_bytes_per_token']:.0f} B/token "
                     f"({s['kv_bytes_per_token'] / fp16:.2f}x of fp16's {fp16} B)"),
-        ("prompt tokens by tier", "  ".join(f"{k} {v} ({v / prompt:.0%})" for k, v in tiers.items())),
+        ("prompt tokens by tier", "  ".join(f"{printable(str(k))} {v} ({v / prompt:.0%})"
+                                            for k, v in tiers.items())),
         ("decode", f"{s['decode_tokens_per_s']:.1f} tokens/s (last 10 s)"),
         ("requests", ", ".join(f"{k} {s['totals'][k]}" for k in
                                ("requests", "completed", "cancelled", "rejected"))),
-        ("daemon", str(s["daemon"])),
+        ("daemon", printable(str(s["daemon"]))),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join([f"tqstore endpoint ({url})"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+    return "\n".join([f"tqstore endpoint ({printable(url)})"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         stats = endpoint_stats(args.endpoint)
         print(json.dumps(stats, indent=1) if args.json else render_endpoint(args.endpoint, stats))
         return 0
-    view = summarize(_from_store(args.path) if args.path else _from_daemon(args.addr))
+    view = summarize(_from_store(args.path) if args.path
+                     else _from_daemon(client_config_from(args, args.addr)))
     print(json.dumps(view, indent=1) if args.json else render(view))
     return 0
