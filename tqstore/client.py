@@ -171,13 +171,14 @@ class KvStoreClient:
             if done == len(located.blocks) < count:
                 count = done
         if done < count:
+            direct = done  # blocks the same-host reader verified
             try:
                 done += self._fetch_streams(ns, token_ids, first_block + done, count - done, out,
                                             first_block)
             except NotFound:
                 if not done:
                     raise
-            source = "direct+grpc" if done and source == "direct" else "grpc"
+            source = "direct+grpc" if direct else "grpc"
         result = out.head(done)
         result.source = source
         return result

@@ -1,0 +1,286 @@
+"""Vanishing clients: client processes SIGKILLed mid-Put and mid-Fetch, and calls cancelled
+(gRPC cancel on a streaming Put or Fetch), round after round, against one daemon.
+
+Blocks are large (8 MiB: 32 layers x 8 heads x 64 tokens x 128 dims, fp16 K and V) and a Put
+carries 6 of them in one call, so a kill or a cancel lands while bytes are in flight. Victims
+print "PUT f" / "FETCH" before a call and "ACK f" / "GOT" after it, so the parent knows whether
+each kill hit a call in flight. Asserted afterwards:
+- the daemon kept serving (a health check and a Lookup after every round),
+- every Put family is all-or-nothing: the daemon stores a Put's blocks only after the whole
+  stream arrived, so Lookup shows 0 or all 6 blocks ("partial" otherwise); 6 for an
+  acknowledged Put ("lost" otherwise); whatever is visible fetches bitwise right ("wrong"),
+- the daemon's open descriptors return to their baseline once the clients are gone, and its
+  RSS stays under a cap.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tqstore.prefix_hash import Namespace
+from tqstore.reliability.daemon_proc import DaemonProcess, RssSampler, wait_for
+from tqstore.reliability.workload import (WorkerProcess, payloads_for, worker_handshake,
+                                          wrong_blocks)
+
+BIG_NAMESPACE = Namespace("reliability-big", num_layers=32, num_kv_heads=8, head_dim=128,
+                          block_size=64)
+PUT_BLOCKS = 6  # 48 MiB per Put: one call (below the client's put_piece_bytes)
+FETCH_FAMILIES = 3  # stored at set-up, read by fetch victims
+MODES = ("kill-put", "kill-fetch", "cancel")
+
+
+def _tokens(fam: int) -> list[int]:
+    """A family's own token ids, sharing no block with any other family: a Put's blocks are
+    then all new, and "all or nothing" is a count of what Lookup finds."""
+    n = PUT_BLOCKS * BIG_NAMESPACE.block_size
+    return np.random.default_rng([4, fam]).integers(0, 49152, n).tolist()
+
+
+def _put_family(seed: int, victim: int, k: int) -> int:
+    return 10_000_000 + (seed * 10_000 + victim) * 1000 + k
+
+
+def victim_main(address: str, mode: str, seed: int, victim: int) -> None:
+    """Loop the mode's calls until killed (kill-*), or cancel a few calls and exit (cancel)."""
+    from tqstore.client import KvStoreClient
+    from tqstore.config import ClientConfig
+
+    ns = BIG_NAMESPACE
+    rnd = random.Random(seed * 1_000_003 + victim)
+    config = ClientConfig(address=address, direct_reads="off", fetch_streams=1, rpc_timeout_s=120)
+    with KvStoreClient(config) as client:
+        if not client.is_serving(timeout=60):
+            sys.exit(f"daemon at {address} not serving")
+        # The next Put's payloads are ready before the call starts (and the first before GO),
+        # so a kill lands mostly inside a Put rather than while drawing its bytes.
+        payloads = (payloads_for(ns, _tokens(_put_family(seed, victim, 0)), 0, PUT_BLOCKS)
+                    if mode == "kill-put" else [])
+        worker_handshake()
+        if mode == "cancel":
+            _cancel_calls(address, rnd, seed, victim)
+            return
+        for k in range(1_000_000):
+            if mode == "kill-put":
+                fam = _put_family(seed, victim, k)
+                print(f"PUT {fam}", flush=True)
+                client.put(ns, _tokens(fam), 0, payloads)
+                print(f"ACK {fam}", flush=True)
+                payloads = payloads_for(ns, _tokens(_put_family(seed, victim, k + 1)), 0,
+                                        PUT_BLOCKS)
+            else:
+                fam = rnd.randrange(FETCH_FAMILIES)
+                print("FETCH", flush=True)
+                client.fetch_fp16_prefix(ns, _tokens(fam), 0, PUT_BLOCKS)
+                print("GOT", flush=True)
+
+
+def _cancel_calls(address: str, rnd: random.Random, seed: int, victim: int) -> None:
+    """Two Puts and two Fetches, each cancelled by the client at a random moment in flight."""
+    import grpc
+
+    from tqstore.v1 import tqstore_pb2 as pb
+    from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
+    from tqstore.wire import fp16_chunks, namespace_to_proto
+
+    ns = BIG_NAMESPACE
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
+                                                  64 << 20)]) as channel:
+        stub = pb_grpc.KvStoreStub(channel)
+        for k in range(2):
+            fam = _put_family(seed, victim, k)
+            payloads = payloads_for(ns, _tokens(fam), 0, PUT_BLOCKS)
+
+            def messages(tokens=_tokens(fam), payloads=payloads):
+                yield pb.PutRequest(namespace=namespace_to_proto(ns), token_ids=tokens,
+                                    first_block=0)
+                for i, p in enumerate(payloads):
+                    for chunk in fp16_chunks(ns, i, p.keys, p.values):
+                        yield pb.PutRequest(chunk=chunk)
+
+            print(f"PUT {fam}", flush=True)
+            future = stub.Put.future(messages(), timeout=120)
+            time.sleep(rnd.uniform(0.0, 0.3))
+            if future.cancel():
+                print(f"CANCELLED {fam}", flush=True)
+            elif future.exception() is None:
+                print(f"ACK {fam}", flush=True)
+        for _ in range(2):
+            request = pb.FetchRequest(namespace=namespace_to_proto(ns),
+                                      token_ids=_tokens(rnd.randrange(FETCH_FAMILIES)),
+                                      first_block=0, num_blocks=PUT_BLOCKS, form=pb.KV_FORM_FP16)
+            call = stub.Fetch(request, timeout=120)
+            stop_after = rnd.randrange(1, 40)
+            for n, _chunk in enumerate(call, 1):
+                if n == stop_after:
+                    call.cancel()
+                    print("CANCELLED fetch", flush=True)
+                    break
+
+
+@dataclass
+class VanishResult:
+    victims: dict[str, int] = field(default_factory=dict)  # per mode
+    killed_mid_put: int = 0
+    killed_mid_fetch: int = 0
+    cancelled_puts: int = 0
+    cancelled_fetches: int = 0
+    put_families: int = 0  # Puts started by victims (each checked all-or-nothing)
+    stored_whole: int = 0  # of those, found with all their blocks (acknowledged or not)
+    cancelled_but_stored: int = 0  # cancel() won after the whole stream had arrived: allowed
+    lost: int = 0
+    partial: int = 0
+    wrong: int = 0
+    serving_failures: int = 0
+    fds_baseline: int = 0
+    fds_peak: int = 0
+    fds_end: int = 0
+    rss: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _store_fetch_families(address: str) -> None:
+    from tqstore.client import KvStoreClient
+
+    with KvStoreClient(address) as client:
+        for fam in range(FETCH_FAMILIES):
+            client.put(BIG_NAMESPACE, _tokens(fam), 0, payloads_for(BIG_NAMESPACE, _tokens(fam), 0,
+                                                                  PUT_BLOCKS))
+
+
+def _round(daemon: DaemonProcess, modes: list[str], seed: int, rnd: random.Random,
+           max_delay_s: float, res: VanishResult, puts: dict[int, str]) -> None:
+    procs = [WorkerProcess("tqstore.reliability.vanishing", [daemon.address, m, seed, i])
+             for i, m in enumerate(modes)]
+    try:
+        for p in procs:
+            p.wait_ready()
+        for p in procs:
+            p.go()
+        time.sleep(rnd.uniform(0.1, max_delay_s))
+        res.fds_peak = max(res.fds_peak, daemon.fd_count())
+        for p, mode in zip(procs, modes):
+            if mode != "cancel":
+                p.proc.kill()
+        for p, mode in zip(procs, modes):
+            out, err = p.proc.communicate(timeout=120)
+            if mode == "cancel" and p.proc.returncode != 0:
+                res.failures.append(f"cancel victim exited {p.proc.returncode}: {err[-500:]}")
+            _account(out.splitlines(), mode, res, puts)
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+
+
+def _account(lines: list[str], mode: str, res: VanishResult, puts: dict[int, str]) -> None:
+    """Count a victim's output; puts[family] becomes "cut", "acked" or "cancelled"."""
+    res.victims[mode] = res.victims.get(mode, 0) + 1
+    for line in lines:
+        tag, _, arg = line.partition(" ")
+        if tag == "PUT":
+            puts[int(arg)] = "cut"
+        elif tag == "ACK":
+            puts[int(arg)] = "acked"
+        elif tag == "CANCELLED":
+            if arg == "fetch":
+                res.cancelled_fetches += 1
+            else:
+                res.cancelled_puts += 1
+                puts[int(arg)] = "cancelled"
+    last = lines[-1].split()[0] if lines else ""
+    if mode == "kill-put" and last == "PUT":
+        res.killed_mid_put += 1
+    if mode == "kill-fetch" and last == "FETCH":
+        res.killed_mid_fetch += 1
+
+
+def _check_serving(address: str, res: VanishResult, round_no: int) -> None:
+    from tqstore.client import KvStoreClient
+
+    with KvStoreClient(address) as client:
+        ok = client.is_serving(timeout=10)
+        if ok:
+            ok = client.lookup(BIG_NAMESPACE, _tokens(0)).hit_blocks == PUT_BLOCKS
+    if not ok:
+        res.serving_failures += 1
+        res.failures.append(f"round {round_no}: daemon not serving (or lost a fetch family)")
+
+
+def _verify_puts(address: str, puts: dict[int, str], res: VanishResult) -> None:
+    from tqstore.client import KvStoreClient
+    from tqstore.config import ClientConfig
+
+    ns = BIG_NAMESPACE
+    with KvStoreClient(ClientConfig(address=address, direct_reads="off")) as client:
+        for fam, state in sorted(puts.items()):
+            hit = client.lookup(ns, _tokens(fam)).hit_blocks
+            if state == "acked" and hit < PUT_BLOCKS:
+                res.lost += PUT_BLOCKS - hit
+                res.failures.append(f"acknowledged put {fam}: lookup {hit}")
+            elif hit not in (0, PUT_BLOCKS):
+                res.partial += 1
+                res.failures.append(f"unacknowledged put {fam}: {hit} of {PUT_BLOCKS} blocks "
+                                    "visible")
+            if hit == PUT_BLOCKS:
+                res.stored_whole += 1
+                res.cancelled_but_stored += state == "cancelled"
+            if hit:
+                prefix = client.fetch_fp16_prefix(ns, _tokens(fam), 0, hit)
+                bad = wrong_blocks(ns, _tokens(fam), 0, prefix)
+                res.wrong += len(bad) + hit - len(prefix)
+                if bad or len(prefix) < hit:
+                    res.failures.append(f"put {fam}: fetched {len(prefix)} of {hit}, wrong {bad}")
+    res.put_families = len(puts)
+
+
+def run_vanishing(root: str | Path, rounds: int = 50, concurrent: int = 4, seed: int = 0,
+                  max_delay_s: float = 1.0, rss_cap_mib: float = 1024.0) -> VanishResult:
+    """`rounds` rounds of `concurrent` victims; see the module docstring."""
+    root = Path(root)
+    rnd = random.Random(seed)
+    res = VanishResult()
+    puts: dict[int, str] = {}
+    daemon = DaemonProcess(root / "store", root / "daemon.log", max_gib=32.0).start()
+    t0 = time.perf_counter()
+    try:
+        _store_fetch_families(daemon.address)
+        _check_serving(daemon.address, res, -1)  # the clients above connected and left
+        time.sleep(0.5)  # the server closes the set-up clients' connections on its own threads
+        res.fds_baseline = res.fds_peak = daemon.fd_count()
+        with RssSampler(daemon) as rss:
+            for r in range(rounds):
+                # Modes in turn, so even a small run has victims of every mode.
+                modes = [MODES[(r * concurrent + i) % len(MODES)] for i in range(concurrent)]
+                _round(daemon, modes, seed * 10_007 + r, rnd, max_delay_s, res, puts)
+                _check_serving(daemon.address, res, r)
+        _verify_puts(daemon.address, puts, res)
+        if not wait_for(lambda: daemon.fd_count() <= res.fds_baseline, 30.0):
+            res.failures.append(f"fds {daemon.fd_count()} above baseline {res.fds_baseline}")
+        res.fds_end = daemon.fd_count()
+        res.rss = rss.summary()
+        if res.rss.get("rss_peak_mib", 0) > rss_cap_mib:
+            res.failures.append(f"RSS peak {res.rss['rss_peak_mib']} MiB over {rss_cap_mib}")
+        code = daemon.stop()
+        if code != 0:
+            res.failures.append(f"daemon exited {code} on SIGTERM")
+    finally:
+        daemon.kill()
+        res.seconds = time.perf_counter() - t0
+    return res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "worker":
+        import tqstore  # noqa: F401  (entry point: project convention)
+
+        victim_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        sys.exit("usage: python -m tqstore.reliability.vanishing worker ADDRESS MODE SEED VICTIM")
