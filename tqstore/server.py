@@ -43,8 +43,7 @@ import numpy as np
 from tqstore.blocks import BlockPayload
 from tqstore.config import ServerConfig
 from tqstore.errors import (Corruption, InvalidArgument, NotFound, ResourceExhausted, TqstoreError,
-                            Unauthenticated,
-                            Unavailable)
+                            Unauthenticated, Unavailable)
 from tqstore.payload_format import FILE_VERSION
 from tqstore.remote.tiers import Tiers
 from tqstore.requantize import Requantizer
