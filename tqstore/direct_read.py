@@ -11,8 +11,9 @@ What a reader trusts, and why it can never see a torn, replaced or evicted paylo
   file, so a bug or a hostile daemon cannot point it at another file.
 - Payload files are immutable: written to a temp name, fsynced and renamed; eviction unlinks. An
   open descriptor keeps reading the inode it opened.
-- The file's size and its whole 64-byte header (block hash, sizes, compression) must equal what
-  the hash and the Locate answer imply, and every body chunk's XXH3-64 must equal the index's.
+- The file's size (header, self-description, body) and its whole 64-byte header (block
+  hash, sizes, compression) must equal what the hash and the Locate answer imply, and every
+  body chunk's XXH3-64 must equal the index's.
   A file evicted (ENOENT) or replaced by a different put (checksums differ) or damaged ends the
   run there; the client then Fetches the rest over gRPC, which is a shorter hit at worst.
 - Same file system: the daemon's `store.id` (random per daemon start) must read back the same
@@ -30,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from tqstore.blocks import PrefixKV
-from tqstore.payload_format import FILE_VERSION, HEADER_SIZE, body_checksum_state, file_name, header
+from tqstore.payload_format import (
+    FILE_VERSION, HEADER_SIZE, body_checksum_state, body_offset, file_name, header)
 from tqstore.v1 import tqstore_pb2 as pb
 
 log = logging.getLogger("tqstore.direct_read")
@@ -96,7 +98,10 @@ def _read_block(path: str, key: bytes, loc: pb.BlockLocation, out: PrefixKV, k: 
             return False
         runs = _destinations(out, k)
         body = sum(len(r) for r in runs)
-        if loc.stored_size != body or loc.raw_size != body or loc.file_size != HEADER_SIZE + body:
+        # The file's self-description sits between header and body (payload_format.py); a
+        # reader skips it: the body ends the file, the header records the description's size.
+        # A version 2 file (no description) fails the header equality: gRPC serves it.
+        if loc.stored_size != body or loc.raw_size != body or loc.file_size <= HEADER_SIZE + body:
             return False
         if sum(loc.chunk_lengths) != body:
             return False
@@ -104,9 +109,9 @@ def _read_block(path: str, key: bytes, loc: pb.BlockLocation, out: PrefixKV, k: 
         try:
             if os.fstat(fd).st_size != loc.file_size:
                 return False
-            if os.pread(fd, HEADER_SIZE, 0) != header(key, "none", body, body):
+            offset = body_offset(loc.file_size, body)
+            if os.pread(fd, HEADER_SIZE, 0) != header(key, "none", body, body, offset - HEADER_SIZE):
                 return False
-            offset = HEADER_SIZE
             for start in range(0, len(runs), _IOV_MAX):
                 batch = runs[start:start + _IOV_MAX]
                 want = sum(len(r) for r in batch)

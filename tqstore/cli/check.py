@@ -3,7 +3,12 @@
 
 Without --repair it opens the store readonly, so it can run beside the daemon. --repair needs the
 writer lock (stop the daemon first). Exit status: 0 consistent, 1 inconsistent (after repair: 0
-if the repair left it consistent)."""
+if the repair left it consistent), or a store that cannot be checked (index damaged, no store,
+daemon holding the writer lock for --repair): a one-line reason, never a traceback or a signal.
+
+A damaged index: the store first walks the index in a child process (tqstore/ssd/probe.py), so
+damage that would be a SIGBUS here is a "DAMAGED INDEX" report. --repair opens the writer, which
+rebuilds the index from the payload files (tqstore/ssd/rebuild.py) before the usual check."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import argparse
 import dataclasses
 import json
 
+from tqstore.errors import TqstoreError
+from tqstore.ssd.opening import IndexDamaged
 from tqstore.ssd.store import BlockStore
 
 
@@ -22,13 +29,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
-    with BlockStore(args.path, readonly=not args.repair) as store:
-        report = store.check(repair=args.repair)
-        ok = report.ok or (report.repaired and store.check().ok)
+def _cannot_check(args: argparse.Namespace, exc: TqstoreError) -> int:
+    state = "DAMAGED INDEX" if isinstance(exc, IndexDamaged) else "CANNOT CHECK"
     if args.json:
-        print(json.dumps({**dataclasses.asdict(report), "ok": report.ok}, indent=2))
+        print(json.dumps({"ok": False, "state": state, "error": str(exc)}, indent=2))
     else:
+        print(f"{state}: {exc}")
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with BlockStore(args.path, readonly=not args.repair) as store:
+            rebuilt = store.rebuild
+            report = store.check(repair=args.repair)
+            ok = report.ok or (report.repaired and store.check().ok)
+    except TqstoreError as exc:
+        return _cannot_check(args, exc)
+    if args.json:
+        out = {**dataclasses.asdict(report), "ok": report.ok}
+        if rebuilt is not None:
+            out["index_rebuild"] = dataclasses.asdict(rebuilt)
+        print(json.dumps(out, indent=2))
+    else:
+        if rebuilt is not None:
+            print(f"INDEX REBUILT from payload files ({rebuilt.reason}): {rebuilt.recovered} "
+                  f"blocks recovered, {rebuilt.lost} lost")
         print(report.summary())
         for h, why in report.bad_records[:20]:
             print(f"  bad      {h}  {why}")

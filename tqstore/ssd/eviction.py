@@ -10,11 +10,14 @@ restart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import lmdb
 
 from tqstore.ssd.index import Index, leaf_key
+from tqstore.ssd.nospace import SpaceReserve, out_of_space
 from tqstore.ssd.payload import allocated
 from tqstore.ssd.records import BlockRecord, RecordError
 
@@ -59,3 +62,33 @@ def evict_lru(idx: Index, txn: lmdb.Transaction, bytes_to_free: int,
     if out:
         idx.add_counters(txn, {"evictions": len(out)})
     return out
+
+
+def evict_in_steps(bytes_to_free: int, evict_txn: Callable[[int], list[Evicted]], blocks_dir: str,
+                   reserve: SpaceReserve) -> int:
+    """Run evict_txn (one write txn evicting at least n bytes, returning what it removed) and
+    unlink the evicted payload files; returns the bytes freed. Normally one txn. On a full disk
+    LMDB needs new pages even to free some: then one leaf per txn, growing 4x per step as files
+    are freed, and the space reserve is given back once if even one leaf does not fit."""
+    store_path = os.path.dirname(blocks_dir)
+    freed, step = 0, 0  # step 0: everything in one txn
+    while freed < bytes_to_free:
+        try:
+            gone = evict_txn(step or bytes_to_free - freed)
+        except lmdb.Error as exc:
+            if not out_of_space(exc, store_path) or (step and not reserve.release()):
+                raise
+            step = 1
+            continue
+        step *= 4
+        for e in gone:
+            try:
+                os.unlink(os.path.join(blocks_dir, e.key.hex() + ".blk"))
+            except FileNotFoundError:
+                pass
+        freed += sum(e.freed for e in gone)
+        if not gone:
+            break
+    if freed:
+        reserve.ensure()
+    return freed

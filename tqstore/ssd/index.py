@@ -59,7 +59,7 @@ class Index:
     def open(cls, path: str, map_size: int, readonly: bool) -> "Index":
         env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
                         lock=True, sync=True, metasync=True, readahead=False, max_readers=256,
-                        create=not readonly)
+                        create=not readonly, mode=0o600)
         kw = {} if readonly else {"create": True}
         return cls(
             env=env,

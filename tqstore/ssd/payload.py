@@ -11,10 +11,12 @@ pages with a long read txn. The price is a crash window with a file but no index
 an orphan, removed when the store opens, and never visible because lookups go through the index.
 
 File: a 64-byte header (magic, header version, compression, raw and stored sizes, the block hash,
-CRC of the header) then the body. The index record keeps (length, XXH3-64) of each body chunk, so
-a read verifies the chunks on two threads while the rest is still being read. XXH3 rather than
-CRC-32: zlib.crc32 ran at ~1 GB/s on this machine, slower than the disk's cold read, and capped
-the read path at 0.27x of raw; XXH3 runs at tens of GB/s (docs/BENCHMARKS.md).
+CRC of the header), then (version 3) the file's self-description (tqstore/payload_format.py,
+selfdesc.py: what a rebuild of the index needs), then the body, which ends the file. The index
+record keeps (length, XXH3-64) of each body chunk, so a read verifies the chunks on two threads
+while the rest is still being read. XXH3 rather than CRC-32: zlib.crc32 ran at ~1 GB/s on this
+machine, slower than the disk's cold read, and capped the read path at 0.27x of raw; XXH3 runs at
+tens of GB/s (docs/BENCHMARKS.md).
 
 Invariants: a file's name, its header hash and its index key are the same block hash; the body
 CRCs in the index match the body; decoding checks sizes against the namespace layout.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -32,7 +34,8 @@ import zstandard
 
 from tqstore.blocks import BlockPayload
 from tqstore.payload_format import (  # noqa: F401  (re-exported: the store's callers use them)
-    FILE_MAGIC, FILE_VERSION, HEADER_SIZE, body_checksum, header as _header)
+    FILE_MAGIC, FILE_VERSION, HEADER_SIZE, body_checksum, body_offset, description_intact,
+    header as _header)
 
 ALLOC_UNIT = 4096  # file systems allocate whole 4 KiB blocks: the budget counts those
 
@@ -43,17 +46,22 @@ class PayloadError(ValueError):
 
 @dataclass(frozen=True)
 class EncodedPayload:
-    """A payload ready to write: body segments (written back to back) and their chunk CRCs."""
+    """A payload ready to write: body segments (written back to back), their chunk CRCs and the
+    self-description written before them (empty only for a version 2 file)."""
 
     segments: tuple[memoryview, ...]
     compression: str
     raw_size: int
     stored_size: int
     chunks: list[tuple[int, int]]
+    description: bytes = b""
 
     @property
     def file_size(self) -> int:
-        return HEADER_SIZE + self.stored_size
+        return HEADER_SIZE + len(self.description) + self.stored_size
+
+    def described(self, description: bytes) -> "EncodedPayload":
+        return replace(self, description=description)
 
 
 def allocated(nbytes: int) -> int:
@@ -94,9 +102,13 @@ def write_file(final_path: str, key: bytes, enc: EncodedPayload) -> None:
     """Write to a temp name, fsync, rename into place. The caller fsyncs the directory once per
     batch, then commits the index: only then is the block acknowledged."""
     tmp = f"{final_path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        buffers = [_header(key, enc.compression, enc.raw_size, enc.stored_size), *enc.segments]
+        os.fchmod(fd, 0o600)  # store files are private whatever the umask
+        desc = enc.description
+        version = FILE_VERSION if desc else 2
+        buffers = [_header(key, enc.compression, enc.raw_size, enc.stored_size, len(desc), version),
+                   desc, *enc.segments]
         total = sum(len(b) for b in buffers)
         written = os.writev(fd, buffers)
         if written != total:  # short writev: finish with plain writes
@@ -104,9 +116,19 @@ def write_file(final_path: str, key: bytes, enc: EncodedPayload) -> None:
             while written < total:
                 written += os.write(fd, joined[written:])
         os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, final_path)
+        fd, closing = -1, fd
+        os.close(closing)
+        os.rename(tmp, final_path)
+    except BaseException:
+        # Never leave a temp file behind (a full disk must not fill up with them until the next
+        # open): the put was not acknowledged, so nothing refers to it.
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def fsync_dir(path: str) -> None:
@@ -117,12 +139,13 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _read_chunks(fd: int, body: memoryview, chunks: Sequence[tuple[int, int]], offset: int) -> bool:
+def _read_chunks(fd: int, body: memoryview, chunks: Sequence[tuple[int, int]], offset: int,
+                 start: int) -> bool:
     for length, crc in chunks:
         piece = body[offset : offset + length]
         got = 0
         while got < length:
-            n = os.preadv(fd, [piece[got:]], HEADER_SIZE + offset + got)
+            n = os.preadv(fd, [piece[got:]], start + offset + got)
             if n <= 0:
                 return False
             got += n
@@ -141,28 +164,33 @@ def read_file(path: str, key: bytes, file_size: int, stored_size: int, raw_size:
     and PayloadError on any verification failure."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        if os.fstat(fd).st_size != file_size or file_size != HEADER_SIZE + stored_size:
+        if os.fstat(fd).st_size != file_size or file_size < HEADER_SIZE + stored_size:
             raise PayloadError("payload file size mismatch")
-        head = os.pread(fd, HEADER_SIZE, 0)
-        expect = _header(key, compression, raw_size, stored_size)
-        if head != expect:
+        # Version 2: header then body; version 3: header, self-description, body.
+        start = body_offset(file_size, stored_size)
+        desc = start - HEADER_SIZE
+        head = os.pread(fd, start, 0)
+        expect = _header(key, compression, raw_size, stored_size, desc, FILE_VERSION if desc else 2)
+        if head[:HEADER_SIZE] != expect:
             raise PayloadError("payload header mismatch (hash, sizes or compression)")
+        if desc and not description_intact(head[HEADER_SIZE:]):
+            raise PayloadError("payload self-description checksum mismatch")
         if sum(c[0] for c in chunks) != stored_size:
             raise PayloadError("chunk table does not cover the body")
         if hasattr(os, "posix_fadvise"):
             # Start readahead of the whole body now: the two verifying readers below then take
             # it from the page cache instead of issuing two interleaved cold streams.
-            os.posix_fadvise(fd, HEADER_SIZE, stored_size, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, start, stored_size, os.POSIX_FADV_WILLNEED)
         body_arr = np.empty(stored_size, dtype=np.uint8)
         body = memoryview(body_arr)
         split = len(chunks) // 2
         if executor is not None and split > 0:
             offset = sum(c[0] for c in chunks[:split])
-            future = executor.submit(_read_chunks, fd, body, chunks[split:], offset)
-            ok_front = _read_chunks(fd, body, chunks[:split], 0)
+            future = executor.submit(_read_chunks, fd, body, chunks[split:], offset, start)
+            ok_front = _read_chunks(fd, body, chunks[:split], 0, start)
             ok = future.result() and ok_front
         else:
-            ok = _read_chunks(fd, body, chunks, 0)
+            ok = _read_chunks(fd, body, chunks, 0, start)
         if not ok:
             raise PayloadError("payload checksum mismatch or short read")
     finally:

@@ -40,6 +40,15 @@ class StoreStats:
     quarantined: int
     namespaces: list[NamespaceStats] = field(default_factory=list)
     block_size_histogram: dict[int, int] = field(default_factory=dict)  # tokens/block -> blocks
+    # Rebuilds of a damaged or missing index from the payload files (opening.py, rebuilds.json;
+    # they survive the index). Lost blocks: payload files that failed verification or whose
+    # parent was lost. The usage counters above restart from zero at a rebuild.
+    index_rebuilds: int = 0
+    rebuild_recovered_blocks: int = 0
+    rebuild_lost_blocks: int = 0
+    last_rebuild_time_ns: int = 0  # ns since epoch; 0: never
+    last_rebuild_reason: str = ""
+    last_rebuild_seconds: float = 0.0
 
     @property
     def hit_rate(self) -> float:

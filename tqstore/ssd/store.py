@@ -6,6 +6,9 @@ Layout of a store directory:
     writer.lock   flock held by the one writer process; readonly openers never take it
     store.id      random, rewritten by each writer open: a same-host reader that reads the id
                   the daemon told it from here shares the daemon's file system (locate())
+    rebuilds.json, index.damaged-*, space.reserve: see opening.py and nospace.py (all 0600/0700)
+Damage to the index never crashes: opening walks it in a child process and rebuilds it from the
+payload files, which describe themselves (opening.py). A full disk is a ResourceExhausted.
 
 Durability (a put is acknowledged only when durable): payload files are written to temp names,
 fsynced, renamed, the directory fsynced, and only then is the index committed (LMDB synced
@@ -14,9 +17,10 @@ writer opens the store) or temp files (same): nothing torn is ever reachable thr
 
 Verification (a corrupt store never serves a wrong block and never crashes the reader): get_block
 checks the record frame CRC, namespace, parent, stored token ids and layout, then the payload
-header and every chunk CRC. Any mismatch is counted, the block and its subtree are quarantined
-(writer) and the caller gets NotFound. lookup verifies the frame CRC of the records its binary
-search touches; it relies on prefix closure (index.py) to be O(log n) in the chain length.
+header, self-description CRC and every chunk CRC. Any mismatch is counted, the block and its
+subtree are quarantined (writer) and the caller gets NotFound. lookup verifies the frame CRC of the
+records its binary search touches; it relies on prefix closure (index.py) to be O(log n) in the
+chain length.
 
 Concurrency: one writer process (flock); within it, writes are serialized by a lock and reads run
 concurrently. Other processes open readonly and read while the writer writes (LMDB MVCC; a payload
@@ -25,7 +29,9 @@ file evicted under a reader is a plain miss, a replaced one is re-checked agains
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -42,12 +48,14 @@ from tqstore.ssd import payload as pl
 from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.check import CheckReport, run_check
 from tqstore.config import StoreConfig
-from tqstore.ssd.eviction import evict_lru
-from tqstore.ssd.index import Index
+from tqstore.ssd.eviction import Evicted, evict_in_steps, evict_lru
 from tqstore.ssd.leases import Leases
-from tqstore.ssd.opening import remove_orphans, write_store_id
+from tqstore.ssd.nospace import SpaceReserve, space_errors
+from tqstore.ssd.opening import open_reader_index, open_writer_index, prepare_writer, read_history
 from tqstore.ssd.payload import PayloadError
+from tqstore.ssd.rebuild import RebuildOutcome
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
+from tqstore.ssd.selfdesc import encode_description
 from tqstore.ssd.stats import StoreStats, read_stats
 
 # Budget headroom for LMDB growth of one put: copy-on-write can dirty a root-to-leaf path in each
@@ -56,6 +64,7 @@ from tqstore.ssd.stats import StoreStats, read_stats
 # errs high.
 _INDEX_TXN_PAGES = 16
 _INDEX_BYTES_PER_BLOCK = 2400
+log = logging.getLogger("tqstore.ssd.store")
 
 
 class BlockStore:
@@ -74,13 +83,15 @@ class BlockStore:
         self._clock = 0
         self._lock_fd: int | None = None
         self.leases = Leases()
+        self._reserve = SpaceReserve(self.path)
         self.store_id = ""
+        self.rebuild: RebuildOutcome | None = None  # set when this open rebuilt the index
         if readonly:
             if not os.path.isdir(os.path.join(self.path, "index")):
                 raise NotFound(f"no store at {self.path}")
         else:
-            os.makedirs(self.blocks_dir, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            os.makedirs(self.blocks_dir, mode=0o700, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -88,22 +99,27 @@ class BlockStore:
                 self._lock_fd = None
                 raise Unavailable(f"another process is writing the store at {self.path}") from None
         try:
-            self._idx = Index.open(os.path.join(self.path, "index"), self.config.map_size, readonly)
-        except lmdb.Error as exc:
+            if readonly:
+                self._idx = open_reader_index(self.path, self.config.map_size)
+            else:
+                self._idx, self.rebuild = open_writer_index(self.path, self.config.map_size)
+        except BaseException:
             self._release_lock()
-            raise Unavailable(f"cannot open store index: {exc}") from exc
+            raise
         threads = self.config.read_threads - 1
         self._executor = ThreadPoolExecutor(threads, "tqstore-ssd-read") if threads > 0 else None
         if not readonly:
-            self.recovered_orphans = remove_orphans(self._idx, self.blocks_dir)
-            self.store_id = write_store_id(self.path)
+            self.recovered_orphans, self.store_id = prepare_writer(self.path, self._idx, self._reserve)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
         if getattr(self, "_idx", None) is None:
             return
         if not self.readonly:
-            self.flush()
+            try:  # a full disk at SIGTERM loses batched access times, not a clean exit
+                self.flush()
+            except Exception as exc:
+                log.error("store close: batched access times and counters not persisted: %s", exc)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._idx.env.close()
@@ -162,7 +178,7 @@ class BlockStore:
         hashes = chain_hashes(namespace, tokens, first_block + n)
         root = namespace.root_hash()
         cfg = self.config
-        with self._lock:
+        with self._lock, space_errors("put", self.path):
             with self._idx.env.begin(db=self._idx.blocks) as txn:
                 for i in range(first_block):
                     if txn.get(hashes[i]) is None:
@@ -170,8 +186,21 @@ class BlockStore:
                 new = [i for i in range(first_block, first_block + n) if txn.get(hashes[i]) is None]
             if not new:
                 return hashes[first_block:]
-            encoded = {i: pl.encode(payloads[i - first_block], cfg.compression, cfg.zstd_level,
-                                    cfg.checksum_chunk) for i in new}
+            now = self._now()
+            ns_rec = NamespaceRecord.of(namespace, now)
+            encoded, records = {}, {}
+            for i in new:  # each file describes itself (selfdesc.py): the index is rebuildable
+                e = pl.encode(payloads[i - first_block], cfg.compression, cfg.zstd_level,
+                              cfg.checksum_chunk)
+                rec = BlockRecord(
+                    ns=root, parent=hashes[i - 1] if i else root, index=i,
+                    tokens=tokens[i * bs:(i + 1) * bs].tobytes(), n_tokens=bs,
+                    layout=self._layout(namespace), dtype=namespace.kv_dtype,
+                    format_version=namespace.format_version, compression=e.compression,
+                    raw_size=e.raw_size, stored_size=e.stored_size, file_size=0,
+                    chunks=e.chunks, created=now, access=now)
+                encoded[i] = e.described(encode_description(rec, ns_rec))
+                records[i] = dataclasses.replace(rec, file_size=encoded[i].file_size)
             need = sum(pl.allocated(e.file_size) for e in encoded.values())
             need += _INDEX_TXN_PAGES * 4096 + len(new) * (3 * 4 * bs + _INDEX_BYTES_PER_BLOCK)
             self._make_room(need, frozenset(hashes))
@@ -182,29 +211,18 @@ class BlockStore:
                     pl.write_file(path, hashes[i], encoded[i])
                     written.append(path)
                 pl.fsync_dir(self.blocks_dir)
-                now = self._now()
                 with self._idx.env.begin(write=True) as txn:
                     self._flush_in(txn)
                     if txn.get(root, db=self._idx.namespaces) is None:
-                        txn.put(root, NamespaceRecord.of(namespace, now).encode(), db=self._idx.namespaces)
+                        txn.put(root, ns_rec.encode(), db=self._idx.namespaces)
                     for i in new:
-                        e = encoded[i]
-                        rec = BlockRecord(
-                            ns=root, parent=hashes[i - 1] if i else root, index=i,
-                            tokens=tokens[i * bs:(i + 1) * bs].tobytes(), n_tokens=bs,
-                            layout=self._layout(namespace), dtype=namespace.kv_dtype,
-                            format_version=namespace.format_version, compression=e.compression,
-                            raw_size=e.raw_size, stored_size=e.stored_size, file_size=e.file_size,
-                            chunks=e.chunks, created=now, access=now)
-                        self._idx.insert(txn, hashes[i], rec)
-            except BaseException as exc:
+                        self._idx.insert(txn, hashes[i], records[i])
+            except BaseException:
                 for path in written:  # never acknowledged: remove now rather than at next open
                     try:
                         os.unlink(path)
                     except OSError:
                         pass
-                if isinstance(exc, lmdb.MapFullError):
-                    raise ResourceExhausted("LMDB map is full: raise map_size") from exc
                 raise
         return hashes[first_block:]
 
@@ -416,12 +434,16 @@ class BlockStore:
             self._pending["get_hits"] = self._pending.get("get_hits", 0) + 1
         self._maybe_flush()
 
-    def _maybe_flush(self) -> None:
+    def _maybe_flush(self, force: bool = False) -> None:
         if self.readonly:
             return
-        if (len(self._pending_touch) >= self.config.access_flush_count
+        if (force or len(self._pending_touch) >= self.config.access_flush_count
                 or time.monotonic() - self._last_flush >= self.config.access_flush_interval_s):
-            self.flush()
+            try:
+                self.flush()
+            except (lmdb.Error, OSError) as exc:  # a full disk must not fail the read that flushes
+                self._last_flush = time.monotonic()
+                log.warning("access times and counters not persisted: %s", exc)
 
     def flush(self) -> None:
         """Persist batched last-access times, hit counts and counters (one txn)."""
@@ -444,32 +466,32 @@ class BlockStore:
         """Evict LRU leaves until at least bytes_to_free payload bytes are freed; returns freed."""
         if self.readonly:
             raise InvalidArgument("store opened readonly")
-        freed = self._evict(bytes_to_free, self.leases.live())
-        if freed < bytes_to_free:
-            freed += self._evict(bytes_to_free - freed, frozenset())
+        with space_errors("evict", self.path):
+            freed = self._evict(bytes_to_free, self.leases.live())
+            if freed < bytes_to_free:
+                freed += self._evict(bytes_to_free - freed, frozenset())
         return freed
 
     def _evict(self, bytes_to_free: int, protect: frozenset[bytes]) -> int:
         with self._lock:
-            with self._idx.env.begin(write=True) as txn:
-                self._flush_in(txn)
-                gone = evict_lru(self._idx, txn, bytes_to_free, protect)
-            for e in gone:
-                try:
-                    os.unlink(self._file(e.key))
-                except FileNotFoundError:
-                    pass
-            return sum(e.freed for e in gone)
+            return evict_in_steps(bytes_to_free, lambda n: self._evict_txn(n, protect),
+                                  self.blocks_dir, self._reserve)
+
+    def _evict_txn(self, bytes_to_free: int, protect: frozenset[bytes]) -> list[Evicted]:
+        with self._idx.env.begin(write=True) as txn:
+            self._flush_in(txn)
+            return evict_lru(self._idx, txn, bytes_to_free, protect)
 
     def stats(self) -> StoreStats:
         with self._lock:
             pending = dict(self._pending)
-        return read_stats(self._idx, pending, self.config.max_bytes, self.config.compression)
+        stats = read_stats(self._idx, pending, self.config.max_bytes, self.config.compression)
+        return dataclasses.replace(stats, **dataclasses.asdict(read_history(self.path)))
 
     def check(self, repair: bool = False) -> CheckReport:
         """Walk the whole store (every record, every payload byte); optionally repair."""
         if repair and self.readonly:
             raise InvalidArgument("repair needs the writer (store opened readonly)")
-        with self._lock:
-            self.flush()
+        with self._lock, space_errors("check", self.path):
+            self._maybe_flush(force=True)
             return run_check(self._idx, self.blocks_dir, self._executor, repair, self._now)

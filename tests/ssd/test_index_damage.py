@@ -1,0 +1,249 @@
+"""Damage to the index never crashes anything (issue 17): a damaged, truncated or missing LMDB
+index is found by a walk in a child process and rebuilt from the payload files, which describe
+themselves; readonly openers and `check` report it; the store's files are private."""
+
+import argparse
+import faulthandler
+import logging
+import os
+import random
+import shutil
+import struct
+
+import lmdb
+import pytest
+
+from tqstore.ssd import BlockStore
+from tqstore.ssd import payload as pl
+from tqstore.ssd.chain import chain_hashes, token_array
+from tqstore.ssd.damage import run_damage
+from tqstore.ssd.opening import IndexDamaged
+from tqstore.ssd.probe import probe_index, walk
+from tqstore.ssd.records import BlockRecord
+
+from .conftest import NS, random_payload, random_tokens, same_bits
+
+_P_BRANCH = 0x01
+_P_LEAF = 0x02
+
+
+def _fill(path, rng, chains=3, n=12):
+    """Chains long enough that the blocks database has branch pages (~12 records a page)."""
+    data = []
+    with BlockStore(path) as s:
+        for _ in range(chains):
+            toks = random_tokens(rng, n * NS.block_size)
+            pls = [random_payload(rng) for _ in range(n)]
+            s.put_blocks(NS, toks, 0, pls)
+            data.append((toks, pls))
+    return data
+
+
+def _all_served(path, data) -> bool:
+    with BlockStore(path) as s:
+        return all(s.lookup(NS, toks) == len(pls)
+                   and all(same_bits(s.get_block(NS, toks, i), p) for i, p in enumerate(pls))
+                   for toks, pls in data)
+
+
+def _live_root(data_mdb: str, name: bytes) -> int:
+    """The root page number of a named database, parsed from LMDB's meta and main pages."""
+    with open(data_mdb, "rb") as f:
+        raw = f.read()
+    psize = 4096
+    metas = []
+    for pg in (0, 1):
+        base = pg * psize + 16  # page header, then MDB_meta
+        txnid = struct.unpack_from("<Q", raw, base + 24 + 2 * 48 + 8)[0]
+        main_root = struct.unpack_from("<Q", raw, base + 24 + 48 + 40)[0]
+        metas.append((txnid, main_root))
+    main = max(metas)[1] * psize
+    lower = struct.unpack_from("<H", raw, main + 12)[0]
+    for i in range((lower - 16) // 2):
+        node = main + struct.unpack_from("<H", raw, main + 16 + 2 * i)[0]
+        ksize = struct.unpack_from("<H", raw, node + 6)[0]
+        if raw[node + 8:node + 8 + ksize] == name:
+            return struct.unpack_from("<Q", raw, node + 8 + ksize + 40)[0]
+    raise AssertionError(f"database {name!r} not found")
+
+
+def _dies_walking(index_dir: str) -> bool:
+    """Walk an index in a forked child (cheap: no interpreter start); True if a signal killed it."""
+    pid = os.fork()
+    if pid == 0:  # the child touches no LMDB environment of the parent
+        faulthandler.disable()  # pytest's handler would print the expected crash
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        try:
+            walk(index_dir, False)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)
+
+
+def _flip_a_bit_that_kills(path, seed: int) -> None:
+    """Flip one bit of data.mdb such that reading the index is a signal (the tester's finding),
+    searched in a seeded order over the node offsets of the live B-tree pages: a node offset
+    moved into another node's bytes gives LMDB a garbage size, and copying that record runs
+    past the end of the file inside the map: SIGBUS, which no exception handler sees."""
+    data_mdb = path / "index" / "data.mdb"
+    raw = data_mdb.read_bytes()
+    trial = path.parent / "trial"
+    (trial / "index").mkdir(parents=True)
+    spots = []
+    for page in range(2, len(raw) // 4096):
+        flags, lower = struct.unpack_from("<HH", raw, page * 4096 + 10)
+        if flags & (_P_BRANCH | _P_LEAF) and 16 < lower < 4096:
+            spots += [page * 4096 + off for off in range(16, lower)]
+    rnd = random.Random(seed)
+    for _ in range(60):
+        at, bit = rnd.choice(spots), rnd.randrange(8)
+        flipped = bytearray(raw)
+        flipped[at] ^= 1 << bit
+        (trial / "index" / "data.mdb").write_bytes(flipped)
+        if _dies_walking(str(trial / "index")):
+            data_mdb.write_bytes(flipped)
+            return
+    raise AssertionError("no single-bit flip of a node offset killed the walk")
+
+
+def test_data_mdb_bit_flip_is_rebuilt_not_a_signal(tmp_path, rng, caplog):
+    path = tmp_path / "s"
+    data = _fill(path, rng)
+    _flip_a_bit_that_kills(path, 17)
+    # Today's failure, reproduced: reading that index kills the process that reads it.
+    assert _dies_walking(str(path / "index"))
+    assert "signal" in probe_index(str(path / "index"), lock=False).reason
+    with pytest.raises(IndexDamaged):  # a readonly opener: a clear error, no signal
+        BlockStore(path, readonly=True)
+    with caplog.at_level(logging.WARNING, logger="tqstore.ssd.rebuild"):
+        with BlockStore(path) as s:
+            assert s.rebuild is not None and "signal" in s.rebuild.reason
+            assert (s.rebuild.recovered, s.rebuild.lost) == (36, 0)
+            st = s.stats()
+            assert (st.index_rebuilds, st.rebuild_recovered_blocks, st.rebuild_lost_blocks) == (1, 36, 0)
+            assert st.blocks == 36 and s.check().ok
+    assert any("36 blocks recovered, 0 lost" in r.getMessage() for r in caplog.records)
+    assert [n for n in os.listdir(path) if n.startswith("index.damaged-")]
+    assert _all_served(path, data)
+    with BlockStore(path) as s:  # a sound index is not rebuilt again
+        assert s.rebuild is None and s.stats().index_rebuilds == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate data.mdb", "delete index", "zero data.mdb head"])
+def test_damaged_or_missing_index_is_rebuilt(tmp_path, rng, damage):
+    path = tmp_path / "s"
+    data = _fill(path, rng, chains=2, n=4)
+    data_mdb = path / "index" / "data.mdb"
+    if damage == "truncate data.mdb":
+        os.truncate(data_mdb, os.path.getsize(data_mdb) // 2)
+    elif damage == "delete index":
+        shutil.rmtree(path / "index")
+    else:
+        with open(data_mdb, "r+b") as f:
+            f.write(bytes(8192))  # both meta pages
+    with BlockStore(path) as s:
+        assert s.rebuild is not None and s.rebuild.recovered == 8 and s.rebuild.lost == 0
+        assert s.check().ok
+    assert _all_served(path, data)
+
+
+def test_damaged_lock_file_is_recreated(tmp_path, rng):
+    path = tmp_path / "s"
+    data = _fill(path, rng, chains=1, n=4)
+    lock = path / "index" / "lock.mdb"
+    lock.write_bytes(bytes(os.path.getsize(lock)))
+    with BlockStore(path, readonly=True) as r:
+        assert r.check().ok
+    with BlockStore(path) as s:
+        assert s.rebuild is None
+    assert _all_served(path, data)
+
+
+def test_rebuild_drops_damaged_files_and_their_subtree(tmp_path, rng):
+    path = tmp_path / "s"
+    (toks, pls), = _fill(path, rng, chains=1, n=5)
+    hashes = chain_hashes(NS, token_array(toks))
+    victim = path / "blocks" / (hashes[2].hex() + ".blk")
+    with open(victim, "r+b") as f:  # one byte of block 2's body (the body ends the file)
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x40]))
+    shutil.rmtree(path / "index")
+    with BlockStore(path) as s:
+        assert (s.rebuild.recovered, s.rebuild.lost) == (2, 3)  # block 2 bad, 3 and 4 orphaned
+        assert s.lookup(NS, toks) == 2 and s.check().ok
+        assert sorted(os.listdir(s.blocks_dir)) == sorted(h.hex() + ".blk" for h in hashes[:2])
+        s.put_blocks(NS, toks, 2, pls[2:])  # the chain heals with a re-put
+        assert all(same_bits(s.get_block(NS, toks, i), p) for i, p in enumerate(pls))
+
+
+def test_version_2_files_are_served_but_not_rebuilt(tmp_path, rng):
+    """A file written before self-descriptions (version 2: header + body) still serves from a
+    sound index; if the index must be rebuilt it cannot vouch for itself and is counted lost."""
+    path = tmp_path / "s"
+    (toks, pls), = _fill(path, rng, chains=1, n=2)
+    hashes = chain_hashes(NS, token_array(toks))
+    env = lmdb.open(str(path / "index"), max_dbs=8)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True, db=db) as txn:
+        rec = BlockRecord.decode(txn.get(hashes[1]))
+        f = path / "blocks" / (hashes[1].hex() + ".blk")
+        raw = f.read_bytes()
+        body = raw[len(raw) - rec.stored_size:]
+        f.write_bytes(pl._header(hashes[1], rec.compression, rec.raw_size, rec.stored_size,
+                                 version=2) + body)
+        rec.file_size = pl.HEADER_SIZE + rec.stored_size
+        txn.put(hashes[1], rec.encode())
+    env.close()
+    with BlockStore(path) as s:
+        assert same_bits(s.get_block(NS, toks, 1), pls[1]) and s.check().ok
+    os.unlink(path / "index" / "data.mdb")
+    with BlockStore(path) as s:
+        assert (s.rebuild.recovered, s.rebuild.lost) == (1, 1)
+        assert s.lookup(NS, toks) == 1
+
+
+def test_check_cli_reports_damage_and_repair_rebuilds(tmp_path, rng, capsys):
+    from tqstore.cli import check as check_cli
+
+    path = tmp_path / "s"
+    data = _fill(path, rng)
+    _flip_a_bit_that_kills(path, 17)
+    parser = argparse.ArgumentParser()
+    check_cli.add_arguments(parser)
+    assert check_cli.run(parser.parse_args([str(path)])) == 1
+    assert "DAMAGED INDEX" in capsys.readouterr().out
+    assert check_cli.run(parser.parse_args([str(path), "--repair"])) == 0
+    out = capsys.readouterr().out
+    assert "INDEX REBUILT" in out and "36 blocks recovered, 0 lost" in out
+    assert check_cli.run(parser.parse_args([str(path)])) == 0
+    assert _all_served(path, data)
+
+
+def test_store_files_are_private_whatever_the_umask(tmp_path, rng):
+    old = os.umask(0)
+    try:
+        path = tmp_path / "s"
+        _fill(path, rng, chains=1, n=2)
+        with BlockStore(path):
+            pass
+    finally:
+        os.umask(old)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            assert os.stat(os.path.join(root, d)).st_mode & 0o777 == 0o700, d
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o600, name
+    assert os.stat(path).st_mode & 0o777 == 0o700
+
+
+def test_seeded_damage_rounds_never_crash_or_lie(tmp_path):
+    """The harness of tools/store_damage.py over one case of each damage kind and file."""
+    cases = [("data.mdb", "flip"), ("data.mdb", "zero"), ("lock.mdb", "truncate"),
+             ("lock.mdb", "delete"), ("payload", "flip"), ("payload", "truncate"),
+             ("store.id", "zero"), ("writer.lock", "delete")]
+    report = run_damage(str(tmp_path), rounds=0, seed=5, families=4, chain=4, cases=cases)
+    assert report.failures == [] and report.crashes == 0 and report.wrong_bytes_served == 0
+    assert report.rounds == len(cases)
