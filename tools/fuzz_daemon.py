@@ -8,7 +8,11 @@ serializers); valid messages mutated (bit flips, truncations, spliced junk, wron
 huge repeated fields within the message limit, extreme ints, unknown enum values, junk unicode
 strings); broken Put streams (gaps, overlaps, duplicates, wrong shapes and dtypes, mixed
 namespaces, late header fields, undecodable messages). Then a burst of concurrent heavy
-Lookups (some must be refused with RESOURCE_EXHAUSTED while the rest succeed).
+Lookups (some must be refused with RESOURCE_EXHAUSTED while the rest succeed), and the
+daemon's bounds (tqstore/request_limits.py): more stalled Put streams than it has stream slots
+(some refused at once, a Lookup and the health check still answered), a Put of many one-layer
+chunks in reverse layer order (stored, in bounded time), and Fetches of a large layout naming
+gigabytes with few token ids while the heavy slots are held (each refused at once as heavy).
 
 Prints a JSON summary (counts per status code and per case kind, the daemon's RSS before and
 after) and exits 1 if any call got INTERNAL or UNKNOWN or ran past its deadline, the daemon
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -26,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +48,7 @@ from tqstore.client import KvStoreClient
 from tqstore.config import ClientConfig
 from tqstore.prefix_hash import Namespace
 from tqstore.v1 import tqstore_pb2 as pb
-from tqstore.wire import fp16_chunks, namespace_to_proto
+from tqstore.wire import fp16_chunks, namespace_to_proto, tensor_to_proto
 
 NS = Namespace("fuzz-model", num_layers=3, num_kv_heads=2, head_dim=16, block_size=16)
 METHODS = ("Lookup", "Fetch", "Put", "Locate", "Stats")
@@ -247,7 +253,7 @@ class Fuzzer:
                 for _ in self.calls[method](body, timeout=self.timeout):
                     pass
             elif method == "Put":
-                self.calls[method](iter(body), timeout=self.timeout)
+                self.calls[method](iter(body), timeout=self.timeout)  # a list or a generator
             else:
                 self.calls[method](body, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -290,12 +296,107 @@ def cases(r: random.Random, rng: np.random.Generator, chains, n: int) -> Iterato
         sent += 1
 
 
-def heavy_burst(fuzzer: Fuzzer, chains, k: int = 12) -> collections.Counter:
-    """k concurrent Lookups just over heavy_request_tokens: more than max_heavy_requests (4)."""
+@contextlib.contextmanager
+def holding_heavy_slots(fuzzer: Fuzzer, n: int) -> Iterator[list]:
+    """n Put streams that claim 2 GiB of blocks (heavy) and stall, holding n heavy slots, until
+    the block exits; yields their futures' results (filled in at exit: "OK" each)."""
+    release, results = threading.Event(), []
+    head = pb.PutRequest(namespace=namespace_to_proto(BIG),
+                         token_ids=list(range(4096))).SerializeToString()
+
+    def stalled():
+        yield head
+        release.wait(fuzzer.timeout)
+
+    with ThreadPoolExecutor(max(n, 1)) as pool:
+        holders = [pool.submit(lambda: fuzzer.send("Put", stalled())) for _ in range(n)]
+        time.sleep(1.0)  # let the Puts reach the daemon and take their slots
+        try:
+            yield results
+        finally:
+            release.set()
+            results.extend(h.result() for h in holders)
+
+
+def heavy_burst(fuzzer: Fuzzer, chains, k: int = 12, heavy_slots: int = 4) -> collections.Counter:
+    """k concurrent 2M-token Lookups with all but one of the daemon's heavy slots held: one
+    at a time runs, the others that arrive meanwhile are refused."""
     tokens = (chains[0][0] * (2**21 // len(chains[0][0]) + 1))[:2**21]
     body = pb.LookupRequest(namespace=namespace_to_proto(NS), token_ids=tokens).SerializeToString()
-    with ThreadPoolExecutor(k) as pool:
+    with holding_heavy_slots(fuzzer, heavy_slots - 1), ThreadPoolExecutor(k) as pool:
         return collections.Counter(pool.map(lambda _: fuzzer.send("Lookup", body), range(k)))
+
+
+BIG = Namespace("fuzz-big", num_layers=128, num_kv_heads=64, head_dim=128, block_size=16)
+TINY = Namespace("fuzz-tiny", num_layers=64, num_kv_heads=1, head_dim=8, block_size=16)
+
+
+def stalled_streams(fuzzer: Fuzzer, address: str, k: int = 40) -> collections.Counter:
+    """k Put streams that send their head and stall (over the daemon's stream slots): while
+    they stall a Lookup and the health check must be answered; then they are released."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    release = threading.Event()
+    head = pb.PutRequest(namespace=namespace_to_proto(NS), token_ids=[1] * 32).SerializeToString()
+
+    def stalled():
+        yield head
+        release.wait(fuzzer.timeout)
+
+    codes: collections.Counter = collections.Counter()
+    with ThreadPoolExecutor(k) as pool:
+        futures = [pool.submit(lambda: fuzzer.calls["Put"](stalled(), timeout=fuzzer.timeout))
+                   for _ in range(k)]
+        time.sleep(1.0)  # let them reach the daemon
+        lookup = pb.LookupRequest(namespace=namespace_to_proto(NS), token_ids=[1] * 32)
+        codes["lookup_while_stalled:" + fuzzer.send("Lookup", lookup.SerializeToString())] += 1
+        with grpc.insecure_channel(address) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=10)
+                codes["health_while_stalled:OK"] += 1
+            except grpc.RpcError as exc:
+                codes["health_while_stalled:" + exc.code().name] += 1
+        release.set()
+        for f in futures:
+            try:
+                f.result()
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+    return codes
+
+
+def tiny_chunks(fuzzer: Fuzzer, rng: np.random.Generator) -> str:
+    """4 blocks of a 64-layer layout sent one layer a chunk, last layer first: stored."""
+    tokens = rng.integers(0, 50000, 16 * 4).tolist()
+    msgs = [pb.PutRequest(namespace=namespace_to_proto(TINY), token_ids=tokens)]
+    for b in range(4):
+        block = _block(rng, TINY)
+        for layer in reversed(range(TINY.num_layers)):
+            msgs.append(pb.PutRequest(chunk=pb.KvChunk(
+                block_index=b, layer_start=layer, layer_count=1,
+                keys=tensor_to_proto(block.keys[layer:layer + 1]),
+                values=tensor_to_proto(block.values[layer:layer + 1]))))
+    return fuzzer.send("Put", [m.SerializeToString() for m in msgs])
+
+
+def large_layout_burst(fuzzer: Fuzzer, heavy_slots: int = 4, k: int = 6) -> collections.Counter:
+    """Fetches of a 128x64x128 layout (8 MiB a block) naming 256 blocks (2 GiB) with only 4096
+    token ids, fp16 and TurboQuant, while stalled Puts of the same claim hold every heavy slot
+    (the daemon's default max_heavy_requests): heavy by bytes, each is refused at once."""
+    bodies = []
+    for i in range(k):
+        req = pb.FetchRequest(namespace=namespace_to_proto(BIG), token_ids=list(range(4096)))
+        if i % 2:
+            req.form = pb.KV_FORM_TURBOQUANT
+            req.codec.key_bits = req.codec.value_bits = 4
+        bodies.append(req.SerializeToString())
+    codes: collections.Counter = collections.Counter()
+    with holding_heavy_slots(fuzzer, heavy_slots) as holders, ThreadPoolExecutor(k) as pool:
+        codes.update(pool.map(lambda b: fuzzer.send("Fetch", b), bodies))
+    codes.update("holder:" + h for h in holders)
+    return codes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,23 +442,44 @@ def _run(args, r, rng, proc, address, started) -> int:
             if proc.poll() is not None:
                 break
         burst = heavy_burst(fuzzer, chains) if proc.poll() is None else collections.Counter()
+        limits: dict[str, object] = {}
+        if proc.poll() is None:
+            limits = {"stalled_streams": dict(stalled_streams(fuzzer, address)),
+                      "tiny_chunks": tiny_chunks(fuzzer, rng),
+                      "large_layout": dict(large_layout_burst(fuzzer))}
         alive = proc.poll() is None
         normal = alive and client.lookup(NS, chains[0][0]).hit_blocks == 4
         unchanged = alive and stored_unchanged(client, chains)
         rss_end = _rss_mib(proc.pid) if alive else 0.0
     ok = (not failures and alive and normal and unchanged
           and rss_end - rss_start <= args.rss_mib and set(burst) <= {"OK", "RESOURCE_EXHAUSTED"}
-          and burst.get("OK", 0) >= 1)
+          and burst.get("OK", 0) >= 1 and burst.get("RESOURCE_EXHAUSTED", 0) >= 1
+          and _limits_ok(limits))
     print(json.dumps({
         "seed": args.seed, "messages": messages, "calls": sum(by_status.values()),
         "by_status": dict(sorted(by_status.items())),
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
-        "heavy_burst": dict(burst), "failures": failures[:20], "failure_count": len(failures),
+        "heavy_burst": dict(burst), "limits": limits, "failures": failures[:20], "failure_count": len(failures),
         "daemon_alive": alive, "normal_lookup_ok": normal, "stored_blocks_unchanged": unchanged,
         "rss_mib_start": round(rss_start, 1), "rss_mib_end": round(rss_end, 1),
         "rss_mib_bound": args.rss_mib, "seconds": round(time.perf_counter() - started, 1),
         "ok": ok}, indent=1))
     return 0 if ok else 1
+
+
+def _limits_ok(limits: dict) -> bool:
+    """Stalled streams: some refused at once, the rest OK once released (their stored blocks:
+    none, the head named no chunk), Lookup and health answered meanwhile; tiny chunks stored;
+    the large-layout burst only refused or missed, at least one refused."""
+    stalled, large = limits.get("stalled_streams", {}), limits.get("large_layout", {})
+    return (set(stalled) <= {"OK", "RESOURCE_EXHAUSTED", "lookup_while_stalled:OK",
+                             "health_while_stalled:OK"}
+            and stalled.get("RESOURCE_EXHAUSTED", 0) >= 1
+            and stalled.get("lookup_while_stalled:OK") == 1
+            and stalled.get("health_while_stalled:OK") == 1
+            and limits.get("tiny_chunks") == "OK"
+            and large.get("RESOURCE_EXHAUSTED", 0) >= 1
+            and set(large) <= {"RESOURCE_EXHAUSTED", "holder:OK"})
 
 
 if __name__ == "__main__":

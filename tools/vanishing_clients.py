@@ -44,7 +44,8 @@ def main() -> int:
     out["seconds"] = round(res.seconds, 1)
     out["ok"] = not res.failures
     print(f"{sum(res.victims.values())} victims {res.victims}: killed mid-put "
-          f"{res.killed_mid_put}, mid-fetch {res.killed_mid_fetch}, cancelled puts "
+          f"{res.killed_mid_put}, mid-fetch {res.killed_mid_fetch}, mid-heavy "
+          f"{res.killed_mid_heavy}, cancelled puts "
           f"{res.cancelled_puts}, fetches {res.cancelled_fetches}; puts {res.put_families} "
           f"(whole {res.stored_whole}, cancelled but whole {res.cancelled_but_stored}), "
           f"lost {res.lost}, partial {res.partial}, wrong {res.wrong}; "

@@ -13,12 +13,15 @@ The policy, in the order the daemon applies it at start (before it binds or open
   KvStore RPC must carry the metadata `authorization: Bearer <token>`; the server interceptor
   (TokenCheck) compares it in constant time (hmac.compare_digest) and answers UNAUTHENTICATED
   otherwise, with a message that never contains a token, before the request is parsed.
-- The gRPC health service (grpc.health.v1.Health) stays open without a token: it answers only
-  SERVING or NOT_SERVING, which the open port already tells, and lets load balancers and
-  `KvStoreClient.is_serving` probe without the secret.
+- The gRPC health check (grpc.health.v1.Health/Check) stays open without a token: it answers
+  only SERVING or NOT_SERVING, which the open port already tells, and lets load balancers and
+  `KvStoreClient.is_serving` probe without the secret. Health/Watch needs the token: a watch is
+  a stream that holds a server thread for as long as the caller likes.
 - TLS (--tls-cert/--tls-key, PEM) encrypts the connection, so the token cannot be sniffed; it
   does not authenticate clients (the token does). Without TLS the token travels in clear text:
-  the daemon warns when that happens on a non-loopback address.
+  the daemon warns when that happens on a non-loopback address, and so does a client (once per
+  address) sending a token to an address other than loopback or a Unix socket. The daemon
+  refuses a TLS key file its group or others may read, as it does a token file.
 
 Token files are read once at start and stripped of surrounding whitespace; an empty file, one
 over 4 KiB (the wrong file, e.g. a certificate) or one with characters that cannot travel in a
@@ -37,18 +40,18 @@ import os
 import ssl
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grpc
 
-from tqstore.config import ClientConfig, ServerConfig
+from tqstore.config import ClientConfig, ServerConfig, is_local_address
 from tqstore.errors import InvalidArgument
+from tqstore.rpc_log import handler_parts
 
 log = logging.getLogger("tqstore.access")
-rpc_log = logging.getLogger("tqstore.rpc")  # the one-line-per-RPC log (tqstore.rpc_log)
 
-# Methods anyone may call: the health service reveals only whether the daemon serves.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+# Methods anyone may call: the health check reveals only whether the daemon serves.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 MAX_TOKEN_FILE_BYTES = 4096
 SOCKET_MODE = 0o600
 GROUP_SOCKET_MODE = 0o660
@@ -105,8 +108,9 @@ def read_token_file(path: str, *, server: bool) -> BearerToken:
 class TokenCheck(grpc.ServerInterceptor):
     """Refuses every call without the daemon's bearer token, except the open health service.
 
-    Installed outermost: a refused call never reaches the handler, and its request is not even
-    parsed (the refusing handler takes raw bytes). It logs one line like tqstore.rpc_log's."""
+    Installed right inside tqstore.rpc_log's RpcLog (which logs and counts refused calls like
+    any other): a refused call never reaches the handler or takes a stream slot, and its
+    request is not even parsed (the refusing handler takes raw bytes)."""
 
     def __init__(self, token: BearerToken) -> None:
         self._token = token
@@ -124,7 +128,7 @@ class TokenCheck(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES):
+        if method in OPEN_METHODS:
             return continuation(handler_call_details)
         why = self._refusal(handler_call_details.invocation_metadata)
         handler = continuation(handler_call_details)
@@ -135,20 +139,10 @@ class TokenCheck(grpc.ServerInterceptor):
 
 def _refusing(handler: grpc.RpcMethodHandler, method: str, why: str) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind that answers UNAUTHENTICATED without reading the request."""
-    name = "/".join(method.lstrip("/").split("/")[-2:]).split(".")[-1]  # "KvStore/Lookup"
-
     def deny(request, context: grpc.ServicerContext):
-        rpc_log.info("%s %s UNAUTHENTICATED %s", name, context.peer(), why)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-    if handler.request_streaming and handler.response_streaming:
-        make: Callable = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
-    else:
-        make = grpc.unary_unary_rpc_method_handler
+    _, make = handler_parts(handler)
     return make(deny)  # no deserializer: the request stays unparsed bytes
 
 
@@ -242,7 +236,16 @@ def server_credentials(cert_file: str, key_file: str | None) -> grpc.ServerCrede
     except ssl.SSLError as exc:
         raise InvalidArgument(f"--tls-cert {cert_file} / --tls-key {key_file}: not a PEM "
                               f"certificate and its unencrypted key ({exc.reason or exc})") from None
+    _check_private(key_file, "TLS key")
     return grpc.ssl_server_credentials([(pems[1], pems[0])])
+
+
+def _check_private(path: str, what: str) -> None:
+    """A secret the daemon reads must be readable by its user alone (like a token file)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise InvalidArgument(f"{what} {path} is readable by its group or other users (mode "
+                              f"{stat.S_IMODE(mode):04o}): chmod 600 {path}")
 
 
 def _group_id(name: str) -> int:
@@ -301,6 +304,17 @@ def client_token(config: ClientConfig) -> BearerToken | None:
     return None
 
 
+_WARNED_CLEAR_TEXT: set[str] = set()
+
+
+def _warn_clear_text(address: str) -> None:
+    """Once per address: the token is about to cross the network unencrypted."""
+    if address not in _WARNED_CLEAR_TEXT:
+        _WARNED_CLEAR_TEXT.add(address)
+        log.warning("sending the bearer token to %s without TLS: it travels in clear text; "
+                    "use tls / tls_ca_file", address)
+
+
 def open_channel(config: ClientConfig, options: list[tuple[str, Any]],
                  token: BearerToken | None) -> grpc.Channel:
     """A channel to config.address: TLS when configured (against tls_ca_file, or the system's
@@ -320,6 +334,8 @@ def open_channel(config: ClientConfig, options: list[tuple[str, Any]],
                                       options=options)
     else:
         channel = grpc.insecure_channel(config.address, options=options)
+        if token is not None and not is_local_address(config.address):
+            _warn_clear_text(config.address)
     if token is None:
         return channel
     return grpc.intercept_channel(channel, _BearerMetadata(token))

@@ -13,10 +13,12 @@ TLS when configured, and the bearer token on every call when the config has one.
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -26,7 +28,8 @@ from tqstore.access import client_token, open_channel
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.codec import CodecConfig
 from tqstore.config import ClientConfig
-from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unauthenticated, Unavailable
+from tqstore.errors import (InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unauthenticated,
+                            Unavailable)
 from tqstore.prefix_hash import Namespace, hash_prefix_blocks
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
@@ -48,6 +51,32 @@ _ERRORS = {
 def _translate(exc: grpc.RpcError) -> TqstoreError:
     cls = _ERRORS.get(exc.code(), TqstoreError)
     return cls(f"{exc.code().name}: {exc.details()}")
+
+
+T = TypeVar("T")
+RETRY_LATER = "retry later"  # the daemon's words when only load refused a call (request_limits)
+
+
+def _is_busy(exc: grpc.RpcError) -> bool:
+    """A refusal for load alone (slots taken), which the same call may retry."""
+    return (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and RETRY_LATER in (exc.details() or ""))
+
+
+def retry_when_busy(call: Callable[[], T], patience_s: float) -> T:
+    """call(), again after a doubling, jittered pause (50 ms up to 1 s) while the daemon refuses
+    it for load, for up to patience_s; any other outcome is returned or raised at once. Only for
+    calls the daemon refuses before any data moved (streams take their slot first)."""
+    deadline = time.monotonic() + patience_s
+    pause = 0.05
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, 1.0)
 
 
 @dataclass(frozen=True)
@@ -112,21 +141,24 @@ class KvStoreClient:
         self.stats()
 
     def lookup(self, ns: Namespace, token_ids: Sequence[int]) -> LookupResult:
+        request = pb.LookupRequest(namespace=namespace_to_proto(ns), token_ids=list(token_ids))
         try:
-            r = self._stub.Lookup(pb.LookupRequest(namespace=namespace_to_proto(ns),
-                                                   token_ids=list(token_ids)),
-                                  timeout=self.config.rpc_timeout_s)
+            r = retry_when_busy(lambda: self._stub.Lookup(request, timeout=self.config.rpc_timeout_s),
+                                self.config.busy_retry_s)
         except grpc.RpcError as exc:
             raise _translate(exc) from None
         return LookupResult(r.hit_blocks, r.hit_tokens, r.lookup_tokens)
 
     def _fetch(self, request: pb.FetchRequest, assembler: BlockAssembler) -> list[dict[str, np.ndarray]]:
         blocks: dict[int, dict[str, np.ndarray]] = {}
-        try:
+
+        def stream() -> None:
             for chunk in self._stub.Fetch(request, timeout=self.config.rpc_timeout_s):
                 done = assembler.add(chunk)
                 if done is not None:
                     blocks[done[0]] = done[1]
+        try:
+            retry_when_busy(stream, self.config.busy_retry_s)
         except grpc.RpcError as exc:
             raise _translate(exc) from None
         # Keep only the contiguous verified prefix starting at first_block.
@@ -241,11 +273,14 @@ class KvStoreClient:
             request = pb.FetchRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
                                       first_block=a, num_blocks=n, form=pb.KV_FORM_FP16)
             complete: set[int] = set()
-            try:
+
+            def stream() -> None:
                 for chunk in stubs[i](request, timeout=self.config.rpc_timeout_s):
                     index = writer.add(chunk)
                     if index is not None:
                         complete.add(index)
+            try:
+                retry_when_busy(stream, self.config.busy_retry_s)
             except grpc.RpcError as exc:
                 if i == 0 and not complete:
                     raise _translate(exc) from None
@@ -307,7 +342,9 @@ class KvStoreClient:
                 for chunk in fp16_chunks(ns, first_block + i, p.keys, p.values):
                     yield pb.PutRequest(chunk=chunk)
         try:
-            return self._stub.Put(messages(), timeout=self.config.rpc_timeout_s).stored_blocks
+            return retry_when_busy(
+                lambda: self._stub.Put(messages(), timeout=self.config.rpc_timeout_s).stored_blocks,
+                self.config.busy_retry_s)
         except grpc.RpcError as exc:
             raise _translate(exc) from None
 

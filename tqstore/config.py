@@ -114,10 +114,14 @@ class ServerConfig:
     path: str
     listen: str = DEFAULT_LISTEN
     max_message_bytes: int = 32 * MiB  # both directions; chunks are ~1 MiB
-    max_put_bytes: int = 2048 * MiB  # one Put stream (clients split longer uploads)
+    # One Put stream's held bytes: its blocks' fp16 bytes plus 512 B a chunk
+    # (tqstore/request_limits.py). The client sends pieces of put_piece_bytes (256 MiB) of fp16;
+    # the 64 MiB over that covers their chunk overhead at worst (max_request_tokens /
+    # min_block_size = 131,072 one-chunk blocks x 512 B).
+    max_put_bytes: int = 320 * MiB
     lease_ms: int = 10_000  # Locate: how long located blocks stay out of eviction by default
     max_lease_ms: int = 60_000  # the most a client may ask for
-    workers: int = 16
+    workers: int = 32  # gRPC threads; each call holds one for its whole life
     drain_seconds: float = 30.0
     recent_requests: int = 256  # per-request hit rates kept for Stats
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -128,6 +132,18 @@ class ServerConfig:
     max_request_blocks: int = 1 << 15  # blocks one Fetch or Locate may name
     heavy_request_tokens: int = 1 << 17  # a request with more token ids takes a heavy slot
     max_heavy_requests: int = 4  # concurrent heavy requests; past it RESOURCE_EXHAUSTED
+    heavy_request_bytes: int = 1 * GiB  # ... or a Fetch/Put naming more bytes of blocks
+    heavy_turboquant_work: int = 1 << 26  # ... or a TurboQuant Fetch whose per-block work,
+    # layers x heads x head_dim x (block_size + head_dim) (rotations and codes), is over this
+    put_budget_bytes: int = 2 * GiB  # bytes all in-flight Put streams may hold together
+    # -- threads and stream life (tqstore/request_limits.py) --
+    # Calls admitted at once (None: 2 x workers); past it gRPC answers RESOURCE_EXHAUSTED at
+    # once. Over workers: a burst of small calls waits briefly for a thread rather than being
+    # refused; the stream cap below keeps threads free for them, so the wait is bounded.
+    max_concurrent_rpcs: int | None = None
+    max_streams: int = 24  # Put/Fetch/health Watch streams at once (at most workers - 4)
+    stream_idle_s: float = 30.0  # a Put not sending / Fetch not read this long is cancelled
+    max_stream_s: float = 3600.0  # any stream open this long is cancelled
     max_string_bytes: int = 256  # every client-supplied string (the model fingerprint)
     max_stats_namespaces: int = 1000  # Stats lists the largest namespaces, counts the rest
     # -- access (tqstore/access.py) --
@@ -150,9 +166,13 @@ class ServerConfig:
             raise InvalidArgument(f"--metrics-port must be 0..65535, got {self.metrics_port}")
         for name in ("max_request_tokens", "min_block_size", "max_request_blocks",
                      "heavy_request_tokens", "max_heavy_requests", "max_string_bytes",
-                     "max_stats_namespaces"):
-            if int(getattr(self, name)) <= 0:
+                     "max_stats_namespaces", "max_put_bytes", "heavy_request_bytes",
+                     "heavy_turboquant_work", "put_budget_bytes", "workers", "max_streams",
+                     "stream_idle_s", "max_stream_s"):
+            if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= 0:
+            raise InvalidArgument("max_concurrent_rpcs must be positive")
 
     @property
     def is_loopback(self) -> bool:
@@ -174,6 +194,9 @@ class ClientConfig:
     put_piece_bytes: an upload is split into Put calls of at most this many fp16 bytes, each
         continuing the chain, so no prompt is too long for the daemon's per-stream limit.
     lease_ms: how long located blocks stay out of eviction (0: the daemon's default).
+    busy_retry_s: a Put or Fetch stream the daemon refused because its stream or heavy slots
+        were all taken ("retry later", RESOURCE_EXHAUSTED before any data moved) is retried
+        with a doubling, jittered backoff for up to this long; 0: never.
     token / token_file: the daemon's bearer token, sent on every call (tqstore/access.py);
         token_file is read once, when the client is made. At most one of the two.
     tls: connect with TLS, trusting the system's roots; tls_ca_file: trust this PEM CA instead
@@ -192,6 +215,7 @@ class ClientConfig:
     min_stream_bytes: int = 16 * MiB
     put_piece_bytes: int = 256 * MiB
     lease_ms: int = 0
+    busy_retry_s: float = 5.0
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     tls: bool = False
@@ -199,6 +223,8 @@ class ClientConfig:
     tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.busy_retry_s < 0:
+            raise InvalidArgument("busy_retry_s must be >= 0")
         if self.token is not None and self.token_file is not None:
             raise InvalidArgument("give the token or a token file, not both")
         if self.token is not None and not self.token.strip():

@@ -7,6 +7,9 @@ on SIGTERM/SIGINT.
 - SIGTERM/SIGINT: stop accepting, drain in-flight calls (drain_seconds), flush, close, exit 0.
 - Who may connect (token, TLS, the Unix socket's mode) is tqstore.access: its checks run
   before the bind, so a daemon refused by them binds nothing and leaves the store untouched.
+- Interceptors, outermost first: RpcLog (every call logged and counted, refused ones too),
+  the token check, StreamGuard (stream slots and the stream watchdog, tqstore.request_limits).
+  gRPC's maximum_concurrent_rpcs refuses calls past max_concurrent_rpcs before any of them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tqstore.access import ServerAccess
 from tqstore.config import ServerConfig
 from tqstore.remote.tiers import Tiers
+from tqstore.request_limits import StreamGuard, StreamWatch, stream_slots
 from tqstore.rpc_log import RpcLog
 from tqstore.server import SERVICE_NAME, KvStoreService, add_service
 from tqstore.ssd.store import BlockStore
@@ -87,10 +91,13 @@ class Daemon:
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        # The token check runs first: a refused call is neither parsed nor handled.
         self.rpc_log = RpcLog()
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=options,
-                                  interceptors=self.access.interceptors + [self.rpc_log])
+        self.stream_watch = StreamWatch(config.stream_idle_s, config.max_stream_s)
+        guard = StreamGuard(stream_slots(config.workers, config.max_streams), self.stream_watch)
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.workers), options=options,
+            interceptors=[self.rpc_log] + self.access.interceptors + [guard],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs or 2 * config.workers)
         try:
             self.port = self.access.add_port(self.server, config.listen)
         except RuntimeError:  # gRPC's "Failed to bind to address"
@@ -99,6 +106,7 @@ class Daemon:
             self.server.stop(None)
             raise
         if self.port == 0 and not config.listen.startswith("unix:"):
+            self.server.stop(None)
             raise _bind_failure(config.listen)
         # The store opens after the bind: a daemon that cannot listen leaves it untouched.
         try:
@@ -106,6 +114,21 @@ class Daemon:
         except BaseException:
             self.server.stop(None)  # releases the bound port
             raise
+        self.tiers: Tiers | None = None
+        try:
+            self._serve_store(config)
+        except BaseException:  # nothing started yet: release the port, the store, the remote
+            self.server.stop(None)
+            if self.tiers is not None:
+                self.tiers.close()
+            self.store.close()
+            raise
+        self._stopped = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, name="tqstore-flush",
+                                         daemon=True)
+
+    def _serve_store(self, config: ServerConfig) -> None:
+        """The tiers, the service, metrics and health over the opened store."""
         remote = None
         if config.remote is not None:
             from tqstore.remote.redis_tier import RedisTier  # imports redis only when asked
@@ -125,9 +148,6 @@ class Daemon:
             self.rpc_log.observers.append(self.metrics.observe_rpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self._stopped = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, name="tqstore-flush",
-                                         daemon=True)
 
     def _flush_periodically(self) -> None:
         # The store batches last-access times and counters in memory; an idle daemon must still
@@ -158,6 +178,7 @@ class Daemon:
         if self.tiers.remote is not None:  # not fatal: the daemon serves from local meanwhile
             self.tiers.remote.connect(wait_s=min(2.0, self.config.remote.timeout_s))
         self.server.start()
+        self.stream_watch.start()
         self._flusher.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -179,6 +200,7 @@ class Daemon:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.config.drain_seconds if grace is None else grace).wait()
+        self.stream_watch.stop()
         if self._flusher.is_alive():
             self._flusher.join()
         if self.metrics is not None:  # after the drain, before the store closes

@@ -41,8 +41,7 @@ log = logging.getLogger("tqstore.metrics")
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# StoreStats field -> (metric name without _total, HELP). Read with getattr(stats, field, 0): the
-# index rebuild fields are newer than this module's first version.
+# StoreStats field -> (metric name without _total, HELP), read at scrape time.
 _STORE_COUNTERS = (
     ("lookups", "tqstore_store_lookups", "Lookups answered by the store (persisted)."),
     ("lookup_tokens", "tqstore_store_lookup_tokens", "Tokens looked up (persisted)."),
@@ -119,17 +118,17 @@ class StoreCollector(Collector):
     @staticmethod
     def _store(stats) -> Iterator[Metric]:
         for field, name, help_text in _STORE_GAUGES:
-            yield GaugeMetricFamily(name, help_text, value=getattr(stats, field, 0))
+            yield GaugeMetricFamily(name, help_text, value=getattr(stats, field))
         yield GaugeMetricFamily("tqstore_store_namespaces", "Namespaces with stored blocks.",
                                 value=len(stats.namespaces))
         for field, name, help_text in _STORE_COUNTERS:
-            yield CounterMetricFamily(name, help_text, value=getattr(stats, field, 0))
+            yield CounterMetricFamily(name, help_text, value=getattr(stats, field))
         yield GaugeMetricFamily("tqstore_index_last_rebuild_timestamp_seconds", "When the index "
                                 "was last rebuilt (Unix time; 0: never).",
-                                value=getattr(stats, "last_rebuild_time_ns", 0) / 1e9)
+                                value=stats.last_rebuild_time_ns / 1e9)
         yield GaugeMetricFamily("tqstore_index_last_rebuild_duration_seconds", "How long the "
                                 "last index rebuild took.",
-                                value=getattr(stats, "last_rebuild_seconds", 0.0))
+                                value=stats.last_rebuild_seconds)
 
     @staticmethod
     def _tiers(stats: dict[str, object]) -> Iterator[Metric]:

@@ -7,6 +7,10 @@ blocks of a Lookup, blocks streamed by a Fetch, blocks stored by a Put, blocks l
 out. The status is the code the handler set or aborted with (tqstore.server maps errors to codes
 in one place), UNKNOWN for an exception that escaped it, CANCELLED when the client went away.
 
+The daemon installs RpcLog outermost, so calls refused before their handler (the token check
+of tqstore.access, the stream slots of tqstore.request_limits) are logged and counted too; a
+refused call's request is unparsed bytes, sized by len().
+
 The same figures go, as one RpcRecord per call, to the observers registered on the RpcLog
 (tqstore.metrics counts them for Prometheus). An observer runs on the RPC's thread when the
 call ends, so it must be cheap; one that raises is logged and the call is unaffected.
@@ -34,6 +38,28 @@ _RESPONSE_BLOCKS: dict[str, Callable[[Any], int]] = {
 _STREAMED_BLOCKS: dict[str, Callable[[Any], int]] = {
     "KvStore/Fetch": lambda chunk: chunk.block_index,
 }
+
+
+def short_method(full: str) -> str:
+    """"/tqstore.v1.KvStore/Lookup" -> "KvStore/Lookup" (the name logs and metrics use)."""
+    service, _, name = full.lstrip("/").rpartition("/")
+    return f"{service.rsplit('.', 1)[-1]}/{name}"
+
+
+def handler_parts(handler: grpc.RpcMethodHandler) -> tuple[Callable, Callable]:
+    """(the handler's behaviour, the grpc.*_rpc_method_handler that makes one of its kind):
+    what an interceptor needs to wrap a handler whatever its streaming kind."""
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
+def _size(msg: Any) -> int:
+    return len(msg) if isinstance(msg, (bytes, bytearray)) else msg.ByteSize()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +93,13 @@ class _Call:
 
     def requests(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for msg in iterator:
-            self.bytes_in += msg.ByteSize()
+            self.bytes_in += _size(msg)
             yield msg
 
     def response(self, msg: Any) -> None:
         if msg is None:
             return
-        self.bytes_out += msg.ByteSize()
+        self.bytes_out += _size(msg)
         if self.method in _RESPONSE_BLOCKS:
             self.blocks = _RESPONSE_BLOCKS[self.method](msg)
         elif self.method in _STREAMED_BLOCKS:
@@ -126,24 +152,15 @@ class RpcLog(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        # "/tqstore.v1.KvStore/Lookup" -> "KvStore/Lookup"
-        service, _, name = handler_call_details.method.lstrip("/").rpartition("/")
-        method = f"{service.rsplit('.', 1)[-1]}/{name}"
-        if handler.request_streaming and handler.response_streaming:
-            behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        method = short_method(handler_call_details.method)
+        behavior, make = handler_parts(handler)
 
         def logged(request, context):
             call = _Call(method, context, self.observers)
             if handler.request_streaming:
                 request = call.requests(request)
             elif request is not None:
-                call.bytes_in = request.ByteSize()
+                call.bytes_in = _size(request)
             try:
                 result = behavior(request, context)
             except BaseException:

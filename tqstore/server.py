@@ -15,12 +15,17 @@ Hostile input (issue 17). Invariants:
 - No input yields INTERNAL or UNKNOWN: bytes that do not decode reach the handler as an
   _Undecodable marker (grpc answers INTERNAL when a request deserializer raises) and become
   INVALID_ARGUMENT; every validation failure is a tqstore error; environment failures map to
-  RESOURCE_EXHAUSTED (disk full, memory) or UNAVAILABLE (index damage, I/O). INTERNAL is left
-  for genuine bugs, logged with their traceback.
+  RESOURCE_EXHAUSTED (disk full, memory) or UNAVAILABLE (index damage, I/O); a client that
+  went away (or a stream the idle watchdog cancelled) ends quietly as CANCELLED. INTERNAL is
+  left for genuine bugs, logged with their traceback.
 - The work one request causes is bounded before it is done: token ids are counted
   (len() of the repeated field is free) before they are copied, blocks per Fetch/Locate are
-  capped, and a request over heavy_request_tokens needs a heavy slot or is refused at once
-  (RESOURCE_EXHAUSTED), so small requests never wait behind heavy ones.
+  capped, and a heavy request needs a heavy slot or is refused at once (RESOURCE_EXHAUSTED),
+  so small requests never wait behind heavy ones. Heavy: over heavy_request_tokens token ids,
+  or a Fetch/Put naming over heavy_request_bytes of blocks, or a TurboQuant Fetch whose
+  per-block work is over heavy_turboquant_work. A Put's held bytes are bounded per stream
+  (max_put_bytes) and daemon-wide (put_budget_bytes); threads and stream life are bounded by
+  tqstore.request_limits (installed by tqstore.daemon).
 - Stats fits the message limit whatever the store holds: at most max_stats_namespaces rows,
   strings cut to max_string_bytes.
 """
@@ -46,6 +51,7 @@ from tqstore.errors import (Corruption, InvalidArgument, NotFound, ResourceExhau
                             Unauthenticated, Unavailable)
 from tqstore.payload_format import FILE_VERSION
 from tqstore.remote.tiers import Tiers
+from tqstore.request_limits import CHUNK_OVERHEAD_BYTES, PutBytes, Slots
 from tqstore.requantize import Requantizer
 from tqstore.ssd.store import BlockStore
 from tqstore.v1 import tqstore_pb2 as pb
@@ -93,6 +99,11 @@ def _details(exc: BaseException) -> str:
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, grpc.RpcError) or not context.is_active():
+        # The client went away (the request iterator raises RpcError then) or the stream
+        # watchdog cancelled the call: nobody to answer. abort() ends it quietly (gRPC logs
+        # any other exception) and leaves CANCELLED for the RPC log and metrics.
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     code = _status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error")
@@ -129,30 +140,18 @@ def _decoded(request: Any) -> Any:
     return request
 
 
-class _HeavySlots:
-    """At most `limit` requests over `threshold` token ids run at once; past that, refused at
-    once rather than queued (a queue would hold gRPC workers that small requests need)."""
-
-    def __init__(self, limit: int, threshold: int) -> None:
-        self._free = threading.BoundedSemaphore(max(limit, 1))
-        self.limit, self.threshold = limit, threshold
-
-    @contextlib.contextmanager
-    def hold(self, tokens: int) -> Iterator[None]:
-        if tokens <= self.threshold:
-            yield
-            return
-        if self.limit <= 0 or not self._free.acquire(blocking=False):
-            raise ResourceExhausted(f"{self.limit} requests of over {self.threshold} token ids "
-                                    f"already running; retry later")
-        try:
-            yield
-        finally:
-            self._free.release()
-
-
 def _full_blocks(ns, token_ids) -> int:
     return len(token_ids) // ns.block_size
+
+
+def _block_bytes(ns) -> int:
+    """fp16 K+V bytes of one block of the namespace's layout."""
+    return 2 * 2 * ns.num_layers * ns.num_kv_heads * ns.block_size * ns.head_dim
+
+
+def _turboquant_work(ns) -> int:
+    """Per-block work of re-quantizing (rotations per layer and head, codes per token)."""
+    return ns.num_layers * ns.num_kv_heads * ns.head_dim * (ns.block_size + ns.head_dim)
 
 
 def _token_array(token_ids: Any) -> np.ndarray:
@@ -168,7 +167,11 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         self.requantizer = Requantizer()
         self._recent: collections.deque[float] = collections.deque(maxlen=config.recent_requests)
         self._recent_lock = threading.Lock()
-        self._heavy = _HeavySlots(config.max_heavy_requests, config.heavy_request_tokens)
+        self._heavy = Slots(config.max_heavy_requests,
+                            f"heavy requests (over {config.heavy_request_tokens} token ids, "
+                            f"{config.heavy_request_bytes} bytes of blocks or a large "
+                            f"TurboQuant layout)")
+        self.put_bytes = PutBytes(config.put_budget_bytes, config.max_put_bytes)
 
     # -- request bounds ----------------------------------------------------------------------
     def _namespace(self, msg: pb.Namespace):
@@ -180,6 +183,16 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         if n > self.config.max_request_tokens:
             raise InvalidArgument(f"{n} token ids over the limit of {self.config.max_request_tokens}")
         return n
+
+    def _is_heavy(self, tokens: int, ns=None, blocks: int = 0, codec=None) -> bool:
+        """Whether a request needs a heavy slot (see the module docstring)."""
+        config = self.config
+        if tokens > config.heavy_request_tokens:
+            return True
+        if ns is None:
+            return False
+        return (blocks * _block_bytes(ns) > config.heavy_request_bytes
+                or (codec is not None and _turboquant_work(ns) > config.heavy_turboquant_work))
 
     def _block_count(self, first: int, num_blocks: int, full: int) -> int:
         """Blocks a Fetch/Locate names: num_blocks, or 0 for "to the last full block" (capped
@@ -198,7 +211,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         try:
             request = _decoded(request)
             ns = self._namespace(request.namespace)
-            with self._heavy.hold(self._count_tokens(request.token_ids)):
+            with self._heavy.hold(self._is_heavy(self._count_tokens(request.token_ids))):
                 tokens = _token_array(request.token_ids)
                 hit = self.tiers.lookup(ns, tokens)
             looked = len(tokens)  # hit rate counts every prompt token, as the store and vLLM do
@@ -216,18 +229,19 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             try:
                 request = _decoded(request)
                 ns = self._namespace(request.namespace)
-                held.enter_context(self._heavy.hold(self._count_tokens(request.token_ids)))
+                n_tokens = self._count_tokens(request.token_ids)
                 if request.form not in (pb.KV_FORM_FP16, pb.KV_FORM_TURBOQUANT):
                     raise InvalidArgument(f"unknown KvForm {request.form}")
                 first = request.first_block
                 count = self._block_count(first, request.num_blocks,
-                                          len(request.token_ids) // ns.block_size)
+                                          _full_blocks(ns, request.token_ids))
                 codec = None
                 if request.form == pb.KV_FORM_TURBOQUANT:
                     if not request.HasField("codec"):
                         raise InvalidArgument("KV_FORM_TURBOQUANT needs codec settings")
                     codec = codec_from_proto(request.codec)
                     _check_requantizable(ns, codec)
+                held.enter_context(self._heavy.hold(self._is_heavy(n_tokens, ns, count, codec)))
                 tokens = _token_array(request.token_ids)
             except Exception as exc:  # noqa: BLE001
                 _abort(context, exc)
@@ -273,34 +287,39 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             if not head.HasField("namespace"):
                 raise InvalidArgument("the first Put message must carry the namespace")
             ns = self._namespace(head.namespace)
-            with self._heavy.hold(self._count_tokens(head.token_ids)):
+            n_tokens = self._count_tokens(head.token_ids)
+            claimed = max(_full_blocks(ns, head.token_ids) - head.first_block, 0)
+            with self._heavy.hold(self._is_heavy(n_tokens, ns, claimed)), \
+                    self.put_bytes.stream() as charge:
                 tokens = _token_array(head.token_ids)
                 stored = self._put_stream(ns, tokens, head.first_block,
-                                          itertools.chain([head], messages))
+                                          itertools.chain([head], messages), charge, context)
             return pb.PutResponse(stored_blocks=stored)
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
 
-    def _put_stream(self, ns, tokens: np.ndarray, first: int, messages: Iterator[Any]) -> int:
+    def _put_stream(self, ns, tokens: np.ndarray, first: int, messages: Iterator[Any],
+                    charge: Callable[[int], None], context) -> int:
         """Assemble and store one Put stream's blocks; nothing is stored unless every message
-        is valid (the blocks are written together at the end)."""
+        is valid (the blocks are written together at the end). `charge` is told each chunk's
+        cost before its memory is taken: a block's bytes with its first chunk (BlockAssembler
+        allocates the whole block then), CHUNK_OVERHEAD_BYTES for every chunk."""
         assembler = BlockAssembler(ns)
         full = _full_blocks(ns, tokens)
+        block_bytes = _block_bytes(ns)
         blocks: dict[int, BlockPayload] = {}
-        received = 0
         for n, msg in enumerate(messages):
             msg = _decoded(msg)
             if n and (msg.HasField("namespace") or len(msg.token_ids) or msg.first_block):
                 raise InvalidArgument(f"Put message {n} carries namespace, token_ids or "
                                       f"first_block: only the first message may")
             if not msg.HasField("chunk"):
+                charge(CHUNK_OVERHEAD_BYTES)  # empty messages are not free either
                 continue
-            received += msg.chunk.ByteSize()
-            if received > self.config.max_put_bytes:
-                raise ResourceExhausted(f"Put stream over {self.config.max_put_bytes} bytes")
             index = msg.chunk.block_index
             if index < first or index >= full:
                 raise InvalidArgument(f"block {index} outside [{first}, {full}) for these token ids")
+            charge(CHUNK_OVERHEAD_BYTES + (0 if assembler.pending(index) else block_bytes))
             done = assembler.add(msg.chunk)
             if done is not None:
                 blocks[done[0]] = BlockPayload(keys=done[1]["keys"], values=done[1]["values"])
@@ -309,6 +328,11 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         expected = list(range(first, first + len(blocks)))
         if sorted(blocks) != expected:
             raise InvalidArgument(f"Put blocks {sorted(blocks)[:20]} are not contiguous from {first}")
+        if not context.is_active():
+            # gRPC may end the request stream of a call the client cancelled as if it had
+            # ended normally (the cancel is seen a moment later): store nothing then. The race
+            # is narrowed, not closed; whatever is stored is whole blocks, acknowledged or not.
+            raise grpc.RpcError("the client cancelled the Put")
         if blocks:
             self.tiers.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
         return len(blocks)
@@ -321,10 +345,10 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             request = _decoded(request)
             ns = self._namespace(request.namespace)
             lease_ms = min(request.lease_ms or self.config.lease_ms, self.config.max_lease_ms)
-            with self._heavy.hold(self._count_tokens(request.token_ids)):
+            with self._heavy.hold(self._is_heavy(self._count_tokens(request.token_ids))):
                 first = request.first_block
                 count = self._block_count(first, request.num_blocks,
-                                          len(request.token_ids) // ns.block_size)
+                                          _full_blocks(ns, request.token_ids))
                 found = self.store.locate(ns, _token_array(request.token_ids), first, count,
                                           lease_ms / 1000)
             return pb.LocateResponse(
@@ -363,7 +387,11 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                 namespaces_omitted=len(s.namespaces) - len(shown),
                 block_size_histogram=dict(s.block_size_histogram),
                 recent_request_hit_rates=recent, attention_backend=_attention_backend(),
-                tiers=_tier_stats(self.tiers.stats()))
+                tiers=_tier_stats(self.tiers.stats()),
+                index_rebuilds=s.index_rebuilds, rebuild_recovered_blocks=s.rebuild_recovered_blocks,
+                rebuild_lost_blocks=s.rebuild_lost_blocks,
+                last_rebuild_time_ns=s.last_rebuild_time_ns,
+                last_rebuild_reason=_cut_text(s.last_rebuild_reason, 1024))
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
 

@@ -226,8 +226,10 @@ class BlockAssembler:
     code_bytes: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        self._parts: dict[int, dict[int, pb.KvChunk]] = {}
-        self._filled: dict[int, int] = {}
+        # index -> (the block's arrays being filled, which layers arrived). A chunk's bytes are
+        # copied in as it arrives, so a pending block holds its own bytes and one flag a layer,
+        # whatever the number of chunks; the overlap check is O(layers in the chunk).
+        self._partial: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         self._completed: set[int] = set()
 
     def _fields(self, count: int) -> list[tuple[str, tuple[int, ...], str]]:
@@ -239,6 +241,10 @@ class BlockAssembler:
         return [("key_codes", lead + (kb,), "uint8"), ("key_scales", lead, "float16"),
                 ("value_codes", lead + (vb,), "uint8"), ("value_scales", lead, "float16")]
 
+    def pending(self, index: int) -> bool:
+        """Whether block `index` has some chunks here and is not complete yet."""
+        return index in self._partial
+
     def add(self, chunk: pb.KvChunk) -> tuple[int, dict[str, np.ndarray]] | None:
         start, count, index = chunk.layer_start, chunk.layer_count, chunk.block_index
         if count == 0 or start + count > self.ns.num_layers:
@@ -246,27 +252,29 @@ class BlockAssembler:
                                   f"[0, {self.ns.num_layers})")
         if index in self._completed:
             raise InvalidArgument(f"block {index} sent again after it completed")
-        parts = self._parts.setdefault(index, {})
-        if any(s < start + count and start < s + parts[s].layer_count for s in parts):
+        entry = self._partial.get(index)
+        if entry is not None and entry[1][start:start + count].any():
             raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
-        for name, shape, dtype in self._fields(count):
+        fields = self._fields(count)
+        for name, shape, dtype in fields:
             check_tensor(getattr(chunk, name), f"block {index} {name}", shape, dtype)
-        parts[start] = chunk
-        self._filled[index] = self._filled.get(index, 0) + count
-        if self._filled[index] < self.ns.num_layers:
+        if entry is None:  # allocated only once the first chunk proved well formed
+            entry = self._partial[index] = (
+                {name: np.empty(shape, _DTYPES[dtype])
+                 for name, shape, dtype in self._fields(self.ns.num_layers)},
+                np.zeros(self.ns.num_layers, dtype=bool))
+        arrays, have = entry
+        for name, _, _ in fields:  # little-endian wire bytes into the native array: one copy
+            arrays[name][start:start + count] = tensor_view(getattr(chunk, name))
+        have[start:start + count] = True
+        if not have.all():
             return None
-        ordered = [parts[s] for s in sorted(parts)]
-        del self._parts[index], self._filled[index]
+        del self._partial[index]
         self._completed.add(index)
-        arrays = {}
-        for name, _, dtype in self._fields(1):
-            # One copy: little-endian views of the message bytes concatenated into a native array.
-            arrays[name] = np.concatenate([tensor_view(getattr(c, name)) for c in ordered]).astype(
-                _DTYPES[dtype], copy=False)
         return index, arrays
 
     def incomplete(self) -> list[int]:
-        return sorted(self._parts)
+        return sorted(self._partial)
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:

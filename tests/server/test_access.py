@@ -121,6 +121,41 @@ def test_the_right_token_opens_every_rpc_and_health_stays_open(token_daemon, nam
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_watch_needs_the_token(token_daemon, secret):
+    """A watch is a stream holding a server thread: open to token holders only."""
+    request = health_pb2.HealthCheckRequest()
+    with grpc.insecure_channel(token_daemon.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            next(health.Watch(request, timeout=10))
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        watch = health.Watch(request, metadata=[("authorization", f"Bearer {secret}")],
+                             timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_refused_calls_are_logged_and_counted(tmp_path, secret, namespace, caplog):
+    """The token check refuses inside the RPC log: each refusal is one log line and one
+    tqstore_rpcs_total{code="UNAUTHENTICATED"} count."""
+    import urllib.request
+
+    d = Daemon(_config(tmp_path, token_file=_token_file(tmp_path / "token", secret),
+                       metrics_port=0)).start()
+    caplog.set_level(logging.INFO, logger="tqstore.rpc")
+    try:
+        results = _call_every_rpc(d.address, namespace, None)
+        assert all(e.code() is grpc.StatusCode.UNAUTHENTICATED for e in results.values())
+        page = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics").read()
+    finally:
+        d.stop(grace=1)
+    for name in results:
+        row = f'tqstore_rpcs_total{{code="UNAUTHENTICATED",method="KvStore/{name}"}} 1.0'
+        assert row in page.decode(), name
+    lines = [r.getMessage() for r in caplog.records if "UNAUTHENTICATED" in r.getMessage()]
+    assert len(lines) == 5 and secret not in caplog.text
+
+
 def test_client_with_the_token_file_puts_and_fetches_on_several_streams(token_daemon, tmp_path,
                                                                          namespace, secret):
     tokens = _tokens(namespace, 6)
@@ -276,7 +311,24 @@ def test_bad_tls_files_refuse_to_start(tmp_path, certificate):
             Daemon(_config(tmp_path, tls_cert_file=cert_file, tls_key_file=key_file))
     with pytest.raises(InvalidArgument, match="both --tls-cert and --tls-key"):
         _config(tmp_path, tls_cert_file=cert)
+    shared_key = tmp_path / "shared.key"  # the right key, readable by others: refused
+    shared_key.write_bytes(open(key, "rb").read())
+    os.chmod(shared_key, 0o644)
+    with pytest.raises(InvalidArgument, match="chmod 600"):
+        Daemon(_config(tmp_path, tls_cert_file=cert, tls_key_file=str(shared_key)))
     assert not (tmp_path / "kv").exists()
+
+
+def test_client_warns_once_when_its_token_would_travel_in_clear_text(caplog, secret):
+    from tqstore.access import open_channel
+
+    caplog.set_level(logging.WARNING, logger="tqstore.access")
+    remote = ClientConfig("192.0.2.7:50077", token=secret)  # TEST-NET: never connected
+    for _ in range(2):
+        open_channel(remote, [], BearerToken(secret)).close()
+    open_channel(ClientConfig("127.0.0.1:50077", token=secret), [], BearerToken(secret)).close()
+    warnings = [r.getMessage() for r in caplog.records if "clear text" in r.getMessage()]
+    assert len(warnings) == 1 and "192.0.2.7" in warnings[0] and secret not in caplog.text
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tqstore.client import KvStoreClient
 from tqstore.config import ClientConfig, ServerConfig, StoreConfig
 from tqstore.daemon import Daemon
 from tqstore.errors import ResourceExhausted
-from tqstore.payload_format import HEADER_SIZE, file_name
+from tqstore.payload_format import file_name
 from tqstore.prefix_hash import Namespace, hash_prefix_blocks
 from tqstore.server import _status_for
 from tqstore.ssd.store import BlockStore
@@ -231,7 +231,7 @@ def test_payload_damaged_after_a_lookup_hit_gives_the_verified_shorter_prefix(sm
         key = hash_prefix_blocks(NS, tokens)[2]
         path = os.path.join(daemon.store.blocks_dir, file_name(key))
         with open(path, "r+b") as f:
-            f.seek(HEADER_SIZE + 100)  # inside the body (a file may carry a tail after it)
+            f.seek(-100, os.SEEK_END)  # inside the body, which ends the file (payload_format)
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0xFF]))

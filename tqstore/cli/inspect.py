@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import string
+import sys
+import time
 from typing import Any
 
 from tqstore.cli.connection_args import add_connection_arguments, client_config_from
@@ -65,12 +67,15 @@ def _row(digest: str, model: str, layers: int, heads: int, head_dim: int, block_
 _COUNTERS = ("blocks", "bytes_on_disk", "payload_bytes", "index_bytes", "logical_bytes",
              "max_bytes", "compression", "lookups", "lookup_tokens", "hit_tokens", "evictions",
              "verification_failures", "quarantined")
+# Rebuilds of a damaged or missing index from the payload files (tqstore/ssd/opening.py).
+_REBUILDS = ("index_rebuilds", "rebuild_recovered_blocks", "rebuild_lost_blocks",
+             "last_rebuild_time_ns", "last_rebuild_reason")
 
 
 def _view(source: str, stats: Any, namespaces: list[dict[str, Any]], rates, backend,
           omitted: int = 0) -> dict[str, Any]:
     """One shape for StoreStats (read from disk) and StatsResponse (from the daemon)."""
-    view = {"source": source, **{name: getattr(stats, name) for name in _COUNTERS}}
+    view = {"source": source, **{name: getattr(stats, name) for name in _COUNTERS + _REBUILDS}}
     view.update(namespaces=namespaces, namespaces_omitted=omitted,
                 recent_request_hit_rates=rates, attention_backend=backend,
                 block_size_histogram={int(k): int(v) for k, v in stats.block_size_histogram.items()})
@@ -141,6 +146,11 @@ def render(view: dict[str, Any]) -> str:
         ("evictions", str(view["evictions"])),
         ("verification failures", f"{view['verification_failures']} ({view['quarantined']} quarantined)"),
     ]
+    if view.get("index_rebuilds"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view["last_rebuild_time_ns"] / 1e9))
+        rows.append(("index rebuilds", f"{view['index_rebuilds']}: {view['rebuild_recovered_blocks']} "
+                                       f"blocks recovered, {view['rebuild_lost_blocks']} lost (last "
+                                       f"{when}: {printable(view['last_rebuild_reason'])})"))
     per = view.get("per_request_hit_rate")
     if per:
         rows.insert(1, ("per request", f"{per['requests']} requests: mean {per['mean']:.1%}, "
@@ -245,7 +255,13 @@ def run(args: argparse.Namespace) -> int:
         stats = endpoint_stats(args.endpoint)
         print(json.dumps(stats, indent=1) if args.json else render_endpoint(args.endpoint, stats))
         return 0
-    view = summarize(_from_store(args.path) if args.path
-                     else _from_daemon(client_config_from(args, args.addr)))
+    from tqstore.errors import TqstoreError
+
+    try:
+        view = summarize(_from_store(args.path) if args.path
+                         else _from_daemon(client_config_from(args, args.addr)))
+    except TqstoreError as exc:  # a damaged index, no daemon, a refused token: say so, no trace
+        print(f"cannot inspect: {printable(str(exc))}", file=sys.stderr)
+        return 1
     print(json.dumps(view, indent=1) if args.json else render(view))
     return 0

@@ -1,5 +1,7 @@
 """Vanishing clients: client processes SIGKILLed mid-Put and mid-Fetch, and calls cancelled
-(gRPC cancel on a streaming Put or Fetch), round after round, against one daemon.
+(gRPC cancel on a streaming Put or Fetch), round after round, against one daemon. The
+"kill-heavy" victims make heavy calls (a Put and a Fetch naming HEAVY_BLOCKS blocks, 1.25 GiB,
+over the daemon's heavy_request_bytes), so a kill lands while a heavy slot is held.
 
 Blocks are large (8 MiB: 32 layers x 8 heads x 64 tokens x 128 dims, fp16 K and V) and a Put
 carries 6 of them in one call, so a kill or a cancel lands while bytes are in flight. Victims
@@ -10,13 +12,19 @@ each kill hit a call in flight. Asserted afterwards:
   stream arrived, so Lookup shows 0 or all 6 blocks ("partial" otherwise); 6 for an
   acknowledged Put ("lost" otherwise); whatever is visible fetches bitwise right ("wrong"),
 - the daemon's open descriptors return to their baseline once the clients are gone, and its
-  RSS stays under a cap.
+  RSS stays under a cap,
+- every heavy slot is free again: MAX_HEAVY stalled heavy Puts are all admitted at once and
+  one more heavy call is then refused (a slot leaked by a vanished client would refuse one of
+  the MAX_HEAVY),
+- the daemon's log holds no INTERNAL or UNKNOWN status and no traceback.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +40,10 @@ BIG_NAMESPACE = Namespace("reliability-big", num_layers=32, num_kv_heads=8, head
                           block_size=64)
 PUT_BLOCKS = 6  # 48 MiB per Put: one call (below the client's put_piece_bytes)
 FETCH_FAMILIES = 3  # stored at set-up, read by fetch victims
-MODES = ("kill-put", "kill-fetch", "cancel")
+MODES = ("kill-put", "kill-fetch", "cancel", "kill-heavy")
+HEAVY_BLOCKS = 160  # 1.25 GiB of 8 MiB blocks: over the daemon's heavy_request_bytes (1 GiB)
+MAX_HEAVY = 4  # the daemon's max_heavy_requests (its default)
+_BAD_LOG = re.compile(r"\b(INTERNAL|UNKNOWN)\b|Traceback")
 
 
 def _tokens(fam: int) -> list[int]:
@@ -40,6 +51,13 @@ def _tokens(fam: int) -> list[int]:
     then all new, and "all or nothing" is a count of what Lookup finds."""
     n = PUT_BLOCKS * BIG_NAMESPACE.block_size
     return np.random.default_rng([4, fam]).integers(0, 49152, n).tolist()
+
+
+def _heavy_tokens(tokens: list[int]) -> list[int]:
+    """``tokens`` continued to HEAVY_BLOCKS blocks: the same chain's first blocks, a heavy
+    request's claim."""
+    n = HEAVY_BLOCKS * BIG_NAMESPACE.block_size
+    return tokens + np.random.default_rng(7).integers(0, 49152, n - len(tokens)).tolist()
 
 
 def _put_family(seed: int, victim: int, k: int) -> int:
@@ -64,6 +82,9 @@ def victim_main(address: str, mode: str, seed: int, victim: int) -> None:
         worker_handshake()
         if mode == "cancel":
             _cancel_calls(address, rnd, seed, victim)
+            return
+        if mode == "kill-heavy":
+            _heavy_calls(address, rnd, seed, victim)
             return
         for k in range(1_000_000):
             if mode == "kill-put":
@@ -123,11 +144,120 @@ def _cancel_calls(address: str, rnd: random.Random, seed: int, victim: int) -> N
                     break
 
 
+def _stub(address: str):
+    import grpc
+
+    from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
+                                                       64 << 20)])
+    return channel, pb_grpc.KvStoreStub(channel)
+
+
+def _put_messages(tokens: list[int], payloads, claim: list[int]):
+    from tqstore.v1 import tqstore_pb2 as pb
+    from tqstore.wire import fp16_chunks, namespace_to_proto
+
+    yield pb.PutRequest(namespace=namespace_to_proto(BIG_NAMESPACE), token_ids=claim,
+                        first_block=0)
+    for i, p in enumerate(payloads):
+        for chunk in fp16_chunks(BIG_NAMESPACE, i, p.keys, p.values):
+            yield pb.PutRequest(chunk=chunk)
+
+
+def _heavy_calls(address: str, rnd: random.Random, seed: int, victim: int) -> None:
+    """Heavy Puts (PUT_BLOCKS blocks sent, HEAVY_BLOCKS claimed) and heavy Fetches (of a stored
+    family's chain continued to HEAVY_BLOCKS blocks) in turn, until killed."""
+    from tqstore.v1 import tqstore_pb2 as pb
+    from tqstore.wire import namespace_to_proto
+
+    channel, stub = _stub(address)
+    # Each Put's payloads are drawn before the previous Fetch, so a kill lands mostly in a call.
+    payloads = payloads_for(BIG_NAMESPACE, _tokens(_put_family(seed, victim, 0)), 0, PUT_BLOCKS)
+    with channel:
+        for k in range(1_000_000):
+            if k % 2 == 0:
+                fam = _put_family(seed, victim, k)
+                print(f"PUT {fam}", flush=True)
+                stub.Put(_put_messages(_tokens(fam), payloads, _heavy_tokens(_tokens(fam))),
+                         timeout=120)
+                print(f"ACK {fam}", flush=True)
+                payloads = payloads_for(BIG_NAMESPACE, _tokens(_put_family(seed, victim, k + 2)),
+                                        0, PUT_BLOCKS)
+            else:
+                request = pb.FetchRequest(namespace=namespace_to_proto(BIG_NAMESPACE),
+                                          token_ids=_heavy_tokens(_tokens(rnd.randrange(
+                                              FETCH_FAMILIES))))
+                print("FETCH", flush=True)
+                sum(1 for _ in stub.Fetch(request, timeout=120))
+                print("GOT", flush=True)
+
+
+def check_heavy_slots_free(address: str) -> str | None:
+    """MAX_HEAVY stalled heavy Puts are all admitted (none refused while they stall) and one
+    more heavy call is refused: the daemon holds exactly MAX_HEAVY free heavy slots. Returns
+    a failure, or None."""
+    import grpc
+
+    from tqstore.v1 import tqstore_pb2 as pb
+    from tqstore.wire import namespace_to_proto
+
+    release = threading.Event()
+    claim = _heavy_tokens(_tokens(0))
+
+    def stalled():
+        yield pb.PutRequest(namespace=namespace_to_proto(BIG_NAMESPACE), token_ids=claim)
+        release.wait(60)
+
+    channel, stub = _stub(address)
+    with channel:
+        holders = [stub.Put.future(stalled(), timeout=120) for _ in range(MAX_HEAVY)]
+        try:
+            if not wait_for(lambda: _heavy_refused(stub, claim), 20.0):
+                return "a heavy call was admitted with MAX_HEAVY heavy Puts open"
+            time.sleep(0.5)  # a Put refused at its arrival has its answer by now
+            refused = [h for h in holders if h.done()]
+            if refused:
+                return f"{len(refused)} of {MAX_HEAVY} heavy Puts refused: a heavy slot leaked"
+        finally:
+            release.set()
+        codes = []
+        for h in holders:
+            try:
+                h.result()
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    return None if codes == ["OK"] * MAX_HEAVY else f"heavy Puts ended {codes}"
+
+
+def _heavy_refused(stub, claim: list[int]) -> bool:
+    import grpc
+
+    from tqstore.v1 import tqstore_pb2 as pb
+    from tqstore.wire import namespace_to_proto
+
+    # num_blocks 0: all HEAVY_BLOCKS, heavy by bytes (only the stored prefix would stream).
+    request = pb.FetchRequest(namespace=namespace_to_proto(BIG_NAMESPACE), token_ids=claim)
+    try:
+        sum(1 for _ in stub.Fetch(request, timeout=60))
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return False
+
+
+def bad_log_lines(log_path: Path) -> list[str]:
+    """Lines of the daemon's log with an INTERNAL or UNKNOWN status or a traceback."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return [line for line in text.splitlines() if _BAD_LOG.search(line)]
+
+
 @dataclass
 class VanishResult:
     victims: dict[str, int] = field(default_factory=dict)  # per mode
     killed_mid_put: int = 0
     killed_mid_fetch: int = 0
+    killed_mid_heavy: int = 0
     cancelled_puts: int = 0
     cancelled_fetches: int = 0
     put_families: int = 0  # Puts started by victims (each checked all-or-nothing)
@@ -200,6 +330,8 @@ def _account(lines: list[str], mode: str, res: VanishResult, puts: dict[int, str
         res.killed_mid_put += 1
     if mode == "kill-fetch" and last == "FETCH":
         res.killed_mid_fetch += 1
+    if mode == "kill-heavy" and last in ("PUT", "FETCH"):
+        res.killed_mid_heavy += 1
 
 
 def _check_serving(address: str, res: VanishResult, round_no: int) -> None:
@@ -262,6 +394,9 @@ def run_vanishing(root: str | Path, rounds: int = 50, concurrent: int = 4, seed:
                 _round(daemon, modes, seed * 10_007 + r, rnd, max_delay_s, res, puts)
                 _check_serving(daemon.address, res, r)
         _verify_puts(daemon.address, puts, res)
+        leaked = check_heavy_slots_free(daemon.address)
+        if leaked:
+            res.failures.append(leaked)
         if not wait_for(lambda: daemon.fd_count() <= res.fds_baseline, 30.0):
             res.failures.append(f"fds {daemon.fd_count()} above baseline {res.fds_baseline}")
         res.fds_end = daemon.fd_count()
@@ -271,6 +406,10 @@ def run_vanishing(root: str | Path, rounds: int = 50, concurrent: int = 4, seed:
         code = daemon.stop()
         if code != 0:
             res.failures.append(f"daemon exited {code} on SIGTERM")
+        bad = bad_log_lines(daemon.log_path)
+        if bad:
+            res.failures.append(f"{len(bad)} INTERNAL/UNKNOWN/traceback lines in the daemon "
+                                f"log, first: {bad[0][:300]}")
     finally:
         daemon.kill()
         res.seconds = time.perf_counter() - t0
