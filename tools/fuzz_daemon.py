@@ -74,7 +74,8 @@ def _rss_mib(pid: int) -> float:
 def start_daemon(path: str) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{_free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "tqstore.cli", "serve", "--path", path,
-                             "--listen", address, "--max-gib", "1", "--drain-seconds", "1"],
+                             "--listen", address, "--max-gib", "1", "--drain-seconds", "1",
+                             "--no-supervise"],  # RSS is read from this very process
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                 [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])})

@@ -210,10 +210,18 @@ class Daemon:
         log.info("stopped")
 
     def serve_until_signal(self) -> int:
-        """Block until SIGTERM/SIGINT, then drain and exit cleanly (returns 0)."""
+        """Block until SIGTERM/SIGINT, then drain and exit cleanly (returns 0). If the store's
+        index is found damaged while serving (KvStoreService.index_damaged), drain briefly and
+        return EXIT_RESTART: the supervisor (or a service manager) starts a fresh daemon, whose
+        open rebuilds the index from the payload files."""
+        from tqstore.supervisor import EXIT_RESTART
+
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
-        done.wait()
+        while not done.wait(0.2):
+            if self.service.index_damaged.is_set():
+                self.stop(grace=min(self.config.drain_seconds, 2.0))
+                return EXIT_RESTART
         self.stop()
         return 0

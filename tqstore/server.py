@@ -98,6 +98,14 @@ def _details(exc: BaseException) -> str:
     return text if len(text) <= _MAX_DETAILS else text[:_MAX_DETAILS] + "..."
 
 
+# LMDB errors that mean the index file itself is damaged under the running daemon (measured:
+# zeros over data.mdb's pages give MDB_CORRUPTED or MDB_BAD_TXN on every read from then on).
+# Only a fresh open can repair that (probe, then rebuild from the payloads): the daemon asks
+# for one (KvStoreService.index_damaged; tqstore.daemon restarts through the supervisor).
+INDEX_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError,
+                lmdb.InvalidError, lmdb.VersionMismatchError)
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, grpc.RpcError) or not context.is_active():
         # The client went away (the request iterator raises RpcError then) or the stream
@@ -172,6 +180,15 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                             f"{config.heavy_request_bytes} bytes of blocks or a large "
                             f"TurboQuant layout)")
         self.put_bytes = PutBytes(config.put_budget_bytes, config.max_put_bytes)
+        self.index_damaged = threading.Event()  # set on the first INDEX_DAMAGE error
+
+    def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, INDEX_DAMAGE) and not self.index_damaged.is_set():
+            log.error("the store's index is damaged under the running daemon (%s: %s): asking "
+                      "for a restart, which rebuilds it from the payload files",
+                      type(exc).__name__, exc)
+            self.index_damaged.set()
+        _abort(context, exc)
 
     # -- request bounds ----------------------------------------------------------------------
     def _namespace(self, msg: pb.Namespace):
@@ -221,7 +238,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             return pb.LookupResponse(hit_blocks=hit, hit_tokens=hit * ns.block_size,
                                      lookup_tokens=looked)
         except Exception as exc:  # noqa: BLE001 - mapped to a status, daemon keeps serving
-            _abort(context, exc)
+            self._abort(context, exc)
 
     # -- Fetch -----------------------------------------------------------------------------
     def Fetch(self, request: pb.FetchRequest, context) -> Iterator[pb.KvChunk]:
@@ -244,7 +261,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                 held.enter_context(self._heavy.hold(self._is_heavy(n_tokens, ns, count, codec)))
                 tokens = _token_array(request.token_ids)
             except Exception as exc:  # noqa: BLE001
-                _abort(context, exc)
+                self._abort(context, exc)
                 return
             yield from self._stream(context, ns, codec, self.tiers.blocks(ns, tokens, first, count))
 
@@ -260,7 +277,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             except StopIteration:
                 return  # the verified prefix already sent is the hit
             except Exception as exc:  # noqa: BLE001 - NotFound: the first block is missing
-                _abort(context, exc)
+                self._abort(context, exc)
                 return
             if codec is None:
                 yield from fp16_chunks_encoded(ns, index, payload.keys, payload.values)
@@ -296,7 +313,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                                           itertools.chain([head], messages), charge, context)
             return pb.PutResponse(stored_blocks=stored)
         except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
+            self._abort(context, exc)
 
     def _put_stream(self, ns, tokens: np.ndarray, first: int, messages: Iterator[Any],
                     charge: Callable[[int], None], context) -> int:
@@ -362,7 +379,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                                          chunk_checksums=[c for _, c in rec.chunks])
                         for i, rec in found])
         except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
+            self._abort(context, exc)
 
     # -- Stats -----------------------------------------------------------------------------
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
@@ -393,7 +410,7 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                 last_rebuild_time_ns=s.last_rebuild_time_ns,
                 last_rebuild_reason=_cut_text(s.last_rebuild_reason, 1024))
         except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
+            self._abort(context, exc)
 
 
 def _cut_text(text: str, max_bytes: int) -> str:

@@ -177,7 +177,8 @@ class Stack:
         if self.name == "tqstore":
             dport = free_port()
             daemon = ServerProcess("tqstore serve", tqstore_argv(
-                "serve", "--path", str(self.store), "--listen", f"127.0.0.1:{dport}"),
+                "serve", "--path", str(self.store), "--listen", f"127.0.0.1:{dport}",
+                "--no-supervise"),  # memory() reads this very process
                 log("daemon"))
             self.procs.append(daemon)
             daemon.wait_ready(lambda: tcp_open("127.0.0.1", dport), self.args.startup_timeout)

@@ -1,10 +1,15 @@
 """`tqstore serve --path /ssd/kv [--listen unix:/path|host:port] [--token-file F]
-[--tls-cert F --tls-key F] [--socket-group NAME]`."""
+[--tls-cert F --tls-key F] [--socket-group NAME] [--no-supervise]`.
+
+By default the daemon runs in a worker process under tqstore.supervisor, which starts it again
+when it dies of a signal (issue 17: damage to the index's mmap-ed file is a SIGBUS). The worker
+is this same command with the same options plus --worker-of PID:FD."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from tqstore.config import COMPRESSIONS, DEFAULT_LISTEN, GiB, RemoteConfig, ServerConfig, StoreConfig
 
@@ -26,6 +31,24 @@ of their own with --token-file, and --tls-ca for TLS."""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ACCESS
+    _add_daemon_options(parser)
+    parser.add_argument("--no-supervise", dest="supervise", action="store_false",
+                        help="run the daemon in this process, with no restart when it dies "
+                             "(default: a supervisor restarts a worker that dies of a signal, "
+                             "e.g. SIGBUS from an index damaged under it)")
+    parser.add_argument("--worker-of", type=_pid_and_fd, metavar="PID:FD",
+                        help="internal: set by the supervisor on the worker it starts (its pid, "
+                             "and the pipe on which the worker reports that it serves)")
+
+
+def _pid_and_fd(text: str) -> tuple[int, int]:
+    pid, _, fd = text.partition(":")
+    return int(pid), int(fd)
+
+
+def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """The daemon's own options: every one is handed on to a supervised worker unchanged
+    (_worker_argv), so each must be a --name VALUE option whose dest is name."""
     parser.add_argument("--path", required=True, help="store directory (created if missing)")
     parser.add_argument("--listen", default=DEFAULT_LISTEN,
                         help=f"unix:/path/to.sock or host:port (default {DEFAULT_LISTEN}, loopback)")
@@ -74,12 +97,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "URL, where the process list shows it)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqstore.daemon import Daemon
+def _worker_argv(args: argparse.Namespace, listen: str) -> list[str]:
+    """The worker's command line: this command with the options given, --listen replaced."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_daemon_options(parser)
+    argv = [sys.executable, "-m", "tqstore.cli", "serve"]
+    for dest in vars(parser.parse_args([f"--path={args.path}"])):
+        value = listen if dest == "listen" else getattr(args, dest)
+        if value is not None and value != parser.get_default(dest):
+            # --name=VALUE: a value may start with "-"
+            argv.append(f"--{dest.replace('_', '-')}={value}")
+    return argv
 
+
+def run(args: argparse.Namespace) -> int:
     # The one handler of the process: the start-up line and one line per RPC come from
     # tqstore.server through it, once each (a print beside it doubled the start-up line).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.supervise and args.worker_of is None:
+        from tqstore.supervisor import Supervisor
+
+        return Supervisor(lambda listen: _worker_argv(args, listen), args.listen).run()
+    if args.worker_of is not None:
+        from tqstore.supervisor import keep_fd_private, tie_to_supervisor
+
+        tie_to_supervisor(args.worker_of[0])
+        keep_fd_private(args.worker_of[1])
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tqstore.daemon import Daemon
+
     remote = None
     if args.remote:
         remote = RemoteConfig(url=args.remote, lookup_deadline_s=args.remote_deadline_ms / 1000,
@@ -92,4 +141,9 @@ def run(args: argparse.Namespace) -> int:
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                           store=StoreConfig(max_bytes=int(args.max_gib * GiB),
                                             compression=args.compression))
-    return Daemon(config).start().serve_until_signal()
+    daemon = Daemon(config).start()
+    if args.worker_of is not None:
+        from tqstore.supervisor import report_ready
+
+        report_ready(args.worker_of[1], daemon.address)
+    return daemon.serve_until_signal()

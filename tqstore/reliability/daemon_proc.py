@@ -3,7 +3,10 @@
 The daemon listens on 127.0.0.1:0 and its start-up line ("serving PATH on 127.0.0.1:PORT")
 names the port the kernel picked, so no port is guessed and raced for. Its log (one line per
 RPC) goes to a file, never to a pipe: a pipe nobody drains would block the daemon once full.
-Memory and descriptors are read from /proc/PID (Linux), the daemon's own view of itself.
+Memory and descriptors are read from /proc/PID (Linux), the daemon's own view of itself. The
+daemon runs with --no-supervise: PID is the daemon itself (not a supervisor, tqstore/supervisor.py,
+that would restart it), so the harnesses' SIGKILL is the crash they inject and their RSS and fd
+figures are the daemon's.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class DaemonProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tqstore.cli", "serve", "--path", self.path,
-                 "--listen", "127.0.0.1:0", *self.args], stdout=log, stderr=subprocess.STDOUT,
-                env=child_env())
+                 "--listen", "127.0.0.1:0", "--no-supervise", *self.args], stdout=log,
+                stderr=subprocess.STDOUT, env=child_env())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with open(self.log_path, "rb") as log:
