@@ -54,13 +54,16 @@ def _translate(exc: grpc.RpcError) -> TqstoreError:
 
 
 T = TypeVar("T")
-RETRY_LATER = "retry later"  # the daemon's words when only load refused a call (request_limits)
+# Refusals for load alone, before any work: the daemon's slots (request_limits) and gRPC's own
+# cap on concurrent calls (ServerConfig.max_concurrent_rpcs).
+BUSY_DETAILS = ("retry later", "Concurrent RPC limit exceeded")
 
 
 def _is_busy(exc: grpc.RpcError) -> bool:
     """A refusal for load alone (slots taken), which the same call may retry."""
+    details = exc.details() or ""
     return (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and RETRY_LATER in (exc.details() or ""))
+            and any(words in details for words in BUSY_DETAILS))
 
 
 def retry_when_busy(call: Callable[[], T], patience_s: float) -> T:

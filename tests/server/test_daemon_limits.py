@@ -11,6 +11,7 @@ import errno
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from pathlib import Path
 
@@ -323,6 +324,35 @@ def test_the_client_retries_a_put_and_a_fetch_refused_for_load(make_daemon, rng)
             assert upload.result(timeout=20) == 2
             got = patient.fetch_fp16(NS, tokens)
         assert [b.keys.tobytes() for b in got] == [b.keys.tobytes() for b in blocks]
+    finally:
+        release.set()
+        try:
+            stalled.result(timeout=20)
+        except grpc.RpcError:
+            pass
+
+
+def test_the_client_retries_grpcs_own_concurrent_call_cap(make_daemon, rng):
+    """max_concurrent_rpcs=1: while a stalled Put is the one admitted call, gRPC itself refuses
+    the next ("Concurrent RPC limit exceeded"): a load refusal before any work, retried too."""
+    daemon, stub, _ = make_daemon(max_concurrent_rpcs=1)
+    tokens = rng.integers(0, 50000, 32).tolist()
+    blocks = random_blocks(NS, 2, rng)
+    release = threading.Event()
+    stalled = stub.Put.future(_stalled(pb.PutRequest(namespace=namespace_to_proto(NS),
+                                                     token_ids=tokens), release))
+    config = ClientConfig(address=daemon.address, direct_reads="off")
+    try:
+        _until(lambda: daemon.stream_watch.watching == 1, "the stalled Put admitted")
+        with KvStoreClient(dataclasses.replace(config, busy_retry_s=0)) as eager:
+            with pytest.raises(ResourceExhausted, match="Concurrent RPC limit"):
+                eager.lookup(NS, tokens)
+        with KvStoreClient(config) as patient, ThreadPoolExecutor(1) as pool:
+            lookup = pool.submit(patient.lookup, NS, tokens)
+            time.sleep(0.3)
+            assert not lookup.done()
+            release.set()
+            assert lookup.result(timeout=20).hit_blocks == 0
     finally:
         release.set()
         try:

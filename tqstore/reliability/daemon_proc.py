@@ -40,7 +40,7 @@ class DaemonProcess:
     """One daemon process over the store at `path`; start() blocks until it serves."""
 
     def __init__(self, path: str | os.PathLike, log_path: str | os.PathLike, max_gib: float = 8.0,
-                 workers: int = 16, drain_seconds: float = 5.0) -> None:
+                 workers: int = 32, drain_seconds: float = 5.0) -> None:
         self.path = str(path)
         self.log_path = Path(log_path)
         self.args = ["--max-gib", f"{max_gib:g}", "--workers", str(workers),

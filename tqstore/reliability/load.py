@@ -132,7 +132,7 @@ def worker_main(address: str, seed: int, worker: int, seconds: float, direct_rea
 
 
 def run_load(root: str | Path, clients: int = 32, seconds: float = 60.0, seed: int = 0,
-             max_gib: float = 16.0, workers: int = 16) -> dict:
+             max_gib: float = 16.0, workers: int = 32) -> dict:
     """Start a daemon over root/store, run the clients, stop it, check the store; the summary
     (ok is False on any error, lost, short or wrong block, bad exit or unclean check)."""
     root = Path(root)
