@@ -43,7 +43,9 @@ def main() -> int:
     print(json.dumps({
         "rounds": r.rounds, "by_target_kind": dict(sorted(r.by_target_kind.items())),
         "index_rebuilds": r.rebuilds, "recovered_blocks": r.recovered, "lost_blocks": r.lost,
-        "lost_by_quarantine": r.lost_by_quarantine, "wrong_bytes_served": r.wrong_bytes_served,
+        "lost_with_intact_files": r.lost_with_intact_files,
+        "rounds_losing_intact_files": r.rounds_losing_intact_files[:20],
+        "wrong_bytes_served": r.wrong_bytes_served,
         "crashes": r.crashes, "failures": r.failures[:20], "n_failures": len(r.failures),
         "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0 if r.ok else 1

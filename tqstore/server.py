@@ -53,6 +53,7 @@ from tqstore.payload_format import FILE_VERSION
 from tqstore.remote.tiers import Tiers
 from tqstore.request_limits import CHUNK_OVERHEAD_BYTES, PutBytes, Slots
 from tqstore.requantize import Requantizer
+from tqstore.ssd.opening import mark_index_suspect
 from tqstore.ssd.store import BlockStore
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
@@ -187,6 +188,9 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             log.error("the store's index is damaged under the running daemon (%s: %s): asking "
                       "for a restart, which rebuilds it from the payload files",
                       type(exc).__name__, exc)
+            # The next writer open must rebuild even if its probe finds nothing (damage LMDB
+            # only meets on some paths, e.g. the free list): leave the marker first.
+            mark_index_suspect(self.store.path, f"{type(exc).__name__}: {exc}")
             self.index_damaged.set()
         _abort(context, exc)
 

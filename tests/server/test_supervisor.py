@@ -304,3 +304,14 @@ def test_the_worker_gets_every_option_it_was_given(tmp_path):
     assert {k: v for k, v in vars(again).items() if k != "run"} == \
         {k: v for k, v in expected.items() if k != "run"}
     assert len(argv) == 4 + 17  # every option given (none at its default), nothing else
+
+
+def test_worker_of_from_a_user_is_refused(tmp_path):
+    """--worker-of names the supervisor's pid and its pipe: a process whose parent is not that
+    pid (or that runs --no-supervise) is refused before it writes to any descriptor."""
+    for extra in (["--worker-of", "1:5"], ["--worker-of", f"{os.getpid()}:5", "--no-supervise"]):
+        out = subprocess.run([sys.executable, "-m", "tqstore.cli", "serve", "--path",
+                              str(tmp_path / "kv"), *extra], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and "--worker-of is set by the supervisor" in out.stderr, out
+    assert not (tmp_path / "kv").exists()

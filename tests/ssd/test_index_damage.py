@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 
 import lmdb
 import pytest
@@ -17,7 +19,7 @@ from tqstore.ssd import BlockStore
 from tqstore.ssd import payload as pl
 from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.damage import run_damage
-from tqstore.ssd.opening import IndexDamaged
+from tqstore.ssd.opening import IndexDamaged, mark_index_suspect, write_private
 from tqstore.ssd.probe import probe_index, walk
 from tqstore.ssd.records import BlockRecord
 
@@ -148,13 +150,31 @@ def test_damaged_or_missing_index_is_rebuilt(tmp_path, rng, damage):
     assert _all_served(path, data)
 
 
-def test_damaged_lock_file_is_recreated(tmp_path, rng):
+def test_damaged_lock_file_held_by_a_reader_is_never_replaced(tmp_path, rng):
+    """A reader holds the lock file; it is then zeroed. The writer must not unlink it (a fresh
+    lock file would give the writer a reader table of its own, invisible to the reader: it could
+    reuse pages the reader still reads). The write probe finds the lock file unusable, so the
+    index is moved aside whole (the reader keeps its environment, lock file included) and
+    rebuilt: the writer's index is then a different environment from the reader's."""
     path = tmp_path / "s"
     data = _fill(path, rng, chains=1, n=4)
     lock = path / "index" / "lock.mdb"
-    lock.write_bytes(bytes(os.path.getsize(lock)))
-    with BlockStore(path, readonly=True) as r:
-        assert r.check().ok
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import lmdb, sys; e = lmdb.open(sys.argv[1], readonly=True, "
+         "max_dbs=8); t = e.begin(); print('ready', flush=True); sys.stdin.read()",
+         str(path / "index")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        inode = os.stat(lock).st_ino
+        with open(lock, "r+b") as f:
+            f.write(bytes(os.path.getsize(lock)))
+        with BlockStore(path) as s:
+            assert s.rebuild is not None and "MDB_INVALID" in s.rebuild.reason
+            assert s.rebuild.recovered == 4
+        aside = [n for n in os.listdir(path) if n.startswith("index.damaged-")]
+        assert os.stat(path / aside[0] / "lock.mdb").st_ino == inode  # the reader's, untouched
+    finally:
+        reader.communicate("")
     with BlockStore(path) as s:
         assert s.rebuild is None
     assert _all_served(path, data)
@@ -247,3 +267,141 @@ def test_seeded_damage_rounds_never_crash_or_lie(tmp_path):
     report = run_damage(str(tmp_path), rounds=0, seed=5, families=4, chain=4, cases=cases)
     assert report.failures == [] and report.crashes == 0 and report.wrong_bytes_served == 0
     assert report.rounds == len(cases)
+
+
+_KILL_MIDWAY = """
+import os, sys
+import tqstore.ssd.rebuild as rb
+from tqstore.ssd import BlockStore
+rb._TXN_BLOCKS = 4
+orig, n = rb.Index.insert, [0]
+def insert(self, txn, key, rec):
+    n[0] += 1
+    if n[0] == 7:
+        os._exit(137)  # killed after the first 4-block txn committed
+    return orig(self, txn, key, rec)
+rb.Index.insert = insert
+BlockStore(sys.argv[1])
+"""
+
+
+def test_interrupted_rebuild_loses_nothing(tmp_path, rng):
+    """Reviewer's P0: a rebuild killed midway left a sound partial index/ and the next open
+    deleted every payload file it lacked. Now the rebuild runs in index.rebuilding/."""
+    path = tmp_path / "s"
+    data = _fill(path, rng, chains=2, n=6)
+    shutil.rmtree(path / "index")
+    rc = subprocess.run([sys.executable, "-c", _KILL_MIDWAY, str(path)]).returncode
+    assert rc == 137
+    assert (path / "index.rebuilding").is_dir() and not (path / "index").exists()
+    with BlockStore(path) as s:
+        assert (s.rebuild.recovered, s.rebuild.lost) == (12, 0)
+    assert not (path / "index.rebuilding").exists() and len(os.listdir(path / "blocks")) == 12
+    assert _all_served(path, data)
+
+
+def _zero_free_list_root(data_mdb) -> None:
+    raw = data_mdb.read_bytes()
+    metas = [(struct.unpack_from("<Q", raw, m * 4096 + 144)[0],
+              struct.unpack_from("<Q", raw, m * 4096 + 80)[0]) for m in (0, 1)]
+    root = max(metas)[1]
+    assert root > 1, "no free list to damage"
+    with open(data_mdb, "r+b") as f:
+        f.seek(root * 4096)
+        f.write(bytes(4096))
+
+
+def test_broken_free_list_is_found_by_check_and_rebuilt(tmp_path, rng, capsys):
+    """Reviewer's P1: a zeroed free-list root made every put fail MDB_CORRUPTED while the walk,
+    check and check --repair all said OK. The write probe (one aborted txn) finds it."""
+    from tqstore.cli import check as check_cli
+
+    path = tmp_path / "s"
+    data = _fill(path, rng, chains=2, n=4)
+    with BlockStore(path) as s:  # churn, so that the free list has pages
+        for toks, _ in data:
+            s.get_block(NS, toks, 0)
+            s.flush()
+        s.evict(1)
+    data = [(toks, pls[:3]) if i == 0 else (toks, pls) for i, (toks, pls) in enumerate(data)]
+    _zero_free_list_root(path / "index" / "data.mdb")
+    assert probe_index(str(path / "index"), lock=False).ok  # the walk alone misses it
+    assert "MDB_CORRUPTED" in probe_index(str(path / "index"), lock=False, write=True).reason
+    parser = argparse.ArgumentParser()
+    check_cli.add_arguments(parser)
+    assert check_cli.run(parser.parse_args([str(path)])) == 1
+    assert "DAMAGED INDEX" in capsys.readouterr().out
+    with BlockStore(path) as s:
+        assert s.rebuild is not None and "MDB_CORRUPTED" in s.rebuild.reason
+        s.put_blocks(NS, data[1][0] + [1] * NS.block_size, 4, [random_payload(rng)])
+    assert _all_served(path, data)
+
+
+def test_index_marked_suspect_by_the_daemon_is_rebuilt(tmp_path, rng, capsys):
+    from tqstore.cli import check as check_cli
+
+    path = tmp_path / "s"
+    data = _fill(path, rng, chains=1, n=4)
+    mark_index_suspect(str(path), "put failed: MDB_CORRUPTED")
+    with pytest.raises(IndexDamaged, match="marked damaged while serving"):
+        BlockStore(path, readonly=True)
+    parser = argparse.ArgumentParser()
+    check_cli.add_arguments(parser)
+    assert check_cli.run(parser.parse_args([str(path)])) == 1
+    assert "MDB_CORRUPTED" in capsys.readouterr().out
+    with BlockStore(path) as s:
+        assert "marked damaged while serving: put failed" in s.rebuild.reason
+        assert s.rebuild.recovered == 4
+    assert not (path / "index.suspect").exists()
+    with BlockStore(path) as s:
+        assert s.rebuild is None
+    assert _all_served(path, data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another uid's file needs root")
+def test_rebuild_never_trusts_planted_files_or_symlinks(tmp_path, rng):
+    """Reviewer's P1: a forged block owned by another uid and a symlink were served."""
+    victim, other = tmp_path / "v", tmp_path / "a"
+    _fill(victim, rng, chains=1, n=2)
+    forged = []
+    for _ in range(2):
+        toks = random_tokens(rng, NS.block_size)
+        with BlockStore(other) as s:
+            key = s.put_blocks(NS, toks, 0, [random_payload(rng)])[0]
+        forged.append((toks, key.hex() + ".blk"))
+    shutil.copy(other / "blocks" / forged[0][1], victim / "blocks" / forged[0][1])
+    os.chown(victim / "blocks" / forged[0][1], 12345, 12345)
+    os.symlink(other / "blocks" / forged[1][1], victim / "blocks" / forged[1][1])
+    os.mkdir(victim / "blocks" / "junk")  # P2: a directory there crashed the writer open
+    os.chmod(victim / "blocks", 0o777)
+    shutil.rmtree(victim / "index")
+    with BlockStore(victim) as s:
+        assert (s.rebuild.recovered, s.rebuild.lost) == (2, 2)
+        assert dict(s.rebuild.lost_by_reason) == {"foreign": 1, "not a regular file": 1}
+        assert os.stat(victim / "blocks").st_mode & 0o777 == 0o700
+        for toks, _ in forged:
+            assert s.lookup(NS, toks) == 0
+        report = s.check()
+        assert report.ok and len(report.ignored_files) == 3
+    assert os.path.islink(victim / "blocks" / forged[1][1])  # left in place: not ours
+    assert os.stat(victim / "blocks" / forged[0][1]).st_uid == 12345
+
+
+def test_privacy_never_follows_symlinks_and_leaves_no_temp(tmp_path, rng):
+    path = tmp_path / "s"
+    _fill(path, rng, chains=1, n=2)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("{}")
+    os.chmod(outside, 0o644)
+    os.symlink(outside, path / "rebuilds.json")
+    (path / "index" / "lock.mdb").unlink()
+    (path / "index" / "lock.mdb").mkdir()  # P2: crashed the writer open
+    with BlockStore(path) as s:
+        assert s.rebuild is not None and "lock file is not a regular file" in s.rebuild.reason
+    assert os.stat(outside).st_mode & 0o777 == 0o644 and outside.read_text() == "{}"
+    assert not os.path.islink(path / "rebuilds.json")  # replaced by the rename, not written through
+    target = tmp_path / "dir_in_the_way"
+    target.mkdir()
+    with pytest.raises(OSError):
+        write_private(str(target), b"x")
+    assert [n for n in os.listdir(tmp_path) if ".tmp" in n] == []

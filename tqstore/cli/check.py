@@ -7,7 +7,9 @@ if the repair left it consistent), or a store that cannot be checked (index dama
 daemon holding the writer lock for --repair): a one-line reason, never a traceback or a signal.
 
 A damaged index: the store first walks the index in a child process (tqstore/ssd/probe.py), so
-damage that would be a SIGBUS here is a "DAMAGED INDEX" report. --repair opens the writer, which
+damage that would be a SIGBUS here is a "DAMAGED INDEX" report; so is an index the daemon marked
+damaged while serving, or (when this user may write the index) one whose free list is broken
+(tqstore.ssd.opening.verify_for_check: one aborted write txn, nothing changes). --repair opens the writer, which
 rebuilds the index from the payload files (tqstore/ssd/rebuild.py) before the usual check."""
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 from tqstore.errors import TqstoreError
-from tqstore.ssd.opening import IndexDamaged
+from tqstore.ssd.opening import IndexDamaged, verify_for_check
 from tqstore.ssd.store import BlockStore
 
 
@@ -40,6 +43,8 @@ def _cannot_check(args: argparse.Namespace, exc: TqstoreError) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not args.repair and os.path.isdir(os.path.join(args.path, "index")):
+            verify_for_check(args.path)  # the daemon's marker, a broken free list
         with BlockStore(args.path, readonly=not args.repair) as store:
             rebuilt = store.rebuild
             report = store.check(repair=args.repair)
@@ -53,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         if rebuilt is not None:
+            why = ", ".join(f"{n} {r}" for r, n in rebuilt.lost_by_reason)
             print(f"INDEX REBUILT from payload files ({rebuilt.reason}): {rebuilt.recovered} "
-                  f"blocks recovered, {rebuilt.lost} lost")
+                  f"blocks recovered, {rebuilt.lost} lost" + (f" ({why})" if why else ""))
         print(report.summary())
         for h, why in report.bad_records[:20]:
             print(f"  bad      {h}  {why}")
@@ -64,4 +70,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  orphan   {name}")
         for problem in report.index_problems:
             print(f"  index    {problem}")
+        for entry in report.ignored_files[:20]:
+            print(f"  ignored  {entry}")
     return 0 if ok else 1

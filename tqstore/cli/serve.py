@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tqstore.config import COMPRESSIONS, DEFAULT_LISTEN, GiB, RemoteConfig, ServerConfig, StoreConfig
@@ -119,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
 
         return Supervisor(lambda listen: _worker_argv(args, listen), args.listen).run()
     if args.worker_of is not None:
+        # Only a supervisor's own child may claim it: the fd is the pipe it reports on, and a
+        # wrong one would be written to and closed.
+        if not args.supervise or args.worker_of[0] != os.getppid():
+            print("tqstore serve: --worker-of is set by the supervisor on the worker it starts; "
+                  "do not pass it (with --no-supervise the daemon runs in this process)",
+                  file=sys.stderr)
+            return 2
         from tqstore.supervisor import keep_fd_private, tie_to_supervisor
 
         tie_to_supervisor(args.worker_of[0])

@@ -5,13 +5,18 @@ at a time, about 10 ms for a 128k-token prompt, which alone would blow the 2 ms 
 This computes the same bytes (little-endian uint32 ids, SHA-256(parent || u32 count || ids)) with
 one numpy conversion. tests/ssd/test_chain.py asserts equality with hash_prefix_blocks on random
 prompts, so the two cannot drift apart.
+
+Also the two walks over the chain structure that the index, a rebuild and `check` share:
+`block_hash` (one link, for a file that describes itself) and `closure_order` (which records are
+reachable from their namespace root, parents first).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Sequence
+from collections import deque
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -32,6 +37,40 @@ def token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > _U32_MAX):
         raise InvalidArgument("token id out of range [0, 2**32-1]")
     return arr.astype("<u4")
+
+
+def block_hash(parent: bytes, tokens: bytes, n_tokens: int) -> bytes:
+    """One link of the chain: SHA-256(parent || u32 count || token ids), as chain_hashes."""
+    h = hashlib.sha256(parent)
+    h.update(struct.pack("<I", n_tokens))
+    h.update(tokens)
+    return h.digest()
+
+
+class ChainLink(Protocol):
+    ns: bytes
+    parent: bytes
+    index: int
+
+
+def closure_order(records: Mapping[bytes, ChainLink]) -> list[bytes]:
+    """Keys reachable from a namespace root through records of the same namespace, each child
+    one index past its parent; parents before children (breadth first, sorted: deterministic).
+    This is prefix closure (index.py): whatever is not listed is unreachable by a lookup."""
+    by_parent: dict[bytes, list[bytes]] = {}
+    for key, rec in records.items():
+        by_parent.setdefault(rec.parent, []).append(key)
+    queue = deque(sorted(k for k, r in records.items() if r.index == 0 and r.parent == r.ns))
+    order: list[bytes] = []
+    while queue:
+        key = queue.popleft()
+        order.append(key)
+        rec = records[key]
+        for child in sorted(by_parent.get(key, [])):
+            crec = records[child]
+            if crec.ns == rec.ns and crec.index == rec.index + 1:
+                queue.append(child)
+    return order
 
 
 def chain_hashes(namespace: Namespace, tokens: np.ndarray, limit: int | None = None) -> list[BlockHash]:

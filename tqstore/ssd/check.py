@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tqstore.ssd import payload as pl
+from tqstore.ssd.chain import closure_order
+from tqstore.ssd.selfdesc import entry_untrusted
 from tqstore.ssd.index import COUNTERS_KEY, Index, leaf_key
 from tqstore.ssd.records import (
     BlockRecord,
@@ -41,6 +43,9 @@ class CheckReport:
     bad_records: list[tuple[str, str]] = field(default_factory=list)  # (hash hex, reason)
     dangling: list[str] = field(default_factory=list)  # records whose parent is missing
     orphan_files: list[str] = field(default_factory=list)
+    # entries of blocks/ the store ignores and never deletes: not regular files, or another
+    # user's (reported, not counted as inconsistency: nothing reads them)
+    ignored_files: list[str] = field(default_factory=list)
     index_problems: list[str] = field(default_factory=list)
     quarantined_total: int = 0  # records in the quarantine db after the check
     repaired: bool = False
@@ -55,7 +60,9 @@ class CheckReport:
                 f"{self.bytes_verified} payload bytes verified; {len(self.bad_records)} bad, "
                 f"{len(self.dangling)} dangling, {len(self.orphan_files)} orphan files, "
                 f"{len(self.index_problems)} index problems; quarantined total "
-                f"{self.quarantined_total}" + (" (repaired)" if self.repaired else ""))
+                f"{self.quarantined_total}"
+                + (f"; {len(self.ignored_files)} foreign entries ignored" if self.ignored_files
+                   else "") + (" (repaired)" if self.repaired else ""))
 
 
 def _verify_payload(blocks_dir: str, key: bytes, rec: BlockRecord, executor: Executor | None) -> str:
@@ -68,6 +75,8 @@ def _verify_payload(blocks_dir: str, key: bytes, rec: BlockRecord, executor: Exe
         return "payload file missing"
     except pl.PayloadError as exc:
         return str(exc)
+    except OSError as exc:  # a symlink (ELOOP: never followed) or an unreadable file
+        return f"payload file unreadable: {exc.strerror or exc}"
     return ""
 
 
@@ -96,22 +105,19 @@ def run_check(idx: Index, blocks_dir: str, executor: Executor | None, repair: bo
             report.bytes_verified += rec.stored_size  # type: ignore[union-attr]
     report.bad_records = sorted((k.hex(), r) for k, r in bad.items())
 
-    # Reachability from namespace roots over verified records (prefix closure).
-    by_parent: dict[bytes, list[bytes]] = {}
-    for key, rec in good.items():
-        by_parent.setdefault(rec.parent, []).append(key)
-    keep: dict[bytes, BlockRecord] = {}
-    stack = [k for k, r in good.items() if r.parent == r.ns and r.index == 0]
-    while stack:
-        k = stack.pop()
-        keep[k] = good[k]
-        stack.extend(by_parent.get(k, []))
+    # Reachability from namespace roots over verified records (prefix closure; shared with the
+    # rebuild so that the two agree on what a store holds).
+    keep = {k: good[k] for k in closure_order(good)}
     report.dangling = sorted(k.hex() for k in good if k not in keep)
 
     # Files without records.
     names = os.listdir(blocks_dir)
     report.files_checked = len(names)
     for name in names:
+        why = entry_untrusted(os.path.join(blocks_dir, name))
+        if why:
+            report.ignored_files.append(f"{name} ({why})")
+            continue
         stem, _, ext = name.partition(".")
         try:
             known = ext == "blk" and bytes.fromhex(stem) in raws
@@ -193,9 +199,12 @@ def _repair(idx: Index, blocks_dir: str, report: CheckReport, raws: dict[bytes, 
         txn.put(COUNTERS_KEY, encode_counters(counters), db=idx.meta)
         report.quarantined_total = txn.stat(idx.quarantine)["entries"]
     for name in [k.hex() + ".blk" for k in drop] + report.orphan_files:
+        path = os.path.join(blocks_dir, name)
+        if entry_untrusted(path):
+            continue  # not ours (see ignored_files): never deleted
         try:
-            os.unlink(os.path.join(blocks_dir, name))
-        except FileNotFoundError:
+            os.unlink(path)
+        except OSError:
             pass
     pl.fsync_dir(blocks_dir)
     report.repaired = True

@@ -20,6 +20,7 @@ from typing import Iterator
 import lmdb
 
 from tqstore.errors import ResourceExhausted
+from tqstore.ssd.payload import FILE_MODE
 
 
 _CODES = (errno.ENOSPC, errno.EDQUOT)
@@ -84,9 +85,9 @@ class SpaceReserve:
         except OSError:
             pass
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
             try:
-                os.fchmod(fd, 0o600)
+                os.fchmod(fd, FILE_MODE)
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
             finally:
                 os.close(fd)

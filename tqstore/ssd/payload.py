@@ -98,13 +98,17 @@ def encode(payload: BlockPayload, compression: str, level: int, chunk: int) -> E
     return EncodedPayload(segments, compression, raw_size, stored, chunk_crcs(segments, chunk))
 
 
+FILE_MODE = 0o600  # every file and directory of a store is private whatever the umask (KV caches
+DIR_MODE = 0o700  # hold the content of prompts); the one place these modes are defined
+
+
 def write_file(final_path: str, key: bytes, enc: EncodedPayload) -> None:
     """Write to a temp name, fsync, rename into place. The caller fsyncs the directory once per
     batch, then commits the index: only then is the block acknowledged."""
     tmp = f"{final_path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
-        os.fchmod(fd, 0o600)  # store files are private whatever the umask
+        os.fchmod(fd, FILE_MODE)  # store files are private whatever the umask
         desc = enc.description
         version = FILE_VERSION if desc else 2
         buffers = [_header(key, enc.compression, enc.raw_size, enc.stored_size, len(desc), version),
@@ -162,7 +166,7 @@ def read_file(path: str, key: bytes, file_size: int, stored_size: int, raw_size:
 
     Raises FileNotFoundError if the file is gone (evicted under us: a plain miss, not corruption)
     and PayloadError on any verification failure."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a planted symlink is never followed
     try:
         if os.fstat(fd).st_size != file_size or file_size < HEADER_SIZE + stored_size:
             raise PayloadError("payload file size mismatch")

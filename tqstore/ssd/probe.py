@@ -13,9 +13,18 @@ wrong length, a walk that disagrees with the database's entry count, or any lmdb
 whose frame CRC fails is NOT structural: the store's readers quarantine such a record (a counted
 miss), as before; the child only counts them.
 
-What the walk does not cover: LMDB's free-page list (not reachable through py-lmdb) and the lock
-file while another process holds it. The writer holds writer.lock, so it removes a lock file
-that LMDB refuses and opens again (opening.py).
+The free-page list is not reachable through py-lmdb's readers, so a `--write` probe (the writer's,
+and `check`'s when it may write the index) also runs one write transaction that puts and deletes
+a key in the meta database and is then aborted: page allocation reads the free list, so a broken
+one fails here (MDB_CORRUPTED: a reviewer zeroed its root page and every put failed while the walk
+passed) and nothing on disk changes. The lock file is LMDB's: a damaged one is reinitialised by
+the first opener (it takes the lock file exclusively), so it is not probed.
+
+Inconclusive runs: a probe killed by SIGKILL, SIGTERM or SIGINT (the OOM killer, a stop of the
+service, Ctrl-C) proves nothing about the index, so it is reported as not run (`ran=False`), not
+as damage: moving a sound index aside would cost a rebuild for nothing. The timeout scales with
+data.mdb's size (a cold walk reads all of it); a walk that runs past it is taken as damage (a page
+cycle loops forever).
 
 Cost (measured on the 2-core dev box, warm page cache): 0.21 s for an index of 2,048 blocks,
 0.37 s for 100,000 blocks (203k entries, 69 MiB data.mdb); interpreter start and imports are
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +48,10 @@ from tqstore.ssd.records import KIND_BLOCK, KIND_NAMESPACE, RecordError, check_f
 EXIT_OK = 0
 EXIT_LMDB_ERROR = 2
 EXIT_STRUCTURE = 3
+_PROBE_KEY = b"\x00probe"  # put and deleted by the write probe, never committed
+_INCONCLUSIVE = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT}
+_BASE_TIMEOUT_S = 120.0
+_SLOWEST_READ_BPS = 20 << 20  # a slow disk, cold: the walk may read all of data.mdb
 # (database, dupsort, key length or 0 for any, value frame kind or 0 for none)
 _DATABASES = (
     (b"blocks", False, 32, KIND_BLOCK),
@@ -57,6 +71,7 @@ class ProbeResult:
     entries: int = 0
     bad_frames: int = 0
     ran: bool = True  # False: the child itself could not run (not evidence of damage)
+    killed: bool = False  # the child was killed from outside (see the module docstring)
 
 
 def _child_env() -> dict[str, str]:
@@ -112,12 +127,40 @@ def walk(index_dir: str, lock: bool) -> dict:
         env.close()
 
 
-def probe_index(index_dir: str, *, lock: bool, timeout_s: float = 120.0) -> ProbeResult:
-    """Run `walk` in a child process; never raises for a damaged index."""
+def write_probe(index_dir: str) -> None:
+    """One aborted write txn: allocating a page reads the free list (see the module docstring)."""
+    env = lmdb.open(index_dir, lock=True, subdir=True, max_dbs=8, readahead=False, create=False)
+    try:
+        meta = env.open_db(b"meta", create=False)
+        txn = env.begin(write=True)
+        try:
+            txn.put(_PROBE_KEY, b"x" * 64, db=meta)
+            txn.delete(_PROBE_KEY, db=meta)
+        finally:
+            txn.abort()
+    finally:
+        env.close()
+
+
+def probe_timeout(index_dir: str) -> float:
+    """120 s plus the time to read data.mdb at a slow disk's cold rate."""
+    try:
+        size = os.path.getsize(os.path.join(index_dir, "data.mdb"))
+    except OSError:
+        size = 0
+    return _BASE_TIMEOUT_S + size / _SLOWEST_READ_BPS
+
+
+def probe_index(index_dir: str, *, lock: bool, write: bool = False,
+                timeout_s: float | None = None) -> ProbeResult:
+    """Run `walk` (and with write=True `write_probe`) in a child process; never raises for a
+    damaged index."""
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(index_dir, "data.mdb")):
         return ProbeResult(False, "index data file missing", 0.0)
+    timeout_s = probe_timeout(index_dir) if timeout_s is None else timeout_s
     cmd = [sys.executable, "-m", "tqstore.ssd.probe", index_dir] + (["--lock"] if lock else [])
+    cmd += ["--write"] if write else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                               stdin=subprocess.DEVNULL, env=_child_env())
@@ -125,6 +168,9 @@ def probe_index(index_dir: str, *, lock: bool, timeout_s: float = 120.0) -> Prob
         return ProbeResult(False, f"index walk timed out after {timeout_s:.0f} s",
                            time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
+    if -proc.returncode in _INCONCLUSIVE:
+        return ProbeResult(False, f"index walk was killed (signal {-proc.returncode})", seconds,
+                           ran=False, killed=True)
     if proc.returncode < 0:
         return ProbeResult(False, f"index walk died of signal {-proc.returncode}", seconds)
     lines = proc.stdout.strip().splitlines()
@@ -143,10 +189,12 @@ def probe_index(index_dir: str, *, lock: bool, timeout_s: float = 120.0) -> Prob
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m tqstore.ssd.probe INDEX_DIR [--lock]", file=sys.stderr)
+        print("usage: python -m tqstore.ssd.probe INDEX_DIR [--lock] [--write]", file=sys.stderr)
         return 64
     try:
         out = walk(argv[0], lock="--lock" in argv[1:])
+        if "--write" in argv[1:]:
+            write_probe(argv[0])
     except lmdb.Error as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return EXIT_LMDB_ERROR

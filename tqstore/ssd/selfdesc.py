@@ -14,8 +14,8 @@ all agree. Any disagreement means the file cannot vouch for itself and is not re
 
 from __future__ import annotations
 
-import hashlib
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, replace
@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from tqstore.payload_format import (
     HEADER_SIZE, desc_size_of, description_intact, header, header_version)
 from tqstore.prefix_hash import Namespace
+from tqstore.ssd.chain import block_hash
 from tqstore.ssd.records import BlockRecord, NamespaceRecord, RecordError
 
 _LEN = struct.Struct("<I")
@@ -54,19 +55,45 @@ def namespace_of(ns: NamespaceRecord) -> Namespace:
                      extra=tuple((str(k), str(v)) for k, v in ns.extra))
 
 
-def chain_hash(parent: bytes, tokens: bytes, n_tokens: int) -> bytes:
-    """The block hash (tqstore/ssd/chain.py): SHA-256(parent || u32 count || token ids)."""
-    h = hashlib.sha256(parent)
-    h.update(struct.pack("<I", n_tokens))
-    h.update(tokens)
-    return h.digest()
+class UntrustedFile(OSError):
+    """Not a regular file owned by this process's user: never read as a block, never deleted
+    (what another user planted, or a symlink, is left in place and counted)."""
+
+
+def entry_untrusted(path: str) -> str:
+    """Why the store must neither read nor delete the directory entry at path ("" if it may):
+    only regular files owned by the effective uid are the store's (a symlink or another user's
+    file in blocks/ was planted, a directory there is junk someone else made)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return "foreign"
+    return ""
+
+
+def open_owned(path: str) -> int:
+    """A read-only fd of path if it is a regular file owned by the effective uid; the symlink
+    itself is never followed (O_NOFOLLOW), so what is checked is what is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UntrustedFile(f"{path}: " + ("not a regular file" if not stat.S_ISREG(st.st_mode)
+                                           else f"owned by uid {st.st_uid}"))
+    return fd
 
 
 def read_description(path: str, key: bytes) -> Description:
     """Parse and cross-check the self-description of the payload file at path, named `key`.
     Raises DescriptionError (or OSError) when the file cannot describe itself. Does not read
     the body: the caller verifies it with payload.read_file against the returned record."""
-    with open(path, "rb") as f:
+    with os.fdopen(open_owned(path), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_SIZE)
         length = desc_size_of(head)
@@ -101,7 +128,7 @@ def _cross_check(key: bytes, head: bytes, rec: BlockRecord, ns: NamespaceRecord,
         raise DescriptionError("header disagrees with the self-description or the file name")
     if HEADER_SIZE + desc_size + rec.stored_size != file_size:
         raise DescriptionError("file size disagrees with the self-description")
-    if chain_hash(rec.parent, rec.tokens, rec.n_tokens) != key:
+    if block_hash(rec.parent, rec.tokens, rec.n_tokens) != key:
         raise DescriptionError("chain hash of (parent, token ids) is not the file's name")
     try:
         root = namespace_of(ns).root_hash()

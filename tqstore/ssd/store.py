@@ -90,8 +90,8 @@ class BlockStore:
             if not os.path.isdir(os.path.join(self.path, "index")):
                 raise NotFound(f"no store at {self.path}")
         else:
-            os.makedirs(self.blocks_dir, mode=0o700, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            os.makedirs(self.blocks_dir, mode=pl.DIR_MODE, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(self.path, "writer.lock"), os.O_RDWR | os.O_CREAT, pl.FILE_MODE)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
