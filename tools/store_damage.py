@@ -44,6 +44,7 @@ def main() -> int:
         "rounds": r.rounds, "by_target_kind": dict(sorted(r.by_target_kind.items())),
         "index_rebuilds": r.rebuilds, "recovered_blocks": r.recovered, "lost_blocks": r.lost,
         "lost_with_intact_files": r.lost_with_intact_files,
+                      "healed_records": r.healed,
         "rounds_losing_intact_files": r.rounds_losing_intact_files[:20],
         "wrong_bytes_served": r.wrong_bytes_served,
         "crashes": r.crashes, "failures": r.failures[:20], "n_failures": len(r.failures),

@@ -54,6 +54,8 @@ _STORE_COUNTERS = (
      "Block reads that failed verification: served as misses (persisted)."),
     ("quarantined", "tqstore_store_quarantined",
      "Blocks quarantined after a verification failure (persisted)."),
+    ("healed_records", "tqstore_store_healed_records",
+     "Index records that failed their checksum, rewritten from their intact payload file."),
     # The usage counters above restart from zero when the index is rebuilt (a counter reset).
     ("index_rebuilds", "tqstore_index_rebuilds", "Index rebuilds from the payload files."),
     ("rebuild_recovered_blocks", "tqstore_index_rebuild_recovered_blocks",

@@ -412,7 +412,8 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                 index_rebuilds=s.index_rebuilds, rebuild_recovered_blocks=s.rebuild_recovered_blocks,
                 rebuild_lost_blocks=s.rebuild_lost_blocks,
                 last_rebuild_time_ns=s.last_rebuild_time_ns,
-                last_rebuild_reason=_cut_text(s.last_rebuild_reason, 1024))
+                last_rebuild_reason=_cut_text(s.last_rebuild_reason, 1024),
+                healed_records=s.healed_records)
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc)
 

@@ -1,5 +1,7 @@
 """Flipped bytes in payloads and index values: misses (counted, quarantined), never a wrong block,
-never a crash; check finds every kind of damage and repair makes the store consistent again."""
+never a crash; check finds every kind of damage and repair makes the store consistent again. A
+damaged index record whose payload file is intact is healed from the file by a writer
+(heal.py; more in test_index_damage.py)."""
 
 import os
 
@@ -82,7 +84,7 @@ def test_payload_damage_is_a_counted_miss(tmp_path, rng, where):
         assert all(same_bits(s.get_block(NS, toks, i), pls[i]) for i in range(4))
 
 
-def test_index_value_damage_is_a_counted_miss(tmp_path, rng):
+def test_index_value_damage_is_a_counted_miss_or_healed(tmp_path, rng):
     path = tmp_path / "s"
     toks, pls, hashes = _fill(path, rng)
     _flip_index_value(path, hashes[1], int(rng.integers(0, 1000)))
@@ -92,15 +94,32 @@ def test_index_value_damage_is_a_counted_miss(tmp_path, rng):
         assert r.stats().verification_failures == 1
         assert not r.check().ok
     with BlockStore(path) as s:
+        # get_block finds the damaged record and, the payload file being intact, the writer
+        # rewrites the record from the file's self-description and serves the block.
+        assert same_bits(s.get_block(NS, toks, 1), pls[1])
+        assert s.lookup(NS, toks) == 4
+        assert all(same_bits(s.get_block(NS, toks, i), pls[i]) for i in range(4))
+        assert (s.stats().quarantined, s.stats().healed_records) == (0, 1)
+        assert s.check().ok
+
+
+def test_index_value_damage_with_a_damaged_file_is_quarantined(tmp_path, rng):
+    path = tmp_path / "s"
+    toks, pls, hashes = _fill(path, rng)
+    _flip_index_value(path, hashes[1], int(rng.integers(0, 1000)))
+    victim = path / "blocks" / (hashes[1].hex() + ".blk")
+    _flip_file(victim, os.path.getsize(victim) - 10)  # a byte of the body
+    with BlockStore(path) as s:
         # lookup is a binary search that verifies the record frames it visits (O(log n): the
         # 2 ms budget); a damaged record it did not visit is caught by get_block, which then
-        # quarantines the block and its subtree, so the next lookup stops before it.
+        # quarantines the block and its subtree (no heal: the file fails verification), so the
+        # next lookup stops before it.
         assert s.lookup(NS, toks) in (1, 4)
         with pytest.raises(NotFound):
             s.get_block(NS, toks, 1)
         assert s.lookup(NS, toks) == 1
         assert same_bits(s.get_block(NS, toks, 0), pls[0])
-        assert s.stats().quarantined == 1
+        assert (s.stats().quarantined, s.stats().healed_records) == (1, 0)
         assert s.check().ok
 
 
@@ -128,13 +147,19 @@ def test_check_finds_and_repairs_everything(tmp_path, rng):
         assert same_bits(s.get_block(NS, toks, 3), pls[3])
 
 
-def test_lookup_quarantines_a_damaged_record_it_visits(tmp_path, rng):
+@pytest.mark.parametrize("file_intact", [True, False])
+def test_lookup_heals_or_quarantines_a_damaged_record_it_visits(tmp_path, rng, file_intact):
     path = tmp_path / "s"
     toks, pls, hashes = _fill(path, rng, n=4)
     _flip_index_value(path, hashes[2], 20)  # the binary search over 4 blocks probes block 2 first
+    if not file_intact:
+        victim = path / "blocks" / (hashes[2].hex() + ".blk")
+        _flip_file(victim, os.path.getsize(victim) - 10)  # a byte of the body
     with BlockStore(path) as s:
-        assert s.lookup(NS, toks) == 2
-        assert s.stats().verification_failures == 1 and s.stats().quarantined == 1
+        assert s.lookup(NS, toks) == (4 if file_intact else 2)
+        st = s.stats()
+        assert st.verification_failures == 1
+        assert (st.healed_records, st.quarantined) == ((1, 0) if file_intact else (0, 1))
         assert s.check().ok
 
 

@@ -69,7 +69,7 @@ _COUNTERS = ("blocks", "bytes_on_disk", "payload_bytes", "index_bytes", "logical
              "verification_failures", "quarantined")
 # Rebuilds of a damaged or missing index from the payload files (tqstore/ssd/opening.py).
 _REBUILDS = ("index_rebuilds", "rebuild_recovered_blocks", "rebuild_lost_blocks",
-             "last_rebuild_time_ns", "last_rebuild_reason")
+             "last_rebuild_time_ns", "last_rebuild_reason", "healed_records")
 
 
 def _view(source: str, stats: Any, namespaces: list[dict[str, Any]], rates, backend,
@@ -144,7 +144,8 @@ def render(view: dict[str, Any]) -> str:
         ("compression", f"{printable(view['compression'])}, ratio {ratio:.2f}x" if ratio
                         else printable(view["compression"])),
         ("evictions", str(view["evictions"])),
-        ("verification failures", f"{view['verification_failures']} ({view['quarantined']} quarantined)"),
+        ("verification failures", f"{view['verification_failures']} ({view['quarantined']} quarantined, "
+                                  f"{view.get('healed_records', 0)} index records healed)"),
     ]
     if view.get("index_rebuilds"):
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view["last_rebuild_time_ns"] / 1e9))

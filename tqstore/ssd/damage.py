@@ -10,11 +10,12 @@ in a child process so that a signal is seen as a failure rather than killing the
    soak.py), then runs check and, if that is not clean, check --repair, which must be clean.
 
 Expectations checked per round: no crash, no wrong byte served, and every block whose own payload
-file and ancestors' files were untouched is still served, except after record-level damage in
-data.mdb that the index survived (a record whose CRC fails is quarantined with its subtree, by
-design: tests/ssd/test_corruption.py). Blocks lost that way had intact payload files: that is a
-real loss (the rebuild could have recovered them), counted apart as lost_with_intact_files and
-listed per round, not a failure of the round.
+file and ancestors' files were untouched is still served. A record whose CRC fails inside an index
+that survived is healed from its intact payload file (heal.py): served, so not a loss, and counted
+as `healed`. What data.mdb damage can still cost with intact files (a flipped key, so the record
+is simply absent and its subtree dangling; damage that check --repair resolves by quarantine) is
+a real loss, counted apart as lost_with_intact_files and listed per round, not a failure of the
+round.
 
 Used by tests/ssd/test_index_damage.py and tools/store_damage.py.
 """
@@ -128,9 +129,10 @@ def serve_all(path: str, families: int, chain: int) -> dict:
                     wrong += 1
                     break
                 served.append(hashes[i].hex())
+        healed = store.stats().healed_records
         first = store.check()
         repaired_ok = first.ok or (store.check(repair=True).repaired and store.check().ok)
-    return {"served": sorted(set(served)), "wrong": wrong, "check_ok": first.ok,
+    return {"served": sorted(set(served)), "wrong": wrong, "check_ok": first.ok, "healed": healed,
             "repaired_ok": repaired_ok,
             "rebuild": None if rebuild is None else
             {"reason": rebuild.reason, "recovered": rebuild.recovered, "lost": rebuild.lost}}
@@ -149,9 +151,10 @@ class DamageReport:
     rebuilds: int = 0
     recovered: int = 0  # blocks re-indexed by rebuilds
     lost: int = 0  # blocks no longer served after the damage (all causes)
-    # of those: blocks whose payload file (and every ancestor's) was intact, lost only because
-    # data.mdb damage quarantined their index record or an ancestor's. A loss the rebuild could
-    # have prevented (the files describe themselves): reported as such, never hidden.
+    healed: int = 0  # damaged index records rewritten from intact payload files: not lost
+    # of the lost: blocks whose payload file (and every ancestor's) was intact, lost because
+    # data.mdb damage removed or quarantined their index record or an ancestor's, which no heal
+    # could undo. A loss the rebuild could have prevented: reported as such, never hidden.
     lost_with_intact_files: int = 0
     rounds_losing_intact_files: list[str] = field(default_factory=list)
     wrong_bytes_served: int = 0
@@ -194,6 +197,7 @@ def run_round(base: str, work: str, target: str, kind: str, rnd: random.Random,
         return
     res = json.loads(out.strip().splitlines()[-1])
     report.wrong_bytes_served += res["wrong"]
+    report.healed += res["healed"]
     if res["rebuild"] is not None:
         report.rebuilds += 1
         report.recovered += res["rebuild"]["recovered"]

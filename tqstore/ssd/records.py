@@ -160,6 +160,7 @@ COUNTER_NAMES = (
     "evictions",
     "verification_failures",
     "quarantined",
+    "healed",  # damaged index records rewritten from their verified payload files (heal.py)
 )
 
 

@@ -49,6 +49,9 @@ class StoreStats:
     last_rebuild_time_ns: int = 0  # ns since epoch; 0: never
     last_rebuild_reason: str = ""
     last_rebuild_seconds: float = 0.0
+    # Damaged index records rewritten from their verified payload files instead of quarantining
+    # the block and its subtree (heal.py; each also counts as a verification failure).
+    healed_records: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -84,4 +87,4 @@ def read_stats(idx, pending: dict[str, int], max_bytes: int, compression: str) -
         gets=c["gets"], get_hits=c["get_hits"], evictions=c["evictions"],
         verification_failures=c["verification_failures"], quarantined=c["quarantined"],
         namespaces=sorted(rows, key=lambda r: (-r.bytes, r.digest)),
-        block_size_histogram=dict(sorted(hist.items())))
+        block_size_histogram=dict(sorted(hist.items())), healed_records=c["healed"])

@@ -18,9 +18,10 @@ writer opens the store) or temp files (same): nothing torn is ever reachable thr
 Verification (a corrupt store never serves a wrong block and never crashes the reader): get_block
 checks the record frame CRC, namespace, parent, stored token ids and layout, then the payload
 header, self-description CRC and every chunk CRC. Any mismatch is counted, the block and its
-subtree are quarantined (writer) and the caller gets NotFound. lookup verifies the frame CRC of the
-records its binary search touches; it relies on prefix closure (index.py) to be O(log n) in the
-chain length.
+subtree are quarantined (writer) and the caller gets NotFound; but a writer heals a damaged
+record (frame CRC, undecodable) from its verified payload file and serves it (heal.py). lookup
+verifies the frame CRC of the records its binary search touches; it relies on prefix closure
+(index.py) to be O(log n) in the chain length.
 
 Concurrency: one writer process (flock); within it, writes are serialized by a lock and reads run
 concurrently. Other processes open readonly and read while the writer writes (LMDB MVCC; a payload
@@ -49,6 +50,7 @@ from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.check import CheckReport, run_check
 from tqstore.config import StoreConfig
 from tqstore.ssd.eviction import Evicted, evict_in_steps, evict_lru
+from tqstore.ssd.heal import Healed, heal_record, record_mismatch, undecodable_sizes
 from tqstore.ssd.leases import Leases
 from tqstore.ssd.nospace import SpaceReserve, space_errors
 from tqstore.ssd.opening import open_reader_index, open_writer_index, prepare_writer, read_history
@@ -257,10 +259,10 @@ class BlockStore:
         anyway; SHA-256 of 128k tokens alone costs ~1.5 ms here). Does not count stats.
 
         A binary search over the chain, valid because presence is prefix-closed (index.py).
-        It verifies the frame CRC of every record it visits; a damaged record there is
-        quarantined (writer) and the search repeated. Records it does not visit are verified by
-        get_block, which quarantines the block and its subtree: a caller treats the first
-        NotFound from get_block as the end of its hit."""
+        It verifies the frame CRC of every record it visits; a damaged record there is healed
+        or quarantined (writer, heal.py) and the search repeated. Records it does not visit are
+        verified by get_block (which heals, or quarantines the block and its subtree): a caller
+        treats the first NotFound from get_block as the end of its hit."""
         found = 0
         for _attempt in range(3):
             bad = None
@@ -281,7 +283,7 @@ class BlockStore:
             if bad is None:
                 break
             self._fail(hashes[bad], hashes[bad - 1] if bad else namespace.root_hash(),
-                       "index record corrupt (lookup)", None, namespace)
+                       "index record corrupt (lookup)", None, namespace, heal=True)
             if self.readonly:
                 break
         return found
@@ -297,6 +299,7 @@ class BlockStore:
         want_tokens = tokens[index * bs:(index + 1) * bs].tobytes()
         reason, raw = "", None
         for _attempt in range(2):
+            heal = False  # set only by a record that fails to decode, never by its payload
             with self._idx.env.begin(db=self._idx.blocks) as txn:
                 raw = txn.get(key)
             if raw is None:
@@ -304,7 +307,7 @@ class BlockStore:
                 raise NotFound("block not stored")
             try:
                 rec = BlockRecord.decode(raw)
-                reason = self._record_mismatch(rec, namespace, parent, want_tokens)
+                reason = record_mismatch(rec, parent, namespace, want_tokens)
                 if not reason:
                     body = pl.read_file(self._file(key), key, rec.file_size, rec.stored_size,
                                         rec.raw_size, rec.compression, rec.chunks, self._executor)
@@ -314,7 +317,7 @@ class BlockStore:
             except FileNotFoundError:
                 reason = "payload file missing"
             except (RecordError, PayloadError) as exc:
-                reason = str(exc)
+                reason, heal = str(exc), isinstance(exc, RecordError)
             except Exception as exc:  # a corrupt store must never crash the reader
                 reason = f"unexpected {type(exc).__name__}: {exc}"
             with self._idx.env.begin(db=self._idx.blocks) as txn:
@@ -324,8 +327,11 @@ class BlockStore:
                 raise NotFound("block evicted")
             if again == raw:
                 break  # same record, still bad: corruption
+        healed = self._fail(key, parent, reason, raw, namespace, heal, want_tokens)
+        if healed is not None:
+            self._touch(key)
+            return healed.block
         self._count({"gets": 1})
-        self._fail(key, parent, reason, raw, namespace)
         raise NotFound(f"block failed verification: {reason}")
 
     def locate(self, namespace: Namespace, token_ids: Sequence[int], first_block: int,
@@ -333,7 +339,7 @@ class BlockStore:
         """The index records of blocks first_block .. (at most num_blocks; 0: all present) whose
         records verify (frame CRC, namespace, parent, token ids, layout), for a reader that
         verifies the payload bytes itself; they are leased against eviction for lease_s. A
-        record that fails is quarantined and ends the list, as a failed get_block does."""
+        record that fails is healed, or quarantined and ends the list, as in get_block."""
         tokens = token_array(token_ids)
         bs = namespace.block_size
         full = len(tokens) // bs
@@ -342,70 +348,65 @@ class BlockStore:
             raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
                                   f"{full} full blocks of {len(tokens)} tokens")
         hashes = chain_hashes(namespace, tokens, first_block + count)
-        found: list[tuple[int, BlockRecord]] = []
-        bad = None
-        with self._idx.env.begin(db=self._idx.blocks) as txn:
-            for i in range(first_block, first_block + count):
-                raw = txn.get(hashes[i])
-                if raw is None:
-                    break
-                parent = hashes[i - 1] if i else namespace.root_hash()
-                try:
-                    rec = BlockRecord.decode(raw)
-                    reason = self._record_mismatch(rec, namespace, parent,
-                                                   tokens[i * bs:(i + 1) * bs].tobytes())
-                except RecordError as exc:
-                    reason = str(exc)
-                if reason:
-                    bad = (hashes[i], parent, reason, raw)
-                    break
-                found.append((i, rec))
+        for _attempt in range(3):  # again after a healed record (heal.py)
+            found, bad = self._locate_records(namespace, tokens, hashes, first_block, count)
+            if not bad or self._fail(*bad) is None:
+                break
         if found:
             self.leases.grant([hashes[i] for i, _ in found], lease_s)
             for i, _ in found:
                 self._touch(hashes[i])
-        if bad is not None:
-            self._fail(*bad, namespace)
         return found
 
-    def _record_mismatch(self, rec: BlockRecord, ns: Namespace, parent: bytes, tokens: bytes) -> str:
-        if rec.ns != ns.root_hash() or rec.format_version != ns.format_version:
-            return "namespace mismatch"
-        if rec.parent != parent:
-            return "parent mismatch"
-        if rec.tokens != tokens or rec.n_tokens != ns.block_size:
-            return "token ids mismatch"
-        if tuple(rec.layout) != self._layout(ns) or rec.dtype != ns.kv_dtype:
-            return "layout mismatch"
-        return ""
+    def _locate_records(self, namespace: Namespace, tokens: np.ndarray, hashes: list[bytes],
+                        first: int, count: int) -> tuple[list[tuple[int, BlockRecord]], tuple]:
+        """The verified records from first on, and the _fail arguments of the first
+        that failed (() if none did)."""
+        bs = namespace.block_size
+        found: list[tuple[int, BlockRecord]] = []
+        with self._idx.env.begin(db=self._idx.blocks) as txn:
+            for i in range(first, first + count):
+                raw = txn.get(hashes[i])
+                if raw is None:
+                    break
+                parent = hashes[i - 1] if i else namespace.root_hash()
+                want, heal = tokens[i * bs:(i + 1) * bs].tobytes(), False
+                try:
+                    rec = BlockRecord.decode(raw)
+                    reason = record_mismatch(rec, parent, namespace, want)
+                except RecordError as exc:
+                    reason, heal = str(exc), True
+                if reason:
+                    return found, (hashes[i], parent, reason, raw, namespace, heal, want)
+                found.append((i, rec))
+        return found, ()
 
-    def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None,
-              ns: Namespace) -> None:
-        """Count a verification failure; a writer quarantines the block and its subtree."""
+    def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None, ns: Namespace,
+              heal: bool = False, tokens: bytes | None = None) -> Healed | None:
+        """Count a verification failure. A writer heals a damaged record (heal: the record, not
+        the payload, failed; tokens: the block's token ids if known) from its verified payload
+        file (heal.py) and returns what it healed, or else quarantines the block and its
+        subtree (None)."""
         if self.readonly:
             self._count({"verification_failures": 1})
-            return
+            return None
         with self._lock:
+            if heal and (healed := heal_record(self._idx, self._file(key), key, parent, ns, tokens,
+                                               self._now(), self._executor)) is not None:
+                return healed
             doomed: list[bytes] = []
             with self._idx.env.begin(write=True) as txn:
                 self._idx.add_counters(txn, {"verification_failures": 1})
                 cur = txn.get(key, db=self._idx.blocks)
                 if cur is None:
-                    return
+                    return None
                 for k in self._idx.subtree(txn, key) + [key]:
                     kraw = txn.get(k, db=self._idx.blocks)
                     try:
                         krec = BlockRecord.decode(kraw) if kraw is not None else None
                     except RecordError:
                         krec = None
-                    sizes = None
-                    if krec is None:  # undecodable: sizes from the namespace and the file
-                        try:
-                            alloc = pl.allocated(os.path.getsize(self._file(k)))
-                        except OSError:
-                            alloc = 0
-                        l, h, b, d = self._layout(ns)
-                        sizes = (ns.root_hash(), alloc, 4 * l * h * b * d)
+                    sizes = None if krec else undecodable_sizes(self._file(k), ns)
                     self._idx.remove(txn, k, krec, parent if k == key else None, sizes)
                     if k == key:
                         self._idx.quarantine_record(txn, k, reason, self._now(), bytes(cur))
@@ -417,6 +418,7 @@ class BlockStore:
                     os.unlink(self._file(k))
                 except FileNotFoundError:
                     pass
+        return None
 
     # -- access batching ------------------------------------------------------------------------
     def _count(self, delta: dict[str, int]) -> None:

@@ -205,7 +205,7 @@ class NamespaceRow(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("blocks", "bytes_on_disk", "logical_bytes", "max_bytes", "lookups", "lookup_tokens", "hit_tokens", "evictions", "verification_failures", "quarantined", "compression", "namespaces", "block_size_histogram", "recent_request_hit_rates", "attention_backend", "payload_bytes", "index_bytes", "tiers", "namespaces_omitted", "index_rebuilds", "rebuild_recovered_blocks", "rebuild_lost_blocks", "last_rebuild_time_ns", "last_rebuild_reason")
+    __slots__ = ("blocks", "bytes_on_disk", "logical_bytes", "max_bytes", "lookups", "lookup_tokens", "hit_tokens", "evictions", "verification_failures", "quarantined", "compression", "namespaces", "block_size_histogram", "recent_request_hit_rates", "attention_backend", "payload_bytes", "index_bytes", "tiers", "namespaces_omitted", "index_rebuilds", "rebuild_recovered_blocks", "rebuild_lost_blocks", "last_rebuild_time_ns", "last_rebuild_reason", "healed_records")
     class BlockSizeHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class StatsResponse(_message.Message):
     REBUILD_LOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAST_REBUILD_TIME_NS_FIELD_NUMBER: _ClassVar[int]
     LAST_REBUILD_REASON_FIELD_NUMBER: _ClassVar[int]
+    HEALED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     bytes_on_disk: int
     logical_bytes: int
@@ -261,7 +262,8 @@ class StatsResponse(_message.Message):
     rebuild_lost_blocks: int
     last_rebuild_time_ns: int
     last_rebuild_reason: str
-    def __init__(self, blocks: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., verification_failures: _Optional[int] = ..., quarantined: _Optional[int] = ..., compression: _Optional[str] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceRow, _Mapping]]] = ..., block_size_histogram: _Optional[_Mapping[int, int]] = ..., recent_request_hit_rates: _Optional[_Iterable[float]] = ..., attention_backend: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., namespaces_omitted: _Optional[int] = ..., index_rebuilds: _Optional[int] = ..., rebuild_recovered_blocks: _Optional[int] = ..., rebuild_lost_blocks: _Optional[int] = ..., last_rebuild_time_ns: _Optional[int] = ..., last_rebuild_reason: _Optional[str] = ...) -> None: ...
+    healed_records: int
+    def __init__(self, blocks: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., verification_failures: _Optional[int] = ..., quarantined: _Optional[int] = ..., compression: _Optional[str] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceRow, _Mapping]]] = ..., block_size_histogram: _Optional[_Mapping[int, int]] = ..., recent_request_hit_rates: _Optional[_Iterable[float]] = ..., attention_backend: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., namespaces_omitted: _Optional[int] = ..., index_rebuilds: _Optional[int] = ..., rebuild_recovered_blocks: _Optional[int] = ..., rebuild_lost_blocks: _Optional[int] = ..., last_rebuild_time_ns: _Optional[int] = ..., last_rebuild_reason: _Optional[str] = ..., healed_records: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("lookup_tokens", "local_hit_tokens", "remote_hit_tokens", "remote_address", "remote_state", "remote_last_error", "remote_hit_blocks", "remote_bytes_in", "remote_bytes_out", "remote_errors", "remote_lookup_timeouts", "remote_verification_failures", "remote_incomplete", "remote_uploaded_blocks", "remote_uploads_skipped", "remote_uploads_dropped", "remote_uploads_failed", "remote_upload_queue_bytes", "local_copies", "local_copies_failed", "remote_lookup_ms_p50", "remote_lookup_ms_p99", "remote_get_ms_p50", "remote_get_ms_p99", "remote_put_ms_p50", "remote_put_ms_p99", "local_copies_dropped", "remote_lookups_while_connecting")
