@@ -31,7 +31,9 @@ pack() {
               typing_extensions==4.16.0 typing-inspection==0.4.2 annotated-types==0.7.0
               idna==3.20 h11==0.16.0
               # the remote tier's Redis client and its C reply parser
-              redis==8.1.0 hiredis==3.5.0)
+              redis==8.1.0 hiredis==3.5.0
+              # the daemon's Prometheus metrics (tqstore serve --metrics-port)
+              prometheus_client==0.26.0)
   mkdir -p .git/info
   grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
   rm -rf "$CARRY"/gpu-* "$CARRY/gpu-wheels" && mkdir -p "$CARRY/gpu-wheels"

@@ -12,7 +12,10 @@ Databases (all keys raw bytes):
 Invariants (check.py verifies each, `check --repair` rebuilds the derived ones):
 - Prefix closure: a block's parent is present (or is its namespace root). Eviction only removes
   leaves; quarantining a block removes its whole subtree (descendants are unreachable through a
-  prefix lookup anyway). This is what makes lookup a binary search over the chain.
+  prefix lookup anyway). This is what makes lookup a binary search over the chain. A record
+  that fails its checksum while its payload file verifies is rewritten from the file's
+  self-description instead (heal.py): only a block whose bytes are bad is quarantined.
+- The whole index is derived from the payload files' self-descriptions (rebuild.py).
 - children and leaves are exactly derived from blocks; counters equal sums over blocks.
 All mutations happen in one write txn together with the counters they change.
 """
