@@ -56,13 +56,19 @@ class Slots:
 
     def __init__(self, limit: int, what: str) -> None:
         self._free = threading.BoundedSemaphore(limit)
+        self._count = threading.Lock()
         self.limit, self.what = limit, what
+        self.in_use = 0  # slots held now (Stats-free introspection for tests and tools)
 
     def take(self) -> None:
         if not self._free.acquire(blocking=False):
             raise ResourceExhausted(f"{self.limit} {self.what} already running; retry later")
+        with self._count:
+            self.in_use += 1
 
     def release(self) -> None:
+        with self._count:
+            self.in_use -= 1
         self._free.release()
 
     @contextlib.contextmanager

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -115,13 +116,13 @@ def test_heavy_requests_take_slots_and_never_queue_small_ones(small):
 
     holder = stub.Put.future(stream())
     try:
-        seen = grpc.StatusCode.OK
-        for _ in range(500):  # until the Put's handler has taken the slot
-            seen = _code(stub.Lookup, pb.LookupRequest(namespace=_ns(), token_ids=heavy))
-            if seen != grpc.StatusCode.OK:
-                break
-            threading.Event().wait(0.01)
-        assert seen == EXHAUSTED
+        # Wait on the daemon's own count (probing with heavy Lookups raced the Put: a Lookup
+        # holding the one slot when the Put's header arrived got the Put refused instead).
+        deadline = time.monotonic() + 20
+        while daemon.service._heavy.in_use < 1:
+            assert time.monotonic() < deadline, "the heavy Put never took its slot"
+            time.sleep(0.01)
+        assert _code(stub.Lookup, pb.LookupRequest(namespace=_ns(), token_ids=heavy)) == EXHAUSTED
         assert stub.Lookup(pb.LookupRequest(namespace=_ns(), token_ids=tokens)).hit_blocks == 4
     finally:
         release.set()
