@@ -34,3 +34,15 @@ def store(tmp_path):
     s = BlockStore(tmp_path / "store", StoreConfig(map_size=1 << 28))
     yield s
     s.close()
+
+
+def fill_chains(path, rng, chains=3, n=12):
+    """Chains long enough that the blocks database has branch pages (~12 records a page)."""
+    data = []
+    with BlockStore(path) as s:
+        for _ in range(chains):
+            toks = random_tokens(rng, n * NS.block_size)
+            pls = [random_payload(rng) for _ in range(n)]
+            s.put_blocks(NS, toks, 0, pls)
+            data.append((toks, pls))
+    return data

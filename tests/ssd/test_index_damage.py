@@ -15,7 +15,6 @@ import sys
 import lmdb
 import pytest
 
-from tqstore.errors import NotFound
 from tqstore.ssd import BlockStore
 from tqstore.ssd import payload as pl
 from tqstore.ssd.chain import chain_hashes, token_array
@@ -24,22 +23,10 @@ from tqstore.ssd.opening import IndexDamaged, mark_index_suspect, write_private
 from tqstore.ssd.probe import probe_index, walk
 from tqstore.ssd.records import BlockRecord
 
-from .conftest import NS, random_payload, random_tokens, same_bits
+from .conftest import NS, fill_chains, random_payload, random_tokens, same_bits
 
 _P_BRANCH = 0x01
 _P_LEAF = 0x02
-
-
-def _fill(path, rng, chains=3, n=12):
-    """Chains long enough that the blocks database has branch pages (~12 records a page)."""
-    data = []
-    with BlockStore(path) as s:
-        for _ in range(chains):
-            toks = random_tokens(rng, n * NS.block_size)
-            pls = [random_payload(rng) for _ in range(n)]
-            s.put_blocks(NS, toks, 0, pls)
-            data.append((toks, pls))
-    return data
 
 
 def _all_served(path, data) -> bool:
@@ -112,7 +99,7 @@ def _flip_a_bit_that_kills(path, seed: int) -> None:
 
 def test_data_mdb_bit_flip_is_rebuilt_not_a_signal(tmp_path, rng, caplog):
     path = tmp_path / "s"
-    data = _fill(path, rng)
+    data = fill_chains(path, rng)
     _flip_a_bit_that_kills(path, 17)
     # Today's failure, reproduced: reading that index kills the process that reads it.
     assert _dies_walking(str(path / "index"))
@@ -136,7 +123,7 @@ def test_data_mdb_bit_flip_is_rebuilt_not_a_signal(tmp_path, rng, caplog):
 @pytest.mark.parametrize("damage", ["truncate data.mdb", "delete index", "zero data.mdb head"])
 def test_damaged_or_missing_index_is_rebuilt(tmp_path, rng, damage):
     path = tmp_path / "s"
-    data = _fill(path, rng, chains=2, n=4)
+    data = fill_chains(path, rng, chains=2, n=4)
     data_mdb = path / "index" / "data.mdb"
     if damage == "truncate data.mdb":
         os.truncate(data_mdb, os.path.getsize(data_mdb) // 2)
@@ -158,7 +145,7 @@ def test_damaged_lock_file_held_by_a_reader_is_never_replaced(tmp_path, rng):
     index is moved aside whole (the reader keeps its environment, lock file included) and
     rebuilt: the writer's index is then a different environment from the reader's."""
     path = tmp_path / "s"
-    data = _fill(path, rng, chains=1, n=4)
+    data = fill_chains(path, rng, chains=1, n=4)
     lock = path / "index" / "lock.mdb"
     reader = subprocess.Popen(
         [sys.executable, "-c", "import lmdb, sys; e = lmdb.open(sys.argv[1], readonly=True, "
@@ -183,7 +170,7 @@ def test_damaged_lock_file_held_by_a_reader_is_never_replaced(tmp_path, rng):
 
 def test_rebuild_drops_damaged_files_and_their_subtree(tmp_path, rng):
     path = tmp_path / "s"
-    (toks, pls), = _fill(path, rng, chains=1, n=5)
+    (toks, pls), = fill_chains(path, rng, chains=1, n=5)
     hashes = chain_hashes(NS, token_array(toks))
     victim = path / "blocks" / (hashes[2].hex() + ".blk")
     with open(victim, "r+b") as f:  # one byte of block 2's body (the body ends the file)
@@ -204,7 +191,7 @@ def test_version_2_files_are_served_but_not_rebuilt(tmp_path, rng):
     """A file written before self-descriptions (version 2: header + body) still serves from a
     sound index; if the index must be rebuilt it cannot vouch for itself and is counted lost."""
     path = tmp_path / "s"
-    (toks, pls), = _fill(path, rng, chains=1, n=2)
+    (toks, pls), = fill_chains(path, rng, chains=1, n=2)
     hashes = chain_hashes(NS, token_array(toks))
     env = lmdb.open(str(path / "index"), max_dbs=8)
     db = env.open_db(b"blocks")
@@ -230,7 +217,7 @@ def test_check_cli_reports_damage_and_repair_rebuilds(tmp_path, rng, capsys):
     from tqstore.cli import check as check_cli
 
     path = tmp_path / "s"
-    data = _fill(path, rng)
+    data = fill_chains(path, rng)
     _flip_a_bit_that_kills(path, 17)
     parser = argparse.ArgumentParser()
     check_cli.add_arguments(parser)
@@ -247,7 +234,7 @@ def test_store_files_are_private_whatever_the_umask(tmp_path, rng):
     old = os.umask(0)
     try:
         path = tmp_path / "s"
-        _fill(path, rng, chains=1, n=2)
+        fill_chains(path, rng, chains=1, n=2)
         with BlockStore(path):
             pass
     finally:
@@ -273,7 +260,6 @@ def test_seeded_damage_rounds_never_crash_or_lie(tmp_path):
 _KILL_MIDWAY = """
 import os, sys
 import tqstore.ssd.rebuild as rb
-from tqstore.errors import NotFound
 from tqstore.ssd import BlockStore
 rb._TXN_BLOCKS = 4
 orig, n = rb.Index.insert, [0]
@@ -291,7 +277,7 @@ def test_interrupted_rebuild_loses_nothing(tmp_path, rng):
     """Reviewer's P0: a rebuild killed midway left a sound partial index/ and the next open
     deleted every payload file it lacked. Now the rebuild runs in index.rebuilding/."""
     path = tmp_path / "s"
-    data = _fill(path, rng, chains=2, n=6)
+    data = fill_chains(path, rng, chains=2, n=6)
     shutil.rmtree(path / "index")
     rc = subprocess.run([sys.executable, "-c", _KILL_MIDWAY, str(path)]).returncode
     assert rc == 137
@@ -319,7 +305,7 @@ def test_broken_free_list_is_found_by_check_and_rebuilt(tmp_path, rng, capsys):
     from tqstore.cli import check as check_cli
 
     path = tmp_path / "s"
-    data = _fill(path, rng, chains=2, n=4)
+    data = fill_chains(path, rng, chains=2, n=4)
     with BlockStore(path) as s:  # churn, so that the free list has pages
         for toks, _ in data:
             s.get_block(NS, toks, 0)
@@ -343,7 +329,7 @@ def test_index_marked_suspect_by_the_daemon_is_rebuilt(tmp_path, rng, capsys):
     from tqstore.cli import check as check_cli
 
     path = tmp_path / "s"
-    data = _fill(path, rng, chains=1, n=4)
+    data = fill_chains(path, rng, chains=1, n=4)
     mark_index_suspect(str(path), "put failed: MDB_CORRUPTED")
     with pytest.raises(IndexDamaged, match="marked damaged while serving"):
         BlockStore(path, readonly=True)
@@ -364,7 +350,7 @@ def test_index_marked_suspect_by_the_daemon_is_rebuilt(tmp_path, rng, capsys):
 def test_rebuild_never_trusts_planted_files_or_symlinks(tmp_path, rng):
     """Reviewer's P1: a forged block owned by another uid and a symlink were served."""
     victim, other = tmp_path / "v", tmp_path / "a"
-    _fill(victim, rng, chains=1, n=2)
+    fill_chains(victim, rng, chains=1, n=2)
     forged = []
     for _ in range(2):
         toks = random_tokens(rng, NS.block_size)
@@ -391,7 +377,7 @@ def test_rebuild_never_trusts_planted_files_or_symlinks(tmp_path, rng):
 
 def test_privacy_never_follows_symlinks_and_leaves_no_temp(tmp_path, rng):
     path = tmp_path / "s"
-    _fill(path, rng, chains=1, n=2)
+    fill_chains(path, rng, chains=1, n=2)
     outside = tmp_path / "outside.txt"
     outside.write_text("{}")
     os.chmod(outside, 0o644)
@@ -407,101 +393,3 @@ def test_privacy_never_follows_symlinks_and_leaves_no_temp(tmp_path, rng):
     with pytest.raises(OSError):
         write_private(str(target), b"x")
     assert [n for n in os.listdir(tmp_path) if ".tmp" in n] == []
-
-
-def _flip_record(path, key, offset) -> bytes:
-    """Flip one bit of block `key`'s index record inside LMDB; returns the intact record."""
-    env = lmdb.open(str(path / "index"), max_dbs=8)
-    db = env.open_db(b"blocks")
-    with env.begin(write=True, db=db) as txn:
-        good = bytes(txn.get(key))
-        v = bytearray(good)
-        v[offset % len(v)] ^= 0x10
-        txn.put(key, bytes(v))
-    env.close()
-    return good
-
-
-def _record(path, key) -> BlockRecord:
-    env = lmdb.open(str(path / "index"), max_dbs=8, readonly=True)
-    with env.begin(db=env.open_db(b"blocks", create=False)) as txn:
-        rec = BlockRecord.decode(txn.get(key))
-    env.close()
-    return rec
-
-
-@pytest.mark.parametrize("via", ["lookup", "get", "locate"])
-def test_damaged_record_with_intact_file_is_healed(tmp_path, rng, via):
-    """A record failing its frame CRC no longer costs the block and its subtree: the writer
-    rewrites it from the payload file's verified self-description and serves."""
-    path = tmp_path / "s"
-    (toks, pls), = _fill(path, rng, chains=1, n=5)
-    hashes = chain_hashes(NS, token_array(toks))
-    good = BlockRecord.decode(_flip_record(path, hashes[2], 29))
-    with BlockStore(path) as s:
-        before = s.stats()
-        if via == "lookup":  # the binary search over 5 blocks probes block 2 first
-            assert s.lookup(NS, toks) == 5
-        elif via == "get":
-            assert same_bits(s.get_block(NS, toks, 2), pls[2])
-        else:
-            assert [i for i, _ in s.locate(NS, toks, 0, 0, 1.0)] == [0, 1, 2, 3, 4]
-        st = s.stats()
-        assert (st.healed_records, st.quarantined, st.verification_failures) == (1, 0, 1)
-        assert (st.blocks, st.payload_bytes, st.logical_bytes) == (
-            before.blocks, before.payload_bytes, before.logical_bytes)
-        assert s.lookup(NS, toks) == 5
-        assert all(same_bits(s.get_block(NS, toks, i), p) for i, p in enumerate(pls))
-        assert s.check().ok
-        assert len(os.listdir(s.blocks_dir)) == 5
-    healed = _record(path, hashes[2])
-    for name in ("ns", "parent", "index", "tokens", "layout", "compression", "raw_size",
-                 "stored_size", "file_size", "chunks", "created"):
-        assert getattr(healed, name) == getattr(good, name), name
-    with BlockStore(path) as s:  # persisted, and nothing left to heal
-        assert s.stats().healed_records == 1 and s.check().ok
-        s.evict(1)  # the derived databases agree after the heal: the LRU leaf is the tail
-        assert s.lookup(NS, toks) == 4
-
-
-@pytest.mark.parametrize("file_damage", ["body", "swap", "symlink"])
-def test_damaged_record_with_damaged_file_is_quarantined(tmp_path, rng, file_damage):
-    path = tmp_path / "s"
-    (toks, pls), = _fill(path, rng, chains=1, n=4)
-    hashes = chain_hashes(NS, token_array(toks))
-    _flip_record(path, hashes[2], 11)
-    victim = path / "blocks" / (hashes[2].hex() + ".blk")
-    if file_damage == "body":
-        with open(victim, "r+b") as f:
-            f.seek(-3, os.SEEK_END)
-            b = f.read(1)
-            f.seek(-3, os.SEEK_END)
-            f.write(bytes([b[0] ^ 0x01]))
-    elif file_damage == "swap":  # a sound file of another block under this name
-        shutil.copy(path / "blocks" / (hashes[1].hex() + ".blk"), victim)
-    else:  # a symlink to an intact copy of the very file: never read
-        shutil.move(victim, tmp_path / "copy.blk")
-        os.symlink(tmp_path / "copy.blk", victim)
-    with BlockStore(path) as s:
-        assert s.lookup(NS, toks) == 2
-        st = s.stats()
-        assert (st.healed_records, st.quarantined, st.blocks) == (0, 1, 2)
-        assert same_bits(s.get_block(NS, toks, 1), pls[1]) and s.check().ok
-        assert sorted(os.listdir(s.blocks_dir)) == sorted(h.hex() + ".blk" for h in hashes[:2])
-
-
-def test_damaged_record_is_a_miss_for_a_readonly_store(tmp_path, rng):
-    path = tmp_path / "s"
-    (toks, pls), = _fill(path, rng, chains=1, n=4)
-    hashes = chain_hashes(NS, token_array(toks))
-    _flip_record(path, hashes[2], 5)
-    with BlockStore(path, readonly=True) as r:
-        assert r.lookup(NS, toks) == 2
-        with pytest.raises(NotFound):
-            r.get_block(NS, toks, 2)
-        st = r.stats()
-        assert (st.healed_records, st.quarantined) == (0, 0) and st.verification_failures >= 1
-        assert not r.check().ok
-    assert _record(path, hashes[1]) and len(os.listdir(path / "blocks")) == 4
-    with BlockStore(path) as s:  # the writer heals what the reader could only report
-        assert s.lookup(NS, toks) == 4 and s.stats().healed_records == 1

@@ -98,33 +98,8 @@ def _record_rebuild(path: str, outcome: RebuildOutcome) -> None:
 
 
 def write_private(final: str, data: bytes) -> None:
-    """Write a small file atomically (fresh temp name, fsync, rename), mode 0600. The temp is
-    created O_EXCL|O_NOFOLLOW (a planted symlink is never written through; the rename replaces a
-    symlink at `final` rather than following it) and removed on any failure (a full disk must
-    not leave temp files behind)."""
-    tmp = f"{final}.tmp{os.getpid()}"
-    try:
-        os.unlink(tmp)  # a leftover of a crashed earlier process with our pid
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        view = memoryview(data)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, final)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write a small file atomically, mode 0600 (payload.write_atomically)."""
+    pl.write_atomically(final, [data])
 
 
 def _chmod_own(path: str, mode: int, want_dir: bool) -> None:

@@ -105,14 +105,26 @@ DIR_MODE = 0o700  # hold the content of prompts); the one place these modes are 
 def write_file(final_path: str, key: bytes, enc: EncodedPayload) -> None:
     """Write to a temp name, fsync, rename into place. The caller fsyncs the directory once per
     batch, then commits the index: only then is the block acknowledged."""
-    tmp = f"{final_path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    desc = enc.description
+    version = FILE_VERSION if desc else 2
+    write_atomically(final_path, [_header(key, enc.compression, enc.raw_size, enc.stored_size,
+                                          len(desc), version), desc, *enc.segments])
+
+
+def write_atomically(final: str, buffers: Sequence) -> None:
+    """Write buffers back to back to a fresh temp name (O_EXCL|O_NOFOLLOW, mode FILE_MODE
+    whatever the umask: a planted symlink is never written through, and the rename replaces a
+    symlink at `final` rather than following it), fsync, rename to `final`. The temp is removed
+    on any failure: a full disk must not fill up with temp files until the next open, and
+    nothing refers to an unfinished write."""
+    tmp = f"{final}.tmp{os.getpid()}"
     try:
-        os.fchmod(fd, FILE_MODE)  # store files are private whatever the umask
-        desc = enc.description
-        version = FILE_VERSION if desc else 2
-        buffers = [_header(key, enc.compression, enc.raw_size, enc.stored_size, len(desc), version),
-                   desc, *enc.segments]
+        os.unlink(tmp)  # a leftover of a crashed earlier process with our pid
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
         total = sum(len(b) for b in buffers)
         written = os.writev(fd, buffers)
         if written != total:  # short writev: finish with plain writes
@@ -122,10 +134,8 @@ def write_file(final_path: str, key: bytes, enc: EncodedPayload) -> None:
         os.fsync(fd)
         fd, closing = -1, fd
         os.close(closing)
-        os.rename(tmp, final_path)
+        os.rename(tmp, final)
     except BaseException:
-        # Never leave a temp file behind (a full disk must not fill up with them until the next
-        # open): the put was not acknowledged, so nothing refers to it.
         if fd >= 0:
             os.close(fd)
         try:
