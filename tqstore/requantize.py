@@ -23,6 +23,7 @@ import numpy as np
 
 from tqstore.codec import CodecConfig, HeadRotations, TurboQuantCodec, rotation_seed
 from tqstore.errors import InvalidArgument
+from tqstore.metal.dispatch import quantize as dispatch_quantize
 from tqstore.prefix_hash import Namespace
 
 # (kind, layers of the group, stacked codec)
@@ -96,7 +97,9 @@ class Requantizer:
             rows = np.asarray(layers)
             part = x[rows] if len(rows) < ns.num_layers else x
             stacked = mx.array(part).reshape(1, len(rows) * ns.num_kv_heads, ns.block_size, ns.head_dim)
-            q = codec.quantize(stacked)
+            # The quantize kernel of this host (GPU or C), byte-identical to codec.quantize and
+            # checked against it at first use (tqstore.metal.selfcheck).
+            q = dispatch_quantize(codec, stacked)
             mx.eval(q.codes, q.scales)
             sub = (len(rows), ns.num_kv_heads, ns.block_size)
             out[f"{prefix}_codes"][rows, ..., : codec.code_bytes] = np.array(q.codes).reshape(

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tqstore.codec import CodecConfig, layer_codecs
-from tqstore.metal import dispatch
+from tqstore.metal import dispatch, selfcheck
+from tqstore.native import build
 from tqstore.metal.attention_kernel import (MAX_SPLITS, attention_kernel, choose_num_splits,
                                             gpu_backend, kernel_paged_decode_attention)
 from tqstore.metal.attention_source import AttentionGeometry
@@ -119,7 +120,19 @@ def test_zero_length_sequence_gives_zeros(rng, device):
     assert np.all(lse[0] == -np.inf) and np.all(np.isfinite(lse[1]))
 
 
-def test_dispatch_runs_the_kernel_on_a_gpu_and_the_reference_on_the_cpu(rng, device, caplog):
+@pytest.fixture
+def native_off(monkeypatch):
+    """This process as if the C kernels could not be built (no compiler)."""
+    monkeypatch.setenv("TQSTORE_NATIVE", "0")
+    build.reset()
+    selfcheck.reset()
+    yield
+    monkeypatch.delenv("TQSTORE_NATIVE")
+    build.reset()
+    selfcheck.reset()
+
+
+def test_dispatch_runs_the_gpu_kernel_on_a_gpu_and_the_c_kernel_on_the_cpu(rng, device, caplog):
     pages = random_pages(rng, [50, 3], 8, 2, 64, 64, 4, 4, 16)
     dispatch._logged.clear()
     with caplog.at_level(logging.INFO, logger="tqstore.metal"):
@@ -127,28 +140,38 @@ def test_dispatch_runs_the_kernel_on_a_gpu_and_the_reference_on_the_cpu(rng, dev
         dispatch.paged_decode_attention(**pages)
     logged = [r.getMessage() for r in caplog.records if "TurboQuant pages runs on" in r.getMessage()]
     assert len(logged) == 1  # said once, not at every call
-    reference = np.array(paged_decode_attention_reference(**pages))
+    want, _ = _dense_pages_attention(pages, 4, 4)
     if device == "cpu":
         assert gpu_backend() is None
         assert attention_kernel(AttentionGeometry(128, 128, 4, 4, 16, 32, 8), True) is None
         assert kernel_paged_decode_attention(**pages) is None
-        assert dispatch.active_backend().startswith("reference:")
-        assert logged[0].endswith(dispatch.active_backend())
-        assert np.array_equal(np.array(out), reference)
+        assert dispatch.active_backend() == "cpu-kernel"
+        assert logged[0].endswith("cpu-kernel")
+        # float32 throughout, another summation order than the reference's matmuls
+        np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     else:
         assert gpu_backend() in ("cuda", "metal")
         assert "-kernel" in dispatch.active_backend() and "-kernel" in logged[0]
-        want, _ = _dense_pages_attention(pages, 4, 4)
         _, abs_tol, _ = TOLERANCE["mma"]  # the looser kernel's (tensor cores round to fp16)
         np.testing.assert_allclose(np.array(out), want, rtol=abs_tol, atol=abs_tol)
 
 
-def test_forcing_the_kernel_without_a_gpu_raises(rng, device):
+def test_without_the_c_kernels_the_cpu_runs_the_reference(rng, native_off, caplog):
+    pages = random_pages(rng, [50, 3], 8, 2, 64, 64, 4, 4, 16)
+    with mx.stream(mx.cpu), caplog.at_level(logging.WARNING, logger="tqstore"):
+        out = dispatch.paged_decode_attention(**pages)
+        assert dispatch.active_backend().startswith("reference:")
+        assert "cpu-kernel" in dispatch.active_backend()  # and says what is missing
+        assert np.array_equal(np.array(out), np.array(paged_decode_attention_reference(**pages)))
+    assert any("TQSTORE_NATIVE=0" in r.getMessage() for r in caplog.records)
+
+
+def test_forcing_the_kernel_without_any_kernel_raises(rng, device, native_off):
     pages = random_pages(rng, [5], 4, 4, 64, 64, 4, 4, 16)
     dispatch.force_backend("kernel")
     try:
         if device == "cpu":
-            with pytest.raises(RuntimeError, match="no GPU kernel backend"):
+            with pytest.raises(RuntimeError, match="no kernel serves"):
                 dispatch.paged_decode_attention(**pages)
         else:
             assert dispatch.paged_decode_attention(**pages).shape == (1, 4, 64)

@@ -33,6 +33,7 @@ from tqstore.codec.codebook import lloyd_max_codebook
 from tqstore.metal.attention_kernel import (TARGET_GROUPS, choose_num_splits, gpu_backend,
                                             kernel_paged_decode_attention, launch_plan)
 from tqstore.metal.dispatch import active_backend
+from tqstore.metal.selfcheck import TOLERANCE
 from tqstore.metal.reference import paged_decode_attention_reference as paged_decode_attention_oracle
 from tqstore.small_arrays import padded_array, padded_rows
 
@@ -82,12 +83,7 @@ CHECKS = [
     ("gqa4 b8 32k", [32768] * 2 + [20000, 1, 9, 31000, 4096, 100], 32, 8, 128, 128, 4, 4, 16, None),
 ]
 
-# Error bounds against the fp32 oracle: (relative L2 of the output, max abs of the output,
-# max abs error of the log-sum-exp, natural log: an absolute score error, i.e. the relative
-# error of the weight exp(lse) a caller merges with). The portable kernel computes in fp32
-# throughout. The MMA kernel rounds q, the codebook values and p * value_norm to fp16 (as
-# FlashAttention does); measured errors in docs/fragments/kernels.md, bounds ~2-3x the largest.
-TOLERANCE = {"portable": (1e-4, 1e-3, 1e-4), "mma": (3e-3, 5e-3, 3e-2)}
+# Error bounds against the fp32 oracle: the kernels' self-check's (tqstore.metal.selfcheck).
 
 
 _LAUNCH_KEYS = ("split_scale", "groups")  # bench-level: how many splits, not kernel knobs

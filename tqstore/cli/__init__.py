@@ -31,6 +31,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("ssd", "tqstore.bench.ssd", "SSD tier throughput vs raw file I/O, lookup latency"),
     ("quality", "tqstore.bench.quality", "KL and top-1 of cache configs on SmolLM2"),
     ("attention", "tqstore.bench.attention", "decode attention kernels vs fp16 SDPA"),
+    ("decode", "tqstore.bench.decode", "decode tokens/s of the paged cache vs stock mlx-lm"),
     ("hit", "tqstore.bench.hit", "hit TTFT vs cold prefill, concurrent throughput"),
     ("remote", "tqstore.bench.remote", "the Redis tier: reads vs raw GETs, hit TTFT by tier"),
     ("serve", "tqstore.bench.serve", "agent workload: our endpoint vs mlx_lm.server"),

@@ -246,7 +246,8 @@ def render_endpoint(url: str, s: dict[str, Any]) -> str:
         ("requests", ", ".join(f"{k} {s['totals'][k]}" for k in
                                ("requests", "completed", "cancelled", "rejected"))),
         ("daemon", printable(str(s["daemon"]))),
-    ]
+        ("attention path", printable(str(s.get("attention_path", "unknown")))),
+    ] + [(f"kernel {printable(str(k))}", printable(str(v))) for k, v in s.get("kernels", {}).items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"tqstore endpoint ({printable(url)})"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 

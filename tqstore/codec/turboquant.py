@@ -156,11 +156,12 @@ class TurboQuantCodec:
 
     def centered(self, x: mx.array) -> mx.array:
         """x - center in float32 (x itself, as float32, without a center)."""
-        self._check(x)
+        self.check_input(x)
         xf = x.astype(mx.float32)
         return xf if self.center is None else xf - self.center
 
-    def _check(self, x: mx.array) -> None:
+    def check_input(self, x: mx.array) -> None:
+        """InvalidArgument unless x is floating and shaped (..., heads, tokens, head_dim)."""
         if x.ndim < 3 or x.shape[-1] != self.head_dim or x.shape[-3] != self.num_heads:
             raise InvalidArgument(f"expected (..., {self.num_heads} heads, tokens, {self.head_dim}),"
                              f" got {tuple(x.shape)}")

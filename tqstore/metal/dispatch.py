@@ -1,15 +1,20 @@
 """The one place that picks how decode attention over TurboQuant pages runs.
 
-Order: the fused GPU kernel of the backend MLX has (CUDA or Metal), else the kernel's pure-MLX
-reference (reference.py), which computes the same function and is what the kernels are tested
-against. The paged cache calls these functions for attention over pages; it never picks a kernel
-or a reference. (Attention over the fp16 tail alone, before any page is committed, has no kernel:
-the cache takes reference.merge_with_tail for it directly.)
+Order: the fused GPU kernel of the backend MLX has (CUDA or Metal); on the CPU the C kernels
+(tqstore.native, built at first use); else the kernel's pure-MLX reference (reference.py),
+which computes the same function and is what every kernel is tested against. The paged cache
+calls these functions for attention over pages; it never picks a kernel or a reference.
+(Attention over the fp16 tail alone, before any page is committed, has no kernel: the cache
+takes reference.merge_with_tail for it directly.)
 
 On CUDA (sm_80+) shapes the tensor-core kernel covers (4-bit K/V, see attention_kernel.py) run
-it, the rest the portable kernel. The choice is reported: `active_backend()` names it (for
-`tqstore inspect` and benchmarks) and the first call of each kernel kind logs it once on the
-"tqstore.metal" logger (`cuda-kernel-mma`, `cuda-kernel`, `metal-kernel`, ...).
+it, the rest the portable kernel. Every kernel passes a self-check against the reference the
+first time it meets a shape (tqstore.metal.selfcheck); one that fails is disabled for the
+process with one warning naming it, and the next in line serves (tensor-core -> portable ->
+reference). The choice is reported: `active_backend()` names it (for `tqstore inspect` and
+benchmarks), `kernel_report()` gives every kernel's verdict, and the first call of each
+kernel kind logs it once on the "tqstore.metal" logger (`cuda-kernel-mma`, `cuda-kernel`,
+`metal-kernel`, `cpu-kernel`, ...).
 """
 
 from __future__ import annotations
@@ -19,30 +24,60 @@ import logging
 import mlx.core as mx
 
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
+from tqstore.metal import selfcheck
 from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
-from tqstore.metal.epilogue import kernel_decode_epilogue
-from tqstore.metal.quantize import kernel_quantize
+from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
+from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
 from tqstore.metal.reference import decode_epilogue_reference, paged_decode_attention_reference
+from tqstore.native import cpu_kernels
+from tqstore.native.build import load as load_native, unavailable_reason as native_unavailable
 
 log = logging.getLogger("tqstore.metal")
 
 _forced: str | None = None  # "kernel" | "reference" | None (automatic); tests and benches only
 _logged: set[tuple[str, str]] = set()
 _REFERENCE = "reference:tqstore.metal"
+CPU_KERNEL = "cpu-kernel"
+CPU_QUANTIZE = "cpu-kernel-quantize"
+CPU_STEP = "cpu-kernel-step"
 
 
 def _kernel_name(gpu: str, kind: str) -> str:
     return f"{gpu}-kernel-mma" if kind == "mma" else f"{gpu}-kernel"
 
 
+def _cpu_native() -> bool:
+    """Whether the CPU kernels are built (disabled with the reason, once, if not)."""
+    if load_native() is None:
+        selfcheck.disable(CPU_KERNEL, native_unavailable() or "unavailable")
+        return False
+    return True
+
+
 def active_backend() -> str:
-    """'cuda-kernel-mma' (tensor-core kernel where a shape fits it, the portable kernel for
-    the others), 'cuda-kernel' (GPU older than sm_80), 'metal-kernel' or
-    'reference:tqstore.metal'. The log line names the kernel each shape actually runs."""
+    """What serves decode attention over pages now: 'cuda-kernel-mma' (tensor-core kernel
+    where a shape fits it, the portable kernel for the others), 'cuda-kernel' (GPU older than
+    sm_80, or the tensor-core kernel disabled by its self-check), 'metal-kernel', 'cpu-kernel'
+    or 'reference:tqstore.metal'; a kernel disabled by its self-check is named after it."""
+    disabled = {k: v for k, v in selfcheck.kernel_report().items() if v.startswith("disabled")}
+    note = "".join(f" ({name} {why})" for name, why in disabled.items())
     gpu = gpu_backend()
-    if gpu is not None and _forced != "reference":
-        return _kernel_name(gpu, "mma" if gpu == "cuda" and mma_capable() else "portable")
-    return _REFERENCE
+    if _forced == "reference":
+        return _REFERENCE
+    if gpu is not None:
+        names = [_kernel_name(gpu, "mma")] if gpu == "cuda" and mma_capable() else []
+        names.append(_kernel_name(gpu, "portable"))
+    else:
+        names = [CPU_KERNEL] if _cpu_native() else []
+    for name in names:
+        if name not in disabled:
+            return name + note
+    return _REFERENCE + note
+
+
+def kernel_report() -> dict[str, str]:
+    """Every kernel met so far in this process and its self-check verdict."""
+    return selfcheck.kernel_report()
 
 
 def force_backend(mode: str | None) -> None:
@@ -59,6 +94,72 @@ def _announce(name: str, what: str = "decode attention over TurboQuant pages") -
         log.info("%s runs on: %s", what, name)
 
 
+def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_scales,
+                   block_tables, seq_lens, key_codebook, value_codebook, key_bits, value_bits):
+    """(out, lse) on the first GPU kernel kind that passes its self-check, else None."""
+    plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
+                       backend=gpu)
+    kinds = [plan.kind] + (["portable"] if plan.kind != "portable" else [])
+    B, Hq, Dk = queries.shape
+    shape = (Hq, key_codes.shape[1], Dk, value_codes.shape[-1] * 8 // value_bits, key_bits,
+             value_bits, key_codes.shape[2])
+    for kind in kinds:
+        name = _kernel_name(gpu, kind)
+        variant = None if kind == plan.kind else {"kernel": kind}
+
+        def run(pages: dict, splits: int, kind: str = kind) -> tuple[mx.array, mx.array]:
+            p = launch_plan(pages["queries"], pages["key_codes"], pages["value_codes"],
+                            pages["block_tables"], key_bits, value_bits, num_splits=splits,
+                            backend=gpu, variant={"kernel": kind})
+            return run_plan(p, *(pages[k] for k in _PAGE_KEYS), return_lse=True)
+
+        def check(kind: str = kind, run=run) -> str | None:
+            for splits in (1, 2):  # the one-pass and the split launch are different kernels
+                problem = selfcheck.check_attention(shape, kind, lambda x: run(x, splits))
+                if problem:
+                    return f"{problem} ({splits} split{'s' if splits > 1 else ''})"
+            return None
+
+        if selfcheck.usable(name, shape, check):
+            if variant is not None:
+                plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits,
+                                   value_bits, backend=gpu, variant=variant)
+            _announce(name)
+            return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
+                            block_tables, seq_lens, key_codebook, value_codebook, True)
+    return None
+
+
+_PAGE_KEYS = ("queries", "key_codes", "key_scales", "value_codes", "value_scales",
+              "block_tables", "seq_lens", "key_codebook", "value_codebook")
+
+
+def _cpu_attention(*args):
+    """(out, lse) on the C kernel if it is built and passes its self-check, else None."""
+    if not _cpu_native():
+        return None
+    queries, key_codes, value_codes, key_bits, value_bits = (args[0], args[1], args[3],
+                                                             args[9], args[10])
+    shape = (queries.shape[1], key_codes.shape[1], queries.shape[2],
+             value_codes.shape[-1] * 8 // value_bits, key_bits, value_bits, key_codes.shape[2])
+
+    def check() -> str | None:
+        def run(pages: dict):
+            got = cpu_kernels.decode_attention(*(pages[k] for k in _PAGE_KEYS), key_bits,
+                                               value_bits)
+            if got is None:
+                raise RuntimeError("the C kernel declined a shape it was chosen for")
+            return got
+        return selfcheck.check_attention(shape, "cpu", run)
+
+    if not selfcheck.usable(CPU_KERNEL, shape, check):
+        return None
+    result = cpu_kernels.decode_attention(*args)
+    if result is not None:
+        _announce(CPU_KERNEL)
+    return result
+
+
 def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
                            value_codes: mx.array, value_scales: mx.array,
                            block_tables: mx.array, seq_lens: mx.array,
@@ -73,20 +174,58 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     return_lse also the log-sum-exp of the scores (B, Hq) float32, natural log (-inf where a
     sequence has no token), so a caller can merge this softmax with another piece.
     """
-    gpu = gpu_backend()
-    if gpu is not None and _forced != "reference":
-        plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
-                           backend=gpu)
-        _announce(_kernel_name(gpu, plan.kind))
-        return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
-                        block_tables, seq_lens, key_codebook, value_codebook, return_lse)
-    if _forced == "kernel":
-        raise RuntimeError("decode-attention kernel forced but no GPU kernel backend is present")
+    args = (queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
+            key_codebook, value_codebook, key_bits, value_bits)
+    if _forced != "reference":
+        gpu = gpu_backend()
+        result = _gpu_attention(gpu, *args) if gpu is not None else _cpu_attention(*args)
+        if result is not None:
+            return result if return_lse else result[0]
+        if _forced == "kernel":
+            raise RuntimeError("decode-attention kernel forced but no kernel serves: "
+                               f"{selfcheck.kernel_report() or 'no kernel backend is present'}")
     _announce(_REFERENCE)
-    return paged_decode_attention_reference(queries, key_codes, key_scales, value_codes,
-                                            value_scales, block_tables, seq_lens, key_codebook,
-                                            value_codebook, key_bits, value_bits,
-                                            return_lse=return_lse)
+    return paged_decode_attention_reference(*args, return_lse=return_lse)
+
+
+def fused_decode_step_possible() -> bool:
+    """Whether fused_decode_step may serve here (the CPU with its C kernels built)."""
+    return _forced != "reference" and gpu_backend() is None and _cpu_native()
+
+
+def fused_decode_step(queries: mx.array, scale: float, query_rotation: mx.array,
+                      key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
+                      value_scales: mx.array, block_tables: mx.array, seq_lens: mx.array,
+                      key_codebook: mx.array, value_codebook: mx.array,
+                      tail_keys: mx.array | None, tail_values: mx.array | None,
+                      key_center: mx.array, output_rotation: mx.array, key_bits: int,
+                      value_bits: int) -> mx.array | None:
+    """A layer's whole decode attention in one call where a kernel does it (the CPU's C step
+    kernel: query rotation, pages, un-rotation, merge with the fp16 tail), else None and the
+    caller composes paged_decode_attention and decode_epilogue. queries (B, Hq, Dk) unscaled;
+    returns (B, Hq, Dv) float32."""
+    if not fused_decode_step_possible():
+        return None
+    Hq, Dk = queries.shape[1:]
+    shape = (Hq, key_codes.shape[1], Dk, value_codes.shape[-1] * 8 // value_bits, key_bits,
+             value_bits, key_codes.shape[2])
+
+    def run(x: dict) -> mx.array | None:
+        return cpu_kernels.decode_step(
+            x["queries"], x["scale"], x["query_rotation"], x["key_codes"], x["key_scales"],
+            x["value_codes"], x["value_scales"], x["block_tables"], x["seq_lens"],
+            x["key_codebook"], x["value_codebook"], x["tail_keys"], x["tail_values"],
+            x["key_center"], x["output_rotation"], key_bits, value_bits)
+
+    if not selfcheck.usable(CPU_STEP, shape, lambda: selfcheck.check_decode_step(shape, run)):
+        return None
+    out = cpu_kernels.decode_step(queries, scale, query_rotation, key_codes, key_scales,
+                                  value_codes, value_scales, block_tables, seq_lens,
+                                  key_codebook, value_codebook, tail_keys, tail_values,
+                                  key_center, output_rotation, key_bits, value_bits)
+    if out is not None:
+        _announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
+    return out
 
 
 def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
@@ -100,22 +239,46 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
     (one array per step, shared by the layers). Returns (out (B, Hq, Dv), next tail K, V)."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
-        out = kernel_decode_epilogue(gpu, pages_out, pages_lse, queries, tail_keys, tail_values,
-                                     new_keys, new_values, tail_info, key_center,
-                                     output_rotation, block_size, out_dtype)
-        if out is not None:
-            _announce(f"{gpu}-kernel", "the decode epilogue (un-rotation, merge with the fp16 tail)")
-            return out
+        name = f"{gpu}-kernel-epilogue"
+        _, hq, dk = queries.shape
+        hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
+        shape = (dk, dv, hq, hkv, block_size, out_dtype)
+        fits = epilogue_fits(dk, dv, hq, hkv, block_size, out_dtype)
+
+        def run(x: dict, n_old: int, bs: int, dtype: mx.Dtype):
+            info = mx.array([n_old + 1, n_old], dtype=mx.int32)
+            return kernel_decode_epilogue(gpu, **x, tail_info=info, block_size=bs,
+                                          out_dtype=dtype)
+
+        if fits and selfcheck.usable(name, shape,
+                                     lambda: selfcheck.check_epilogue(shape, run)):
+            out = kernel_decode_epilogue(gpu, pages_out, pages_lse, queries, tail_keys,
+                                         tail_values, new_keys, new_values, tail_info,
+                                         key_center, output_rotation, block_size, out_dtype)
+            if out is not None:
+                _announce(name, "the decode epilogue (un-rotation, merge with the fp16 tail)")
+                return out
     return decode_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
                                      new_keys, new_values, key_center, output_rotation,
                                      out_dtype)
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
-    """codec.quantize(x), on the quantize kernel where one fits (byte-identical by design and
-    checked on the GPU by tools/bench_attention.py), else on the codec's own MLX ops."""
+    """codec.quantize(x), on the quantize kernel where one fits (byte-identical by design,
+    checked byte for byte at first use per shape), else on the codec's own MLX ops."""
     if _forced != "reference":
-        out = kernel_quantize(codec, x)
-        if out is not None:
-            return out
+        gpu = gpu_backend()
+        if gpu is not None and quantize_kernel_fits(codec):
+            name, run = f"{gpu}-kernel-quantize", kernel_quantize
+        elif gpu is None and cpu_kernels.quantize_fits(codec) and _cpu_native():
+            name, run = CPU_QUANTIZE, cpu_kernels.quantize
+        else:
+            name = run = None
+        shape = (codec.head_dim, codec.bits, codec.norm_correction, codec.num_heads)
+        if run is not None and selfcheck.usable(name, shape,
+                                                lambda: selfcheck.check_quantize(codec, run)):
+            out = run(codec, x)
+            if out is not None:
+                _announce(name, "TurboQuant quantization")
+                return out
     return codec.quantize(x)

@@ -183,6 +183,13 @@ def _dtype_name(dtype: mx.Dtype) -> str | None:
     return None
 
 
+def epilogue_fits(key_dim: int, value_dim: int, num_q_heads: int, num_kv_heads: int,
+                  block_size: int, out_dtype: mx.Dtype) -> bool:
+    name = _dtype_name(out_dtype)
+    return name is not None and epilogue_unsupported_reason(
+        key_dim, value_dim, num_q_heads, num_kv_heads, block_size, name) is None
+
+
 @lru_cache(maxsize=32)
 def epilogue_kernel(backend: str, key_dim: int, value_dim: int, num_q_heads: int,
                     num_kv_heads: int, block_size: int, out_dtype: str):

@@ -5,12 +5,16 @@ mlx-lm's attention calls ``cache.offset``, ``keys, values = cache.update_and_fet
 the mask; ``generate_step`` evaluates ``[c.state for c in cache]``.
 
 Life of a layer cache:
-- Prefill (chunks of L > 1 tokens): K/V are kept dense in fp16 and returned whole for stock SDPA.
-  Nothing is quantized yet: quantizing during prefill blew up activation memory in the anchors,
-  and a prefix restored in fp16 (``load_fp16_prefix``) must be attended exactly as a cold run.
+- Prefill (chunks of L > 1 tokens): K/V are kept dense in fp16 and returned whole for stock SDPA
+  (a prefix restored in fp16, ``load_fp16_prefix``, must be attended exactly as a cold run).
+  As each chunk arrives, the blocks that will certainly be committed are also quantized into
+  the pages (``_write_prefill_blocks``): per-vector codes are the same bytes whenever they are
+  made, and temporaries stay bounded by the chunk (the anchors quantized a whole prefill at
+  once and blew up activation memory).
 - ``finish_prefill()`` (explicit, or at the first L == 1 call past ``sequence.prompt_length``
   when the caller set it, else at the first L == 1 call): the fp16 K/V go to the prefill
-  listeners (the daemon upload hook), are written into the pages (quantized once), and dropped.
+  listeners (the daemon upload hook), the rest (the newest block) is written, and the fp16
+  copy is dropped. The first decode step so has at most one block left to quantize.
 - Decode (L == 1): the new token is quantized into its page; attention runs over the pages via
   ``tqstore.paged.integration`` -> ``PagedLayerCache.attend`` -> ``tqstore.metal.dispatch``.
   ``update_and_fetch`` still returns lazily dequantized K/V, so a model whose attention was not
@@ -36,7 +40,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import create_attention_mask
 
 from tqstore.errors import InvalidArgument
-from tqstore.metal.dispatch import decode_epilogue, paged_decode_attention
+from tqstore.metal.dispatch import (decode_epilogue, fused_decode_step,
+                                    fused_decode_step_possible, paged_decode_attention)
 from tqstore.metal.reference import merge_with_tail
 from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
@@ -135,8 +140,10 @@ class PagedLayerCache:
             listener(self.layer, self._keys, self._values)
         keys, values = self._keys, self._values
         self._keys = self._values = None
-        self.offset = 0
-        self._append(keys, values)
+        # [0, committed) went to the pages chunk by chunk (_write_prefill_blocks).
+        self.offset = self.committed
+        if keys.shape[2] > self.committed:
+            self._append(keys[:, :, self.committed:], values[:, :, self.committed:])
 
     # -- the mlx-lm protocol ---------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -151,6 +158,7 @@ class PagedLayerCache:
                 self._keys = mx.concatenate([self._keys, k], axis=2)
                 self._values = mx.concatenate([self._values, v], axis=2)
             self.offset += L
+            self._write_prefill_blocks()
             return self._keys.astype(keys.dtype), self._values.astype(values.dtype)
         self.finish_prefill()
         if self.decode_pending and self.attention_routed:
@@ -179,6 +187,20 @@ class PagedLayerCache:
             exact_k, exact_v = self._exact(exact[0][:, :, skip:], exact[1][:, :, skip:], keys.dtype)
             k, v = mx.concatenate([k, exact_k], axis=1), mx.concatenate([v, exact_v], axis=1)
         return k[None], v[None]
+
+    def _write_prefill_blocks(self) -> None:
+        """Quantize, as each prefill chunk arrives, the blocks finish_prefill is certain to
+        commit (every block before the newest token's; with no fp16 tail every full block),
+        instead of the whole prefill at the first decode step (that was a pause of several
+        decode steps after the first token). Codes are per vector, so the bytes are the same
+        either way, and prefill attention keeps reading the fp16 copy: outputs do not change.
+        ``committed`` counts these tokens during the prefill too."""
+        bs = self.sequence.block_size
+        upto = (commit_point(0, self.offset, bs) if self.fp16_tail
+                else (self.offset // bs) * bs)
+        if upto > self.committed:
+            start = self.committed
+            self._commit(start, self._keys[:, :, start:upto], self._values[:, :, start:upto])
 
     def _prefill_step(self, L: int) -> bool:
         prompt_left = (self.sequence.prompt_length is not None
@@ -262,6 +284,17 @@ class PagedLayerCache:
         B, Hq, L, Dk = queries.shape
         kc, vc = self.arena.key_codec, self.arena.value_codec
         Hkv, G, Dv = kc.num_heads, Hq // kc.num_heads, vc.head_dim
+        if self.committed and fused_decode_step_possible():
+            # The CPU's C kernel does the whole step in one call.
+            self._flush_pending()
+            fused = fused_decode_step(
+                queries[:, :, 0, :], scale, self.arena.query_rotation, self.arena.key_codes,
+                self.arena.key_scales, self.arena.value_codes, self.arena.value_scales,
+                self.sequence.block_table(), self.sequence.length_array(self.committed),
+                kc.codebook, vc.codebook, self._tail_keys, self._tail_values,
+                self.arena.key_center, self.arena.output_rotation, kc.bits, vc.bits)
+            if fused is not None:
+                return fused.reshape(B, Hq, 1, Dv).astype(queries.dtype)
         q, q_rot = _prepare_queries(queries[:, :, 0, :], self.arena.query_rotation, scale)
         if not self.committed:  # no page yet: the fp16 tail alone
             self._flush_pending()
@@ -301,7 +334,9 @@ class PagedLayerCache:
         """What generate_step evaluates each step: the pending writes of this layer."""
         self._flush_pending()
         if self._keys is not None:
-            return [self._keys, self._values]
+            # With the pages written so far in the prefill (_write_prefill_blocks): a caller
+            # evaluating the state after a chunk also runs those writes.
+            return [self._keys, self._values] + (self.arena.arrays if self.committed else [])
         if self._tail_keys is not None:
             return [*self.arena.arrays, self._tail_keys, self._tail_values]
         return self.arena.arrays
@@ -315,6 +350,9 @@ class PagedLayerCache:
         self.offset -= n
         if self._keys is not None:
             self._keys, self._values = self._keys[:, :, : self.offset], self._values[:, :, : self.offset]
+            if self.committed > self.offset:  # pages written early past the new end
+                self.committed = (self.offset // self.sequence.block_size) * self.sequence.block_size
+                self.sequence.trim(self.layer, self.committed)
         elif self.offset >= self.committed:
             keep = self.offset - self.committed
             if self._tail_keys is not None and keep:
@@ -337,9 +375,11 @@ class PagedLayerCache:
 
     @property
     def nbytes(self) -> int:
-        """Live KV bytes of this layer: the fp16 prefill copy, or this sequence's pages."""
+        """Live KV bytes of this layer: the fp16 prefill copy (plus the pages already written
+        during the prefill), or this sequence's pages and fp16 tail."""
         if self._keys is not None:
-            return self._keys.nbytes + self._values.nbytes
+            pages = len(self.sequence.blocks) * self.arena.bytes_per_block if self.committed else 0
+            return self._keys.nbytes + self._values.nbytes + pages
         self._flush_pending()
         tail = 0 if self._tail_keys is None else self._tail_keys.nbytes + self._tail_values.nbytes
         return len(self.sequence.blocks) * self.arena.bytes_per_block + tail

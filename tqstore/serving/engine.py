@@ -51,6 +51,7 @@ from tqstore.client import KvStoreClient
 from tqstore.config import ServingConfig
 from tqstore.errors import InvalidArgument, ResourceExhausted
 from tqstore.generator import CachedGenerator, prefill_bounds
+from tqstore.metal import dispatch
 from tqstore.models.loader import LoadedModel
 from tqstore.paged import make_prompt_cache, release_prompt_cache
 from tqstore.paged.batch import batch_caches
@@ -167,6 +168,9 @@ class Engine:
             "totals": dict(self.totals),
             "daemon": "none" if self.client is None else self.client.config.address,
             "healthy": self.healthy,
+            # Which kernels serve (and any that failed their first-use self-check).
+            "attention_path": dispatch.active_backend(),
+            "kernels": dispatch.kernel_report(),
         }
 
     def close(self) -> None:

@@ -1,0 +1,157 @@
+"""Kernels that cannot be tested here must not break a user (tqstore.metal.selfcheck): a
+kernel that fails its first-use check against the reference is disabled with one warning that
+names it, and the next in line serves. Planted wrong kernels: the C kernels on the CPU (every
+machine), the CUDA/Metal attention kernels on a GPU (a fresh process per plant)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tqstore.bench.attention import random_pages
+from tqstore.codec import CodecConfig, layer_codecs
+from tqstore.metal import dispatch, selfcheck
+from tqstore.metal.reference import paged_decode_attention_reference
+from tqstore.native import build, cpu_kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_c = pytest.mark.skipif(build.load() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts():
+    selfcheck.reset()
+    dispatch._logged.clear()
+    yield
+    selfcheck.reset()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@needs_c
+@pytest.mark.parametrize("plant", ["wrong", "crash", "declines"])
+def test_a_planted_wrong_c_attention_kernel_is_disabled(rng, monkeypatch, caplog, plant):
+    real = cpu_kernels.decode_attention
+
+    def planted(*args):
+        if plant == "crash":
+            raise MemoryError("planted")
+        if plant == "declines":
+            return None
+        out, lse = real(*args)
+        return out + 1e-3, lse
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention", planted)
+    pages = random_pages(rng, [100, 7], 9, 3, 64, 64, 5, 3, 16)
+    with mx.stream(mx.cpu), caplog.at_level(logging.WARNING, logger="tqstore"):
+        first = dispatch.paged_decode_attention(**pages)
+        second = dispatch.paged_decode_attention(**pages, return_lse=True)[0]
+        want = paged_decode_attention_reference(**pages)
+    assert np.array_equal(np.array(first), np.array(want))  # the reference served, bit for bit
+    assert np.array_equal(np.array(second), np.array(want))
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "cpu-kernel" in warned[0] and "self-check" in warned[0]
+    assert selfcheck.kernel_report()["cpu-kernel"].startswith("disabled: ")
+    assert dispatch.active_backend().startswith("reference:tqstore.metal (cpu-kernel disabled")
+
+
+@needs_c
+def test_a_planted_wrong_c_decode_step_is_disabled(rng, monkeypatch, caplog):
+    """The fused step kernel falls back to the composed path (pages kernel + epilogue)."""
+    real = cpu_kernels.decode_step
+    monkeypatch.setattr(cpu_kernels, "decode_step", lambda *a: real(*a) * 1.01)
+    x = selfcheck.decode_step_inputs((9, 3, 64, 64, 4, 4, 16))
+    args = [x[k] for k in ("queries", "scale", "query_rotation", "key_codes", "key_scales",
+                           "value_codes", "value_scales", "block_tables", "seq_lens",
+                           "key_codebook", "value_codebook", "tail_keys", "tail_values",
+                           "key_center", "output_rotation", "key_bits", "value_bits")]
+    with mx.stream(mx.cpu), caplog.at_level(logging.WARNING, logger="tqstore"):
+        assert dispatch.fused_decode_step(*args) is None
+        assert dispatch.fused_decode_step(*args) is None
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "cpu-kernel-step" in warned[0]
+    assert dispatch.active_backend() == "cpu-kernel (cpu-kernel-step " + \
+        selfcheck.kernel_report()["cpu-kernel-step"] + ")"
+
+
+@needs_c
+def test_a_planted_wrong_c_quantizer_is_disabled(rng, monkeypatch, caplog):
+    real = cpu_kernels.quantize
+
+    def planted(codec, x):
+        q = real(codec, x)
+        codes = np.array(q.codes)
+        codes.reshape(-1)[5] ^= 1  # one bit of one code byte
+        return type(q)(mx.array(codes), q.scales)
+
+    monkeypatch.setattr(cpu_kernels, "quantize", planted)
+    codec = layer_codecs(CodecConfig(4, 4), 0, 3, 64)[0]
+    x = mx.array(rng.standard_normal((3, 40, 64)).astype(np.float16))
+    with mx.stream(mx.cpu), caplog.at_level(logging.WARNING, logger="tqstore"):
+        got = dispatch.quantize(codec, x)
+        want = codec.quantize(x)
+    assert np.array_equal(np.array(got.codes), np.array(want.codes))
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "cpu-kernel-quantize" in warned[0] and "byte-identical" in warned[0]
+
+
+@needs_c
+def test_each_shape_is_checked_once(rng, monkeypatch):
+    calls = []
+    real = selfcheck.check_attention
+    monkeypatch.setattr(selfcheck, "check_attention", lambda *a: calls.append(a[0]) or real(*a))
+    with mx.stream(mx.cpu):
+        for kb in (4, 4, 5, 4, 5):
+            dispatch.paged_decode_attention(**random_pages(rng, [40], 9, 3, 64, 64, kb, 4, 16))
+    assert len(calls) == 2  # (k4v4) and (k5v4)
+    assert selfcheck.kernel_report() == {"cpu-kernel": "ok (2 shapes checked)"}
+
+
+def test_the_check_inputs_leave_mlx_rng_alone():
+    mx.random.seed(3)
+    selfcheck.attention_inputs((9, 3, 64, 64, 4, 4, 16))
+    after = mx.random.uniform(shape=(4,))
+    mx.random.seed(3)
+    assert mx.array_equal(after, mx.random.uniform(shape=(4,))).item()
+
+
+def _planted_run(plant: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tests.metal.planted_kernel", plant], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_planted_wrong_gpu_kernels_are_disabled(device):
+    """On a GPU: attention kernels that fail to compile, or compute a wrong element, are each
+    disabled with one warning naming them, and the reference serves exactly. On the CPU this
+    checks the control: nothing planted, no GPU kernel, nothing disabled."""
+    if device == "cpu":
+        control = _planted_run("none") if not (mx.cuda.is_available() or mx.metal.is_available()) else None
+        if control is not None:
+            assert control["gpu"] is None and control["warnings"] == []
+            assert control["mma-shape"]["backend"] in ("cpu-kernel", "reference:tqstore.metal")
+        return
+    for plant in ("compile", "wrong"):
+        run = _planted_run(plant)
+        gpu = run["gpu"]
+        for label in ("mma-shape", "portable-shape"):
+            assert run[label]["backend"].startswith("reference:tqstore.metal ("), run
+            assert run[label]["max_abs_err"] < 1e-3, run  # the reference on the GPU device
+        disabled = {k for k, v in run["report"].items() if v.startswith("disabled")}
+        assert f"{gpu}-kernel" in disabled, run
+        named = [w for w in run["warnings"] if "self-check" in w]
+        assert len(named) == len(disabled), run
+    control = _planted_run("none")
+    assert control["warnings"] == [] and "-kernel" in control["mma-shape"]["backend"], control

@@ -1,0 +1,168 @@
+"""The CPU path's C kernels (tqstore/native): decode attention equals the pure-MLX reference
+within float32 rounding on every bit width and layout the arenas hold, with bits that do not
+depend on the thread count; the quantizer gives the codec's very bytes; a missing compiler or
+TQSTORE_NATIVE=0 leaves a reason and no library (dispatch then runs the reference)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tqstore.bench.attention import random_pages
+from tqstore.codec import CodecConfig, layer_codecs
+from tqstore.codec.profile import QualityProfile
+from tqstore.metal import selfcheck
+from tqstore.metal.reference import paged_decode_attention_reference
+from tqstore.native import build, cpu_kernels
+
+pytestmark = pytest.mark.skipif(build.load() is None, reason="no C compiler on this machine")
+
+# (seq_lens, Hq, Hkv, Dk, Dv, key_bits, value_bits, block_size)
+ATTENTION_CASES = [
+    ([2047], 9, 3, 64, 64, 5, 3, 16),            # SmolLM2's shape and a profile's widths
+    ([700, 1, 0, 33], 9, 3, 64, 64, 4, 4, 16),   # ragged, an empty sequence
+    ([300, 129], 32, 8, 128, 128, 7, 6, 16),     # Llama-3-8B's shape
+    ([90, 17], 4, 4, 96, 64, 2, 8, 8),           # no GQA, Dk != Dv (the generic unpacking)
+    ([513], 8, 1, 64, 64, 1, 3, 64),             # one kv head: many splits of one sequence
+    ([40, 40], 6, 2, 256, 256, 8, 5, 32),
+]
+
+
+def _attention(pages: dict):
+    return cpu_kernels.decode_attention(*(pages[k] for k in (
+        "queries", "key_codes", "key_scales", "value_codes", "value_scales", "block_tables",
+        "seq_lens", "key_codebook", "value_codebook", "key_bits", "value_bits")))
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"h{c[1]}x{c[2]}-d{c[3]}-k{c[5]}v{c[6]}")
+def test_decode_attention_equals_the_reference(rng, case):
+    lens, hq, hkv, dk, dv, kb, vb, bs = case
+    pages = random_pages(rng, lens, hq, hkv, dk, dv, kb, vb, bs)
+    with mx.stream(mx.cpu):
+        want, want_lse = (np.array(x) for x in
+                          paged_decode_attention_reference(**pages, return_lse=True))
+    got, lse = (np.array(x) for x in _attention(pages))
+    # float32 in both, summed in other orders; the softmax's exp is a polynomial good to 3e-7
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6 * np.abs(want).max())
+    empty = np.array(lens) == 0
+    assert np.all(got[empty] == 0) and np.all(lse[empty] == -np.inf)
+    np.testing.assert_allclose(lse[~empty], want_lse[~empty], rtol=1e-6, atol=1e-5)
+
+
+def test_decode_attention_bits_do_not_depend_on_threads(rng, monkeypatch):
+    pages = random_pages(rng, [3000, 700], 9, 3, 64, 64, 6, 4, 16)
+    one = [np.array(x) for x in _attention(pages)]
+    again = [np.array(x) for x in _attention(pages)]
+    monkeypatch.setattr(cpu_kernels, "THREADS", 3)
+    threaded = [np.array(x) for x in _attention(pages)]
+    for a, b, c in zip(one, again, threaded):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 64, 64, 5, 3, 16), (32, 8, 128, 128, 4, 4, 16),
+                                   (4, 4, 96, 64, 6, 2, 8)])
+@pytest.mark.parametrize("tail", [True, False])
+def test_a_fused_decode_step_equals_the_composition(shape, tail):
+    """Query rotation, pages, un-rotation and the merge with the fp16 tail in one call equal
+    the reference's pieces composed (what the paged cache runs without this kernel)."""
+    x = selfcheck.decode_step_inputs(shape)
+    if not tail:
+        x["tail_keys"] = x["tail_values"] = None
+    with mx.stream(mx.cpu):
+        want = np.array(selfcheck.decode_step_reference(x))
+    got = np.array(cpu_kernels.decode_step(
+        x["queries"], x["scale"], x["query_rotation"], x["key_codes"], x["key_scales"],
+        x["value_codes"], x["value_scales"], x["block_tables"], x["seq_lens"],
+        x["key_codebook"], x["value_codebook"], x["tail_keys"], x["tail_values"],
+        x["key_center"], x["output_rotation"], x["key_bits"], x["value_bits"]))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6 * np.abs(want).max())
+    if tail:  # the tail matters: without it the answer differs
+        x["tail_values"] = x["tail_values"] * 2
+        with mx.stream(mx.cpu):
+            moved = np.array(selfcheck.decode_step_reference(x))
+        assert np.abs(moved - got).max() > 1e-3 * np.abs(want).max()
+
+
+def test_a_wrong_codebook_is_caught(rng):
+    """The tolerance above is tight enough to see a one-entry codebook error."""
+    pages = random_pages(rng, [600], 9, 3, 64, 64, 4, 4, 16)
+    with mx.stream(mx.cpu):
+        want = np.array(paged_decode_attention_reference(**pages))
+    book = np.array(pages["value_codebook"])
+    book[3] *= 1.01
+    pages["value_codebook"] = mx.array(book)
+    got = np.array(_attention(pages)[0])
+    assert np.abs(got - want).max() > 2e-6 * np.abs(want).max()
+
+
+def _inputs(rng, heads: int, tokens: int, dim: int, dtype) -> mx.array:
+    x = rng.standard_normal((2, heads, tokens, dim))
+    x *= rng.choice([1e-3, 1.0, 40.0, 3e3, 6e4], size=(2, heads, tokens, 1))
+    x[:, :, 0] = 0.0  # a zero vector: scale 0, the codec's safe norm
+    x[:, :, 1] = 1e30 if dtype == mx.float32 else 6e4  # a scale clamped to fp16's max
+    return mx.array(x.astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("dim,dtype", [(64, mx.float16), (128, mx.float32), (16, mx.bfloat16),
+                                       (256, mx.float16)])
+def test_quantize_gives_the_codecs_bytes(rng, bits, dim, dtype):
+    heads = 3
+    for codec in layer_codecs(CodecConfig(bits, bits, norm_correction=bits % 2 == 0), bits,
+                              heads, dim):
+        x = _inputs(rng, heads, 37, dim, dtype)
+        with mx.stream(mx.cpu):
+            want = codec.quantize(x)
+            got = cpu_kernels.quantize(codec, x)
+            halves = [cpu_kernels.quantize(codec, x[:, :, :20]), cpu_kernels.quantize(codec, x[:, :, 20:])]
+        assert np.array_equal(np.array(got.codes), np.array(want.codes))
+        assert np.array(got.scales).view(np.uint16).tobytes() == \
+            np.array(want.scales).view(np.uint16).tobytes()
+        assert np.array_equal(np.concatenate([np.array(h.codes) for h in halves], axis=2),
+                              np.array(got.codes))
+
+
+def test_quantize_a_centered_codec(rng):
+    """Keys around calibrated means: the center is subtracted by the codec's own op first."""
+    heads, dim, layers = 3, 64, 2
+    means = (rng.standard_normal((layers, heads, dim)) * 3).astype(np.float16)
+    profile = QualityProfile("m", layers, heads, dim, means.tobytes())
+    codec = layer_codecs(CodecConfig(5, 4, profile=profile), 1, heads, dim)[0]
+    assert codec.center is not None
+    x = _inputs(rng, heads, 21, dim, mx.float16)
+    with mx.stream(mx.cpu):
+        want, got = codec.quantize(x), cpu_kernels.quantize(codec, x)
+    assert np.array_equal(np.array(got.codes), np.array(want.codes))
+    assert np.array_equal(np.array(got.scales).view(np.uint16), np.array(want.scales).view(np.uint16))
+
+
+def test_unavailable_builds_say_why(monkeypatch, tmp_path):
+    try:
+        monkeypatch.setenv("TQSTORE_NATIVE", "0")
+        build.reset()
+        assert build.load() is None and "TQSTORE_NATIVE=0" in build.unavailable_reason()
+        monkeypatch.delenv("TQSTORE_NATIVE")
+        monkeypatch.setenv("TQSTORE_NATIVE_CACHE", str(tmp_path))
+        monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+        monkeypatch.setattr(build, "_compiler", lambda: "false")
+        build.reset()
+        assert build.load() is None and "build failed" in build.unavailable_reason()
+        assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))
+    finally:
+        monkeypatch.undo()
+        build.reset()
+    assert build.load() is not None
+
+
+def test_the_build_is_cached_by_source_and_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("TQSTORE_NATIVE_CACHE", str(tmp_path))
+    try:
+        build.reset()
+        assert build.load() is not None
+        first = sorted(p.name for p in tmp_path.glob("*.so"))
+        build.reset()
+        assert build.load() is not None
+        assert sorted(p.name for p in tmp_path.glob("*.so")) == first and len(first) == 1
+    finally:
+        build.reset()

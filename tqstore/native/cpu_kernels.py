@@ -1,0 +1,153 @@
+"""The CPU kernels of tq_cpu.c as functions over MLX arrays.
+
+Each call evaluates its inputs (on the CPU an evaluation per layer costs ~nothing: measured
+165 vs 175 ms per SmolLM2 step with a sync after every attention, docs/BENCHMARKS.md), reads
+them in place through the buffer protocol (no copy), runs the C function and wraps the
+result as a new MLX array. They return None where the C build does not take a shape or is
+unavailable, and the caller (tqstore.metal.dispatch) runs the pure-MLX reference.
+
+Work splitting: a decode call is cut into (sequence, kv head, split) units, with splits
+chosen from the shapes only (never from the thread count), so the result's bits do not depend
+on how many threads ran it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+
+import mlx.core as mx
+import numpy as np
+
+from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
+from tqstore.native.build import load
+
+# Units a decode call aims for: enough to keep a few cores busy at batch 1 with few kv heads,
+# few enough that each unit scores whole blocks.
+TARGET_UNITS = 16
+# Threads per decode call: 1 unless TQSTORE_CPU_THREADS says more. Measured on the 2-core
+# machine (docs/BENCHMARKS.md): a second thread made a SmolLM2 layer's call slower at every
+# length (thread start-up ~0.1 ms per call, and the two vCPUs gave 1.4x at best on a pure
+# compute loop). The result's bits never depend on it (see the module doc).
+THREADS = max(1, int(os.environ.get("TQSTORE_CPU_THREADS", "1") or 1))
+
+
+def _view(x: mx.array, dtype: type) -> np.ndarray:
+    """A C-contiguous numpy view of an evaluated array (a copy only if it is strided)."""
+    arr = np.asarray(memoryview(x))
+    if arr.dtype.itemsize != np.dtype(dtype).itemsize:
+        raise TypeError(f"array of {arr.dtype} read as {np.dtype(dtype)}")
+    return np.ascontiguousarray(arr).view(dtype)
+
+
+def _ptr(arr: np.ndarray) -> int:
+    return arr.ctypes.data
+
+
+def decode_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
+    """Splits per (sequence, kv head): a function of the shapes only."""
+    return max(1, min(num_blocks, -(-TARGET_UNITS // max(1, batch * kv_heads))))
+
+
+def decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,
+                     value_codes: mx.array, value_scales: mx.array, block_tables: mx.array,
+                     seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array,
+                     key_bits: int, value_bits: int) -> tuple[mx.array, mx.array] | None:
+    """tqstore.metal.reference.paged_decode_attention_reference on the C kernel: (out (B, Hq,
+    Dv) float32, lse (B, Hq) float32), or None where the kernel does not run."""
+    lib = load()
+    if lib is None:
+        return None
+    B, Hq, Dk = queries.shape
+    _, Hkv, block_size, _ = key_codes.shape
+    Dv = value_codes.shape[-1] * 8 // value_bits
+    inputs = [queries.astype(mx.float32), key_codes, key_scales, value_codes, value_scales,
+              block_tables.astype(mx.int32), seq_lens.astype(mx.int32),
+              key_codebook.astype(mx.float32), value_codebook.astype(mx.float32)]
+    mx.eval(inputs)
+    kinds = [np.float32, np.uint8, np.uint16, np.uint8, np.uint16, np.int32, np.int32,
+             np.float32, np.float32]
+    views = [_view(x, kind) for x, kind in zip(inputs, kinds)]
+    max_blocks = block_tables.shape[1]
+    out = np.empty((B, Hq, Dv), dtype=np.float32)
+    lse = np.empty((B, Hq), dtype=np.float32)
+    rc = lib.tq_decode_attention(*[_ptr(v) for v in views], B, Hq, Hkv, Dk, Dv, block_size,
+                                 max_blocks, key_bits, value_bits,
+                                 decode_splits(B, Hkv, max_blocks), THREADS,
+                                 _ptr(out), _ptr(lse))
+    if rc != 0:
+        return None
+    return mx.array(out), mx.array(lse)
+
+
+def decode_step(queries: mx.array, scale: float, query_rotation: mx.array, key_codes: mx.array,
+                key_scales: mx.array, value_codes: mx.array, value_scales: mx.array,
+                block_tables: mx.array, seq_lens: mx.array, key_codebook: mx.array,
+                value_codebook: mx.array, tail_keys: mx.array | None,
+                tail_values: mx.array | None, key_center: mx.array, output_rotation: mx.array,
+                key_bits: int, value_bits: int) -> mx.array | None:
+    """One layer's whole decode attention (tq_decode_step): queries (B, Hq, Dk) unscaled and
+    unrotated, the pages, the fp16 tail (B, Hkv, n, D) or None -> (B, Hq, Dv) float32."""
+    lib = load()
+    if lib is None:
+        return None
+    B, Hq, Dk = queries.shape
+    _, Hkv, block_size, _ = key_codes.shape
+    Dv = value_codes.shape[-1] * 8 // value_bits
+    tail_len = 0 if tail_keys is None else tail_keys.shape[2]
+    tail = [] if tail_keys is None else [tail_keys.astype(mx.float16), tail_values.astype(mx.float16)]
+    inputs = [queries.astype(mx.float32), query_rotation.astype(mx.float32), key_codes,
+              key_scales, value_codes, value_scales, block_tables.astype(mx.int32),
+              seq_lens.astype(mx.int32), key_codebook.astype(mx.float32),
+              value_codebook.astype(mx.float32), key_center.astype(mx.float32),
+              output_rotation.astype(mx.float32)] + tail
+    mx.eval(inputs)
+    kinds = [np.float32, np.float32, np.uint8, np.uint16, np.uint8, np.uint16, np.int32,
+             np.int32, np.float32, np.float32, np.float32, np.float32, np.uint16, np.uint16]
+    v = [_view(x, kind) for x, kind in zip(inputs, kinds)]
+    tk, tv = (_ptr(v[12]), _ptr(v[13])) if tail else (None, None)
+    out = np.empty((B, Hq, Dv), dtype=np.float32)
+    max_blocks = block_tables.shape[1]
+    rc = lib.tq_decode_step(_ptr(v[0]), ctypes.c_float(scale), _ptr(v[1]),
+                            *[_ptr(x) for x in v[2:10]], tk, tv, tail_len, _ptr(v[10]),
+                            _ptr(v[11]), B, Hq, Hkv, Dk, Dv, block_size, max_blocks, key_bits,
+                            value_bits, decode_splits(B, Hkv, max_blocks), THREADS, _ptr(out))
+    return mx.array(out) if rc == 0 else None
+
+
+def quantize_fits(codec: TurboQuantCodec) -> bool:
+    d = codec.head_dim
+    return codec.qjl_rotation is None and codec.rotation.m == 1 and d & (d - 1) == 0 and d <= 256
+
+
+def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors | None:
+    """codec.quantize(x), byte for byte, on the C kernel; None where it does not run."""
+    lib = load()
+    if lib is None or not quantize_fits(codec):
+        return None
+    # fp16 input is read as it is (the widening is exact); anything else, and any centered
+    # codec, goes through the codec's own float32 conversion and subtraction.
+    half = x.dtype == mx.float16 and codec.center is None
+    xf = x if half else codec.centered(x)
+    codec.check_input(xf)
+    lead = xf.shape[:-1]
+    tokens, heads, d = xf.shape[-2], xf.shape[-3], codec.head_dim
+    rows = xf.size // d
+    signs = codec.rotation.signs.reshape(heads, d)
+    mx.eval(xf, signs, codec.codebook, codec.midpoints)
+    codes = np.empty((rows, codec.code_bytes), dtype=np.uint8)
+    scales = np.empty((rows,), dtype=np.uint16)
+    if rows:
+        x_np, signs_np = _view(xf, np.uint16 if half else np.float32), _view(signs, np.float32)
+        book, mids = _view(codec.codebook, np.float32), _view(codec.midpoints, np.float32)
+        # The rotation's 1/sqrt(p) rounded to float32 as the codec's scalar is (one rounding
+        # of the double, as mx.array(..., float32) does).
+        rot_norm = float(np.float32(1.0 / math.sqrt(codec.rotation.p)))
+        rc = lib.tq_quantize(_ptr(x_np), int(half), rows, tokens, heads, d, codec.bits,
+                             int(codec.norm_correction), _ptr(signs_np), _ptr(book), _ptr(mids),
+                             ctypes.c_float(rot_norm), _ptr(codes), _ptr(scales))
+        if rc != 0:
+            return None
+    return QuantizedVectors(mx.array(codes).reshape(*lead, codec.code_bytes),
+                            mx.array(scales.view(np.float16)).reshape(lead))

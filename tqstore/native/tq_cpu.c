@@ -1,0 +1,581 @@
+/* tqstore's CPU kernels: decode attention over TurboQuant pages and the TurboQuant quantizer.
+ *
+ * Loaded through ctypes by tqstore/native/cpu_kernels.py (built at first use by build.py).
+ * They compute the same functions as the pure-MLX reference (tqstore/metal/reference.py) and
+ * the codec (tqstore/codec/turboquant.py), which stay the oracle:
+ *
+ * - tq_quantize is BYTE-IDENTICAL to TurboQuantCodec.quantize for power-of-two head dims:
+ *   the codec is a fixed sequence of float32 elementwise ops and fixed-order tree sums, each
+ *   rounded on its own, and this does the very same operations in the very same order. The
+ *   build compiles with -ffp-contract=off (no fused multiply-adds) and without fast-math, so
+ *   every +, -, *, / and sqrtf is one correctly rounded IEEE operation.
+ * - tq_decode_attention equals the reference within float32 rounding (it sums in another
+ *   order than MLX's matmuls): callers compare with a tolerance, never bitwise. Its own result
+ *   is deterministic (a fixed order for given shapes, whatever the thread count: each
+ *   (sequence, kv head, split) is computed by one thread, and splits merge in index order).
+ *
+ * Memory layout (what tqstore.paged.arenas allocates; all row-major, contiguous):
+ *   queries f32 (B, Hq, Dk), rotated and pre-scaled; key_codes u8 (NB, Hkv, bs, Dk*kbits/8);
+ *   key_scales f16 (NB, Hkv, bs); value_codes u8 (NB, Hkv, bs, Dv*vbits/8); value_scales f16;
+ *   tables i32 (B, max_blocks); lens i32 (B); codebooks f32 (2^bits).
+ *   out f32 (B, Hq, Dv) in value-rotated space; lse f32 (B, Hq), natural log, -inf if empty.
+ */
+#include <math.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define TQ_VBMI 1
+#else
+#define TQ_VBMI 0
+#endif
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TQ_MAX_DIM 256
+#define TQ_MAX_GROUP 64
+#define TQ_LANES 8
+
+/* ---- float16 <-> float32, exact (round to nearest even on the way down) -------------------- */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            uint32_t m = mant;
+            do { ++e; m <<= 1; } while ((m & 0x400u) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) /* inf or NaN (NaN stays a quiet NaN) */
+        return sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u | ((absx >> 13) & 0x3ffu) : 0);
+    if (absx >= 0x477ff000u) /* rounds to >= 65520: overflow to inf */
+        return sign | 0x7c00u;
+    if (absx < 0x38800000u) { /* below the smallest normal half: subnormal or zero */
+        if (absx < 0x33000000u) return sign; /* < 2^-25 rounds to zero (ties to even: 0) */
+        /* value = m * 2^(e - 150); in half-subnormal units of 2^-24 that is m >> (126 - e) */
+        const uint32_t e = absx >> 23, m = (absx & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126 - e;
+        uint32_t q = m >> shift;
+        const uint32_t r = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (r > halfway || (r == halfway && (q & 1u))) ++q;
+        return sign | (uint16_t)q;
+    }
+    uint32_t h = ((absx >> 13) - ((127 - 15) << 10)); /* exponent rebias, mantissa truncated */
+    const uint32_t r = absx & 0x1fffu;
+    if (r > 0x1000u || (r == 0x1000u && (h & 1u))) ++h;
+    return sign | (uint16_t)h;
+}
+
+/* ---- bit unpacking (tqstore.codec.packing): 8 indices of b bits in b bytes, LSB first ------- */
+/* Dequantizing a row of packed indices into codebook values (scale applied by the caller).
+ * Generic path: a constant width per case lets the compiler unroll the extraction; 4-bit rows
+ * go through a byte table (two codebook values per code byte), 8-bit rows index directly.
+ * AVX-512 VBMI path (where the compiler targets it, and dim % 64 == 0): 64 indices at a time,
+ * spread into 8 qwords by one byte permute, cut out by one multishift, looked up 16 at a time
+ * with two-table permutes (up to 128 codebook entries in 8 registers). */
+typedef struct {
+    int bits;
+    const float *codebook;
+    float byte_table[512]; /* bits == 4: entry b = (codebook[b & 15], codebook[b >> 4]) */
+#if TQ_VBMI
+    __m512 table[8]; /* the codebook zero-padded to 128 entries */
+    __m512i spread; /* byte k of qword g <- chunk byte g * bits + k */
+    __m512i shifts; /* byte e of each qword: e * bits */
+#endif
+} dequantizer;
+
+static void dequantizer_init(dequantizer *d, const float *codebook, int bits) {
+    d->bits = bits;
+    d->codebook = codebook;
+    if (bits == 4)
+        for (int b = 0; b < 256; ++b) {
+            d->byte_table[2 * b] = codebook[b & 15];
+            d->byte_table[2 * b + 1] = codebook[b >> 4];
+        }
+#if TQ_VBMI
+    float padded[128] = {0};
+    memcpy(padded, codebook, sizeof(float) * (size_t)(bits < 8 ? 1 << bits : 128));
+    for (int k = 0; k < 8; ++k) d->table[k] = _mm512_loadu_ps(padded + 16 * k);
+    uint8_t spread[64], shifts[64];
+    for (int g = 0; g < 8; ++g)
+        for (int k = 0; k < 8; ++k) {
+            const int src = g * bits + k;
+            spread[g * 8 + k] = (uint8_t)(src < 64 ? src : 63);
+            shifts[g * 8 + k] = (uint8_t)(k * bits);
+        }
+    d->spread = _mm512_loadu_si512(spread);
+    d->shifts = _mm512_loadu_si512(shifts);
+#endif
+}
+
+static inline __attribute__((always_inline)) void dequant_row_bits(
+        const uint8_t *codes, int dim, const int bits, const dequantizer *d, float *row) {
+    const float *codebook = d->codebook;
+    if (bits == 8) {
+        for (int j = 0; j < dim; ++j) row[j] = codebook[codes[j]];
+        return;
+    }
+    if (bits == 4) {
+        for (int i = 0; i < dim / 2; ++i) memcpy(row + 2 * i, d->byte_table + 2 * codes[i], 8);
+        return;
+    }
+    const uint64_t mask = (1u << bits) - 1u;
+    for (int g = 0; g < dim / 8; ++g) {
+        uint64_t word = 0;
+        memcpy(&word, codes + g * bits, (size_t)bits); /* little-endian hosts (build checks) */
+        for (int e = 0; e < 8; ++e) row[g * 8 + e] = codebook[(word >> (e * bits)) & mask];
+    }
+}
+
+#if TQ_VBMI
+static inline __m512 lookup16(const dequantizer *d, __m512i i) {
+    const int bits = d->bits;
+    if (bits <= 4) return _mm512_permutexvar_ps(i, d->table[0]);
+    __m512 lo = _mm512_permutex2var_ps(d->table[0], i, d->table[1]);
+    if (bits == 5) return lo;
+    __m512 hi = _mm512_permutex2var_ps(d->table[2], i, d->table[3]);
+    lo = _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), lo, hi);
+    if (bits == 6) return lo;
+    __m512 lo2 = _mm512_permutex2var_ps(d->table[4], i, d->table[5]);
+    __m512 hi2 = _mm512_permutex2var_ps(d->table[6], i, d->table[7]);
+    hi2 = _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), lo2, hi2);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(64)), lo, hi2);
+}
+
+static inline void dequant_row_vbmi(const uint8_t *codes, int dim, const dequantizer *d,
+                                    float *row) {
+    const int bits = d->bits;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
+    const __mmask64 load = bits == 8 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * bits)) - 1);
+    for (int c = 0; c < dim / 64; ++c) {
+        const __m512i raw = _mm512_maskz_loadu_epi8(load, codes + (size_t)c * 8 * bits);
+        const __m512i spread = _mm512_permutexvar_epi8(d->spread, raw);
+        const __m512i idx = _mm512_and_si512(_mm512_multishift_epi64_epi8(d->shifts, spread), mask);
+        for (int q = 0; q < 4; ++q) {
+            const __m512i i = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(idx, q));
+            _mm512_storeu_ps(row + c * 64 + q * 16, lookup16(d, i));
+        }
+    }
+}
+#endif
+
+static void dequant_row(const uint8_t *codes, int dim, const dequantizer *d, float *row) {
+#if TQ_VBMI
+    if (dim % 64 == 0 && d->bits < 8) {
+        dequant_row_vbmi(codes, dim, d, row);
+        return;
+    }
+#endif
+    switch (d->bits) {
+        case 1: dequant_row_bits(codes, dim, 1, d, row); break;
+        case 2: dequant_row_bits(codes, dim, 2, d, row); break;
+        case 3: dequant_row_bits(codes, dim, 3, d, row); break;
+        case 4: dequant_row_bits(codes, dim, 4, d, row); break;
+        case 5: dequant_row_bits(codes, dim, 5, d, row); break;
+        case 6: dequant_row_bits(codes, dim, 6, d, row); break;
+        case 7: dequant_row_bits(codes, dim, 7, d, row); break;
+        default: dequant_row_bits(codes, dim, 8, d, row); break;
+    }
+}
+
+/* exp(x) for x <= 0 (softmax weights), vectorisable: 2^n * p(f) with a degree-6 polynomial
+ * on f in [-0.5, 0.5]; relative error below 3e-7 (the callers compare with a tolerance).
+ * Below -87 (and -inf) it returns 0. */
+static inline float exp_nonpositive(float x) {
+    const float t = x * 1.44269504088896341f;
+    const float n = __builtin_floorf(t + 0.5f);
+    const float f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const int32_t e = (int32_t)(x < -87.0f ? -127.0f : n) + 127;
+    uint32_t bits = (uint32_t)(e > 0 ? e : 0) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* ---- decode attention ---------------------------------------------------------------------- */
+typedef struct {
+    const float *queries;
+    const uint8_t *key_codes, *value_codes;
+    const uint16_t *key_scales, *value_scales;
+    const int32_t *tables, *lens;
+    const float *key_codebook, *value_codebook;
+    int B, Hq, Hkv, Dk, Dv, block_size, max_blocks, key_bits, value_bits, splits;
+    float *part_out; /* (B, Hkv, splits, G, Dv) unnormalised accumulators */
+    float *part_m, *part_l; /* (B, Hkv, splits, G) running max and sum */
+    float *scratch; /* per unit: one block of dequantized rows */
+} decode_args;
+
+static inline float dot_lanes(const float *a, const float *b, int n) {
+    float lane[TQ_LANES] = {0};
+    for (int j = 0; j < n; j += TQ_LANES)
+        for (int k = 0; k < TQ_LANES; ++k) lane[k] += a[j + k] * b[j + k];
+    float s = 0.0f;
+    for (int k = 0; k < TQ_LANES; ++k) s += lane[k];
+    return s;
+}
+
+#define TQ_MAX_BLOCK 256
+
+/* One (sequence, kv head, split): blocks [first, last) of the sequence's table, online softmax
+ * per block of tokens (scores of a block first, then its values). */
+static void decode_unit(const decode_args *a, int unit) {
+    const int split = unit % a->splits, bh = unit / a->splits;
+    const int b = bh / a->Hkv, h = bh % a->Hkv;
+    const int G = a->Hq / a->Hkv, Dk = a->Dk, Dv = a->Dv, bs = a->block_size;
+    const int kbytes = Dk * a->key_bits / 8, vbytes = Dv * a->value_bits / 8;
+    const int len = a->lens[b] < 0 ? 0 : a->lens[b];
+    int nblocks = (len + bs - 1) / bs;
+    if (nblocks > a->max_blocks) nblocks = a->max_blocks;
+    const int per = (nblocks + a->splits - 1) / a->splits;
+    const int first = split * per, last = first + per < nblocks ? first + per : nblocks;
+
+    const size_t part = ((size_t)bh * a->splits + split) * G;
+    float *acc = a->part_out + part * Dv, *mrun = a->part_m + part, *lrun = a->part_l + part;
+    const float *q = a->queries + ((size_t)b * a->Hq + (size_t)h * G) * Dk;
+    for (int g = 0; g < G; ++g) { mrun[g] = -INFINITY; lrun[g] = 0.0f; }
+    memset(acc, 0, sizeof(float) * (size_t)G * Dv);
+
+    float scores[TQ_MAX_GROUP * TQ_MAX_BLOCK] __attribute__((aligned(64)));
+    float *rows = a->scratch + (size_t)unit * bs * (Dk > Dv ? Dk : Dv); /* this unit's rows */
+    dequantizer keys, values;
+    dequantizer_init(&keys, a->key_codebook, a->key_bits);
+    dequantizer_init(&values, a->value_codebook, a->value_bits);
+    for (int i = first; i < last; ++i) {
+        const int block = a->tables[(size_t)b * a->max_blocks + i];
+        const int n = len - i * bs < bs ? len - i * bs : bs;
+        const size_t base = ((size_t)block * a->Hkv + h) * bs; /* (block, head, slot 0) */
+        /* Dequantize the block's rows first, then use them: a row read back right after its
+         * scalar stores would stall on store forwarding. */
+        for (int t = 0; t < n; ++t)
+            dequant_row(a->key_codes + (base + t) * kbytes, Dk, &keys, rows + (size_t)t * Dk);
+        for (int t = 0; t < n; ++t) {
+            const float ks = half_to_float(a->key_scales[base + t]);
+            for (int g = 0; g < G; ++g)
+                scores[g * bs + t] = dot_lanes(q + (size_t)g * Dk, rows + (size_t)t * Dk, Dk) * ks;
+        }
+        for (int g = 0; g < G; ++g) {
+            float *sg = scores + g * bs;
+            float mb = -INFINITY;
+            for (int t = 0; t < n; ++t) mb = sg[t] > mb ? sg[t] : mb;
+            const float mnew = mb > mrun[g] ? mb : mrun[g];
+            const float corr = isinf(mrun[g]) ? 0.0f : exp_nonpositive(mrun[g] - mnew);
+            float sum = 0.0f;
+            for (int t = 0; t < n; ++t) sg[t] = exp_nonpositive(sg[t] - mnew);
+            for (int t = 0; t < n; ++t) sum += sg[t];
+            lrun[g] = lrun[g] * corr + sum;
+            mrun[g] = mnew;
+            if (corr != 1.0f) {
+                float *ag = acc + (size_t)g * Dv;
+                for (int j = 0; j < Dv; ++j) ag[j] *= corr;
+            }
+        }
+        for (int t = 0; t < n; ++t)
+            dequant_row(a->value_codes + (base + t) * vbytes, Dv, &values, rows + (size_t)t * Dv);
+        for (int t = 0; t < n; ++t) {
+            const float *row = rows + (size_t)t * Dv;
+            const float vs = half_to_float(a->value_scales[base + t]);
+            for (int g = 0; g < G; ++g) {
+                const float p = scores[g * bs + t] * vs;
+                float *ag = acc + (size_t)g * Dv;
+                for (int j = 0; j < Dv; ++j) ag[j] += p * row[j];
+            }
+        }
+    }
+}
+
+typedef struct {
+    const decode_args *args;
+    int begin, end;
+} decode_slice;
+
+static void *decode_worker(void *p) {
+    const decode_slice *s = (const decode_slice *)p;
+    for (int u = s->begin; u < s->end; ++u) decode_unit(s->args, u);
+    return NULL;
+}
+
+/* Runs units [0, count) on up to `threads` threads (the caller's included), in fixed slices. */
+static void run_units(const decode_args *args, int count, int threads) {
+    if (threads > count) threads = count;
+    if (threads <= 1) {
+        for (int u = 0; u < count; ++u) decode_unit(args, u);
+        return;
+    }
+    pthread_t tid[64];
+    decode_slice slice[64];
+    if (threads > 64) threads = 64;
+    int started = 0;
+    for (int k = 0; k < threads; ++k) {
+        slice[k].args = args;
+        slice[k].begin = (int)((long)count * k / threads);
+        slice[k].end = (int)((long)count * (k + 1) / threads);
+    }
+    for (int k = 1; k < threads; ++k)
+        if (pthread_create(&tid[k], NULL, decode_worker, &slice[k]) == 0) started = k; else break;
+    decode_worker(&slice[0]);
+    for (int k = 1; k <= started; ++k) pthread_join(tid[k], NULL);
+    for (int k = started + 1; k < threads; ++k) decode_worker(&slice[k]); /* threads refused */
+}
+
+/* Returns 0, or -1 for shapes this build does not take (the caller then uses the reference). */
+int tq_decode_attention(const float *queries, const uint8_t *key_codes, const uint16_t *key_scales,
+                        const uint8_t *value_codes, const uint16_t *value_scales,
+                        const int32_t *tables, const int32_t *lens,
+                        const float *key_codebook, const float *value_codebook,
+                        int B, int Hq, int Hkv, int Dk, int Dv, int block_size, int max_blocks,
+                        int key_bits, int value_bits, int splits, int threads,
+                        float *out, float *lse) {
+    if (B < 0 || Hkv <= 0 || Hq % Hkv || Hq / Hkv > TQ_MAX_GROUP || Dk > TQ_MAX_DIM ||
+        Dv > TQ_MAX_DIM || Dk % TQ_LANES || Dv % 8 || block_size <= 0 ||
+        block_size > TQ_MAX_BLOCK || splits <= 0 ||
+        key_bits < 1 || key_bits > 8 || value_bits < 1 || value_bits > 8)
+        return -1;
+    const int G = Hq / Hkv;
+    const size_t parts = (size_t)B * Hkv * splits * G;
+    decode_args a = {queries, key_codes, value_codes, key_scales, value_scales, tables, lens,
+                     key_codebook, value_codebook, B, Hq, Hkv, Dk, Dv, block_size, max_blocks,
+                     key_bits, value_bits, splits, NULL, NULL, NULL, NULL};
+    a.part_out = malloc(sizeof(float) * parts * Dv);
+    a.scratch = malloc(sizeof(float) * (size_t)B * Hkv * splits * block_size * (Dk > Dv ? Dk : Dv));
+    a.part_m = malloc(sizeof(float) * parts);
+    a.part_l = malloc(sizeof(float) * parts);
+    if (!a.part_out || !a.part_m || !a.part_l || !a.scratch) {
+        free(a.part_out); free(a.part_m); free(a.part_l); free(a.scratch);
+        return -2;
+    }
+    run_units(&a, B * Hkv * splits, threads);
+    /* Merge the splits of each (sequence, query head) in split order, then normalise. */
+    for (int bh = 0; bh < B * Hkv; ++bh) {
+        const int b = bh / Hkv, h = bh % Hkv;
+        for (int g = 0; g < G; ++g) {
+            float m = -INFINITY;
+            for (int s = 0; s < splits; ++s) {
+                const float ms = a.part_m[((size_t)bh * splits + s) * G + g];
+                m = ms > m ? ms : m;
+            }
+            float *o = out + ((size_t)b * Hq + (size_t)h * G + g) * Dv;
+            memset(o, 0, sizeof(float) * (size_t)Dv);
+            float l = 0.0f;
+            if (!isinf(m)) {
+                for (int s = 0; s < splits; ++s) {
+                    const size_t p = ((size_t)bh * splits + s) * G + g;
+                    if (isinf(a.part_m[p])) continue;
+                    const float w = expf(a.part_m[p] - m);
+                    l += a.part_l[p] * w;
+                    for (int j = 0; j < Dv; ++j) o[j] += a.part_out[p * Dv + j] * w;
+                }
+                for (int j = 0; j < Dv; ++j) o[j] /= l;
+            }
+            lse[(size_t)b * Hq + (size_t)h * G + g] = isinf(m) ? -INFINITY : m + logf(l);
+        }
+    }
+    free(a.part_out); free(a.part_m); free(a.part_l); free(a.scratch);
+    return 0;
+}
+
+/* ---- one decode step of one layer: query rotation, pages, un-rotation, merge with the tail --
+ * The whole of PagedLayerCache.attend on the CPU in one call (the contract of
+ * tqstore.metal.reference.decode_epilogue_reference around the paged attention):
+ *   q = scale * queries (B, Hq, Dk), q_rot[h] = q[h] @ query_rotation[h / G]  (R_K^T rows)
+ *   (o, lse) = attention over the pages of q_rot; o = o @ output_rotation[h / G]  (R_V)
+ *   with a tail of n fp16 tokens (B, Hkv, n, D): s_t = q . (k_t - key_center), the two softmax
+ *   pieces merged: m = max(max_t s_t, lse), out = (e^(lse-m) o + sum_t e^(s_t-m) v_t) /
+ *   (e^(lse-m) + sum_t e^(s_t-m)).  out f32 (B, Hq, Dv).
+ * Equal to the composition within float32 rounding (compared with a tolerance, as above). */
+int tq_decode_step(const float *queries, float scale, const float *query_rotation,
+                   const uint8_t *key_codes, const uint16_t *key_scales,
+                   const uint8_t *value_codes, const uint16_t *value_scales,
+                   const int32_t *tables, const int32_t *lens,
+                   const float *key_codebook, const float *value_codebook,
+                   const uint16_t *tail_keys, const uint16_t *tail_values, int tail_len,
+                   const float *key_center, const float *output_rotation,
+                   int B, int Hq, int Hkv, int Dk, int Dv, int block_size, int max_blocks,
+                   int key_bits, int value_bits, int splits, int threads, float *out) {
+    if (B <= 0 || Hkv <= 0 || Hq % Hkv || tail_len < 0) return -1;
+    const int G = Hq / Hkv;
+    float *q = malloc(sizeof(float) * (size_t)B * Hq * Dk);
+    float *q_rot = malloc(sizeof(float) * (size_t)B * Hq * Dk);
+    float *pages = malloc(sizeof(float) * (size_t)B * Hq * Dv);
+    float *lse = malloc(sizeof(float) * (size_t)B * Hq);
+    int rc = -2;
+    if (!q || !q_rot || !pages || !lse) goto done;
+    for (size_t i = 0; i < (size_t)B * Hq * Dk; ++i) q[i] = queries[i] * scale;
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < Hq; ++h) {
+            const float *qi = q + ((size_t)b * Hq + h) * Dk, *R = query_rotation + (size_t)(h / G) * Dk * Dk;
+            float *qo = q_rot + ((size_t)b * Hq + h) * Dk;
+            for (int j = 0; j < Dk; ++j) qo[j] = 0.0f;
+            for (int i = 0; i < Dk; ++i)
+                for (int j = 0; j < Dk; ++j) qo[j] += qi[i] * R[(size_t)i * Dk + j];
+        }
+    rc = tq_decode_attention(q_rot, key_codes, key_scales, value_codes, value_scales, tables, lens,
+                             key_codebook, value_codebook, B, Hq, Hkv, Dk, Dv, block_size,
+                             max_blocks, key_bits, value_bits, splits, threads, pages, lse);
+    if (rc != 0) goto done;
+    float key[TQ_MAX_DIM], value[TQ_MAX_DIM], o[TQ_MAX_DIM];
+    float *s = malloc(sizeof(float) * (size_t)(tail_len > 0 ? tail_len : 1));
+    if (!s) { rc = -2; goto done; }
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < Hq; ++h) {
+            const int kv = h / G;
+            const float *po = pages + ((size_t)b * Hq + h) * Dv, *R = output_rotation + (size_t)kv * Dv * Dv;
+            for (int j = 0; j < Dv; ++j) o[j] = 0.0f;
+            for (int i = 0; i < Dv; ++i)
+                for (int j = 0; j < Dv; ++j) o[j] += po[i] * R[(size_t)i * Dv + j];
+            float *dst = out + ((size_t)b * Hq + h) * Dv;
+            const float l = lse[(size_t)b * Hq + h];
+            if (tail_len == 0) {
+                memcpy(dst, o, sizeof(float) * (size_t)Dv);
+                continue;
+            }
+            const float *qi = q + ((size_t)b * Hq + h) * Dk;
+            const size_t base = ((size_t)b * Hkv + kv) * tail_len;
+            float m = l;
+            for (int t = 0; t < tail_len; ++t) {
+                for (int j = 0; j < Dk; ++j)
+                    key[j] = half_to_float(tail_keys[(base + t) * Dk + j]) - key_center[(size_t)kv * Dk + j];
+                s[t] = dot_lanes(qi, key, Dk);
+                m = s[t] > m ? s[t] : m;
+            }
+            const float w = isinf(l) ? 0.0f : expf(l - m);
+            float denom = w;
+            for (int j = 0; j < Dv; ++j) dst[j] = w * o[j];
+            for (int t = 0; t < tail_len; ++t) {
+                const float p = expf(s[t] - m);
+                denom += p;
+                for (int j = 0; j < Dv; ++j) value[j] = half_to_float(tail_values[(base + t) * Dv + j]);
+                for (int j = 0; j < Dv; ++j) dst[j] += p * value[j];
+            }
+            for (int j = 0; j < Dv; ++j) dst[j] /= denom;
+        }
+    free(s);
+done:
+    free(q); free(q_rot); free(pages); free(lse);
+    return rc;
+}
+
+/* ---- quantize (byte-identical to TurboQuantCodec.quantize, power-of-two head_dim) ---------- */
+#define TQ_QLANES 16 /* rows quantized together: every loop below runs across them */
+
+/* codec.tree_sum_last over the first n entries of a[j][lane] (halves added pairwise, an odd
+ * tail carried), for each lane independently: the same additions in the same order per row. */
+static void tree_sum_lanes(float (*a)[TQ_QLANES], int n) {
+    while (n > 1) {
+        const int half = n / 2;
+        for (int i = 0; i < half; ++i)
+            for (int l = 0; l < TQ_QLANES; ++l) a[i][l] = a[i][l] + a[i + half][l];
+        if (n % 2)
+            for (int l = 0; l < TQ_QLANES; ++l) a[half][l] = a[2 * half][l];
+        n = half + n % 2;
+    }
+}
+
+/* x f32 or f16 (x_is_half) (rows, D) with row r belonging to head (r / tokens) % heads; signs f32 (heads, D);
+ * codebook f32 (2^bits); midpoints f32 (2^bits - 1); rot_norm = float32(1/sqrt(D)).
+ * codes u8 (rows, D*bits/8), scales f16 (rows). Returns 0, or -1 for shapes it does not take. */
+int tq_quantize(const void *x, int x_is_half, long rows, int tokens, int heads, int D, int bits,
+                int norm_correction, const float *signs, const float *codebook,
+                const float *midpoints, float rot_norm, uint8_t *codes, uint16_t *scales) {
+    if (D <= 0 || D > TQ_MAX_DIM || (D & (D - 1)) || D % 8 || bits < 1 || bits > 8 ||
+        tokens <= 0 || heads <= 0)
+        return -1;
+    const int row_bytes = D * bits / 8;
+    /* Rows go TQ_QLANES at a time, transposed (v[j][lane]), so that each operation of the
+     * codec runs as one vector operation across rows; per row it is still exactly the codec's
+     * sequence of float32 operations. */
+    static __thread float v[TQ_MAX_DIM][TQ_QLANES], t[TQ_MAX_DIM][TQ_QLANES];
+    static __thread uint8_t idx[TQ_QLANES][TQ_MAX_DIM];
+    float norm[TQ_QLANES], safe[TQ_QLANES], sign[TQ_MAX_DIM][TQ_QLANES];
+    for (long r0 = 0; r0 < rows; r0 += TQ_QLANES) {
+        const int n = rows - r0 < TQ_QLANES ? (int)(rows - r0) : TQ_QLANES;
+        for (int l = 0; l < TQ_QLANES; ++l) {
+            const long r = r0 + (l < n ? l : 0); /* spare lanes redo row r0; never stored */
+            const int head = (int)((r / tokens) % heads);
+            for (int j = 0; j < D; ++j) {
+                v[j][l] = x_is_half ? half_to_float(((const uint16_t *)x)[r * D + j])
+                                    : ((const float *)x)[r * D + j];
+                sign[j][l] = signs[(size_t)head * D + j];
+            }
+        }
+        for (int j = 0; j < D; ++j)
+            for (int l = 0; l < TQ_QLANES; ++l) t[j][l] = v[j][l] * v[j][l];
+        tree_sum_lanes(t, D);
+        for (int l = 0; l < TQ_QLANES; ++l) {
+            norm[l] = sqrtf(t[0][l]);
+            safe[l] = norm[l] > 0.0f ? norm[l] : 1.0f;
+        }
+        for (int j = 0; j < D; ++j)
+            for (int l = 0; l < TQ_QLANES; ++l) v[j][l] = (v[j][l] / safe[l]) * sign[j][l];
+        for (int h = 1; h < D; h <<= 1)
+            for (int blk = 0; blk < D; blk += 2 * h)
+                for (int i = 0; i < h; ++i)
+                    for (int l = 0; l < TQ_QLANES; ++l) {
+                        const float p = v[blk + i][l], q = v[blk + h + i][l];
+                        v[blk + i][l] = p + q;
+                        v[blk + h + i][l] = p - q;
+                    }
+        for (int j = 0; j < D; ++j) {
+            int k[TQ_QLANES] = {0};
+            float y[TQ_QLANES];
+            for (int l = 0; l < TQ_QLANES; ++l) y[l] = v[j][l] * rot_norm;
+            for (int level = bits - 1; level >= 0; --level)
+                for (int l = 0; l < TQ_QLANES; ++l) {
+                    const int cand = k[l] + (1 << level);
+                    k[l] = y[l] > midpoints[cand - 1] ? cand : k[l];
+                }
+            for (int l = 0; l < TQ_QLANES; ++l) {
+                idx[l][j] = (uint8_t)k[l];
+                t[j][l] = codebook[k[l]] * codebook[k[l]];
+            }
+        }
+        float scale[TQ_QLANES];
+        for (int l = 0; l < TQ_QLANES; ++l) scale[l] = norm[l];
+        if (norm_correction) {
+            tree_sum_lanes(t, D);
+            for (int l = 0; l < TQ_QLANES; ++l) scale[l] = norm[l] / sqrtf(t[0][l]);
+        }
+        for (int l = 0; l < n; ++l) {
+            const long r = r0 + l;
+            /* mx.minimum(scale, 65504): NaN propagates (as in MLX), all else is clamped. */
+            const float sc = scale[l];
+            scales[r] = float_to_half(sc != sc ? sc : (sc < 65504.0f ? sc : 65504.0f));
+            uint8_t *out = codes + r * row_bytes;
+            if (bits == 8) {
+                memcpy(out, idx[l], (size_t)D);
+                continue;
+            }
+            for (int g = 0; g < D / 8; ++g) {
+                uint64_t word = 0;
+                for (int e = 0; e < 8; ++e) word |= (uint64_t)idx[l][g * 8 + e] << (e * bits);
+                for (int b = 0; b < bits; ++b) out[g * bits + b] = (uint8_t)((word >> (8 * b)) & 0xffu);
+            }
+        }
+    }
+    return 0;
+}
