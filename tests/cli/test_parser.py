@@ -28,7 +28,7 @@ def test_every_command_and_benchmark_lives_in_its_package():
     leaves = {path for path, _ in _subparsers(build_parser())}
     assert leaves == ({(name,) for name, _, _ in COMMANDS}
                       | {("bench", name) for name, _, _ in BENCHES})
-    assert ("serve",) in leaves and ("bench", "attention") in leaves and len(leaves) == 15
+    assert ("serve",) in leaves and ("bench", "attention") in leaves and len(leaves) == 16
 
 
 def test_every_option_of_every_subcommand_has_help():

@@ -57,12 +57,13 @@ def test_a_planted_wrong_c_attention_kernel_is_disabled(rng, monkeypatch, caplog
         first = dispatch.paged_decode_attention(**pages)
         second = dispatch.paged_decode_attention(**pages, return_lse=True)[0]
         want = paged_decode_attention_reference(**pages)
+        backend = dispatch.active_backend()  # of the CPU device (a GPU machine's default is the GPU)
     assert np.array_equal(np.array(first), np.array(want))  # the reference served, bit for bit
     assert np.array_equal(np.array(second), np.array(want))
     warned = _warnings(caplog)
     assert len(warned) == 1 and "cpu-kernel" in warned[0] and "self-check" in warned[0]
     assert selfcheck.kernel_report()["cpu-kernel"].startswith("disabled: ")
-    assert dispatch.active_backend().startswith("reference:tqstore.metal (cpu-kernel disabled")
+    assert backend.startswith("reference:tqstore.metal (cpu-kernel disabled")
 
 
 @needs_c
@@ -78,10 +79,10 @@ def test_a_planted_wrong_c_decode_step_is_disabled(rng, monkeypatch, caplog):
     with mx.stream(mx.cpu), caplog.at_level(logging.WARNING, logger="tqstore"):
         assert dispatch.fused_decode_step(*args) is None
         assert dispatch.fused_decode_step(*args) is None
+        backend = dispatch.active_backend()
     warned = _warnings(caplog)
     assert len(warned) == 1 and "cpu-kernel-step" in warned[0]
-    assert dispatch.active_backend() == "cpu-kernel (cpu-kernel-step " + \
-        selfcheck.kernel_report()["cpu-kernel-step"] + ")"
+    assert backend == "cpu-kernel (cpu-kernel-step " + selfcheck.kernel_report()["cpu-kernel-step"] + ")"
 
 
 @needs_c
@@ -155,3 +156,19 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
         assert len(named) == len(disabled), run
     control = _planted_run("none")
     assert control["warnings"] == [] and "-kernel" in control["mma-shape"]["backend"], control
+
+
+def test_a_centered_codec_quantizes_to_its_own_bytes_on_every_device(rng, device):
+    """The daemon's re-quantizer hands dispatch a codec with key means (a center); the kernels
+    know nothing of centers, so dispatch centers first. (On the H100 the GPU quantize kernel's
+    self-check caught this: it was handed the centered codec and disabled itself.)"""
+    from tqstore.codec.profile import QualityProfile
+    heads, dim = 3, 64
+    means = (rng.standard_normal((2, heads, dim)) * 3).astype(np.float16)
+    codec = layer_codecs(CodecConfig(5, 4, profile=QualityProfile("m", 2, heads, dim,
+                                                                  means.tobytes())), 1, heads, dim)[0]
+    x = mx.array((rng.standard_normal((heads, 40, dim)) * 2).astype(np.float16))
+    got, want = dispatch.quantize(codec, x), codec.quantize(x)
+    assert np.array_equal(np.array(got.codes), np.array(want.codes))
+    assert np.array_equal(np.array(got.scales).view(np.uint16), np.array(want.scales).view(np.uint16))
+    assert not any(v.startswith("disabled") for v in selfcheck.kernel_report().values())

@@ -214,3 +214,35 @@ def test_a_routed_token_joining_the_tail_waits_for_the_epilogue_and_is_never_los
         assert state[-2].shape[2] == 1 and c._pending is None
     finally:
         uninstall(model)
+
+
+@pytest.mark.parametrize("policy", [TAIL, CachePolicy(codec=CodecConfig(3, 5))], ids=["tail", "no-tail"])
+def test_prefill_blocks_are_written_as_chunks_arrive_and_published_at_the_end(rng, policy):
+    """Blocks the prefill will certainly commit are quantized chunk by chunk (no pause after the
+    first token), hold the very bytes the codec gives the prefill's fp16 K/V, and are shared
+    with other sequences only once the prefill ends."""
+    model = tiny_model("llama")
+    prompt = [int(t) for t in rng.integers(0, 64, 37)]
+    caches = fresh(model, policy, prompt)
+    for a, b in ((0, 12), (12, 30), (30, 37)):
+        model(mx.array([prompt[a:b]]), cache=caches)
+        mx.eval([c.state for c in caches])
+        bound = commit_point(0, b, BS) if policy.fp16_tail else b // BS * BS
+        assert all(c.committed == (0 if c.arena.dense else bound) for c in caches)
+        assert all(c.in_prefill for c in caches)
+        assert caches[0].sequence.block_hashes == []  # nothing shared mid-prefill
+    for c in caches:
+        if c.arena.dense:
+            continue
+        keys, values = c.prefill_kv()
+        table = mx.array([b.block_id for b in c.sequence.blocks])
+        got_k, got_v = c.arena.quantized(table, c.committed)
+        want_k = c.arena.key_codec.quantize(keys[0, :, : c.committed])
+        want_v = c.arena.value_codec.quantize(values[0, :, : c.committed])
+        for got, want in ((got_k, want_k), (got_v, want_v)):
+            assert np.array_equal(np.array(got.codes), np.array(want.codes))
+            assert np.array_equal(np.array(got.scales).view(np.uint16),
+                                  np.array(want.scales).view(np.uint16))
+    for c in caches:
+        c.finish_prefill()
+    assert len(caches[0].sequence.block_hashes) == 37 // BS  # every full block, once it ends

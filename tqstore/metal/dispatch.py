@@ -267,6 +267,10 @@ def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
     """codec.quantize(x), on the quantize kernel where one fits (byte-identical by design,
     checked byte for byte at first use per shape), else on the codec's own MLX ops."""
     if _forced != "reference":
+        if codec.center is not None:
+            # The kernels know nothing of centers: the codec's own float32 subtraction first,
+            # then its center-free twin (the same bytes as codec.quantize(x)).
+            x, codec = codec.centered(x), codec.residual_codec
         gpu = gpu_backend()
         if gpu is not None and quantize_kernel_fits(codec):
             name, run = f"{gpu}-kernel-quantize", kernel_quantize

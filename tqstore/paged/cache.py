@@ -144,6 +144,7 @@ class PagedLayerCache:
         self.offset = self.committed
         if keys.shape[2] > self.committed:
             self._append(keys[:, :, self.committed:], values[:, :, self.committed:])
+        self.sequence.note_written(self.layer, self.committed)  # publishes the early blocks
 
     # -- the mlx-lm protocol ---------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -194,13 +195,22 @@ class PagedLayerCache:
         instead of the whole prefill at the first decode step (that was a pause of several
         decode steps after the first token). Codes are per vector, so the bytes are the same
         either way, and prefill attention keeps reading the fp16 copy: outputs do not change.
-        ``committed`` counts these tokens during the prefill too."""
+        ``committed`` counts these tokens during the prefill too. fp16 layers have nothing
+        to quantize and keep writing at the end (a prefill-only caller, such as calibration,
+        may then size an fp16 pool for nothing)."""
+        if self.arena.dense:
+            return
         bs = self.sequence.block_size
         upto = (commit_point(0, self.offset, bs) if self.fp16_tail
                 else (self.offset // bs) * bs)
         if upto > self.committed:
             start = self.committed
-            self._commit(start, self._keys[:, :, start:upto], self._values[:, :, start:upto])
+            # Not published yet (publish=False): the pool shares these blocks with other
+            # sequences only once the prefill ends, as before (the serving engine's tiers
+            # depend on it: a request holding for another's prompt takes the daemon's exact
+            # blocks, not these codes).
+            self._commit(start, self._keys[:, :, start:upto], self._values[:, :, start:upto],
+                         publish=False)
 
     def _prefill_step(self, L: int) -> bool:
         prompt_left = (self.sequence.prompt_length is not None
@@ -256,12 +266,13 @@ class PagedLayerCache:
         self.offset = end
         return keys, values
 
-    def _commit(self, start: int, keys: mx.array, values: mx.array) -> None:
+    def _commit(self, start: int, keys: mx.array, values: mx.array, publish: bool = True) -> None:
         count = keys.shape[2]
         block_ids, slots = self.sequence.prepare_write(start, count)
         self.arena.write(block_ids, slots, keys[0], values[0])
         self.committed = start + count
-        self.sequence.note_written(self.layer, self.committed)
+        if publish:
+            self.sequence.note_written(self.layer, self.committed)
 
     def _exact(self, keys: mx.array, values: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """fp16 K/V (1, Hkv, n, D) as attention sees them: (Hkv, n, D), keys in the pages'
@@ -350,9 +361,9 @@ class PagedLayerCache:
         self.offset -= n
         if self._keys is not None:
             self._keys, self._values = self._keys[:, :, : self.offset], self._values[:, :, : self.offset]
-            if self.committed > self.offset:  # pages written early past the new end
+            if self.committed > self.offset:  # pages written early past the new end: those
+                # positions are written again by the next chunk (nothing was published yet)
                 self.committed = (self.offset // self.sequence.block_size) * self.sequence.block_size
-                self.sequence.trim(self.layer, self.committed)
         elif self.offset >= self.committed:
             keep = self.offset - self.committed
             if self._tail_keys is not None and keep:
