@@ -1,4 +1,5 @@
-"""Build tq_cpu.c into a shared library at first use and load it with ctypes.
+"""Build the C kernels (tq_attention.c, tq_quantize.c, tq_common.h) into one shared library at
+first use and load it with ctypes.
 
 Why at first use and not at install: the library is plain C with no Python or MLX headers, so
 any C compiler builds it in about a second, and building on the machine that runs it lets the
@@ -10,7 +11,7 @@ private temp file and rename it into place (atomic; the results are identical).
 
 Floating-point flags are part of the kernels' contract: -ffp-contract=off and no fast-math keep
 every float32 operation of tq_quantize a single correctly rounded IEEE operation, which is what
-makes it byte-identical to the codec (tqstore/native/tq_cpu.c).
+makes it byte-identical to the codec (tqstore/native/tq_quantize.c).
 
 No compiler, a failed build or ``TQSTORE_NATIVE=0``: ``load()`` returns None with the reason in
 ``unavailable_reason()``, and the callers run the pure-MLX reference.
@@ -30,7 +31,9 @@ from pathlib import Path
 
 log = logging.getLogger("tqstore.native")
 
-SOURCE = Path(__file__).resolve().parent / "tq_cpu.c"
+HERE = Path(__file__).resolve().parent
+SOURCES = [HERE / "tq_attention.c", HERE / "tq_quantize.c"]
+HEADERS = [HERE / "tq_common.h"]
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off",
               "-fno-math-errno", "-Wall"]
 _NATIVE_FLAGS = {"x86_64": ["-march=native"], "AMD64": ["-march=native"],
@@ -79,7 +82,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
                               text=True, timeout=120)
         if proc.returncode != 0:
             return (proc.stderr or proc.stdout).strip()[-2000:] or f"{cc} exited {proc.returncode}"
@@ -109,7 +112,7 @@ def _build_and_load() -> ctypes.CDLL | str:
     cc = _compiler()
     if cc is None:
         return "no C compiler found (set CC, or install gcc or clang)"
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
     attempts = [BASE_FLAGS + _NATIVE_FLAGS.get(platform.machine(), []), BASE_FLAGS]
     errors = []
     for flags in attempts:

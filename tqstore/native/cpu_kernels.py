@@ -1,4 +1,4 @@
-"""The CPU kernels of tq_cpu.c as functions over MLX arrays.
+"""The CPU kernels (tq_attention.c, tq_quantize.c) as functions over MLX arrays.
 
 Each call evaluates its inputs (on the CPU an evaluation per layer costs ~nothing: measured
 165 vs 175 ms per SmolLM2 step with a sync after every attention, docs/BENCHMARKS.md), reads
