@@ -1,7 +1,7 @@
 """The CPU kernels (tq_attention.c, tq_quantize.c) as functions over MLX arrays.
 
-Each call evaluates its inputs (on the CPU an evaluation per layer costs ~nothing: measured
-165 vs 175 ms per SmolLM2 step with a sync after every attention, docs/BENCHMARKS.md), reads
+Each call evaluates its inputs (a sync per layer: on the CPU it costs graph-building overlap
+only; `tqstore bench decode`'s figures include it), reads
 them in place through the buffer protocol (no copy), runs the C function and wraps the
 result as a new MLX array. They return None where the C build does not take a shape or is
 unavailable, and the caller (tqstore.metal.dispatch) runs the pure-MLX reference.
@@ -26,9 +26,9 @@ from tqstore.native.build import load
 # Units a decode call aims for: enough to keep a few cores busy at batch 1 with few kv heads,
 # few enough that each unit scores whole blocks.
 TARGET_UNITS = 16
-# Threads per decode call: 1 unless TQSTORE_CPU_THREADS says more. Measured on the 2-core
-# machine (docs/BENCHMARKS.md): a second thread made a SmolLM2 layer's call slower at every
-# length (thread start-up ~0.1 ms per call, and the two vCPUs gave 1.4x at best on a pure
+# Threads per decode call: 1 unless TQSTORE_CPU_THREADS says more. On the 2-core VM, while
+# building this (a ctypes timing loop, not a recorded benchmark), a second thread made a
+# SmolLM2-shaped call slower at every length (thread start-up ~0.1 ms per call, and the two vCPUs gave 1.4x at best on a pure
 # compute loop). The result's bits never depend on it (see the module doc).
 THREADS = max(1, int(os.environ.get("TQSTORE_CPU_THREADS", "1") or 1))
 
