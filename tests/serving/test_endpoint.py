@@ -413,8 +413,12 @@ def test_inspect_shows_an_endpoints_live_figures(small, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"tqstore endpoint ({url})")
     assert "prompt tokens by tier" in out and "computed" in out and "0 waiting" in out
+    assert "attention path" in out  # which kernels serve, and any that failed a self-check
     assert main(["inspect", "--endpoint", url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["totals"]["completed"] >= 1
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["totals"]["completed"] >= 1
+    assert stats["attention_path"] and isinstance(stats["kernels"], dict)
+    assert not any(v.startswith("disabled") for v in stats["kernels"].values()), stats["kernels"]
     # Nothing listening: one line naming the address, exit 2.
     assert main(["inspect", "--endpoint", "http://127.0.0.1:9"]) == 2
     assert "no tqstore endpoint answers at http://127.0.0.1:9" in capsys.readouterr().err
