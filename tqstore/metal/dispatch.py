@@ -94,15 +94,20 @@ def _announce(name: str, what: str = "decode attention over TurboQuant pages") -
         log.info("%s runs on: %s", what, name)
 
 
+def _attention_shape(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
+                     key_bits: int, value_bits: int) -> tuple:
+    """What a self-check's verdict is per: (Hq, Hkv, Dk, Dv, key_bits, value_bits, block_size)."""
+    return (queries.shape[1], key_codes.shape[1], queries.shape[2],
+            value_codes.shape[-1] * 8 // value_bits, key_bits, value_bits, key_codes.shape[2])
+
+
 def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_scales,
                    block_tables, seq_lens, key_codebook, value_codebook, key_bits, value_bits):
     """(out, lse) on the first GPU kernel kind that passes its self-check, else None."""
     plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
                        backend=gpu)
     kinds = [plan.kind] + (["portable"] if plan.kind != "portable" else [])
-    B, Hq, Dk = queries.shape
-    shape = (Hq, key_codes.shape[1], Dk, value_codes.shape[-1] * 8 // value_bits, key_bits,
-             value_bits, key_codes.shape[2])
+    shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
     for kind in kinds:
         name = _kernel_name(gpu, kind)
         variant = None if kind == plan.kind else {"kernel": kind}
@@ -140,8 +145,7 @@ def _cpu_attention(*args):
         return None
     queries, key_codes, value_codes, key_bits, value_bits = (args[0], args[1], args[3],
                                                              args[9], args[10])
-    shape = (queries.shape[1], key_codes.shape[1], queries.shape[2],
-             value_codes.shape[-1] * 8 // value_bits, key_bits, value_bits, key_codes.shape[2])
+    shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
 
     def check() -> str | None:
         def run(pages: dict):
@@ -206,9 +210,7 @@ def fused_decode_step(queries: mx.array, scale: float, query_rotation: mx.array,
     returns (B, Hq, Dv) float32."""
     if not fused_decode_step_possible():
         return None
-    Hq, Dk = queries.shape[1:]
-    shape = (Hq, key_codes.shape[1], Dk, value_codes.shape[-1] * 8 // value_bits, key_bits,
-             value_bits, key_codes.shape[2])
+    shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
 
     def run(x: dict) -> mx.array | None:
         return cpu_kernels.decode_step(

@@ -45,6 +45,14 @@ def _ptr(arr: np.ndarray) -> int:
     return arr.ctypes.data
 
 
+def _layout(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
+            value_bits: int) -> tuple[int, int, int, int, int, int]:
+    """(B, Hq, Dk, Hkv, block_size, Dv) of a decode call."""
+    B, Hq, Dk = queries.shape
+    _, Hkv, block_size, _ = key_codes.shape
+    return B, Hq, Dk, Hkv, block_size, value_codes.shape[-1] * 8 // value_bits
+
+
 def decode_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
     """Splits per (sequence, kv head): a function of the shapes only."""
     return max(1, min(num_blocks, -(-TARGET_UNITS // max(1, batch * kv_heads))))
@@ -59,9 +67,7 @@ def decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.arra
     lib = load()
     if lib is None:
         return None
-    B, Hq, Dk = queries.shape
-    _, Hkv, block_size, _ = key_codes.shape
-    Dv = value_codes.shape[-1] * 8 // value_bits
+    B, Hq, Dk, Hkv, block_size, Dv = _layout(queries, key_codes, value_codes, value_bits)
     inputs = [queries.astype(mx.float32), key_codes, key_scales, value_codes, value_scales,
               block_tables.astype(mx.int32), seq_lens.astype(mx.int32),
               key_codebook.astype(mx.float32), value_codebook.astype(mx.float32)]
@@ -92,9 +98,7 @@ def decode_step(queries: mx.array, scale: float, query_rotation: mx.array, key_c
     lib = load()
     if lib is None:
         return None
-    B, Hq, Dk = queries.shape
-    _, Hkv, block_size, _ = key_codes.shape
-    Dv = value_codes.shape[-1] * 8 // value_bits
+    B, Hq, Dk, Hkv, block_size, Dv = _layout(queries, key_codes, value_codes, value_bits)
     tail_len = 0 if tail_keys is None else tail_keys.shape[2]
     tail = [] if tail_keys is None else [tail_keys.astype(mx.float16), tail_values.astype(mx.float16)]
     inputs = [queries.astype(mx.float32), query_rotation.astype(mx.float32), key_codes,
