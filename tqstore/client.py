@@ -87,6 +87,7 @@ class LookupResult:
     hit_blocks: int
     hit_tokens: int
     lookup_tokens: int
+    partial_tokens: int = 0  # the trailing partial block's tokens, when asked for and stored
 
 
 class KvStoreClient:
@@ -143,14 +144,18 @@ class KvStoreClient:
         one): is_serving cannot tell, the health check is open to all. One Stats call."""
         self.stats()
 
-    def lookup(self, ns: Namespace, token_ids: Sequence[int]) -> LookupResult:
-        request = pb.LookupRequest(namespace=namespace_to_proto(ns), token_ids=list(token_ids))
+    def lookup(self, ns: Namespace, token_ids: Sequence[int],
+               trailing_partial: bool = False) -> LookupResult:
+        """Full blocks present, and with trailing_partial the tokens of token_ids' stored
+        trailing partial block (0 unless every full block before it hit)."""
+        request = pb.LookupRequest(namespace=namespace_to_proto(ns), token_ids=list(token_ids),
+                                   trailing_partial=trailing_partial)
         try:
             r = retry_when_busy(lambda: self._stub.Lookup(request, timeout=self.config.rpc_timeout_s),
                                 self.config.busy_retry_s)
         except grpc.RpcError as exc:
             raise _translate(exc) from None
-        return LookupResult(r.hit_blocks, r.hit_tokens, r.lookup_tokens)
+        return LookupResult(r.hit_blocks, r.hit_tokens, r.lookup_tokens, r.partial_tokens)
 
     def _fetch(self, request: pb.FetchRequest, assembler: BlockAssembler) -> list[dict[str, np.ndarray]]:
         blocks: dict[int, dict[str, np.ndarray]] = {}
@@ -179,20 +184,66 @@ class KvStoreClient:
         return [prefix.block(i) for i in range(len(prefix))]
 
     def fetch_fp16_prefix(self, ns: Namespace, token_ids: Sequence[int], first_block: int = 0,
-                          num_blocks: int = 0) -> PrefixKV:
+                          num_blocks: int = 0, trailing_partial: bool = False) -> PrefixKV:
         """The verified fp16 blocks [first_block, first_block + num_blocks) (0: to the last full
         block of token_ids), or fewer if the store lost some on the way: a shorter hit, never a
         wrong one. NotFound if the first one is missing. Same host: read from the daemon's files;
         whatever that could not verify, and every other case: gRPC Fetch on fetch_streams
-        streams. `source` on the result says which."""
+        streams. `source` on the result says which. trailing_partial: when the full blocks reach
+        the last one, token_ids' trailing partial block follows them (`tokens` on the result
+        says whether it came: a partial block that is gone is a shorter hit too)."""
         token_ids = list(token_ids)
         bs = ns.block_size
         full = len(token_ids) // bs
         count = num_blocks or full - first_block
-        if first_block < 0 or count <= 0 or first_block + count > full:
+        tail = len(token_ids) - full * bs if trailing_partial and first_block + count == full else 0
+        if first_block < 0 or count < 0 or (count == 0 and not tail) or first_block + count > full:
             raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
                                   f"{full} full blocks of {len(token_ids)} tokens")
-        out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count)
+        out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count, tail)
+        done = self._fetch_full_blocks(ns, token_ids, first_block, count, out) if count else 0
+        got = 0
+        if tail and done == count and self._fetch_partial(ns, token_ids, out, first_block):
+            got = tail
+        if done == 0 and got == 0:
+            raise NotFound("block not stored")
+        result = out.head(done, got)
+        result.source = out.source or "grpc"
+        return result
+
+    def _fetch_partial(self, ns: Namespace, token_ids: list[int], out: PrefixKV,
+                       out_first: int) -> bool:
+        """token_ids' trailing partial block into out (after its full blocks) over one gRPC
+        Fetch (it is smaller than a block: the same-host path is not worth a Locate); False if
+        the daemon does not have it (or it failed verification there)."""
+        writer = PrefixWriter(ns, out, out_first)
+        request = pb.FetchRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
+                                  first_block=len(token_ids) // ns.block_size, num_blocks=1,
+                                  form=pb.KV_FORM_FP16, trailing_partial=True)
+        with self._lazy:
+            fetch = self._stream_stub(0)
+        complete = []
+
+        def stream() -> None:
+            for chunk in fetch(request, timeout=self.config.rpc_timeout_s):
+                if writer.add(chunk) is not None:
+                    complete.append(True)
+        try:
+            retry_when_busy(stream, self.config.busy_retry_s)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                log.info("the trailing partial block was not fetched: %s", _translate(exc))
+            return False
+        except InvalidArgument as exc:  # a malformed answer: no partial, never wrong bytes
+            log.warning("the trailing partial block was refused: %s", exc)
+            return False
+        return bool(complete)
+
+    def _fetch_full_blocks(self, ns: Namespace, token_ids: list[int], first_block: int,
+                           count: int, out: PrefixKV) -> int:
+        """Blocks [first_block, first_block + count) into out: how many leading ones arrived
+        (NotFound when none); sets out.source."""
+        bs = ns.block_size
         done, source = 0, "grpc"
         located = self._locate(ns, token_ids, first_block, count) if self.direct_reads else None
         if located is not None and located.blocks:
@@ -214,9 +265,8 @@ class KvStoreClient:
                 if not done:
                     raise
             source = "direct+grpc" if direct else "grpc"
-        result = out.head(done)
-        result.source = source
-        return result
+        out.source = source
+        return done
 
     def _locate(self, ns: Namespace, token_ids: list[int], first_block: int,
                 count: int) -> pb.LocateResponse | None:
@@ -318,12 +368,17 @@ class KvStoreClient:
         return self._fetch(request, BlockAssembler(ns, "turboquant", code_bytes))
 
     def put(self, ns: Namespace, token_ids: Sequence[int], first_block: int,
-            payloads: Sequence[BlockPayload]) -> int:
+            payloads: Sequence[BlockPayload], partial: BlockPayload | None = None) -> int:
         """Upload fp16 blocks; returns once the daemon made them durable. Split into Put calls
         of at most put_piece_bytes, in chain order: each piece is durable before the next is
         sent (the daemon stores a block only after its parent), so a failure leaves a stored
-        prefix of the chain and raises."""
+        prefix of the chain and raises. `partial`: token_ids' trailing partial block (the
+        tokens after block first_block + len(payloads) - 1), sent last, in its own Put."""
         token_ids = list(token_ids)
+        full = first_block + len(payloads)
+        if partial is not None and not 0 < len(token_ids) - full * ns.block_size < ns.block_size:
+            raise InvalidArgument(f"a trailing partial block needs token ids ending inside "
+                                  f"block {full}; got {len(token_ids)} tokens")
         stored = start = 0
         while start < len(payloads):
             end, size = start, 0
@@ -334,13 +389,15 @@ class KvStoreClient:
             stored += self._put_piece(ns, token_ids[: (first_block + end) * ns.block_size],
                                       first_block + start, payloads[start:end])
             start = end
+        if partial is not None:
+            stored += self._put_piece(ns, token_ids, full, [partial], trailing_partial=True)
         return stored
 
     def _put_piece(self, ns: Namespace, token_ids: list[int], first_block: int,
-                   payloads: Sequence[BlockPayload]) -> int:
+                   payloads: Sequence[BlockPayload], trailing_partial: bool = False) -> int:
         def messages():
             yield pb.PutRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
-                                first_block=first_block)
+                                first_block=first_block, trailing_partial=trailing_partial)
             for i, p in enumerate(payloads):
                 for chunk in fp16_chunks(ns, first_block + i, p.keys, p.values):
                     yield pb.PutRequest(chunk=chunk)
@@ -359,9 +416,15 @@ class KvStoreClient:
 
     def put_async_lazy(self, ns: Namespace, token_ids: Sequence[int], first_block: int,
                        make_payloads) -> Future:
-        """Like put_async, but the payloads are built on the upload thread (make_payloads())."""
+        """Like put_async, but the payloads are built on the upload thread: make_payloads()
+        returns the full blocks, or (full blocks, trailing partial block) for put(partial=)."""
         token_ids = list(token_ids)
-        future = self._uploads.submit(lambda: self.put(ns, token_ids, first_block, make_payloads()))
+
+        def upload() -> int:
+            made = make_payloads()
+            full, partial = made if isinstance(made, tuple) else (made, None)
+            return self.put(ns, token_ids, first_block, full, partial)
+        future = self._uploads.submit(upload)
         with self._pending_lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
         return future

@@ -21,9 +21,15 @@ Why a hit reproduces a cold run bit for bit (tested on SmolLM2):
   told the prompt length, so the whole prompt attends in fp16; the first greedy token comes from
   the last chunk's logits and is returned before the first decode step quantizes the prefill:
   the quantization pass is not part of TTFT (it shows in `first_step_s`).
-The last prompt token is always a step of its own (as in mlx-lm): a hit of the whole prompt
-restores all but that token, and every chunk before it ends on a block boundary. The prompt's
-full blocks are uploaded from its fp16 K/V when prefill ends.
+The last prompt token is always a step of its own (as in mlx-lm), and every chunk before it
+ends on a block boundary or at that token. So the store is asked for prompt[:-1]: its full
+blocks, then its trailing partial block (the chunk that ends at the last token). Both hold the
+floats of a chunk every cold run of a prompt with those tokens computes alike, and a repeated
+prompt restores all but its last token (a full hit, the trailing partial block included).
+A block that contains the last token is never stored: its floats came from chunks of a
+different shape ([start, last) and [last, last+1)) than a longer prompt's cold run (one chunk),
+so it would break that run's exactness. When prefill ends, the new full blocks of prompt[:-1]
+and its trailing partial block (of at least MIN_PARTIAL_TOKENS) are uploaded from the fp16 K/V.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from tqstore.paged.cache import model_kv_layout
 from tqstore.prefix_hash import Namespace
 
 DEFAULT_STORE_BLOCK = 256  # tokens per SSD block: oMLX and LMCache use 256 too
+# A shorter trailing partial block is not uploaded: a file and a Fetch round trip for it would
+# save less than one 16-token prefill chunk (the store's smallest block).
+MIN_PARTIAL_TOKENS = 16
 
 
 @dataclass
@@ -97,28 +106,37 @@ class CachedGenerator:
 
     # -- the daemon side ----------------------------------------------------------------------
     def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0) -> tuple[list | PrefixKV, str]:
-        """The verified prefix blocks: a PrefixKV (fp16 form) or a list of dicts of codes
-        (TurboQuant form, re-quantized by the daemon with this generator's codec), and a status. Nothing is
-        fetched (status "no gain") unless the hit covers more than ``better_than`` tokens (what
-        the caller already holds in memory)."""
+        """The verified prefix of prompt_ids[:-1] (see the module docstring): a PrefixKV (fp16
+        form: full blocks and the trailing partial block) or a list of dicts of codes
+        (TurboQuant form, re-quantized by the daemon with this generator's codec: full blocks
+        only), and a status. Nothing is fetched (status "no gain") unless the hit covers more
+        than ``better_than`` tokens (what the caller already holds in memory)."""
         if self.client is None:
             return [], "no daemon"
+        stored = list(prompt_ids[:-1])
+        exact = self.fetch_form == "fp16"
         try:
-            hit = self.client.lookup(self.namespace, prompt_ids).hit_blocks
-            if hit == 0:
+            found = self.client.lookup(self.namespace, stored, trailing_partial=exact)
+            hit, partial = found.hit_blocks, found.partial_tokens
+            if hit == 0 and partial == 0:
                 return [], "miss"
-            if min(hit * self.block_size, len(prompt_ids) - 1) <= better_than:
+            if hit * self.block_size + partial <= better_than:
                 return [], "no gain"
-            if self.fetch_form == "turboquant":
-                blocks = self.client.fetch_turboquant(self.namespace, prompt_ids,
+            if not exact:
+                blocks = self.client.fetch_turboquant(self.namespace, stored,
                                                       self.policy.codec, 0, hit)
             else:
-                blocks = self.client.fetch_fp16_prefix(self.namespace, prompt_ids, 0, hit)
+                blocks = self.client.fetch_fp16_prefix(self.namespace, stored, 0, hit,
+                                                       trailing_partial=partial > 0)
         except NotFound:
             return [], "miss"  # evicted between Lookup and Fetch: a miss, never garbage
         except Unavailable as exc:
             return [], f"daemon unreachable: {exc}"
         return blocks, "hit" if blocks else "miss"
+
+    def held_tokens(self, blocks: list | PrefixKV) -> int:
+        """Prompt positions a fetch_prefix answer restores."""
+        return blocks.tokens if isinstance(blocks, PrefixKV) else len(blocks) * self.block_size
 
     def restore(self, caches, blocks: list, tokens: int) -> None:
         """Load the first `tokens` positions of the fetched blocks into every layer's cache."""
@@ -142,28 +160,34 @@ class CachedGenerator:
             cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))
             cache.load_fp16_prefix(keys[cut], values[cut])
 
-    def upload_hook(self, caches, prompt_ids: list[int], first_block: int,
+    def upload_hook(self, caches, prompt_ids: list[int], held: int,
                      started: list[Future]) -> Callable:
-        """A prefill listener that Puts the new full blocks once every layer reported."""
+        """A prefill listener that Puts, once every layer reported, the full blocks of
+        prompt_ids[:-1] past the `held` positions restored from the daemon, and its trailing
+        partial block unless that was restored too (see the module docstring)."""
         per_layer: dict[int, tuple[mx.array, mx.array]] = {}
-        num_layers = len(caches)
+        num_layers, bs = len(caches), self.block_size
 
         def on_prefill(layer: int, keys: mx.array, values: mx.array) -> None:
             per_layer[layer] = (keys, values)
             if len(per_layer) < num_layers:
                 return
-            full = min(keys.shape[2], len(prompt_ids)) // self.block_size
-            if full <= first_block:
+            stored = min(keys.shape[2], len(prompt_ids) - 1)  # never the last token's block
+            first, full = held // bs, stored // bs
+            tail = stored - full * bs
+            if tail < MIN_PARTIAL_TOKENS or held >= stored:
+                tail = 0
+            if full <= first and not tail:
                 return
             # MLX must not evaluate on two threads at once, so the device-to-host copy of the
             # new blocks happens here on the generating thread (a memcpy: ~20 ms for 4k tokens
             # of SmolLM2); slicing into blocks and the upload run on the upload thread.
-            a, b = first_block * self.block_size, full * self.block_size
+            a, b = first * bs, full * bs + tail
             host = [(np.array(per_layer[i][0][0, :, a:b]), np.array(per_layer[i][1][0, :, a:b]))
                     for i in range(num_layers)]
             started.append(self.client.put_async_lazy(
-                self.namespace, prompt_ids[:b], first_block,
-                lambda: _payloads(host, full - first_block, self.block_size)))
+                self.namespace, prompt_ids[:b], first,
+                lambda: _payloads(host, full - first, bs, tail)))
 
         return on_prefill
 
@@ -179,7 +203,7 @@ class CachedGenerator:
         fetched = time.perf_counter()
         # The last prompt token is always computed (its logits give the first token), so a hit of
         # the whole prompt restores all but that one token.
-        hit_tokens = min(len(blocks) * self.block_size, len(prompt_ids) - 1)
+        hit_tokens = self.held_tokens(blocks)
         caches = make_prompt_cache(self.pool)
         caches[0].sequence.prompt_length = len(prompt_ids)
         uploads: list[Future] = []
@@ -192,7 +216,7 @@ class CachedGenerator:
             if (self.client is not None and not status.startswith("daemon unreachable")
                     and not (blocks and self.fetch_form == "turboquant")):
                 caches[0].sequence.prefill_listeners.append(
-                    self.upload_hook(caches, prompt_ids, len(blocks), uploads))
+                    self.upload_hook(caches, prompt_ids, hit_tokens, uploads))
             first, ttft = self._prefill(caches, prompt_ids, hit_tokens, progress, start)
             tokens, text, decode_tps, first_step = self._decode(caches, first, max_tokens, on_text)
             kv_bytes = sum(c.nbytes for c in caches)
@@ -278,10 +302,15 @@ def prefill_bounds(start: int, total: int, chunk: int) -> list[int]:
     return [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
 
 
-def _payloads(host: list[tuple[np.ndarray, np.ndarray]], count: int, block: int) -> list[BlockPayload]:
-    """`count` fp16 blocks from per-layer host copies (H, count * block, D) of K and V."""
+def _payloads(host: list[tuple[np.ndarray, np.ndarray]], count: int, block: int,
+              tail: int) -> tuple[list[BlockPayload], BlockPayload | None]:
+    """`count` fp16 blocks and a trailing partial block of `tail` tokens (None if 0) from
+    per-layer host copies (H, count * block + tail, D) of K and V."""
     keys = np.stack([k for k, _ in host])  # (layers, H, T, D)
     values = np.stack([v for _, v in host])
-    return [BlockPayload(keys=np.ascontiguousarray(keys[:, :, i * block:(i + 1) * block]),
-                         values=np.ascontiguousarray(values[:, :, i * block:(i + 1) * block]))
-            for i in range(count)]
+
+    def cut(a: int, b: int) -> BlockPayload:
+        return BlockPayload(keys=np.ascontiguousarray(keys[:, :, a:b]),
+                            values=np.ascontiguousarray(values[:, :, a:b]))
+    full = [cut(i * block, (i + 1) * block) for i in range(count)]
+    return full, cut(count * block, count * block + tail) if tail else None

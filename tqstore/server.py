@@ -153,6 +153,11 @@ def _full_blocks(ns, token_ids) -> int:
     return len(token_ids) // ns.block_size
 
 
+def _has_tail(ns, token_ids) -> bool:
+    """Whether token_ids end inside a block (they have a trailing partial block)."""
+    return len(token_ids) % ns.block_size > 0
+
+
 def _block_bytes(ns) -> int:
     """fp16 K+V bytes of one block of the namespace's layout."""
     return 2 * 2 * ns.num_layers * ns.num_kv_heads * ns.block_size * ns.head_dim
@@ -235,12 +240,16 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             with self._heavy.hold(self._is_heavy(self._count_tokens(request.token_ids))):
                 tokens = _token_array(request.token_ids)
                 hit = self.tiers.lookup(ns, tokens)
+                partial = 0
+                if (request.trailing_partial and _has_tail(ns, tokens)
+                        and hit == _full_blocks(ns, tokens)):
+                    partial = self.tiers.lookup_partial(ns, tokens)
             looked = len(tokens)  # hit rate counts every prompt token, as the store and vLLM do
             if looked:
                 with self._recent_lock:
-                    self._recent.append(hit * ns.block_size / looked)
+                    self._recent.append((hit * ns.block_size + partial) / looked)
             return pb.LookupResponse(hit_blocks=hit, hit_tokens=hit * ns.block_size,
-                                     lookup_tokens=looked)
+                                     lookup_tokens=looked, partial_tokens=partial)
         except Exception as exc:  # noqa: BLE001 - mapped to a status, daemon keeps serving
             self._abort(context, exc)
 
@@ -254,10 +263,15 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                 if request.form not in (pb.KV_FORM_FP16, pb.KV_FORM_TURBOQUANT):
                     raise InvalidArgument(f"unknown KvForm {request.form}")
                 first = request.first_block
-                count = self._block_count(first, request.num_blocks,
-                                          _full_blocks(ns, request.token_ids))
+                full = _full_blocks(ns, request.token_ids)
+                # The trailing partial block, when asked for, is block index `full`.
+                tail = request.trailing_partial and _has_tail(ns, request.token_ids)
+                count = self._block_count(first, request.num_blocks, full + tail)
+                full_count, partial = max(0, min(first + count, full) - first), first + count > full
                 codec = None
                 if request.form == pb.KV_FORM_TURBOQUANT:
+                    if request.trailing_partial:
+                        raise InvalidArgument("trailing_partial is served in the fp16 form only")
                     if not request.HasField("codec"):
                         raise InvalidArgument("KV_FORM_TURBOQUANT needs codec settings")
                     codec = codec_from_proto(request.codec)
@@ -267,7 +281,8 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             except Exception as exc:  # noqa: BLE001
                 self._abort(context, exc)
                 return
-            yield from self._stream(context, ns, codec, self.tiers.blocks(ns, tokens, first, count))
+            yield from self._stream(context, ns, codec,
+                                    self.tiers.blocks(ns, tokens, first, full_count, partial))
 
     def _stream(self, context, ns, codec, blocks: Iterator[tuple[int, BlockPayload]]) -> Iterator[Any]:
         while context.is_active():
@@ -310,36 +325,43 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             ns = self._namespace(head.namespace)
             n_tokens = self._count_tokens(head.token_ids)
             claimed = max(_full_blocks(ns, head.token_ids) - head.first_block, 0)
+            if head.trailing_partial and not _has_tail(ns, head.token_ids):
+                raise InvalidArgument("trailing_partial: the token ids end on a block boundary, "
+                                      "so they have no partial block")
             with self._heavy.hold(self._is_heavy(n_tokens, ns, claimed)), \
                     self.put_bytes.stream() as charge:
                 tokens = _token_array(head.token_ids)
-                stored = self._put_stream(ns, tokens, head.first_block,
+                stored = self._put_stream(ns, tokens, head.first_block, head.trailing_partial,
                                           itertools.chain([head], messages), charge, context)
             return pb.PutResponse(stored_blocks=stored)
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc)
 
-    def _put_stream(self, ns, tokens: np.ndarray, first: int, messages: Iterator[Any],
-                    charge: Callable[[int], None], context) -> int:
+    def _put_stream(self, ns, tokens: np.ndarray, first: int, partial: bool,
+                    messages: Iterator[Any], charge: Callable[[int], None], context) -> int:
         """Assemble and store one Put stream's blocks; nothing is stored unless every message
         is valid (the blocks are written together at the end). `charge` is told each chunk's
         cost before its memory is taken: a block's bytes with its first chunk (BlockAssembler
-        allocates the whole block then), CHUNK_OVERHEAD_BYTES for every chunk."""
-        assembler = BlockAssembler(ns)
+        allocates the whole block then), CHUNK_OVERHEAD_BYTES for every chunk. `partial`: the
+        last block is the trailing partial block (index `full`), and it must be sent."""
         full = _full_blocks(ns, tokens)
+        assembler = BlockAssembler(ns, partial=(full, len(tokens) - full * ns.block_size)
+                                   if partial else None)
+        end = full + partial
         block_bytes = _block_bytes(ns)
         blocks: dict[int, BlockPayload] = {}
         for n, msg in enumerate(messages):
             msg = _decoded(msg)
-            if n and (msg.HasField("namespace") or len(msg.token_ids) or msg.first_block):
-                raise InvalidArgument(f"Put message {n} carries namespace, token_ids or "
-                                      f"first_block: only the first message may")
+            if n and (msg.HasField("namespace") or len(msg.token_ids) or msg.first_block
+                      or msg.trailing_partial):
+                raise InvalidArgument(f"Put message {n} carries namespace, token_ids, "
+                                      f"first_block or trailing_partial: only the first may")
             if not msg.HasField("chunk"):
                 charge(CHUNK_OVERHEAD_BYTES)  # empty messages are not free either
                 continue
             index = msg.chunk.block_index
-            if index < first or index >= full:
-                raise InvalidArgument(f"block {index} outside [{first}, {full}) for these token ids")
+            if index < first or index >= end:
+                raise InvalidArgument(f"block {index} outside [{first}, {end}) for these token ids")
             charge(CHUNK_OVERHEAD_BYTES + (0 if assembler.pending(index) else block_bytes))
             done = assembler.add(msg.chunk)
             if done is not None:
@@ -349,13 +371,15 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         expected = list(range(first, first + len(blocks)))
         if sorted(blocks) != expected:
             raise InvalidArgument(f"Put blocks {sorted(blocks)[:20]} are not contiguous from {first}")
+        if partial and full not in blocks:
+            raise InvalidArgument(f"trailing_partial: the partial block {full} was not sent")
         if not context.is_active():
             # gRPC may end the request stream of a call the client cancelled as if it had
             # ended normally (the cancel is seen a moment later): store nothing then. The race
             # is narrowed, not closed; whatever is stored is whole blocks, acknowledged or not.
             raise grpc.RpcError("the client cancelled the Put")
         if blocks:
-            self.tiers.put_blocks(ns, tokens, first, [blocks[i] for i in expected])
+            self.tiers.put_blocks(ns, tokens, first, [blocks[i] for i in expected], partial)
         return len(blocks)
 
     # -- Locate ----------------------------------------------------------------------------

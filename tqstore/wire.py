@@ -219,11 +219,14 @@ class BlockAssembler:
     chunk of a block that already completed in this stream (which would otherwise replace it).
 
     `form` is "fp16" or "turboquant"; for turboquant, `code_bytes` = (key bytes, value bytes)
-    per vector. Complete blocks are returned by add() in order of completion."""
+    per vector. `partial` = (block index, tokens) names a trailing partial block, whose chunks
+    carry that many tokens (every other block: block_size). Complete blocks are returned by
+    add() in order of completion."""
 
     ns: Namespace
     form: str = "fp16"
     code_bytes: tuple[int, int] = (0, 0)
+    partial: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # index -> (the block's arrays being filled, which layers arrived). A chunk's bytes are
@@ -232,8 +235,14 @@ class BlockAssembler:
         self._partial: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         self._completed: set[int] = set()
 
-    def _fields(self, count: int) -> list[tuple[str, tuple[int, ...], str]]:
-        lead = (count, self.ns.num_kv_heads, self.ns.block_size)
+    def block_tokens(self, index: int) -> int:
+        """Tokens on the token axis of block `index`'s chunks."""
+        if self.partial is not None and index == self.partial[0]:
+            return self.partial[1]
+        return self.ns.block_size
+
+    def _fields(self, count: int, index: int) -> list[tuple[str, tuple[int, ...], str]]:
+        lead = (count, self.ns.num_kv_heads, self.block_tokens(index))
         if self.form == "fp16":
             return [("keys", lead + (self.ns.head_dim,), "float16"),
                     ("values", lead + (self.ns.head_dim,), "float16")]
@@ -255,13 +264,13 @@ class BlockAssembler:
         entry = self._partial.get(index)
         if entry is not None and entry[1][start:start + count].any():
             raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
-        fields = self._fields(count)
+        fields = self._fields(count, index)
         for name, shape, dtype in fields:
             check_tensor(getattr(chunk, name), f"block {index} {name}", shape, dtype)
         if entry is None:  # allocated only once the first chunk proved well formed
             entry = self._partial[index] = (
                 {name: np.empty(shape, _DTYPES[dtype])
-                 for name, shape, dtype in self._fields(self.ns.num_layers)},
+                 for name, shape, dtype in self._fields(self.ns.num_layers, index)},
                 np.zeros(self.ns.num_layers, dtype=bool))
         arrays, have = entry
         for name, _, _ in fields:  # little-endian wire bytes into the native array: one copy
@@ -364,9 +373,11 @@ def parse_fp16_chunk(data: bytes) -> Fp16ChunkView:
 
 class PrefixWriter:
     """Writes fp16 Fetch chunks (parse_fp16_chunk's views) straight into a PrefixKV: block
-    `first_block + k` goes to the PrefixKV's block k, one copy from the message bytes. Same checks as BlockAssembler (layer
-    range, overlaps, shapes, dtypes). add() returns a block's index when all its layers arrived.
-    One writer per stream: streams write disjoint blocks, so they share no state."""
+    `first_block + k` goes to the PrefixKV's block k (the trailing partial block, if the PrefixKV
+    has room for one, with its token count), one copy from the message bytes. Same checks as
+    BlockAssembler (layer range, overlaps, shapes, dtypes). add() returns a block's index when
+    all its layers arrived. One writer per stream: streams write disjoint blocks, so they share
+    no state."""
 
     def __init__(self, ns: Namespace, out: PrefixKV, first_block: int) -> None:
         self.ns, self.out, self.first_block = ns, out, first_block
@@ -375,7 +386,8 @@ class PrefixWriter:
     def add(self, chunk: Fp16ChunkView) -> int | None:
         start, count, index = chunk.layer_start, chunk.layer_count, chunk.block_index
         slot = index - self.first_block
-        if not 0 <= slot < len(self.out):
+        tokens = self.out.slot_tokens(slot) if slot >= 0 else 0
+        if tokens == 0:
             raise InvalidArgument(f"block {index} outside the requested run")
         if count == 0 or start + count > self.ns.num_layers:
             raise InvalidArgument(f"chunk layers [{start}, {start + count}) outside "
@@ -383,8 +395,8 @@ class PrefixWriter:
         have = self._layers.setdefault(index, [])
         if any(s < start + count and start < s + n for s, n in have):
             raise InvalidArgument(f"block {index}: overlapping layer chunk at layer {start}")
-        shape = (count, self.ns.num_kv_heads, self.ns.block_size, self.ns.head_dim)
-        cut = slice(slot * self.ns.block_size, (slot + 1) * self.ns.block_size)
+        shape = (count, self.ns.num_kv_heads, tokens, self.ns.head_dim)
+        cut = slice(slot * self.ns.block_size, slot * self.ns.block_size + tokens)
         for name, target in (("keys", self.out.keys), ("values", self.out.values)):
             got_shape, dtype, data = getattr(chunk, name)
             if dtype != "float16" or got_shape != shape or len(data) != 2 * int(np.prod(shape)):

@@ -10,6 +10,11 @@
   to the remote is queued after that. A crash between the two loses no acknowledged block: it
   is on the local disk, only missing from the shared tier (other hosts recompute it once).
 
+Trailing partial blocks (tqstore/ssd/chain.py: the tokens after a chain's last full block) live
+in the local tier only: lookup_partial asks it alone, `blocks(partial=True)` serves one from it
+after the full blocks, and a Put's partial is never uploaded (the remote's values and its
+presence test are for full blocks; a partial is cheap to recompute on another host).
+
 Without a remote this is the local store and nothing else runs.
 """
 
@@ -70,11 +75,19 @@ class Tiers:
             self.counters["lookup_tokens"] += len(tokens)
         return local + remote
 
+    def lookup_partial(self, ns: Namespace, token_ids: Sequence[int]) -> int:
+        """Tokens of the trailing partial block of token_ids available (0 if none): the local
+        store's answer, since the remote never holds partials. Counts no stats."""
+        return self.local.lookup_partial(ns, token_ids)
+
     # -- Fetch -----------------------------------------------------------------------------------
-    def blocks(self, ns: Namespace, token_ids: Sequence[int], first: int,
-               count: int) -> Iterator[tuple[int, BlockPayload]]:
+    def blocks(self, ns: Namespace, token_ids: Sequence[int], first: int, count: int,
+               partial: bool = False) -> Iterator[tuple[int, BlockPayload]]:
         """Verified blocks first .. first+count-1 in order, ending early at the first that no
-        tier can serve. NotFound (raised before anything is yielded) if that is the first."""
+        tier can serve. With partial, once the full blocks served reach index k = len // size
+        (count 0 with first == k included), the trailing partial follows as (k, payload) if the
+        local tier holds it verified (a miss just ends the iteration). NotFound (raised before
+        anything is yielded) if nothing at all can be served."""
         tokens = token_array(token_ids)
         index, end = first, first + count
         while index < end:
@@ -90,7 +103,14 @@ class Tiers:
                 self._fill(ns, tokens, i, payload)
                 yield i, payload
                 index = i + 1
-        if index == first:
+        served = index > first
+        if partial and len(tokens) % ns.block_size and index == len(tokens) // ns.block_size:
+            try:
+                yield index, self.local.get_block(ns, tokens, index, partial=True)
+                served = True
+            except (NotFound, Corruption):
+                pass
+        if not served:
             raise NotFound("block not stored")
 
     def _fill(self, ns: Namespace, tokens: np.ndarray, index: int, payload: BlockPayload) -> None:
@@ -140,13 +160,17 @@ class Tiers:
 
     # -- Put -------------------------------------------------------------------------------------
     def put_blocks(self, ns: Namespace, token_ids: Sequence[int], first: int,
-                   payloads: Sequence[BlockPayload]) -> list[bytes]:
-        """Durable in the local tier when this returns; queued for the remote after that."""
+                   payloads: Sequence[BlockPayload], partial: bool = False) -> list[bytes]:
+        """Durable in the local tier when this returns; queued for the remote after that. With
+        partial, the last payload is the trailing partial (BlockStore.put_blocks): local only,
+        the remote gets the full blocks before it (nothing if it was the only payload)."""
         tokens = token_array(token_ids)
-        stored = self.local.put_blocks(ns, tokens, first, payloads)
-        if self.remote is not None and payloads:
-            hashes = chain_hashes(ns, tokens, first + len(payloads))
-            self.remote.upload(UploadJob(ns, hashes, tokens, first, list(payloads)))
+        stored = self.local.put_blocks(ns, tokens, first, payloads, partial=partial)
+        full = list(payloads[:-1] if partial else payloads)
+        if self.remote is not None and full:
+            hashes = chain_hashes(ns, tokens, first + len(full))
+            self.remote.upload(UploadJob(ns, hashes, tokens[:(first + len(full)) * ns.block_size],
+                                         first, full))
         return stored
 
     # -- lifecycle / stats -----------------------------------------------------------------------

@@ -23,7 +23,9 @@ Prefix tiers, fastest first (the tiers a request used are reported in its usage)
   memory:  full pages other requests left in the pool, shared by reference count (codes: the
            rest of the prompt attends the dequantized prefix: close to cold, not identical, and
            such K/V are never uploaded: the daemon keeps only exact prefill snapshots);
-  daemon:  fp16 blocks restored exactly (a hit reproduces a cold run bit for bit);
+  daemon:  fp16 blocks restored exactly (a hit reproduces a cold run bit for bit), the
+           prompt's trailing partial block included: a repeated prompt computes only its last
+           token;
   computed: the rest. New full blocks of a prompt prefilled in fp16 go to the daemon in the
            background (tqstore.generator.CachedGenerator.upload_hook).
 The daemon wins when its blocks cover as much as the pool's pages, give or take one store block
@@ -308,7 +310,7 @@ class Engine:
             shared = _common_prefix(a.prompt_ids, r.prompt_ids)
             if shared >= WORTH_WAITING:
                 if blocks is None:  # what r has already: daemon blocks, pool pages
-                    blocks = min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1)
+                    blocks = self.gen.held_tokens(r.blocks)
                     memory = self._memory_hit_tokens(r.prompt)
                 # While a's blocks are uploading, r waits for them even though a's pages are
                 # in the pool: they are exact and r's own blocks then reach the daemon too
@@ -337,7 +339,7 @@ class Engine:
         if self._blocks_needed(self._worst_case(r)) > \
                 self.pool.block_pool.num_free_blocks - outstanding:
             return False
-        hit = min(len(r.blocks) * self.config.store_block, len(r.prompt) - 1)
+        hit = self.gen.held_tokens(r.blocks)
         from_daemon = bool(r.blocks) and self._prefer_daemon(hit, self._memory_hit_tokens(r.prompt))
         # Shared pages hold codes: a prefix from the daemon (exact fp16) or in exact mode starts
         # fresh; its pages are still published for others once written.
@@ -356,7 +358,7 @@ class Engine:
                       and not r.daemon_status.startswith("daemon unreachable"))
         if uploadable:
             caches[0].sequence.prefill_listeners.append(self.gen.upload_hook(
-                caches, r.prompt, r.daemon_tokens // self.config.store_block, r.uploads))
+                caches, r.prompt, r.daemon_tokens, r.uploads))
         r.blocks = []  # restored: drop the host copy
         r.caches, r.state = caches, "prefill"
         r.bounds, r.chunk = prefill_bounds(start, len(r.prompt), self.chunk), 0

@@ -9,6 +9,12 @@ prompts, so the two cannot drift apart.
 Also the two walks over the chain structure that the index, a rebuild and `check` share:
 `block_hash` (one link, for a file that describes itself) and `closure_order` (which records are
 reachable from their namespace root, parents first).
+
+Trailing partial blocks (`trailing_tail`, `partial_hash`): the m tokens (1 <= m < block_size)
+after the last full block k-1 of a token list form one more link, block_hash(h_{k-1}, tail, m),
+at index k. The count m is hashed, so a partial never shares a name with a full block (count
+block_size) nor with a partial of another length. A partial is always a leaf: no chain hash of
+full blocks ever names it as a parent.
 """
 
 from __future__ import annotations
@@ -71,6 +77,19 @@ def closure_order(records: Mapping[bytes, ChainLink]) -> list[bytes]:
             if crec.ns == rec.ns and crec.index == rec.index + 1:
                 queue.append(child)
     return order
+
+
+def trailing_tail(namespace: Namespace, tokens: np.ndarray) -> tuple[int, np.ndarray]:
+    """(k, tail): the index of the trailing partial block of `tokens` (the number of full blocks
+    before it) and its token ids; the tail is empty when len(tokens) is a multiple of the size."""
+    k = len(tokens) // namespace.block_size
+    return k, tokens[k * namespace.block_size:]
+
+
+def partial_hash(parent: bytes, tail: np.ndarray) -> bytes:
+    """Name of the trailing partial block with token ids `tail` after `parent` (h_{k-1}, or the
+    namespace root when k == 0)."""
+    return block_hash(parent, np.asarray(tail).astype("<u4").tobytes(), len(tail))
 
 
 def chain_hashes(namespace: Namespace, tokens: np.ndarray, limit: int | None = None) -> list[BlockHash]:

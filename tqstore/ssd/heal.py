@@ -42,30 +42,45 @@ class Healed:
     block: BlockPayload  # the verified payload (a get serves it without reading the file again)
 
 
-def layout_of(ns: Namespace) -> tuple[int, int, int, int]:
-    return (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
+def layout_of(ns: Namespace, n_tokens: int | None = None) -> tuple[int, int, int, int]:
+    """(L, H, tokens, D) of a block of ns: a full block, or a trailing partial of n_tokens."""
+    return (ns.num_layers, ns.num_kv_heads, ns.block_size if n_tokens is None else n_tokens,
+            ns.head_dim)
 
 
-def undecodable_sizes(path: str, ns: Namespace) -> tuple[bytes, int, int]:
+def undecodable_sizes(path: str, ns: Namespace, n_tokens: int | None = None) -> tuple[bytes, int, int]:
     """(namespace root, allocated file bytes, logical bytes) of a block whose record does not
-    decode, for Index.remove: from the namespace and the file (0 bytes if it is gone)."""
+    decode, for Index.remove: from the namespace and the file (0 bytes if it is gone). The
+    block's token count: n_tokens if the caller knows it, else the file's self-description
+    says (a trailing partial is smaller than a full block), else a full block."""
     try:
         alloc = pl.allocated(os.path.getsize(path))
     except OSError:
         alloc = 0
-    l, h, b, d = layout_of(ns)
+    if n_tokens is None:
+        try:  # counters only: the description's own CRC and cross-checks are enough here
+            stem = os.path.basename(path).partition(".")[0]
+            n_tokens = read_description(path, bytes.fromhex(stem)).record.n_tokens
+        except (DescriptionError, OSError, ValueError):
+            n_tokens = ns.block_size
+    l, h, b, d = layout_of(ns, n_tokens)
     return ns.root_hash(), alloc, 4 * l * h * b * d
 
 
 def record_mismatch(rec: BlockRecord, parent: bytes, ns: Namespace, tokens: bytes | None) -> str:
-    """Why rec is not block (parent, tokens) of ns ("" if it is); tokens None: not compared."""
+    """Why rec is not block (parent, tokens) of ns ("" if it is); tokens None: not compared.
+    The block holds len(tokens) // 4 token ids (a full block, or a trailing partial); with
+    tokens None, any count 1..block_size whose layout agrees (the key, a chain hash over the
+    count, already pins which it is)."""
     if rec.ns != ns.root_hash() or rec.format_version != ns.format_version:
         return "namespace mismatch"
     if rec.parent != parent:
         return "parent mismatch"
-    if (tokens is not None and rec.tokens != tokens) or rec.n_tokens != ns.block_size:
+    if tokens is not None and (rec.tokens != tokens or rec.n_tokens != len(tokens) // 4):
         return "token ids mismatch"
-    if tuple(rec.layout) != layout_of(ns) or rec.dtype != ns.kv_dtype:
+    if not 1 <= rec.n_tokens <= ns.block_size or len(rec.tokens) != 4 * rec.n_tokens:
+        return "token ids mismatch"
+    if tuple(rec.layout) != layout_of(ns, rec.n_tokens) or rec.dtype != ns.kv_dtype:
         return "layout mismatch"
     return ""
 

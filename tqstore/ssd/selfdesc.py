@@ -136,8 +136,11 @@ def _cross_check(key: bytes, head: bytes, rec: BlockRecord, ns: NamespaceRecord,
         raise DescriptionError(f"namespace record invalid: {exc}") from exc
     if root != rec.ns:
         raise DescriptionError("namespace record does not hash to the block's namespace")
-    if (rec.n_tokens != ns.block_size or rec.dtype != ns.kv_dtype
-            or tuple(rec.layout) != (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)):
+    # A full block holds block_size tokens; a trailing partial (chain.py) 1..block_size-1, and
+    # its layout says so. The token ids must be exactly n_tokens of them.
+    if (not 1 <= rec.n_tokens <= ns.block_size or len(rec.tokens) != 4 * rec.n_tokens
+            or rec.dtype != ns.kv_dtype
+            or tuple(rec.layout) != (ns.num_layers, ns.num_kv_heads, rec.n_tokens, ns.head_dim)):
         raise DescriptionError("block layout disagrees with its namespace")
     if (rec.index == 0) != (rec.parent == rec.ns):
         raise DescriptionError("block index and parent disagree")

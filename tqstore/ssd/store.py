@@ -23,6 +23,12 @@ record (frame CRC, undecodable) from its verified payload file and serves it (he
 verifies the frame CRC of the records its binary search touches; it relies on prefix closure
 (index.py) to be O(log n) in the chain length.
 
+Trailing partial blocks (chain.py): a chain's last block may hold the m < block_size tokens after
+its last full block, so that a repeated prompt is a full hit. It is a leaf like any other (its
+parent stays until it is gone), stored, verified, healed, quarantined, evicted and rebuilt exactly
+as a full block; only its key, token ids and layout (L, H, m, D) differ (targets.py). It is a
+local block only: the remote tier never gets one (remote/tiers.py).
+
 Concurrency: one writer process (flock); within it, writes are serialized by a lock and reads run
 concurrently. Other processes open readonly and read while the writer writes (LMDB MVCC; a payload
 file evicted under a reader is a plain miss, a replaced one is re-checked against a fresh record).
@@ -40,7 +46,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import lmdb
-import numpy as np
 
 from tqstore.blocks import BlockPayload
 from tqstore.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -50,7 +55,7 @@ from tqstore.ssd.chain import chain_hashes, token_array
 from tqstore.ssd.check import CheckReport, run_check
 from tqstore.config import StoreConfig
 from tqstore.ssd.eviction import Evicted, evict_in_steps, evict_lru
-from tqstore.ssd.heal import Healed, heal_record, record_mismatch, undecodable_sizes
+from tqstore.ssd.heal import Healed, heal_record, layout_of, record_mismatch, undecodable_sizes
 from tqstore.ssd.leases import Leases
 from tqstore.ssd.nospace import SpaceReserve, space_errors
 from tqstore.ssd.opening import open_reader_index, open_writer_index, prepare_writer, read_history
@@ -59,6 +64,7 @@ from tqstore.ssd.rebuild import RebuildOutcome
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
 from tqstore.ssd.selfdesc import encode_description
 from tqstore.ssd.stats import StoreStats, read_stats
+from tqstore.ssd.targets import get_target, locate_records, partial_target, put_targets
 
 # Budget headroom for LMDB growth of one put: copy-on-write can dirty a root-to-leaf path in each
 # of the six databases before freed pages become reusable, plus about 3x each new record (record,
@@ -147,37 +153,19 @@ class BlockStore:
         self._clock = max(time.time_ns(), self._clock + 1)
         return self._clock
 
-    # -- validation -----------------------------------------------------------------------------
-    @staticmethod
-    def _layout(ns: Namespace) -> tuple[int, int, int, int]:
-        return (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
-
-    def _check_payload(self, ns: Namespace, p: BlockPayload) -> None:
-        if ns.kv_dtype != "float16":
-            raise InvalidArgument(f"the SSD tier stores float16 KV, namespace says {ns.kv_dtype}")
-        shape = self._layout(ns)
-        for name in ("keys", "values"):
-            a = getattr(p, name, None)
-            if not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.shape != shape:
-                got = (getattr(a, "dtype", type(a).__name__), getattr(a, "shape", None))
-                raise InvalidArgument(f"{name} must be float16 {shape} for this namespace, got {got}")
-
     # -- put ------------------------------------------------------------------------------------
     def put_blocks(self, namespace: Namespace, token_ids: Sequence[int], first_block: int,
-                   payloads: Sequence[BlockPayload]) -> list[BlockHash]:
-        """Store blocks first_block .. first_block+len(payloads)-1 of the chain of token_ids.
-        Blocks before first_block must be present (NotFound otherwise: no orphans). Idempotent.
-        Returns their hashes once durable (payload fsynced, index committed)."""
+                   payloads: Sequence[BlockPayload], partial: bool = False) -> list[BlockHash]:
+        """Store blocks first_block .. first_block+len(payloads)-1 of the chain of token_ids;
+        with partial, the last payload is the trailing partial block (chain.py, (L, H, m, D) for
+        the m = len % block_size tail tokens) at index len // block_size, the others the full
+        blocks before it. Blocks before first_block must be present (NotFound otherwise: no
+        orphans). Idempotent. Returns their hashes (the partial's last) once durable (payload
+        fsynced, index committed)."""
         if self.readonly:
             raise InvalidArgument("store opened readonly")
         tokens = token_array(token_ids)
-        n, bs = len(payloads), namespace.block_size
-        if first_block < 0 or len(tokens) < (first_block + n) * bs:
-            raise InvalidArgument(f"token ids ({len(tokens)}) do not cover blocks "
-                                  f"{first_block}..{first_block + n - 1} of size {bs}")
-        for p in payloads:
-            self._check_payload(namespace, p)
-        hashes = chain_hashes(namespace, tokens, first_block + n)
+        hashes, targets = put_targets(namespace, tokens, first_block, payloads, partial)
         root = namespace.root_hash()
         cfg = self.config
         with self._lock, space_errors("put", self.path):
@@ -185,40 +173,40 @@ class BlockStore:
                 for i in range(first_block):
                     if txn.get(hashes[i]) is None:
                         raise NotFound(f"block {i} of the chain is not stored; put it first")
-                new = [i for i in range(first_block, first_block + n) if txn.get(hashes[i]) is None]
+                new = [j for j, t in enumerate(targets) if txn.get(t.key) is None]
             if not new:
-                return hashes[first_block:]
+                return [BlockHash(t.key) for t in targets]
             now = self._now()
             ns_rec = NamespaceRecord.of(namespace, now)
             encoded, records = {}, {}
-            for i in new:  # each file describes itself (selfdesc.py): the index is rebuildable
-                e = pl.encode(payloads[i - first_block], cfg.compression, cfg.zstd_level,
-                              cfg.checksum_chunk)
+            for j in new:  # each file describes itself (selfdesc.py): the index is rebuildable
+                t = targets[j]
+                e = pl.encode(payloads[j], cfg.compression, cfg.zstd_level, cfg.checksum_chunk)
                 rec = BlockRecord(
-                    ns=root, parent=hashes[i - 1] if i else root, index=i,
-                    tokens=tokens[i * bs:(i + 1) * bs].tobytes(), n_tokens=bs,
-                    layout=self._layout(namespace), dtype=namespace.kv_dtype,
-                    format_version=namespace.format_version, compression=e.compression,
-                    raw_size=e.raw_size, stored_size=e.stored_size, file_size=0,
-                    chunks=e.chunks, created=now, access=now)
-                encoded[i] = e.described(encode_description(rec, ns_rec))
-                records[i] = dataclasses.replace(rec, file_size=encoded[i].file_size)
+                    ns=root, parent=t.parent, index=t.index, tokens=t.tokens,
+                    n_tokens=t.n_tokens, layout=layout_of(namespace, t.n_tokens),
+                    dtype=namespace.kv_dtype, format_version=namespace.format_version,
+                    compression=e.compression, raw_size=e.raw_size, stored_size=e.stored_size,
+                    file_size=0, chunks=e.chunks, created=now, access=now)
+                encoded[j] = e.described(encode_description(rec, ns_rec))
+                records[j] = dataclasses.replace(rec, file_size=encoded[j].file_size)
             need = sum(pl.allocated(e.file_size) for e in encoded.values())
-            need += _INDEX_TXN_PAGES * 4096 + len(new) * (3 * 4 * bs + _INDEX_BYTES_PER_BLOCK)
-            self._make_room(need, frozenset(hashes))
+            need += _INDEX_TXN_PAGES * 4096 + len(new) * (
+                3 * 4 * namespace.block_size + _INDEX_BYTES_PER_BLOCK)
+            self._make_room(need, frozenset(hashes) | {t.key for t in targets})
             written: list[str] = []
             try:
-                for i in new:
-                    path = self._file(hashes[i])
-                    pl.write_file(path, hashes[i], encoded[i])
+                for j in new:
+                    path = self._file(targets[j].key)
+                    pl.write_file(path, targets[j].key, encoded[j])
                     written.append(path)
                 pl.fsync_dir(self.blocks_dir)
                 with self._idx.env.begin(write=True) as txn:
                     self._flush_in(txn)
                     if txn.get(root, db=self._idx.namespaces) is None:
                         txn.put(root, ns_rec.encode(), db=self._idx.namespaces)
-                    for i in new:
-                        self._idx.insert(txn, hashes[i], records[i])
+                    for j in new:  # parents first: prefix closure holds inside the txn too
+                        self._idx.insert(txn, targets[j].key, records[j])
             except BaseException:
                 for path in written:  # never acknowledged: remove now rather than at next open
                     try:
@@ -226,7 +214,7 @@ class BlockStore:
                     except OSError:
                         pass
                 raise
-        return hashes[first_block:]
+        return [BlockHash(t.key) for t in targets]
 
     def _make_room(self, need: int, protect: frozenset[bytes]) -> None:
         with self._idx.env.begin(db=self._idx.meta) as txn:
@@ -288,15 +276,40 @@ class BlockStore:
                 break
         return found
 
-    def get_block(self, namespace: Namespace, token_ids: Sequence[int], index: int) -> BlockPayload:
-        """Block `index` of the chain, verified; NotFound on a miss or a failed verification."""
+    def lookup_partial(self, namespace: Namespace, token_ids: Sequence[int]) -> int:
+        """m if the trailing partial block of token_ids (its m = len % block_size tail tokens,
+        chain.py) is stored with its record's frame CRC verified and all k full blocks before it
+        are present; else 0 (also when there is no tail). Counts no stats (the caller counted
+        the lookup). A damaged partial record is healed from its file or quarantined (writer),
+        as in lookup_hashes, which then repeats its search: a healed partial is a hit."""
         tokens = token_array(token_ids)
-        bs = namespace.block_size
-        if index < 0 or (index + 1) * bs > len(tokens):
-            raise InvalidArgument(f"block {index} is not a full block of {len(tokens)} tokens")
-        hashes = chain_hashes(namespace, tokens, index + 1)
-        key, parent = hashes[index], (hashes[index - 1] if index else namespace.root_hash())
-        want_tokens = tokens[index * bs:(index + 1) * bs].tobytes()
+        k = len(tokens) // namespace.block_size
+        hashes = chain_hashes(namespace, tokens, k)
+        t = partial_target(namespace, tokens, hashes)
+        if t is None or self.lookup_hashes(namespace, hashes) < k:
+            return 0
+        for _attempt in range(2):
+            with self._idx.env.begin(db=self._idx.blocks, buffers=True) as txn:
+                raw = txn.get(t.key)
+                if raw is None:
+                    return 0
+                try:
+                    check_frame(KIND_BLOCK, raw)
+                    return t.n_tokens
+                except RecordError:
+                    pass
+            if self._fail(t.key, t.parent, "index record corrupt (lookup)", None, namespace,
+                          heal=True, tokens=t.tokens) is None:
+                return 0
+        return 0
+
+    def get_block(self, namespace: Namespace, token_ids: Sequence[int], index: int,
+                  partial: bool = False) -> BlockPayload:
+        """Block `index` of the chain, verified; NotFound on a miss or a failed verification.
+        partial and index == len // block_size (a non-empty tail): the trailing partial block,
+        keys and values (L, H, m, D), verified and healed or quarantined exactly as a full one."""
+        t = get_target(namespace, token_array(token_ids), index, partial)
+        key, parent, want_tokens = t.key, t.parent, t.tokens
         reason, raw = "", None
         for _attempt in range(2):
             heal = False  # set only by a record that fails to decode, never by its payload
@@ -349,7 +362,7 @@ class BlockStore:
                                   f"{full} full blocks of {len(tokens)} tokens")
         hashes = chain_hashes(namespace, tokens, first_block + count)
         for _attempt in range(3):  # again after a healed record (heal.py)
-            found, bad = self._locate_records(namespace, tokens, hashes, first_block, count)
+            found, bad = locate_records(self._idx, namespace, tokens, hashes, first_block, count)
             if not bad or self._fail(*bad) is None:
                 break
         if found:
@@ -357,29 +370,6 @@ class BlockStore:
             for i, _ in found:
                 self._touch(hashes[i])
         return found
-
-    def _locate_records(self, namespace: Namespace, tokens: np.ndarray, hashes: list[bytes],
-                        first: int, count: int) -> tuple[list[tuple[int, BlockRecord]], tuple]:
-        """The verified records from first on, and the _fail arguments of the first
-        that failed (() if none did)."""
-        bs = namespace.block_size
-        found: list[tuple[int, BlockRecord]] = []
-        with self._idx.env.begin(db=self._idx.blocks) as txn:
-            for i in range(first, first + count):
-                raw = txn.get(hashes[i])
-                if raw is None:
-                    break
-                parent = hashes[i - 1] if i else namespace.root_hash()
-                want, heal = tokens[i * bs:(i + 1) * bs].tobytes(), False
-                try:
-                    rec = BlockRecord.decode(raw)
-                    reason = record_mismatch(rec, parent, namespace, want)
-                except RecordError as exc:
-                    reason, heal = str(exc), True
-                if reason:
-                    return found, (hashes[i], parent, reason, raw, namespace, heal, want)
-                found.append((i, rec))
-        return found, ()
 
     def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None, ns: Namespace,
               heal: bool = False, tokens: bytes | None = None) -> Healed | None:
@@ -406,7 +396,8 @@ class BlockStore:
                         krec = BlockRecord.decode(kraw) if kraw is not None else None
                     except RecordError:
                         krec = None
-                    sizes = None if krec else undecodable_sizes(self._file(k), ns)
+                    sizes = None if krec else undecodable_sizes(
+                        self._file(k), ns, len(tokens) // 4 if k == key and tokens else None)
                     self._idx.remove(txn, k, krec, parent if k == key else None, sizes)
                     if k == key:
                         self._idx.quarantine_record(txn, k, reason, self._now(), bytes(cur))

@@ -59,38 +59,44 @@ class CodecSettings(_message.Message):
     def __init__(self, key_bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., norm_correction: _Optional[bool] = ..., key_qjl: _Optional[bool] = ..., seed: _Optional[int] = ..., profile: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace", "token_ids")
+    __slots__ = ("namespace", "token_ids", "trailing_partial")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    trailing_partial: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., trailing_partial: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit_blocks", "hit_tokens", "lookup_tokens")
+    __slots__ = ("hit_blocks", "hit_tokens", "lookup_tokens", "partial_tokens")
     HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     hit_blocks: int
     hit_tokens: int
     lookup_tokens: int
-    def __init__(self, hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., lookup_tokens: _Optional[int] = ...) -> None: ...
+    partial_tokens: int
+    def __init__(self, hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., lookup_tokens: _Optional[int] = ..., partial_tokens: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("namespace", "token_ids", "first_block", "num_blocks", "form", "codec")
+    __slots__ = ("namespace", "token_ids", "first_block", "num_blocks", "form", "codec", "trailing_partial")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FORM_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_block: int
     num_blocks: int
     form: KvForm
     codec: CodecSettings
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., form: _Optional[_Union[KvForm, str]] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ...) -> None: ...
+    trailing_partial: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., form: _Optional[_Union[KvForm, str]] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., trailing_partial: _Optional[bool] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("block_index", "layer_start", "layer_count", "keys", "values", "key_codes", "key_scales", "value_codes", "value_scales")
@@ -115,16 +121,18 @@ class KvChunk(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_count: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., key_codes: _Optional[_Union[Tensor, _Mapping]] = ..., key_scales: _Optional[_Union[Tensor, _Mapping]] = ..., value_codes: _Optional[_Union[Tensor, _Mapping]] = ..., value_scales: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "token_ids", "first_block", "chunk")
+    __slots__ = ("namespace", "token_ids", "first_block", "chunk", "trailing_partial")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_block: int
     chunk: KvChunk
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., chunk: _Optional[_Union[KvChunk, _Mapping]] = ...) -> None: ...
+    trailing_partial: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., trailing_partial: _Optional[bool] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored_blocks",)
