@@ -91,6 +91,38 @@ def test_a_fused_decode_step_equals_the_composition(shape, tail):
         assert np.abs(moved - got).max() > 1e-3 * np.abs(want).max()
 
 
+def test_a_batched_step_gives_each_row_its_own_step_bit_for_bit(rng):
+    """The serving engine's batched decode step (one C call for B sequences with their own
+    tables, lengths and fp16 tails) equals each sequence's step alone, bitwise: a request's
+    tokens never depend on who shares its batch."""
+    lens, bs, hq, hkv, d = [700, 35, 2047, 16], 16, 9, 3, 64
+    pages = random_pages(rng, lens, hq, hkv, d, d, 5, 3, bs)
+    step = selfcheck.decode_step_inputs((hq, hkv, d, d, 5, 3, bs))
+    tails = [7, 0, 1, 15]  # fp16 tail tokens per row (0: none)
+    rows = []
+    for b, (n, t) in enumerate(zip(lens, tails)):
+        table = mx.array(np.array(pages["block_tables"])[b:b + 1, :-(-n // bs)])
+        tk = None if t == 0 else mx.array(rng.standard_normal((1, hkv, t, d)).astype(np.float16))
+        tv = None if t == 0 else mx.array(rng.standard_normal((1, hkv, t, d)).astype(np.float16))
+        rows.append((table, pages["seq_lens"][b:b + 1], tk, tv))
+    common = dict(scale=step["scale"], query_rotation=step["query_rotation"],
+                  key_codes=pages["key_codes"], key_scales=pages["key_scales"],
+                  value_codes=pages["value_codes"], value_scales=pages["value_scales"],
+                  key_codebook=pages["key_codebook"], value_codebook=pages["value_codebook"],
+                  key_center=step["key_center"], output_rotation=step["output_rotation"],
+                  key_bits=5, value_bits=3)
+    batched = np.array(cpu_kernels.decode_step_rows(pages["queries"], rows=rows, **common))
+    for b, (table, n, tk, tv) in enumerate(rows):
+        alone = np.array(cpu_kernels.decode_step(
+            pages["queries"][b:b + 1], block_tables=table, seq_lens=n, tail_keys=tk,
+            tail_values=tv, **common))
+        assert batched[b:b + 1].tobytes() == alone.tobytes(), f"row {b}"
+    # The rows are really their own: another row's tail would change row 0.
+    rows[0] = rows[0][:2] + rows[3][2:]
+    moved = np.array(cpu_kernels.decode_step_rows(pages["queries"], rows=rows, **common))
+    assert moved[0].tobytes() != batched[0].tobytes()
+
+
 def test_a_wrong_codebook_is_caught(rng):
     """The tolerance above is tight enough to see a one-entry codebook error."""
     pages = random_pages(rng, [600], 9, 3, 64, 64, 4, 4, 16)

@@ -208,8 +208,43 @@ def fused_decode_step(queries: mx.array, scale: float, query_rotation: mx.array,
     kernel: query rotation, pages, un-rotation, merge with the fp16 tail), else None and the
     caller composes paged_decode_attention and decode_epilogue. queries (B, Hq, Dk) unscaled;
     returns (B, Hq, Dv) float32."""
-    if not fused_decode_step_possible():
+    if not _step_usable(queries, key_codes, value_codes, key_bits, value_bits):
         return None
+    out = cpu_kernels.decode_step(queries, scale, query_rotation, key_codes, key_scales,
+                                  value_codes, value_scales, block_tables, seq_lens,
+                                  key_codebook, value_codebook, tail_keys, tail_values,
+                                  key_center, output_rotation, key_bits, value_bits)
+    if out is not None:
+        _announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
+    return out
+
+
+def fused_decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
+                           key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
+                           value_scales: mx.array, rows: list, key_codebook: mx.array,
+                           value_codebook: mx.array, key_center: mx.array,
+                           output_rotation: mx.array, key_bits: int,
+                           value_bits: int) -> mx.array | None:
+    """fused_decode_step for B sequences of a batch in one call: queries (B, Hq, Dk), rows[b] =
+    (block table, seq_lens, tail keys, tail values) of row b (cpu_kernels.decode_step_rows).
+    Row b's bits equal fused_decode_step on that row alone; None where it does not run."""
+    if not _step_usable(queries, key_codes, value_codes, key_bits, value_bits):
+        return None
+    out = cpu_kernels.decode_step_rows(queries, scale, query_rotation, key_codes, key_scales,
+                                       value_codes, value_scales, rows, key_codebook,
+                                       value_codebook, key_center, output_rotation, key_bits,
+                                       value_bits)
+    if out is not None:
+        _announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
+    return out
+
+
+def _step_usable(queries: mx.array, key_codes: mx.array, value_codes: mx.array, key_bits: int,
+                 value_bits: int) -> bool:
+    """Whether the C step kernel may serve this shape: built, and its first-use self-check
+    passed (a per-row verdict: the batched call runs the same code on each row)."""
+    if not fused_decode_step_possible():
+        return False
     shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
 
     def run(x: dict) -> mx.array | None:
@@ -219,15 +254,7 @@ def fused_decode_step(queries: mx.array, scale: float, query_rotation: mx.array,
             x["key_codebook"], x["value_codebook"], x["tail_keys"], x["tail_values"],
             x["key_center"], x["output_rotation"], key_bits, value_bits)
 
-    if not selfcheck.usable(CPU_STEP, shape, lambda: selfcheck.check_decode_step(shape, run)):
-        return None
-    out = cpu_kernels.decode_step(queries, scale, query_rotation, key_codes, key_scales,
-                                  value_codes, value_scales, block_tables, seq_lens,
-                                  key_codebook, value_codebook, tail_keys, tail_values,
-                                  key_center, output_rotation, key_bits, value_bits)
-    if out is not None:
-        _announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
-    return out
+    return selfcheck.usable(CPU_STEP, shape, lambda: selfcheck.check_decode_step(shape, run))
 
 
 def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,

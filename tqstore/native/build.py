@@ -101,6 +101,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tq_decode_attention.restype = i
     lib.tq_decode_step.argtypes = [p, f, p] + [p] * 8 + [p, p, i, p, p] + [i] * 11 + [p]
     lib.tq_decode_step.restype = i
+    lib.tq_decode_step_rows.argtypes = [p, f] + [p] * 16 + [i] * 9 + [p]
+    lib.tq_decode_step_rows.restype = i
     lib.tq_quantize.argtypes = [p, i, l, i, i, i, i, i, p, p, p, f, p, p]
     lib.tq_quantize.restype = i
     return lib

@@ -120,6 +120,49 @@ def decode_step(queries: mx.array, scale: float, query_rotation: mx.array, key_c
     return mx.array(out) if rc == 0 else None
 
 
+def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
+                     key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
+                     value_scales: mx.array, rows: list[tuple[mx.array, mx.array,
+                                                               mx.array | None, mx.array | None]],
+                     key_codebook: mx.array, value_codebook: mx.array, key_center: mx.array,
+                     output_rotation: mx.array, key_bits: int, value_bits: int) -> mx.array | None:
+    """decode_step for a batch of B sequences in one call (tq_decode_step_rows): queries
+    (B, Hq, Dk); rows[b] = (block table (1, n_b), seq_lens (1,), tail keys and values
+    (1, Hkv, t_b, D) or None) of row b. Row b's bits equal decode_step on that row alone."""
+    lib = load()
+    if lib is None:
+        return None
+    B, Hq, Dk, Hkv, block_size, Dv = _layout(queries, key_codes, value_codes, value_bits)
+    shared = [queries.astype(mx.float32), query_rotation.astype(mx.float32), key_codes,
+              key_scales, value_codes, value_scales, key_codebook.astype(mx.float32),
+              value_codebook.astype(mx.float32), key_center.astype(mx.float32),
+              output_rotation.astype(mx.float32)]
+    per_row = [(table.astype(mx.int32), lens.astype(mx.int32),
+                None if tk is None else tk.astype(mx.float16),
+                None if tv is None else tv.astype(mx.float16)) for table, lens, tk, tv in rows]
+    mx.eval(shared, [[a for a in row if a is not None] for row in per_row])
+    kinds = [np.float32, np.float32, np.uint8, np.uint16, np.uint8, np.uint16, np.float32,
+             np.float32, np.float32, np.float32]
+    v = [_view(x, kind) for x, kind in zip(shared, kinds)]
+    tables = [_view(t, np.int32) for t, _, _, _ in per_row]
+    tails = [(None, None) if tk is None else (_view(tk, np.uint16), _view(tv, np.uint16))
+             for _, _, tk, tv in per_row]  # kept alive until the call returns
+    pointers = ctypes.c_void_p * B
+    num_blocks = np.array([t.shape[-1] for t in tables], dtype=np.int32)
+    lens = np.array([int(_view(n, np.int32)[0]) for _, n, _, _ in per_row], dtype=np.int32)
+    tail_lens = np.array([0 if k is None else k.shape[2] for k, _ in tails], dtype=np.int32)
+    splits = np.array([decode_splits(1, Hkv, int(n)) for n in num_blocks], dtype=np.int32)
+    out = np.empty((B, Hq, Dv), dtype=np.float32)
+    rc = lib.tq_decode_step_rows(
+        _ptr(v[0]), ctypes.c_float(scale), _ptr(v[1]), *[_ptr(x) for x in v[2:6]],
+        pointers(*[_ptr(t) for t in tables]), _ptr(num_blocks), _ptr(lens), _ptr(v[6]),
+        _ptr(v[7]), pointers(*[None if k is None else _ptr(k) for k, _ in tails]),
+        pointers(*[None if w is None else _ptr(w) for _, w in tails]), _ptr(tail_lens),
+        _ptr(splits), _ptr(v[8]), _ptr(v[9]), B, Hq, Hkv, Dk, Dv, block_size, key_bits,
+        value_bits, THREADS, _ptr(out))
+    return mx.array(out) if rc == 0 else None
+
+
 def quantize_fits(codec: TurboQuantCodec) -> bool:
     d = codec.head_dim
     return codec.qjl_rotation is None and codec.rotation.m == 1 and d & (d - 1) == 0 and d <= 256

@@ -396,3 +396,32 @@ done:
     return rc;
 }
 
+
+/* ---- one decode step of one layer for B sequences of a batch --------------------------------
+ * Each row is its own sequence: its own block table (num_blocks[b] entries), committed length,
+ * fp16 tail (tail_lens[b] tokens, (1, Hkv, n, D); NULL when 0) and splits. Row b is exactly
+ * tq_decode_step with B = 1 on that row's arguments, so a batched step's bits equal the
+ * sequence's own step alone (the serving engine's batches rest on it); what the batch saves is
+ * one foreign call and one input evaluation per row. */
+int tq_decode_step_rows(const float *queries, float scale, const float *query_rotation,
+                        const uint8_t *key_codes, const uint16_t *key_scales,
+                        const uint8_t *value_codes, const uint16_t *value_scales,
+                        const int32_t *const *tables, const int32_t *num_blocks,
+                        const int32_t *lens, const float *key_codebook,
+                        const float *value_codebook, const uint16_t *const *tail_keys,
+                        const uint16_t *const *tail_values, const int32_t *tail_lens,
+                        const int32_t *splits, const float *key_center,
+                        const float *output_rotation, int B, int Hq, int Hkv, int Dk, int Dv,
+                        int block_size, int key_bits, int value_bits, int threads, float *out) {
+    if (B <= 0) return -1;
+    for (int b = 0; b < B; ++b) {
+        const int rc = tq_decode_step(
+            queries + (size_t)b * Hq * Dk, scale, query_rotation, key_codes, key_scales,
+            value_codes, value_scales, tables[b], lens + b, key_codebook, value_codebook,
+            tail_keys[b], tail_values[b], tail_lens[b], key_center, output_rotation, 1, Hq, Hkv,
+            Dk, Dv, block_size, num_blocks[b], key_bits, value_bits, splits[b], threads,
+            out + (size_t)b * Hq * Dv);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}

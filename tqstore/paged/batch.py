@@ -23,7 +23,7 @@ from typing import Any, Sequence as Seq
 import mlx.core as mx
 
 from tqstore.errors import InvalidArgument
-from tqstore.paged.cache import PagedLayerCache
+from tqstore.paged.cache import PagedLayerCache, fused_batch_step
 
 
 class BatchedLayerCache:
@@ -54,8 +54,14 @@ class BatchedLayerCache:
         return keys, values
 
     def attend(self, queries: mx.array, scale: float, mask: Any = None) -> mx.array:
-        """(B, Hq, 1, D) queries -> (B, Hq, 1, Dv): each row over its own sequence."""
+        """(B, Hq, 1, D) queries -> (B, Hq, 1, Dv): each row over its own sequence (on the
+        CPU all rows in one C call, the same per-row arithmetic)."""
         self.decode_pending = False
+        if all(dense is None for dense in self._dense):
+            out = fused_batch_step(self.caches, queries, scale)
+            if out is not None:
+                self._dense = []
+                return out
         rows = []
         for row, (cache, dense) in enumerate(zip(self.caches, self._dense)):
             q = queries[row:row + 1]

@@ -41,7 +41,8 @@ from mlx_lm.models.cache import create_attention_mask
 
 from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import (decode_epilogue, fused_decode_step,
-                                    fused_decode_step_possible, paged_decode_attention)
+                                    fused_decode_step_possible, fused_decode_step_rows,
+                                    paged_decode_attention)
 from tqstore.metal.reference import merge_with_tail
 from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
@@ -332,6 +333,15 @@ class PagedLayerCache:
             self.arena.output_rotation, self.sequence.block_size, queries.dtype)
         return out.reshape(B, Hq, 1, Dv)
 
+    def fused_step_row(self) -> tuple[mx.array, mx.array, mx.array | None, mx.array | None]:
+        """This sequence's row of a batched fused step (fused_batch_step), the routed token's
+        pending append flushed into the tail as attend does: (block table, seq_lens, tail keys,
+        tail values)."""
+        self.decode_pending = False
+        self._flush_pending()
+        return (self.sequence.block_table(), self.sequence.length_array(self.committed),
+                self._tail_keys, self._tail_values)
+
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         if self.fp16_tail and N > 1 and window_size is None and not self._prefill_step(N):
             # finish_prefill will commit first: predict its commit point
@@ -441,3 +451,26 @@ def release_prompt_cache(caches: Seq[PagedLayerCache]) -> None:
     """Return the sequence's blocks to the pool (cached blocks stay findable)."""
     if caches:
         caches[0].sequence.release()
+
+
+def fused_batch_step(caches: Seq[PagedLayerCache], queries: mx.array,
+                     scale: float) -> mx.array | None:
+    """One layer's decode attention for a batch of sequences (one routed token each, every
+    one with a committed page) in one C call where the CPU's fused step serves: queries
+    (B, Hq, 1, Dk) -> (B, Hq, 1, Dv), row b bit for bit what caches[b].attend gives alone.
+    None (nothing touched) where it does not serve: the caller attends row by row."""
+    if not (fused_decode_step_possible() and all(c.committed for c in caches)):
+        return None
+    arena = caches[0].arena  # one pool: every sequence's layer lives in the same arenas
+    if any(c.arena is not arena for c in caches):
+        return None
+    kc, vc = arena.key_codec, arena.value_codec
+    rows = [c.fused_step_row() for c in caches]
+    out = fused_decode_step_rows(
+        queries[:, :, 0, :], scale, arena.query_rotation, arena.key_codes, arena.key_scales,
+        arena.value_codes, arena.value_scales, rows, kc.codebook, vc.codebook,
+        arena.key_center, arena.output_rotation, kc.bits, vc.bits)
+    if out is None:
+        return None  # rows flushed their pending tokens: attend() takes them as they are
+    B, Hq = queries.shape[:2]
+    return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)
