@@ -270,6 +270,10 @@ class ServingConfig:
     prefill_slice_s: prefill chunks run back to back for up to this long before the next
         decode step of the running sequences (at least one chunk): more time prefilling
         shortens the queue, less keeps the running sequences' token rate.
+    decode_share: while some sequences decode and others prefill, decode steps get at least
+        this share of the engine's time (a prefill chunk then waits until decode steps have
+        earned it: tqstore.serving.schedule), so a long prompt arriving never stalls the
+        running streams for more than about one chunk. 0: one decode step per prefill slice.
     store_block: tokens per daemon (SSD) block.
     exact_hits: serve prefixes only from the daemon's fp16 blocks (a hit then reproduces a cold
         run bit for bit) and never from pages shared in memory (TurboQuant codes: close to a
@@ -282,6 +286,7 @@ class ServingConfig:
     queue_size: int = 64
     prefill_chunk: int | None = None
     prefill_slice_s: float = 0.25
+    decode_share: float = 0.5
     store_block: int = 256
     exact_hits: bool = False
     context_tokens: int | None = None
@@ -295,6 +300,8 @@ class ServingConfig:
             raise InvalidArgument("prefill_chunk must be positive")
         if self.prefill_slice_s < 0:
             raise InvalidArgument("prefill_slice_s must be >= 0")
+        if not 0.0 <= self.decode_share < 1.0:
+            raise InvalidArgument("decode_share must be in [0, 1)")
 
     def chunk_for(self, with_daemon: bool) -> int:
         """The prefill chunk in force (see prefill_chunk)."""

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-slice", type=float, default=ServingConfig.prefill_slice_s,
                         help="seconds of prefill chunks between two decode steps of the "
                              f"running sequences (default {ServingConfig.prefill_slice_s:g})")
+    parser.add_argument("--decode-share", type=float, default=ServingConfig.decode_share,
+                        help="while some sequences decode and others prefill, the least share "
+                             "of time decode steps get, in [0, 1) (default "
+                             f"{ServingConfig.decode_share:g}; 0: one decode step per slice)")
     parser.add_argument("--store-block", type=int, default=ServingConfig.store_block,
                         help="tokens per daemon block: smaller blocks leave fewer tokens to "
                              "recompute after a daemon hit (at most one block's worth), at more "
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
                            queue_size=args.queue,
                            prefill_chunk=args.prefill_chunk,
                            prefill_slice_s=args.prefill_slice,
+                           decode_share=args.decode_share,
                            store_block=args.store_block,
                            exact_hits=args.exact_hits)
     if args.model:

@@ -13,7 +13,8 @@ A request's life, each state moved only by the engine thread:
               pages, and nothing is ever killed for memory. FIFO: the head waits, later requests
               wait behind it (no starvation).
   prefill  -> chunks (tqstore.generator.prefill_bounds) for up to prefill_slice_s per engine
-              iteration, so decode steps of the others interleave with a long prompt.
+              iteration; while others decode, only on the credit their decode steps earn
+              (tqstore.serving.schedule: decode keeps at least decode_share of the time).
   decode   -> every decoding sequence advances in ONE batched model step
               (tqstore.paged.batch); a request alone decodes through its own caches exactly as
               `tqstore generate` does.
@@ -60,6 +61,7 @@ from tqstore.paged.batch import batch_caches
 from tqstore.prefix_hash import hash_prefix_blocks
 from tqstore.serving.request import Request, TokenEvent
 from tqstore.serving.sampling import SamplingParams, sample_rows
+from tqstore.serving.schedule import PrefillBudget
 
 log = logging.getLogger("tqstore.serving")
 
@@ -102,6 +104,7 @@ class Engine:
                        "prompt_tokens": 0, "memory_tokens": 0, "daemon_tokens": 0,
                        "computed_tokens": 0, "generated_tokens": 0}
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
+        self._budget = PrefillBudget(config.decode_share)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(policy,), name="tqstore-engine",
                                         daemon=True)
@@ -372,14 +375,18 @@ class Engine:
         return True
 
     def _prefill_slice(self) -> bool:
-        """Prefill chunks (oldest request first) for up to prefill_slice_s; False if none."""
+        """Prefill chunks (oldest request first) for up to prefill_slice_s, on the budget's
+        credit while others decode; False if none ran."""
         start = time.perf_counter()
         ran = False
         while True:
             prefilling = [r for r in self._active if r.state == "prefill" and not r.cancelled]
-            if not prefilling:
+            decoding = any(r.state == "decode" for r in self._active)
+            if not prefilling or not self._budget.may_prefill(decoding):
                 return ran
+            began = time.perf_counter()
             self._prefill_chunk(prefilling[0])
+            self._budget.spent_prefill(time.perf_counter() - began, decoding)
             ran = True
             if time.perf_counter() - start >= self.config.prefill_slice_s:
                 return ran
@@ -398,6 +405,7 @@ class Engine:
             r.state = "decode"
 
     def _decode_step(self) -> None:
+        began = time.perf_counter()
         rows = [r for r in self._active if r.state == "decode"]
         published = [r for r in rows if not r.pages_written]
         for r in rows:
@@ -409,6 +417,7 @@ class Engine:
         for r in published:  # the first decode step wrote the prompt's pages (finish_prefill)
             r.pages_written = True
         self._rate.append((time.perf_counter(), len(rows)))
+        self._budget.spent_decode(time.perf_counter() - began)
         while len(self._rate) > 256:
             self._rate.popleft()
 
