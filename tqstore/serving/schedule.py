@@ -1,13 +1,14 @@
 """How the engine shares its one thread between prefill chunks and decode steps.
 
 MLX runs one evaluation at a time, so a prefill chunk stalls every running stream for as long as
-it takes: on the CPU a 256-token chunk of SmolLM2 takes ~1-2 s, forty decode steps' worth. The
+it takes: on the CPU a 256-token chunk of SmolLM2 takes seconds, many decode steps' worth. The
 chunk cannot be cut finer than its prefill chunk without breaking exact hits (a hit and a cold
 run must see the same chunk shapes: tqstore.generator.prefill_bounds), so the engine shares time
 instead: while some sequences decode, prefill runs only on credit that decode steps earn, so
 decode gets at least `decode_share` of the engine's time and a running stream never waits more
 than about one chunk between tokens. With nothing decoding, prefill runs freely (in slices of
-prefill_slice_s, to take newly arrived requests into the batch).
+prefill_slice_s, to take newly arrived requests into the batch). The default share is 0
+(prefill first): ServingConfig.decode_share says what each setting measured.
 """
 
 from __future__ import annotations
