@@ -46,8 +46,12 @@ def test_a_chain_with_its_partial_block_is_a_whole_hit(namespace, reader, rng):
     full, tail = random_blocks(namespace, 3, rng), _partial(namespace, TAIL, rng)
     assert reader.put(namespace, tokens, 0, full, partial=tail) == 4
 
+    before = reader.stats()
     found = reader.lookup(namespace, tokens, trailing_partial=True)
     assert (found.hit_blocks, found.partial_tokens) == (3, TAIL)
+    after = reader.stats()  # inspect's hit rate counts the partial block's tokens too
+    assert after.hit_tokens - before.hit_tokens == 3 * bs + TAIL
+    assert after.tiers.local_hit_tokens - before.tiers.local_hit_tokens == 3 * bs + TAIL
     assert reader.lookup(namespace, tokens).partial_tokens == 0  # only when asked for
     got = reader.fetch_fp16_prefix(namespace, tokens, trailing_partial=True)
     assert got.tokens == 3 * bs + TAIL and len(got) == 3

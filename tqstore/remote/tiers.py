@@ -77,8 +77,13 @@ class Tiers:
 
     def lookup_partial(self, ns: Namespace, token_ids: Sequence[int]) -> int:
         """Tokens of the trailing partial block of token_ids available (0 if none): the local
-        store's answer, since the remote never holds partials. Counts no stats."""
-        return self.local.lookup_partial(ns, token_ids)
+        store's answer, since the remote never holds partials. Counted as local hit tokens of
+        the lookup (lookup() counted the full blocks)."""
+        found = self.local.lookup_partial(ns, token_ids)
+        self.local.count_partial_hit(found)
+        with self._lock:
+            self.counters["local_hit_tokens"] += found
+        return found
 
     # -- Fetch -----------------------------------------------------------------------------------
     def blocks(self, ns: Namespace, token_ids: Sequence[int], first: int, count: int,

@@ -242,6 +242,11 @@ class BlockStore:
         """Count one lookup in the persisted stats (the daemon's tiers count hits of both)."""
         self._count({"lookups": 1, "lookup_tokens": lookup_tokens, "hit_tokens": hit_tokens})
 
+    def count_partial_hit(self, tokens: int) -> None:
+        """Add a trailing partial block's tokens to the hit tokens of the lookup just counted."""
+        if tokens:
+            self._count({"hit_tokens": tokens})
+
     def lookup_hashes(self, namespace: Namespace, hashes: Sequence[bytes]) -> int:
         """lookup() for a chain the caller already hashed (the generator hashes its prompt
         anyway; SHA-256 of 128k tokens alone costs ~1.5 ms here). Does not count stats.
