@@ -26,8 +26,7 @@ Hostile input (issue 17). Invariants:
   per-block work is over heavy_turboquant_work. A Put's held bytes are bounded per stream
   (max_put_bytes) and daemon-wide (put_budget_bytes); threads and stream life are bounded by
   tqstore.request_limits (installed by tqstore.daemon).
-- Stats fits the message limit whatever the store holds: at most max_stats_namespaces rows,
-  strings cut to max_string_bytes.
+- Stats fits the message limit whatever the store holds (tqstore.stats_reply).
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ from tqstore.request_limits import CHUNK_OVERHEAD_BYTES, PutBytes, Slots
 from tqstore.requantize import Requantizer
 from tqstore.ssd.opening import mark_index_suspect
 from tqstore.ssd.store import BlockStore
+from tqstore.stats_reply import stats_response
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
 from tqstore.wire import (BlockAssembler, codec_from_proto, fp16_chunks_encoded, layers_per_chunk,
@@ -413,40 +413,11 @@ class KvStoreService(pb_grpc.KvStoreServicer):
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         try:
             _decoded(request)
-            s = self.store.stats()
             with self._recent_lock:
                 recent = list(self._recent)
-            shown = s.namespaces[:self.config.max_stats_namespaces]  # largest by bytes first
-            cut = self.config.max_string_bytes
-            return pb.StatsResponse(
-                blocks=s.blocks, bytes_on_disk=s.bytes_on_disk, logical_bytes=s.logical_bytes,
-                max_bytes=s.max_bytes, lookups=s.lookups, lookup_tokens=s.lookup_tokens,
-                hit_tokens=s.hit_tokens, evictions=s.evictions,
-                verification_failures=s.verification_failures, quarantined=s.quarantined,
-                compression=s.compression, payload_bytes=s.payload_bytes, index_bytes=s.index_bytes,
-                namespaces=[pb.NamespaceRow(digest=n.digest, model=_cut_text(n.model, cut),
-                                            num_layers=n.layout[0], num_kv_heads=n.layout[1],
-                                            head_dim=n.layout[3], block_size=n.block_size,
-                                            blocks=n.blocks, bytes=n.bytes)
-                            for n in shown],
-                namespaces_omitted=len(s.namespaces) - len(shown),
-                block_size_histogram=dict(s.block_size_histogram),
-                recent_request_hit_rates=recent, attention_backend=_attention_backend(),
-                tiers=_tier_stats(self.tiers.stats()),
-                index_rebuilds=s.index_rebuilds, rebuild_recovered_blocks=s.rebuild_recovered_blocks,
-                rebuild_lost_blocks=s.rebuild_lost_blocks,
-                last_rebuild_time_ns=s.last_rebuild_time_ns,
-                last_rebuild_reason=_cut_text(s.last_rebuild_reason, 1024),
-                healed_records=s.healed_records)
+            return stats_response(self.store.stats(), recent, self.tiers.stats(), self.config)
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc)
-
-
-def _cut_text(text: str, max_bytes: int) -> str:
-    """At most max_bytes of UTF-8, cut at a character boundary (stores written before the
-    string bound may hold longer fingerprints: Stats shows them cut rather than failing)."""
-    data = text.encode("utf-8", "surrogatepass")
-    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
 
 
 def _check_requantizable(ns, codec) -> None:
@@ -462,20 +433,6 @@ def _check_requantizable(ns, codec) -> None:
             codec.profile.check_layout(ns.num_layers, ns.num_kv_heads, ns.head_dim)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
-
-
-def _tier_stats(stats: dict[str, object]) -> pb.TierStats:
-    """Tiers.stats() as the proto message: counters keep their names; the local copies are the
-    filler's "fills"."""
-    renamed = {"fills": "local_copies", "fills_failed": "local_copies_failed",
-               "fills_dropped": "local_copies_dropped"}
-    fields = {f.name for f in pb.TierStats.DESCRIPTOR.fields}
-    out = {}
-    for key, value in stats.items():
-        name = renamed.get(key, key)
-        if name in fields:
-            out[name] = value
-    return pb.TierStats(**out)
 
 
 def add_service(servicer: KvStoreService, server: grpc.Server) -> None:
@@ -503,10 +460,3 @@ def add_service(servicer: KvStoreService, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
-
-def _attention_backend() -> str:
-    try:
-        from tqstore.metal.dispatch import active_backend
-    except ImportError:
-        return "reference"
-    return active_backend()

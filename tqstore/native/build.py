@@ -99,8 +99,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, f, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.tq_decode_attention.argtypes = [p] * 9 + [i] * 11 + [p, p]
     lib.tq_decode_attention.restype = i
-    lib.tq_decode_step.argtypes = [p, f, p] + [p] * 8 + [p, p, i, p, p] + [i] * 11 + [p]
-    lib.tq_decode_step.restype = i
     lib.tq_decode_step_rows.argtypes = [p, f] + [p] * 16 + [i] * 9 + [p]
     lib.tq_decode_step_rows.restype = i
     lib.tq_quantize.argtypes = [p, i, l, i, i, i, i, i, p, p, p, f, p, p]

@@ -94,30 +94,15 @@ def decode_step(queries: mx.array, scale: float, query_rotation: mx.array, key_c
                 tail_values: mx.array | None, key_center: mx.array, output_rotation: mx.array,
                 key_bits: int, value_bits: int) -> mx.array | None:
     """One layer's whole decode attention (tq_decode_step): queries (B, Hq, Dk) unscaled and
-    unrotated, the pages, the fp16 tail (B, Hkv, n, D) or None -> (B, Hq, Dv) float32."""
-    lib = load()
-    if lib is None:
-        return None
-    B, Hq, Dk, Hkv, block_size, Dv = _layout(queries, key_codes, value_codes, value_bits)
-    tail_len = 0 if tail_keys is None else tail_keys.shape[2]
-    tail = [] if tail_keys is None else [tail_keys.astype(mx.float16), tail_values.astype(mx.float16)]
-    inputs = [queries.astype(mx.float32), query_rotation.astype(mx.float32), key_codes,
-              key_scales, value_codes, value_scales, block_tables.astype(mx.int32),
-              seq_lens.astype(mx.int32), key_codebook.astype(mx.float32),
-              value_codebook.astype(mx.float32), key_center.astype(mx.float32),
-              output_rotation.astype(mx.float32)] + tail
-    mx.eval(inputs)
-    kinds = [np.float32, np.float32, np.uint8, np.uint16, np.uint8, np.uint16, np.int32,
-             np.int32, np.float32, np.float32, np.float32, np.float32, np.uint16, np.uint16]
-    v = [_view(x, kind) for x, kind in zip(inputs, kinds)]
-    tk, tv = (_ptr(v[12]), _ptr(v[13])) if tail else (None, None)
-    out = np.empty((B, Hq, Dv), dtype=np.float32)
-    max_blocks = block_tables.shape[1]
-    rc = lib.tq_decode_step(_ptr(v[0]), ctypes.c_float(scale), _ptr(v[1]),
-                            *[_ptr(x) for x in v[2:10]], tk, tv, tail_len, _ptr(v[10]),
-                            _ptr(v[11]), B, Hq, Hkv, Dk, Dv, block_size, max_blocks, key_bits,
-                            value_bits, decode_splits(B, Hkv, max_blocks), THREADS, _ptr(out))
-    return mx.array(out) if rc == 0 else None
+    unrotated, the pages, the fp16 tail (B, Hkv, n, D) or None -> (B, Hq, Dv) float32. Row b
+    is decode_step_rows' row of (block_tables[b], seq_lens[b], its tail)."""
+    rows = [(block_tables[b:b + 1], seq_lens[b:b + 1],
+             None if tail_keys is None else tail_keys[b:b + 1],
+             None if tail_values is None else tail_values[b:b + 1])
+            for b in range(queries.shape[0])]
+    return decode_step_rows(queries, scale, query_rotation, key_codes, key_scales, value_codes,
+                            value_scales, rows, key_codebook, value_codebook, key_center,
+                            output_rotation, key_bits, value_bits)
 
 
 def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
@@ -126,9 +111,10 @@ def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
                                                                mx.array | None, mx.array | None]],
                      key_codebook: mx.array, value_codebook: mx.array, key_center: mx.array,
                      output_rotation: mx.array, key_bits: int, value_bits: int) -> mx.array | None:
-    """decode_step for a batch of B sequences in one call (tq_decode_step_rows): queries
+    """A layer's decode step for B sequences in one call (tq_decode_step_rows): queries
     (B, Hq, Dk); rows[b] = (block table (1, n_b), seq_lens (1,), tail keys and values
-    (1, Hkv, t_b, D) or None) of row b. Row b's bits equal decode_step on that row alone."""
+    (1, Hkv, t_b, D) or None) of row b. Each row runs tq_decode_step alone, so its bits do not
+    depend on the other rows."""
     lib = load()
     if lib is None:
         return None
