@@ -60,7 +60,7 @@ def build_model(shape: str, seed: int):
     return LoadedModel(model, smol.tokenizer, f"random-{shape}-seed{seed}", "")
 
 
-def stock_ttft(loaded, ids: list[int]) -> float:
+def stock_ttft(loaded, ids: list[int], step: int = 2048) -> float:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
@@ -68,7 +68,7 @@ def stock_ttft(loaded, ids: list[int]) -> float:
     cache = make_prompt_cache(loaded.model)
     start = time.perf_counter()
     token, _ = next(generate_step(mx.array(ids), loaded.model, max_tokens=1, prompt_cache=cache,
-                                  prefill_step_size=2048))
+                                  prefill_step_size=step))
     int(token)
     ttft = time.perf_counter() - start
     del cache
@@ -80,9 +80,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=16, help="0 skips the TCP clients part")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--pool-gib", type=float, default=8.0)
+    ap.add_argument("--block", type=int, default=256, help="store block (our prefill chunk)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -110,7 +111,8 @@ def main() -> int:
             stock_ttft(loaded, ids[:1024])  # warm-up: kernels compiled, memory pools sized
             stock = min(stock_ttft(loaded, ids) for _ in range(2))
             with KvStoreClient(address) as client:
-                gen = CachedGenerator(loaded, client, pool_budget_bytes=int(args.pool_gib * 2**30))
+                gen = CachedGenerator(loaded, client, block_size=args.block,
+                                      pool_budget_bytes=int(args.pool_gib * 2**30))
                 chunk_times: list[float] = []
                 cold = gen.generate(ids, 2, progress=lambda done, total: chunk_times.append(
                     time.perf_counter()))
@@ -123,7 +125,7 @@ def main() -> int:
                 mx.clear_cache()
                 # The TurboQuant form: the daemon re-quantizes, ~4x fewer bytes move, the rest
                 # of the prompt attends to the dequantized prefix (close to cold, not equal).
-                tq_gen = CachedGenerator(loaded, client, fetch_form="turboquant",
+                tq_gen = CachedGenerator(loaded, client, fetch_form="turboquant", block_size=args.block,
                                          pool_budget_bytes=int(args.pool_gib * 2**30))
                 tq = [tq_gen.generate(ids, 2) for _ in range(2)]
                 del tq_gen
@@ -153,15 +155,16 @@ def main() -> int:
                 f"{row['grpc_1_stream_gbps']:.2f} / {row['grpc_4_streams_gbps']:.2f} GB/s (1/4 "
                 f"streams), into MLX {row['to_device_gbps']:.2f} GB/s, first device read "
                 f"{row['first_device_read_gbps']:.2f} GB/s")
-        size = args.sizes[0]
-        ids = prompts[size]
-        blocks = size // ns.block_size
-        one = _throughput(address, ns, ids, blocks, 1, args.seconds, direct=False)
-        many = _throughput(address, ns, ids, blocks, args.clients, args.seconds, direct=False)
-        concurrency = {"prompt_tokens": size, "single": one, "concurrent": many,
-                       "ratio": many["fp16_gb_per_s"] / one["fp16_gb_per_s"]}
-        log(f"TCP gRPC Lookup+Fetch, {size} tokens: 1 client {one['fp16_gb_per_s']:.2f} GB/s, "
-            f"{args.clients} clients {many['fp16_gb_per_s']:.2f} GB/s ({concurrency['ratio']:.2f}x)")
+        if args.clients > 0:  # 0: skip the TCP concurrency part
+            size = args.sizes[0]
+            ids = prompts[size]
+            blocks = size // ns.block_size
+            one = _throughput(address, ns, ids, blocks, 1, args.seconds, direct=False)
+            many = _throughput(address, ns, ids, blocks, args.clients, args.seconds, direct=False)
+            concurrency = {"prompt_tokens": size, "single": one, "concurrent": many,
+                           "ratio": many["fp16_gb_per_s"] / one["fp16_gb_per_s"]}
+            log(f"TCP gRPC Lookup+Fetch, {size} tokens: 1 client {one['fp16_gb_per_s']:.2f} GB/s, "
+                f"{args.clients} clients {many['fp16_gb_per_s']:.2f} GB/s ({concurrency['ratio']:.2f}x)")
     finally:
         daemon.stop(grace=10)
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {mx.default_device()}",

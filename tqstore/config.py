@@ -277,7 +277,9 @@ class ServingConfig:
         prefill slice, prefill first. Measured with 8 agents on the CPU (docs/BENCHMARKS.md),
         0.5 raised decode tokens/s 1.6x and later turns' TTFT 3.9x: agents wait on whole turns,
         so prefill first serves them better; streaming chat users may prefer a share.
-    store_block: tokens per daemon (SSD) block.
+    store_block: tokens per daemon (SSD) block; None: tqstore.generator.default_store_block
+        (256, or up to 2048 on CUDA where prefill steps that small would cost a cold prompt
+        twice stock mlx-lm's time).
     exact_hits: serve prefixes only from the daemon's fp16 blocks (a hit then reproduces a cold
         run bit for bit) and never from pages shared in memory (TurboQuant codes: close to a
         cold run, not identical, and never uploaded).
@@ -290,13 +292,15 @@ class ServingConfig:
     prefill_chunk: int | None = None
     prefill_slice_s: float = 0.25
     decode_share: float = 0.0
-    store_block: int = 256
+    store_block: int | None = None
     exact_hits: bool = False
     context_tokens: int | None = None
     retry_after_s: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("pool_bytes", "max_batch", "queue_size", "store_block"):
+        if self.store_block is not None and self.store_block <= 0:
+            raise InvalidArgument("store_block must be positive")
+        for name in ("pool_bytes", "max_batch", "queue_size"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidArgument(f"{name} must be positive")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
@@ -307,7 +311,9 @@ class ServingConfig:
             raise InvalidArgument("decode_share must be in [0, 1)")
 
     def chunk_for(self, with_daemon: bool) -> int:
-        """The prefill chunk in force (see prefill_chunk)."""
+        """The prefill chunk in force (see prefill_chunk); store_block resolved."""
+        if self.store_block is None:
+            raise InvalidArgument("store_block is not resolved yet")
         if self.prefill_chunk is None:
             return self.store_block if with_daemon else WIDE_PREFILL_CHUNK
         if with_daemon and self.store_block % self.prefill_chunk:

@@ -45,13 +45,22 @@ from mlx_lm.generate import generate_step
 
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.client import KvStoreClient
+from tqstore.device_memory import host_to_device
 from tqstore.errors import NotFound, TqstoreError, Unavailable
+from tqstore.metal.attention_kernel import gpu_backend
 from tqstore.models.loader import LoadedModel
 from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, release_prompt_cache
 from tqstore.paged.cache import model_kv_layout
 from tqstore.prefix_hash import Namespace
 
 DEFAULT_STORE_BLOCK = 256  # tokens per SSD block: oMLX and LMCache use 256 too
+# On CUDA the prefill chunk (= the store block, for exact hits) decides the cold TTFT: on an H100
+# an 8B shape prefills 8k tokens in 0.30 s in 2048-token steps and 0.62 s in 256-token steps
+# (stock mlx-lm both; tools/prefill_profile.py, docs/BENCHMARKS.md). A multi-turn hit then
+# recomputes up to one block, ~75 ms there.
+CUDA_STORE_BLOCK = 2048
+# ... but one block must fit one Put piece (a 70B shape's 2048-token block is 671 MB).
+MAX_AUTO_BLOCK_BYTES = 256 << 20
 # A shorter trailing partial block is not uploaded: a file and a Fetch round trip for it would
 # save less than one 16-token prefill chunk (the store's smallest block).
 MIN_PARTIAL_TOKENS = 16
@@ -80,15 +89,16 @@ class CachedGenerator:
     """Runs one mlx-lm model with the paged TurboQuant cache and (optionally) the daemon."""
 
     def __init__(self, loaded: LoadedModel, client: KvStoreClient | None = None, *,
-                 policy: CachePolicy | None = None, block_size: int = DEFAULT_STORE_BLOCK,
+                 policy: CachePolicy | None = None, block_size: int | None = None,
                  pool_budget_bytes: int = 512 << 20, fetch_form: str = "fp16") -> None:
         if fetch_form not in ("fp16", "turboquant"):
             raise TqstoreError(f"fetch_form must be 'fp16' or 'turboquant', got {fetch_form!r}")
         self.loaded = loaded
         self.client = client
         self.policy = policy or CachePolicy.default(loaded.fingerprint)
-        self.block_size = block_size
         layout = model_kv_layout(loaded.model)
+        self.block_size = block_size or default_store_block(layout)
+        block_size = self.block_size
         if layout["key_head_dim"] != layout["value_head_dim"]:
             raise TqstoreError("the SSD tier stores one head_dim for K and V")
         self.namespace = Namespace(loaded.fingerprint, layout["num_layers"], layout["num_kv_heads"],
@@ -155,7 +165,8 @@ class CachedGenerator:
         # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
         # each layer is then a 4-D slice of it (the cache takes it as it is; a 3-D slice
         # would get a batch axis added by reshaping a strided view).
-        keys, values = mx.array(blocks.keys), mx.array(blocks.values)
+        # On CUDA by the copy engine into device pages, not by page faults (device_memory).
+        keys, values = host_to_device(blocks.keys), host_to_device(blocks.values)
         for layer, cache in enumerate(caches):
             cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))
             cache.load_fp16_prefix(keys[cut], values[cut])
@@ -289,6 +300,21 @@ class CachedGenerator:
         detok.finalize()
         flush()
         return tokens, "".join(pieces), decode_tps, first_step
+
+
+def default_store_block(layout: dict) -> int:
+    """The store block (and prefill chunk) when the caller names none: DEFAULT_STORE_BLOCK, or
+    on CUDA the largest of CUDA_STORE_BLOCK, 1024, 512 whose fp16 block fits
+    MAX_AUTO_BLOCK_BYTES (see there). Blocks of different sizes are different namespaces, so
+    a fleet that shares one store should name its block size (--store-block)."""
+    if gpu_backend() != "cuda":
+        return DEFAULT_STORE_BLOCK
+    per_token = 2 * layout["num_layers"] * layout["num_kv_heads"] * (
+        layout["key_head_dim"] + layout["value_head_dim"])
+    block = CUDA_STORE_BLOCK
+    while block > 512 and block * per_token > MAX_AUTO_BLOCK_BYTES:
+        block //= 2
+    return block
 
 
 def prefill_bounds(start: int, total: int, chunk: int) -> list[int]:

@@ -172,3 +172,33 @@ def test_quantize_tree_sum_matches_the_codec_order(rng):
                 dst, src = (int(t.split("]")[0]) for t in line.split("[")[1:3])
                 a[dst] = a[src]
         assert a[0] == np.array(tree_sum_last(mx.array(x)))
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+def test_quantize_warp_tree_sum_matches_the_codec_order_in_every_lane(rng, head_dim):
+    """The SIMD-group reduction of the quantize kernel, replayed on 32 simulated lanes (lane l
+    holds elements [l*E, l*E + E)), gives codec.tree_sum_last's float32 sum bit for bit, and
+    in every lane (the scale and the normalization use each lane's copy)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from tqstore.codec.turboquant import tree_sum_last
+    from tqstore.metal.quantize import _warp_tree_sum
+
+    E = head_dim // 32
+    for _ in range(5):
+        x = (rng.standard_normal(head_dim) * 10.0 ** rng.integers(-3, 4, head_dim)).astype(np.float32)
+        lanes = x.reshape(32, E).copy()
+        for line in _warp_tree_sum("a", head_dim).splitlines():
+            line = line.strip()
+            if "TQ_SHFL_XOR" in line:
+                m = int(line.rsplit(", ", 1)[1].split(")")[0])
+                partner = lanes[np.arange(32) ^ m]
+                lanes = (lanes + partner).astype(np.float32)
+            elif line.startswith("for"):
+                half = int(line.split("i < ")[1].split(";")[0])
+                lanes[:, :half] = (lanes[:, :half] + lanes[:, half:2 * half]).astype(np.float32)
+            elif line:
+                raise AssertionError(f"unexpected statement {line!r}")
+        want = np.array(tree_sum_last(mx.array(x)))
+        assert (lanes[:, 0] == want).all()

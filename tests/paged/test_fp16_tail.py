@@ -78,9 +78,14 @@ def test_multi_token_steps_equal_token_by_token_decode(rng, device, chunk, monke
     more = [int(t) for t in rng.integers(3, 97, 22)]
     written = []  # (layer, block ids, slots, fp16 keys, fp16 values) of every page write
     original_write = TurboQuantArena.write
-    monkeypatch.setattr(TurboQuantArena, "write", lambda self, b, s, k, v: (
-        written[-1].append((self.layer, np.array(b), np.array(s), np.array(k), np.array(v))),
-        original_write(self, b, s, k, v))[1])
+
+    def per_token_write(self, b, s, k, v):  # whole-block writes (s None) as token positions
+        ids = np.array(b)
+        slots = (np.tile(np.arange(self.block_size), len(ids)) if s is None else np.array(s))
+        ids = np.repeat(ids, self.block_size) if s is None else ids
+        written[-1].append((self.layer, ids, slots, np.array(k), np.array(v)))
+        return original_write(self, b, s, k, v)
+    monkeypatch.setattr(TurboQuantArena, "write", per_token_write)
 
     def logits(step):
         written.append([])

@@ -137,3 +137,30 @@ def test_pool_namespace_includes_codec_but_ssd_namespace_does_not(small_pool):
     ids = list(range(8))
     assert hash_prefix_blocks(a.namespace, ids) != hash_prefix_blocks(b.namespace, ids)
     assert hash_prefix_blocks(a.ssd_namespace, ids) == hash_prefix_blocks(b.ssd_namespace, ids)
+
+
+def test_write_positions_are_shared_by_layers_but_never_outlive_a_shared_block(small_pool):
+    """prepare_write builds a step's index arrays once for every layer (a memo), and whole
+    blocks come as one index per block. The memo must not survive anything that makes a block
+    copy-on-write: a fork, or publication under its hash."""
+    pool = small_pool(block_size=4, num_blocks=32)
+    seq = pool.new_sequence(list(range(8)))
+    ids, slots = seq.prepare_write(0, 8)
+    assert slots is None and ids.tolist() == seq.block_ids
+    assert seq.prepare_write(0, 8)[0] is ids  # the next layer gets the same arrays
+    tokens, token_slots = seq.prepare_write(5, 2)  # inside a block: per token
+    assert tokens.tolist() == [seq.block_ids[1]] * 2 and token_slots.tolist() == [1, 2]
+
+    child = seq.fork()  # both now share the blocks: the parent's next write must copy
+    again, _ = seq.prepare_write(5, 2)
+    assert again.tolist() != tokens.tolist() and child.blocks[1].block_id == tokens.tolist()[0]
+    assert pool.stats["cow_copies"] == 1
+
+    first, _ = seq.prepare_write(0, 4)
+    for layer in range(pool.num_layers):  # every layer wrote block 0: it is published
+        seq.note_written(layer, 4)
+    assert seq.block_hashes and pool.block_pool.lookup(seq.block_hashes[0]) is seq.blocks[0]
+    rewritten, _ = seq.prepare_write(0, 4)
+    assert rewritten.tolist() != first.tolist()  # copied, not written in place
+    child.release()
+    seq.release()

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tqstore.agents import make_client
-from tqstore.config import ServingConfig
 from tqstore.demo import demo_document
 from tqstore.servers import ServerProcess, http_json, tqstore_argv
 
-STORE_BLOCK = ServingConfig.store_block  # tokens per daemon block
+STORE_BLOCK = 256  # tokens per daemon block: named to every endpoint (CUDA's default is larger)
 FRANCE = "What is the capital of France?"
 POEM = "Write a short poem about the sea."
 PORT_LINE = re.compile(r"tqstore openai: http://127\.0\.0\.1:(\d+)/v1")
@@ -52,7 +51,8 @@ class Endpoint:
     def _launch(self) -> None:
         self.starts += 1
         self.process = ServerProcess(
-            self.name, tqstore_argv("openai", *self.flags, "--port", "0"),
+            self.name, tqstore_argv("openai", "--store-block", str(STORE_BLOCK), *self.flags,
+                                    "--port", "0"),
             self.log_dir / f"{self.name}-{self.starts}.log")
 
     def ready(self) -> "Endpoint":

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most tokens to generate, the first included (default 128)")
     parser.add_argument("--raw", action="store_true", help="no chat template: tokenize the text as is")
     parser.add_argument("--system", help="system message for the chat template")
+    parser.add_argument("--store-block", type=int, default=None,
+                        help="tokens per daemon block, also the prefill step (default: 256; on "
+                             "CUDA up to 2048, where smaller prefill steps slow a cold prompt). "
+                             "Clients sharing a store must agree on it")
     add_connection_arguments(parser)
 
 
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     ids = prompt_ids(loaded, text, args.raw, args.system)
     client = connect(client_config_from(args, args.server), log=err)
     try:
-        generator = CachedGenerator(loaded, client)
+        generator = CachedGenerator(loaded, client, block_size=args.store_block)
         # Progress goes to stderr: stdout carries only the generated text.
         report = generator.generate(ids, max_tokens=args.max_tokens,
                                     on_text=lambda t: print(t, end="", flush=True),

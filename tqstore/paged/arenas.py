@@ -28,9 +28,16 @@ from tqstore.metal.dispatch import quantize as dispatch_quantize
 KV_DTYPE = mx.float16
 
 
-def _token_major(x: mx.array) -> mx.array:
-    """(H, n, ...) -> (n, H, ...) to match arena[block_ids, :, slots] indexing."""
-    return mx.swapaxes(x, 0, 1)
+def _scatter(arena, name: str, block_ids: mx.array, slots: mx.array | None, x: mx.array) -> None:
+    """arena.<name>[block_ids, :, slots] = x for x (H, n, ...) token by token, or with slots
+    None whole blocks: arena.<name>[block_ids] = x cut into (blocks, H, block_size, ...)."""
+    arr = getattr(arena, name)
+    if slots is None:
+        H, n = x.shape[:2]
+        pages = x.reshape(H, n // arena.block_size, arena.block_size, *x.shape[2:])
+        arr[block_ids] = mx.swapaxes(pages, 0, 1)
+    else:
+        arr[block_ids, :, slots] = mx.swapaxes(x, 0, 1)  # (n, H, ...) as the indexing reads
 
 
 class TurboQuantArena:
@@ -106,17 +113,18 @@ class TurboQuantArena:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
-    def write(self, block_ids: mx.array, slots: mx.array, keys: mx.array, values: mx.array) -> None:
-        """Quantize keys/values (Hkv, n, D) and store token i at (block_ids[i], slots[i])."""
+    def write(self, block_ids: mx.array, slots: mx.array | None, keys: mx.array,
+              values: mx.array) -> None:
+        """Quantize keys/values (Hkv, n, D) and store token i at (block_ids[i], slots[i]), or
+        with slots None whole blocks: block_ids[j] takes tokens [j * block_size, ...)."""
         # The quantize kernel where the backend has one (byte-identical to codec.quantize).
         # Keys are centered here (one float32 subtraction, the same op codec.quantize does) and
         # handed to the center-free codec, so a kernel that knows nothing of centers agrees.
         qk = dispatch_quantize(self.key_codec.residual_codec, self.key_codec.centered(keys))
         qv = dispatch_quantize(self.value_codec, values)
-        self.key_codes[block_ids, :, slots] = _token_major(qk.codes)
-        self.key_scales[block_ids, :, slots] = _token_major(qk.scales)
-        self.value_codes[block_ids, :, slots] = _token_major(qv.codes)
-        self.value_scales[block_ids, :, slots] = _token_major(qv.scales)
+        for name, x in (("key_codes", qk.codes), ("key_scales", qk.scales),
+                        ("value_codes", qv.codes), ("value_scales", qv.scales)):
+            _scatter(self, name, block_ids, slots, x)
 
     def write_codes(self, block_ids: mx.array, slots: mx.array, codes: dict[str, mx.array]) -> None:
         """Store already-quantized tokens (the daemon's TurboQuant Fetch form): codes
@@ -126,7 +134,7 @@ class TurboQuantArena:
             value = codes[name]
             if value.shape[2:] != arr.shape[3:] or value.shape[0] != arr.shape[1]:
                 raise InvalidArgument(f"{name}: shape {value.shape} does not fit pages {arr.shape}")
-            arr[block_ids, :, slots] = _token_major(value.astype(arr.dtype))
+            _scatter(self, name, block_ids, slots, value.astype(arr.dtype))
 
     def copy_block(self, src: int, dst: int) -> None:
         for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
@@ -187,9 +195,10 @@ class Fp16Arena:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def write(self, block_ids: mx.array, slots: mx.array, keys: mx.array, values: mx.array) -> None:
-        self.keys[block_ids, :, slots] = _token_major(keys.astype(KV_DTYPE))
-        self.values[block_ids, :, slots] = _token_major(values.astype(KV_DTYPE))
+    def write(self, block_ids: mx.array, slots: mx.array | None, keys: mx.array,
+              values: mx.array) -> None:
+        _scatter(self, "keys", block_ids, slots, keys.astype(KV_DTYPE))
+        _scatter(self, "values", block_ids, slots, values.astype(KV_DTYPE))
 
     def copy_block(self, src: int, dst: int) -> None:
         self.keys[dst] = self.keys[src]

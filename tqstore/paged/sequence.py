@@ -52,6 +52,11 @@ class Sequence:
         self._table_array: mx.array | None = None
         self._length_array: tuple[int, mx.array] | None = None
         self._tail_info: tuple[tuple[int, int], mx.array] | None = None
+        # The last prepare_write answer: every layer of a step writes the same positions, so
+        # the index arrays are built (and uploaded, on a GPU) once per step, not once per layer.
+        # Cleared whenever a block could change: allocation, copy-on-write, publication, fork,
+        # trim, release.
+        self._write_memo: tuple[tuple[int, int], tuple[mx.array, mx.array | None]] | None = None
         self.released = False
 
     # -- queries ---------------------------------------------------------------------------
@@ -86,21 +91,33 @@ class Sequence:
         return self._tail_info[1]
 
     # -- writes ----------------------------------------------------------------------------
-    def prepare_write(self, start: int, count: int) -> tuple[mx.array, mx.array]:
-        """Make positions start..start+count-1 writable; return their (block ids, slots)."""
+    def prepare_write(self, start: int, count: int) -> tuple[mx.array, mx.array | None]:
+        """Make positions start..start+count-1 writable; return (block ids, slots) per token,
+        or (block ids, None) when the positions are whole blocks (one index per block: the
+        arenas then write pages, a prefill chunk's case)."""
         self._check_live()
+        if self._write_memo is not None and self._write_memo[0] == (start, count):
+            return self._write_memo[1]
         bs = self.block_size
         needed = -(-(start + count) // bs)
         if needed > len(self.blocks):
             self.blocks.extend(self.pool.block_pool.allocate(needed - len(self.blocks)))
-            self._table_array = None
+            self._blocks_changed()
         for i in range(start // bs, needed):
             block = self.blocks[i]
             if block.ref_cnt > 1 or block.block_hash is not None:
                 self._copy_on_write(i)
-        ids = [self.blocks[p // bs].block_id for p in range(start, start + count)]
-        slots = [p % bs for p in range(start, start + count)]
-        return padded_array(ids), padded_array(slots)
+        if start % bs == 0 and count % bs == 0:
+            where = (padded_array([b.block_id for b in self.blocks[start // bs:needed]]), None)
+        else:
+            ids = [self.blocks[p // bs].block_id for p in range(start, start + count)]
+            where = (padded_array(ids), padded_array([p % bs for p in range(start, start + count)]))
+        self._write_memo = ((start, count), where)
+        return where
+
+    def _blocks_changed(self) -> None:
+        self._table_array = None
+        self._write_memo = None
 
     def _copy_on_write(self, index: int) -> None:
         old = self.blocks[index]
@@ -111,7 +128,7 @@ class Sequence:
         self.pool.block_pool.free([old])
         # The copy is a new, unpublished block: hashes from this block on must be recomputed.
         del self.block_hashes[index:]
-        self._table_array = None
+        self._blocks_changed()
         self.pool.stats["cow_copies"] += 1
 
     def note_written(self, layer: int, upto: int) -> None:
@@ -134,11 +151,13 @@ class Sequence:
             parent = hash_block_tokens(parent, self.token_ids[i * bs : (i + 1) * bs])
             self.block_hashes.append(parent)
             self.pool.block_pool.cache_block(self.blocks[i], parent)
+            self._write_memo = None  # a published block is copied before its next write
 
     # -- sharing and lifetime --------------------------------------------------------------
     def fork(self) -> "Sequence":
         """A new sequence sharing every block (even the partial last one; copy-on-write)."""
         self._check_live()
+        self._write_memo = None  # shared blocks are copied before their next write
         for block in self.blocks:
             self.pool.block_pool.incref(block)
         child = Sequence(self.pool, self.token_ids, self.blocks, self.block_hashes)
@@ -155,7 +174,7 @@ class Sequence:
             dropped = self.blocks[keep_blocks:]
             del self.blocks[keep_blocks:]
             self.pool.block_pool.free(reversed(dropped))
-            self._table_array = None
+            self._blocks_changed()
         full = self.num_tokens // self.block_size
         del self.block_hashes[full:]
         del self.token_ids[keep_tokens:]
@@ -166,7 +185,7 @@ class Sequence:
             return
         self.pool.block_pool.free(reversed(self.blocks))
         self.blocks = []
-        self._table_array = None
+        self._blocks_changed()
         self.released = True
 
     def _check_live(self) -> None:

@@ -37,6 +37,8 @@ computing it twice, and then plans again: the prefix is on the daemon by then.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import queue
@@ -194,6 +196,7 @@ class Engine:
                                    pool_budget_bytes=self.config.pool_bytes)
         self.gen.fetch_form = "fp16"  # a daemon hit must reproduce a cold prefill
         self.pool = self.gen.pool
+        self.config = dataclasses.replace(self.config, store_block=self.gen.block_size)
         self.chunk = self.config.chunk_for(self.client is not None)
 
     def _run(self, policy) -> None:
