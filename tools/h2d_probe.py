@@ -55,6 +55,46 @@ def main() -> int:
             print("prefetch: not available on this backend")
         return t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqstore.device_memory import _cudart
+
+    runtime = _cudart()
+
+    def threaded(threads: int) -> None:
+        """cudaMemcpyAsync of 1/threads of the buffer per thread, each on its own stream."""
+        out = mx.zeros(host.shape, dtype=mx.float16)
+        mx.eval(out)
+        dst = np.array(out, copy=False).__array_interface__["data"][0]
+        step = -(-host.nbytes // threads)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            codes = list(pool.map(lambda i: runtime.copy_on_thread_stream(
+                dst + i * step, host.ctypes.data + i * step,
+                max(0, min(step, host.nbytes - i * step))), range(threads)))
+        t1 = time.perf_counter()
+        same = bool(mx.array_equal(out, mx.array(host)).item())
+        print(f"{threads} threads, own streams: {gb / (t1 - t0):6.2f} GB/s (status {set(codes)}, "
+              f"equal {same})")
+
+    def registered() -> None:
+        out = mx.zeros(host.shape, dtype=mx.float16)
+        mx.eval(out)
+        dst = np.array(out, copy=False).__array_interface__["data"][0]
+        t0 = time.perf_counter()
+        status = runtime.lib.cudaHostRegister(host.ctypes.data, host.nbytes, 0)
+        t1 = time.perf_counter()
+        runtime.copy(dst, host.ctypes.data, host.nbytes)
+        t2 = time.perf_counter()
+        runtime.lib.cudaHostUnregister(host.ctypes.data)
+        print(f"registered (status {status}): register {gb / (t1 - t0):6.2f} GB/s, copy "
+              f"{gb / (t2 - t1):6.2f} GB/s")
+
+    if runtime is not None:
+        for threads in (1, 4, 8, 16):
+            threaded(threads)
+        registered()
+        registered()
     first_read(False)  # warm-up: kernels, pools
     for prefetch in (False, True, False, True):
         copy, pre, read, again = first_read(prefetch)

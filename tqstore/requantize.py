@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from tqstore.codec import CodecConfig, HeadRotations, TurboQuantCodec, rotation_seed
+from tqstore.device_memory import host_to_device
 from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import quantize as dispatch_quantize
 from tqstore.prefix_hash import Namespace
@@ -96,7 +97,8 @@ class Requantizer:
             prefix, x = ("key", keys) if kind == "K" else ("value", values)
             rows = np.asarray(layers)
             part = x[rows] if len(rows) < ns.num_layers else x
-            stacked = mx.array(part).reshape(1, len(rows) * ns.num_kv_heads, ns.block_size, ns.head_dim)
+            stacked = host_to_device(part).reshape(1, len(rows) * ns.num_kv_heads, ns.block_size,
+                                                   ns.head_dim)
             # The quantize kernel of this host (GPU or C), byte-identical to codec.quantize and
             # checked against it at first use (tqstore.metal.selfcheck).
             q = dispatch_quantize(codec, stacked)
