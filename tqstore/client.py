@@ -30,7 +30,7 @@ from tqstore.codec import CodecConfig
 from tqstore.config import ClientConfig
 from tqstore.errors import (InvalidArgument, NotFound, ResourceExhausted, TqstoreError, Unauthenticated,
                             Unavailable)
-from tqstore.prefix_hash import Namespace, hash_prefix_blocks
+from tqstore.prefix_hash import Namespace, hash_block_tokens, hash_prefix_blocks
 from tqstore.v1 import tqstore_pb2 as pb
 from tqstore.v1 import tqstore_pb2_grpc as pb_grpc
 from tqstore.wire import (BlockAssembler, PrefixWriter, codec_to_proto, fp16_chunks, namespace_to_proto,
@@ -202,20 +202,40 @@ class KvStoreClient:
                                   f"{full} full blocks of {len(token_ids)} tokens")
         out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count, tail)
         done = self._fetch_full_blocks(ns, token_ids, first_block, count, out) if count else 0
-        got = 0
-        if tail and done == count and self._fetch_partial(ns, token_ids, out, first_block):
-            got = tail
+        got, sources = 0, {out.source} if done else set()
+        if tail and done == count:
+            via = self._fetch_partial(ns, token_ids, out, first_block)
+            if via is not None:
+                got = tail
+                sources.add(via)
         if done == 0 and got == 0:
             raise NotFound("block not stored")
         result = out.head(done, got)
-        result.source = out.source or "grpc"
+        parts = {p for s in sources for p in s.split("+")}
+        result.source = "+".join(p for p in ("direct", "grpc") if p in parts)
         return result
 
     def _fetch_partial(self, ns: Namespace, token_ids: list[int], out: PrefixKV,
-                       out_first: int) -> bool:
-        """token_ids' trailing partial block into out (after its full blocks) over one gRPC
-        Fetch (it is smaller than a block: the same-host path is not worth a Locate); False if
-        the daemon does not have it (or it failed verification there)."""
+                       out_first: int) -> str | None:
+        """token_ids' trailing partial block into out (after its full blocks): read from the
+        daemon's file on the same host (a Locate of it), else over one gRPC Fetch; which one
+        ("direct" or "grpc"), or None if the daemon does not have it (or it failed
+        verification there or here). It can be nearly a
+        whole block (CUDA's 2048-token blocks: 268 MB of an 8B shape), so it takes the same
+        path as full blocks."""
+        k = len(token_ids) // ns.block_size
+        located = None
+        if self.direct_reads:
+            try:
+                located = self._locate(ns, token_ids, k, 1, trailing_partial=True)
+            except TqstoreError as exc:  # an older daemon refuses a partial Locate: gRPC then
+                log.info("the trailing partial block is not located: %s", exc)
+        if located is not None and located.blocks:
+            full = hash_prefix_blocks(ns, token_ids[:k * ns.block_size])
+            last = hash_block_tokens(full[-1] if k else ns.root_hash(),
+                                     token_ids[k * ns.block_size:])
+            if self._reader.read(located, full + [last], out, k, out_first) == 1:
+                return "direct"
         writer = PrefixWriter(ns, out, out_first)
         request = pb.FetchRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
                                   first_block=len(token_ids) // ns.block_size, num_blocks=1,
@@ -233,11 +253,11 @@ class KvStoreClient:
         except grpc.RpcError as exc:
             if exc.code() is not grpc.StatusCode.NOT_FOUND:
                 log.info("the trailing partial block was not fetched: %s", _translate(exc))
-            return False
+            return None
         except InvalidArgument as exc:  # a malformed answer: no partial, never wrong bytes
             log.warning("the trailing partial block was refused: %s", exc)
-            return False
-        return bool(complete)
+            return None
+        return "grpc" if complete else None
 
     def _fetch_full_blocks(self, ns: Namespace, token_ids: list[int], first_block: int,
                            count: int, out: PrefixKV) -> int:
@@ -268,14 +288,15 @@ class KvStoreClient:
         out.source = source
         return done
 
-    def _locate(self, ns: Namespace, token_ids: list[int], first_block: int,
-                count: int) -> pb.LocateResponse | None:
+    def _locate(self, ns: Namespace, token_ids: list[int], first_block: int, count: int,
+                trailing_partial: bool = False) -> pb.LocateResponse | None:
         """The daemon's Locate answer when this process shares its files, else None (and direct
         reads stay off for this client: another container or host, or an older daemon)."""
         try:
             answer = self._stub.Locate(pb.LocateRequest(
                 namespace=namespace_to_proto(ns), token_ids=token_ids, first_block=first_block,
-                num_blocks=count, lease_ms=self.config.lease_ms), timeout=self.config.rpc_timeout_s)
+                num_blocks=count, lease_ms=self.config.lease_ms,
+                trailing_partial=trailing_partial), timeout=self.config.rpc_timeout_s)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 self.direct_reads = False

@@ -62,16 +62,19 @@ class DirectReader:
             return False
 
     def read(self, response: pb.LocateResponse, hashes: Sequence[bytes], out: PrefixKV,
-             first_block: int) -> int:
-        """Read the located blocks into out (block first_block + k goes to out's block k);
-        returns how many leading located blocks arrived verified."""
+             first_block: int, out_first: int | None = None) -> int:
+        """Read the located blocks, a contiguous run from first_block, into out (block i goes
+        to out's block i - out_first; out_first defaults to first_block); returns how many
+        leading located blocks arrived verified. hashes[i] names block i (for a trailing
+        partial block, its partial hash: out's token axis then ends with its tokens)."""
+        out_first = first_block if out_first is None else out_first
         tasks = []
         for k, loc in enumerate(response.blocks):
             if loc.block_index != first_block + k:
                 break  # the daemon answers a contiguous run; anything else ends it
             path = os.path.join(response.blocks_dir, file_name(hashes[loc.block_index]))
             tasks.append(self._pool.submit(_read_block, path, hashes[loc.block_index], loc,
-                                           out, k))
+                                           out, loc.block_index - out_first))
         # Every task finishes before we return, so none writes into out afterwards.
         verified = [task.result() for task in tasks]
         return verified.index(False) if False in verified else len(verified)

@@ -391,11 +391,11 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             ns = self._namespace(request.namespace)
             lease_ms = min(request.lease_ms or self.config.lease_ms, self.config.max_lease_ms)
             with self._heavy.hold(self._is_heavy(self._count_tokens(request.token_ids))):
-                first = request.first_block
-                count = self._block_count(first, request.num_blocks,
-                                          _full_blocks(ns, request.token_ids))
+                first, count = request.first_block, request.num_blocks
+                if not request.trailing_partial:
+                    count = self._block_count(first, count, _full_blocks(ns, request.token_ids))
                 found = self.store.locate(ns, _token_array(request.token_ids), first, count,
-                                          lease_ms / 1000)
+                                          lease_ms / 1000, partial=request.trailing_partial)
             return pb.LocateResponse(
                 blocks_dir=os.path.abspath(self.store.blocks_dir), store_id=self.store.store_id,
                 lease_ms=lease_ms, payload_version=FILE_VERSION,

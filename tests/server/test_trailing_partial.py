@@ -55,6 +55,8 @@ def test_a_chain_with_its_partial_block_is_a_whole_hit(namespace, reader, rng):
     assert reader.lookup(namespace, tokens).partial_tokens == 0  # only when asked for
     got = reader.fetch_fp16_prefix(namespace, tokens, trailing_partial=True)
     assert got.tokens == 3 * bs + TAIL and len(got) == 3
+    # Same host: the partial block is read from its file like the full ones (a Locate of it).
+    assert got.source == ("direct" if reader.direct_reads else "grpc")
     want_k = np.concatenate([b.keys for b in full] + [tail.keys], axis=2)
     want_v = np.concatenate([b.values for b in full] + [tail.values], axis=2)
     assert _same(got.keys, want_k) and _same(got.values, want_v)
@@ -142,3 +144,47 @@ def test_the_partial_block_is_fp16_only(namespace, daemon, client, rng):
         list(stub.Fetch(request, timeout=10))
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "fp16" in err.value.details()
+
+
+def test_a_partial_block_is_located_leased_and_checked_like_a_full_one(namespace, daemon,
+                                                                       client, rng):
+    """Locate with trailing_partial names the partial block's file (its index is the number
+    of full blocks); a partial that is absent, or asked for with another index, is not
+    located; a damaged file is refused by the reader and gRPC serves the partial instead."""
+    bs = namespace.block_size
+    tokens = rng.integers(0, 50000, 2 * bs + TAIL).tolist()
+    tail = _partial(namespace, TAIL, rng)
+    client.put(namespace, tokens, 0, random_blocks(namespace, 2, rng), partial=tail)
+    stub = pb_grpc.KvStoreStub(grpc.insecure_channel(daemon.address))
+
+    def locate(ids, first, partial=True):
+        return stub.Locate(pb.LocateRequest(namespace=namespace_to_proto(namespace),
+                                            token_ids=ids, first_block=first,
+                                            trailing_partial=partial))
+
+    found = locate(tokens, 2)
+    assert [b.block_index for b in found.blocks] == [2]
+    assert found.blocks[0].raw_size == tail.keys.nbytes + tail.values.nbytes
+    assert list(locate(tokens[:-1], 2).blocks) == []  # another tail: not stored
+    for first in (1, 3):
+        with pytest.raises(grpc.RpcError) as wrong:
+            locate(tokens, first)
+        assert wrong.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as no_tail:
+        locate(tokens[:2 * bs], 2)
+    assert no_tail.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    import os
+    from tqstore.payload_format import file_name
+    from tqstore.prefix_hash import hash_block_tokens, hash_prefix_blocks
+    key = hash_block_tokens(hash_prefix_blocks(namespace, tokens)[-1], tokens[2 * bs:])
+    path = os.path.join(found.blocks_dir, file_name(key))
+    with open(path, "r+b") as f:  # one byte of the body flipped: the checksum fails here
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with KvStoreClient(ClientConfig(daemon.address, direct_reads="on")) as direct:
+        got = direct.fetch_fp16_prefix(namespace, tokens, trailing_partial=True)
+    # The daemon verifies its file too: the damaged partial is gone, a shorter hit.
+    assert got.tokens == 2 * bs and got.source == "direct"

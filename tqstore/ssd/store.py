@@ -64,7 +64,8 @@ from tqstore.ssd.rebuild import RebuildOutcome
 from tqstore.ssd.records import KIND_BLOCK, BlockRecord, NamespaceRecord, RecordError, check_frame
 from tqstore.ssd.selfdesc import encode_description
 from tqstore.ssd.stats import StoreStats, read_stats
-from tqstore.ssd.targets import get_target, locate_records, partial_target, put_targets
+from tqstore.ssd.targets import (get_target, locate_records, locate_targets, partial_target,
+                                 put_targets)
 
 # Budget headroom for LMDB growth of one put: copy-on-write can dirty a root-to-leaf path in each
 # of the six databases before freed pages become reusable, plus about 3x each new record (record,
@@ -353,27 +354,24 @@ class BlockStore:
         raise NotFound(f"block failed verification: {reason}")
 
     def locate(self, namespace: Namespace, token_ids: Sequence[int], first_block: int,
-               num_blocks: int, lease_s: float) -> list[tuple[int, BlockRecord]]:
+               num_blocks: int, lease_s: float, partial: bool = False) -> list[tuple[int, BlockRecord]]:
         """The index records of blocks first_block .. (at most num_blocks; 0: all present) whose
         records verify (frame CRC, namespace, parent, token ids, layout), for a reader that
         verifies the payload bytes itself; they are leased against eviction for lease_s. A
-        record that fails is healed, or quarantined and ends the list, as in get_block."""
-        tokens = token_array(token_ids)
-        bs = namespace.block_size
-        full = len(tokens) // bs
-        count = num_blocks or max(full - first_block, 0)
-        if first_block < 0 or first_block + count > full:
-            raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
-                                  f"{full} full blocks of {len(tokens)} tokens")
-        hashes = chain_hashes(namespace, tokens, first_block + count)
+        record that fails is healed, or quarantined and ends the list, as in get_block.
+        partial: the trailing partial block instead (first_block its index len // block_size,
+        num_blocks 0 or 1): [] or its one record."""
+        targets = locate_targets(namespace, token_array(token_ids), first_block, num_blocks,
+                                 partial)
+        keys = {t.index: t.key for t in targets}
         for _attempt in range(3):  # again after a healed record (heal.py)
-            found, bad = locate_records(self._idx, namespace, tokens, hashes, first_block, count)
+            found, bad = locate_records(self._idx, namespace, targets)
             if not bad or self._fail(*bad) is None:
                 break
         if found:
-            self.leases.grant([hashes[i] for i, _ in found], lease_s)
+            self.leases.grant([keys[i] for i, _ in found], lease_s)
             for i, _ in found:
-                self._touch(hashes[i])
+                self._touch(keys[i])
         return found
 
     def _fail(self, key: bytes, parent: bytes, reason: str, raw: bytes | None, ns: Namespace,

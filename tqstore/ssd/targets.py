@@ -108,17 +108,37 @@ def get_target(ns: Namespace, tokens: np.ndarray, index: int, partial: bool) -> 
     return full_target(ns, tokens, chain_hashes(ns, tokens, index + 1), index)
 
 
-def locate_records(idx: Index, ns: Namespace, tokens: np.ndarray, hashes: Sequence[bytes],
-                   first: int, count: int) -> tuple[list[tuple[int, BlockRecord]], tuple]:
-    """The verified records of full blocks first.. (at most count, stopping at the first
-    absent), and the BlockStore._fail arguments of the first that failed (() if none did)."""
+def locate_targets(ns: Namespace, tokens: np.ndarray, first: int, num_blocks: int,
+                   partial: bool) -> list[Target]:
+    """What a Locate names: full blocks first.. (num_blocks of them; 0: to the last full
+    block), or with partial the trailing partial block (first must be its index, num_blocks 0
+    or 1). InvalidArgument for anything outside the tokens."""
+    full = len(tokens) // ns.block_size
+    if partial:
+        last = partial_target(ns, tokens, chain_hashes(ns, tokens, full))
+        if last is None or first != full or num_blocks > 1:
+            raise InvalidArgument(f"the trailing partial block of {len(tokens)} tokens is block "
+                                  f"{full}, one block with a non-empty tail")
+        return [last]
+    count = num_blocks or max(full - first, 0)
+    if first < 0 or first + count > full:
+        raise InvalidArgument(f"blocks [{first}, {first + count}) outside the {full} full "
+                              f"blocks of {len(tokens)} tokens")
+    hashes = chain_hashes(ns, tokens, first + count)
+    return [full_target(ns, tokens, hashes, i) for i in range(first, first + count)]
+
+
+def locate_records(idx: Index, ns: Namespace, targets: Sequence[Target]
+                   ) -> tuple[list[tuple[int, BlockRecord]], tuple]:
+    """The verified records of targets in order (stopping at the first absent), and the
+    BlockStore._fail arguments of the first that failed (() if none did)."""
     found: list[tuple[int, BlockRecord]] = []
     with idx.env.begin(db=idx.blocks) as txn:
-        for i in range(first, first + count):
-            raw = txn.get(hashes[i])
+        for t in targets:
+            raw = txn.get(t.key)
             if raw is None:
                 break
-            t, heal = full_target(ns, tokens, hashes, i), False
+            heal = False
             try:
                 rec = BlockRecord.decode(raw)
                 reason = record_mismatch(rec, t.parent, ns, t.tokens)
@@ -126,5 +146,5 @@ def locate_records(idx: Index, ns: Namespace, tokens: np.ndarray, hashes: Sequen
                 reason, heal = str(exc), True
             if reason:
                 return found, (t.key, t.parent, reason, raw, ns, heal, t.tokens)
-            found.append((i, rec))
+            found.append((t.index, rec))
     return found, ()

@@ -141,18 +141,20 @@ class PutResponse(_message.Message):
     def __init__(self, stored_blocks: _Optional[int] = ...) -> None: ...
 
 class LocateRequest(_message.Message):
-    __slots__ = ("namespace", "token_ids", "first_block", "num_blocks", "lease_ms")
+    __slots__ = ("namespace", "token_ids", "first_block", "num_blocks", "lease_ms", "trailing_partial")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_block: int
     num_blocks: int
     lease_ms: int
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    trailing_partial: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trailing_partial: _Optional[bool] = ...) -> None: ...
 
 class BlockLocation(_message.Message):
     __slots__ = ("block_index", "file_size", "raw_size", "stored_size", "compression", "chunk_lengths", "chunk_checksums")
