@@ -173,11 +173,14 @@ def test_full_queue_and_overlong_prompt_are_refused(smollm2):
         eng.close()
 
 
-def test_daemon_hit_reproduces_the_cold_run_after_a_restart(smollm2, daemon):
-    config = ServingConfig(pool_bytes=64 << 20, store_block=128, prefill_chunk=64,
+@pytest.mark.parametrize("block", [128, 1024])
+def test_daemon_hit_reproduces_the_cold_run_after_a_restart(smollm2, daemon, block):
+    """Also with a store block longer than the prompt (CUDA's default is 2048): the prompt is
+    then one trailing partial block, and the daemon must still be asked for it."""
+    config = ServingConfig(pool_bytes=64 << 20, store_block=block, prefill_chunk=64,
                            exact_hits=True)
     prompt = document_prompt(smollm2, 340, "Who wrote this license?")
-    assert len(prompt) > 2 * 128
+    assert len(prompt) > 2 * 128 and (block == 128 or len(prompt) < block)
     with KvStoreClient(daemon.address) as client:
         first = Engine(smollm2, client, config)
         cold = first.submit(prompt, params(smollm2, max_tokens=12))
@@ -192,7 +195,7 @@ def test_daemon_hit_reproduces_the_cold_run_after_a_restart(smollm2, daemon):
             hit_tokens, _, _ = collect(hit)
         finally:
             second.close()
-    assert (len(prompt) - 1) % 128 >= MIN_PARTIAL_TOKENS  # it has a partial block to store
+    assert (len(prompt) - 1) % block >= MIN_PARTIAL_TOKENS  # it has a partial block to store
     assert hit.daemon_tokens == len(prompt) - 1  # its trailing partial block included
     assert hit.memory_tokens == 0
     assert hit_tokens == cold_tokens

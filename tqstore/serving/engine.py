@@ -70,6 +70,10 @@ log = logging.getLogger("tqstore.serving")
 # A waiting request is held back for a prefix being computed by another only if it would share
 # at least this many more tokens (one store block: a prefill chunk's worth of work saved).
 WORTH_WAITING = 256
+# The daemon is asked when it could add this many tokens beyond the memory hit (or a store block,
+# if smaller). Not "a whole block": with CUDA's 2048-token blocks, a replay after a restart of a
+# 2k prompt (its trailing partial block) would never be asked for.
+ASK_DAEMON = 256
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -262,7 +266,7 @@ class Engine:
         for r in self._waiting:
             if r.state == "waiting":
                 memory = self._memory_hit_tokens(r.prompt)
-                gain = len(r.prompt) - 1 - memory >= self.config.store_block
+                gain = len(r.prompt) - 1 - memory >= min(self.config.store_block, ASK_DAEMON)
                 if self.client is not None and gain:
                     # Ask for anything within a block of the memory hit: see _prefer_daemon.
                     r.fetch = self._fetcher.submit(self.gen.fetch_prefix, r.prompt,
