@@ -30,6 +30,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def emit(report: dict, path: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to path if given."""
+    print(json.dumps(report, indent=1))
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1))
+
+
 def model_config(shape: str, vocab: int, tok_config: dict) -> dict:
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPES[shape],
            "vocab_size": vocab, "rope_theta": 500000.0, "rope_traditional": False,

@@ -23,7 +23,6 @@ The daemon is a separate `tqstore serve` process on loopback TCP. Prints a table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
-from gpu_bench_inputs import SHAPES, log, model_config  # noqa: E402
+from gpu_bench_inputs import SHAPES, emit, log, model_config  # noqa: E402
 
 
 def build_model(shape: str, seed: int):
@@ -169,9 +168,7 @@ def main() -> int:
         daemon.stop(grace=10)
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {mx.default_device()}",
               "shape": args.shape, "rows": rows, "concurrency": concurrency}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    emit(report, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ Also our per-chunk times at 256 (first and last three). Prints a line per varian
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
-from gpu_bench_inputs import SHAPES, log  # noqa: E402
+from gpu_bench_inputs import SHAPES, emit, log  # noqa: E402
 from hit_gpu_bench import build_model, stock_ttft  # noqa: E402
 
 
@@ -147,9 +146,7 @@ def main() -> int:
         rows.append(row)
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {mx.default_device()}",
               "shape": args.shape, "quantize_kernel": kernel, "rows": rows}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    emit(report, args.json)
     return 0
 
 
