@@ -72,6 +72,7 @@ class _Cudart:
         lib.cudaHostRegister.restype = ctypes.c_int
         lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cudaHostUnregister.restype = ctypes.c_int
+        lib.cudaGetLastError.restype = ctypes.c_int
         self._streams = threading.local()
 
     def prefetch(self, pointer: int, nbytes: int) -> int:
@@ -150,14 +151,15 @@ def prefetch_to_device(arrays: list[mx.array]) -> int:
 
 
 def host_to_device(host: np.ndarray) -> mx.array:
-    """``mx.array(host)``, on CUDA by the copy engine into a buffer already on the device.
+    """``mx.array(host)``, on CUDA written by cudaMemcpy from pinned host memory.
 
     ``mx.array`` memcpys on one CPU thread into fresh managed pages, faulting each one in: ~2.5
     GB/s on an H100 host (tools/h2d_probe.py), and the first kernel to read the result faults
-    the pages over again. Here the destination is made on the device (a zero fill there), the
-    host bytes are pinned for the time of the copy, and cudaMemcpy writes them into it. The array is evaluated, contiguous and referenced by
-    nobody else when written, so it is the same array ``mx.array(host)`` would give. Anywhere
-    else (or if the buffer is not what that needs) it is ``mx.array(host)``."""
+    the pages over again. Here the destination is an MLX array made for it (a zero fill,
+    evaluated, contiguous, referenced by nobody else), the host bytes are pinned for the time of
+    the copy, and cudaMemcpy writes them into its buffer; so it is the same array
+    ``mx.array(host)`` would give. Anywhere else, or if any step fails, it is ``mx.array(host)``.
+    """
     runtime = _cudart()
     host = np.ascontiguousarray(host)
     if runtime is None or host.nbytes == 0:
@@ -169,14 +171,19 @@ def host_to_device(host: np.ndarray) -> mx.array:
         return mx.array(host)
     # Pinned for the copy: the copy engine then reads it directly (~50 GB/s on an H100 host,
     # registering ~40 GB/s) instead of staging pageable memory through the driver (~8 GB/s).
+    # Registration may fail (memory already pinned by a concurrent copy of a neighbouring
+    # buffer, a pinning limit): the copy is then from pageable memory.
     pinned = runtime.lib.cudaHostRegister(host.ctypes.data, host.nbytes, 0) == 0
     try:
         status = runtime.copy(view.__array_interface__["data"][0], host.ctypes.data, host.nbytes)
+        # From pageable memory cudaMemcpy may return before the bytes reach the destination,
+        # and MLX's streams are not ordered after the legacy stream it used: wait for it.
+        status = status or runtime.synchronize()
     finally:
         if pinned:
             runtime.lib.cudaHostUnregister(host.ctypes.data)
+        runtime.lib.cudaGetLastError()  # a failed registration must not surface in MLX later
     if status != 0:
         log.warning("cudaMemcpy failed (status %d): copying through the host", status)
         return mx.array(host)
     return out
-

@@ -70,8 +70,8 @@ class DirectReader:
         out_first = first_block if out_first is None else out_first
         tasks = []
         for k, loc in enumerate(response.blocks):
-            if loc.block_index != first_block + k:
-                break  # the daemon answers a contiguous run; anything else ends it
+            if loc.block_index != first_block + k or loc.block_index >= len(hashes):
+                break  # the daemon answers a contiguous run of what was asked; else it ends
             path = os.path.join(response.blocks_dir, file_name(hashes[loc.block_index]))
             tasks.append(self._pool.submit(_read_block, path, hashes[loc.block_index], loc,
                                            out, loc.block_index - out_first))

@@ -305,14 +305,14 @@ class CachedGenerator:
 def default_store_block(layout: dict) -> int:
     """The store block (and prefill chunk) when the caller names none: DEFAULT_STORE_BLOCK, or
     on CUDA the largest of CUDA_STORE_BLOCK, 1024, 512 whose fp16 block fits
-    MAX_AUTO_BLOCK_BYTES (see there). Blocks of different sizes are different namespaces, so
+    MAX_AUTO_BLOCK_BYTES (see there), else DEFAULT_STORE_BLOCK as everywhere. Blocks of different sizes are different namespaces, so
     a fleet that shares one store should name its block size (--store-block)."""
     if gpu_backend() != "cuda":
         return DEFAULT_STORE_BLOCK
     per_token = 2 * layout["num_layers"] * layout["num_kv_heads"] * (
         layout["key_head_dim"] + layout["value_head_dim"])
     block = CUDA_STORE_BLOCK
-    while block > 512 and block * per_token > MAX_AUTO_BLOCK_BYTES:
+    while block > DEFAULT_STORE_BLOCK and block * per_token > MAX_AUTO_BLOCK_BYTES:
         block //= 2
     return block
 
