@@ -119,3 +119,12 @@ def test_turboquant_form_hit_restores_codes_and_answers_alike(smollm2, document,
     # Not bit-identical by design (the rest attends to a dequantized prefix), but the same
     # greedy start on this prompt.
     assert hit.token_ids[:3] == cold.token_ids[:3]
+
+
+@pytest.mark.parametrize("block", [0, -256])
+def test_a_store_block_that_is_not_positive_is_refused(smollm2, block):
+    """`--store-block 0` used to fall back to the default silently."""
+    from tqstore.errors import TqstoreError
+
+    with pytest.raises(TqstoreError, match="positive"):
+        CachedGenerator(smollm2, None, block_size=block)

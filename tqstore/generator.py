@@ -97,8 +97,9 @@ class CachedGenerator:
         self.client = client
         self.policy = policy or CachePolicy.default(loaded.fingerprint)
         layout = model_kv_layout(loaded.model)
-        self.block_size = block_size or default_store_block(layout)
-        block_size = self.block_size
+        if block_size is not None and block_size <= 0:
+            raise TqstoreError(f"store block must be a positive number of tokens, got {block_size}")
+        block_size = self.block_size = block_size or default_store_block(layout)
         if layout["key_head_dim"] != layout["value_head_dim"]:
             raise TqstoreError("the SSD tier stores one head_dim for K and V")
         self.namespace = Namespace(loaded.fingerprint, layout["num_layers"], layout["num_kv_heads"],

@@ -38,7 +38,6 @@ computing it twice, and then plans again: the prefix is on the daemon by then.
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import logging
 import queue
@@ -68,7 +67,7 @@ from tqstore.serving.schedule import PrefillBudget
 log = logging.getLogger("tqstore.serving")
 
 # A waiting request is held back for a prefix being computed by another only if it would share
-# at least this many more tokens (one store block: a prefill chunk's worth of work saved).
+# at least this many more tokens (256: a default store block, a prefill chunk's work saved).
 WORTH_WAITING = 256
 # The daemon is asked when it could add this many tokens beyond the memory hit (or a store block,
 # if smaller). Not "a whole block": with CUDA's 2048-token blocks, a replay after a restart of a
