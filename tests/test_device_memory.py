@@ -1,13 +1,15 @@
 """Host bytes onto the device (tqstore.device_memory) and the store block chosen per backend."""
 
+import gc
+
 import numpy as np
 import pytest
 
 import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
-from tqstore import generator
-from tqstore.device_memory import host_to_device, prefetch_to_device
+from tqstore import device_memory, generator
+from tqstore.device_memory import PinnedStaging, host_to_device, prefetch_to_device, staging_empty
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
@@ -41,3 +43,79 @@ def test_store_block_defaults_to_256_and_grows_on_cuda_while_a_block_fits_a_put(
     assert generator.default_store_block(llama70b) == 512  # 328 KB per token
     # A block of 512 would pass 256 MiB too (a 13B model with 40 KV heads): the usual 256.
     assert generator.default_store_block(layout(40, 40, 128)) == 256
+
+
+class _HostMemory:
+    """Ordinary memory standing in for cudaHostAlloc, so the staging buffer's lending rules are
+    tested on every machine (the GPU suite runs the real allocator: test_staging_on_cuda...)."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, np.ndarray] = {}
+        self.freed: list[int] = []
+
+    def allocate(self, size: int) -> int:
+        buf = np.zeros(size, np.uint8)
+        self.live[buf.ctypes.data] = buf
+        return buf.ctypes.data
+
+    def free(self, address: int) -> None:
+        self.freed.append(address)
+        del self.live[address]
+
+
+def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
+    memory = _HostMemory()
+    staging = PinnedStaging(memory.allocate, memory.free)
+    cap = 4 * PinnedStaging.GRANULE
+    first = staging.lease(1000, cap)
+    assert first is not None and first.nbytes == 1000 and staging.size == PinnedStaging.GRANULE
+    address = first.ctypes.data
+    assert staging.holds(address, 1000) and not staging.holds(address - 1, 10)
+    assert staging.lease(10, cap) is None  # held: the caller takes ordinary memory
+    keys = first[:512].view(np.float16).reshape(4, 64)[:, 3:]  # a view of a view
+    del first
+    gc.collect()
+    assert staging.lease(10, cap) is None  # a view still reads the bytes: still held
+    del keys
+    gc.collect()
+    again = staging.lease(2000, cap)
+    assert again is not None and again.ctypes.data == address and memory.freed == []  # reused
+    del again
+    gc.collect()
+    bigger = staging.lease(PinnedStaging.GRANULE + 1, cap)  # grows: the old buffer is freed
+    assert bigger is not None and memory.freed == [address] and staging.size == 2 * PinnedStaging.GRANULE
+    del bigger
+    gc.collect()
+    assert staging.lease(cap + 1, cap) is None and staging.lease(0, cap) is None
+    assert len(memory.live) == 1  # never more than one buffer
+
+
+def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
+    memory = _HostMemory()
+    monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
+    keys, values = staging_empty([(2, 3, 5, 8), (2, 3, 5, 8)], np.float16, 1 << 30)
+    assert keys.flags.c_contiguous and values.flags.c_contiguous and keys.dtype == np.float16
+    keys[...] = 1
+    values[...] = 2
+    assert (keys == 1).all() and (values == 2).all()  # they do not overlap
+    assert device_memory.staging.holds(keys.ctypes.data, keys.nbytes + values.nbytes)
+    # Held by these two: the next prefix gets ordinary memory, still right.
+    other, = staging_empty([(4, 4)], np.float16, 1 << 30)
+    assert not device_memory.staging.holds(other.ctypes.data, other.nbytes)
+    # Off (cap 0) or over the cap: ordinary memory.
+    del keys, values
+    gc.collect()
+    plain, = staging_empty([(4, 4)], np.float16, 0)
+    assert not device_memory.staging.holds(plain.ctypes.data, plain.nbytes)
+
+
+def test_staging_on_cuda_is_pinned_and_copies_to_the_device_exactly(rng):
+    """The real allocator where there is one (the GPU suite); ordinary memory elsewhere."""
+    host = (rng.standard_normal((2, 4, 300, 64)) * 10).astype(np.float16)
+    keys, values = staging_empty([host.shape, host.shape], np.float16, 1 << 30)
+    keys[...] = host
+    values[...] = -host
+    on_cuda = device_memory._cudart() is not None
+    assert device_memory.staging.holds(keys.ctypes.data, keys.nbytes) == on_cuda
+    assert np.array_equal(np.array(host_to_device(keys)), host)
+    assert np.array_equal(np.array(host_to_device(values)), -host)

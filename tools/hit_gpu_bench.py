@@ -75,6 +75,37 @@ def stock_ttft(loaded, ids: list[int], step: int = 2048) -> float:
     return ttft
 
 
+def restore_breakdown(gen, ids: list[int]) -> dict:
+    """One hit's fetch and restore step by step, as CachedGenerator.generate and restore run
+    them (s): fetch, the host-to-device copies of K and V, making the caches, loading and
+    evaluating them; `pinned` says whether the fetched bytes sat in the staging buffer."""
+    import mlx.core as mx
+
+    from tqstore.device_memory import host_to_device, staging
+    from tqstore.paged import make_prompt_cache, release_prompt_cache
+
+    t0 = time.perf_counter()
+    blocks, _ = gen.fetch_prefix(ids)
+    t1 = time.perf_counter()
+    pinned = staging.holds(blocks.keys.ctypes.data, blocks.keys.nbytes)
+    keys = host_to_device(blocks.keys)
+    t2 = time.perf_counter()
+    values = host_to_device(blocks.values)
+    t3 = time.perf_counter()
+    caches = make_prompt_cache(gen.pool)
+    caches[0].sequence.prompt_length = len(ids)
+    t4 = time.perf_counter()
+    tokens = blocks.tokens
+    for layer, cache in enumerate(caches):
+        cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))
+        cache.load_fp16_prefix(keys[cut], values[cut])
+    mx.eval([c.state for c in caches])
+    t5 = time.perf_counter()
+    release_prompt_cache(caches)
+    return {"fetch": t1 - t0, "keys_to_device": t2 - t1, "values_to_device": t3 - t2,
+            "make_cache": t4 - t3, "load_eval": t5 - t4, "pinned": float(pinned)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -91,6 +122,7 @@ def main() -> int:
 
     from tqstore.bench.hit import _throughput, transport
     from tqstore.client import KvStoreClient
+    from tqstore.config import ClientConfig
     from tqstore.generator import CachedGenerator
     from tqstore.servers import ServerProcess, free_port, tqstore_argv
 
@@ -119,9 +151,19 @@ def main() -> int:
                 cold.upload.result()
                 upload_s = time.perf_counter() - t
                 hits = [gen.generate(ids, 2) for _ in range(3)]
+                breakdown = [restore_breakdown(gen, ids) for _ in range(2)][-1]
                 ns = gen.namespace
                 del gen
                 mx.clear_cache()
+            # The same hits with ordinary (pageable) memory for the fetched bytes: the baseline
+            # of the pinned staging buffer (ClientConfig.staging_bytes).
+            with KvStoreClient(ClientConfig(address, staging_bytes=0)) as client:
+                gen = CachedGenerator(loaded, client, block_size=args.block,
+                                      pool_budget_bytes=int(args.pool_gib * 2**30))
+                unstaged = [gen.generate(ids, 2) for _ in range(3)]
+                del gen
+                mx.clear_cache()
+            with KvStoreClient(address) as client:
                 # The TurboQuant form: the daemon re-quantizes, ~4x fewer bytes move, the rest
                 # of the prompt attends to the dequantized prefix (close to cold, not equal).
                 tq_gen = CachedGenerator(loaded, client, fetch_form="turboquant", block_size=args.block,
@@ -137,6 +179,11 @@ def main() -> int:
                    "identical_to_cold": all(h.token_ids == cold.token_ids for h in hits),
                    "cold_chunk_s": [round(b - a, 4) for a, b in zip(chunk_times, chunk_times[1:])],
                    "hit_phases_s": hit.phases, "cold_phases_s": cold.phases,
+                   "restore_breakdown_s": breakdown,
+                   "unstaged_hit_ttft_s": [h.ttft_s for h in unstaged],
+                   "unstaged_hit_phases_s": min(unstaged, key=lambda h: h.ttft_s).phases,
+                   "unstaged_identical_to_cold": all(h.token_ids == cold.token_ids
+                                                     for h in unstaged),
                    "hit_over_stock": hit.ttft_s / stock, "hit_over_cold": hit.ttft_s / cold.ttft_s,
                    "turboquant_form_ttft_s": [h.ttft_s for h in tq],
                    "turboquant_form_hit_tokens": tq[-1].hit_tokens,
@@ -147,12 +194,15 @@ def main() -> int:
                 f"{hit.ttft_s:.3f} s = {row['hit_over_stock']:.3f}x stock, "
                 f"{row['hit_over_cold']:.3f}x ours; identical {row['identical_to_cold']}; "
                 f"TurboQuant-form hit {min(row['turboquant_form_ttft_s']):.3f} s; hit phases "
-                f"{ {k: round(v, 3) for k, v in hit.phases.items()} }; cold chunks (s) first "
+                f"{ {k: round(v, 3) for k, v in hit.phases.items()} }; unstaged hit "
+                f"{min(row['unstaged_hit_ttft_s']):.3f} s; restore breakdown "
+                f"{ {k: round(v, 4) for k, v in breakdown.items()} }; cold chunks (s) first "
                 f"{row['cold_chunk_s'][:3]} last {row['cold_chunk_s'][-3:]}; "
                 f"direct {row['direct_gbps']:.2f} GB/s ({row['direct_over_raw_fresh']:.2f}x raw "
                 f"fresh, {row['direct_over_raw_reused']:.2f}x raw reused), gRPC "
                 f"{row['grpc_1_stream_gbps']:.2f} / {row['grpc_4_streams_gbps']:.2f} GB/s (1/4 "
-                f"streams), into MLX {row['to_device_gbps']:.2f} GB/s, first device read "
+                f"streams), raw parallel {row['raw_read_parallel_gbps']:.2f} GB/s, into MLX "
+                f"{row['to_device_gbps']:.2f} GB/s, first device read "
                 f"{row['first_device_read_gbps']:.2f} GB/s")
         if args.clients > 0:  # 0: skip the TCP concurrency part
             size = args.sizes[0]

@@ -8,6 +8,7 @@ Only numpy here, so the generator side never loads the store (lmdb) to name a bl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -34,13 +35,18 @@ class PrefixKV:
     source: str = ""  # "direct", "grpc", "direct+grpc": where the bytes came from
 
     @classmethod
-    def empty(cls, layout: tuple[int, int, int, int], blocks: int,
-              partial_tokens: int = 0) -> "PrefixKV":
+    def empty(cls, layout: tuple[int, int, int, int], blocks: int, partial_tokens: int = 0,
+              allocate: Callable[[list[tuple[int, ...]]], list[np.ndarray]] | None = None
+              ) -> "PrefixKV":
         """Uninitialized room for `blocks` blocks of layout (layers, heads, block_size, dim),
-        plus a trailing partial block of `partial_tokens` tokens."""
+        plus a trailing partial block of `partial_tokens` tokens. allocate(shapes) gives the
+        fp16 K and V arrays (default np.empty; a CUDA client passes pinned staging memory)."""
         layers, heads, block_size, dim = layout
         shape = (layers, heads, blocks * block_size + partial_tokens, dim)
-        return cls(np.empty(shape, np.float16), np.empty(shape, np.float16), block_size)
+        if allocate is None:
+            return cls(np.empty(shape, np.float16), np.empty(shape, np.float16), block_size)
+        keys, values = allocate([shape, shape])
+        return cls(keys, values, block_size)
 
     def __len__(self) -> int:
         return self.keys.shape[2] // self.block_size

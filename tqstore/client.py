@@ -200,7 +200,8 @@ class KvStoreClient:
         if first_block < 0 or count < 0 or (count == 0 and not tail) or first_block + count > full:
             raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
                                   f"{full} full blocks of {len(token_ids)} tokens")
-        out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count, tail)
+        out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count, tail,
+                             allocate=self._staging_allocate)
         done = self._fetch_full_blocks(ns, token_ids, first_block, count, out) if count else 0
         got, sources = 0, {out.source} if done else set()
         if tail and done == count:
@@ -214,6 +215,12 @@ class KvStoreClient:
         parts = {p for s in sources for p in s.split("+")}
         result.source = "+".join(p for p in ("direct", "grpc") if p in parts)
         return result
+
+    def _staging_allocate(self, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        """K and V for a fetch: pinned staging memory on CUDA (device_memory.staging_empty)."""
+        from tqstore.device_memory import staging_empty  # MLX only where a prefix lands
+
+        return staging_empty(shapes, np.float16, self.config.staging_cap)
 
     def _fetch_partial(self, ns: Namespace, token_ids: list[int], out: PrefixKV,
                        out_first: int) -> str | None:

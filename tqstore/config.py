@@ -6,6 +6,7 @@ MLX (tests/test_layering.py). Nothing reads environment variables.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from tqstore.errors import InvalidArgument
@@ -186,8 +187,12 @@ class ClientConfig:
     direct_reads: "auto" (default): on a Unix socket or loopback address, read the daemon's
         payload files directly when they are visible here (tqstore/direct_read.py), else gRPC;
         "off": always gRPC; "on": as auto, but also on other addresses (a shared file system).
-    read_threads: threads of the same-host reader (each reads and verifies whole blocks); 0:
-        one per core, at most 8 (page-cache reads scale with cores).
+    read_threads: threads of the same-host reader (each reads and verifies a piece of a
+        block); 0: one per core, at most 16 (page-cache reads scale with cores).
+    staging_bytes: on CUDA, the most page-locked host memory kept for reading fetched
+        prefixes into (device_memory.PinnedStaging: no page faults, no pinning per hit);
+        a longer prefix uses ordinary memory. -1 (default): 16 GiB or a quarter of the RAM,
+        whichever is less; 0: off.
     fetch_streams: concurrent Fetch streams, each on its own connection, of one gRPC fetch;
         a fetch is split only where each stream carries at least min_stream_bytes, so small
         fetches and misses stay one call.
@@ -211,6 +216,7 @@ class ClientConfig:
     rpc_timeout_s: float = 60.0
     direct_reads: str = "auto"
     read_threads: int = 0
+    staging_bytes: int = -1
     fetch_streams: int = 4
     min_stream_bytes: int = 16 * MiB
     put_piece_bytes: int = 256 * MiB
@@ -235,6 +241,8 @@ class ClientConfig:
             raise InvalidArgument(f"direct_reads must be auto, on or off, got {self.direct_reads!r}")
         if self.read_threads < 0:
             raise InvalidArgument("read_threads must be 0 (automatic) or positive")
+        if self.staging_bytes < -1:
+            raise InvalidArgument("staging_bytes must be -1 (automatic), 0 (off) or positive")
         for name in ("fetch_streams", "min_stream_bytes", "put_piece_bytes"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidArgument(f"{name} must be positive")
@@ -247,6 +255,17 @@ class ClientConfig:
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.tls_ca_file is not None
+
+    @property
+    def staging_cap(self) -> int:
+        """staging_bytes resolved: bytes of pinned staging a fetch may use (0: none)."""
+        if self.staging_bytes >= 0:
+            return self.staging_bytes
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            ram = 0
+        return min(16 * GiB, ram // 4)
 
 
 

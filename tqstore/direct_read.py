@@ -40,12 +40,16 @@ _IOV_MAX = 512  # below Linux's 1024 and macOS's 1024 iovecs per preadv
 
 
 class DirectReader:
-    """Reads located blocks into a PrefixKV on `threads` threads (one block per task; 0: one
-    per core, at most 8)."""
+    """Reads located blocks into a PrefixKV on `threads` threads (0: one per core, at most 16).
 
-    def __init__(self, threads: int = 0) -> None:
-        threads = threads or min(8, os.cpu_count() or 1)
+    Each block is read as pieces of about piece_bytes (whole checksum chunks), one task each, so
+    every thread works even when a prefix is a few large blocks (CUDA's 2048-token blocks: an
+    8k prompt is 3 blocks and a partial one, 268 MB each for an 8B shape)."""
+
+    def __init__(self, threads: int = 0, piece_bytes: int = 16 << 20) -> None:
+        threads = threads or min(16, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tqstore-read")
+        self._piece_bytes = piece_bytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -68,15 +72,18 @@ class DirectReader:
         leading located blocks arrived verified. hashes[i] names block i (for a trailing
         partial block, its partial hash: out's token axis then ends with its tokens)."""
         out_first = first_block if out_first is None else out_first
-        tasks = []
+        blocks = []  # per block, its pieces' tasks (none: refused before reading)
         for k, loc in enumerate(response.blocks):
             if loc.block_index != first_block + k or loc.block_index >= len(hashes):
                 break  # the daemon answers a contiguous run of what was asked; else it ends
             path = os.path.join(response.blocks_dir, file_name(hashes[loc.block_index]))
-            tasks.append(self._pool.submit(_read_block, path, hashes[loc.block_index], loc,
-                                           out, loc.block_index - out_first))
-        # Every task finishes before we return, so none writes into out afterwards.
-        verified = [task.result() for task in tasks]
+            runs = _destinations(out, loc.block_index - out_first)
+            pieces = _pieces(loc, runs, self._piece_bytes)
+            blocks.append([self._pool.submit(_read_piece, path, hashes[loc.block_index], loc,
+                                             *piece) for piece in pieces])
+        # Every task finishes before we return (no short-circuit), so none writes into out
+        # afterwards.
+        verified = [bool(tasks) and all([task.result() for task in tasks]) for tasks in blocks]
         return verified.index(False) if False in verified else len(verified)
 
 
@@ -93,21 +100,52 @@ def _destinations(out: PrefixKV, k: int) -> list[memoryview]:
     return runs
 
 
-def _read_block(path: str, key: bytes, loc: pb.BlockLocation, out: PrefixKV, k: int) -> bool:
-    """Read and verify one payload file into out's block k; False on any mismatch or error
-    (then out's block k holds garbage the caller never counts)."""
+def _pieces(loc: pb.BlockLocation, runs: list[memoryview], piece_bytes: int) -> list[tuple]:
+    """A block's body split at checksum-chunk boundaries into pieces of about piece_bytes:
+    (body size, body start, the piece's runs, its chunk lengths, its chunk checksums) each;
+    [] when the location cannot describe this body (then the block is not read at all)."""
+    body = sum(len(r) for r in runs)
+    # The file's self-description sits between header and body (payload_format.py); a reader
+    # skips it: the body ends the file, the header records the description's size. A version
+    # 2 file (no description) fails the header equality: gRPC serves it.
+    if (loc.compression != "none" or len(loc.chunk_lengths) != len(loc.chunk_checksums)
+            or loc.stored_size != body or loc.raw_size != body
+            or loc.file_size <= HEADER_SIZE + body or sum(loc.chunk_lengths) != body
+            or min(loc.chunk_lengths, default=1) <= 0):
+        return []
+    pieces, start, first = [], 0, 0
+    lengths = list(loc.chunk_lengths)
+    while first < len(lengths):
+        last, size = first, 0
+        while last < len(lengths) and (size == 0 or size + lengths[last] <= piece_bytes):
+            size += lengths[last]
+            last += 1
+        pieces.append((body, start, _cut(runs, start, start + size), lengths[first:last],
+                       list(loc.chunk_checksums[first:last])))
+        start, first = start + size, last
+    return pieces
+
+
+def _cut(runs: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """The parts of runs (laid end to end) that cover bytes [start, end)."""
+    out, position = [], 0
+    for run in runs:
+        a, b = max(start, position), min(end, position + len(run))
+        if a < b:
+            out.append(run[a - position:b - position])
+        position += len(run)
+        if position >= end:
+            break
+    return out
+
+
+def _read_piece(path: str, key: bytes, loc: pb.BlockLocation, body: int, start: int,
+                runs: list[memoryview], lengths: list[int], checksums: list[int]) -> bool:
+    """Read and verify one piece (body bytes [start, start + its size)) of a payload file into
+    its runs; False on any mismatch or error (then those bytes are garbage the caller never
+    counts). Each piece checks the file's size and header itself: pieces of one block may run
+    on different threads, in any order."""
     try:
-        if loc.compression != "none" or len(loc.chunk_lengths) != len(loc.chunk_checksums):
-            return False
-        runs = _destinations(out, k)
-        body = sum(len(r) for r in runs)
-        # The file's self-description sits between header and body (payload_format.py); a
-        # reader skips it: the body ends the file, the header records the description's size.
-        # A version 2 file (no description) fails the header equality: gRPC serves it.
-        if loc.stored_size != body or loc.raw_size != body or loc.file_size <= HEADER_SIZE + body:
-            return False
-        if sum(loc.chunk_lengths) != body:
-            return False
         fd = os.open(path, os.O_RDONLY)
         try:
             if os.fstat(fd).st_size != loc.file_size:
@@ -115,8 +153,9 @@ def _read_block(path: str, key: bytes, loc: pb.BlockLocation, out: PrefixKV, k: 
             offset = body_offset(loc.file_size, body)
             if os.pread(fd, HEADER_SIZE, 0) != header(key, "none", body, body, offset - HEADER_SIZE):
                 return False
-            for start in range(0, len(runs), _IOV_MAX):
-                batch = runs[start:start + _IOV_MAX]
+            offset += start
+            for first in range(0, len(runs), _IOV_MAX):
+                batch = runs[first:first + _IOV_MAX]
                 want = sum(len(r) for r in batch)
                 got = os.preadv(fd, batch, offset)
                 if got != want and not _finish(fd, batch, offset, got):
@@ -124,7 +163,7 @@ def _read_block(path: str, key: bytes, loc: pb.BlockLocation, out: PrefixKV, k: 
                 offset += want
         finally:
             os.close(fd)
-        return _verify(runs, loc.chunk_lengths, loc.chunk_checksums)
+        return _verify(runs, lengths, checksums)
     except OSError:
         return False  # evicted under us (ENOENT) or unreadable: the caller falls back
 

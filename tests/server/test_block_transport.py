@@ -224,3 +224,66 @@ def test_which_addresses_count_as_this_host(address, local):
     assert is_local_address(address) is local
     assert ClientConfig(address).is_local is local
     assert ServerConfig(path="unused", listen=address).is_loopback is local
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 8192, 1 << 30])
+def test_blocks_read_in_pieces_across_threads_equal_the_put_and_stop_at_damage(tmp_path, rng, piece_bytes):
+    """Pieces of whole checksum chunks (a chunk per piece, two, or the whole block), cut through
+    the middle of (layer, head) runs (head_dim 48: a run is 1,536 bytes, a chunk 4,096): the
+    bytes equal the put, and a damaged chunk inside one piece fails its whole block."""
+    from tqstore.daemon import Daemon
+    from tqstore.config import ServerConfig
+
+    ns = Namespace("pieces", num_layers=3, num_kv_heads=2, head_dim=48, block_size=16)
+    config = ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0", drain_seconds=2,
+                          store=StoreConfig(max_bytes=64 * MiB, map_size=64 * MiB,
+                                            checksum_chunk=4096))
+    daemon = Daemon(config).start()
+    reader = DirectReader(threads=3, piece_bytes=piece_bytes)
+    try:
+        tokens = _tokens(rng, ns, 4)
+        blocks = random_blocks(ns, 4, rng)
+        with KvStoreClient(daemon.address) as client:
+            client.put(ns, tokens, 0, blocks)
+            located = client._locate(ns, tokens, 0, 4)
+            # K then V, 9,216 bytes each: chunks of 4,096, 4,096 and 1,024 bytes each.
+            assert list(located.blocks[0].chunk_lengths) == [4096, 4096, 1024] * 2
+        hashes = hash_prefix_blocks(ns, tokens[: 4 * ns.block_size])
+        layout = (ns.num_layers, ns.num_kv_heads, ns.block_size, ns.head_dim)
+        out = PrefixKV.empty(layout, 4)
+        assert reader.read(located, hashes, out, 0) == 4 and _same(out, blocks)
+        # One byte of block 2's third chunk, in the middle of the file.
+        path = os.path.join(daemon.store.blocks_dir, file_name(hashes[2]))
+        raw = bytearray(open(path, "rb").read())
+        raw[-18432 + 2 * 4096 + 100] ^= 0x01
+        with open(path, "wb") as f:
+            f.write(raw)
+        out = PrefixKV.empty(layout, 4)
+        assert reader.read(located, hashes, out, 0) == 2 and _same(out.head(2), blocks[:2])
+    finally:
+        reader.close()
+        daemon.stop(grace=1)
+
+
+def test_pieces_cover_the_body_once_at_chunk_boundaries():
+    from tqstore.direct_read import _pieces
+    from tqstore.v1 import tqstore_pb2 as pb
+
+    runs = [memoryview(bytearray(1536)) for _ in range(12)]  # 18,432 bytes
+    lengths = [4096] * 4 + [2048]
+    loc = pb.BlockLocation(compression="none", stored_size=18432, raw_size=18432,
+                           file_size=20000, chunk_lengths=lengths, chunk_checksums=[7] * 5)
+    for piece_bytes, starts in ((1, [0, 4096, 8192, 12288, 16384]), (8192, [0, 8192, 16384]),
+                                (10000, [0, 8192, 16384]), (1 << 30, [0])):
+        pieces = _pieces(loc, runs, piece_bytes)
+        assert [p[1] for p in pieces] == starts
+        assert [sum(len(r) for r in p[2]) for p in pieces] == [sum(p[3]) for p in pieces]
+        assert sum(sum(p[3]) for p in pieces) == 18432
+        assert [c for p in pieces for c in p[3]] == lengths
+    # Descriptions that do not fit this body are not read at all.
+    for bad in (dict(compression="zstd"), dict(stored_size=18431), dict(file_size=18432),
+                dict(chunk_lengths=[4096] * 4 + [2047]), dict(chunk_checksums=[7] * 4)):
+        fields = dict(compression="none", stored_size=18432, raw_size=18432, file_size=20000,
+                      chunk_lengths=lengths, chunk_checksums=[7] * 5)
+        fields.update(bad)
+        assert _pieces(pb.BlockLocation(**fields), runs, 8192) == []
