@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -169,7 +170,8 @@ def device_landing(shape: tuple[int, ...], dtype=mx.float16) -> mx.array | None:
     return out
 
 
-def host_to_device(host: np.ndarray, out: mx.array | None = None) -> mx.array:
+def host_to_device(host: np.ndarray, out: mx.array | None = None,
+                   times: dict[str, float] | None = None) -> mx.array:
     """``mx.array(host)``, on CUDA written by cudaMemcpy from pinned host memory.
 
     ``mx.array`` memcpys on one CPU thread into fresh managed pages, faulting each one in: ~2.5
@@ -179,7 +181,9 @@ def host_to_device(host: np.ndarray, out: mx.array | None = None) -> mx.array:
     and dtype match, else made here), the host bytes are pinned for the time of the copy
     (unless they sit in the staging buffer, pinned for good), and cudaMemcpy writes them into
     its buffer; so it is the same array ``mx.array(host)`` would give. Anywhere else, or if any
-    step fails, it is ``mx.array(host)``.
+    step fails, it is ``mx.array(host)``. times, if given, gathers seconds spent waiting for the
+    destination ("wait"), pinning the host bytes ("pin") and copying ("copy"), and counts
+    the copies from the staging buffer ("staged").
     """
     runtime = _cudart()
     host = np.ascontiguousarray(host)
@@ -188,7 +192,9 @@ def host_to_device(host: np.ndarray, out: mx.array | None = None) -> mx.array:
     dtype = mx.array(np.empty(0, host.dtype)).dtype
     if out is None or out.shape != host.shape or out.dtype != dtype:
         out = mx.zeros(host.shape, dtype=dtype)
+    started = time.perf_counter()
     mx.eval(out)
+    waited = time.perf_counter()
     view = np.array(out, copy=False)
     if not view.flags.c_contiguous or view.nbytes != host.nbytes:
         return mx.array(host)
@@ -197,8 +203,9 @@ def host_to_device(host: np.ndarray, out: mx.array | None = None) -> mx.array:
     # Registration may fail (memory already pinned by a concurrent copy of a neighbouring
     # buffer, a pinning limit): the copy is then from pageable memory.
     # Bytes already in the staging buffer (a fetch read them there) are pinned for good.
-    registered = (not staging.holds(host.ctypes.data, host.nbytes)
-                  and runtime.lib.cudaHostRegister(host.ctypes.data, host.nbytes, 0) == 0)
+    staged = staging.holds(host.ctypes.data, host.nbytes)
+    registered = not staged and runtime.lib.cudaHostRegister(host.ctypes.data, host.nbytes, 0) == 0
+    pinned = time.perf_counter()
     try:
         status = runtime.copy(view.__array_interface__["data"][0], host.ctypes.data, host.nbytes)
         # From pageable memory cudaMemcpy may return before the bytes reach the destination,
@@ -211,6 +218,10 @@ def host_to_device(host: np.ndarray, out: mx.array | None = None) -> mx.array:
     if status != 0:
         log.warning("cudaMemcpy failed (status %d): copying through the host", status)
         return mx.array(host)
+    if times is not None:
+        for name, seconds in (("wait", waited - started), ("pin", pinned - waited),
+                              ("copy", time.perf_counter() - pinned), ("staged", float(staged))):
+            times[name] = times.get(name, 0.0) + seconds
     return out
 
 

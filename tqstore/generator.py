@@ -114,6 +114,11 @@ class CachedGenerator:
         # (or an fp16 policy) restore from fp16.
         dense = any(arena.dense for arena in self.pool.arenas)
         self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
+        # Where a hit's restore went (host_to_device's "wait" and "copy", the cache's "eval"),
+        # reported in GenerationReport.phases; land_ahead: allocate the device arrays during
+        # the fetch (CUDA; off only to measure it).
+        self.restore_times: dict[str, float] = {}
+        self.land_ahead = True
 
     # -- the daemon side ----------------------------------------------------------------------
     def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0,
@@ -176,8 +181,8 @@ class CachedGenerator:
         # would get a batch axis added by reshaping a strided view).
         # On CUDA by the copy engine into device pages, not by page faults (device_memory).
         landing = landing or (None, None)
-        keys = host_to_device(blocks.keys, landing[0])
-        values = host_to_device(blocks.values, landing[1])
+        keys = host_to_device(blocks.keys, landing[0], self.restore_times)
+        values = host_to_device(blocks.values, landing[1], self.restore_times)
         for layer, cache in enumerate(caches):
             cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))
             cache.load_fp16_prefix(keys[cut], values[cut])
@@ -222,6 +227,7 @@ class CachedGenerator:
             raise TqstoreError("empty prompt")
         start = time.perf_counter()
         landing: list[mx.array] = []
+        self.restore_times = {}
 
         def make_landing(tokens: int) -> None:
             # On CUDA the restore's device arrays are allocated while the bytes are fetched.
@@ -239,8 +245,11 @@ class CachedGenerator:
         uploads: list[Future] = []
         try:
             if blocks:
-                self.restore(caches, blocks, hit_tokens, tuple(landing) if landing else None)
+                self.restore(caches, blocks, hit_tokens,
+                             tuple(landing) if landing and self.land_ahead else None)
+                loaded = time.perf_counter()
                 mx.eval([c.state for c in caches])
+                self.restore_times["eval"] = time.perf_counter() - loaded
             del landing[:]
             restored = time.perf_counter()
             # A TurboQuant-form hit holds no fp16 prefill to upload (a documented trade-off).
@@ -256,6 +265,7 @@ class CachedGenerator:
             release_prompt_cache(caches)
         phases = {"fetch": fetched - start, "restore": restored - fetched,
                   "prefill": ttft - (restored - start)}
+        phases.update({f"restore_{k}": v for k, v in self.restore_times.items()})
         return GenerationReport(text, tokens, len(prompt_ids), hit_tokens, ttft, decode_tps,
                                 status, kv_bytes, kv_fp16, first_step,
                                 uploads[0] if uploads else None, phases)
