@@ -93,8 +93,9 @@ def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
 def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
     memory = _HostMemory()
     monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
-    keys, values = staging_empty([(2, 3, 5, 8), (2, 3, 5, 8)], np.float16, 1 << 30)
+    keys, values = staging_empty([(2, 3, 5, 7), (2, 3, 5, 7)], np.float16, 1 << 30)
     assert keys.flags.c_contiguous and values.flags.c_contiguous and keys.dtype == np.float16
+    assert values.ctypes.data - keys.ctypes.data == 512  # 420 bytes, rounded to 256s
     keys[...] = 1
     values[...] = 2
     assert (keys == 1).all() and (values == 2).all()  # they do not overlap
@@ -110,12 +111,23 @@ def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
 
 
 def test_staging_on_cuda_is_pinned_and_copies_to_the_device_exactly(rng):
-    """The real allocator where there is one (the GPU suite); ordinary memory elsewhere."""
-    host = (rng.standard_normal((2, 4, 300, 64)) * 10).astype(np.float16)
-    keys, values = staging_empty([host.shape, host.shape], np.float16, 1 << 30)
-    keys[...] = host
-    values[...] = -host
+    """The real allocator and the copy kernel where there is CUDA (the GPU suite); ordinary
+    memory and mx.array elsewhere. Sizes that are no multiple of the kernel's 16-byte words
+    test its tail."""
     on_cuda = device_memory._cudart() is not None
-    assert device_memory.staging.holds(keys.ctypes.data, keys.nbytes) == on_cuda
-    assert np.array_equal(np.array(host_to_device(keys)), host)
-    assert np.array_equal(np.array(host_to_device(values)), -host)
+    for shape in ((2, 4, 300, 64), (3, 7, 5)):
+        host = (rng.standard_normal(shape) * 10).astype(np.float16)
+        keys, values = staging_empty([host.shape, host.shape], np.float16, 1 << 30)
+        keys[...] = host
+        values[...] = -host
+        assert device_memory.staging.holds(keys.ctypes.data, keys.nbytes) == on_cuda
+        assert not on_cuda or values.ctypes.data % 256 == 0  # aligned after K, whatever its size
+        times: dict[str, float] = {}
+        assert np.array_equal(np.array(host_to_device(keys, times)), host)
+        assert np.array_equal(np.array(host_to_device(values, times)), -host)
+        assert times.get("staged", 0) == (2 if on_cuda else 0)  # the kernel served, no fallback
+        del keys, values
+        gc.collect()
+    odd, = staging_empty([(1001,)], np.uint8, 1 << 30)
+    odd[...] = rng.integers(0, 256, 1001, dtype=np.uint8)
+    assert np.array_equal(np.array(host_to_device(odd)), odd)

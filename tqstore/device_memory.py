@@ -81,6 +81,9 @@ class _Cudart:
         lib.cudaHostAlloc.restype = ctypes.c_int
         lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
         lib.cudaFreeHost.restype = ctypes.c_int
+        lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p),
+                                                 ctypes.c_void_p, ctypes.c_uint]
+        lib.cudaHostGetDevicePointer.restype = ctypes.c_int
         self._streams = threading.local()
 
     def prefetch(self, pointer: int, nbytes: int) -> int:
@@ -158,53 +161,47 @@ def prefetch_to_device(arrays: list[mx.array]) -> int:
     return moved
 
 
-def device_landing(shape: tuple[int, ...], dtype=mx.float16) -> mx.array | None:
-    """On CUDA, a destination for host_to_device made now and left to fill on the GPU (a zero
-    fill, not waited for), so that the allocation (fresh managed pages, first touched by the
-    fill: ~0.04 s per GB on an H100) overlaps whatever the host does next (the fetch of the
-    bytes). None elsewhere."""
-    if _cudart() is None:
-        return None
-    out = mx.zeros(shape, dtype=dtype)
-    mx.async_eval(out)
-    return out
-
-
-def host_to_device(host: np.ndarray, out: mx.array | None = None,
-                   times: dict[str, float] | None = None) -> mx.array:
-    """``mx.array(host)``, on CUDA written by cudaMemcpy from pinned host memory.
+def host_to_device(host: np.ndarray, times: dict[str, float] | None = None) -> mx.array:
+    """``mx.array(host)``, on CUDA by the GPU reading pinned host memory or by cudaMemcpy.
 
     ``mx.array`` memcpys on one CPU thread into fresh managed pages, faulting each one in: ~2.5
     GB/s on an H100 host (tools/h2d_probe.py), and the first kernel to read the result faults
-    the pages over again. Here the destination is an MLX array made for it (a zero fill,
-    evaluated, contiguous, referenced by nobody else: `out` from device_landing when its shape
-    and dtype match, else made here), the host bytes are pinned for the time of the copy
-    (unless they sit in the staging buffer, pinned for good), and cudaMemcpy writes them into
-    its buffer; so it is the same array ``mx.array(host)`` would give. Anywhere else, or if any
-    step fails, it is ``mx.array(host)``. times, if given, gathers seconds spent waiting for the
-    destination ("wait"), pinning the host bytes ("pin") and copying ("copy"), and counts
-    the copies from the staging buffer ("staged").
+    the pages over again. On CUDA:
+    - bytes in the staging buffer (a fetch read them there; pinned and mapped for good): a
+      copy kernel reads them over the bus into an ordinary device array MLX allocates (its
+      output). Why a kernel: MLX gives Python no device pointer; asking for one (numpy's view
+      of an array) moves a device buffer into fresh managed memory first, which cost more than
+      the copy (measured on the H100: 0.05 s per GB).
+    - other bytes: the destination is an MLX array made for it (a zero fill, evaluated, seen
+      through numpy), the host bytes are pinned for the time of the copy, and cudaMemcpy writes
+      them into its buffer.
+    Either way it is the array ``mx.array(host)`` would give; anywhere else, or if a step
+    fails, it is ``mx.array(host)``. times, if given, gathers seconds spent preparing the
+    destination ("prepare"), pinning ("pin") and copying ("copy"), and counts copies made by
+    the kernel from the staging buffer ("staged").
     """
     runtime = _cudart()
     host = np.ascontiguousarray(host)
     if runtime is None or host.nbytes == 0:
         return mx.array(host)
     dtype = mx.array(np.empty(0, host.dtype)).dtype
-    if out is None or out.shape != host.shape or out.dtype != dtype:
-        out = mx.zeros(host.shape, dtype=dtype)
     started = time.perf_counter()
+    if staging.holds(host.ctypes.data, host.nbytes) and host.ctypes.data % 16 == 0:
+        out = _copy_from_staging(runtime, host, dtype)
+        if out is not None:
+            _add_times(times, prepare=0.0, pin=0.0, copy=time.perf_counter() - started, staged=1)
+            return out
+    out = mx.zeros(host.shape, dtype=dtype)
     mx.eval(out)
-    waited = time.perf_counter()
     view = np.array(out, copy=False)
     if not view.flags.c_contiguous or view.nbytes != host.nbytes:
         return mx.array(host)
+    prepared = time.perf_counter()
     # Pinned for the copy: the copy engine then reads it directly (~50 GB/s on an H100 host,
     # registering ~40 GB/s) instead of staging pageable memory through the driver (~8 GB/s).
     # Registration may fail (memory already pinned by a concurrent copy of a neighbouring
     # buffer, a pinning limit): the copy is then from pageable memory.
-    # Bytes already in the staging buffer (a fetch read them there) are pinned for good.
-    staged = staging.holds(host.ctypes.data, host.nbytes)
-    registered = not staged and runtime.lib.cudaHostRegister(host.ctypes.data, host.nbytes, 0) == 0
+    registered = runtime.lib.cudaHostRegister(host.ctypes.data, host.nbytes, 0) == 0
     pinned = time.perf_counter()
     try:
         status = runtime.copy(view.__array_interface__["data"][0], host.ctypes.data, host.nbytes)
@@ -218,11 +215,71 @@ def host_to_device(host: np.ndarray, out: mx.array | None = None,
     if status != 0:
         log.warning("cudaMemcpy failed (status %d): copying through the host", status)
         return mx.array(host)
-    if times is not None:
-        for name, seconds in (("wait", waited - started), ("pin", pinned - waited),
-                              ("copy", time.perf_counter() - pinned), ("staged", float(staged))):
-            times[name] = times.get(name, 0.0) + seconds
+    _add_times(times, prepare=prepared - started, pin=pinned - prepared,
+               copy=time.perf_counter() - pinned, staged=0)
     return out
+
+
+def _add_times(times: dict[str, float] | None, **parts: float) -> None:
+    if times is not None:
+        for name, value in parts.items():
+            times[name] = times.get(name, 0.0) + value
+
+
+# Each thread copies 16-byte words, grid-striding; the few bytes past the last whole word one by
+# one. The source is pinned host memory mapped into the device's address space (cudaHostAlloc
+# under unified addressing): its device address travels as data, since MLX passes arrays only.
+_COPY_SOURCE = """
+    const unsigned long long address = (unsigned long long)source[0];
+    const unsigned long long nbytes = (unsigned long long)source[1];
+    const unsigned long long words = nbytes / 16;
+    const unsigned long long first = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    const uint4* src = reinterpret_cast<const uint4*>(address);
+    uint4* dst = reinterpret_cast<uint4*>(out);
+    for (unsigned long long w = first; w < words; w += stride) {
+        dst[w] = src[w];
+    }
+    const unsigned char* src_bytes = reinterpret_cast<const unsigned char*>(address);
+    unsigned char* dst_bytes = reinterpret_cast<unsigned char*>(out);
+    for (unsigned long long b = words * 16 + first; b < nbytes; b += stride) {
+        dst_bytes[b] = src_bytes[b];
+    }
+"""
+_COPY_THREADS = 256
+_COPY_MAX_THREADS = 1 << 20  # enough loads in flight to fill the bus; the rest grid-strides
+_copy_kernel = None
+_copy_kernel_failed = False
+
+
+def _copy_from_staging(runtime: _Cudart, host: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
+    """host (inside the staging buffer, 16-byte aligned) as a new device array, read by a copy
+    kernel and waited for (the staging buffer may be lent again once this returns); None if the
+    kernel cannot serve (it then stays off for the process, with one warning)."""
+    global _copy_kernel, _copy_kernel_failed
+    if _copy_kernel_failed:
+        return None
+    device_address = ctypes.c_void_p()
+    if runtime.lib.cudaHostGetDevicePointer(ctypes.byref(device_address),
+                                            ctypes.c_void_p(host.ctypes.data), 0) != 0:
+        runtime.lib.cudaGetLastError()
+        return None
+    try:
+        if _copy_kernel is None:
+            _copy_kernel = mx.fast.cuda_kernel(name="tq_copy_from_pinned", input_names=["source"],
+                                               output_names=["out"], source=_COPY_SOURCE)
+        words = max(1, host.nbytes // 16)
+        threads = min(_COPY_MAX_THREADS, -(-words // _COPY_THREADS) * _COPY_THREADS)
+        source = mx.array(np.array([device_address.value or 0, host.nbytes], np.uint64))
+        out, = _copy_kernel(inputs=[source], output_shapes=[host.shape], output_dtypes=[dtype],
+                            grid=(threads, 1, 1), threadgroup=(_COPY_THREADS, 1, 1))
+        mx.eval(out)
+        return out
+    except Exception as exc:  # noqa: BLE001  (a kernel that cannot build must not stop a hit)
+        _copy_kernel_failed = True
+        log.warning("the copy kernel from pinned memory failed (%s): copying with cudaMemcpy",
+                    exc)
+        return None
 
 
 class PinnedStaging:
@@ -308,6 +365,7 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
 
 
 staging = PinnedStaging()  # the process's one staging buffer
+_ALIGN = 256
 
 
 def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> list[np.ndarray]:
@@ -316,11 +374,11 @@ def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> l
     ordinary np.empty."""
     dtype = np.dtype(dtype)
     sizes = [int(np.prod(shape)) * dtype.itemsize for shape in shapes]
-    whole = staging.lease(sum(sizes), cap)
+    whole = staging.lease(sum(-(-size // _ALIGN) * _ALIGN for size in sizes), cap)
     if whole is None:
         return [np.empty(shape, dtype) for shape in shapes]
     out, at = [], 0
     for shape, size in zip(shapes, sizes):
         out.append(whole[at:at + size].view(dtype).reshape(shape))
-        at += size
+        at += -(-size // _ALIGN) * _ALIGN  # each array 256-byte aligned (the copy kernel's loads)
     return out

@@ -45,7 +45,7 @@ from mlx_lm.generate import generate_step
 
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.client import KvStoreClient
-from tqstore.device_memory import device_landing, host_to_device
+from tqstore.device_memory import host_to_device
 from tqstore.errors import NotFound, TqstoreError, Unavailable
 from tqstore.metal.attention_kernel import gpu_backend
 from tqstore.models.loader import LoadedModel
@@ -114,22 +114,17 @@ class CachedGenerator:
         # (or an fp16 policy) restore from fp16.
         dense = any(arena.dense for arena in self.pool.arenas)
         self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
-        # Where a hit's restore went (host_to_device's "wait" and "copy", the cache's "eval"),
-        # reported in GenerationReport.phases; land_ahead: allocate the device arrays during
-        # the fetch (CUDA; off only to measure it).
+        # Where the last hit's restore went (host_to_device's parts, the caches' "eval"):
+        # GenerationReport.phases reports them as restore_<part>.
         self.restore_times: dict[str, float] = {}
-        self.land_ahead = True
 
     # -- the daemon side ----------------------------------------------------------------------
-    def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0,
-                     on_hit: Callable[[int], None] | None = None) -> tuple[list | PrefixKV, str]:
+    def fetch_prefix(self, prompt_ids: Sequence[int], better_than: int = 0) -> tuple[list | PrefixKV, str]:
         """The verified prefix of prompt_ids[:-1] (see the module docstring): a PrefixKV (fp16
         form: full blocks and the trailing partial block) or a list of dicts of codes
         (TurboQuant form, re-quantized by the daemon with this generator's codec: full blocks
         only), and a status. Nothing is fetched (status "no gain") unless the hit covers more
-        than ``better_than`` tokens (what the caller already holds in memory). on_hit(tokens)
-        is called between the Lookup and the fetch of an fp16 hit with the positions it will
-        hold if nothing is lost on the way."""
+        than ``better_than`` tokens (what the caller already holds in memory)."""
         if self.client is None:
             return [], "no daemon"
         stored = list(prompt_ids[:-1])
@@ -141,8 +136,6 @@ class CachedGenerator:
                 return [], "miss"
             if hit * self.block_size + partial <= better_than:
                 return [], "no gain"
-            if exact and on_hit is not None:
-                on_hit(hit * self.block_size + partial)
             if not exact:
                 blocks = self.client.fetch_turboquant(self.namespace, stored,
                                                       self.policy.codec, 0, hit)
@@ -159,11 +152,8 @@ class CachedGenerator:
         """Prompt positions a fetch_prefix answer restores."""
         return blocks.tokens if isinstance(blocks, PrefixKV) else len(blocks) * self.block_size
 
-    def restore(self, caches, blocks: list, tokens: int,
-                landing: tuple[mx.array, mx.array] | None = None) -> None:
-        """Load the first `tokens` positions of the fetched blocks into every layer's cache;
-        landing: device arrays made ahead for the fp16 K and V (device_memory.device_landing),
-        used when the fetch brought the positions they were made for."""
+    def restore(self, caches, blocks: list, tokens: int) -> None:
+        """Load the first `tokens` positions of the fetched blocks into every layer's cache."""
         if self.fetch_form == "turboquant":
             for layer, cache in enumerate(caches):
                 widths = {"key_codes": cache.arena.key_codec.code_bytes,
@@ -180,9 +170,8 @@ class CachedGenerator:
         # each layer is then a 4-D slice of it (the cache takes it as it is; a 3-D slice
         # would get a batch axis added by reshaping a strided view).
         # On CUDA by the copy engine into device pages, not by page faults (device_memory).
-        landing = landing or (None, None)
-        keys = host_to_device(blocks.keys, landing[0], self.restore_times)
-        values = host_to_device(blocks.values, landing[1], self.restore_times)
+        keys = host_to_device(blocks.keys, self.restore_times)
+        values = host_to_device(blocks.values, self.restore_times)
         for layer, cache in enumerate(caches):
             cut = (slice(layer, layer + 1), slice(None), slice(0, tokens))
             cache.load_fp16_prefix(keys[cut], values[cut])
@@ -226,16 +215,8 @@ class CachedGenerator:
         if not prompt_ids:
             raise TqstoreError("empty prompt")
         start = time.perf_counter()
-        landing: list[mx.array] = []
         self.restore_times = {}
-
-        def make_landing(tokens: int) -> None:
-            # On CUDA the restore's device arrays are allocated while the bytes are fetched.
-            shape = (self.namespace.num_layers, self.namespace.num_kv_heads, tokens,
-                     self.namespace.head_dim)
-            landing.extend(a for a in (device_landing(shape), device_landing(shape)) if a is not None)
-
-        blocks, status = self.fetch_prefix(prompt_ids, on_hit=make_landing)
+        blocks, status = self.fetch_prefix(prompt_ids)
         fetched = time.perf_counter()
         # The last prompt token is always computed (its logits give the first token), so a hit of
         # the whole prompt restores all but that one token.
@@ -245,12 +226,10 @@ class CachedGenerator:
         uploads: list[Future] = []
         try:
             if blocks:
-                self.restore(caches, blocks, hit_tokens,
-                             tuple(landing) if landing and self.land_ahead else None)
+                self.restore(caches, blocks, hit_tokens)
                 loaded = time.perf_counter()
                 mx.eval([c.state for c in caches])
                 self.restore_times["eval"] = time.perf_counter() - loaded
-            del landing[:]
             restored = time.perf_counter()
             # A TurboQuant-form hit holds no fp16 prefill to upload (a documented trade-off).
             if (self.client is not None and not status.startswith("daemon unreachable")

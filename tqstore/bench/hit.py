@@ -116,14 +116,6 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
 
     nbytes = blocks * 4 * ns.num_layers * ns.num_kv_heads * ns.block_size * ns.head_dim
     row = {"bytes": nbytes}
-    from tqstore import direct_read  # A/B: hash each chunk after reading it, or each piece
-    with KvStoreClient(ClientConfig(address, direct_reads="on")) as client:
-        client.fetch_fp16_prefix(ns, ids, 0, blocks)
-        for k, mode in enumerate(("piece", "bounce", "piece", "bounce")):
-            direct_read.READ_MODE = mode
-            row[f"direct_{mode}_{k}_gbps"] = gbps(nbytes, best(
-                lambda: client.fetch_fp16_prefix(ns, ids, 0, blocks)))
-        direct_read.READ_MODE = "bounce"
     for label, cfg in (("direct", dict(direct_reads="on")),
                        ("grpc_1_stream", dict(direct_reads="off", fetch_streams=1)),
                        ("grpc_4_streams", dict(direct_reads="off", fetch_streams=4))):
