@@ -131,3 +131,11 @@ def test_staging_on_cuda_is_pinned_and_copies_to_the_device_exactly(rng):
     odd, = staging_empty([(1001,)], np.uint8, 1 << 30)
     odd[...] = rng.integers(0, 256, 1001, dtype=np.uint8)
     assert np.array_equal(np.array(host_to_device(odd)), odd)
+
+
+def test_warm_up_compiles_the_copy_kernel_where_there_is_cuda():
+    device_memory.warm_up()
+    on_cuda = device_memory._cudart() is not None
+    assert (device_memory._copy_kernel is not None) == on_cuda
+    assert not device_memory._copy_kernel_failed
+    assert (device_memory.staging.size >= PinnedStaging.GRANULE) == on_cuda

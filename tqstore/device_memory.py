@@ -17,9 +17,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import mlx.core as mx
@@ -30,6 +32,7 @@ log = logging.getLogger("tqstore.device_memory")
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 _LOCATION_DEVICE = 1  # cudaMemLocationTypeDevice
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the driver infers the direction from the pointers
+_REGISTER_PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
 class _MemLocation(ctypes.Structure):
@@ -76,11 +79,6 @@ class _Cudart:
         lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cudaHostUnregister.restype = ctypes.c_int
         lib.cudaGetLastError.restype = ctypes.c_int
-        lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
-                                      ctypes.c_uint]
-        lib.cudaHostAlloc.restype = ctypes.c_int
-        lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
-        lib.cudaFreeHost.restype = ctypes.c_int
         lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p),
                                                  ctypes.c_void_p, ctypes.c_uint]
         lib.cudaHostGetDevicePointer.restype = ctypes.c_int
@@ -227,8 +225,8 @@ def _add_times(times: dict[str, float] | None, **parts: float) -> None:
 
 
 # Each thread copies 16-byte words, grid-striding; the few bytes past the last whole word one by
-# one. The source is pinned host memory mapped into the device's address space (cudaHostAlloc
-# under unified addressing): its device address travels as data, since MLX passes arrays only.
+# one. The source is pinned host memory mapped into the device's address space (registered
+# with cudaHostRegisterMapped): its device address travels as data (MLX passes arrays only).
 _COPY_SOURCE = """
     const unsigned long long address = (unsigned long long)source[0];
     const unsigned long long nbytes = (unsigned long long)source[1];
@@ -305,8 +303,8 @@ class PinnedStaging:
 
     def __init__(self, allocate: Callable[[int], int] | None = None,
                  free: Callable[[int], None] | None = None) -> None:
-        """allocate(size) -> address (0: failed) and free(address); default: cudaHostAlloc
-        and cudaFreeHost, and no staging at all off CUDA."""
+        """allocate(size) -> address (0: failed) and free(address); default: registered
+        host memory (_cuda_host_allocator), and no staging at all off CUDA."""
         self._allocate, self._free = allocate, free
         self._lock = threading.Lock()
         self._pointer = 0
@@ -354,14 +352,46 @@ class PinnedStaging:
 
 
 def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callable[[int], None]]:
-    def allocate(size: int) -> int:
-        pointer = ctypes.c_void_p()
-        if runtime.lib.cudaHostAlloc(ctypes.byref(pointer), size, 0) != 0:
-            runtime.lib.cudaGetLastError()  # a failed allocation must not surface in MLX later
-            return 0
-        return pointer.value or 0
+    """Pinned, mapped host memory: ordinary pages, faulted in on several threads, then
+    registered. Why not cudaHostAlloc: it zeroes and pins on one thread, ~2 GB/s on the H100
+    host (a 4.3 GB buffer cost the first 32k-token hit 2.5 s); touching pages runs in parallel
+    and registering already-resident pages ran at 38-40 GB/s (tools/h2d_probe.py)."""
+    owned: dict[int, np.ndarray] = {}
 
-    return allocate, runtime.lib.cudaFreeHost
+    def allocate(size: int) -> int:
+        raw = np.empty(size + _ALIGN, np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        buffer = raw[start:start + size]
+        step = 64 << 20
+        threads = min(16, os.cpu_count() or 1)
+        with ThreadPoolExecutor(threads, thread_name_prefix="tqstore-pin") as pool:
+            list(pool.map(lambda at: buffer[at:at + step].fill(0), range(0, size, step)))
+        # Portable (every device) and mapped (a kernel reads it at its device address).
+        if runtime.lib.cudaHostRegister(buffer.ctypes.data, size, _REGISTER_PORTABLE_MAPPED) != 0:
+            runtime.lib.cudaGetLastError()  # a failed registration must not surface in MLX later
+            return 0
+        owned[buffer.ctypes.data] = raw
+        return buffer.ctypes.data
+
+    def free(pointer: int) -> None:
+        runtime.lib.cudaHostUnregister(pointer)
+        owned.pop(pointer, None)
+
+    return allocate, free
+
+
+def warm_up() -> None:
+    """On CUDA, compile the staging copy kernel now (seconds with NVRTC) rather than inside the
+    first hit's TTFT; this also pins the staging buffer's first granule. Nothing elsewhere."""
+    if _cudart() is None:
+        return
+    probe = staging_empty([(16,)], np.uint8, PinnedStaging.GRANULE)[0]
+    probe[...] = np.arange(16, dtype=np.uint8)
+    out = host_to_device(probe)
+    if not np.array_equal(np.array(out), probe):
+        log.warning("the staging copy kernel gave other bytes: copying with cudaMemcpy")
+        global _copy_kernel_failed
+        _copy_kernel_failed = True
 
 
 staging = PinnedStaging()  # the process's one staging buffer

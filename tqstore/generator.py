@@ -45,6 +45,7 @@ from mlx_lm.generate import generate_step
 
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.client import KvStoreClient
+from tqstore import device_memory
 from tqstore.device_memory import host_to_device
 from tqstore.errors import NotFound, TqstoreError, Unavailable
 from tqstore.metal.attention_kernel import gpu_backend
@@ -110,6 +111,8 @@ class CachedGenerator:
             raise TqstoreError(f"store block {block_size} must be a multiple of the page size "
                                f"{self.pool.block_size}")
         install(loaded.model)
+        if client is not None:
+            device_memory.warm_up()  # CUDA: the hit's copy kernel compiled before any request
         # The TurboQuant form needs every layer compressed with the policy's codec; fp16 layers
         # (or an fp16 policy) restore from fp16.
         dense = any(arena.dense for arena in self.pool.arenas)
