@@ -10,10 +10,13 @@ Per prompt length, in this order:
 - stock: mlx-lm's fp16 KVCache, generate_step's prefill (2048-token steps): the cold TTFT users
   have today (best of 2, after a warm-up);
 - cold: tqstore's CachedGenerator with nothing stored (its blocks are uploaded, then awaited);
-- hit: the same prompt again (Lookup, same-host read or gRPC, restore, the last token), 3 runs;
+- hit: the same prompt again (Lookup, same-host read or gRPC, restore, the last token), 4 runs
+  (the first in the process pins the staging buffer); its restore step by step; and 3 hits
+  with the staging buffer off (ClientConfig.staging_bytes=0: pageable memory, cudaMemcpy);
 - transport: the hit's blocks fetched alone: same-host read, gRPC with 1 and 4 streams, against
-  a raw read of the same payload files (into fresh memory, and into a reused buffer), and the
-  host-to-device copy (mx.array of the fetched K and V).
+  a raw read of the same payload files (into fresh memory and into a reused buffer on one
+  thread, and in 16 MiB pieces on up to 16 threads), and the host-to-device copy
+  (host_to_device of the fetched K and V).
 Then 1 and 16 client processes Lookup+Fetch over TCP (gRPC, no same-host reads).
 The daemon is a separate `tqstore serve` process on loopback TCP. Prints a table and JSON.
 
