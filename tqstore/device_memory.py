@@ -382,11 +382,13 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
 
 def warm_up() -> None:
     """On CUDA, compile the staging copy kernel now (seconds with NVRTC) rather than inside the
-    first hit's TTFT; this also pins the staging buffer's first granule. Nothing elsewhere."""
+    first hit's TTFT; this also pins the staging buffer's first granule. Nothing elsewhere.
+    MLX compiles a custom kernel once per output dtype (a uint8 warm-up left the first fp16
+    hit compiling on the H100), so the warm-up copies fp16, what a restore copies."""
     if _cudart() is None:
         return
-    probe = staging_empty([(16,)], np.uint8, PinnedStaging.GRANULE)[0]
-    probe[...] = np.arange(16, dtype=np.uint8)
+    probe = staging_empty([(37,)], np.float16, PinnedStaging.GRANULE)[0]  # a tail word too
+    probe[...] = np.arange(37, dtype=np.float16)
     out = host_to_device(probe)
     if not np.array_equal(np.array(out), probe):
         log.warning("the staging copy kernel gave other bytes: copying with cudaMemcpy")
