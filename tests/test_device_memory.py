@@ -133,9 +133,42 @@ def test_staging_on_cuda_is_pinned_and_copies_to_the_device_exactly(rng):
     assert np.array_equal(np.array(host_to_device(odd)), odd)
 
 
-def test_warm_up_compiles_the_copy_kernel_where_there_is_cuda():
-    device_memory.warm_up()
+def test_warm_up_compiles_the_copy_kernel_where_there_is_cuda(monkeypatch):
+    memory = _HostMemory()
+    monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
+    device_memory.warm_up(0)  # staging off: nothing pinned, nothing compiled for it
+    assert device_memory.staging.size == 0 and memory.live == {}
+    monkeypatch.setattr(device_memory, "staging", PinnedStaging())
+    device_memory.warm_up(1 << 30)
     on_cuda = device_memory._cudart() is not None
     assert (device_memory._copy_kernel is not None) == on_cuda
     assert not device_memory._copy_kernel_failed
     assert (device_memory.staging.size >= PinnedStaging.GRANULE) == on_cuda
+
+
+def test_the_staging_buffer_grows_by_doubling_and_survives_a_failed_growth():
+    memory = _HostMemory()
+    calls: list[int] = []
+
+    def allocate(size: int) -> int:
+        calls.append(size)
+        return 0 if size > 3 * PinnedStaging.GRANULE else memory.allocate(size)
+
+    staging = PinnedStaging(allocate, memory.free)
+    granule, cap = PinnedStaging.GRANULE, 64 * PinnedStaging.GRANULE
+    assert staging.lease(1000, cap) is not None and staging.size == granule
+    gc.collect()
+    assert staging.lease(granule + 1, cap) is not None and staging.size == 2 * granule
+    gc.collect()
+    address = next(iter(memory.live))
+    # 3 granules are needed, 4 (double) asked for: refused; the old buffer stays and serves.
+    assert staging.lease(2 * granule + 1, cap) is None and calls[-1] == 4 * granule
+    assert staging.size == 2 * granule and list(memory.live) == [address]
+    assert staging.lease(2 * granule + 1, cap) is None and len(calls) == 3  # not retried
+    small = staging.lease(100, cap)
+    assert small is not None and small.ctypes.data == address
+    del small
+    gc.collect()
+    # Another fetch holding the lock (growing the buffer): no waiting, ordinary memory.
+    with staging._lock:
+        assert staging.lease(100, cap) is None

@@ -184,14 +184,17 @@ class KvStoreClient:
         return [prefix.block(i) for i in range(len(prefix))]
 
     def fetch_fp16_prefix(self, ns: Namespace, token_ids: Sequence[int], first_block: int = 0,
-                          num_blocks: int = 0, trailing_partial: bool = False) -> PrefixKV:
+                          num_blocks: int = 0, trailing_partial: bool = False,
+                          staged: bool = False) -> PrefixKV:
         """The verified fp16 blocks [first_block, first_block + num_blocks) (0: to the last full
         block of token_ids), or fewer if the store lost some on the way: a shorter hit, never a
         wrong one. NotFound if the first one is missing. Same host: read from the daemon's files;
         whatever that could not verify, and every other case: gRPC Fetch on fetch_streams
         streams. `source` on the result says which. trailing_partial: when the full blocks reach
         the last one, token_ids' trailing partial block follows them (`tokens` on the result
-        says whether it came: a partial block that is gone is a shorter hit too)."""
+        says whether it came: a partial block that is gone is a shorter hit too). staged: on
+        CUDA, read into the process's pinned staging buffer (ClientConfig.staging_bytes) for a
+        restore onto the device; off by default, so processes that only move bytes pin nothing."""
         token_ids = list(token_ids)
         bs = ns.block_size
         full = len(token_ids) // bs
@@ -201,7 +204,7 @@ class KvStoreClient:
             raise InvalidArgument(f"blocks [{first_block}, {first_block + count}) outside the "
                                   f"{full} full blocks of {len(token_ids)} tokens")
         out = PrefixKV.empty((ns.num_layers, ns.num_kv_heads, bs, ns.head_dim), count, tail,
-                             allocate=self._staging_allocate)
+                             allocate=self._staging_allocate if staged else None)
         done = self._fetch_full_blocks(ns, token_ids, first_block, count, out) if count else 0
         got, sources = 0, {out.source} if done else set()
         if tail and done == count:

@@ -190,9 +190,11 @@ class ClientConfig:
     read_threads: threads of the same-host reader (each reads and verifies a piece of a
         block); 0: one per core, at most 16 (page-cache reads scale with cores).
     staging_bytes: on CUDA, the most page-locked host memory kept for reading fetched
-        prefixes into (device_memory.PinnedStaging: no page faults, no pinning per hit);
-        a longer prefix uses ordinary memory. -1 (default): 16 GiB or a quarter of the RAM,
-        whichever is less; 0: off.
+        prefixes into (device_memory.PinnedStaging: no page faults, no pinning per hit), for
+        fetches that ask for it (a CachedGenerator's); a longer prefix uses ordinary memory.
+        It is one buffer per process, kept once pinned. -1 (default): 8 GiB or a quarter of
+        the memory this process may use (the RAM, or the cgroup's limit where lower),
+        whichever is less (8 GiB: a 32k-token prefix of an 8B model); 0: off.
     fetch_streams: concurrent Fetch streams, each on its own connection, of one gRPC fetch;
         a fetch is split only where each stream carries at least min_stream_bytes, so small
         fetches and misses stay one call.
@@ -262,10 +264,17 @@ class ClientConfig:
         if self.staging_bytes >= 0:
             return self.staging_bytes
         try:
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
-            ram = 0
-        return min(16 * GiB, ram // 4)
+            memory = 0
+        try:  # a container's limit (cgroup v2), where it has one
+            with open("/sys/fs/cgroup/memory.max") as f:
+                limit = f.read().strip()
+            if limit.isdigit():
+                memory = min(memory, int(limit)) if memory else int(limit)
+        except OSError:
+            pass
+        return min(8 * GiB, memory // 4)
 
 
 

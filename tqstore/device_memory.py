@@ -1,15 +1,17 @@
-"""Moving host-made arrays onto a CUDA device in bulk before the first kernel reads them.
+"""A hit's host bytes into a CUDA device: the staging buffer, the copy, and probes of both.
 
-MLX's CUDA backend allocates every buffer as managed memory (cudaMallocManaged). An array made
-from host bytes (a hit's restored K/V: ``mx.array(numpy)``) is written by the CPU, so its pages
-sit in host memory, and the first kernel that reads it migrates them one page fault at a time.
-On an H100 that ran at ~2 GB/s: restoring 8k tokens of an 8B-shaped model (1.07 GB) took longer
-than fetching it (tools/h2d_probe.py, docs/BENCHMARKS.md). ``cudaMemPrefetchAsync`` moves the
-same pages with the copy engine. It is a placement hint: managed memory stays coherent whatever
-it does, so a failed or skipped prefetch costs speed, never bytes.
-
-Reached through ctypes (MLX exposes no pointer API); on Metal (unified memory), on the CPU, or
-where libcudart cannot be loaded, ``prefetch_to_device`` does nothing and says so (returns 0).
+MLX's CUDA backend gives Python no device pointer, allocates host-made arrays as managed memory
+(``mx.array(numpy)`` memcpys on one thread into fresh pages, ~2.5 GB/s on an H100 host, and the
+first kernel to read them faults them over at 8-12 GB/s: tools/h2d_probe.py), and moves a device
+buffer into fresh managed memory when numpy asks for its pointer. So a restore here:
+- reads the fetched K and V into one reused, page-locked, device-mapped staging buffer
+  (PinnedStaging: no page faults, no pinning per hit);
+- copies them with a custom kernel that reads the staging buffer over the bus into an ordinary
+  device array MLX allocates (host_to_device; ~45 GB/s inside a hit);
+- anything not in the staging buffer goes by cudaMemcpy into a device-made array, pinned for
+  the copy; and off CUDA it is ``mx.array``.
+Reached through ctypes (libcudart). ``prefetch_to_device`` (cudaMemPrefetchAsync of managed
+arrays) and ``_Cudart.copy_on_thread_stream`` serve tools/h2d_probe.py's measurements only.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ class PinnedStaging:
     cap; pinned memory cannot be swapped out, hence the cap.
     """
 
-    GRANULE = 256 << 20  # grow in steps, so prompts a little longer do not reallocate
+    GRANULE = 256 << 20  # the smallest buffer; growth at least doubles it (up to the cap)
 
     def __init__(self, allocate: Callable[[int], int] | None = None,
                  free: Callable[[int], None] | None = None) -> None:
@@ -307,48 +309,54 @@ class PinnedStaging:
         host memory (_cuda_host_allocator), and no staging at all off CUDA."""
         self._allocate, self._free = allocate, free
         self._lock = threading.Lock()
-        self._pointer = 0
-        self._size = 0
+        self._span = (0, 0)  # (address, size): replaced whole, so holds() needs no lock
+        self._failed = 1 << 62  # the smallest size that could not be pinned: not retried
         self._holder: weakref.ref | None = None
 
     def lease(self, nbytes: int, cap: int) -> np.ndarray | None:
-        """nbytes of pinned memory as a uint8 array, or None (not CUDA, held, over cap, or the
-        allocation failed)."""
-        if nbytes <= 0 or nbytes > cap:
+        """nbytes of pinned memory as a uint8 array, or None (not CUDA, held or being grown
+        by another fetch, over cap, or the memory could not be pinned). Never waits for
+        another fetch: a second one at the same time gets None (ordinary memory)."""
+        if nbytes <= 0 or nbytes > cap or nbytes >= self._failed:
             return None
-        if self._allocate is None:
-            runtime = _cudart()
-            if runtime is None:
-                return None
-            self._allocate, self._free = _cuda_host_allocator(runtime)
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._allocate is None:
+                runtime = _cudart()
+                if runtime is None:
+                    return None
+                self._allocate, self._free = _cuda_host_allocator(runtime)
             if self._holder is not None and self._holder() is not None:
                 return None
-            if nbytes > self._size:
-                if self._pointer:
-                    self._free(self._pointer)
-                    self._pointer = self._size = 0
-                size = min(cap, -(-nbytes // self.GRANULE) * self.GRANULE)
-                pointer = self._allocate(size)
-                if not pointer:
-                    log.warning("could not pin %d bytes for fetched prefixes: using pageable "
-                                "memory", size)
+            pointer, size = self._span
+            if nbytes > size:
+                grown = min(cap, max(-(-nbytes // self.GRANULE) * self.GRANULE, 2 * size))
+                new = self._allocate(grown)
+                if not new:  # the old buffer stays; this size is not tried again
+                    self._failed = nbytes
+                    log.warning("could not pin %d bytes for fetched prefixes: prefixes of %d "
+                                "bytes or more use pageable memory", grown, nbytes)
                     return None
-                self._pointer, self._size = pointer, size
-            lease = (ctypes.c_char * nbytes).from_address(self._pointer)
+                self._span = (new, grown)
+                if pointer:
+                    self._free(pointer)
+                pointer = new
+            lease = (ctypes.c_char * nbytes).from_address(pointer)
             self._holder = weakref.ref(lease)
             return np.frombuffer(lease, np.uint8)
+        finally:
+            self._lock.release()
 
     @property
     def size(self) -> int:
         """Bytes pinned now (0: none yet)."""
-        return self._size
+        return self._span[1]
 
     def holds(self, pointer: int, nbytes: int) -> bool:
         """True when [pointer, pointer + nbytes) lies in the pinned buffer."""
-        with self._lock:
-            return bool(self._pointer) and self._pointer <= pointer and \
-                pointer + nbytes <= self._pointer + self._size
+        start, size = self._span
+        return bool(start) and start <= pointer and pointer + nbytes <= start + size
 
 
 def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callable[[int], None]]:
@@ -359,13 +367,16 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
     owned: dict[int, np.ndarray] = {}
 
     def allocate(size: int) -> int:
-        raw = np.empty(size + _ALIGN, np.uint8)
-        start = -raw.ctypes.data % _ALIGN
-        buffer = raw[start:start + size]
-        step = 64 << 20
-        threads = min(16, os.cpu_count() or 1)
-        with ThreadPoolExecutor(threads, thread_name_prefix="tqstore-pin") as pool:
-            list(pool.map(lambda at: buffer[at:at + step].fill(0), range(0, size, step)))
+        try:
+            raw = np.empty(size + _ALIGN, np.uint8)
+            start = -raw.ctypes.data % _ALIGN
+            buffer = raw[start:start + size]
+            step = 64 << 20
+            threads = min(16, os.cpu_count() or 1)
+            with ThreadPoolExecutor(threads, thread_name_prefix="tqstore-pin") as pool:
+                list(pool.map(lambda at: buffer[at:at + step].fill(0), range(0, size, step)))
+        except MemoryError:
+            return 0
         # Portable (every device) and mapped (a kernel reads it at its device address).
         if runtime.lib.cudaHostRegister(buffer.ctypes.data, size, _REGISTER_PORTABLE_MAPPED) != 0:
             runtime.lib.cudaGetLastError()  # a failed registration must not surface in MLX later
@@ -375,19 +386,23 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
 
     def free(pointer: int) -> None:
         runtime.lib.cudaHostUnregister(pointer)
+        runtime.lib.cudaGetLastError()  # a failed unregistration must not surface in MLX later
         owned.pop(pointer, None)
 
     return allocate, free
 
 
-def warm_up() -> None:
-    """On CUDA, compile the staging copy kernel now (seconds with NVRTC) rather than inside the
-    first hit's TTFT; this also pins the staging buffer's first granule. Nothing elsewhere.
+def warm_up(cap: int) -> None:
+    """On CUDA with staging on (cap: ClientConfig.staging_cap), compile the staging copy kernel
+    now (seconds with NVRTC) rather than inside the first hit's TTFT; this also pins the
+    staging buffer's first granule (or the cap, if smaller). Nothing elsewhere, or with cap 0.
     MLX compiles a custom kernel once per output dtype (a uint8 warm-up left the first fp16
     hit compiling on the H100), so the warm-up copies fp16, what a restore copies."""
-    if _cudart() is None:
+    if cap <= 0 or _cudart() is None:
         return
-    probe = staging_empty([(37,)], np.float16, PinnedStaging.GRANULE)[0]  # a tail word too
+    probe = staging_empty([(37,)], np.float16, cap)[0]  # 74 bytes: a tail past whole words
+    if not staging.holds(probe.ctypes.data, probe.nbytes):
+        return  # held by a fetch already, or not pinnable: its first hit compiles
     probe[...] = np.arange(37, dtype=np.float16)
     out = host_to_device(probe)
     if not np.array_equal(np.array(out), probe):

@@ -112,13 +112,15 @@ class CachedGenerator:
                                f"{self.pool.block_size}")
         install(loaded.model)
         if client is not None:
-            device_memory.warm_up()  # CUDA: the hit's copy kernel compiled before any request
+            # CUDA: the hit's copy kernel compiled before any request.
+            device_memory.warm_up(client.config.staging_cap)
         # The TurboQuant form needs every layer compressed with the policy's codec; fp16 layers
         # (or an fp16 policy) restore from fp16.
         dense = any(arena.dense for arena in self.pool.arenas)
         self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
-        # Where the last hit's restore went (host_to_device's parts, the caches' "eval"):
-        # GenerationReport.phases reports them as restore_<part>.
+        # Where the last restore went (host_to_device's parts, the caches' "eval"; "staged":
+        # copies from the staging buffer): GenerationReport.phases reports the seconds as
+        # restore_<part>.
         self.restore_times: dict[str, float] = {}
 
     # -- the daemon side ----------------------------------------------------------------------
@@ -144,7 +146,7 @@ class CachedGenerator:
                                                       self.policy.codec, 0, hit)
             else:
                 blocks = self.client.fetch_fp16_prefix(self.namespace, stored, 0, hit,
-                                                       trailing_partial=partial > 0)
+                                                       trailing_partial=partial > 0, staged=True)
         except NotFound:
             return [], "miss"  # evicted between Lookup and Fetch: a miss, never garbage
         except Unavailable as exc:
@@ -169,6 +171,7 @@ class CachedGenerator:
                     codes[name] = mx.array(np.ascontiguousarray(joined))
                 cache.load_turboquant_prefix(codes)
             return
+        self.restore_times = {}
         # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
         # each layer is then a 4-D slice of it (the cache takes it as it is; a 3-D slice
         # would get a batch axis added by reshaping a strided view).
@@ -247,7 +250,8 @@ class CachedGenerator:
             release_prompt_cache(caches)
         phases = {"fetch": fetched - start, "restore": restored - fetched,
                   "prefill": ttft - (restored - start)}
-        phases.update({f"restore_{k}": v for k, v in self.restore_times.items()})
+        phases.update({f"restore_{k}": v for k, v in self.restore_times.items()
+                       if k != "staged"})  # seconds only (staged counts copies)
         return GenerationReport(text, tokens, len(prompt_ids), hit_tokens, ttft, decode_tps,
                                 status, kv_bytes, kv_fp16, first_step,
                                 uploads[0] if uploads else None, phases)

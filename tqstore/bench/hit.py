@@ -58,13 +58,16 @@ def _client_loop(address: str, ns, ids: list[int], blocks: int, start_at: float,
 
     time.sleep(max(0.0, start_at - time.time()))
     requests = moved = 0
-    config = ClientConfig(address, direct_reads="auto" if direct else "off")
+    # One stream per client: 16 clients of 4 streams would pass the daemon's 24 streaming
+    # calls, and its refusals ("retry later") would end the run.
+    config = ClientConfig(address, direct_reads="auto" if direct else "off", fetch_streams=1)
     with KvStoreClient(config) as client:
         while time.time() < stop_at:
             hit = client.lookup(ns, ids).hit_blocks
             got = client.fetch_fp16_prefix(ns, ids, 0, min(hit, blocks))
             requests += 1
             moved += got.keys.nbytes + got.values.nbytes
+            del got
     out.put((requests, moved))
 
 
@@ -120,11 +123,13 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
                        ("grpc_1_stream", dict(direct_reads="off", fetch_streams=1)),
                        ("grpc_4_streams", dict(direct_reads="off", fetch_streams=4))):
         with KvStoreClient(ClientConfig(address, **cfg)) as client:
-            got = client.fetch_fp16_prefix(ns, ids, 0, blocks)
+            # staged: into the pinned staging buffer on CUDA, as a generator's hit reads.
+            got = client.fetch_fp16_prefix(ns, ids, 0, blocks, staged=True)
             assert len(got) == blocks, (label, len(got))
             row[label + "_source"] = got.source
             del got  # it would hold the staging buffer (CUDA) that the timed fetches use
-            row[label + "_gbps"] = gbps(nbytes, best(lambda: client.fetch_fp16_prefix(ns, ids, 0, blocks)))
+            row[label + "_gbps"] = gbps(nbytes, best(
+                lambda: client.fetch_fp16_prefix(ns, ids, 0, blocks, staged=True)))
     files = [os.path.join(store_path, "blocks", file_name(h))
              for h in hash_prefix_blocks(ns, ids[: blocks * ns.block_size])]
     size = os.path.getsize(files[0])
@@ -156,7 +161,7 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
     row["direct_over_raw_fresh"] = row["direct_gbps"] / row["raw_read_fresh_gbps"]
     row["direct_over_raw_reused"] = row["direct_gbps"] / row["raw_read_reused_gbps"]
     with KvStoreClient(address) as client:
-        got = client.fetch_fp16_prefix(ns, ids, 0, blocks)
+        got = client.fetch_fp16_prefix(ns, ids, 0, blocks, staged=True)
 
     def to_device() -> None:  # what a restore does (cudaMemcpy on CUDA, mx.array elsewhere)
         k, v = host_to_device(got.keys), host_to_device(got.values)

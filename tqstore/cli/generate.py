@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             client.close()
     err(f"prompt tokens {report.prompt_tokens}, hit tokens {report.hit_tokens} ({report.cache_status}), "
         f"TTFT {report.ttft_s:.2f} s ("
-        + ", ".join(f"{k} {v:.2f}" for k, v in report.phases.items()) + "), "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report.phases.items()
+                    if not k.startswith("restore_")) + "), "  # the restore's parts: benchmarks
         f"decode {report.decode_tokens_per_s:.1f} tokens/s "
         f"(first step {report.first_step_s:.2f} s: quantizes the prefill once), "
         f"KV {report.kv_bytes / max(report.kv_fp16_bytes, 1):.2f}x of fp16")
