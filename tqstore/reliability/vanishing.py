@@ -238,11 +238,17 @@ def _heavy_refused(stub, claim: list[int]) -> bool:
     from tqstore.wire import namespace_to_proto
 
     # num_blocks 0: all HEAVY_BLOCKS, heavy by bytes (only the stored prefix would stream).
+    # Admission is decided before the first answer: the probe stops there. Streaming an
+    # admitted probe to its end (a victim may have stored the claim's blocks) took seconds on
+    # a loaded 2-core machine, and the caller's 20 s of polling ran out on a CI run.
     request = pb.FetchRequest(namespace=namespace_to_proto(BIG_NAMESPACE), token_ids=claim)
+    call = stub.Fetch(request, timeout=60)
     try:
-        sum(1 for _ in stub.Fetch(request, timeout=60))
+        next(call, None)
     except grpc.RpcError as exc:
         return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        call.cancel()
     return False
 
 
