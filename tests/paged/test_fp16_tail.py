@@ -49,7 +49,8 @@ def test_routed_decode_equals_fallback_and_tail_is_bounded(rng, device, name, mo
     model = tiny_model(name)
     prompt = [int(t) for t in rng.integers(3, 97, 21)]
     uninstall(model)
-    fallback = run(model, fresh(model), prompt, 13)
+    fallback_caches = fresh(model)
+    fallback = run(model, fallback_caches, prompt, 13)
 
     calls = []
     original = PagedLayerCache.attend
@@ -59,8 +60,17 @@ def test_routed_decode_equals_fallback_and_tail_is_bounded(rng, device, name, mo
     caches = fresh(model)
     routed = run(model, caches, prompt, 13)
     assert sorted(calls) == [1] * 13 + [2] * 13
-    for r, f in zip(routed, fallback):  # the same model, attention computed two ways
-        assert rel(r, f) < rtol(1e-4, ATTENTION_TF32)
+    # The same model, attention computed two ways: ~1e-7 apart on the CPU while every code is
+    # the same. The paths' fp16 K/V differ in the last bits (2e-6 of the logits before the
+    # block commit), so a committed token may land on a neighbouring 4-bit code in one run:
+    # then the later logits moved by 4.6e-4 (one CI seed of ~40 tried; 1e-2 allowed, as in
+    # test_multi_token_steps_equal_token_by_token_decode). A wrong token, block or scale moves
+    # them by 1e-1 or more (tests/tolerance.py).
+    codes_differ = any(not np.array_equal(np.array(x), np.array(y))
+                       for a, b in zip(caches, fallback_caches)
+                       for x, y in zip(a.arena.arrays, b.arena.arrays))
+    for r, f in zip(routed, fallback):
+        assert rel(r, f) < rtol(1e-2 if codes_differ else 1e-4, ATTENTION_TF32)
     # 21 + 13 = 34 tokens: blocks before the newest token's are codes, the rest fp16
     for c in caches:
         assert c.offset == 34 and c.committed == 32
