@@ -30,6 +30,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+import numpy as np
+
 from tqstore.blocks import PrefixKV
 from tqstore.payload_format import (
     FILE_VERSION, HEADER_SIZE, body_checksum_state, body_offset, file_name, header)
@@ -91,12 +93,15 @@ def _destinations(out: PrefixKV, k: int) -> list[memoryview]:
     """Block k's body in file order (K then V, each (layers, heads, block, dim) C order) as
     views of out: one contiguous (block, dim) run per layer and head."""
     cut = slice(k * out.block_size, (k + 1) * out.block_size)
-    runs = []
+    runs: list[memoryview] = []
     for array in (out.keys, out.values):
-        part = array[:, :, cut]
-        for layer in range(part.shape[0]):
-            for head in range(part.shape[1]):
-                runs.append(memoryview(part[layer, head]).cast("B"))
+        rows = array[:, :, cut].view(np.uint8)  # (layers, heads, tokens, dim bytes), a view
+        # Layers and heads merge into one axis, tokens and dim into another: setting .shape
+        # never copies (it raises where a view cannot express it), so every run is a window
+        # into `out`. One memoryview per row, not one numpy index and cast per (layer, head):
+        # on SmolLM2 that setup took 8 ms of a 40 ms fetch.
+        rows.shape = (rows.shape[0] * rows.shape[1], rows.shape[2] * rows.shape[3])
+        runs.extend(memoryview(row) for row in rows)
     return runs
 
 
@@ -113,8 +118,10 @@ def _pieces(loc: pb.BlockLocation, runs: list[memoryview], piece_bytes: int) -> 
             or loc.file_size <= HEADER_SIZE + body or sum(loc.chunk_lengths) != body
             or min(loc.chunk_lengths, default=1) <= 0):
         return []
-    pieces, start, first = [], 0, 0
     lengths = list(loc.chunk_lengths)
+    if body <= piece_bytes:  # one piece: the block's runs as they are (no cutting)
+        return [(body, 0, runs, lengths, list(loc.chunk_checksums))]
+    pieces, start, first = [], 0, 0
     while first < len(lengths):
         last, size = first, 0
         while last < len(lengths) and (size == 0 or size + lengths[last] <= piece_bytes):
