@@ -9,6 +9,7 @@ import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
 from tqstore import device_memory, generator
+from tqstore.metal import selfcheck
 from tqstore.device_memory import PinnedStaging, host_to_device, prefetch_to_device, staging_empty
 
 
@@ -142,8 +143,30 @@ def test_warm_up_compiles_the_copy_kernel_where_there_is_cuda(monkeypatch):
     device_memory.warm_up(1 << 30)
     on_cuda = device_memory._cudart() is not None
     assert (device_memory._copy_kernel is not None) == on_cuda
-    assert not device_memory._copy_kernel_failed
+    verdict = selfcheck.kernel_report().get("staging_copy", "")
+    assert not verdict.startswith("disabled") and verdict.startswith("ok") == on_cuda
     assert (device_memory.staging.size >= PinnedStaging.GRANULE) == on_cuda
+
+
+def test_a_copy_kernel_that_gives_other_bytes_is_disabled_by_its_self_check(monkeypatch):
+    """The copy kernel goes through the kernels' shared self-check: planted wrong, it is refused
+    (the caller then copies by cudaMemcpy) and reported; right, it serves. Runs everywhere: the
+    kernel's launch is what is planted."""
+    host = (np.arange(700) % 97).astype(np.float16)  # 1,400 bytes: the check copies 1,000
+    try:
+        selfcheck.reset()
+        monkeypatch.setattr(device_memory, "_run_copy_kernel",
+                            lambda runtime, h, dtype: mx.array(h) + 1)
+        assert device_memory._copy_from_staging(None, host, mx.float16) is None
+        assert selfcheck.kernel_report()["staging_copy"].startswith("disabled")
+        selfcheck.reset()
+        monkeypatch.setattr(device_memory, "_run_copy_kernel",
+                            lambda runtime, h, dtype: mx.array(h))
+        got = device_memory._copy_from_staging(None, host, mx.float16)
+        assert got is not None and np.array_equal(np.array(got), host)
+        assert selfcheck.kernel_report()["staging_copy"].startswith("ok")
+    finally:
+        selfcheck.reset()  # every kernel is checked again at its next use
 
 
 def test_the_staging_buffer_grows_by_doubling_and_survives_a_failed_growth():

@@ -35,6 +35,7 @@ _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 _LOCATION_DEVICE = 1  # cudaMemLocationTypeDevice
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the driver infers the direction from the pointers
 _REGISTER_PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+_ALIGN = 256  # staging arrays start on 256-byte boundaries (the copy kernel's 16-byte loads)
 
 
 class _MemLocation(ctypes.Structure):
@@ -42,7 +43,7 @@ class _MemLocation(ctypes.Structure):
 
 
 class _Cudart:
-    """The few runtime calls a prefetch needs, with the signature this runtime has."""
+    """The few runtime calls this module makes, with the signatures this runtime has."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -248,37 +249,56 @@ _COPY_SOURCE = """
 """
 _COPY_THREADS = 256
 _COPY_MAX_THREADS = 1 << 20  # enough loads in flight to fill the bus; the rest grid-strides
+_COPY_KERNEL = "staging_copy"  # its name in the kernels' self-check (tqstore.metal.selfcheck)
+_CHECK_BYTES = 1000  # the self-check copies this much of the caller's bytes (a tail included)
 _copy_kernel = None
-_copy_kernel_failed = False
 
 
-def _copy_from_staging(runtime: _Cudart, host: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
-    """host (inside the staging buffer, 16-byte aligned) as a new device array, read by a copy
-    kernel and waited for (the staging buffer may be lent again once this returns); None if the
-    kernel cannot serve (it then stays off for the process, with one warning)."""
-    global _copy_kernel, _copy_kernel_failed
-    if _copy_kernel_failed:
-        return None
+def _run_copy_kernel(runtime: _Cudart, host: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
+    """host (inside the staging buffer) as a new device array, read by the copy kernel and
+    waited for (the staging buffer may be lent again once this returns); None where mapping
+    its address fails."""
+    global _copy_kernel
     device_address = ctypes.c_void_p()
     if runtime.lib.cudaHostGetDevicePointer(ctypes.byref(device_address),
                                             ctypes.c_void_p(host.ctypes.data), 0) != 0:
         runtime.lib.cudaGetLastError()
         return None
+    if _copy_kernel is None:
+        _copy_kernel = mx.fast.cuda_kernel(name="tq_copy_from_pinned", input_names=["source"],
+                                           output_names=["out"], source=_COPY_SOURCE)
+    words = max(1, host.nbytes // 16)
+    threads = min(_COPY_MAX_THREADS, -(-words // _COPY_THREADS) * _COPY_THREADS)
+    source = mx.array(np.array([device_address.value or 0, host.nbytes], np.uint64))
+    out, = _copy_kernel(inputs=[source], output_shapes=[host.shape], output_dtypes=[dtype],
+                        grid=(threads, 1, 1), threadgroup=(_COPY_THREADS, 1, 1))
+    mx.eval(out)
+    return out
+
+
+def _copy_from_staging(runtime: _Cudart, host: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
+    """host (inside the staging buffer, 16-byte aligned) as a new device array by the copy
+    kernel; None if the kernel may not serve. The kernel goes through the kernels' shared
+    self-check once per dtype (MLX compiles it per output dtype): a copy of the first
+    _CHECK_BYTES of these very bytes must come back bit for bit, else it is disabled for the
+    process with one warning, named in kernel_report() like the others."""
+    from tqstore.metal import selfcheck
+
+    def check() -> str | None:
+        flat = host.reshape(-1)
+        head = flat[:max(1, min(flat.size, _CHECK_BYTES // flat.itemsize))]
+        got = _run_copy_kernel(runtime, head, dtype)
+        if got is None:
+            return None  # no mapped address here: nothing the kernel did wrong
+        same = np.array(got).view(np.uint8).tobytes() == head.view(np.uint8).tobytes()
+        return None if same else "the copied bytes differ from the host's"
+
+    if not selfcheck.usable(_COPY_KERNEL, (str(dtype),), check):
+        return None
     try:
-        if _copy_kernel is None:
-            _copy_kernel = mx.fast.cuda_kernel(name="tq_copy_from_pinned", input_names=["source"],
-                                               output_names=["out"], source=_COPY_SOURCE)
-        words = max(1, host.nbytes // 16)
-        threads = min(_COPY_MAX_THREADS, -(-words // _COPY_THREADS) * _COPY_THREADS)
-        source = mx.array(np.array([device_address.value or 0, host.nbytes], np.uint64))
-        out, = _copy_kernel(inputs=[source], output_shapes=[host.shape], output_dtypes=[dtype],
-                            grid=(threads, 1, 1), threadgroup=(_COPY_THREADS, 1, 1))
-        mx.eval(out)
-        return out
-    except Exception as exc:  # noqa: BLE001  (a kernel that cannot build must not stop a hit)
-        _copy_kernel_failed = True
-        log.warning("the copy kernel from pinned memory failed (%s): copying with cudaMemcpy",
-                    exc)
+        return _run_copy_kernel(runtime, host, dtype)
+    except Exception as exc:  # noqa: BLE001  (a kernel that fails must not stop a hit)
+        selfcheck.disable(_COPY_KERNEL, f"{type(exc).__name__}: {str(exc)[:300]}")
         return None
 
 
@@ -297,8 +317,8 @@ class PinnedStaging:
     numpy's base chain stops at a non-array exporter. The buffer is free again exactly when the
     last of them is collected, so bytes a caller still holds are never read into again. A
     request that finds the buffer held, or is larger than the cap, gets None (the caller uses
-    ordinary memory: slower, never wrong). It grows to the largest prefix asked for, up to the
-    cap; pinned memory cannot be swapped out, hence the cap.
+    ordinary memory: slower, never wrong). It grows by doubling (at least to the prefix asked
+    for) up to the cap; pinned memory cannot be swapped out, hence the cap.
     """
 
     GRANULE = 256 << 20  # the smallest buffer; growth at least doubles it (up to the cap)
@@ -394,7 +414,8 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
 
 def warm_up(cap: int) -> None:
     """On CUDA with staging on (cap: ClientConfig.staging_cap), compile the staging copy kernel
-    now (seconds with NVRTC) rather than inside the first hit's TTFT; this also pins the
+    and run its self-check now (seconds with NVRTC) rather than inside the first hit's
+    TTFT; this also pins the
     staging buffer's first granule (or the cap, if smaller). Nothing elsewhere, or with cap 0.
     MLX compiles a custom kernel once per output dtype (a uint8 warm-up left the first fp16
     hit compiling on the H100), so the warm-up copies fp16, what a restore copies."""
@@ -404,15 +425,10 @@ def warm_up(cap: int) -> None:
     if not staging.holds(probe.ctypes.data, probe.nbytes):
         return  # held by a fetch already, or not pinnable: its first hit compiles
     probe[...] = np.arange(37, dtype=np.float16)
-    out = host_to_device(probe)
-    if not np.array_equal(np.array(out), probe):
-        log.warning("the staging copy kernel gave other bytes: copying with cudaMemcpy")
-        global _copy_kernel_failed
-        _copy_kernel_failed = True
+    host_to_device(probe)  # compiles the kernel and runs its self-check
 
 
 staging = PinnedStaging()  # the process's one staging buffer
-_ALIGN = 256
 
 
 def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> list[np.ndarray]:

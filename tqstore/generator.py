@@ -45,8 +45,7 @@ from mlx_lm.generate import generate_step
 
 from tqstore.blocks import BlockPayload, PrefixKV
 from tqstore.client import KvStoreClient
-from tqstore import device_memory
-from tqstore.device_memory import host_to_device
+from tqstore.device_memory import host_to_device, warm_up
 from tqstore.errors import NotFound, TqstoreError, Unavailable
 from tqstore.metal.attention_kernel import gpu_backend
 from tqstore.models.loader import LoadedModel
@@ -113,7 +112,7 @@ class CachedGenerator:
         install(loaded.model)
         if client is not None:
             # CUDA: the hit's copy kernel compiled before any request.
-            device_memory.warm_up(client.config.staging_cap)
+            warm_up(client.config.staging_cap)
         # The TurboQuant form needs every layer compressed with the policy's codec; fp16 layers
         # (or an fp16 policy) restore from fp16.
         dense = any(arena.dense for arena in self.pool.arenas)
@@ -175,7 +174,8 @@ class CachedGenerator:
         # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
         # each layer is then a 4-D slice of it (the cache takes it as it is; a 3-D slice
         # would get a batch axis added by reshaping a strided view).
-        # On CUDA by the copy engine into device pages, not by page faults (device_memory).
+        # On CUDA read over the bus from the pinned staging buffer the fetch filled (or by
+        # cudaMemcpy), not by page faults (device_memory).
         keys = host_to_device(blocks.keys, self.restore_times)
         values = host_to_device(blocks.values, self.restore_times)
         for layer, cache in enumerate(caches):
@@ -321,8 +321,9 @@ class CachedGenerator:
 def default_store_block(layout: dict) -> int:
     """The store block (and prefill chunk) when the caller names none: DEFAULT_STORE_BLOCK, or
     on CUDA the largest of CUDA_STORE_BLOCK, 1024, 512 whose fp16 block fits
-    MAX_AUTO_BLOCK_BYTES (see there), else DEFAULT_STORE_BLOCK as everywhere. Blocks of different sizes are different namespaces, so
-    a fleet that shares one store should name its block size (--store-block)."""
+    MAX_AUTO_BLOCK_BYTES (see there), else DEFAULT_STORE_BLOCK as everywhere. Blocks of
+    different sizes are different namespaces, so a fleet that shares one store should name its
+    block size (--store-block)."""
     if gpu_backend() != "cuda":
         return DEFAULT_STORE_BLOCK
     per_token = 2 * layout["num_layers"] * layout["num_kv_heads"] * (
