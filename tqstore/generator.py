@@ -52,6 +52,7 @@ from tqstore.models.loader import LoadedModel
 from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, release_prompt_cache
 from tqstore.paged.cache import model_kv_layout
 from tqstore.prefix_hash import Namespace
+from tqstore.upload_landing import land, warm_up_landing
 
 DEFAULT_STORE_BLOCK = 256  # tokens per SSD block: oMLX and LMCache use 256 too
 # On CUDA the prefill chunk (= the store block, for exact hits) decides the cold TTFT: on an H100
@@ -110,9 +111,12 @@ class CachedGenerator:
             raise TqstoreError(f"store block {block_size} must be a multiple of the page size "
                                f"{self.pool.block_size}")
         install(loaded.model)
+        self.staging_cap = client.config.staging_cap if client is not None else 0
         if client is not None:
-            # CUDA: the hit's copy kernel compiled before any request.
-            warm_up(client.config.staging_cap)
+            # CUDA: the hit's copy kernel and the upload's landing kernels compiled (and their
+            # buffers pinned) before any request.
+            warm_up(self.staging_cap)
+            warm_up_landing(self.staging_cap)
         # The TurboQuant form needs every layer compressed with the policy's codec; fp16 layers
         # (or an fp16 policy) restore from fp16.
         dense = any(arena.dense for arena in self.pool.arenas)
@@ -201,15 +205,14 @@ class CachedGenerator:
                 tail = 0
             if full <= first and not tail:
                 return
-            # MLX must not evaluate on two threads at once, so the device-to-host copy of the
-            # new blocks happens here on the generating thread (a memcpy: ~20 ms for 4k tokens
-            # of SmolLM2); slicing into blocks and the upload run on the upload thread.
+            # This runs inside the first decode step: the copy to the host only starts here
+            # (a kernel into pinned memory on CUDA, views on unified memory) and the upload
+            # thread waits for it, slices the blocks and Puts them (tqstore.upload_landing).
             a, b = first * bs, full * bs + tail
-            host = [(np.array(per_layer[i][0][0, :, a:b]), np.array(per_layer[i][1][0, :, a:b]))
-                    for i in range(num_layers)]
+            landing = land([per_layer[i] for i in range(num_layers)], a, b, self.staging_cap)
             started.append(self.client.put_async_lazy(
                 self.namespace, prompt_ids[:b], first,
-                lambda: _payloads(host, full - first, bs, tail)))
+                lambda: _payloads(*landing.result(), full - first, bs, tail)))
 
         return on_prefill
 
@@ -345,12 +348,10 @@ def prefill_bounds(start: int, total: int, chunk: int) -> list[int]:
     return [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
 
 
-def _payloads(host: list[tuple[np.ndarray, np.ndarray]], count: int, block: int,
+def _payloads(keys: np.ndarray, values: np.ndarray, count: int, block: int,
               tail: int) -> tuple[list[BlockPayload], BlockPayload | None]:
     """`count` fp16 blocks and a trailing partial block of `tail` tokens (None if 0) from
-    per-layer host copies (H, count * block + tail, D) of K and V."""
-    keys = np.stack([k for k, _ in host])  # (layers, H, T, D)
-    values = np.stack([v for _, v in host])
+    host K and V (layers, H, count * block + tail, D)."""
 
     def cut(a: int, b: int) -> BlockPayload:
         return BlockPayload(keys=np.ascontiguousarray(keys[:, :, a:b]),

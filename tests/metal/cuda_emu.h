@@ -78,6 +78,7 @@ template <typename F> void launch(dim3 grid, unsigned threads, F&& kernel) {
 }  // namespace tq_emu
 
 inline void __syncthreads() { tq_emu::block_bar->arrive_and_wait(); }
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T> T __shfl_xor_sync(unsigned int, T v, int m) {
   auto& w = tq_emu::warp();

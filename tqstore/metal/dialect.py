@@ -111,7 +111,8 @@ _TYPES = {
     "metal": {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t",
               "uint8": "uint8_t", "int32": "int32_t", "uint32": "uint32_t"},
     "cuda": {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16",
-             "uint8": "uint8_t", "int32": "int32_t", "uint32": "uint32_t"},
+             "uint8": "uint8_t", "int32": "int32_t", "uint32": "uint32_t",
+             "uint64": "uint64_t"},
 }
 
 

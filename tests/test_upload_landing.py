@@ -1,0 +1,167 @@
+"""A prefill's new blocks on their way to the upload thread (tqstore.upload_landing): the bytes
+are the device's, the route is the one the backend allows, and the pinned landing buffer is
+lent and kept by the rules (ordinary memory stands in for it off CUDA, and a numpy write stands
+in for the kernel, so those rules run on every machine)."""
+
+import ctypes
+import gc
+
+import numpy as np
+import pytest
+
+import tqstore  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+
+from tqstore import device_memory, upload_landing
+from tqstore.device_memory import PinnedStaging
+from tqstore.errors import TqstoreError
+from tqstore.metal import selfcheck
+from tqstore.upload_landing import land
+
+
+def _layers(rng, count=3, heads=2, tokens=40, dim=64):
+    layers = [tuple(mx.array(rng.standard_normal((1, heads, tokens, dim)).astype(np.float16))
+                    for _ in range(2)) for _ in range(count)]
+    mx.eval(layers)
+    return layers
+
+
+def _want(layers, start, stop):
+    return tuple(np.stack([np.array(pair[which])[0, :, start:stop] for pair in layers])
+                 for which in range(2))
+
+
+def test_a_landing_gives_every_layers_slice_bit_for_bit_by_the_backends_route(rng):
+    """The GPU suite runs this on CUDA: the kernel route, its self-check passed."""
+    layers = _layers(rng)
+    want = _want(layers, 5, 37)
+    on_cuda = device_memory._cudart() is not None
+    landing = land(layers, 5, 37, 1 << 30)
+    assert landing.route == ("kernel" if on_cuda else "views")
+    keys, values = landing.result()
+    assert keys.shape == (3, 2, 32, 64) and keys.dtype == np.float16
+    assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
+    # The same slice of arrays made later (the views route keeps its arrays alive, and MLX
+    # never writes into an array someone holds).
+    del layers
+    gc.collect()
+    mx.eval(mx.ones((4, 1 << 16)) * 3)
+    assert keys.tobytes() == want[0].tobytes()
+
+
+class _FakeDevice:
+    """Host memory as the 'device' side of the kernel route: _launch writes the slices with
+    numpy at the addresses it is given and sets the flag (optionally wrong bytes, or no flag)."""
+
+    def __init__(self, monkeypatch, wrong: bool = False, signal: bool = True) -> None:
+        self.wrong, self.signal, self.launches = wrong, signal, 0
+        self.memory: dict[int, np.ndarray] = {}
+        staging = PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
+        monkeypatch.setattr(upload_landing, "landing_staging", staging)
+        monkeypatch.setattr(upload_landing, "_device_address", lambda runtime, host: host.ctypes.data)
+        monkeypatch.setattr(upload_landing, "_side_stream", lambda: mx.default_stream(mx.cpu))
+        monkeypatch.setattr(upload_landing, "_launch", self._launch)
+        self.staging = staging
+
+    def _allocate(self, size: int) -> int:
+        buf = np.zeros(size, np.uint8)
+        self.memory[buf.ctypes.data] = buf
+        return buf.ctypes.data
+
+    def _launch(self, layers, start, stop, base, offsets, token) -> mx.array:
+        self.launches += 1
+        for which, offset in enumerate(offsets[:2]):
+            got = np.stack([np.array(pair[which])[0, :, start:stop] for pair in layers])
+            if self.wrong:
+                got = got + np.float16(1)
+            raw = got.view(np.uint8).reshape(-1)
+            ctypes.memmove(base + offset, raw.ctypes.data, raw.nbytes)
+        if self.signal:
+            ctypes.c_uint64.from_address(base + offsets[2]).value = token
+        return mx.zeros((1,), mx.uint32)
+
+
+def test_the_kernel_route_lends_its_buffer_until_the_landed_arrays_are_gone(monkeypatch, rng):
+    fake = _FakeDevice(monkeypatch)
+    layers = _layers(rng)
+    try:
+        selfcheck.reset()
+        landing = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
+        assert landing is not None and landing.route == "kernel"
+        assert selfcheck.kernel_report()["upload_landing"].startswith("ok")
+        assert fake.launches == 3  # the self-check's two head dims, then the landing
+        keys, values = landing.result()
+        want = _want(layers, 0, 40)
+        assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
+        assert fake.staging.holds(keys.ctypes.data, keys.nbytes)
+        # A second upload while this one's bytes are alive: not lent (the caller copies).
+        assert upload_landing._by_kernel(None, layers, 0, 8, 1 << 30) is None
+        del landing, keys, values
+        gc.collect()
+        again = upload_landing._by_kernel(None, layers, 8, 16, 1 << 30)
+        assert again is not None and again.result()[0].tobytes() == _want(layers, 8, 16)[0].tobytes()
+        assert fake.launches == 4  # checked once per process
+    finally:
+        selfcheck.reset()
+
+
+def test_a_landing_kernel_that_gives_other_bytes_is_disabled_and_the_copy_serves(monkeypatch, rng):
+    fake = _FakeDevice(monkeypatch, wrong=True)
+    monkeypatch.setattr(device_memory, "_cudart", lambda: object())  # a CUDA process
+    layers = _layers(rng)
+    try:
+        selfcheck.reset()
+        landing = land(layers, 3, 30, 1 << 30)
+        assert landing.route == "copied" and fake.launches == 1
+        assert selfcheck.kernel_report()["upload_landing"].startswith("disabled")
+        keys, values = landing.result()
+        want = _want(layers, 3, 30)
+        assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
+        assert land(layers, 3, 30, 1 << 30).route == "copied" and fake.launches == 1
+    finally:
+        selfcheck.reset()
+
+
+def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_again(monkeypatch,
+                                                                                     rng):
+    fake = _FakeDevice(monkeypatch)
+    layers = _layers(rng)
+    monkeypatch.setattr(upload_landing, "_abandoned", [])
+    try:
+        selfcheck.reset()
+        upload_landing._by_kernel(None, layers, 0, 4, 1 << 30).result()  # checked, waited
+        gc.collect()
+        assert upload_landing._abandoned == []
+        fake.signal = False
+        landing = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
+        with pytest.raises(TqstoreError, match="did not finish"):
+            landing.result(timeout=0.05)
+        del landing
+        gc.collect()
+        assert len(upload_landing._abandoned) == 1
+        assert upload_landing._by_kernel(None, layers, 0, 4, 1 << 30) is None  # still held
+        # Dropped without waiting: also kept for good (a late kernel may still write).
+        monkeypatch.setattr(upload_landing, "_abandoned", [])
+        monkeypatch.setattr(upload_landing, "landing_staging",
+                            PinnedStaging(fake._allocate, lambda a: None))
+        dropped = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
+        assert dropped is not None
+        del dropped
+        gc.collect()
+        assert len(upload_landing._abandoned) == 1
+    finally:
+        selfcheck.reset()
+
+
+def test_over_the_cap_or_another_dtype_the_copy_serves(monkeypatch, rng):
+    _FakeDevice(monkeypatch)
+    monkeypatch.setattr(device_memory, "_cudart", lambda: object())
+    layers = _layers(rng)
+    try:
+        selfcheck.reset()
+        assert land(layers, 0, 40, 1000).route == "copied"  # cap of 1,000 bytes
+        wide = [tuple(x.astype(mx.float32) for x in pair) for pair in layers]
+        landing = land(wide, 0, 10, 1 << 30)
+        assert landing.route == "copied" and landing.result()[0].dtype == np.float32
+    finally:
+        selfcheck.reset()

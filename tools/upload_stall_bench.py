@@ -1,0 +1,159 @@
+"""Does uploading a prefill's blocks stall decode? Cold runs with and without a daemon, in one
+run on one machine (issue 16: "uploads never stall decode or the first token").
+
+Per prompt length, cold runs on fresh random prompts (each one a miss), `--repeats` of each:
+- none: CachedGenerator without a daemon: nothing is uploaded (the baseline);
+- landing: with a daemon; the upload's device-to-host copy goes by the backend's route in
+  tqstore.upload_landing (a kernel into pinned memory on CUDA, numpy views on unified memory)
+  and the upload thread waits for it;
+- copied: with a daemon; the copy runs on the generating thread inside the first decode step
+  (what every upload did before upload_landing; forced here by turning its routes off).
+Reported per run: TTFT, the first decode step after the first token (first_step_s: it also
+quantizes the prompt's last block, in every mode), steady decode tokens/s (while the Put is
+in flight), the landing's route and when the upload thread had the bytes, and the whole upload.
+
+    python3 tools/upload_stall_bench.py --shape llama3-8b --sizes 8192 32768 --block 2048  # GPU
+    python3 tools/upload_stall_bench.py --shape smollm2 --sizes 2048 8000                  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
+from gpu_bench_inputs import SHAPES, emit, log  # noqa: E402
+
+
+def _steady_tps(report) -> float:
+    """Decode tokens/s after the first decode step (the report's figure includes it)."""
+    after_first = len(report.token_ids) - 1
+    seconds = after_first / report.decode_tokens_per_s - report.first_step_s
+    return (after_first - 1) / seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES) + ["smollm2"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--block", type=int, default=None, help="store block (default: the backend's)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--pool-gib", type=float, default=8.0)
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args()
+
+    import mlx.core as mx
+    import numpy as np
+
+    from tqstore import upload_landing
+    from tqstore.client import KvStoreClient
+    from tqstore.generator import CachedGenerator
+    from tqstore.models.smollm2 import load_smollm2
+    from tqstore.servers import ServerProcess, free_port, tqstore_argv
+
+    if args.shape == "smollm2":
+        loaded = load_smollm2()
+    else:
+        from hit_gpu_bench import build_model
+        loaded = build_model(args.shape, 0)
+    log(f"{args.shape} on {mx.default_device()}")
+    store = tempfile.mkdtemp(prefix="tqstore-upload-stall-")
+    address = f"127.0.0.1:{free_port()}"
+    daemon = ServerProcess("daemon", tqstore_argv("serve", "--path", store, "--listen", address,
+                                                  "--max-gib", "200"), Path(store) / "daemon.log")
+    landings: list = []
+    real_land = upload_landing.land
+
+    def recording_land(*a, **k):
+        landing = real_land(*a, **k)
+        landings.append(landing)
+        return landing
+
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        probe = KvStoreClient(address)
+        daemon.wait_ready(lambda: probe.is_serving(timeout=1), 120)
+        with KvStoreClient(address) as client:
+            kw = dict(block_size=args.block, pool_budget_bytes=int(args.pool_gib * 2**30))
+            gens = {"none": CachedGenerator(loaded, None, **kw),
+                    "landing": CachedGenerator(loaded, client, **kw)}
+            gens["copied"] = gens["landing"]
+            for size in args.sizes:
+                vocab = loaded.tokenizer.vocab_size - 1
+                # warm-up: each generator once at this length (kernels compiled, the pool and
+                # the pinned landing buffer sized: growing it is paid once per process)
+                for mode in ("none", "landing"):
+                    r = gens[mode].generate(rng.integers(0, vocab, size).tolist(), 4)
+                    if r.upload is not None:
+                        r.upload.result()
+                runs = {m: [] for m in ("none", "landing", "copied")}
+                for _ in range(args.repeats):
+                    for mode in runs:
+                        ids = rng.integers(0, vocab, size).tolist()
+                        landings.clear()
+                        saved = upload_landing._by_kernel, upload_landing._by_views
+                        upload_landing.land = recording_land
+                        if mode == "copied":
+                            upload_landing._by_kernel = lambda *a: None
+                            upload_landing._by_views = lambda *a: None
+                        import tqstore.generator as generator_module
+                        generator_module.land = recording_land
+                        try:
+                            report = gens[mode].generate(ids, args.max_tokens)
+                            t = time.perf_counter()
+                            if report.upload is not None:
+                                report.upload.result()
+                        finally:
+                            upload_landing._by_kernel, upload_landing._by_views = saved
+                            upload_landing.land = real_land
+                            generator_module.land = real_land
+                        landing = landings[0] if landings else None
+                        runs[mode].append({
+                            "ttft_s": report.ttft_s, "first_step_s": report.first_step_s,
+                            # steady: after the first decode step
+                            "decode_tps": _steady_tps(report),
+                            "route": landing.route if landing else None,
+                            "landed_after_s": getattr(landing, "ready_s", None),
+                            "upload_left_after_decode_s": time.perf_counter() - t,
+                            "uploaded_blocks": report.upload.result() if report.upload else 0})
+                        mx.clear_cache()
+
+                def med(mode: str, key: str) -> float:
+                    return statistics.median(r[key] for r in runs[mode])
+
+                row = {"prompt_tokens": size, "runs": runs}
+                for mode in ("landing", "copied"):
+                    row[f"{mode}_first_step_over_none"] = (med(mode, "first_step_s")
+                                                           / med("none", "first_step_s"))
+                    row[f"{mode}_decode_tps_over_none"] = (med(mode, "decode_tps")
+                                                           / med("none", "decode_tps"))
+                rows.append(row)
+                log(f"{size} tokens: first decode step (median s) none {med('none', 'first_step_s'):.4f}, "
+                    f"landing {med('landing', 'first_step_s'):.4f} "
+                    f"({row['landing_first_step_over_none']:.2f}x, route "
+                    f"{runs['landing'][0]['route']}, bytes ready after "
+                    f"{runs['landing'][0]['landed_after_s']}), copied "
+                    f"{med('copied', 'first_step_s'):.4f} ({row['copied_first_step_over_none']:.2f}x); "
+                    f"decode tok/s none {med('none', 'decode_tps'):.1f}, landing "
+                    f"{med('landing', 'decode_tps'):.1f}, copied {med('copied', 'decode_tps'):.1f}; "
+                    f"TTFT none {med('none', 'ttft_s'):.3f} landing {med('landing', 'ttft_s'):.3f} s")
+    finally:
+        daemon.stop(grace=10)
+    emit({"machine": f"{platform.machine()} {os.cpu_count()} cores, {mx.default_device()}",
+          "shape": args.shape, "rows": rows}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
