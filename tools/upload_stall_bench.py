@@ -49,6 +49,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--pool-gib", type=float, default=8.0)
+    ap.add_argument("--landing-blocks", type=int, nargs="+", default=[64],
+                    help="thread blocks of the landing kernel to compare (CUDA; one mode each)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -88,7 +90,10 @@ def main() -> int:
             kw = dict(block_size=args.block, pool_budget_bytes=int(args.pool_gib * 2**30))
             gens = {"none": CachedGenerator(loaded, None, **kw),
                     "landing": CachedGenerator(loaded, client, **kw)}
-            gens["copied"] = gens["landing"]
+            landing_modes = [f"landing{n}" for n in args.landing_blocks]
+            for mode in landing_modes + ["copied"]:
+                gens[mode] = gens["landing"]
+            default_threads = upload_landing._MAX_THREADS
             for size in args.sizes:
                 vocab = loaded.tokenizer.vocab_size - 1
                 # warm-up: each generator once at this length (kernels compiled, the pool and
@@ -97,13 +102,15 @@ def main() -> int:
                     r = gens[mode].generate(rng.integers(0, vocab, size).tolist(), 4)
                     if r.upload is not None:
                         r.upload.result()
-                runs = {m: [] for m in ("none", "landing", "copied")}
+                runs = {m: [] for m in ["none"] + landing_modes + ["copied"]}
                 for _ in range(args.repeats):
                     for mode in runs:
                         ids = rng.integers(0, vocab, size).tolist()
                         landings.clear()
                         saved = upload_landing._by_kernel, upload_landing._by_views
                         upload_landing.land = recording_land
+                        if mode.startswith("landing") and mode != "landing":
+                            upload_landing._MAX_THREADS = int(mode[7:]) * upload_landing._THREADS
                         if mode == "copied":
                             upload_landing._by_kernel = lambda *a: None
                             upload_landing._by_views = lambda *a: None
@@ -116,6 +123,7 @@ def main() -> int:
                                 report.upload.result()
                         finally:
                             upload_landing._by_kernel, upload_landing._by_views = saved
+                            upload_landing._MAX_THREADS = default_threads
                             upload_landing.land = real_land
                             generator_module.land = real_land
                         landing = landings[0] if landings else None
@@ -133,21 +141,19 @@ def main() -> int:
                     return statistics.median(r[key] for r in runs[mode])
 
                 row = {"prompt_tokens": size, "runs": runs}
-                for mode in ("landing", "copied"):
+                for mode in landing_modes + ["copied"]:
                     row[f"{mode}_first_step_over_none"] = (med(mode, "first_step_s")
                                                            / med("none", "first_step_s"))
                     row[f"{mode}_decode_tps_over_none"] = (med(mode, "decode_tps")
                                                            / med("none", "decode_tps"))
                 rows.append(row)
-                log(f"{size} tokens: first decode step (median s) none {med('none', 'first_step_s'):.4f}, "
-                    f"landing {med('landing', 'first_step_s'):.4f} "
-                    f"({row['landing_first_step_over_none']:.2f}x, route "
-                    f"{runs['landing'][0]['route']}, bytes ready after "
-                    f"{runs['landing'][0]['landed_after_s']}), copied "
-                    f"{med('copied', 'first_step_s'):.4f} ({row['copied_first_step_over_none']:.2f}x); "
-                    f"decode tok/s none {med('none', 'decode_tps'):.1f}, landing "
-                    f"{med('landing', 'decode_tps'):.1f}, copied {med('copied', 'decode_tps'):.1f}; "
-                    f"TTFT none {med('none', 'ttft_s'):.3f} landing {med('landing', 'ttft_s'):.3f} s")
+                log(f"{size} tokens (medians): " + "; ".join(
+                    f"{m}: first step {med(m, 'first_step_s'):.4f} s"
+                    + (f" ({row[m + '_first_step_over_none']:.2f}x none)" if m != "none" else "")
+                    + f", decode {med(m, 'decode_tps'):.1f} tok/s, TTFT {med(m, 'ttft_s'):.3f} s"
+                    + (f", route {runs[m][0]['route']}, bytes ready after "
+                       f"{runs[m][0]['landed_after_s'] or 0:.4f} s" if m != "none" else "")
+                    for m in runs))
     finally:
         daemon.stop(grace=10)
     emit({"machine": f"{platform.machine()} {os.cpu_count()} cores, {mx.default_device()}",
