@@ -56,12 +56,12 @@ class _FakeDevice:
     def __init__(self, monkeypatch, wrong: bool = False, signal: bool = True) -> None:
         self.wrong, self.signal, self.launches = wrong, signal, 0
         self.memory: dict[int, np.ndarray] = {}
-        staging = PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
-        monkeypatch.setattr(upload_landing, "landing_staging", staging)
+        self.buffers = tuple(PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
+                             for _ in range(2))
+        monkeypatch.setattr(upload_landing, "landing_buffers", self.buffers)
         monkeypatch.setattr(upload_landing, "_device_address", lambda runtime, host: host.ctypes.data)
         monkeypatch.setattr(upload_landing, "_side_stream", lambda: mx.default_stream(mx.cpu))
         monkeypatch.setattr(upload_landing, "_launch", self._launch)
-        self.staging = staging
 
     def _allocate(self, size: int) -> int:
         buf = np.zeros(size, np.uint8)
@@ -81,26 +81,39 @@ class _FakeDevice:
         return mx.zeros((1,), mx.uint32)
 
 
-def test_the_kernel_route_lends_its_buffer_until_the_landed_arrays_are_gone(monkeypatch, rng):
+def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(monkeypatch, rng):
     fake = _FakeDevice(monkeypatch)
     layers = _layers(rng)
     try:
         selfcheck.reset()
-        landing = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
-        assert landing is not None and landing.route == "kernel"
+        first = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
+        assert first is not None and first.route == "kernel"
         assert selfcheck.kernel_report()["upload_landing"].startswith("ok")
         assert fake.launches == 3  # the self-check's two head dims, then the landing
-        keys, values = landing.result()
+        keys, values = first.result()
         want = _want(layers, 0, 40)
         assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
-        assert fake.staging.holds(keys.ctypes.data, keys.nbytes)
-        # A second upload while this one's bytes are alive: not lent (the caller copies).
+        assert fake.buffers[0].holds(keys.ctypes.data, keys.nbytes)
+        with pytest.raises(TqstoreError, match="once"):
+            first.result()
+        # A second upload while those bytes are alive lands in the second buffer; a third
+        # finds both held (the caller then copies).
+        second = upload_landing._by_kernel(None, layers, 8, 16, 1 << 30)
+        assert second is not None
+        got = second.result()[0]
+        assert fake.buffers[1].holds(got.ctypes.data, got.nbytes)
+        assert got.tobytes() == _want(layers, 8, 16)[0].tobytes()
         assert upload_landing._by_kernel(None, layers, 0, 8, 1 << 30) is None
-        del landing, keys, values
+        # The first landing object still exists, its arrays are gone: its buffer is free.
+        del keys, values
         gc.collect()
-        again = upload_landing._by_kernel(None, layers, 8, 16, 1 << 30)
-        assert again is not None and again.result()[0].tobytes() == _want(layers, 8, 16)[0].tobytes()
-        assert fake.launches == 4  # checked once per process
+        third = upload_landing._by_kernel(None, layers, 16, 24, 1 << 30)
+        assert third is not None
+        landed = third.result()[1]
+        assert fake.buffers[0].holds(landed.ctypes.data, landed.nbytes)
+        assert landed.tobytes() == _want(layers, 16, 24)[1].tobytes()
+        assert fake.launches == 5  # checked once per process
+        assert first is not None
     finally:
         selfcheck.reset()
 
@@ -139,11 +152,11 @@ def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_aga
         del landing
         gc.collect()
         assert len(upload_landing._abandoned) == 1
-        assert upload_landing._by_kernel(None, layers, 0, 4, 1 << 30) is None  # still held
+        assert fake.buffers[0].lease(4, 1 << 30) is None  # still held, for good
         # Dropped without waiting: also kept for good (a late kernel may still write).
         monkeypatch.setattr(upload_landing, "_abandoned", [])
-        monkeypatch.setattr(upload_landing, "landing_staging",
-                            PinnedStaging(fake._allocate, lambda a: None))
+        monkeypatch.setattr(upload_landing, "landing_buffers",
+                            (PinnedStaging(fake._allocate, lambda a: None),))
         dropped = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
         assert dropped is not None
         del dropped

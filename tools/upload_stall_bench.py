@@ -135,6 +135,8 @@ def main() -> int:
                             "landed_after_s": getattr(landing, "ready_s", None),
                             "upload_left_after_decode_s": time.perf_counter() - t,
                             "uploaded_blocks": report.upload.result() if report.upload else 0})
+                        del landing, report  # nothing of this run holds a landing buffer
+                        landings.clear()
                         mx.clear_cache()
 
                 def med(mode: str, key: str) -> float:

@@ -9,7 +9,7 @@ thread calls ``Landing.result()``, which waits for the bytes, and builds the Put
 
 - ``kernel`` (CUDA): per layer, a copy kernel on a side stream reads the K/V slice from device
   memory and writes it over the bus into a pinned, device-mapped host buffer (its own
-  PinnedStaging, ``landing_staging``, so a restore's staging buffer stays free for the next hit).
+  PinnedStaging, ``landing_buffers``, so a restore's staging buffer stays free for the next hit).
   A last kernel, ordered after every copy, writes a fresh token into a flag word of that buffer;
   ``result()`` polls the flag, so the upload thread never calls into MLX (MLX must not evaluate
   on two threads at once). Every copy thread fences its writes system-wide before it ends, so
@@ -57,7 +57,10 @@ _WAIT_S = 300.0  # result() gives up after this long (the buffer is then never l
 _POLL_S = 0.0002
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 
-landing_staging = PinnedStaging()  # the process's pinned buffer for uploads in flight
+# The process's pinned buffers for uploads in flight: two, so that an upload landing while
+# another's blocks are still being cut out of the first buffer does not stall on the copy. The
+# second grows only when the first is held; each is capped by ClientConfig.staging_bytes.
+landing_buffers = (PinnedStaging(), PinnedStaging())
 routes: Counter = Counter()  # landings per route, for tests and logs
 _tokens = itertools.count(1)  # a flag value no earlier landing wrote
 _abandoned: list[np.ndarray] = []  # leases whose landing never signalled: never lent again
@@ -111,32 +114,35 @@ _SIGNAL_SOURCE = """
 
 
 class Landing:
-    """K and V slices on their way to host memory; ``result()`` (on any thread) gives them as
-    (layers, heads, tokens, dim) arrays."""
+    """K and V slices on their way to host memory. ``result()``, once, on any thread, gives
+    them as (layers, heads, tokens, dim) arrays and lets go of everything else: the landing
+    buffer is then free as soon as the caller drops those arrays (the upload copies its blocks
+    out of them before its Put), and the views route stops holding the MLX arrays."""
 
     def __init__(self, route: str, make: Callable[[float], tuple[np.ndarray, np.ndarray]],
                  lease: np.ndarray | None = None):
         self.route = route
-        self._make = make
+        self._make: Callable | None = make
         self.started = time.perf_counter()  # land() sets it to when the landing began
         self.ready_s: float | None = None  # seconds from then until result() had the bytes
-        self._waited = [lease is None]
+        self._pending = [lease] if lease is not None else []
         if lease is not None:
             # A kernel landing dropped unwaited may still be writing: its lease is then never
-            # lent again (waited, it is free once the returned arrays are gone).
-            weakref.finalize(self, _keep_unless_waited, lease, self._waited)
+            # lent again.
+            weakref.finalize(self, _keep_if_pending, self._pending)
 
     def result(self, timeout: float = _WAIT_S) -> tuple[np.ndarray, np.ndarray]:
+        if self._make is None:
+            raise TqstoreError("a landing's result is taken once")
         got = self._make(timeout)
-        self._waited[0] = True
-        if self.ready_s is None:
-            self.ready_s = time.perf_counter() - self.started
+        self._make = None
+        self._pending.clear()
+        self.ready_s = time.perf_counter() - self.started
         return got
 
 
-def _keep_unless_waited(lease: np.ndarray, waited: list[bool]) -> None:
-    if not waited[0]:
-        _abandoned.append(lease)
+def _keep_if_pending(pending: list[np.ndarray]) -> None:
+    _abandoned.extend(pending)
 
 
 def land(layers: list[tuple[mx.array, mx.array]], start: int, stop: int, cap: int) -> Landing:
@@ -252,8 +258,11 @@ def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | No
            for x in pair):
         return None
     shapes, offsets, size = _layout(layers, start, stop)
-    lease = landing_staging.lease(max(size, _CHECK_BYTES), cap)
-    if lease is None:
+    for buffer in landing_buffers:
+        lease = buffer.lease(max(size, _CHECK_BYTES), cap)
+        if lease is not None:
+            break
+    else:
         return None
     base = _device_address(runtime, lease)
     if base is None:
