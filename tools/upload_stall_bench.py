@@ -13,7 +13,7 @@ quantizes the prompt's last block, in every mode), steady decode tokens/s (while
 in flight), the landing's route and when the upload thread had the bytes, and the whole upload.
 
     python3 tools/upload_stall_bench.py --shape llama3-8b --sizes 8192 32768 --block 2048  # GPU
-    python3 tools/upload_stall_bench.py --shape smollm2 --sizes 2048 8000                  # CPU
+    python3 tools/upload_stall_bench.py --shape smollm2 --sizes 2048 --repeats 3 --max-tokens 16  # CPU
 """
 
 from __future__ import annotations
@@ -48,11 +48,15 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=None, help="store block (default: the backend's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--pool-gib", type=float, default=8.0)
+    ap.add_argument("--pool-gib", type=float, default=None,
+                    help="each generator's pool (default 8; 1 for smollm2: two 8 GiB pools "
+                         "swapped the 24 GiB CPU VM)")
     ap.add_argument("--landing-blocks", type=int, nargs="+", default=[64],
                     help="thread blocks of the landing kernel to compare (CUDA; one mode each)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
+    if args.pool_gib is None:
+        args.pool_gib = 1.0 if args.shape == "smollm2" else 8.0
 
     import mlx.core as mx
     import numpy as np
