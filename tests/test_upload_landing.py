@@ -16,7 +16,7 @@ from tqstore import device_memory, upload_landing
 from tqstore.device_memory import PinnedStaging
 from tqstore.errors import TqstoreError
 from tqstore.metal import selfcheck
-from tqstore.upload_landing import land
+from tqstore.upload_landing import land, then
 
 
 def _layers(rng, count=3, heads=2, tokens=40, dim=64):
@@ -32,21 +32,30 @@ def _want(layers, start, stop):
 
 
 def test_a_landing_gives_every_layers_slice_bit_for_bit_by_the_backends_route(rng):
-    """The GPU suite runs this on CUDA: the kernel route, its self-check passed."""
+    """The GPU suite runs this on CUDA: the kernel route, its self-check passed. The bytes are
+    taken on another thread after the caller dropped its arrays and MLX reused memory (the
+    views route must keep the arrays alive; the kernel route has them on the host already)."""
     layers = _layers(rng)
     want = _want(layers, 5, 37)
     on_cuda = device_memory._cudart() is not None
     landing = land(layers, 5, 37, 1 << 30)
     assert landing.route == ("kernel" if on_cuda else "views")
-    keys, values = landing.result()
-    assert keys.shape == (3, 2, 32, 64) and keys.dtype == np.float16
-    assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
-    # The same slice of arrays made later (the views route keeps its arrays alive, and MLX
-    # never writes into an array someone holds).
     del layers
     gc.collect()
-    mx.eval(mx.ones((4, 1 << 16)) * 3)
-    assert keys.tobytes() == want[0].tobytes()
+    mx.eval([mx.ones((3, 2, 40, 64), mx.float16) * i for i in range(8)])
+    keys, values = then(landing, lambda k, v: (k.copy(), v.copy())).result(timeout=60)
+    assert keys.shape == (3, 2, 32, 64) and keys.dtype == np.float16
+    assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
+
+
+def test_a_landing_refuses_positions_or_layers_it_cannot_hold(rng):
+    layers = _layers(rng)
+    for start, stop in ((5, 41), (-1, 4), (7, 7)):
+        with pytest.raises(TqstoreError, match="one shape"):
+            land(layers, start, stop, 1 << 30)
+    ragged = layers[:2] + [tuple(x[:, :, :20] for x in layers[2])]
+    with pytest.raises(TqstoreError, match="one shape"):
+        land(ragged, 0, 10, 1 << 30)
 
 
 class _FakeDevice:
@@ -56,8 +65,7 @@ class _FakeDevice:
     def __init__(self, monkeypatch, wrong: bool = False, signal: bool = True) -> None:
         self.wrong, self.signal, self.launches = wrong, signal, 0
         self.memory: dict[int, np.ndarray] = {}
-        self.buffers = tuple(PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
-                             for _ in range(2))
+        self.buffers = (PinnedStaging(self._allocate, lambda address: self.memory.pop(address)),)
         monkeypatch.setattr(upload_landing, "landing_buffers", self.buffers)
         monkeypatch.setattr(upload_landing, "_device_address", lambda runtime, host: host.ctypes.data)
         monkeypatch.setattr(upload_landing, "_side_stream", lambda: mx.default_stream(mx.cpu))
@@ -96,15 +104,9 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
         assert fake.buffers[0].holds(keys.ctypes.data, keys.nbytes)
         with pytest.raises(TqstoreError, match="once"):
             first.result()
-        # A second upload while those bytes are alive lands in the second buffer; a third
-        # finds both held (the caller then copies).
-        second = upload_landing._by_kernel(None, layers, 8, 16, 1 << 30)
-        assert second is not None
-        got = second.result()[0]
-        assert fake.buffers[1].holds(got.ctypes.data, got.nbytes)
-        assert got.tobytes() == _want(layers, 8, 16)[0].tobytes()
+        # A second upload while those bytes are alive finds the buffer held (the caller
+        # copies); the first landing object still exists, its arrays gone: the buffer is free.
         assert upload_landing._by_kernel(None, layers, 0, 8, 1 << 30) is None
-        # The first landing object still exists, its arrays are gone: its buffer is free.
         del keys, values
         gc.collect()
         third = upload_landing._by_kernel(None, layers, 16, 24, 1 << 30)
@@ -112,7 +114,7 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
         landed = third.result()[1]
         assert fake.buffers[0].holds(landed.ctypes.data, landed.nbytes)
         assert landed.tobytes() == _want(layers, 16, 24)[1].tobytes()
-        assert fake.launches == 5  # checked once per process
+        assert fake.launches == 4  # checked once per process
         assert first is not None
     finally:
         selfcheck.reset()
@@ -121,6 +123,7 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
 def test_a_landing_kernel_that_gives_other_bytes_is_disabled_and_the_copy_serves(monkeypatch, rng):
     fake = _FakeDevice(monkeypatch, wrong=True)
     monkeypatch.setattr(device_memory, "_cudart", lambda: object())  # a CUDA process
+    monkeypatch.setattr(upload_landing, "gpu_backend", lambda: "cuda")
     layers = _layers(rng)
     try:
         selfcheck.reset()
@@ -169,6 +172,7 @@ def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_aga
 def test_over_the_cap_or_another_dtype_the_copy_serves(monkeypatch, rng):
     _FakeDevice(monkeypatch)
     monkeypatch.setattr(device_memory, "_cudart", lambda: object())
+    monkeypatch.setattr(upload_landing, "gpu_backend", lambda: "cuda")
     layers = _layers(rng)
     try:
         selfcheck.reset()
@@ -178,3 +182,28 @@ def test_over_the_cap_or_another_dtype_the_copy_serves(monkeypatch, rng):
         assert landing.route == "copied" and landing.result()[0].dtype == np.float32
     finally:
         selfcheck.reset()
+
+
+def test_an_upload_chain_relays_the_puts_result_and_either_steps_error():
+    from concurrent.futures import Future
+
+    from tqstore.generator import _chain
+
+    def done(value=None, error=None) -> Future:
+        f: Future = Future()
+        f.set_exception(error) if error else f.set_result(value)
+        return f
+
+    first: Future = Future()
+    out = _chain(first, lambda made: done(made + 1))
+    assert not out.done()
+    first.set_result(1)
+    assert out.result(timeout=5) == 2
+    assert isinstance(_chain(done(error=TqstoreError("landing")), lambda m: done(m))
+                      .exception(timeout=5), TqstoreError)
+    assert isinstance(_chain(done(1), lambda m: done(error=ValueError("put"))).exception(timeout=5),
+                      ValueError)
+
+    def closed(made):
+        raise RuntimeError("cannot schedule new futures after shutdown")
+    assert isinstance(_chain(done(1), closed).exception(timeout=5), RuntimeError)

@@ -195,9 +195,9 @@ class ClientConfig:
         It is one buffer per process, kept once pinned. -1 (default): 8 GiB or a quarter of
         the memory this process may use (the RAM, or the cgroup's limit where lower),
         whichever is less (8 GiB: a 32k-token prefix of an 8B model); 0: off. The same cap
-        applies to each of the two buffers uploads land in (tqstore.upload_landing; the second
-        grows only while the first is held), so a generating process pins at most three times
-        this; an upload larger than the cap is copied on the generating thread (a pause).
+        applies to the buffer uploads land in (tqstore.upload_landing), so a generating
+        process pins at most twice this; an upload larger than the cap is copied on the
+        generating thread (a pause).
     fetch_streams: concurrent Fetch streams, each on its own connection, of one gRPC fetch;
         a fetch is split only where each stream carries at least min_stream_bytes, so small
         fetches and misses stay one call.

@@ -355,8 +355,9 @@ class PinnedStaging:
                 new = self._allocate(grown)
                 if not new:  # the old buffer stays; this size is not tried again
                     self._failed = nbytes
-                    log.warning("could not pin %d bytes for fetched prefixes: prefixes of %d "
-                                "bytes or more use pageable memory", grown, nbytes)
+                    log.warning("could not pin %d bytes of staging (fetched prefixes or uploads "
+                                "landing): %d bytes or more go through pageable memory", grown,
+                                nbytes)
                     return None
                 self._span = (new, grown)
                 if pointer:

@@ -52,7 +52,7 @@ from tqstore.models.loader import LoadedModel
 from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, release_prompt_cache
 from tqstore.paged.cache import model_kv_layout
 from tqstore.prefix_hash import Namespace
-from tqstore.upload_landing import land, warm_up_landing
+from tqstore.upload_landing import land, then, warm_up_landing
 
 DEFAULT_STORE_BLOCK = 256  # tokens per SSD block: oMLX and LMCache use 256 too
 # On CUDA the prefill chunk (= the store block, for exact hits) decides the cold TTFT: on an H100
@@ -206,13 +206,15 @@ class CachedGenerator:
             if full <= first and not tail:
                 return
             # This runs inside the first decode step: the copy to the host only starts here
-            # (a kernel into pinned memory on CUDA, views on unified memory) and the upload
-            # thread waits for it, slices the blocks and Puts them (tqstore.upload_landing).
+            # (a kernel into pinned memory on CUDA, views on unified memory); the landing thread
+            # waits for it and cuts the blocks, the upload thread Puts them
+            # (tqstore.upload_landing).
             a, b = first * bs, full * bs + tail
             landing = land([per_layer[i] for i in range(num_layers)], a, b, self.staging_cap)
-            started.append(self.client.put_async_lazy(
-                self.namespace, prompt_ids[:b], first,
-                lambda: _payloads(*landing.result(), full - first, bs, tail)))
+            blocks = then(landing, lambda keys, values: _payloads(keys, values, full - first,
+                                                                  bs, tail))
+            started.append(_chain(blocks, lambda made: self.client.put_async_lazy(
+                self.namespace, prompt_ids[:b], first, lambda: made)))
 
         return on_prefill
 
@@ -346,6 +348,29 @@ def prefill_bounds(start: int, total: int, chunk: int) -> list[int]:
     bounds += range((start // chunk + 1) * chunk, total - 1, chunk)
     bounds += [total - 1, total]
     return [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
+
+
+def _chain(first: Future, start_next: Callable[[object], Future]) -> Future:
+    """A future of start_next(first's result)'s result; either one's error lands in it."""
+    out: Future = Future()
+
+    def relay(done: Future) -> None:
+        if done.exception() is not None:
+            out.set_exception(done.exception())
+        else:
+            out.set_result(done.result())
+
+    def started(done: Future) -> None:
+        if done.exception() is not None:
+            out.set_exception(done.exception())
+            return
+        try:
+            start_next(done.result()).add_done_callback(relay)
+        except Exception as exc:  # noqa: BLE001  (the client closed meanwhile, ...)
+            out.set_exception(exc)
+
+    first.add_done_callback(started)
+    return out
 
 
 def _payloads(keys: np.ndarray, values: np.ndarray, count: int, block: int,

@@ -4,22 +4,29 @@ The upload hook (tqstore.generator.CachedGenerator.upload_hook) fires inside the
 step, when the last layer finishes its prefill. Copying the new blocks to the host there, on the
 generating thread, delays that step by the copy: on CUDA ``np.array`` of an MLX array also makes
 MLX move the whole device buffer into fresh managed memory first (~0.05 s per GB measured on the
-H100, plus the copy itself). ``land()`` instead starts the copy and returns at once; the upload
-thread calls ``Landing.result()``, which waits for the bytes, and builds the Put from them. Routes:
+H100, plus the copy itself: 1.1 s at 8k tokens of an 8B shape, 5 s at 32k). ``land()`` instead
+starts the copy and returns at once; ``then()`` waits for the bytes on a landing thread of its
+own, which cuts the blocks out of them (freeing the landing's buffer) and hands them to the
+upload thread's Put. Routes:
 
 - ``kernel`` (CUDA): per layer, a copy kernel on a side stream reads the K/V slice from device
   memory and writes it over the bus into a pinned, device-mapped host buffer (its own
   PinnedStaging, ``landing_buffers``, so a restore's staging buffer stays free for the next hit).
   A last kernel, ordered after every copy, writes a fresh token into a flag word of that buffer;
-  ``result()`` polls the flag, so the upload thread never calls into MLX (MLX must not evaluate
+  ``result()`` polls the flag, so the landing thread never calls into MLX (MLX must not evaluate
   on two threads at once). Every copy thread fences its writes system-wide before it ends, so
   the host that sees the token sees every byte (the CUDA memory model's fence-then-flag).
 - ``views`` (unified memory: CPU, Metal): the evaluated K/V are seen through numpy without a copy
-  now; the slicing copy runs on the upload thread. The views keep the MLX arrays alive, so MLX
+  now; the slicing copy runs on the landing thread. The views keep the MLX arrays alive, so MLX
   never reuses their buffers meanwhile.
 - ``copied``: the old way, on the generating thread (a stall): CUDA when the landing buffer is
   held by another upload, over the cap (``ClientConfig.staging_bytes``), not pinnable, a dtype
-  other than fp16, or the kernel failed its self-check.
+  other than fp16, libcudart is missing, or the kernel failed its self-check.
+
+Measured (docs/BENCHMARKS.md, "Uploads off the generating thread"): on the H100 the landing runs
+at 43-49 GB/s, but the first decode step still grows by about its duration (8k +16 ms, 32k
++86 ms); why it waits is not known yet. Growing the pinned buffer (the first upload longer than
+any before, past the warm-up's 256 MB) also happens on the generating thread.
 
 The copy kernel passes the kernels' shared first-use self-check (tqstore.metal.selfcheck,
 "upload_landing"): a small landing must come back bit for bit, else the kernel is disabled for
@@ -36,7 +43,8 @@ import threading
 import time
 import weakref
 from collections import Counter
-from typing import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -44,8 +52,10 @@ import numpy as np
 from tqstore import device_memory
 from tqstore.device_memory import PinnedStaging
 from tqstore.errors import TqstoreError
+from tqstore.metal.attention_kernel import gpu_backend
 
 log = logging.getLogger("tqstore.upload_landing")
+T = TypeVar("T")
 
 _ALIGN = 256  # each staged array starts on a 256-byte boundary (16-byte words in the kernel)
 _THREADS = 256
@@ -54,13 +64,16 @@ _THREADS = 256
 _MAX_THREADS = 64 * _THREADS
 _KERNEL = "upload_landing"  # its name in the kernels' self-check
 _WAIT_S = 300.0  # result() gives up after this long (the buffer is then never lent again)
-_POLL_S = 0.0002
+_POLL_S = 0.0002  # the first pause between looks at the flag; it doubles up to _POLL_MAX_S
+_POLL_MAX_S = 0.002
+_barrier = threading.Lock()
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 
-# The process's pinned buffers for uploads in flight: two, so that an upload landing while
-# another's blocks are still being cut out of the first buffer does not stall on the copy. The
-# second grows only when the first is held; each is capped by ClientConfig.staging_bytes.
-landing_buffers = (PinnedStaging(), PinnedStaging())
+# The process's pinned buffers for uploads in flight (capped by ClientConfig.staging_bytes).
+# One: a landing holds it only until the drain thread has cut its blocks out (then() below),
+# ~0.1 s for 1 GB, so two prefills rarely end that close together; the second of such a pair is
+# copied on the generating thread.
+landing_buffers = (PinnedStaging(),)
 routes: Counter = Counter()  # landings per route, for tests and logs
 _tokens = itertools.count(1)  # a flag value no earlier landing wrote
 _abandoned: list[np.ndarray] = []  # leases whose landing never signalled: never lent again
@@ -142,18 +155,39 @@ class Landing:
 
 
 def _keep_if_pending(pending: list[np.ndarray]) -> None:
+    if pending:
+        log.warning("an upload's landing was dropped before its copy was seen to finish: its "
+                    "pinned buffer is not lent again in this process")
     _abandoned.extend(pending)
+
+
+_drain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tqstore-landing")
+
+
+def then(landing: Landing, make: Callable[[np.ndarray, np.ndarray], T]) -> Future:
+    """make(keys, values) on the landing thread as soon as the bytes are there, as a Future.
+    Why a thread of its own: the upload thread reaches a landing only when the Puts queued
+    before it are done (seconds each for long prompts), and a landing holds its pinned buffer
+    until its bytes are taken; make() should copy what it needs out of them (the blocks)."""
+    return _drain.submit(lambda: make(*landing.result()))
 
 
 def land(layers: list[tuple[mx.array, mx.array]], start: int, stop: int, cap: int) -> Landing:
     """Start moving positions [start, stop) of every layer's evaluated (1, heads, T, dim) K
     and V to host memory; cap: the most pinned bytes the landing buffer may grow to."""
     started = time.perf_counter()
+    k0, v0 = layers[0]
+    if not (0 <= start < stop <= k0.shape[2]) or any(
+            k.shape != k0.shape or v.shape != v0.shape for k, v in layers):
+        raise TqstoreError(f"a landing of positions [{start}, {stop}) needs every layer's K and "
+                           f"V of one shape holding them (layer 0: {k0.shape}, {v0.shape})")
     runtime = device_memory._cudart()
-    if runtime is None:
-        landing = _by_views(layers, start, stop)
-    else:
+    if gpu_backend() != "cuda":
+        landing = _by_views(layers, start, stop)  # unified memory: host-addressable
+    elif runtime is not None:
         landing = _by_kernel(runtime, layers, start, stop, cap)
+    else:
+        landing = None  # CUDA without libcudart: copied (numpy views would move the buffers)
     if landing is None:
         landing = _copied(layers, start, stop)
     routes[landing.route] += 1
@@ -175,6 +209,8 @@ def _by_views(layers, start: int, stop: int) -> Landing | None:
         return None  # a dtype numpy cannot view (bfloat16): copied
 
     def make(timeout: float) -> tuple[np.ndarray, np.ndarray]:
+        # The views keep the MLX arrays alive until result() lets go of them: MLX then frees
+        # them on this thread, which its allocator (locked) allows.
         return (np.stack([k[0, :, start:stop] for k in keys]),
                 np.stack([v[0, :, start:stop] for v in values]))
     return Landing("views", make)
@@ -245,12 +281,16 @@ def _launch(layers, start: int, stop: int, base: int, offsets: list[int], token:
 def _wait_for(flag: np.ndarray, token: int, timeout: float) -> None:
     """Poll the flag word for token. On timeout the landing stays unwaited, so its lease is
     kept for good when it is dropped (Landing): a late kernel may still write there."""
-    deadline = time.monotonic() + timeout
+    deadline, pause = time.monotonic() + timeout, _POLL_S
     while int(flag[0]) != token:
         if time.monotonic() > deadline:
             raise TqstoreError(f"the upload's device-to-host copy did not finish in {timeout:.0f} "
                                "s; the blocks are not uploaded")
-        time.sleep(_POLL_S)
+        time.sleep(pause)
+        pause = min(2 * pause, _POLL_MAX_S)  # each wake-up takes the GIL from decode
+    # An acquire barrier before reading the bytes (x86 orders loads anyway; ARM hosts do not).
+    with _barrier:
+        pass
 
 
 def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | None:
@@ -281,6 +321,8 @@ def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | No
     except Exception as exc:  # noqa: BLE001  (a kernel that fails must not stop generation)
         from tqstore.metal import selfcheck
         _abandoned.append(lease)  # some copies may have been queued: never lend it again
+        log.warning("an upload's landing kernel failed to launch; its pinned buffer is not lent "
+                    "again and uploads copy on the generating thread from now on")
         selfcheck.disable(_KERNEL, f"{type(exc).__name__}: {str(exc)[:300]}")
         return None
 
@@ -330,4 +372,8 @@ def warm_up_landing(cap: int) -> None:
     mx.eval(probe)
     landing = _by_kernel(runtime, probe, 0, 4, cap)
     if landing is not None:
-        landing.result(timeout=60.0)
+        try:
+            landing.result(timeout=60.0)
+        except TqstoreError as exc:  # a generator must still be made: the copy serves
+            from tqstore.metal import selfcheck
+            selfcheck.disable(_KERNEL, str(exc))

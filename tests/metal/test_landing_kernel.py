@@ -39,13 +39,14 @@ int main() {
 """
 
 
-@pytest.mark.parametrize("dim, shift", [(64, 0), (12, 0), (64, 2)],
-                         ids=["words", "rows-of-24-bytes", "unaligned-source"])
+@pytest.mark.parametrize("dim, shift, start, stop", [
+    (64, 0, 4, 9), (12, 0, 4, 9), (64, 2, 4, 9), (64, 0, 0, 11), (12, 0, 0, 11)],
+    ids=["words", "rows-of-24-bytes", "unaligned-source", "words-whole", "bytes-whole"])
 def test_the_landing_kernel_copies_every_heads_rows_and_then_the_signal_sets_the_flag(
-        rng, tmp_path, dim, shift):
+        rng, tmp_path, dim, shift, start, stop):
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
-    heads, tokens, start, stop = 3, 11, 4, 9
+    heads, tokens = 3, 11
     source = rng.standard_normal((1, heads, tokens, dim)).astype(np.float16)
     source.tofile(tmp_path / "src.bin")
     want = np.ascontiguousarray(source[0, :, start:stop])
