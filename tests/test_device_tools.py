@@ -78,3 +78,22 @@ def test_mma_phases_measures_on_cuda_and_refuses_elsewhere():
         assert "merging threadgroups" in res.stdout
     else:
         assert res.returncode == 2 and "CUDA" in res.stderr
+
+
+def test_upload_stall_bench_runs_every_mode_on_a_tiny_model(tmp_path):
+    """tools/upload_stall_bench.py end to end (a real daemon, a tiny random model): every mode
+    ran, uploaded its blocks where it has a daemon, and by the route it names (views here,
+    the kernel on CUDA; copied when forced)."""
+    out = tmp_path / "stall.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools/upload_stall_bench.py"), "--shape",
+                          "tiny", "--sizes", "300", "--block", "64", "--repeats", "1",
+                          "--max-tokens", "3", "--probes", "quiet", "noclear", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = json.loads(out.read_text())["rows"][0]["runs"]
+    assert set(runs) == {"none", "landing64", "quiet", "noclear", "copied"}
+    landed = "kernel" if mx.cuda.is_available() else "views"
+    for mode, [run] in runs.items():
+        assert run["route"] == {"none": None, "copied": "copied"}.get(mode, landed), mode
+        assert (run["uploaded_blocks"] > 0) == (mode != "none"), mode
+        assert run["first_step_s"] > 0 and run["ttft_s"] > 0

@@ -7,7 +7,8 @@ Per prompt length, cold runs on fresh random prompts (each one a miss), `--repea
   tqstore.upload_landing (a kernel into pinned memory on CUDA, numpy views on unified memory)
   and the upload thread waits for it;
 - copied: with a daemon; the copy runs on the generating thread inside the first decode step
-  (what every upload did before upload_landing; forced here by turning its routes off).
+  (what every upload did before upload_landing; forced here by turning its routes off);
+- probes (--probes quiet noclear): diagnostics of the wait that is left on CUDA.
 Reported per run: TTFT, the first decode step after the first token (first_step_s: it also
 quantizes the prompt's last block, in every mode), steady decode tokens/s (while the Put is
 in flight), the landing's route and when the upload thread had the bytes, and the whole upload.
@@ -24,6 +25,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
 from gpu_bench_inputs import SHAPES, emit, log  # noqa: E402
+
+
+class _Gated:
+    """A landing whose result() first waits for the gate (set when generation has ended)."""
+
+    def __init__(self, landing, gate: threading.Event) -> None:
+        self._landing, self._gate = landing, gate
+
+    def result(self, timeout: float = 300.0):
+        self._gate.wait()
+        return self._landing.result(timeout)
 
 
 def _steady_tps(report) -> float:
@@ -53,6 +66,11 @@ def main() -> int:
                          "swapped the 24 GiB CPU VM)")
     ap.add_argument("--landing-blocks", type=int, nargs="+", default=[64],
                     help="thread blocks of the landing kernel to compare (CUDA; one mode each)")
+    ap.add_argument("--probes", nargs="*", default=[], choices=["quiet", "noclear"],
+                    help="diagnostic modes for why the first step still waits on CUDA: quiet = "
+                         "the landing thread starts waiting only after generation ends (no "
+                         "polling, no Put during decode); noclear = mx.clear_cache is a no-op "
+                         "during generation (mlx-lm calls it after its first token)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     if args.pool_gib is None:
@@ -78,7 +96,7 @@ def main() -> int:
     daemon = ServerProcess("daemon", tqstore_argv("serve", "--path", store, "--listen", address,
                                                   "--max-gib", "200"), Path(store) / "daemon.log")
     landings: list = []
-    real_land = upload_landing.land
+    real_land, real_then = upload_landing.land, upload_landing.then
 
     def recording_land(*a, **k):
         landing = real_land(*a, **k)
@@ -95,7 +113,7 @@ def main() -> int:
             gens = {"none": CachedGenerator(loaded, None, **kw),
                     "landing": CachedGenerator(loaded, client, **kw)}
             landing_modes = [f"landing{n}" for n in args.landing_blocks]
-            for mode in landing_modes + ["copied"]:
+            for mode in landing_modes + args.probes + ["copied"]:
                 gens[mode] = gens["landing"]
             default_threads = upload_landing._MAX_THREADS
             for size in args.sizes:
@@ -106,7 +124,7 @@ def main() -> int:
                     r = gens[mode].generate(rng.integers(0, vocab, size).tolist(), 4)
                     if r.upload is not None:
                         r.upload.result()
-                runs = {m: [] for m in ["none"] + landing_modes + ["copied"]}
+                runs = {m: [] for m in ["none"] + landing_modes + args.probes + ["copied"]}
                 for _ in range(args.repeats):
                     for mode in runs:
                         ids = rng.integers(0, vocab, size).tolist()
@@ -120,8 +138,16 @@ def main() -> int:
                             upload_landing._by_views = lambda *a: None
                         import tqstore.generator as generator_module
                         generator_module.land = recording_land
+                        gate, real_clear = threading.Event(), mx.clear_cache
+                        if mode == "quiet":
+                            generator_module.then = lambda landing, make: real_then(
+                                _Gated(landing, gate), make)
+                        if mode == "noclear":
+                            mx.clear_cache = lambda: None
                         try:
                             report = gens[mode].generate(ids, args.max_tokens)
+                            mx.clear_cache = real_clear
+                            gate.set()
                             t = time.perf_counter()
                             if report.upload is not None:
                                 report.upload.result()
@@ -130,6 +156,9 @@ def main() -> int:
                             upload_landing._MAX_THREADS = default_threads
                             upload_landing.land = real_land
                             generator_module.land = real_land
+                            generator_module.then = real_then
+                            mx.clear_cache = real_clear
+                            gate.set()
                         landing = landings[0] if landings else None
                         runs[mode].append({
                             "ttft_s": report.ttft_s, "first_step_s": report.first_step_s,
@@ -147,7 +176,7 @@ def main() -> int:
                     return statistics.median(r[key] for r in runs[mode])
 
                 row = {"prompt_tokens": size, "runs": runs}
-                for mode in landing_modes + ["copied"]:
+                for mode in landing_modes + args.probes + ["copied"]:
                     row[f"{mode}_first_step_over_none"] = (med(mode, "first_step_s")
                                                            / med("none", "first_step_s"))
                     row[f"{mode}_decode_tps_over_none"] = (med(mode, "decode_tps")

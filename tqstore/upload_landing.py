@@ -254,23 +254,33 @@ def _kernel(name: str, inputs: list[str], source: str):
     return _kernels[name]
 
 
-def _launch(layers, start: int, stop: int, base: int, offsets: list[int], token: int) -> mx.array:
-    """Every layer's K and V slice copied to base + offsets (device addresses), then the flag
-    set to token; returns the signal's output (evaluate it to run them all)."""
-    land_kernel = _kernel("tq_land_to_pinned", ["source", "params", "after"], _LAND_SOURCE)
-    after = mx.zeros((1,), mx.uint32)
+def _copies(layers, start: int, stop: int, base: int, offsets: list[int]
+            ) -> list[tuple[mx.array, list[int]]]:
+    """Per layer, K then V: (source, the copy kernel's params). Layer i's slice lands at
+    base + offsets[K or V] + i * (its bytes): the (layers, heads, stop - start, dim) arrays
+    _by_kernel reads back."""
+    out = []
     for which, offset in enumerate(offsets[:2]):
         for layer, pair in enumerate(layers):
             source = pair[which]
             heads, tokens, dim = source.shape[1], source.shape[2], source.shape[3]
             row = dim * source.itemsize
             at = base + offset + layer * heads * (stop - start) * row
-            params = mx.array(np.array([at, heads, tokens, start, stop, row], np.uint64))
-            threads = min(_MAX_THREADS, -(-heads * (stop - start) * row // 16 // _THREADS)
-                          * _THREADS) or _THREADS
-            after, = land_kernel(inputs=[source, params, after], output_shapes=[(1,)],
-                                 output_dtypes=[mx.uint32], grid=(threads, 1, 1),
-                                 threadgroup=(_THREADS, 1, 1))
+            out.append((source, [at, heads, tokens, start, stop, row]))
+    return out
+
+
+def _launch(layers, start: int, stop: int, base: int, offsets: list[int], token: int) -> mx.array:
+    """Every layer's K and V slice copied to base + offsets (device addresses), then the flag
+    set to token; returns the signal's output (evaluate it to run them all)."""
+    land_kernel = _kernel("tq_land_to_pinned", ["source", "params", "after"], _LAND_SOURCE)
+    after = mx.zeros((1,), mx.uint32)
+    for source, params in _copies(layers, start, stop, base, offsets):
+        nbytes = params[1] * (stop - start) * params[5]
+        threads = min(_MAX_THREADS, -(-nbytes // 16 // _THREADS) * _THREADS) or _THREADS
+        after, = land_kernel(inputs=[source, mx.array(np.array(params, np.uint64)), after],
+                             output_shapes=[(1,)], output_dtypes=[mx.uint32],
+                             grid=(threads, 1, 1), threadgroup=(_THREADS, 1, 1))
     signal = _kernel("tq_land_signal", ["params", "after"], _SIGNAL_SOURCE)
     params = mx.array(np.array([base + offsets[2], token], np.uint64))
     done, = signal(inputs=[params, after], output_shapes=[(1,)], output_dtypes=[mx.uint32],
