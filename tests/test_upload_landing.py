@@ -65,9 +65,9 @@ class _FakeDevice:
     def __init__(self, monkeypatch, wrong: bool = False, signal: bool = True) -> None:
         self.wrong, self.signal, self.launches = wrong, signal, 0
         self.memory: dict[int, np.ndarray] = {}
-        self.buffers = (PinnedStaging(self._allocate, lambda address: self.memory.pop(address)),)
-        monkeypatch.setattr(upload_landing, "landing_buffers", self.buffers)
-        monkeypatch.setattr(upload_landing, "_device_address", lambda runtime, host: host.ctypes.data)
+        self.staging = PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
+        monkeypatch.setattr(upload_landing, "landing_staging", self.staging)
+        monkeypatch.setattr(device_memory, "mapped_address", lambda runtime, host: host.ctypes.data)
         monkeypatch.setattr(upload_landing, "_side_stream", lambda: mx.default_stream(mx.cpu))
         monkeypatch.setattr(upload_landing, "_launch", self._launch)
 
@@ -104,7 +104,7 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
         keys, values = first.result()
         want = _want(layers, 0, 40)
         assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
-        assert fake.buffers[0].holds(keys.ctypes.data, keys.nbytes)
+        assert fake.staging.holds(keys.ctypes.data, keys.nbytes)
         with pytest.raises(TqstoreError, match="once"):
             first.result()
         # A second upload while those bytes are alive finds the buffer held (the caller
@@ -115,7 +115,7 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
         third = upload_landing._by_kernel(None, layers, 16, 24, 1 << 30)
         assert third is not None
         landed = third.result()[1]
-        assert fake.buffers[0].holds(landed.ctypes.data, landed.nbytes)
+        assert fake.staging.holds(landed.ctypes.data, landed.nbytes)
         assert landed.tobytes() == _want(layers, 16, 24)[1].tobytes()
         assert fake.launches == 4  # checked once per process
         assert first is not None
@@ -158,11 +158,11 @@ def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_aga
         del landing
         gc.collect()
         assert len(upload_landing._abandoned) == 1
-        assert fake.buffers[0].lease(4, 1 << 30) is None  # still held, for good
+        assert fake.staging.lease(4, 1 << 30) is None  # still held, for good
         # Dropped without waiting: also kept for good (a late kernel may still write).
         monkeypatch.setattr(upload_landing, "_abandoned", [])
-        monkeypatch.setattr(upload_landing, "landing_buffers",
-                            (PinnedStaging(fake._allocate, lambda a: None),))
+        monkeypatch.setattr(upload_landing, "landing_staging",
+                            PinnedStaging(fake._allocate, lambda a: None))
         dropped = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
         assert dropped is not None
         del dropped
@@ -187,26 +187,32 @@ def test_over_the_cap_or_another_dtype_the_copy_serves(monkeypatch, rng):
         selfcheck.reset()
 
 
-def test_an_upload_chain_relays_the_puts_result_and_either_steps_error():
+def test_an_upload_relays_the_puts_result_and_either_the_landings_or_the_puts_error(daemon,
+                                                                                     rng):
+    """The generator hands the upload thread the landing thread's future (its blocks): the Put
+    future gives the Put's block count, or the landing's error, or the Put's own."""
     from concurrent.futures import Future
 
-    from tqstore.generator import _chain
+    from tqstore.client import KvStoreClient
+    from tqstore.generator import _payloads
+    from tqstore.prefix_hash import Namespace
 
     def done(value=None, error=None) -> Future:
         f: Future = Future()
         f.set_exception(error) if error else f.set_result(value)
         return f
 
-    first: Future = Future()
-    out = _chain(first, lambda made: done(made + 1))
-    assert not out.done()
-    first.set_result(1)
-    assert out.result(timeout=5) == 2
-    assert isinstance(_chain(done(error=TqstoreError("landing")), lambda m: done(m))
-                      .exception(timeout=5), TqstoreError)
-    assert isinstance(_chain(done(1), lambda m: done(error=ValueError("put"))).exception(timeout=5),
-                      ValueError)
-
-    def closed(made):
-        raise RuntimeError("cannot schedule new futures after shutdown")
-    assert isinstance(_chain(done(1), closed).exception(timeout=5), RuntimeError)
+    ns = Namespace("landing-relay-00", 2, 2, 8, 16)
+    ids = list(range(100, 133))
+    keys = rng.standard_normal((2, 2, 32, 8)).astype(np.float16)
+    with KvStoreClient(daemon.address) as client:
+        landed = done(_payloads(keys, -keys, 2, 16, 0))
+        assert client.put_async_lazy(ns, ids[:32], 0, landed.result).result(timeout=60) == 2
+        failed = done(error=TqstoreError("landing"))
+        assert isinstance(client.put_async_lazy(ns, ids[:32], 0, failed.result)
+                          .exception(timeout=60), TqstoreError)
+        narrow = done(_payloads(keys[..., :4], keys[..., :4], 2, 16, 0))  # head dim 4, not 8
+        assert isinstance(client.put_async_lazy(ns, ids[:32], 0, narrow.result)
+                          .exception(timeout=60), TqstoreError)
+    with pytest.raises(RuntimeError):  # a closed client says so at once
+        client.put_async_lazy(ns, ids[:32], 0, landed.result)

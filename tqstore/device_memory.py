@@ -254,22 +254,31 @@ _CHECK_BYTES = 1000  # the self-check copies this much of the caller's bytes (a 
 _copy_kernel = None
 
 
+def mapped_address(runtime: _Cudart, host: np.ndarray) -> int | None:
+    """The device address of host bytes in memory registered as mapped (the staging buffers),
+    or None where the runtime has none for them."""
+    address = ctypes.c_void_p()
+    if runtime.lib.cudaHostGetDevicePointer(ctypes.byref(address),
+                                            ctypes.c_void_p(host.ctypes.data), 0) != 0:
+        runtime.lib.cudaGetLastError()  # a failed lookup must not surface in MLX later
+        return None
+    return address.value or None
+
+
 def _run_copy_kernel(runtime: _Cudart, host: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
     """host (inside the staging buffer) as a new device array, read by the copy kernel and
     waited for (the staging buffer may be lent again once this returns); None where mapping
     its address fails."""
     global _copy_kernel
-    device_address = ctypes.c_void_p()
-    if runtime.lib.cudaHostGetDevicePointer(ctypes.byref(device_address),
-                                            ctypes.c_void_p(host.ctypes.data), 0) != 0:
-        runtime.lib.cudaGetLastError()
+    device_address = mapped_address(runtime, host)
+    if device_address is None:
         return None
     if _copy_kernel is None:
         _copy_kernel = mx.fast.cuda_kernel(name="tq_copy_from_pinned", input_names=["source"],
                                            output_names=["out"], source=_COPY_SOURCE)
     words = max(1, host.nbytes // 16)
     threads = min(_COPY_MAX_THREADS, -(-words // _COPY_THREADS) * _COPY_THREADS)
-    source = mx.array(np.array([device_address.value or 0, host.nbytes], np.uint64))
+    source = mx.array(np.array([device_address, host.nbytes], np.uint64))
     out, = _copy_kernel(inputs=[source], output_shapes=[host.shape], output_dtypes=[dtype],
                         grid=(threads, 1, 1), threadgroup=(_COPY_THREADS, 1, 1))
     mx.eval(out)
@@ -415,10 +424,9 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
 
 def warm_up(cap: int) -> None:
     """On CUDA with staging on (cap: ClientConfig.staging_cap), compile the staging copy kernel
-    and run its self-check now (seconds with NVRTC) rather than inside the first hit's
-    TTFT; this also pins the
-    staging buffer's first granule (or the cap, if smaller). Nothing elsewhere, or with cap 0.
-    MLX compiles a custom kernel once per output dtype (a uint8 warm-up left the first fp16
+    and run its self-check now (seconds with NVRTC) rather than inside the first hit's TTFT;
+    this also pins the staging buffer's first granule (or the cap, if smaller). Nothing
+    elsewhere, or with cap 0. MLX compiles a custom kernel once per output dtype (a uint8 warm-up left the first fp16
     hit compiling on the H100), so the warm-up copies fp16, what a restore copies."""
     if cap <= 0 or _cudart() is None:
         return

@@ -207,14 +207,14 @@ class CachedGenerator:
                 return
             # This runs inside the first decode step: the copy to the host only starts here
             # (a kernel into pinned memory on CUDA, views on unified memory); the landing thread
-            # waits for it and cuts the blocks, the upload thread Puts them
-            # (tqstore.upload_landing).
+            # waits for it and cuts the blocks as soon as they arrive, and the upload thread,
+            # when it reaches this Put, takes them from there (tqstore.upload_landing).
             a, b = first * bs, full * bs + tail
             landing = land([per_layer[i] for i in range(num_layers)], a, b, self.staging_cap)
             blocks = then(landing, lambda keys, values: _payloads(keys, values, full - first,
                                                                   bs, tail))
-            started.append(_chain(blocks, lambda made: self.client.put_async_lazy(
-                self.namespace, prompt_ids[:b], first, lambda: made)))
+            started.append(self.client.put_async_lazy(self.namespace, prompt_ids[:b], first,
+                                                      blocks.result))
 
         return on_prefill
 
@@ -348,29 +348,6 @@ def prefill_bounds(start: int, total: int, chunk: int) -> list[int]:
     bounds += range((start // chunk + 1) * chunk, total - 1, chunk)
     bounds += [total - 1, total]
     return [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
-
-
-def _chain(first: Future, start_next: Callable[[object], Future]) -> Future:
-    """A future of start_next(first's result)'s result; either one's error lands in it."""
-    out: Future = Future()
-
-    def relay(done: Future) -> None:
-        if done.exception() is not None:
-            out.set_exception(done.exception())
-        else:
-            out.set_result(done.result())
-
-    def started(done: Future) -> None:
-        if done.exception() is not None:
-            out.set_exception(done.exception())
-            return
-        try:
-            start_next(done.result()).add_done_callback(relay)
-        except Exception as exc:  # noqa: BLE001  (the client closed meanwhile, ...)
-            out.set_exception(exc)
-
-    first.add_done_callback(started)
-    return out
 
 
 def _payloads(keys: np.ndarray, values: np.ndarray, count: int, block: int,

@@ -11,7 +11,7 @@ upload thread's Put. Routes:
 
 - ``kernel`` (CUDA): per layer, a copy kernel on a side stream reads the K/V slice from device
   memory and writes it over the bus into a pinned, device-mapped host buffer (its own
-  PinnedStaging, ``landing_buffers``, so a restore's staging buffer stays free for the next hit).
+  PinnedStaging, ``landing_staging``, so a restore's staging buffer stays free for the next hit).
   A last kernel, ordered after every copy, writes a fresh token into a flag word of that buffer;
   ``result()`` polls the flag, so the landing thread never calls into MLX (MLX must not evaluate
   on two threads at once). Every copy thread fences its writes system-wide before it ends, so
@@ -36,13 +36,11 @@ both kernels) when a generator with a daemon is made, not inside the first decod
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import threading
 import time
 import weakref
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -69,12 +67,11 @@ _POLL_MAX_S = 0.002
 _barrier = threading.Lock()
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 
-# The process's pinned buffers for uploads in flight (capped by ClientConfig.staging_bytes).
-# One: a landing holds it only until the drain thread has cut its blocks out (then() below),
+# The process's pinned buffer for uploads in flight (capped by ClientConfig.staging_bytes).
+# One: a landing holds it only until the landing thread has cut its blocks out (then() below),
 # ~0.1 s for 1 GB, so two prefills rarely end that close together; the second of such a pair is
 # copied on the generating thread.
-landing_buffers = (PinnedStaging(),)
-routes: Counter = Counter()  # landings per route, for tests and logs
+landing_staging = PinnedStaging()
 _tokens = itertools.count(1)  # a flag value no earlier landing wrote
 _abandoned: list[np.ndarray] = []  # leases whose landing never signalled: never lent again
 _streams = threading.local()
@@ -129,8 +126,8 @@ _SIGNAL_SOURCE = """
 class Landing:
     """K and V slices on their way to host memory. ``result()``, once, on any thread, gives
     them as (layers, heads, tokens, dim) arrays and lets go of everything else: the landing
-    buffer is then free as soon as the caller drops those arrays (the upload copies its blocks
-    out of them before its Put), and the views route stops holding the MLX arrays."""
+    buffer is then free as soon as the caller drops those arrays (the landing thread cuts the
+    upload's blocks out of them), and the views route stops holding the MLX arrays."""
 
     def __init__(self, route: str, make: Callable[[float], tuple[np.ndarray, np.ndarray]],
                  lease: np.ndarray | None = None):
@@ -161,7 +158,7 @@ def _keep_if_pending(pending: list[np.ndarray]) -> None:
     _abandoned.extend(pending)
 
 
-_drain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tqstore-landing")
+_landing_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tqstore-landing")
 
 
 def then(landing: Landing, make: Callable[[np.ndarray, np.ndarray], T]) -> Future:
@@ -169,7 +166,7 @@ def then(landing: Landing, make: Callable[[np.ndarray, np.ndarray], T]) -> Futur
     Why a thread of its own: the upload thread reaches a landing only when the Puts queued
     before it are done (seconds each for long prompts), and a landing holds its pinned buffer
     until its bytes are taken; make() should copy what it needs out of them (the blocks)."""
-    return _drain.submit(lambda: make(*landing.result()))
+    return _landing_thread.submit(lambda: make(*landing.result()))
 
 
 def land(layers: list[tuple[mx.array, mx.array]], start: int, stop: int, cap: int) -> Landing:
@@ -190,7 +187,6 @@ def land(layers: list[tuple[mx.array, mx.array]], start: int, stop: int, cap: in
         landing = None  # CUDA without libcudart: copied (numpy views would move the buffers)
     if landing is None:
         landing = _copied(layers, start, stop)
-    routes[landing.route] += 1
     landing.started = started
     return landing
 
@@ -228,15 +224,6 @@ def _layout(layers, start: int, stop: int) -> tuple[list[tuple], list[int], int]
         at += -(-int(np.prod(shape)) * 2 // _ALIGN) * _ALIGN
     offsets.append(at)  # the flag
     return shapes, offsets, at + _ALIGN
-
-
-def _device_address(runtime, host: np.ndarray) -> int | None:
-    address = ctypes.c_void_p()
-    if runtime.lib.cudaHostGetDevicePointer(ctypes.byref(address),
-                                            ctypes.c_void_p(host.ctypes.data), 0) != 0:
-        runtime.lib.cudaGetLastError()  # must not surface in MLX later
-        return None
-    return address.value or None
 
 
 def _side_stream():
@@ -308,16 +295,13 @@ def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | No
            for x in pair):
         return None
     shapes, offsets, size = _layout(layers, start, stop)
-    for buffer in landing_buffers:
-        lease = buffer.lease(max(size, _CHECK_BYTES), cap)
-        if lease is not None:
-            break
-    else:
+    lease = landing_staging.lease(max(size, _CHECK_BYTES), cap)
+    if lease is None:
         return None
-    base = _device_address(runtime, lease)
+    base = device_memory.mapped_address(runtime, lease)
     if base is None:
         return None
-    if not _usable(runtime, lease, base):
+    if not _usable(lease, base):
         return None
     flag = lease[offsets[2]:offsets[2] + 8].view(np.uint64)
     keys, values = (lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
@@ -342,7 +326,7 @@ def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | No
     return Landing("kernel", make, lease)
 
 
-def _usable(runtime, lease: np.ndarray, base: int) -> bool:
+def _usable(lease: np.ndarray, base: int) -> bool:
     """The kernels' shared self-check, once per process: a landing of a small random prefill
     (a tail that is no whole 16-byte word included) into the start of this very lease must
     come back bit for bit."""
