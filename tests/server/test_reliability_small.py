@@ -3,9 +3,13 @@ tools/daemon_crash_rounds.py, tools/vanishing_clients.py): a real `tqstore serve
 loopback, real client processes, real SIGKILLs. Each run is seeded from the test's seed, so a
 failure replays with TQSTORE_TEST_SEED."""
 
+import pytest
+
+from tqstore.config import ServerConfig, StoreConfig
+from tqstore.daemon import Daemon
 from tqstore.reliability.crash_rounds import run_crash_rounds
 from tqstore.reliability.load import run_load
-from tqstore.reliability.vanishing import run_vanishing
+from tqstore.reliability.vanishing import MAX_HEAVY, check_heavy_slots_free, run_vanishing
 
 
 def test_load_small_has_no_errors_and_verifies_every_fetch(tmp_path, random_seed):
@@ -37,3 +41,24 @@ def test_vanishing_clients_leave_no_partial_put_and_no_leaked_fds(tmp_path, rand
     assert (res.lost, res.partial, res.wrong, res.serving_failures) == (0, 0, 0, 0)
     assert res.fds_end <= res.fds_baseline
     assert res.put_families > 0
+
+
+@pytest.mark.parametrize("slots, failure", [
+    (MAX_HEAVY, None),
+    (MAX_HEAVY - 1, "heavy Puts refused: a heavy slot leaked"),  # as if a vanished client kept one
+    (MAX_HEAVY + 1, "a heavy call was admitted"),  # as if the limit let one more through
+])
+def test_heavy_slot_check_fails_on_a_leaked_or_missing_slot(tmp_path, slots, failure):
+    """The vanishing run's last check retries an attempt a racing probe spoiled; a daemon with
+    one heavy slot fewer or more than MAX_HEAVY must still fail it, every attempt."""
+    daemon = Daemon(ServerConfig(path=str(tmp_path / "kv"), listen="127.0.0.1:0",
+                                 drain_seconds=1, max_heavy_requests=slots,
+                                 store=StoreConfig(max_bytes=64 << 20, map_size=64 << 20))).start()
+    try:
+        found = check_heavy_slots_free(daemon.address, attempts=2, probe_s=1.0)
+    finally:
+        daemon.stop(grace=0)
+    if failure is None:
+        assert found is None
+    else:
+        assert found is not None and failure in found, found
