@@ -27,6 +27,7 @@ from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal import selfcheck
 from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
 from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
+from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
 from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
 from tqstore.metal.reference import decode_epilogue_reference, paged_decode_attention_reference
 from tqstore.native import cpu_kernels
@@ -40,6 +41,7 @@ _REFERENCE = "reference:tqstore.metal"
 CPU_KERNEL = "cpu-kernel"
 CPU_QUANTIZE = "cpu-kernel-quantize"
 CPU_STEP = "cpu-kernel-step"
+CPU_SOFTMAX = "cpu-kernel-softmax"
 
 
 def _kernel_name(gpu: str, kind: str) -> str:
@@ -255,6 +257,27 @@ def _step_usable(queries: mx.array, key_codes: mx.array, value_codes: mx.array, 
             x["key_center"], x["output_rotation"], key_bits, value_bits)
 
     return selfcheck.usable(CPU_STEP, shape, lambda: selfcheck.check_decode_step(shape, run))
+
+
+def multi_token_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                          mask=None) -> mx.array | None:
+    """Dense attention of a multi-token step ((1, Hq, L, D) over (1, Hkv, T, D)) where a CPU
+    path beats MLX's own (tqstore.metal.multi_token: the C softmax between MLX's matmuls),
+    checked once per shape against MLX's scaled_dot_product_attention; else None and the
+    caller runs MLX's."""
+    if _forced == "reference" or gpu_backend() is not None or not _cpu_native():
+        return None
+    kind = mask_kind(mask)
+    if kind is None:
+        return None
+    shape = (queries.shape[1], keys.shape[1], keys.shape[-1], values.shape[-1], kind)
+    if not selfcheck.usable(CPU_SOFTMAX, shape, lambda: selfcheck.check_multi_token(
+            shape, cpu_multi_token_attention)):
+        return None
+    out = cpu_multi_token_attention(queries, keys, values, scale, mask)
+    if out is not None:
+        _announce(CPU_SOFTMAX, "multi-token attention (prefill chunks)")
+    return out
 
 
 def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,

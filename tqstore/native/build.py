@@ -1,5 +1,5 @@
-"""Build the C kernels (tq_attention.c, tq_quantize.c, tq_common.h) into one shared library at
-first use and load it with ctypes.
+"""Build the C kernels (tq_attention.c, tq_quantize.c, tq_softmax.c, tq_common.h) into one
+shared library at first use and load it with ctypes.
 
 Why at first use and not at install: the library is plain C with no Python or MLX headers, so
 any C compiler builds it in about a second, and building on the machine that runs it lets the
@@ -32,7 +32,7 @@ from pathlib import Path
 log = logging.getLogger("tqstore.native")
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "tq_attention.c", HERE / "tq_quantize.c"]
+SOURCES = [HERE / "tq_attention.c", HERE / "tq_quantize.c", HERE / "tq_softmax.c"]
 HEADERS = [HERE / "tq_common.h"]
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off",
               "-fno-math-errno", "-Wall"]
@@ -103,6 +103,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tq_decode_step_rows.restype = i
     lib.tq_quantize.argtypes = [p, i, l, i, i, i, i, i, p, p, p, f, p, p]
     lib.tq_quantize.restype = i
+    lib.tq_softmax_rows.argtypes = [p, i, i, i, i, i]
+    lib.tq_softmax_rows.restype = i
     return lib
 
 

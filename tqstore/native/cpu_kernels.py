@@ -149,6 +149,41 @@ def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
     return mx.array(out) if rc == 0 else None
 
 
+def softmax_threads(elements: int) -> int:
+    """Threads for a softmax call: TQSTORE_CPU_THREADS if set, else one per core (at most 8)
+    for calls of a million elements or more, where a thread's start-up (~0.1 ms) is paid back.
+    The result's bits never depend on it (one thread computes each row)."""
+    if os.environ.get("TQSTORE_CPU_THREADS"):
+        return THREADS
+    return min(8, os.cpu_count() or 1) if elements >= 1 << 20 else 1
+
+
+def softmax_rows(scores: mx.array, queries_per_row_block: int, causal: bool) -> mx.array | None:
+    """Softmax over the last axis of float32 scores (..., T), in place on the evaluated buffer
+    (tq_softmax_rows). Rows are (head, query) pairs with queries fastest, a step of L =
+    queries_per_row_block queries ending at key T - 1: causal limits row r to keys
+    [0, T - L + r % L]. Masked (-inf) entries and those past the limit become 0. None where
+    the kernel does not run."""
+    lib = load()
+    if lib is None or scores.dtype != mx.float32:
+        return None
+    T = scores.shape[-1]
+    rows = scores.size // T if T else 0
+    mx.eval(scores)
+    buffer = np.asarray(memoryview(scores))
+    if not (buffer.flags.c_contiguous and buffer.flags.writeable):
+        # Not the array's own dense buffer: work on a copy and wrap that.
+        buffer = np.ascontiguousarray(buffer)
+        scores = None
+    rc = lib.tq_softmax_rows(_ptr(buffer), rows, queries_per_row_block, T, int(causal),
+                             softmax_threads(rows * T))
+    if rc != 0:
+        return None
+    # In place: the evaluated array now holds the weights (MLX never recomputes an evaluated
+    # array, and nothing else refers to this fresh matmul output).
+    return scores if scores is not None else mx.array(buffer)
+
+
 def quantize_fits(codec: TurboQuantCodec) -> bool:
     d = codec.head_dim
     return codec.qjl_rotation is None and codec.rotation.m == 1 and d & (d - 1) == 0 and d <= 256

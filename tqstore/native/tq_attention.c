@@ -113,27 +113,6 @@ static void dequant_row(const uint8_t *codes, int dim, const dequantizer *d, flo
     }
 }
 
-/* exp(x) for x <= 0 (softmax weights), vectorisable: 2^n * p(f) with a degree-6 polynomial
- * on f in [-0.5, 0.5]; relative error below 3e-7 (the callers compare with a tolerance).
- * Below -87 (and -inf) it returns 0. */
-static inline float exp_nonpositive(float x) {
-    const float t = x * 1.44269504088896341f;
-    const float n = __builtin_floorf(t + 0.5f);
-    const float f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    const int32_t e = (int32_t)(x < -87.0f ? -127.0f : n) + 127;
-    uint32_t bits = (uint32_t)(e > 0 ? e : 0) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 /* ---- decode attention ---------------------------------------------------------------------- */
 typedef struct {
     const float *queries;
@@ -225,38 +204,8 @@ static void decode_unit(const decode_args *a, int unit) {
     }
 }
 
-typedef struct {
-    const decode_args *args;
-    int begin, end;
-} decode_slice;
-
-static void *decode_worker(void *p) {
-    const decode_slice *s = (const decode_slice *)p;
-    for (int u = s->begin; u < s->end; ++u) decode_unit(s->args, u);
-    return NULL;
-}
-
-/* Runs units [0, count) on up to `threads` threads (the caller's included), in fixed slices. */
-static void run_units(const decode_args *args, int count, int threads) {
-    if (threads > count) threads = count;
-    if (threads <= 1) {
-        for (int u = 0; u < count; ++u) decode_unit(args, u);
-        return;
-    }
-    pthread_t tid[64];
-    decode_slice slice[64];
-    if (threads > 64) threads = 64;
-    int started = 0;
-    for (int k = 0; k < threads; ++k) {
-        slice[k].args = args;
-        slice[k].begin = (int)((long)count * k / threads);
-        slice[k].end = (int)((long)count * (k + 1) / threads);
-    }
-    for (int k = 1; k < threads; ++k)
-        if (pthread_create(&tid[k], NULL, decode_worker, &slice[k]) == 0) started = k; else break;
-    decode_worker(&slice[0]);
-    for (int k = 1; k <= started; ++k) pthread_join(tid[k], NULL);
-    for (int k = started + 1; k < threads; ++k) decode_worker(&slice[k]); /* threads refused */
+static void decode_unit_any(const void *args, int unit) {
+    decode_unit((const decode_args *)args, unit);
 }
 
 /* Returns 0, or -1 for shapes this build does not take (the caller then uses the reference). */
@@ -285,7 +234,7 @@ int tq_decode_attention(const float *queries, const uint8_t *key_codes, const ui
         free(a.part_out); free(a.part_m); free(a.part_l); free(a.scratch);
         return -2;
     }
-    run_units(&a, B * Hkv * splits, threads);
+    tq_run_parallel(decode_unit_any, &a, B * Hkv * splits, threads);
     /* Merge the splits of each (sequence, query head) in split order, then normalise. */
     for (int bh = 0; bh < B * Hkv; ++bh) {
         const int b = bh / Hkv, h = bh % Hkv;

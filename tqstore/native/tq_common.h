@@ -1,7 +1,8 @@
 #ifndef TQ_COMMON_H
 #define TQ_COMMON_H
-/* tqstore's CPU kernels (tq_attention.c, tq_quantize.c; this header: what both share): decode
- * attention over TurboQuant pages and the TurboQuant quantizer.
+/* tqstore's CPU kernels (tq_attention.c, tq_quantize.c, tq_softmax.c; this header: what they
+ * share): decode attention over TurboQuant pages, the TurboQuant quantizer, and the row softmax
+ * of multi-token attention steps.
  *
  * Loaded through ctypes by tqstore/native/cpu_kernels.py (built at first use by build.py).
  * They compute the same functions as the pure-MLX reference (tqstore/metal/reference.py) and
@@ -86,6 +87,68 @@ static inline uint16_t float_to_half(float f) {
     const uint32_t r = absx & 0x1fffu;
     if (r > 0x1000u || (r == 0x1000u && (h & 1u))) ++h;
     return sign | (uint16_t)h;
+}
+
+/* exp(x) for x <= 0 (softmax weights), vectorisable: 2^n * p(f) with a degree-6 polynomial
+ * on f in [-0.5, 0.5]; relative error below 3e-7 (the callers compare with a tolerance).
+ * Below -87 (and -inf) it returns 0. */
+static inline float exp_nonpositive(float x) {
+    const float t = x * 1.44269504088896341f;
+    const float n = __builtin_floorf(t + 0.5f);
+    const float f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const int32_t e = (int32_t)(x < -87.0f ? -127.0f : n) + 127;
+    uint32_t bits = (uint32_t)(e > 0 ? e : 0) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* ---- work splitting ------------------------------------------------------------------------ */
+/* Runs fn(args, u) for units [0, count) on up to `threads` threads (the caller's included), in
+ * fixed contiguous slices. Which thread runs a unit never changes a unit's result: callers
+ * make each unit's work independent of the others. */
+typedef void (*tq_unit_fn)(const void *args, int unit);
+
+typedef struct {
+    tq_unit_fn fn;
+    const void *args;
+    int begin, end;
+} tq_slice;
+
+static inline void *tq_slice_worker(void *p) {
+    const tq_slice *s = (const tq_slice *)p;
+    for (int u = s->begin; u < s->end; ++u) s->fn(s->args, u);
+    return NULL;
+}
+
+static inline void tq_run_parallel(tq_unit_fn fn, const void *args, int count, int threads) {
+    if (threads > count) threads = count;
+    if (threads > 64) threads = 64;
+    if (threads <= 1) {
+        for (int u = 0; u < count; ++u) fn(args, u);
+        return;
+    }
+    pthread_t tid[64];
+    tq_slice slice[64];
+    int started = 0;
+    for (int k = 0; k < threads; ++k) {
+        slice[k].fn = fn;
+        slice[k].args = args;
+        slice[k].begin = (int)((long)count * k / threads);
+        slice[k].end = (int)((long)count * (k + 1) / threads);
+    }
+    for (int k = 1; k < threads; ++k)
+        if (pthread_create(&tid[k], NULL, tq_slice_worker, &slice[k]) == 0) started = k; else break;
+    tq_slice_worker(&slice[0]);
+    for (int k = 1; k <= started; ++k) pthread_join(tid[k], NULL);
+    for (int k = started + 1; k < threads; ++k) tq_slice_worker(&slice[k]); /* threads refused */
 }
 
 #endif /* TQ_COMMON_H */

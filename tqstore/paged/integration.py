@@ -4,7 +4,9 @@ mlx-lm model modules do ``from .base import scaled_dot_product_attention`` at im
 call it as ``scaled_dot_product_attention(q, k, v, cache=cache, scale=, mask=)``. ``install(model)``
 replaces that name in the module of every attention layer of ``model`` with ``dispatch``, which
 routes to ``PagedLayerCache.attend`` only when the cache is ours and holds a pending decode
-step, and otherwise calls the original function unchanged (other caches, prefill, fp16 layers).
+step; a multi-token step of one of our caches (a prefill chunk) goes to
+``dispatch.multi_token_attention`` where that serves (the CPU: MLX's softmax there is slow);
+everything else calls the original function unchanged (other caches, fp16 layers, the GPU).
 
 Scope and safety: the replacement is per model MODULE (e.g. mlx_lm.models.llama), so other models
 of that architecture in the process also pass through ``dispatch``, which is a no-op for them.
@@ -20,6 +22,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from tqstore.metal import dispatch as kernels
 from tqstore.paged.batch import BatchedLayerCache
 from tqstore.paged.cache import PagedLayerCache
 
@@ -36,6 +39,10 @@ def _make_dispatch(original: Callable[..., mx.array]) -> Callable[..., mx.array]
         if (isinstance(cache, _ROUTED) and cache.decode_pending and sinks is None
                 and queries.shape[2] == 1 and (mask is None or isinstance(mask, str))):
             return cache.attend(queries, scale, mask)
+        if isinstance(cache, PagedLayerCache) and sinks is None and queries.shape[2] > 1:
+            out = kernels.multi_token_attention(queries, keys, values, scale, mask)
+            if out is not None:
+                return out
         if sinks is not None:
             kwargs["sinks"] = sinks
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)

@@ -370,7 +370,13 @@ class Engine:
                 caches, r.prompt, r.daemon_tokens, r.uploads))
         r.blocks = []  # restored: drop the host copy
         r.caches, r.state = caches, "prefill"
-        r.bounds, r.chunk = prefill_bounds(start, len(r.prompt), self.chunk), 0
+        if r.memory_tokens:
+            # Over pool pages nothing is exact or uploaded, so chunks need no alignment with a
+            # cold run's: fewest steps (each gathers the whole context from the pages).
+            r.bounds = list(range(start, len(r.prompt), self.chunk)) + [len(r.prompt)]
+        else:
+            r.bounds = prefill_bounds(start, len(r.prompt), self.chunk)
+        r.chunk = 0
         r.key = mx.random.key(r.params.seed if r.params.seed is not None
                               else random.getrandbits(63))
         r.matcher = r.params.stop_sequences.matcher()
