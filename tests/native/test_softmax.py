@@ -44,14 +44,15 @@ def test_causal_rows_equal_mlx_softmax_and_zero_past_the_limit(rng, L, T, heads)
     np.testing.assert_allclose(got, want, rtol=WEIGHT_RTOL, atol=1e-12)
 
 
-def test_masked_entries_become_zero_and_a_fully_masked_row_nan(rng):
-    scores = np.array(_scores(rng, 5, 40))
+def test_masked_entries_become_zero_and_nan_stays_visible(rng):
+    scores = np.array(_scores(rng, 6, 40))
     scores[1, ::2] = -np.inf
-    scores[3, :] = -np.inf
-    got = np.array(cpu_kernels.softmax_rows(mx.array(scores), 5, causal=False))
+    scores[3, :] = -np.inf  # fully masked: NaN, as MLX gives
+    scores[5, 7] = np.nan  # a NaN score poisons its row rather than vanishing
+    got = np.array(cpu_kernels.softmax_rows(mx.array(scores), 6, causal=False))
     want = np.array(mx.softmax(mx.array(scores[[0, 1, 2, 4]]), axis=-1, precise=True))
     assert np.all(got[1, ::2] == 0.0)
-    assert np.all(np.isnan(got[3]))
+    assert np.all(np.isnan(got[3])) and np.isnan(got[5]).any()
     np.testing.assert_allclose(got[[0, 1, 2, 4]], want, rtol=WEIGHT_RTOL, atol=1e-12)
 
 

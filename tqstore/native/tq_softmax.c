@@ -38,11 +38,8 @@ static void softmax_row(const softmax_args *a, int r) {
         for (j = 0; j < a->T; ++j) s[j] = NAN;
         return;
     }
-    /* x - m <= 0; clamped at -88 so that a masked -inf gives 0 rather than NaN */
-    for (j = 0; j < n; ++j) {
-        const float x = s[j] - m;
-        s[j] = exp_nonpositive(x > -88.0f ? x : -88.0f);
-    }
+    /* x - m <= 0; a masked -inf gives exp_nonpositive(-inf) = 0 */
+    for (j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - m);
     float lane[TQ_LANES] = {0};
     for (j = 0; j + TQ_LANES <= n; j += TQ_LANES)
         for (int k = 0; k < TQ_LANES; ++k) lane[k] += s[j + k];
