@@ -205,3 +205,29 @@ def test_the_build_is_cached_by_source_and_machine(monkeypatch, tmp_path):
         assert sorted(p.name for p in tmp_path.glob("*.so")) == first and len(first) == 1
     finally:
         build.reset()
+
+
+@pytest.mark.parametrize("bits, dim", [(1, 64), (3, 64), (4, 128), (5, 96), (8, 64), (6, 256)])
+def test_dequantize_rows_give_the_codecs_bits(rng, bits, dim):
+    codec, _ = layer_codecs(CodecConfig(key_bits=bits, value_bits=bits), 2, 3, dim)
+    q = codec.quantize(mx.array(rng.standard_normal((3, 41, dim)).astype(np.float32)))
+    got = cpu_kernels.dequantize_rotated(codec, q)
+    assert np.array(got).tobytes() == np.array(codec.dequantize_rotated(q)).tobytes()
+
+
+def test_gathered_pages_equal_the_codecs_reconstruction(rng):
+    """TurboQuantArena.gather_dense (C lookup, one matmul per head for the un-rotation) against
+    codec.dequantize_residual / dequantize (MLX ops, the fast Walsh-Hadamard transform): float32
+    rounding apart (a matmul of 64 terms: ~1e-6 of values of a few units)."""
+    from tqstore.paged.arenas import TurboQuantArena
+
+    arena = TurboQuantArena(4, 8, 16, 3, 64, 64, CodecConfig())
+    keys, values = (mx.array(rng.standard_normal((3, 48, 64)).astype(np.float32)) for _ in "kv")
+    ids = mx.array([5, 2, 7], dtype=mx.int32)
+    arena.write(ids, None, keys, values)
+    got_k, got_v = arena.gather_dense(ids, 40)
+    qk, qv = arena.quantized(ids, 40)
+    assert mx.abs(got_k - arena.key_codec.dequantize_residual(qk)).max().item() <= 1e-5
+    assert mx.abs(got_v - arena.value_codec.dequantize(qv)).max().item() <= 1e-5
+    # and close to what was written (4-bit codes: a planted wrong rotation would be far off)
+    assert mx.abs(got_v - values[:, :40]).mean().item() < 0.2

@@ -42,6 +42,7 @@ CPU_KERNEL = "cpu-kernel"
 CPU_QUANTIZE = "cpu-kernel-quantize"
 CPU_STEP = "cpu-kernel-step"
 CPU_SOFTMAX = "cpu-kernel-softmax"
+CPU_DEQUANTIZE = "cpu-kernel-dequantize"
 
 
 def _kernel_name(gpu: str, kind: str) -> str:
@@ -257,6 +258,22 @@ def _step_usable(queries: mx.array, key_codes: mx.array, value_codes: mx.array, 
             x["key_center"], x["output_rotation"], key_bits, value_bits)
 
     return selfcheck.usable(CPU_STEP, shape, lambda: selfcheck.check_decode_step(shape, run))
+
+
+def dequantize_rotated(codec: TurboQuantCodec, q: QuantizedVectors) -> mx.array:
+    """codec.dequantize_rotated(q): on the CPU's C kernel where built (bit for bit the codec's,
+    checked byte for byte at first use per (bits, head_dim)), else the codec's MLX ops."""
+    if _forced != "reference" and gpu_backend() is None and _cpu_native():
+        shape = (codec.bits, codec.head_dim)
+
+        def check() -> str | None:
+            return selfcheck.check_dequantize(codec, cpu_kernels.dequantize_rotated)
+
+        if selfcheck.usable(CPU_DEQUANTIZE, shape, check):
+            out = cpu_kernels.dequantize_rotated(codec, q)
+            if out is not None:
+                return out
+    return codec.dequantize_rotated(q)
 
 
 def multi_token_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,

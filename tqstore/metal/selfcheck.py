@@ -271,3 +271,17 @@ def check_multi_token(key: tuple, run: Callable[..., mx.array | None]) -> str | 
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     err = float(mx.abs(got - want).max().item())
     return None if err <= 1e-5 else f"max abs error {err:.3g} over 1e-05"
+
+
+def check_dequantize(codec, run: Callable) -> str | None:
+    """A dequantize kernel gives codec.dequantize_rotated's very bytes on random vectors."""
+    rng = _rng(("dequantize", codec.bits, codec.head_dim))
+    x = mx.array(rng.standard_normal((codec.num_heads, 37, codec.head_dim)).astype(np.float32))
+    q = codec.quantize(x)
+    got = run(codec, q)
+    if got is None:
+        return "declined a shape it was chosen for"
+    want = codec.dequantize_rotated(q)
+    if got.shape != want.shape or not np.array_equal(np.array(got), np.array(want)):
+        return "dequantized values differ from the codec's"
+    return None

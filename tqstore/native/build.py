@@ -103,6 +103,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tq_decode_step_rows.restype = i
     lib.tq_quantize.argtypes = [p, i, l, i, i, i, i, i, p, p, p, f, p, p]
     lib.tq_quantize.restype = i
+    lib.tq_dequantize_rows.argtypes = [p, p, p, i, i, l, p]
+    lib.tq_dequantize_rows.restype = i
     lib.tq_softmax_rows.argtypes = [p, i, i, i, i, i]
     lib.tq_softmax_rows.restype = i
     return lib

@@ -149,6 +149,27 @@ def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
     return mx.array(out) if rc == 0 else None
 
 
+def dequantize_rotated(codec: TurboQuantCodec, q: QuantizedVectors) -> mx.array | None:
+    """codec.dequantize_rotated(q) for MSE codes, bit for bit (tq_dequantize_rows): float32
+    (..., H, N, D); None where the kernel does not run (QJL codes, no build)."""
+    lib = load()
+    if lib is None or q.qjl_signs is not None:
+        return None
+    codes, scales = q.codes.astype(mx.uint8), q.scales.astype(mx.float16)
+    book = codec.codebook.astype(mx.float32)
+    mx.eval(codes, scales, book)
+    rows, d = scales.size, codec.head_dim
+    out = np.empty((rows, d), dtype=np.float32)
+    if rows:
+        # Held in names until the call returns: gathered pages are strided, so these are
+        # contiguous copies, which a bare _ptr(_view(...)) argument would free before C reads.
+        views = (_view(codes, np.uint8), _view(scales, np.uint16), _view(book, np.float32))
+        rc = lib.tq_dequantize_rows(*[_ptr(v) for v in views], codec.bits, d, rows, _ptr(out))
+        if rc != 0:
+            return None
+    return mx.array(out).reshape(*scales.shape, d)
+
+
 def softmax_threads(elements: int) -> int:
     """Threads for a softmax call: TQSTORE_CPU_THREADS if set, else one per core (at most 8)
     for calls of a million elements or more, where a thread's start-up (~0.1 ms) is paid back.

@@ -374,3 +374,23 @@ int tq_decode_step_rows(const float *queries, float scale, const float *query_ro
     }
     return 0;
 }
+
+/* ---- dequantization of gathered rows ------------------------------------------------------- */
+/* rows x (codes, f16 scale) -> out f32 (rows, dim) = codebook[index] * scale, in the rotated
+ * space: TurboQuantCodec.dequantize_rotated for MSE codes, bit for bit (one float32 product
+ * per element, as MLX's take-then-multiply). For multi-token steps over pages, which gather a
+ * whole context per layer. Returns 0, or -1 for shapes this build does not take. */
+int tq_dequantize_rows(const uint8_t *codes, const uint16_t *scales, const float *codebook,
+                       int bits, int dim, long rows, float *out) {
+    if (bits < 1 || bits > 8 || dim <= 0 || dim % 8 || dim > TQ_MAX_DIM || rows < 0) return -1;
+    dequantizer d;
+    dequantizer_init(&d, codebook, bits);
+    const int row_bytes = dim * bits / 8;
+    for (long r = 0; r < rows; ++r) {
+        float *o = out + r * dim;
+        dequant_row(codes + r * row_bytes, dim, &d, o);
+        const float s = half_to_float(scales[r]);
+        for (int j = 0; j < dim; ++j) o[j] *= s;
+    }
+    return 0;
+}

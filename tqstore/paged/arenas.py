@@ -23,6 +23,7 @@ import numpy as np
 
 from tqstore.codec import CodecConfig, QuantizedVectors, TurboQuantCodec, layer_codecs
 from tqstore.errors import InvalidArgument
+from tqstore.metal import dispatch as kernels
 from tqstore.metal.dispatch import quantize as dispatch_quantize
 
 KV_DTYPE = mx.float16
@@ -175,8 +176,11 @@ class TurboQuantArena:
         # in every layer, and on the CPU the transform's elementwise passes took 5.5x the
         # matmul's time (3.3 against 0.6 ms for 2,016 tokens of a SmolLM2 layer). Equal to
         # codec.dequantize_residual / dequantize within float32 rounding.
-        keys = mx.matmul(self.key_codec.dequantize_rotated(qk), self.key_unrotation)
-        values = mx.matmul(self.value_codec.dequantize_rotated(qv), self.output_rotation)
+        # The codebook lookup on the CPU's C kernel where built (the same bits; MLX's take and
+        # unpacking ran 20x slower there).
+        keys = mx.matmul(kernels.dequantize_rotated(self.key_codec, qk), self.key_unrotation)
+        values = mx.matmul(kernels.dequantize_rotated(self.value_codec, qv),
+                           self.output_rotation)
         if self.value_codec.center is not None:  # none today (layer_codecs): kept exact anyway
             values = values + self.value_codec.center
         return keys.astype(dtype), values.astype(dtype)
