@@ -287,6 +287,8 @@ def multi_token_attention(queries: mx.array, keys: mx.array, values: mx.array, s
     kind = mask_kind(mask)
     if kind is None:
         return None
+    if kind == "array":  # checked apart: a boolean mask is a select, an additive one a sum
+        kind = "array-bool" if mask.dtype == mx.bool_ else "array-additive"
     shape = (queries.shape[1], keys.shape[1], keys.shape[-1], values.shape[-1], kind)
     if not selfcheck.usable(CPU_SOFTMAX, shape, lambda: selfcheck.check_multi_token(
             shape, cpu_multi_token_attention)):

@@ -255,15 +255,16 @@ def check_epilogue(key: tuple, run: Callable[..., tuple | None]) -> str | None:
 
 def check_multi_token(key: tuple, run: Callable[..., mx.array | None]) -> str | None:
     """A multi-token attention path against MLX's scaled_dot_product_attention in float32 for
-    key = (Hq, Hkv, D, Dv, mask kind): a 7-token step over 19 tokens, random inputs."""
+    key = (Hq, Hkv, D, Dv, mask kind: none, causal, array-bool, array-additive): a 7-token step
+    over 19 tokens, random inputs."""
     hq, hkv, d, dv, kind = key
     rng = _rng(key)
     L, T = 7, 19
     q, k, v = (mx.array(rng.standard_normal(shape).astype(np.float32))
                for shape in ((1, hq, L, d), (1, hkv, T, d), (1, hkv, T, dv)))
-    mask = {"none": None, "causal": "causal",
-            "array": mx.array(rng.random((L, T)) < 0.7) | mx.eye(L, T, k=T - L, dtype=mx.bool_)
-            }[kind]
+    allowed = mx.array(rng.random((L, T)) < 0.7) | mx.eye(L, T, k=T - L, dtype=mx.bool_)
+    mask = {"none": None, "causal": "causal", "array-bool": allowed,
+            "array-additive": mx.where(allowed, 0.0, -mx.inf)}[kind]
     scale = 1.0 / np.sqrt(d)
     got = run(q, k, v, scale, mask)
     if got is None:
