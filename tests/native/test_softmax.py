@@ -16,6 +16,14 @@ from tqstore.native import build, cpu_kernels
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="no C compiler on this machine")
 
+
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """These paths serve on the CPU only (dispatch declines where a GPU is the default
+    device); on the GPU machine and on Macs the tests still run them, on the CPU stream."""
+    with mx.stream(mx.cpu):
+        yield
+
 # Softmax weights: the kernel's exp is a polynomial good to 3e-7 relative, MLX's CPU exp is an
 # approximation of its own, the sums run in other orders and the kernel multiplies by 1/sum:
 # up to 2.5e-6 relative was seen (40 seeded 132 x 300 cases and the suite's seeds); 1e-5 is

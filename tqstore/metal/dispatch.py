@@ -260,9 +260,14 @@ def _step_usable(queries: mx.array, key_codes: mx.array, value_codes: mx.array, 
     return selfcheck.usable(CPU_STEP, shape, lambda: selfcheck.check_decode_step(shape, run))
 
 
-def dequantize_rotated(codec: TurboQuantCodec, q: QuantizedVectors) -> mx.array:
-    """codec.dequantize_rotated(q): on the CPU's C kernel where built (bit for bit the codec's,
-    checked byte for byte at first use per (bits, head_dim)), else the codec's MLX ops."""
+def dequantize_residual(codec: TurboQuantCodec, q: QuantizedVectors,
+                        unrotation: mx.array) -> mx.array:
+    """codec.dequantize_residual(q) in float32. On the CPU with the C kernels built: the
+    codebook lookup in C (bit for bit the codec's, checked byte for byte at first use per
+    (bits, head_dim); MLX's take and unpacking ran 20x slower there), then one matmul with
+    `unrotation` (each head's dense R, (Hkv, D, D)) instead of the codec's fast Walsh-Hadamard
+    transform, whose elementwise passes took 5.5x the matmul's time there: equal within
+    float32 rounding. Elsewhere the codec's own ops, unchanged."""
     if _forced != "reference" and gpu_backend() is None and _cpu_native():
         shape = (codec.bits, codec.head_dim)
 
@@ -270,10 +275,10 @@ def dequantize_rotated(codec: TurboQuantCodec, q: QuantizedVectors) -> mx.array:
             return selfcheck.check_dequantize(codec, cpu_kernels.dequantize_rotated)
 
         if selfcheck.usable(CPU_DEQUANTIZE, shape, check):
-            out = cpu_kernels.dequantize_rotated(codec, q)
-            if out is not None:
-                return out
-    return codec.dequantize_rotated(q)
+            rotated = cpu_kernels.dequantize_rotated(codec, q)
+            if rotated is not None:
+                return mx.matmul(rotated, unrotation)
+    return codec.dequantize_residual(q)
 
 
 def multi_token_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
@@ -287,8 +292,6 @@ def multi_token_attention(queries: mx.array, keys: mx.array, values: mx.array, s
     kind = mask_kind(mask)
     if kind is None:
         return None
-    if kind == "array":  # checked apart: a boolean mask is a select, an additive one a sum
-        kind = "array-bool" if mask.dtype == mx.bool_ else "array-additive"
     shape = (queries.shape[1], keys.shape[1], keys.shape[-1], values.shape[-1], kind)
     if not selfcheck.usable(CPU_SOFTMAX, shape, lambda: selfcheck.check_multi_token(
             shape, cpu_multi_token_attention)):

@@ -26,14 +26,14 @@ from tqstore.native import cpu_kernels
 
 
 def mask_kind(mask: Any) -> str | None:
-    """'none', 'causal' or 'array' for masks this path takes (an array mask must be one (L, T)
-    pattern shared by every head), else None."""
+    """'none', 'causal', 'array-bool' (a select) or 'array-additive' (a sum) for masks this
+    path takes (an array mask must be one (L, T) pattern shared by every head), else None."""
     if mask is None:
         return "none"
     if isinstance(mask, str):
         return "causal" if mask == "causal" else None
     if isinstance(mask, mx.array):
-        return "array"
+        return "array-bool" if mask.dtype == mx.bool_ else "array-additive"
     return None
 
 
@@ -51,15 +51,15 @@ def cpu_multi_token_attention(queries: mx.array, keys: mx.array, values: mx.arra
         return None
     if kind == "causal" and L > T:
         return None
-    if kind == "array" and mask.size != L * T:
+    if kind.startswith("array") and mask.size != L * T:
         return None
     G = Hq // Hkv
     q = (queries.astype(mx.float32) * scale).reshape(Hkv, G * L, D)
     scores = q @ keys[0].astype(mx.float32).swapaxes(-1, -2)  # (Hkv, G * L, T)
-    if kind == "array":
+    if kind.startswith("array"):
         pattern = mask.reshape(L, T)
         grid = scores.reshape(Hkv, G, L, T)
-        grid = (mx.where(pattern, grid, -mx.inf) if pattern.dtype == mx.bool_
+        grid = (mx.where(pattern, grid, -mx.inf) if kind == "array-bool"
                 else grid + pattern.astype(mx.float32))
         scores = grid.reshape(Hkv, G * L, T)
     weights = cpu_kernels.softmax_rows(scores, L, kind == "causal")

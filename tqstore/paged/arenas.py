@@ -41,6 +41,13 @@ def _scatter(arena, name: str, block_ids: mx.array, slots: mx.array | None, x: m
         arr[block_ids, :, slots] = mx.swapaxes(x, 0, 1)  # (n, H, ...) as the indexing reads
 
 
+def _dense_rotation(codec: TurboQuantCodec) -> mx.array:
+    """(Hkv, D, D) = R per head, contiguous and evaluated (built once per arena)."""
+    matrices = mx.contiguous(codec.rotation.matrices())
+    mx.eval(matrices)
+    return matrices
+
+
 class TurboQuantArena:
     """Compressed K/V pages of one layer."""
 
@@ -82,16 +89,14 @@ class TurboQuantArena:
         if self._output_rotation is None:
             # Contiguous: the decode epilogue kernel reads it row by row (a strided view would
             # be copied at every launch: one more op per layer and step, seen on an H100).
-            self._output_rotation = mx.contiguous(self.value_codec.rotation.matrices())
-            mx.eval(self._output_rotation)
+            self._output_rotation = _dense_rotation(self.value_codec)
         return self._output_rotation
 
     @property
     def key_unrotation(self) -> mx.array:
         """(Hkv, Dk, Dk) = R_K per head: y_row @ R_K un-rotates (R_K^T y) a dequantized key."""
         if self._key_unrotation is None:
-            self._key_unrotation = mx.contiguous(self.key_codec.rotation.matrices())
-            mx.eval(self._key_unrotation)
+            self._key_unrotation = _dense_rotation(self.key_codec)
         return self._key_unrotation
 
     @property
@@ -171,17 +176,11 @@ class TurboQuantArena:
         the path for multi-token steps after prefill). Keys are the residual k - mean where the
         codec is centered: the same softmax as the full keys, and the same scores as decode."""
         qk, qv = self.quantized(block_ids, num_tokens)
-        # Un-rotated by one matmul with each head's dense R rather than the codec's fast
-        # Walsh-Hadamard transform: a multi-token step after prefill gathers the whole context
-        # in every layer, and on the CPU the transform's elementwise passes took 5.5x the
-        # matmul's time (3.3 against 0.6 ms for 2,016 tokens of a SmolLM2 layer). Equal to
-        # codec.dequantize_residual / dequantize within float32 rounding.
-        # The codebook lookup on the CPU's C kernel where built (the same bits; MLX's take and
-        # unpacking ran 20x slower there).
-        keys = mx.matmul(kernels.dequantize_rotated(self.key_codec, qk), self.key_unrotation)
-        values = mx.matmul(kernels.dequantize_rotated(self.value_codec, qv),
-                           self.output_rotation)
-        if self.value_codec.center is not None:  # none today (layer_codecs): kept exact anyway
+        # A multi-token step after prefill gathers the whole context in every layer: the
+        # dispatch's CPU path (C lookup, un-rotation by matmul) makes that cheap there.
+        keys = kernels.dequantize_residual(self.key_codec, qk, self.key_unrotation)
+        values = kernels.dequantize_residual(self.value_codec, qv, self.output_rotation)
+        if self.value_codec.center is not None:  # as codec.dequantize; none today (layer_codecs)
             values = values + self.value_codec.center
         return keys.astype(dtype), values.astype(dtype)
 
