@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every prompt here in full precision)")
     parser.add_argument("--pool-mib", type=int,
                         help="our endpoint's pool budget in MiB (default: its own default)")
+    parser.add_argument("--decode-share", type=float,
+                        help="our endpoint's --decode-share (default: its own default)")
     parser.add_argument("--startup-timeout", type=float, default=300.0,
                         help="seconds a server may take to answer /health (default 300)")
     parser.add_argument("--logs", help="directory for the servers' logs, kept (default: a temp "
@@ -183,6 +185,8 @@ class Stack:
             self.procs.append(daemon)
             daemon.wait_ready(lambda: tcp_open("127.0.0.1", dport), self.args.startup_timeout)
             extra = [] if self.args.pool_mib is None else ["--pool-mib", str(self.args.pool_mib)]
+            if self.args.decode_share is not None:
+                extra += ["--decode-share", str(self.args.decode_share)]
             argv = tqstore_argv("openai", "--model", str(self.model_dir), "--store",
                                 f"127.0.0.1:{dport}", "--host", "127.0.0.1", "--port", str(port),
                                 *extra)
