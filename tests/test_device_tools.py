@@ -83,17 +83,32 @@ def test_mma_phases_measures_on_cuda_and_refuses_elsewhere():
 def test_upload_stall_bench_runs_every_mode_on_a_tiny_model(tmp_path):
     """tools/upload_stall_bench.py end to end (a real daemon, a tiny random model): every mode
     ran, uploaded its blocks where it has a daemon, and by the route it names (views here,
-    the kernel on CUDA; copied when forced)."""
+    the copy engine on CUDA; copied when forced)."""
     out = tmp_path / "stall.json"
     res = subprocess.run([sys.executable, str(ROOT / "tools/upload_stall_bench.py"), "--shape",
                           "tiny", "--sizes", "300", "--block", "64", "--repeats", "1",
-                          "--max-tokens", "3", "--probes", "quiet", "noclear", "--json", str(out)],
+                          "--max-tokens", "3", "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = json.loads(out.read_text())["rows"][0]["runs"]
-    assert set(runs) == {"none", "landing64", "quiet", "noclear", "copied"}
-    landed = "kernel" if mx.cuda.is_available() else "views"
+    assert set(runs) == {"none", "landing", "copied"}
+    landed = "copy-engine" if mx.cuda.is_available() else "views"
     for mode, [run] in runs.items():
         assert run["route"] == {"none": None, "copied": "copied"}.get(mode, landed), mode
         assert (run["uploaded_blocks"] > 0) == (mode != "none"), mode
         assert run["first_step_s"] > 0 and run["ttft_s"] > 0
+
+
+def test_landing_stall_probe_times_every_work_alone_and_beside_a_landing(tmp_path):
+    """tools/landing_stall_probe.py end to end at a tiny size: every work timed both ways, by
+    the route the backend takes."""
+    out = tmp_path / "probe.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools/landing_stall_probe.py"), "--tokens",
+                          "64", "--side", "64", "--repeats", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")
+    for work in ("tiny", "chain50", "chain400", "chain2000", "big"):
+        assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
+        assert report[work]["landing_s"] > 0

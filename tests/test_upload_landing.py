@@ -1,7 +1,7 @@
 """A prefill's new blocks on their way to the upload thread (tqstore.upload_landing): the bytes
 are the device's, the route is the one the backend allows, and the pinned landing buffer is
 lent and kept by the rules (ordinary memory stands in for it off CUDA, and a numpy write stands
-in for the kernel, so those rules run on every machine)."""
+in for the copy engine, so those rules run on every machine)."""
 
 import ctypes
 import gc
@@ -31,18 +31,22 @@ def _want(layers, start, stop):
                  for which in range(2))
 
 
-def test_a_landing_gives_every_layers_slice_bit_for_bit_by_the_backends_route(rng):
-    """The GPU suite runs this on CUDA: the kernel route, its self-check passed. The bytes are
-    taken on another thread after the caller dropped its arrays and MLX reused memory (the
-    views route must keep the arrays alive; the kernel route has them on the host already)."""
-    layers = _layers(rng)
+@pytest.mark.parametrize("sliced", [False, True])
+def test_a_landing_gives_every_layers_slice_bit_for_bit_by_the_backends_route(rng, sliced):
+    """The GPU suite runs this on CUDA: the copy-engine route, its self-check passed. The bytes
+    are taken on another thread after the caller dropped its arrays and MLX reused memory (both
+    routes must keep the arrays alive until their bytes are out). Sliced: every source a view
+    that is not row-contiguous (a longer buffer's first tokens)."""
+    layers = _layers(rng, tokens=45 if sliced else 40)
+    if sliced:
+        layers = [tuple(x[:, :, 3:43] for x in pair) for pair in layers]
     want = _want(layers, 5, 37)
     on_cuda = device_memory._cudart() is not None
     landing = land(layers, 5, 37, 1 << 30)
-    assert landing.route == ("kernel" if on_cuda else "views")
+    assert landing.route == ("copy-engine" if on_cuda else "views")
     del layers
     gc.collect()
-    mx.eval([mx.ones((3, 2, 40, 64), mx.float16) * i for i in range(8)])
+    mx.eval([mx.ones((3, 2, 45, 64), mx.float16) * i for i in range(8)])
     keys, values = then(landing, lambda k, v: (k.copy(), v.copy())).result(timeout=60)
     assert keys.shape == (3, 2, 32, 64) and keys.dtype == np.float16
     assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
@@ -59,46 +63,45 @@ def test_a_landing_refuses_positions_or_layers_it_cannot_hold(rng):
 
 
 class _FakeDevice:
-    """Host memory as the 'device' side of the kernel route: _launch writes the slices with
-    numpy at the addresses it is given and sets the flag (optionally wrong bytes, or no flag)."""
+    """Host memory in place of the copy engine: _start_copies writes the slices with numpy at
+    the addresses _copies gives (so the per-layer address arithmetic runs here too), then its
+    done() says so (optionally wrong bytes, or never done)."""
 
     def __init__(self, monkeypatch, wrong: bool = False, signal: bool = True) -> None:
         self.wrong, self.signal, self.launches = wrong, signal, 0
         self.memory: dict[int, np.ndarray] = {}
         self.staging = PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
         monkeypatch.setattr(upload_landing, "landing_staging", self.staging)
-        monkeypatch.setattr(device_memory, "mapped_address", lambda runtime, host: host.ctypes.data)
-        monkeypatch.setattr(upload_landing, "_side_stream", lambda: mx.default_stream(mx.cpu))
-        monkeypatch.setattr(upload_landing, "_launch", self._launch)
+        monkeypatch.setattr(upload_landing, "_start_copies", self._start_copies)
 
     def _allocate(self, size: int) -> int:
         buf = np.zeros(size, np.uint8)
         self.memory[buf.ctypes.data] = buf
         return buf.ctypes.data
 
-    def _launch(self, layers, start, stop, base, offsets, token) -> mx.array:
-        """What the copy kernels do, from the very params _launch gives them (so the
-        per-layer address arithmetic runs here too)."""
+    def _start_copies(self, runtime, layers, start, stop, host, offsets):
         self.launches += 1
         for source, (at, heads, tokens, first, last, row) in upload_landing._copies(
-                layers, start, stop, base, offsets):
+                layers, start, stop, host, offsets):
             got = np.ascontiguousarray(np.array(source)[0, :, first:last])
             assert got.shape == (heads, last - first, row // 2) and source.shape[2] == tokens
             if self.wrong:
                 got = got + np.float16(1)
             ctypes.memmove(at, got.ctypes.data, got.nbytes)
-        if self.signal:
-            ctypes.c_uint64.from_address(base + offsets[2]).value = token
-        return mx.zeros((1,), mx.uint32)
+
+        def done() -> bool:
+            return self.signal
+        done.held = list(layers)
+        return done
 
 
-def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(monkeypatch, rng):
+def test_the_copy_engine_route_lends_its_buffers_until_the_landed_arrays_are_gone(monkeypatch, rng):
     fake = _FakeDevice(monkeypatch)
     layers = _layers(rng)
     try:
         selfcheck.reset()
-        first = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
-        assert first is not None and first.route == "kernel"
+        first = upload_landing._by_copy_engine(None, layers, 0, 40, 1 << 30)
+        assert first is not None and first.route == "copy-engine"
         assert selfcheck.kernel_report()["upload_landing"].startswith("ok")
         assert fake.launches == 3  # the self-check's two head dims, then the landing
         keys, values = first.result()
@@ -109,10 +112,10 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
             first.result()
         # A second upload while those bytes are alive finds the buffer held (the caller
         # copies); the first landing object still exists, its arrays gone: the buffer is free.
-        assert upload_landing._by_kernel(None, layers, 0, 8, 1 << 30) is None
+        assert upload_landing._by_copy_engine(None, layers, 0, 8, 1 << 30) is None
         del keys, values
         gc.collect()
-        third = upload_landing._by_kernel(None, layers, 16, 24, 1 << 30)
+        third = upload_landing._by_copy_engine(None, layers, 16, 24, 1 << 30)
         assert third is not None
         landed = third.result()[1]
         assert fake.staging.holds(landed.ctypes.data, landed.nbytes)
@@ -123,7 +126,7 @@ def test_the_kernel_route_lends_its_buffers_until_the_landed_arrays_are_gone(mon
         selfcheck.reset()
 
 
-def test_a_landing_kernel_that_gives_other_bytes_is_disabled_and_the_copy_serves(monkeypatch, rng):
+def test_a_landing_route_that_gives_other_bytes_is_disabled_and_the_copy_serves(monkeypatch, rng):
     fake = _FakeDevice(monkeypatch, wrong=True)
     monkeypatch.setattr(device_memory, "_cudart", lambda: object())  # a CUDA process
     monkeypatch.setattr(upload_landing, "gpu_backend", lambda: "cuda")
@@ -148,26 +151,27 @@ def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_aga
     monkeypatch.setattr(upload_landing, "_abandoned", [])
     try:
         selfcheck.reset()
-        upload_landing._by_kernel(None, layers, 0, 4, 1 << 30).result()  # checked, waited
+        upload_landing._by_copy_engine(None, layers, 0, 4, 1 << 30).result()  # checked, waited
         gc.collect()
         assert upload_landing._abandoned == []
         fake.signal = False
-        landing = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
+        landing = upload_landing._by_copy_engine(None, layers, 0, 40, 1 << 30)
         with pytest.raises(TqstoreError, match="did not finish"):
             landing.result(timeout=0.05)
         del landing
         gc.collect()
-        assert len(upload_landing._abandoned) == 1
+        lease, sources = upload_landing._abandoned  # kept for good: the copy may still run
+        assert isinstance(lease, np.ndarray) and sources[0] is layers[0]
         assert fake.staging.lease(4, 1 << 30) is None  # still held, for good
-        # Dropped without waiting: also kept for good (a late kernel may still write).
+        # Dropped without waiting: also kept for good (a late copy may still read and write).
         monkeypatch.setattr(upload_landing, "_abandoned", [])
         monkeypatch.setattr(upload_landing, "landing_staging",
                             PinnedStaging(fake._allocate, lambda a: None))
-        dropped = upload_landing._by_kernel(None, layers, 0, 40, 1 << 30)
+        dropped = upload_landing._by_copy_engine(None, layers, 0, 40, 1 << 30)
         assert dropped is not None
         del dropped
         gc.collect()
-        assert len(upload_landing._abandoned) == 1
+        assert len(upload_landing._abandoned) == 2
     finally:
         selfcheck.reset()
 

@@ -4,11 +4,10 @@ run on one machine (issue 16: "uploads never stall decode or the first token").
 Per prompt length, cold runs on fresh random prompts (each one a miss), `--repeats` of each:
 - none: CachedGenerator without a daemon: nothing is uploaded (the baseline);
 - landing: with a daemon; the upload's device-to-host copy goes by the backend's route in
-  tqstore.upload_landing (a kernel into pinned memory on CUDA, numpy views on unified memory)
-  and the upload thread waits for it;
+  tqstore.upload_landing (the copy engine into pinned memory on CUDA, numpy views on unified
+  memory) and the upload thread waits for it;
 - copied: with a daemon; the copy runs on the generating thread inside the first decode step
-  (what every upload did before upload_landing; forced here by turning its routes off);
-- probes (--probes quiet noclear): diagnostics of the wait that is left on CUDA.
+  (what every upload did before upload_landing; forced here by turning its routes off).
 Reported per run: TTFT, the first decode step after the first token (first_step_s: it also
 quantizes the prompt's last block, in every mode), steady decode tokens/s (while the Put is
 in flight), the landing's route and when the upload thread had the bytes, and the whole upload.
@@ -25,7 +24,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,17 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
 from gpu_bench_inputs import SHAPES, emit, log  # noqa: E402
-
-
-class _Gated:
-    """A landing whose result() first waits for the gate (set when generation has ended)."""
-
-    def __init__(self, landing, gate: threading.Event) -> None:
-        self._landing, self._gate = landing, gate
-
-    def result(self, timeout: float = 300.0):
-        self._gate.wait()
-        return self._landing.result(timeout)
 
 
 def _steady_tps(report) -> float:
@@ -64,13 +51,6 @@ def main() -> int:
     ap.add_argument("--pool-gib", type=float, default=None,
                     help="each generator's pool (default 8; 1 for smollm2: two 8 GiB pools "
                          "swapped the 24 GiB CPU VM)")
-    ap.add_argument("--landing-blocks", type=int, nargs="+", default=[64],
-                    help="thread blocks of the landing kernel to compare (CUDA; one mode each)")
-    ap.add_argument("--probes", nargs="*", default=[], choices=["quiet", "noclear"],
-                    help="diagnostic modes for why the first step still waits on CUDA: quiet = "
-                         "the landing thread starts waiting only after generation ends (no "
-                         "polling, no Put during decode); noclear = mx.clear_cache is a no-op "
-                         "during generation (mlx-lm calls it after its first token)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     if args.pool_gib is None:
@@ -81,6 +61,7 @@ def main() -> int:
 
     from tqstore import upload_landing
     from tqstore.client import KvStoreClient
+    import tqstore.generator as generator_module
     from tqstore.generator import CachedGenerator
     from tqstore.models.smollm2 import load_smollm2
     from tqstore.servers import ServerProcess, free_port, tqstore_argv
@@ -96,7 +77,7 @@ def main() -> int:
     daemon = ServerProcess("daemon", tqstore_argv("serve", "--path", store, "--listen", address,
                                                   "--max-gib", "200"), Path(store) / "daemon.log")
     landings: list = []
-    real_land, real_then = upload_landing.land, upload_landing.then
+    real_land = upload_landing.land
 
     def recording_land(*a, **k):
         landing = real_land(*a, **k)
@@ -112,10 +93,7 @@ def main() -> int:
             kw = dict(block_size=args.block, pool_budget_bytes=int(args.pool_gib * 2**30))
             gens = {"none": CachedGenerator(loaded, None, **kw),
                     "landing": CachedGenerator(loaded, client, **kw)}
-            landing_modes = [f"landing{n}" for n in args.landing_blocks]
-            for mode in landing_modes + args.probes + ["copied"]:
-                gens[mode] = gens["landing"]
-            default_threads = upload_landing._MAX_THREADS
+            gens["copied"] = gens["landing"]
             for size in args.sizes:
                 vocab = loaded.tokenizer.vocab_size - 1
                 # warm-up: each generator once at this length (kernels compiled, the pool and
@@ -124,41 +102,24 @@ def main() -> int:
                     r = gens[mode].generate(rng.integers(0, vocab, size).tolist(), 4)
                     if r.upload is not None:
                         r.upload.result()
-                runs = {m: [] for m in ["none"] + landing_modes + args.probes + ["copied"]}
+                runs = {m: [] for m in ("none", "landing", "copied")}
                 for _ in range(args.repeats):
                     for mode in runs:
                         ids = rng.integers(0, vocab, size).tolist()
                         landings.clear()
-                        saved = upload_landing._by_kernel, upload_landing._by_views
-                        upload_landing.land = recording_land
-                        if mode.startswith("landing") and mode != "landing":
-                            upload_landing._MAX_THREADS = int(mode[7:]) * upload_landing._THREADS
+                        saved = upload_landing._by_copy_engine, upload_landing._by_views
+                        upload_landing.land = generator_module.land = recording_land
                         if mode == "copied":
-                            upload_landing._by_kernel = lambda *a: None
+                            upload_landing._by_copy_engine = lambda *a: None
                             upload_landing._by_views = lambda *a: None
-                        import tqstore.generator as generator_module
-                        generator_module.land = recording_land
-                        gate, real_clear = threading.Event(), mx.clear_cache
-                        if mode == "quiet":
-                            generator_module.then = lambda landing, make: real_then(
-                                _Gated(landing, gate), make)
-                        if mode == "noclear":
-                            mx.clear_cache = lambda: None
                         try:
                             report = gens[mode].generate(ids, args.max_tokens)
-                            mx.clear_cache = real_clear
-                            gate.set()
                             t = time.perf_counter()
                             if report.upload is not None:
                                 report.upload.result()
                         finally:
-                            upload_landing._by_kernel, upload_landing._by_views = saved
-                            upload_landing._MAX_THREADS = default_threads
-                            upload_landing.land = real_land
-                            generator_module.land = real_land
-                            generator_module.then = real_then
-                            mx.clear_cache = real_clear
-                            gate.set()
+                            upload_landing._by_copy_engine, upload_landing._by_views = saved
+                            upload_landing.land = generator_module.land = real_land
                         landing = landings[0] if landings else None
                         runs[mode].append({
                             "ttft_s": report.ttft_s, "first_step_s": report.first_step_s,
@@ -176,7 +137,7 @@ def main() -> int:
                     return statistics.median(r[key] for r in runs[mode])
 
                 row = {"prompt_tokens": size, "runs": runs}
-                for mode in landing_modes + args.probes + ["copied"]:
+                for mode in ("landing", "copied"):
                     row[f"{mode}_first_step_over_none"] = (med(mode, "first_step_s")
                                                            / med("none", "first_step_s"))
                     row[f"{mode}_decode_tps_over_none"] = (med(mode, "decode_tps")

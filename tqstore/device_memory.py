@@ -85,7 +85,20 @@ class _Cudart:
         lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p),
                                                  ctypes.c_void_p, ctypes.c_uint]
         lib.cudaHostGetDevicePointer.restype = ctypes.c_int
+        lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                          ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
+                                          ctypes.c_int, ctypes.c_void_p]
+        lib.cudaMemcpy2DAsync.restype = ctypes.c_int
+        lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        lib.cudaEventCreateWithFlags.restype = ctypes.c_int
+        for name in ("cudaEventRecord",):
+            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_int
+        for name in ("cudaEventQuery", "cudaEventDestroy"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_int
         self._streams = threading.local()
+        self._copy_stream: ctypes.c_void_p | None = None
 
     def prefetch(self, pointer: int, nbytes: int) -> int:
         if self._by_location:
@@ -98,6 +111,39 @@ class _Cudart:
 
     def copy(self, dst: int, src: int, nbytes: int) -> int:
         return self.lib.cudaMemcpy(dst, src, nbytes, _MEMCPY_DEFAULT)
+
+    def copy_stream(self) -> ctypes.c_void_p | None:
+        """The process's non-blocking stream for device-to-host copies by the copy engine
+        (tqstore.upload_landing): they never wait for, or hold up, MLX's streams."""
+        with _lock:
+            if self._copy_stream is None:
+                handle = ctypes.c_void_p()
+                if self.lib.cudaStreamCreateWithFlags(ctypes.byref(handle), 1) != 0:
+                    self.lib.cudaGetLastError()
+                    return None
+                self._copy_stream = handle
+            return self._copy_stream
+
+    def copy_rows_async(self, dst: int, src: int, src_pitch: int, row_bytes: int, rows: int,
+                        stream: ctypes.c_void_p) -> int:
+        """rows runs of row_bytes, src_pitch apart at src, packed at dst; queued on stream."""
+        return self.lib.cudaMemcpy2DAsync(dst, row_bytes, src, src_pitch, row_bytes, rows,
+                                          _MEMCPY_DEFAULT, stream)
+
+    def record_event(self, stream: ctypes.c_void_p) -> tuple[int, ctypes.c_void_p]:
+        """(status, an event recorded on stream after everything queued there so far)."""
+        event = ctypes.c_void_p()
+        status = self.lib.cudaEventCreateWithFlags(ctypes.byref(event), 2)  # DisableTiming
+        if status == 0:
+            status = self.lib.cudaEventRecord(event, stream)
+        return status, event
+
+    def event_status(self, event: ctypes.c_void_p) -> int:
+        """0 once the event's work is done, 600 (cudaErrorNotReady) before, else an error."""
+        return self.lib.cudaEventQuery(event)
+
+    def destroy_event(self, event: ctypes.c_void_p) -> None:
+        self.lib.cudaEventDestroy(event)
 
     def copy_on_thread_stream(self, dst: int, src: int, nbytes: int) -> int:
         """A copy on this thread's own non-blocking stream, waited for: copies from several

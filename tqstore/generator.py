@@ -113,8 +113,8 @@ class CachedGenerator:
         install(loaded.model)
         self.staging_cap = client.config.staging_cap if client is not None else 0
         if client is not None:
-            # CUDA: the hit's copy kernel and the upload's landing kernels compiled (and their
-            # buffers pinned) before any request.
+            # CUDA: the hit's copy kernel and the upload landing's address kernel compiled (and
+            # their buffers pinned) before any request.
             warm_up(self.staging_cap)
             warm_up_landing(self.staging_cap)
         # The TurboQuant form needs every layer compressed with the policy's codec; fp16 layers
@@ -206,9 +206,10 @@ class CachedGenerator:
             if full <= first and not tail:
                 return
             # This runs inside the first decode step: the copy to the host only starts here
-            # (a kernel into pinned memory on CUDA, views on unified memory); the landing thread
-            # waits for it and cuts the blocks as soon as they arrive, and the upload thread,
-            # when it reaches this Put, takes them from there (tqstore.upload_landing).
+            # (the copy engine into pinned memory on CUDA, views on unified memory); the
+            # landing thread waits for it and cuts the blocks as soon as they arrive, and the
+            # upload thread, when it reaches this Put, takes them from there
+            # (tqstore.upload_landing).
             a, b = first * bs, full * bs + tail
             landing = land([per_layer[i] for i in range(num_layers)], a, b, self.staging_cap)
             blocks = then(landing, lambda keys, values: _payloads(keys, values, full - first,

@@ -9,36 +9,39 @@ starts the copy and returns at once; ``then()`` waits for the bytes on a landing
 own, which cuts the blocks out of them (freeing the landing's buffer) and hands them to the
 upload thread's Put. Routes:
 
-- ``kernel`` (CUDA): per layer, a copy kernel on a side stream reads the K/V slice from device
-  memory and writes it over the bus into a pinned, device-mapped host buffer (its own
-  PinnedStaging, ``landing_staging``, so a restore's staging buffer stays free for the next hit).
-  A last kernel, ordered after every copy, writes a fresh token into a flag word of that buffer;
-  ``result()`` polls the flag, so the landing thread never calls into MLX (MLX must not evaluate
-  on two threads at once). Every copy thread fences its writes system-wide before it ends, so
-  the host that sees the token sees every byte (the CUDA memory model's fence-then-flag).
+- ``copy-engine`` (CUDA): the GPU's copy engine moves every layer's K/V slice
+  (cudaMemcpy2DAsync, one call per array, on a non-blocking stream of our own) into a pinned
+  host buffer (its own PinnedStaging, ``landing_staging``, so a restore's staging buffer stays
+  free for the next hit); ``result()`` polls an event recorded after the copies, so the landing
+  thread never calls into MLX (MLX must not evaluate on two threads at once). MLX gives Python
+  no device pointer, so a one-thread kernel writes each (row-contiguous) array's address into a
+  uint64: that eval also orders the copies after whatever produced the arrays. The Landing
+  holds the arrays until the copies are seen done, so MLX neither frees nor donates them.
 - ``views`` (unified memory: CPU, Metal): the evaluated K/V are seen through numpy without a copy
   now; the slicing copy runs on the landing thread. The views keep the MLX arrays alive, so MLX
   never reuses their buffers meanwhile.
 - ``copied``: the old way, on the generating thread (a stall): CUDA when the landing buffer is
   held by another upload, over the cap (``ClientConfig.staging_bytes``), not pinnable, a dtype
-  other than fp16, libcudart is missing, or the kernel failed its self-check.
+  other than fp16, libcudart is missing, or the route failed its self-check.
 
-Measured (docs/BENCHMARKS.md, "Uploads off the generating thread"): on the H100 the landing runs
-at 43-49 GB/s, but the first decode step still grows by about its duration (8k +16 ms, 32k
-+86 ms); why it waits is not known yet. Growing the pinned buffer (the first upload longer than
-any before, past the warm-up's 256 MB) also happens on the generating thread.
+Why the copy engine (docs/BENCHMARKS.md, "Uploads off the generating thread";
+tools/landing_stall_probe.py): the first version landed by copy kernels, SMs storing into
+mapped host memory at 43-49 GB/s, and every decode step meanwhile grew by about the landing's
+duration (32k tokens of an 8B shape: +86 ms). With stores to host memory flooding the bus,
+each small kernel of the default stream took ~7x longer (2,000 dependent small ops: 21 ms
+alone, 89 ms beside a landing). The copy engine moves the same 4.29 GB in 79 ms with no
+measurable effect on the default stream (21.2 against 21.0 ms).
 
-The copy kernel passes the kernels' shared first-use self-check (tqstore.metal.selfcheck,
-"upload_landing"): a small landing must come back bit for bit, else the kernel is disabled for
-the process with one warning and ``copied`` serves. ``warm_up_landing`` runs it (and compiles
-both kernels) when a generator with a daemon is made, not inside the first decode step.
+The route passes the shared first-use self-check (tqstore.metal.selfcheck,
+"upload_landing"): a small landing, a sliced (non-contiguous) source included, must come back
+bit for bit, else the route is disabled for the process with one warning and ``copied``
+serves. ``warm_up_landing`` runs it (and compiles the address kernel) when a generator with a
+daemon is made, not inside the first decode step.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,16 +58,12 @@ from tqstore.metal.attention_kernel import gpu_backend
 log = logging.getLogger("tqstore.upload_landing")
 T = TypeVar("T")
 
-_ALIGN = 256  # each staged array starts on a 256-byte boundary (16-byte words in the kernel)
-_THREADS = 256
-# Enough stores in flight to fill the bus while leaving most of the SMs to decode, which runs
-# beside the landing on the default stream.
-_MAX_THREADS = 64 * _THREADS
-_KERNEL = "upload_landing"  # its name in the kernels' self-check
+_ALIGN = 256  # each staged array starts on a 256-byte boundary
+_ROUTE = "upload_landing"  # its name in the kernels' self-check
 _WAIT_S = 300.0  # result() gives up after this long (the buffer is then never lent again)
-_POLL_S = 0.0002  # the first pause between looks at the flag; it doubles up to _POLL_MAX_S
+_POLL_S = 0.0002  # the first pause between looks at the event; it doubles up to _POLL_MAX_S
 _POLL_MAX_S = 0.002
-_barrier = threading.Lock()
+_NOT_READY = 600  # cudaErrorNotReady
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 
 # The process's pinned buffer for uploads in flight (capped by ClientConfig.staging_bytes).
@@ -72,56 +71,8 @@ _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands in
 # ~0.1 s for 1 GB, so two prefills rarely end that close together; the second of such a pair is
 # copied on the generating thread.
 landing_staging = PinnedStaging()
-_tokens = itertools.count(1)  # a flag value no earlier landing wrote
-_abandoned: list[np.ndarray] = []  # leases whose landing never signalled: never lent again
-_streams = threading.local()
-_kernels: dict[str, object] = {}
-
-# params: destination device address, heads, tokens T of the source, start, stop, bytes per
-# token row. The source is (1, heads, T, D) row-contiguous; the destination (heads, stop -
-# start, D). 16-byte words where every address and row allows it, else byte by byte.
-_LAND_SOURCE = """
-    (void)after;
-    const unsigned long long dst_address = params[0];
-    const unsigned long long heads = params[1], tokens = params[2];
-    const unsigned long long start = params[3], stop = params[4], row = params[5];
-    const unsigned long long per_head = (stop - start) * row;
-    const unsigned long long total = heads * per_head;
-    const unsigned char* src = reinterpret_cast<const unsigned char*>(source);
-    unsigned char* dst = reinterpret_cast<unsigned char*>(dst_address);
-    const unsigned long long first = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    if ((((unsigned long long)src) | dst_address | row) % 16 == 0) {
-        const unsigned long long head_words = per_head / 16, words = total / 16;
-        const unsigned long long head_stride = tokens * row / 16, skip = start * row / 16;
-        const uint4* src_words = reinterpret_cast<const uint4*>(src);
-        uint4* dst_words = reinterpret_cast<uint4*>(dst);
-        for (unsigned long long w = first; w < words; w += stride) {
-            const unsigned long long h = w / head_words;
-            dst_words[w] = src_words[h * head_stride + skip + (w - h * head_words)];
-        }
-    } else {
-        for (unsigned long long b = first; b < total; b += stride) {
-            const unsigned long long h = b / per_head;
-            dst[b] = src[h * tokens * row + start * row + (b - h * per_head)];
-        }
-    }
-    __threadfence_system();
-    if (first == 0) {
-        done[0] = 0;
-    }
-"""
-# params: the flag's device address, the token. Ordered after every copy (its input).
-_SIGNAL_SOURCE = """
-    (void)after;
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        __threadfence_system();
-        *reinterpret_cast<volatile unsigned long long*>(params[0]) = params[1];
-        __threadfence_system();
-        done[0] = 0;
-    }
-"""
-
+_abandoned: list = []  # leases (and sources) of landings never seen done: never let go
+_address_kernel = None
 
 class Landing:
     """K and V slices on their way to host memory. ``result()``, once, on any thread, gives
@@ -130,15 +81,16 @@ class Landing:
     upload's blocks out of them), and the views route stops holding the MLX arrays."""
 
     def __init__(self, route: str, make: Callable[[float], tuple[np.ndarray, np.ndarray]],
-                 lease: np.ndarray | None = None):
+                 pending: list | None = None):
         self.route = route
         self._make: Callable | None = make
         self.started = time.perf_counter()  # land() sets it to when the landing began
         self.ready_s: float | None = None  # seconds from then until result() had the bytes
-        self._pending = [lease] if lease is not None else []
-        if lease is not None:
-            # A kernel landing dropped unwaited may still be writing: its lease is then never
-            # lent again.
+        self._pending = list(pending or [])
+        if self._pending:
+            # A copy-engine landing dropped unwaited may still be running: its lease is then
+            # never lent again, nor are its source arrays let go (MLX must not free memory
+            # that a copy may still read).
             weakref.finalize(self, _keep_if_pending, self._pending)
 
     def result(self, timeout: float = _WAIT_S) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +103,7 @@ class Landing:
         return got
 
 
-def _keep_if_pending(pending: list[np.ndarray]) -> None:
+def _keep_if_pending(pending: list) -> None:
     if pending:
         log.warning("an upload's landing was dropped before its copy was seen to finish: its "
                     "pinned buffer is not lent again in this process")
@@ -182,7 +134,7 @@ def land(layers: list[tuple[mx.array, mx.array]], start: int, stop: int, cap: in
     if gpu_backend() != "cuda":
         landing = _by_views(layers, start, stop)  # unified memory: host-addressable
     elif runtime is not None:
-        landing = _by_kernel(runtime, layers, start, stop, cap)
+        landing = _by_copy_engine(runtime, layers, start, stop, cap)
     else:
         landing = None  # CUDA without libcudart: copied (numpy views would move the buffers)
     if landing is None:
@@ -213,8 +165,7 @@ def _by_views(layers, start: int, stop: int) -> Landing | None:
 
 
 def _layout(layers, start: int, stop: int) -> tuple[list[tuple], list[int], int]:
-    """The staged arrays' shapes (K, V), their byte offsets in the lease, and the lease size
-    (the flag word last)."""
+    """The staged arrays' shapes (K, V), their byte offsets in the lease, and the lease size."""
     k, v = layers[0]
     shapes = [(len(layers), k.shape[1], stop - start, k.shape[3]),
               (len(layers), v.shape[1], stop - start, v.shape[3])]
@@ -222,75 +173,88 @@ def _layout(layers, start: int, stop: int) -> tuple[list[tuple], list[int], int]
     for shape in shapes:
         offsets.append(at)
         at += -(-int(np.prod(shape)) * 2 // _ALIGN) * _ALIGN
-    offsets.append(at)  # the flag
-    return shapes, offsets, at + _ALIGN
+    return shapes, offsets, at
 
 
-def _side_stream():
-    """This thread's GPU stream for landings: they run beside decode on the default stream."""
-    stream = getattr(_streams, "stream", None)
-    if stream is None:
-        stream = _streams.stream = mx.new_stream(mx.gpu)
-    return stream
+def _addresses(sources: list[mx.array]) -> list[int]:
+    """Each row-contiguous array's device address, evaluated (which also waits for whatever
+    produced the arrays: the copies that follow read finished bytes)."""
+    global _address_kernel
+    if _address_kernel is None:
+        _address_kernel = mx.fast.cuda_kernel(
+            name="tq_address_of", input_names=["source"], output_names=["address"],
+            source="if (threadIdx.x == 0) { address[0] = (unsigned long long)source; }")
+    out = [_address_kernel(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.uint64],
+                           grid=(1, 1, 1), threadgroup=(1, 1, 1))[0] for x in sources]
+    return mx.concatenate(out).tolist()
 
 
-def _kernel(name: str, inputs: list[str], source: str):
-    if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs,
-                                             output_names=["done"], source=source)
-    return _kernels[name]
-
-
-def _copies(layers, start: int, stop: int, base: int, offsets: list[int]
+def _copies(layers, start: int, stop: int, host: int, offsets: list[int]
             ) -> list[tuple[mx.array, list[int]]]:
-    """Per layer, K then V: (source, the copy kernel's params). Layer i's slice lands at
-    base + offsets[K or V] + i * (its bytes): the (layers, heads, stop - start, dim) arrays
-    _by_kernel reads back."""
+    """Per layer, K then V: (source, [host address, heads, tokens T of the source, start, stop,
+    bytes per token row]). Layer i's slice lands at host + offsets[K or V] + i * (its bytes):
+    the (layers, heads, stop - start, dim) arrays _by_copy_engine reads back."""
     out = []
-    for which, offset in enumerate(offsets[:2]):
+    for which, offset in enumerate(offsets):
         for layer, pair in enumerate(layers):
             source = pair[which]
             heads, tokens, dim = source.shape[1], source.shape[2], source.shape[3]
             row = dim * source.itemsize
-            at = base + offset + layer * heads * (stop - start) * row
+            at = host + offset + layer * heads * (stop - start) * row
             out.append((source, [at, heads, tokens, start, stop, row]))
     return out
 
 
-def _launch(layers, start: int, stop: int, base: int, offsets: list[int], token: int) -> mx.array:
-    """Every layer's K and V slice copied to base + offsets (device addresses), then the flag
-    set to token; returns the signal's output (evaluate it to run them all)."""
-    land_kernel = _kernel("tq_land_to_pinned", ["source", "params", "after"], _LAND_SOURCE)
-    after = mx.zeros((1,), mx.uint32)
-    for source, params in _copies(layers, start, stop, base, offsets):
-        nbytes = params[1] * (stop - start) * params[5]
-        threads = min(_MAX_THREADS, -(-nbytes // 16 // _THREADS) * _THREADS) or _THREADS
-        after, = land_kernel(inputs=[source, mx.array(np.array(params, np.uint64)), after],
-                             output_shapes=[(1,)], output_dtypes=[mx.uint32],
-                             grid=(threads, 1, 1), threadgroup=(_THREADS, 1, 1))
-    signal = _kernel("tq_land_signal", ["params", "after"], _SIGNAL_SOURCE)
-    params = mx.array(np.array([base + offsets[2], token], np.uint64))
-    done, = signal(inputs=[params, after], output_shapes=[(1,)], output_dtypes=[mx.uint32],
-                   grid=(1, 1, 1), threadgroup=(1, 1, 1))
+def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: list[int]
+                  ) -> Callable[[], bool]:
+    """Queue every layer's K and V slice on the copy stream; returns done(), True once all have
+    landed (a CUDA error raises TqstoreError). Each source (1, heads, T, dim) is made
+    row-contiguous first (no copy when it already is), so its heads are T rows apart."""
+    stream = runtime.copy_stream()
+    if stream is None:
+        raise TqstoreError("no CUDA stream for the landing's copies")
+    copies = [(mx.contiguous(source), params)
+              for source, params in _copies(layers, start, stop, host, offsets)]
+    addresses = _addresses([source for source, _ in copies])
+    for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
+        status = runtime.copy_rows_async(at, address + first * row, tokens * row,
+                                         (last - first) * row, heads, stream)
+        if status != 0:
+            runtime.lib.cudaGetLastError()
+            raise TqstoreError(f"cudaMemcpy2DAsync failed (status {status})")
+    status, event = runtime.record_event(stream)
+    if status != 0:
+        runtime.lib.cudaGetLastError()
+        raise TqstoreError(f"cudaEventRecord failed (status {status})")
+    held = [source for source, _ in copies]  # alive until the copies are done
+
+    def done() -> bool:
+        status = runtime.event_status(event)
+        if status == _NOT_READY:
+            return False
+        runtime.destroy_event(event)
+        held.clear()
+        if status != 0:
+            runtime.lib.cudaGetLastError()
+            raise TqstoreError(f"the landing's copies failed (CUDA status {status})")
+        return True
+    done.held = held  # what a landing never seen done keeps alive for good (see Landing)
     return done
 
 
-def _wait_for(flag: np.ndarray, token: int, timeout: float) -> None:
-    """Poll the flag word for token. On timeout the landing stays unwaited, so its lease is
-    kept for good when it is dropped (Landing): a late kernel may still write there."""
+def _wait_for(done: Callable[[], bool], timeout: float) -> None:
+    """Poll done() with growing pauses. On timeout the landing stays unwaited, so its lease and
+    sources are kept for good when it is dropped (Landing): the copy may still run."""
     deadline, pause = time.monotonic() + timeout, _POLL_S
-    while int(flag[0]) != token:
+    while not done():
         if time.monotonic() > deadline:
             raise TqstoreError(f"the upload's device-to-host copy did not finish in {timeout:.0f} "
                                "s; the blocks are not uploaded")
         time.sleep(pause)
         pause = min(2 * pause, _POLL_MAX_S)  # each wake-up takes the GIL from decode
-    # An acquire barrier before reading the bytes (x86 orders loads anyway; ARM hosts do not).
-    with _barrier:
-        pass
 
 
-def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | None:
+def _by_copy_engine(runtime, layers, start: int, stop: int, cap: int) -> Landing | None:
     if any(x.dtype != mx.float16 or x.ndim != 4 or x.shape[0] != 1 for pair in layers
            for x in pair):
         return None
@@ -298,76 +262,68 @@ def _by_kernel(runtime, layers, start: int, stop: int, cap: int) -> Landing | No
     lease = landing_staging.lease(max(size, _CHECK_BYTES), cap)
     if lease is None:
         return None
-    base = device_memory.mapped_address(runtime, lease)
-    if base is None:
+    if not _usable(runtime, lease):
         return None
-    if not _usable(lease, base):
-        return None
-    flag = lease[offsets[2]:offsets[2] + 8].view(np.uint64)
     keys, values = (lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
                     for at, shape in zip(offsets, shapes))
-    token = next(_tokens)
-    flag[0] = 0
     try:
-        with mx.stream(_side_stream()):
-            done = _launch(layers, start, stop, base, offsets, token)
-            mx.async_eval(done)
-    except Exception as exc:  # noqa: BLE001  (a kernel that fails must not stop generation)
+        done = _start_copies(runtime, layers, start, stop, lease.ctypes.data, offsets)
+    except Exception as exc:  # noqa: BLE001  (a failed copy must not stop generation)
         from tqstore.metal import selfcheck
         _abandoned.append(lease)  # some copies may have been queued: never lend it again
-        log.warning("an upload's landing kernel failed to launch; its pinned buffer is not lent "
-                    "again and uploads copy on the generating thread from now on")
-        selfcheck.disable(_KERNEL, f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.warning("an upload's landing failed to start; its pinned buffer is not lent again "
+                    "and uploads copy on the generating thread from now on")
+        selfcheck.disable(_ROUTE, f"{type(exc).__name__}: {str(exc)[:300]}")
         return None
 
     def make(timeout: float) -> tuple[np.ndarray, np.ndarray]:
-        _wait_for(flag, token, timeout)
+        _wait_for(done, timeout)
         return keys, values
-    return Landing("kernel", make, lease)
+    return Landing("copy-engine", make, [lease, done.held])
 
 
-def _usable(lease: np.ndarray, base: int) -> bool:
-    """The kernels' shared self-check, once per process: a landing of a small random prefill
-    (a tail that is no whole 16-byte word included) into the start of this very lease must
-    come back bit for bit."""
+def _usable(runtime, lease: np.ndarray) -> bool:
+    """The shared first-use self-check, once per process: a landing of a small random prefill
+    (a sliced, non-contiguous source and rows of 24 bytes included) into the start of this very
+    lease must come back bit for bit."""
     from tqstore.metal import selfcheck
 
     def check() -> str | None:
         rng = np.random.default_rng(20261126)
-        for dim in (64, 12):  # 16-byte words; rows of 24 bytes (byte by byte)
-            probe = [tuple(mx.array(rng.standard_normal((1, 2, 9, dim)).astype(np.float16))
-                           for _ in range(2)) for _ in range(2)]
+        def rand(*shape):
+            return mx.array(rng.standard_normal(shape).astype(np.float16))
+
+        for dim in (64, 12):
+            # layer 0: K a slice along tokens (not row-contiguous: copied first), V a slice
+            # along heads (row-contiguous at an offset into its buffer); layer 1 whole arrays
+            probe = [(rand(1, 2, 11, dim)[:, :, 2:], rand(1, 3, 9, dim)[:, 1:]),
+                     (rand(1, 2, 9, dim), rand(1, 2, 9, dim))]
             mx.eval(probe)
             shapes, offsets, _ = _layout(probe, 3, 8)
-            token = next(_tokens)
-            flag = lease[offsets[2]:offsets[2] + 8].view(np.uint64)
-            flag[0] = 0
-            with mx.stream(_side_stream()):  # the stream the real landings use
-                mx.eval(_launch(probe, 3, 8, base, offsets, token))
+            done = _start_copies(runtime, probe, 3, 8, lease.ctypes.data, offsets)
+            _wait_for(done, 60.0)
             for which, (at, shape) in enumerate(zip(offsets, shapes)):
                 got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
                 want = np.stack([np.array(pair[which])[0, :, 3:8] for pair in probe])
                 if got.tobytes() != want.tobytes():
                     return f"the landed bytes differ from the device's (head dim {dim})"
-            if int(flag[0]) != token:
-                return "the landing's flag was not set"
         return None
 
-    return selfcheck.usable(_KERNEL, ("float16",), check)
+    return selfcheck.usable(_ROUTE, ("float16",), check)
 
 
 def warm_up_landing(cap: int) -> None:
-    """On CUDA with staging on: compile the landing kernels, run their self-check and pin the
-    landing buffer's first granule now, not inside a first decode step. Nothing elsewhere."""
+    """On CUDA with staging on: compile the address kernel, run the route's self-check and pin
+    the landing buffer's first granule now, not inside a first decode step. Nothing elsewhere."""
     runtime = device_memory._cudart()
     if cap <= 0 or runtime is None:
         return
     probe = [(mx.zeros((1, 1, 4, 64), mx.float16), mx.zeros((1, 1, 4, 64), mx.float16))]
     mx.eval(probe)
-    landing = _by_kernel(runtime, probe, 0, 4, cap)
+    landing = _by_copy_engine(runtime, probe, 0, 4, cap)
     if landing is not None:
         try:
             landing.result(timeout=60.0)
         except TqstoreError as exc:  # a generator must still be made: the copy serves
             from tqstore.metal import selfcheck
-            selfcheck.disable(_KERNEL, str(exc))
+            selfcheck.disable(_ROUTE, str(exc))
