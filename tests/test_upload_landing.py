@@ -220,3 +220,64 @@ def test_an_upload_relays_the_puts_result_and_either_the_landings_or_the_puts_er
                           .exception(timeout=60), TqstoreError)
     with pytest.raises(RuntimeError):  # a closed client says so at once
         client.put_async_lazy(ns, ids[:32], 0, landed.result)
+
+
+class _FakeCopyEngine:
+    """A runtime whose copy engine is memmove on host memory, and whose events each report
+    'not ready' once: _start_copies' pieces, window and addresses run on every machine."""
+
+    def __init__(self) -> None:
+        self.copies, self.in_flight, self.most_in_flight = 0, 0, 0
+        self.lib = type("Lib", (), {"cudaGetLastError": staticmethod(lambda: 0)})()
+
+    def copy_stream(self):
+        return "stream"
+
+    def copy_rows_async(self, dst, src, pitch, width, rows, stream) -> int:
+        for r in range(rows):
+            ctypes.memmove(dst + r * width, src + r * pitch, width)
+        self.copies += 1
+        return 0
+
+    def record_event(self, stream):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return 0, {"polls": 0}
+
+    def event_status(self, event) -> int:
+        event["polls"] += 1
+        return 0 if event["polls"] > 1 else upload_landing._NOT_READY
+
+    def destroy_event(self, event) -> None:
+        self.in_flight -= 1
+
+
+@pytest.mark.parametrize("piece_bytes, copies, most_in_flight", [(0, 6, 1), (8192, 12, 4),
+                                                                 (1, 24, 4)])
+def test_the_copy_engine_gets_pieces_of_whole_rows_a_window_at_a_time(monkeypatch, rng,
+                                                                      piece_bytes, copies,
+                                                                      most_in_flight):
+    """Sources sliced along tokens (rows 4,096 bytes, a pitch of 45 tokens): all at once (one
+    copy per array), two head rows a piece, one row a piece (a piece smaller than a row); the
+    bytes land where _by_copy_engine reads them."""
+    layers = [tuple(x[:, :, 3:43] for x in pair) for pair in _layers(rng, heads=4, tokens=45)]
+    hosts: list[np.ndarray] = []
+
+    def host_addresses(sources):
+        hosts.extend(np.ascontiguousarray(np.array(x)) for x in sources)
+        return [h.ctypes.data for h in hosts[-len(sources):]]
+
+    monkeypatch.setattr(upload_landing, "_addresses", host_addresses)
+    monkeypatch.setattr(upload_landing, "_PIECE_BYTES", piece_bytes)
+    engine = _FakeCopyEngine()
+    shapes, offsets, size = upload_landing._layout(layers, 5, 37)
+    lease = np.zeros(size, np.uint8)
+    done = upload_landing._start_copies(engine, layers, 5, 37, lease.ctypes.data, offsets)
+    assert done.held  # the sources, until every piece has landed
+    upload_landing._wait_for(done, 10.0)
+    assert not done.held and engine.in_flight == 0
+    assert (engine.copies, engine.most_in_flight) == (copies, most_in_flight)
+    want = _want(layers, 5, 37)
+    for which, (at, shape) in enumerate(zip(offsets, shapes)):
+        got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
+        assert got.tobytes() == want[which].tobytes()
