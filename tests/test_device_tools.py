@@ -104,14 +104,11 @@ def test_landing_stall_probe_times_every_work_alone_and_beside_a_landing(tmp_pat
     the route the backend takes."""
     out = tmp_path / "probe.json"
     res = subprocess.run([sys.executable, str(ROOT / "tools/landing_stall_probe.py"), "--tokens",
-                          "64", "--side", "64", "--repeats", "1", "--piece-mb", "0", "0.01",
-                          "--json", str(out)],
+                          "64", "--side", "64", "--repeats", "1", "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(out.read_text())
-    assert [r["piece_mb"] for r in reports] == [0, 0.01]
-    for report in reports:
-        assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")
-        for work in ("tiny", "chain50", "chain400", "chain2000", "big", "host_made200"):
-            assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
-            assert report[work]["landing_s"] > 0
+    report = json.loads(out.read_text())
+    assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")
+    for work in ("tiny", "chain50", "chain400", "chain2000", "big"):
+        assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
+        assert report[work]["landing_s"] > 0

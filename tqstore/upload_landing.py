@@ -64,11 +64,6 @@ _WAIT_S = 300.0  # result() gives up after this long (the buffer is then never l
 _POLL_S = 0.0002  # the first pause between looks at the event; it doubles up to _POLL_MAX_S
 _POLL_MAX_S = 0.002
 _NOT_READY = 600  # cudaErrorNotReady
-# The copy engine is given the landing in pieces of this many bytes (whole head rows), at most
-# _WINDOW queued at a time, so other users of the engine (MLX's managed-memory migrations)
-# never queue behind gigabytes of it; 0 = all at once.
-_PIECE_BYTES = 0
-_WINDOW = 4
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 
 # The process's pinned buffer for uploads in flight (capped by ClientConfig.staging_bytes).
@@ -212,55 +207,37 @@ def _copies(layers, start: int, stop: int, host: int, offsets: list[int]
 
 def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: list[int]
                   ) -> Callable[[], bool]:
-    """Start copying every layer's K and V slice on the copy stream; returns done(), True once
-    all have landed (a CUDA error raises TqstoreError). Each source (1, heads, T, dim) is made
-    row-contiguous first (no copy when it already is), so its heads are T rows apart.
-    With _PIECE_BYTES set, the copies go in pieces of whole rows, at most _WINDOW pieces queued
-    at a time; done() (polled by the landing thread) queues the next ones as pieces land."""
+    """Queue every layer's K and V slice on the copy stream; returns done(), True once all have
+    landed (a CUDA error raises TqstoreError). Each source (1, heads, T, dim) is made
+    row-contiguous first (no copy when it already is), so its heads are T rows apart."""
     stream = runtime.copy_stream()
     if stream is None:
         raise TqstoreError("no CUDA stream for the landing's copies")
     copies = [(mx.contiguous(source), params)
               for source, params in _copies(layers, start, stop, host, offsets)]
     addresses = _addresses([source for source, _ in copies])
-    pieces = []  # (dst, src, src pitch, row bytes, rows)
     for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
-        width = (last - first) * row
-        step = max(1, _PIECE_BYTES // width) if _PIECE_BYTES else heads
-        for h in range(0, heads, step):
-            rows = min(step, heads - h)
-            pieces.append((at + h * width, address + (h * tokens + first) * row, tokens * row,
-                           width, rows))
-    pieces.reverse()  # popped from the end, in order
-    queued: list = []  # events of queued pieces, oldest first
-    held = [source for source, _ in copies]  # alive until every piece has landed
-
-    def check(status: int, what: str) -> None:
+        status = runtime.copy_rows_async(at, address + first * row, tokens * row,
+                                         (last - first) * row, heads, stream)
         if status != 0:
             runtime.lib.cudaGetLastError()
-            raise TqstoreError(f"{what} failed (CUDA status {status})")
-
-    def fill() -> None:
-        window = _WINDOW if _PIECE_BYTES else len(pieces)
-        while pieces and len(queued) < window:
-            check(runtime.copy_rows_async(*pieces.pop(), stream), "cudaMemcpy2DAsync")
-            if _PIECE_BYTES or not pieces:
-                status, event = runtime.record_event(stream)
-                check(status, "cudaEventRecord")
-                queued.append(event)
+            raise TqstoreError(f"cudaMemcpy2DAsync failed (status {status})")
+    status, event = runtime.record_event(stream)
+    if status != 0:
+        runtime.lib.cudaGetLastError()
+        raise TqstoreError(f"cudaEventRecord failed (status {status})")
+    held = [source for source, _ in copies]  # alive until the copies are done
 
     def done() -> bool:
-        while queued:
-            status = runtime.event_status(queued[0])
-            if status == _NOT_READY:
-                return False
-            runtime.destroy_event(queued.pop(0))
-            check(status, "the landing's copies")
-            fill()
+        status = runtime.event_status(event)
+        if status == _NOT_READY:
+            return False
+        runtime.destroy_event(event)
         held.clear()
+        if status != 0:
+            runtime.lib.cudaGetLastError()
+            raise TqstoreError(f"the landing's copies failed (CUDA status {status})")
         return True
-
-    fill()
     done.held = held  # what a landing never seen done keeps alive for good (see Landing)
     return done
 
