@@ -109,6 +109,6 @@ def test_landing_stall_probe_times_every_work_alone_and_beside_a_landing(tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")
-    for work in ("tiny", "chain50", "chain400", "chain2000", "big"):
+    for work in ("tiny", "chain50", "chain400", "chain2000", "big", "host_made200"):
         assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
         assert report[work]["landing_s"] > 0

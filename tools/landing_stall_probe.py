@@ -5,7 +5,9 @@ route the backend takes) of every layer's K and V in flight:
 - tiny: one small op and .item();
 - chainN: N dependent elementwise ops on a small array in one eval (a decode step is hundreds
   of small kernels);
-- big: eight (side x side) matmuls.
+- big: eight (side x side) matmuls;
+- host_madeN: N small arrays made from numpy (managed memory on CUDA) added up (not yet run on
+  a GPU: the suspect for the wait that is left, see upload_landing's docstring).
 Best of --repeats each. This is how the wait in tools/upload_stall_bench.py's first decode step
 was pinned down on the H100 (docs/BENCHMARKS.md, "Uploads off the generating thread"): with the
 first route (copy kernels storing into mapped host memory) chain2000 ran 21 ms alone and 89 ms
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def probe(tokens: int, repeats: int, side: int, layers_count: int = 32) -> dict:
     import tqstore  # noqa: F401  (before MLX, as in every entry point)
     import mlx.core as mx
+    import numpy as np
 
     from tqstore import upload_landing
 
@@ -56,8 +59,16 @@ def probe(tokens: int, repeats: int, side: int, layers_count: int = 32) -> dict:
             x = (x @ a) * 0.001
         return x.sum().item()
 
+    def host_made(n):
+        def run():  # arrays made from host memory (MLX's CUDA backend: managed memory)
+            x = small
+            for i in range(n):
+                x = x + mx.array(np.full(256, i, np.float32))
+            return x.sum().item()
+        return run
+
     works = {"tiny": tiny, "chain50": chain(50), "chain400": chain(400), "chain2000": chain(2000),
-             "big": big}
+             "big": big, "host_made20": host_made(20), "host_made200": host_made(200)}
     for work in works.values():  # compiled, and the landing buffer grown, before timing
         work()
     landing = upload_landing.land(layers, 0, tokens, cap)
@@ -100,7 +111,7 @@ def main() -> int:
     print(f"route {res['route']} on {res['device']}, {res['landing_gb']:.2f} GB landed")
     for name, r in res.items():
         if isinstance(r, dict):
-            print(f"  {name:10s} alone {r['alone_s'] * 1e3:8.2f} ms  beside the landing "
+            print(f"  {name:12s} alone {r['alone_s'] * 1e3:8.2f} ms  beside the landing "
                   f"{r['beside_landing_s'] * 1e3:8.2f} ms  (landing {r['landing_s'] * 1e3:.1f} ms)")
     return 0
 

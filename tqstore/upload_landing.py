@@ -28,9 +28,11 @@ Why the copy engine (docs/BENCHMARKS.md, "Uploads off the generating thread";
 tools/landing_stall_probe.py): the first version landed by copy kernels, SMs storing into
 mapped host memory at 43-49 GB/s, and every decode step meanwhile grew by about the landing's
 duration (32k tokens of an 8B shape: +86 ms). With stores to host memory flooding the bus,
-each small kernel of the default stream took ~7x longer (2,000 dependent small ops: 21 ms
-alone, 89 ms beside a landing). The copy engine moves the same 4.29 GB in 79 ms with no
-measurable effect on the default stream (21.2 against 21.0 ms).
+each small kernel of the default stream took ~7x longer (2,000 dependent small ops: 25 ms
+alone, 90 ms beside a landing). The copy engine moves the same 4.29 GB in ~80 ms with no
+measurable effect on such work (32.0 against 32.0 ms). The real first decode step still grows
+by about the landing's duration (32k tokens: 0.047 -> 0.128 s; 8k: 0.049 -> 0.059 s); what in
+it waits is not found yet (not the Put, the polling, nor mx.clear_cache).
 
 The route passes the shared first-use self-check (tqstore.metal.selfcheck,
 "upload_landing"): a small landing, a sliced (non-contiguous) source included, must come back
@@ -73,6 +75,12 @@ _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands in
 landing_staging = PinnedStaging()
 _abandoned: list = []  # leases (and sources) of landings never seen done: never let go
 _address_kernel = None
+# The source's device address (MLX passes the array's data pointer, its offset included).
+_ADDRESS_SOURCE = """
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        address[0] = (unsigned long long)source;
+    }
+"""
 
 class Landing:
     """K and V slices on their way to host memory. ``result()``, once, on any thread, gives
@@ -183,7 +191,7 @@ def _addresses(sources: list[mx.array]) -> list[int]:
     if _address_kernel is None:
         _address_kernel = mx.fast.cuda_kernel(
             name="tq_address_of", input_names=["source"], output_names=["address"],
-            source="if (threadIdx.x == 0) { address[0] = (unsigned long long)source; }")
+            source=_ADDRESS_SOURCE)
     out = [_address_kernel(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.uint64],
                            grid=(1, 1, 1), threadgroup=(1, 1, 1))[0] for x in sources]
     return mx.concatenate(out).tolist()
