@@ -67,8 +67,8 @@ class _FakeDevice:
     the addresses _copies gives (so the per-layer address arithmetic runs here too), then its
     done() says so (optionally wrong bytes, or never done)."""
 
-    def __init__(self, monkeypatch, wrong: bool = False, signal: bool = True) -> None:
-        self.wrong, self.signal, self.launches = wrong, signal, 0
+    def __init__(self, monkeypatch, wrong: bool = False, finishes: bool = True) -> None:
+        self.wrong, self.finishes, self.starts = wrong, finishes, 0
         self.memory: dict[int, np.ndarray] = {}
         self.staging = PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
         monkeypatch.setattr(upload_landing, "landing_staging", self.staging)
@@ -80,9 +80,9 @@ class _FakeDevice:
         return buf.ctypes.data
 
     def _start_copies(self, runtime, layers, start, stop, host, offsets):
-        self.launches += 1
-        for source, (at, heads, tokens, first, last, row) in upload_landing._copies(
-                layers, start, stop, host, offsets):
+        self.starts += 1
+        copies = upload_landing._copies(layers, start, stop, host, offsets)
+        for source, (at, heads, tokens, first, last, row) in copies:
             got = np.ascontiguousarray(np.array(source)[0, :, first:last])
             assert got.shape == (heads, last - first, row // 2) and source.shape[2] == tokens
             if self.wrong:
@@ -90,8 +90,8 @@ class _FakeDevice:
             ctypes.memmove(at, got.ctypes.data, got.nbytes)
 
         def done() -> bool:
-            return self.signal
-        done.held = list(layers)
+            return self.finishes
+        done.held = [source for source, _ in copies]  # K of every layer, then V (as the route)
         return done
 
 
@@ -103,7 +103,7 @@ def test_the_copy_engine_route_lends_its_buffers_until_the_landed_arrays_are_gon
         first = upload_landing._by_copy_engine(None, layers, 0, 40, 1 << 30)
         assert first is not None and first.route == "copy-engine"
         assert selfcheck.kernel_report()["upload_landing"].startswith("ok")
-        assert fake.launches == 3  # the self-check's two head dims, then the landing
+        assert fake.starts == 3  # the self-check's two head dims, then the landing
         keys, values = first.result()
         want = _want(layers, 0, 40)
         assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
@@ -120,7 +120,7 @@ def test_the_copy_engine_route_lends_its_buffers_until_the_landed_arrays_are_gon
         landed = third.result()[1]
         assert fake.staging.holds(landed.ctypes.data, landed.nbytes)
         assert landed.tobytes() == _want(layers, 16, 24)[1].tobytes()
-        assert fake.launches == 4  # checked once per process
+        assert fake.starts == 4  # checked once per process
         assert first is not None
     finally:
         selfcheck.reset()
@@ -134,17 +134,17 @@ def test_a_landing_route_that_gives_other_bytes_is_disabled_and_the_copy_serves(
     try:
         selfcheck.reset()
         landing = land(layers, 3, 30, 1 << 30)
-        assert landing.route == "copied" and fake.launches == 1
+        assert landing.route == "copied" and fake.starts == 1
         assert selfcheck.kernel_report()["upload_landing"].startswith("disabled")
         keys, values = landing.result()
         want = _want(layers, 3, 30)
         assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
-        assert land(layers, 3, 30, 1 << 30).route == "copied" and fake.launches == 1
+        assert land(layers, 3, 30, 1 << 30).route == "copied" and fake.starts == 1
     finally:
         selfcheck.reset()
 
 
-def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_again(monkeypatch,
+def test_a_landing_that_never_finishes_times_out_and_its_buffer_is_never_lent_again(monkeypatch,
                                                                                      rng):
     fake = _FakeDevice(monkeypatch)
     layers = _layers(rng)
@@ -154,14 +154,14 @@ def test_a_landing_that_never_signals_times_out_and_its_buffer_is_never_lent_aga
         upload_landing._by_copy_engine(None, layers, 0, 4, 1 << 30).result()  # checked, waited
         gc.collect()
         assert upload_landing._abandoned == []
-        fake.signal = False
+        fake.finishes = False
         landing = upload_landing._by_copy_engine(None, layers, 0, 40, 1 << 30)
         with pytest.raises(TqstoreError, match="did not finish"):
             landing.result(timeout=0.05)
         del landing
         gc.collect()
         lease, sources = upload_landing._abandoned  # kept for good: the copy may still run
-        assert isinstance(lease, np.ndarray) and sources[0] is layers[0]
+        assert isinstance(lease, np.ndarray) and sources[0] is layers[0][0]
         assert fake.staging.lease(4, 1 << 30) is None  # still held, for good
         # Dropped without waiting: also kept for good (a late copy may still read and write).
         monkeypatch.setattr(upload_landing, "_abandoned", [])
@@ -220,3 +220,109 @@ def test_an_upload_relays_the_puts_result_and_either_the_landings_or_the_puts_er
                           .exception(timeout=60), TqstoreError)
     with pytest.raises(RuntimeError):  # a closed client says so at once
         client.put_async_lazy(ns, ids[:32], 0, landed.result)
+
+
+class _HostCopyEngine:
+    """A runtime whose copy engine is memmove on host memory: the real _start_copies (its
+    address arithmetic, held sources, event handling and error paths) runs on every machine.
+    Each event reports 'not ready' once; `fail_copy` fails that copy call, `event_error` is
+    the status a finished event reports."""
+
+    def __init__(self, fail_copy: int | None = None, event_error: int = 0) -> None:
+        self.fail_copy, self.event_error = fail_copy, event_error
+        self.copies, self.queries, self.destroyed, self.synchronized = 0, 0, [], 0
+        engine = self
+
+        class Lib:
+            @staticmethod
+            def cudaGetLastError() -> int:
+                return 0
+
+            @staticmethod
+            def cudaStreamSynchronize(stream) -> int:
+                engine.synchronized += 1
+                return 0
+        self.lib = Lib()
+
+    def copy_stream(self):
+        return "stream"
+
+    def copy_rows_async(self, dst, src, pitch, width, rows, stream) -> int:
+        if self.copies == self.fail_copy:
+            return 1  # cudaErrorInvalidValue
+        for r in range(rows):
+            ctypes.memmove(dst + r * width, src + r * pitch, width)
+        self.copies += 1
+        return 0
+
+    def record_event(self, stream):
+        return 0, "event"
+
+    def event_status(self, event) -> int:
+        assert event not in self.destroyed, "an event queried after it was destroyed"
+        self.queries += 1
+        return upload_landing._NOT_READY if self.queries == 1 else self.event_error
+
+    def destroy_event(self, event) -> None:
+        assert event not in self.destroyed, "an event destroyed twice"
+        self.destroyed.append(event)
+
+
+@pytest.fixture
+def host_addresses(monkeypatch):
+    """The address kernel's stand-in: each source's bytes in host memory, kept alive."""
+    hosts: list[np.ndarray] = []
+
+    def addresses(sources):
+        hosts.extend(np.ascontiguousarray(np.array(x)) for x in sources)
+        return [h.ctypes.data for h in hosts[-len(sources):]]
+    monkeypatch.setattr(upload_landing, "_addresses", addresses)
+
+
+def test_the_copy_engine_lands_every_slice_and_lets_go_of_its_sources_once_done(
+        host_addresses, rng):
+    """Sources sliced along tokens (a pitch of 45 tokens, not row-contiguous), as the route
+    reads them back; the sources (made row-contiguous) are held, flat, K then V, until the
+    event says the copies are done, and the event is destroyed once."""
+    layers = [tuple(x[:, :, 3:43] for x in pair) for pair in _layers(rng, heads=4, tokens=45)]
+    engine = _HostCopyEngine()
+    shapes, offsets, size = upload_landing._layout(layers, 5, 37)
+    lease = np.zeros(size, np.uint8)
+    done = upload_landing._start_copies(engine, layers, 5, 37, lease.ctypes.data, offsets)
+    assert engine.copies == 6 and len(done.held) == 6
+    assert not done()  # not ready yet: still held
+    assert len(done.held) == 6
+    assert done() and done() and not done.held and engine.destroyed == ["event"]
+    want = _want(layers, 5, 37)
+    for which, (at, shape) in enumerate(zip(offsets, shapes)):
+        got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
+        assert got.tobytes() == want[which].tobytes()
+
+
+def test_a_copy_that_fails_to_queue_waits_for_the_queued_ones_and_a_failed_event_stays_failed(
+        host_addresses, rng):
+    layers = _layers(rng)
+    shapes, offsets, size = upload_landing._layout(layers, 0, 40)
+    lease = np.zeros(size, np.uint8)
+    engine = _HostCopyEngine(fail_copy=4)
+    with pytest.raises(TqstoreError, match="cudaMemcpy2DAsync failed"):
+        upload_landing._start_copies(engine, layers, 0, 40, lease.ctypes.data, offsets)
+    assert engine.copies == 4 and engine.synchronized == 1
+    engine = _HostCopyEngine(event_error=700)  # cudaErrorIllegalAddress
+    done = upload_landing._start_copies(engine, layers, 0, 40, lease.ctypes.data, offsets)
+    assert not done()
+    for _ in range(2):  # the same error again, without touching the destroyed event
+        with pytest.raises(TqstoreError, match="status 700"):
+            done()
+    assert engine.queries == 2 and engine.destroyed == ["event"] and not done.held
+
+
+def test_a_disabled_route_pins_nothing(monkeypatch, rng):
+    fake = _FakeDevice(monkeypatch)
+    try:
+        selfcheck.reset()
+        selfcheck.disable("upload_landing", "planted")
+        assert upload_landing._by_copy_engine(None, _layers(rng), 0, 40, 1 << 30) is None
+        assert fake.memory == {} and fake.starts == 0
+    finally:
+        selfcheck.reset()

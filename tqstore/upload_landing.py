@@ -13,10 +13,13 @@ upload thread's Put. Routes:
   (cudaMemcpy2DAsync, one call per array, on a non-blocking stream of our own) into a pinned
   host buffer (its own PinnedStaging, ``landing_staging``, so a restore's staging buffer stays
   free for the next hit); ``result()`` polls an event recorded after the copies, so the landing
-  thread never calls into MLX (MLX must not evaluate on two threads at once). MLX gives Python
-  no device pointer, so a one-thread kernel writes each (row-contiguous) array's address into a
-  uint64: that eval also orders the copies after whatever produced the arrays. The Landing
-  holds the arrays until the copies are seen done, so MLX neither frees nor donates them.
+  thread never evaluates anything in MLX (MLX must not evaluate on two threads at once). MLX
+  gives Python no device pointer, so a one-thread kernel writes each (row-contiguous) array's
+  address into a uint64: that eval also orders the copies after whatever produced the arrays.
+  The Landing holds the arrays until the copies are seen done, so MLX neither frees nor
+  donates them. **Rule:** nothing may read a landing's source arrays through the host
+  (``np.array``, ``.item()``, ``.tolist()``) until its result is taken: on CUDA that moves the
+  device buffer into managed memory and frees the old one under the running copy.
 - ``views`` (unified memory: CPU, Metal): the evaluated K/V are seen through numpy without a copy
   now; the slicing copy runs on the landing thread. The views keep the MLX arrays alive, so MLX
   never reuses their buffers meanwhile.
@@ -76,11 +79,8 @@ landing_staging = PinnedStaging()
 _abandoned: list = []  # leases (and sources) of landings never seen done: never let go
 _address_kernel = None
 # The source's device address (MLX passes the array's data pointer, its offset included).
-_ADDRESS_SOURCE = """
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        address[0] = (unsigned long long)source;
-    }
-"""
+_ADDRESS_SOURCE = "if (threadIdx.x == 0) { address[0] = (unsigned long long)source; }"
+
 
 class Landing:
     """K and V slices on their way to host memory. ``result()``, once, on any thread, gives
@@ -134,7 +134,7 @@ def land(layers: list[tuple[mx.array, mx.array]], start: int, stop: int, cap: in
     and V to host memory; cap: the most pinned bytes the landing buffer may grow to."""
     started = time.perf_counter()
     k0, v0 = layers[0]
-    if not (0 <= start < stop <= k0.shape[2]) or any(
+    if not (0 <= start < stop <= min(k0.shape[2], v0.shape[2])) or any(
             k.shape != k0.shape or v.shape != v0.shape for k, v in layers):
         raise TqstoreError(f"a landing of positions [{start}, {stop}) needs every layer's K and "
                            f"V of one shape holding them (layer 0: {k0.shape}, {v0.shape})")
@@ -216,38 +216,57 @@ def _copies(layers, start: int, stop: int, host: int, offsets: list[int]
 def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: list[int]
                   ) -> Callable[[], bool]:
     """Queue every layer's K and V slice on the copy stream; returns done(), True once all have
-    landed (a CUDA error raises TqstoreError). Each source (1, heads, T, dim) is made
-    row-contiguous first (no copy when it already is), so its heads are T rows apart."""
+    landed (a CUDA error raises TqstoreError; done() stays raising after that). Each source
+    (1, heads, T, dim) is made row-contiguous first (MLX copies only where it must), so its
+    heads are T rows apart. If queueing fails part way, the copies already queued are waited
+    for before the error leaves, so nothing still reads the sources or writes the lease."""
     stream = runtime.copy_stream()
     if stream is None:
         raise TqstoreError("no CUDA stream for the landing's copies")
     copies = [(mx.contiguous(source), params)
               for source, params in _copies(layers, start, stop, host, offsets)]
     addresses = _addresses([source for source, _ in copies])
-    for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
-        status = runtime.copy_rows_async(at, address + first * row, tokens * row,
-                                         (last - first) * row, heads, stream)
-        if status != 0:
-            runtime.lib.cudaGetLastError()
-            raise TqstoreError(f"cudaMemcpy2DAsync failed (status {status})")
-    status, event = runtime.record_event(stream)
-    if status != 0:
-        runtime.lib.cudaGetLastError()
-        raise TqstoreError(f"cudaEventRecord failed (status {status})")
     held = [source for source, _ in copies]  # alive until the copies are done
+    try:
+        for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
+            _check(runtime, runtime.copy_rows_async(at, address + first * row, tokens * row,
+                                                    (last - first) * row, heads, stream),
+                   "cudaMemcpy2DAsync")
+        status, event = runtime.record_event(stream)
+        _check(runtime, status, "cudaEventRecord")
+    except TqstoreError:
+        runtime.lib.cudaStreamSynchronize(stream)
+        raise
+    state: dict = {"event": event, "error": None}
 
     def done() -> bool:
-        status = runtime.event_status(event)
+        if state["error"] is not None:
+            raise state["error"]
+        if state["event"] is None:
+            return True
+        status = runtime.event_status(state["event"])
         if status == _NOT_READY:
             return False
-        runtime.destroy_event(event)
+        runtime.destroy_event(state["event"])
+        state["event"] = None
         held.clear()
-        if status != 0:
-            runtime.lib.cudaGetLastError()
-            raise TqstoreError(f"the landing's copies failed (CUDA status {status})")
+        try:
+            _check(runtime, status, "the landing's copies")
+        except TqstoreError as exc:
+            state["error"] = exc
+            raise
         return True
     done.held = held  # what a landing never seen done keeps alive for good (see Landing)
     return done
+
+
+def _check(runtime, status: int, what: str) -> None:
+    """Raise for a failed CUDA call, clearing the runtime's last error (a failure reported when
+    a call is queued; a fault inside a copy is sticky and ends the process's CUDA context,
+    MLX's too: the self-check and the address arithmetic are what keep that from happening)."""
+    if status != 0:
+        runtime.lib.cudaGetLastError()
+        raise TqstoreError(f"{what} failed (CUDA status {status})")
 
 
 def _wait_for(done: Callable[[], bool], timeout: float) -> None:
@@ -266,6 +285,9 @@ def _by_copy_engine(runtime, layers, start: int, stop: int, cap: int) -> Landing
     if any(x.dtype != mx.float16 or x.ndim != 4 or x.shape[0] != 1 for pair in layers
            for x in pair):
         return None
+    from tqstore.metal import selfcheck
+    if selfcheck.is_disabled(_ROUTE):
+        return None  # before leasing: a disabled route must not pin memory for nothing
     shapes, offsets, size = _layout(layers, start, stop)
     lease = landing_staging.lease(max(size, _CHECK_BYTES), cap)
     if lease is None:
@@ -277,8 +299,8 @@ def _by_copy_engine(runtime, layers, start: int, stop: int, cap: int) -> Landing
     try:
         done = _start_copies(runtime, layers, start, stop, lease.ctypes.data, offsets)
     except Exception as exc:  # noqa: BLE001  (a failed copy must not stop generation)
-        from tqstore.metal import selfcheck
-        _abandoned.append(lease)  # some copies may have been queued: never lend it again
+        _abandoned.append(lease)  # never lent again (queued copies were waited for, but the
+        # stream's state after a failed call is not worth trusting with a buffer)
         log.warning("an upload's landing failed to start; its pinned buffer is not lent again "
                     "and uploads copy on the generating thread from now on")
         selfcheck.disable(_ROUTE, f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -309,7 +331,11 @@ def _usable(runtime, lease: np.ndarray) -> bool:
             mx.eval(probe)
             shapes, offsets, _ = _layout(probe, 3, 8)
             done = _start_copies(runtime, probe, 3, 8, lease.ctypes.data, offsets)
-            _wait_for(done, 60.0)
+            try:
+                _wait_for(done, 60.0)
+            except TqstoreError:
+                _abandoned.extend([lease, done.held])  # a copy may still run: keep both
+                raise
             for which, (at, shape) in enumerate(zip(offsets, shapes)):
                 got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
                 want = np.stack([np.array(pair[which])[0, :, 3:8] for pair in probe])

@@ -60,6 +60,11 @@ def usable(name: str, key: tuple, check: Callable[[], str | None]) -> bool:
     return False
 
 
+def is_disabled(name: str) -> bool:
+    """Whether kernel `name` was disabled in this process (by a failed check or disable())."""
+    return name in _disabled
+
+
 def disable(name: str, reason: str) -> None:
     """Disable a kernel without a check (a build that is unavailable: no compiler, ...)."""
     if name not in _disabled:
