@@ -14,6 +14,7 @@ from typing import Sequence
 
 import tqstore  # noqa: F401  (loads OpenBLAS before MLX)
 from tqstore.errors import TqstoreError
+from tqstore import _blas
 
 # (name, module, help). A module is imported only when its command is chosen (build_parser).
 COMMANDS: list[tuple[str, str, str]] = [
@@ -67,11 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except (TqstoreError, OSError) as exc:
         # What the user can fix (a path, an address, an argument; the project raises those as
         # TqstoreError): one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"tqstore: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    _blas.exit_status = code  # kept if the exit hook must end the process itself
+    return code
