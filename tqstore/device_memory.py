@@ -85,18 +85,13 @@ class _Cudart:
         lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p),
                                                  ctypes.c_void_p, ctypes.c_uint]
         lib.cudaHostGetDevicePointer.restype = ctypes.c_int
-        lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                                          ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
-                                          ctypes.c_int, ctypes.c_void_p]
-        lib.cudaMemcpy2DAsync.restype = ctypes.c_int
-        lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-        lib.cudaEventCreateWithFlags.restype = ctypes.c_int
-        for name in ("cudaEventRecord",):
-            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            getattr(lib, name).restype = ctypes.c_int
-        for name in ("cudaEventQuery", "cudaEventDestroy"):
-            getattr(lib, name).argtypes = [ctypes.c_void_p]
-            getattr(lib, name).restype = ctypes.c_int
+        pointer, size = ctypes.c_void_p, ctypes.c_size_t  # the upload landing's calls
+        for name, args in (("cudaMemcpy2DAsync", [pointer, size, pointer, size, size, size,
+                                                  ctypes.c_int, pointer]),
+                           ("cudaEventCreateWithFlags", [ctypes.POINTER(pointer), ctypes.c_uint]),
+                           ("cudaEventRecord", [pointer, pointer]),
+                           ("cudaEventQuery", [pointer]), ("cudaEventDestroy", [pointer])):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = args, ctypes.c_int
         self._streams = threading.local()
         self._copy_stream: ctypes.c_void_p | None = None
 
