@@ -83,15 +83,15 @@ def test_mma_phases_measures_on_cuda_and_refuses_elsewhere():
 def test_upload_stall_bench_runs_every_mode_on_a_tiny_model(tmp_path):
     """tools/upload_stall_bench.py end to end (a real daemon, a tiny random model): every mode
     ran, uploaded its blocks where it has a daemon, and by the route it names (views here,
-    the copy engine on CUDA; copied when forced)."""
+    the copy engine on CUDA, in pieces for piecesX; copied when forced)."""
     out = tmp_path / "stall.json"
     res = subprocess.run([sys.executable, str(ROOT / "tools/upload_stall_bench.py"), "--shape",
                           "tiny", "--sizes", "300", "--block", "64", "--repeats", "1",
-                          "--max-tokens", "3", "--json", str(out)],
+                          "--max-tokens", "3", "--piece-mb", "0.01", "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = json.loads(out.read_text())["rows"][0]["runs"]
-    assert set(runs) == {"none", "landing", "copied"}
+    assert set(runs) == {"none", "landing", "copied", "pieces0.01"}
     landed = "copy-engine" if mx.cuda.is_available() else "views"
     for mode, [run] in runs.items():
         assert run["route"] == {"none": None, "copied": "copied"}.get(mode, landed), mode
@@ -104,11 +104,14 @@ def test_landing_stall_probe_times_every_work_alone_and_beside_a_landing(tmp_pat
     the route the backend takes."""
     out = tmp_path / "probe.json"
     res = subprocess.run([sys.executable, str(ROOT / "tools/landing_stall_probe.py"), "--tokens",
-                          "64", "--side", "64", "--repeats", "1", "--json", str(out)],
+                          "64", "--side", "64", "--repeats", "1", "--piece-mb", "0", "0.01",
+                          "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")
-    for work in ("tiny", "chain50", "chain400", "chain2000", "big", "host_made200"):
-        assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
-        assert report[work]["landing_s"] > 0
+    reports = json.loads(out.read_text())
+    assert [r["piece_mb"] for r in reports] == [0, 0.01]
+    for report in reports:
+        assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")
+        for work in ("tiny", "chain50", "chain400", "chain2000", "big", "host_made200"):
+            assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
+            assert report[work]["landing_s"] > 0

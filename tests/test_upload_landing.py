@@ -226,11 +226,13 @@ class _HostCopyEngine:
     """A runtime whose copy engine is memmove on host memory: the real _start_copies (its
     address arithmetic, held sources, event handling and error paths) runs on every machine.
     Each event reports 'not ready' once; `fail_copy` fails that copy call, `event_error` is
-    the status a finished event reports."""
+    the status a finished event reports. It counts the events in flight at most."""
 
     def __init__(self, fail_copy: int | None = None, event_error: int = 0) -> None:
         self.fail_copy, self.event_error = fail_copy, event_error
         self.copies, self.queries, self.destroyed, self.synchronized = 0, 0, [], 0
+        self.events, self.most_in_flight = 0, 0
+        self.polls: dict[str, int] = {}
         engine = self
 
         class Lib:
@@ -256,12 +258,15 @@ class _HostCopyEngine:
         return 0
 
     def record_event(self, stream):
-        return 0, "event"
+        event, self.events = f"event{self.events}", self.events + 1
+        self.most_in_flight = max(self.most_in_flight, self.events - len(self.destroyed))
+        return 0, event
 
     def event_status(self, event) -> int:
         assert event not in self.destroyed, "an event queried after it was destroyed"
         self.queries += 1
-        return upload_landing._NOT_READY if self.queries == 1 else self.event_error
+        self.polls[event] = self.polls.get(event, 0) + 1
+        return upload_landing._NOT_READY if self.polls[event] == 1 else self.event_error
 
     def destroy_event(self, event) -> None:
         assert event not in self.destroyed, "an event destroyed twice"
@@ -292,7 +297,7 @@ def test_the_copy_engine_lands_every_slice_and_lets_go_of_its_sources_once_done(
     assert engine.copies == 6 and len(done.held) == 6
     assert not done()  # not ready yet: still held
     assert len(done.held) == 6
-    assert done() and done() and not done.held and engine.destroyed == ["event"]
+    assert done() and done() and not done.held and engine.destroyed == ["event0"]
     want = _want(layers, 5, 37)
     for which, (at, shape) in enumerate(zip(offsets, shapes)):
         got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
@@ -314,7 +319,51 @@ def test_a_copy_that_fails_to_queue_waits_for_the_queued_ones_and_a_failed_event
     for _ in range(2):  # the same error again, without touching the destroyed event
         with pytest.raises(TqstoreError, match="status 700"):
             done()
-    assert engine.queries == 2 and engine.destroyed == ["event"] and not done.held
+    assert engine.queries == 2 and engine.destroyed == ["event0"] and not done.held
+
+
+@pytest.mark.parametrize("piece_bytes, copies, events, most_in_flight",
+                         [(0, 6, 1, 1), (8192, 12, 12, 4), (1, 24, 24, 4)])
+def test_the_copy_engine_gets_pieces_of_whole_rows_a_window_at_a_time(
+        monkeypatch, host_addresses, rng, piece_bytes, copies, events, most_in_flight):
+    """Sources sliced along tokens (a head row of 32 tokens x 128 bytes = 4,096 bytes, a pitch of 45
+    tokens): all at once (one copy per array), two head rows a piece, one row a piece (a piece
+    smaller than a row); at most _WINDOW pieces queued; the bytes land where the route reads
+    them, and the sources are held until the last piece has landed."""
+    monkeypatch.setattr(upload_landing, "_PIECE_BYTES", piece_bytes)
+    layers = [tuple(x[:, :, 3:43] for x in pair) for pair in _layers(rng, heads=4, tokens=45)]
+    engine = _HostCopyEngine()
+    shapes, offsets, size = upload_landing._layout(layers, 5, 37)
+    lease = np.zeros(size, np.uint8)
+    done = upload_landing._start_copies(engine, layers, 5, 37, lease.ctypes.data, offsets)
+    assert done.held
+    upload_landing._wait_for(done, 10.0)
+    assert not done.held and len(engine.destroyed) == engine.events == events
+    assert (engine.copies, engine.most_in_flight) == (copies, most_in_flight)
+    want = _want(layers, 5, 37)
+    for which, (at, shape) in enumerate(zip(offsets, shapes)):
+        got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
+        assert got.tobytes() == want[which].tobytes()
+
+
+def test_a_piece_that_fails_ends_the_landing_and_waits_for_the_queued_ones(
+        monkeypatch, host_addresses, rng):
+    """A copy refused when done() queues a later piece: the error leaves once the stream is
+    synchronized, every event is destroyed once, the sources are let go, and done() keeps
+    raising the same error."""
+    monkeypatch.setattr(upload_landing, "_PIECE_BYTES", 1)
+    layers = _layers(rng)
+    shapes, offsets, size = upload_landing._layout(layers, 0, 40)
+    lease = np.zeros(size, np.uint8)
+    engine = _HostCopyEngine(fail_copy=6)
+    done = upload_landing._start_copies(engine, layers, 0, 40, lease.ctypes.data, offsets)
+    assert engine.copies == 4  # the first window
+    for _ in range(2):
+        with pytest.raises(TqstoreError, match="cudaMemcpy2DAsync failed"):
+            upload_landing._wait_for(done, 10.0)
+    assert engine.synchronized == 1 and engine.copies == 6 and not done.held
+    assert sorted(engine.destroyed) == sorted(set(engine.destroyed))
+    assert len(engine.destroyed) == engine.events
 
 
 def test_a_disabled_route_pins_nothing(monkeypatch, rng):

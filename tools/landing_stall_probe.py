@@ -6,8 +6,7 @@ route the backend takes) of every layer's K and V in flight:
 - chainN: N dependent elementwise ops on a small array in one eval (a decode step is hundreds
   of small kernels);
 - big: eight (side x side) matmuls;
-- host_madeN: N small arrays made from numpy (managed memory on CUDA) added up (not yet run on
-  a GPU: the suspect for the wait that is left, see upload_landing's docstring).
+- host_madeN: N small arrays made from numpy (managed memory on CUDA) added up.
 Best of --repeats each. This is how the wait in tools/upload_stall_bench.py's first decode step
 was pinned down on the H100 (docs/BENCHMARKS.md, "Uploads off the generating thread"): with the
 first route (copy kernels storing into mapped host memory) chain2000 ran 21 ms alone and 89 ms
@@ -27,12 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def probe(tokens: int, repeats: int, side: int, layers_count: int = 32) -> dict:
+def probe(tokens: int, repeats: int, side: int, piece_mb: float, layers_count: int = 32) -> dict:
     import tqstore  # noqa: F401  (before MLX, as in every entry point)
     import mlx.core as mx
     import numpy as np
 
     from tqstore import upload_landing
+
+    upload_landing._PIECE_BYTES = int(piece_mb * 2**20)
 
     layers = [(mx.random.normal((1, 8, tokens, 128)).astype(mx.float16),
                mx.random.normal((1, 8, tokens, 128)).astype(mx.float16))
@@ -73,7 +74,7 @@ def probe(tokens: int, repeats: int, side: int, layers_count: int = 32) -> dict:
         work()
     landing = upload_landing.land(layers, 0, tokens, cap)
     landing.result()
-    out = {"route": landing.route, "device": str(mx.default_device()),
+    out = {"route": landing.route, "device": str(mx.default_device()), "piece_mb": piece_mb,
            "landing_gb": 2 * layers_count * 8 * tokens * 128 * 2 / 1e9}
     del landing
     for name, work in works.items():
@@ -101,18 +102,23 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--side", type=int, default=4096, help="the big matmuls' side")
+    ap.add_argument("--piece-mb", type=float, nargs="+", default=[0.0],
+                    help="upload_landing's pieces for the copy engine, one probe each (0: all "
+                         "at once)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
-    res = probe(args.tokens, args.repeats, args.side)
-    text = json.dumps(res, indent=1)
+    results = [probe(args.tokens, args.repeats, args.side, piece) for piece in args.piece_mb]
+    text = json.dumps(results, indent=1)
     print(text)
     if args.json:
         Path(args.json).write_text(text)
-    print(f"route {res['route']} on {res['device']}, {res['landing_gb']:.2f} GB landed")
-    for name, r in res.items():
-        if isinstance(r, dict):
-            print(f"  {name:12s} alone {r['alone_s'] * 1e3:8.2f} ms  beside the landing "
-                  f"{r['beside_landing_s'] * 1e3:8.2f} ms  (landing {r['landing_s'] * 1e3:.1f} ms)")
+    for res in results:
+        print(f"route {res['route']} on {res['device']}, {res['landing_gb']:.2f} GB landed, "
+              f"pieces of {res['piece_mb']} MB")
+        for name, r in res.items():
+            if isinstance(r, dict):
+                print(f"  {name:12s} alone {r['alone_s'] * 1e3:8.2f} ms  beside the landing "
+                      f"{r['beside_landing_s'] * 1e3:8.2f} ms  (landing {r['landing_s'] * 1e3:.1f} ms)")
     return 0
 
 

@@ -7,7 +7,9 @@ Per prompt length, cold runs on fresh random prompts (each one a miss), `--repea
   tqstore.upload_landing (the copy engine into pinned memory on CUDA, numpy views on unified
   memory) and the upload thread waits for it;
 - copied: with a daemon; the copy runs on the generating thread inside the first decode step
-  (what every upload did before upload_landing; forced here by turning its routes off).
+  (what every upload did before upload_landing; forced here by turning its routes off);
+- piecesX (one per --piece-mb X): landing, with the copy engine given the landing in pieces of
+  X MiB (upload_landing._PIECE_BYTES; the copy-engine route only).
 Reported per run: TTFT, the first decode step after the first token (first_step_s: it also
 quantizes the prompt's last block, in every mode), steady decode tokens/s (while the Put is
 in flight), the landing's route and when the upload thread had the bytes, and the whole upload.
@@ -51,6 +53,8 @@ def main() -> int:
     ap.add_argument("--pool-gib", type=float, default=None,
                     help="each generator's pool (default 8; 1 for smollm2: two 8 GiB pools "
                          "swapped the 24 GiB CPU VM)")
+    ap.add_argument("--piece-mb", type=float, nargs="*", default=[],
+                    help="also land in pieces of these MiB (a mode each)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     if args.pool_gib is None:
@@ -94,6 +98,9 @@ def main() -> int:
             gens = {"none": CachedGenerator(loaded, None, **kw),
                     "landing": CachedGenerator(loaded, client, **kw)}
             gens["copied"] = gens["landing"]
+            pieces = {f"pieces{mb:g}": int(mb * 2**20) for mb in args.piece_mb}
+            gens.update({mode: gens["landing"] for mode in pieces})
+            whole = upload_landing._PIECE_BYTES
             for size in args.sizes:
                 vocab = loaded.tokenizer.vocab_size - 1
                 # warm-up: each generator once at this length (kernels compiled, the pool and
@@ -102,7 +109,7 @@ def main() -> int:
                     r = gens[mode].generate(rng.integers(0, vocab, size).tolist(), 4)
                     if r.upload is not None:
                         r.upload.result()
-                runs = {m: [] for m in ("none", "landing", "copied")}
+                runs = {m: [] for m in ("none", "landing", "copied", *pieces)}
                 for _ in range(args.repeats):
                     for mode in runs:
                         ids = rng.integers(0, vocab, size).tolist()
@@ -112,6 +119,7 @@ def main() -> int:
                         if mode == "copied":
                             upload_landing._by_copy_engine = lambda *a: None
                             upload_landing._by_views = lambda *a: None
+                        upload_landing._PIECE_BYTES = pieces.get(mode, whole)
                         try:
                             report = gens[mode].generate(ids, args.max_tokens)
                             t = time.perf_counter()
@@ -120,6 +128,7 @@ def main() -> int:
                         finally:
                             upload_landing._by_copy_engine, upload_landing._by_views = saved
                             upload_landing.land = generator_module.land = real_land
+                            upload_landing._PIECE_BYTES = whole
                         landing = landings[0] if landings else None
                         runs[mode].append({
                             "ttft_s": report.ttft_s, "first_step_s": report.first_step_s,
@@ -137,7 +146,7 @@ def main() -> int:
                     return statistics.median(r[key] for r in runs[mode])
 
                 row = {"prompt_tokens": size, "runs": runs}
-                for mode in ("landing", "copied"):
+                for mode in ("landing", "copied", *pieces):
                     row[f"{mode}_first_step_over_none"] = (med(mode, "first_step_s")
                                                            / med("none", "first_step_s"))
                     row[f"{mode}_decode_tps_over_none"] = (med(mode, "decode_tps")

@@ -69,6 +69,11 @@ _WAIT_S = 300.0  # result() gives up after this long (the buffer is then never l
 _POLL_S = 0.0002  # the first pause between looks at the event; it doubles up to _POLL_MAX_S
 _POLL_MAX_S = 0.002
 _NOT_READY = 600  # cudaErrorNotReady
+# The copy engine gets the landing in pieces of this many bytes (whole head rows), at most
+# _WINDOW queued at a time, so that other work on the engine (MLX's managed-memory
+# migrations) never queues behind gigabytes of it; 0 = all at once (one event).
+_PIECE_BYTES = 0
+_WINDOW = 4
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 
 # The process's pinned buffer for uploads in flight (capped by ClientConfig.staging_bytes).
@@ -215,47 +220,77 @@ def _copies(layers, start: int, stop: int, host: int, offsets: list[int]
 
 def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: list[int]
                   ) -> Callable[[], bool]:
-    """Queue every layer's K and V slice on the copy stream; returns done(), True once all have
-    landed (a CUDA error raises TqstoreError; done() stays raising after that). Each source
-    (1, heads, T, dim) is made row-contiguous first (MLX copies only where it must), so its
-    heads are T rows apart. If queueing fails part way, the copies already queued are waited
-    for before the error leaves, so nothing still reads the sources or writes the lease."""
+    """Start copying every layer's K and V slice on the copy stream; returns done(), True once
+    all have landed (a CUDA error raises TqstoreError; done() stays raising after that). Each
+    source (1, heads, T, dim) is made row-contiguous first (MLX copies only where it must), so
+    its heads are T rows apart. With _PIECE_BYTES set the copies go in pieces of whole rows,
+    at most _WINDOW queued at a time, and done() (polled by the landing thread) queues the next
+    as pieces land. If queueing fails part way, the copies already queued are waited for before
+    the error leaves, so nothing still reads the sources or writes the lease."""
     stream = runtime.copy_stream()
     if stream is None:
         raise TqstoreError("no CUDA stream for the landing's copies")
     copies = [(mx.contiguous(source), params)
               for source, params in _copies(layers, start, stop, host, offsets)]
     addresses = _addresses([source for source, _ in copies])
-    held = [source for source, _ in copies]  # alive until the copies are done
-    try:
-        for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
-            _check(runtime, runtime.copy_rows_async(at, address + first * row, tokens * row,
-                                                    (last - first) * row, heads, stream),
-                   "cudaMemcpy2DAsync")
-        status, event = runtime.record_event(stream)
-        _check(runtime, status, "cudaEventRecord")
-    except TqstoreError:
-        runtime.lib.cudaStreamSynchronize(stream)
-        raise
-    state: dict = {"event": event, "error": None}
+    held = [source for source, _ in copies]  # alive until every piece has landed
+    pieces = []  # (dst, src, src pitch, row bytes, rows), queued from the end
+    for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
+        width = (last - first) * row
+        step = max(1, _PIECE_BYTES // width) if _PIECE_BYTES else heads
+        for h in range(0, heads, step):
+            pieces.append((at + h * width, address + (h * tokens + first) * row, tokens * row,
+                           width, min(step, heads - h)))
+    pieces.reverse()
+    window = _WINDOW if _PIECE_BYTES else 1
+    per_event = 1 if _PIECE_BYTES else len(pieces)
+    state: dict = {"events": [], "error": None}  # events of queued pieces, oldest first
+
+    def fill() -> None:
+        try:
+            while pieces and len(state["events"]) < window:
+                for _ in range(min(per_event, len(pieces))):
+                    _check(runtime, runtime.copy_rows_async(*pieces.pop(), stream),
+                           "cudaMemcpy2DAsync")
+                status, event = runtime.record_event(stream)
+                _check(runtime, status, "cudaEventRecord")
+                state["events"].append(event)
+        except TqstoreError as exc:
+            runtime.lib.cudaStreamSynchronize(stream)
+            finish(exc)
+            raise
+
+    def finish(error: TqstoreError | None) -> None:
+        for event in state["events"]:
+            runtime.destroy_event(event)
+        state["events"].clear()
+        pieces.clear()
+        held.clear()
+        state["error"] = error
 
     def done() -> bool:
         if state["error"] is not None:
             raise state["error"]
-        if state["event"] is None:
-            return True
-        status = runtime.event_status(state["event"])
-        if status == _NOT_READY:
+        events = state["events"]
+        while events:
+            status = runtime.event_status(events[0])
+            if status == _NOT_READY:
+                break
+            runtime.destroy_event(events.pop(0))
+            try:
+                _check(runtime, status, "the landing's copies")
+            except TqstoreError as exc:
+                runtime.lib.cudaStreamSynchronize(stream)
+                finish(exc)
+                raise
+        if pieces:
+            fill()
+        if events or pieces:
             return False
-        runtime.destroy_event(state["event"])
-        state["event"] = None
         held.clear()
-        try:
-            _check(runtime, status, "the landing's copies")
-        except TqstoreError as exc:
-            state["error"] = exc
-            raise
         return True
+
+    fill()
     done.held = held  # what a landing never seen done keeps alive for good (see Landing)
     return done
 
