@@ -89,6 +89,11 @@ def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
     gc.collect()
     assert staging.lease(cap + 1, cap) is None and staging.lease(0, cap) is None
     assert len(memory.live) == 1  # never more than one buffer
+    held = staging.lease(10, cap)
+    assert not staging.close() and len(memory.live) == 1  # a holder's bytes are never freed
+    del held
+    gc.collect()
+    assert staging.close() and memory.live == {} and staging.size == 0
 
 
 def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
@@ -146,6 +151,10 @@ def test_warm_up_compiles_the_copy_kernel_where_there_is_cuda(monkeypatch):
     verdict = selfcheck.kernel_report().get("staging_copy", "")
     assert not verdict.startswith("disabled") and verdict.startswith("ok") == on_cuda
     assert (device_memory.staging.size >= PinnedStaging.GRANULE) == on_cuda
+    pinned = dict(device_memory._pinned)
+    assert device_memory.staging.close() and device_memory.staging.size == 0
+    # unregistered and gone (a buffer dropped still registered broke MLX's managed memory)
+    assert len(device_memory._pinned) == len(pinned) - on_cuda
 
 
 def test_a_copy_kernel_that_gives_other_bytes_is_disabled_by_its_self_check(monkeypatch):

@@ -285,10 +285,11 @@ def host_addresses(monkeypatch):
 
 
 def test_the_copy_engine_lands_every_slice_and_lets_go_of_its_sources_once_done(
-        host_addresses, rng):
+        monkeypatch, host_addresses, rng):
     """Sources sliced along tokens (a pitch of 45 tokens, not row-contiguous), as the route
     reads them back; the sources (made row-contiguous) are held, flat, K then V, until the
     event says the copies are done, and the event is destroyed once."""
+    monkeypatch.setattr(upload_landing, "_PIECE_BYTES", 0)  # all at once: one event
     layers = [tuple(x[:, :, 3:43] for x in pair) for pair in _layers(rng, heads=4, tokens=45)]
     engine = _HostCopyEngine()
     shapes, offsets, size = upload_landing._layout(layers, 5, 37)
@@ -305,7 +306,8 @@ def test_the_copy_engine_lands_every_slice_and_lets_go_of_its_sources_once_done(
 
 
 def test_a_copy_that_fails_to_queue_waits_for_the_queued_ones_and_a_failed_event_stays_failed(
-        host_addresses, rng):
+        monkeypatch, host_addresses, rng):
+    monkeypatch.setattr(upload_landing, "_PIECE_BYTES", 0)  # all at once: one event
     layers = _layers(rng)
     shapes, offsets, size = upload_landing._layout(layers, 0, 40)
     lease = np.zeros(size, np.uint8)

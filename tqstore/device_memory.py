@@ -68,26 +68,18 @@ class _Cudart:
             self._prefetch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                        ctypes.c_void_p]
         self._prefetch.restype = ctypes.c_int
-        lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
-        lib.cudaStreamSynchronize.restype = ctypes.c_int
-        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        lib.cudaMemcpy.restype = ctypes.c_int
-        lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                        ctypes.c_int, ctypes.c_void_p]
-        lib.cudaMemcpyAsync.restype = ctypes.c_int
-        lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-        lib.cudaStreamCreateWithFlags.restype = ctypes.c_int
-        lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        lib.cudaHostRegister.restype = ctypes.c_int
-        lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-        lib.cudaHostUnregister.restype = ctypes.c_int
-        lib.cudaGetLastError.restype = ctypes.c_int
-        lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p),
-                                                 ctypes.c_void_p, ctypes.c_uint]
-        lib.cudaHostGetDevicePointer.restype = ctypes.c_int
-        pointer, size = ctypes.c_void_p, ctypes.c_size_t  # the upload landing's calls
-        for name, args in (("cudaMemcpy2DAsync", [pointer, size, pointer, size, size, size,
-                                                  ctypes.c_int, pointer]),
+        pointer, size, num = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+        for name, args in (("cudaStreamSynchronize", [pointer]),
+                           ("cudaMemcpy", [pointer, pointer, size, num]),
+                           ("cudaMemcpyAsync", [pointer, pointer, size, num, pointer]),
+                           ("cudaStreamCreateWithFlags", [ctypes.POINTER(pointer), ctypes.c_uint]),
+                           ("cudaHostRegister", [pointer, size, ctypes.c_uint]),
+                           ("cudaHostUnregister", [pointer]), ("cudaGetLastError", []),
+                           ("cudaHostGetDevicePointer", [ctypes.POINTER(pointer), pointer,
+                                                         ctypes.c_uint]),
+                           # the upload landing's
+                           ("cudaMemcpy2DAsync", [pointer, size, pointer, size, size, size, num,
+                                                  pointer]),
                            ("cudaEventCreateWithFlags", [ctypes.POINTER(pointer), ctypes.c_uint]),
                            ("cudaEventRecord", [pointer, pointer]),
                            ("cudaEventQuery", [pointer]), ("cudaEventDestroy", [pointer])):
@@ -419,6 +411,17 @@ class PinnedStaging:
         finally:
             self._lock.release()
 
+    def close(self) -> bool:
+        """Free the buffer now if nobody holds it (True); a held one stays (False)."""
+        with self._lock:
+            if self._holder is not None and self._holder() is not None:
+                return False
+            pointer, _ = self._span
+            if pointer:
+                self._free(pointer)
+            self._span = (0, 0)
+            return True
+
     @property
     def size(self) -> int:
         """Bytes pinned now (0: none yet)."""
@@ -430,12 +433,18 @@ class PinnedStaging:
         return bool(start) and start <= pointer and pointer + nbytes <= start + size
 
 
+_pinned: dict[int, np.ndarray] = {}  # registered buffers by address until free() (never GC'd)
+
+
 def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callable[[int], None]]:
     """Pinned, mapped host memory: ordinary pages, faulted in on several threads, then
     registered. Why not cudaHostAlloc: it zeroes and pins on one thread, ~2 GB/s on the H100
     host (a 4.3 GB buffer cost the first 32k-token hit 2.5 s); touching pages runs in parallel
-    and registering already-resident pages ran at 38-40 GB/s (tools/h2d_probe.py)."""
-    owned: dict[int, np.ndarray] = {}
+    and registering already-resident pages ran at 38-40 GB/s (tools/h2d_probe.py). Buffers are
+    kept in the module's _pinned, not this closure: one must never return to the heap still
+    registered (a dropped PinnedStaging did, and every later cudaMallocManaged of MLX's on the
+    H100 failed: 'invalid argument'); one never freed stays pinned for the process instead."""
+    owned = _pinned
 
     def allocate(size: int) -> int:
         try:

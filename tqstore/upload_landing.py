@@ -72,7 +72,7 @@ _NOT_READY = 600  # cudaErrorNotReady
 # The copy engine gets the landing in pieces of this many bytes (whole head rows), at most
 # _WINDOW queued at a time, so that other work on the engine (MLX's managed-memory
 # migrations) never queues behind gigabytes of it; 0 = all at once (one event).
-_PIECE_BYTES = 0
+_PIECE_BYTES = 16 << 20
 _WINDOW = 4
 _CHECK_BYTES = 64 << 10  # a lease is at least this big: the self-check lands into it
 

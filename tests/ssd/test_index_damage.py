@@ -3,8 +3,8 @@ index is found by a walk in a child process and rebuilt from the payload files, 
 themselves; readonly openers and `check` report it; the store's files are private."""
 
 import argparse
-import faulthandler
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -57,18 +57,19 @@ def _live_root(data_mdb: str, name: bytes) -> int:
     raise AssertionError(f"database {name!r} not found")
 
 
+_walkers = multiprocessing.get_context("forkserver")
+
+
 def _dies_walking(index_dir: str) -> bool:
-    """Walk an index in a forked child (cheap: no interpreter start); True if a signal killed it."""
-    pid = os.fork()
-    if pid == 0:  # the child touches no LMDB environment of the parent
-        faulthandler.disable()  # pytest's handler would print the expected crash
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-        try:
-            walk(index_dir, False)
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status)
+    """Walk an index in a child process; True if a signal killed it. The child forks from a
+    forkserver (one interpreter start for the session), not from this process: forking a
+    multi-threaded process whose MLX may have initialized CUDA (earlier tests, on the GPU
+    machine) is unsafe, as Python's DeprecationWarning said here. The forkserver has no
+    faulthandler, so the expected crash prints nothing."""
+    child = _walkers.Process(target=walk, args=(index_dir, False))
+    child.start()
+    child.join()
+    return child.exitcode is not None and child.exitcode < 0
 
 
 def _flip_a_bit_that_kills(path, seed: int) -> None:
