@@ -10,7 +10,9 @@ route the backend takes) of every layer's K and V in flight:
 Best of --repeats each. This is how the wait in tools/upload_stall_bench.py's first decode step
 was pinned down on the H100 (docs/BENCHMARKS.md, "Uploads off the generating thread"): with the
 first route (copy kernels storing into mapped host memory) chain2000 ran 21 ms alone and 89 ms
-beside a 32k-token landing; with the copy engine the same.
+beside a 32k-token landing; with the copy engine the same, and host_made200 (managed memory,
+which the copy engine migrates) 2.2 ms alone, 6.0 beside a landing given all at once and 2.6
+beside one in 16 MiB pieces (--piece-mb 0 64 16).
 
     python3 tools/landing_stall_probe.py --tokens 32768   # the H100 machine
 """
