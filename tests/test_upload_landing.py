@@ -69,6 +69,7 @@ class _FakeDevice:
 
     def __init__(self, monkeypatch, wrong: bool = False, finishes: bool = True) -> None:
         self.wrong, self.finishes, self.starts = wrong, finishes, 0
+        self.piece_sizes: list[int | None] = []
         self.memory: dict[int, np.ndarray] = {}
         self.staging = PinnedStaging(self._allocate, lambda address: self.memory.pop(address))
         monkeypatch.setattr(upload_landing, "landing_staging", self.staging)
@@ -79,8 +80,9 @@ class _FakeDevice:
         self.memory[buf.ctypes.data] = buf
         return buf.ctypes.data
 
-    def _start_copies(self, runtime, layers, start, stop, host, offsets):
+    def _start_copies(self, runtime, layers, start, stop, host, offsets, piece_bytes=None):
         self.starts += 1
+        self.piece_sizes.append(piece_bytes)
         copies = upload_landing._copies(layers, start, stop, host, offsets)
         for source, (at, heads, tokens, first, last, row) in copies:
             got = np.ascontiguousarray(np.array(source)[0, :, first:last])
@@ -104,6 +106,7 @@ def test_the_copy_engine_route_lends_its_buffers_until_the_landed_arrays_are_gon
         assert first is not None and first.route == "copy-engine"
         assert selfcheck.kernel_report()["upload_landing"].startswith("ok")
         assert fake.starts == 3  # the self-check's two head dims, then the landing
+        assert fake.piece_sizes == [1, 1, None]  # the check: one row a piece; then the default
         keys, values = first.result()
         want = _want(layers, 0, 40)
         assert keys.tobytes() == want[0].tobytes() and values.tobytes() == want[1].tobytes()
@@ -286,7 +289,7 @@ def host_addresses(monkeypatch):
 
 def test_the_copy_engine_lands_every_slice_and_lets_go_of_its_sources_once_done(
         monkeypatch, host_addresses, rng):
-    """Sources sliced along tokens (a pitch of 45 tokens, not row-contiguous), as the route
+    """Sources sliced along tokens (not row-contiguous: made so first, a pitch of 40), as the route
     reads them back; the sources (made row-contiguous) are held, flat, K then V, until the
     event says the copies are done, and the event is destroyed once."""
     monkeypatch.setattr(upload_landing, "_PIECE_BYTES", 0)  # all at once: one event
@@ -328,9 +331,9 @@ def test_a_copy_that_fails_to_queue_waits_for_the_queued_ones_and_a_failed_event
                          [(0, 6, 1, 1), (8192, 12, 12, 4), (1, 24, 24, 4)])
 def test_the_copy_engine_gets_pieces_of_whole_rows_a_window_at_a_time(
         monkeypatch, host_addresses, rng, piece_bytes, copies, events, most_in_flight):
-    """Sources sliced along tokens (a head row of 32 tokens x 128 bytes = 4,096 bytes, a pitch of 45
-    tokens): all at once (one copy per array), two head rows a piece, one row a piece (a piece
-    smaller than a row); at most _WINDOW pieces queued; the bytes land where the route reads
+    """Sources sliced along tokens (made row-contiguous: a head row of 32 tokens x 128 bytes =
+    4,096 bytes, a pitch of 40 tokens): all at once (one copy per array), two head rows a
+    piece, one row a piece (a piece smaller than a row); at most _WINDOW pieces queued; the bytes land where the route reads
     them, and the sources are held until the last piece has landed."""
     monkeypatch.setattr(upload_landing, "_PIECE_BYTES", piece_bytes)
     layers = [tuple(x[:, :, 3:43] for x in pair) for pair in _layers(rng, heads=4, tokens=45)]
@@ -338,8 +341,8 @@ def test_the_copy_engine_gets_pieces_of_whole_rows_a_window_at_a_time(
     shapes, offsets, size = upload_landing._layout(layers, 5, 37)
     lease = np.zeros(size, np.uint8)
     done = upload_landing._start_copies(engine, layers, 5, 37, lease.ctypes.data, offsets)
-    assert done.held
-    upload_landing._wait_for(done, 10.0)
+    while not done():
+        assert len(done.held) == 6  # every source, until the last piece has landed
     assert not done.held and len(engine.destroyed) == engine.events == events
     assert (engine.copies, engine.most_in_flight) == (copies, most_in_flight)
     want = _want(layers, 5, 37)

@@ -10,9 +10,11 @@ route the backend takes) of every layer's K and V in flight:
 Best of --repeats each. This is how the wait in tools/upload_stall_bench.py's first decode step
 was pinned down on the H100 (docs/BENCHMARKS.md, "Uploads off the generating thread"): with the
 first route (copy kernels storing into mapped host memory) chain2000 ran 21 ms alone and 89 ms
-beside a 32k-token landing; with the copy engine the same, and host_made200 (managed memory,
-which the copy engine migrates) 2.2 ms alone, 6.0 beside a landing given all at once and 2.6
-beside one in 16 MiB pieces (--piece-mb 0 64 16).
+beside a 32k-token landing; with the copy engine the same, but host_made200 (managed memory,
+which the copy engine migrates) 2.2 ms alone and 6.0 beside a landing given all at once
+(--piece-mb 0). The landing is polled on its thread (upload_landing.then) as in the product;
+the first version of --piece-mb did not poll, so its piece columns measured a landing whose
+first four pieces only were queued.
 
     python3 tools/landing_stall_probe.py --tokens 32768   # the H100 machine
 """
@@ -86,13 +88,15 @@ def probe(tokens: int, repeats: int, side: int, piece_mb: float, layers_count: i
             work()
             alone.append(time.perf_counter() - t)
             t0 = time.perf_counter()
-            landing = upload_landing.land(layers, 0, tokens, cap)
+            # polled on the landing thread as the product does (then()): in pieces, later
+            # pieces are queued only when it looks at the landing
+            landed_future = upload_landing.then(upload_landing.land(layers, 0, tokens, cap),
+                                                lambda keys, values: None)
             t = time.perf_counter()
             work()
             beside.append(time.perf_counter() - t)
-            landing.result()
+            landed_future.result()
             landed.append(time.perf_counter() - t0)
-            del landing
         out[name] = {"alone_s": min(alone), "beside_landing_s": min(beside),
                      "landing_s": min(landed)}
     return out

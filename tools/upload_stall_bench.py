@@ -4,12 +4,12 @@ run on one machine (issue 16: "uploads never stall decode or the first token").
 Per prompt length, cold runs on fresh random prompts (each one a miss), `--repeats` of each:
 - none: CachedGenerator without a daemon: nothing is uploaded (the baseline);
 - landing: with a daemon; the upload's device-to-host copy goes by the backend's route in
-  tqstore.upload_landing (the copy engine into pinned memory on CUDA, numpy views on unified
-  memory) and the upload thread waits for it;
+  tqstore.upload_landing (the copy engine into pinned memory on CUDA, in pieces of the
+  default _PIECE_BYTES; numpy views on unified memory) and the upload thread waits for it;
 - copied: with a daemon; the copy runs on the generating thread inside the first decode step
   (what every upload did before upload_landing; forced here by turning its routes off);
 - piecesX (one per --piece-mb X): landing, with the copy engine given the landing in pieces of
-  X MiB (upload_landing._PIECE_BYTES; the copy-engine route only).
+  X MiB (upload_landing._PIECE_BYTES; the copy-engine route only); pieces0 = all at once.
 Reported per run: TTFT, the first decode step after the first token (first_step_s: it also
 quantizes the prompt's last block, in every mode), steady decode tokens/s (while the Put is
 in flight), the landing's route and when the upload thread had the bytes, and the whole upload.

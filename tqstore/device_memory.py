@@ -123,6 +123,8 @@ class _Cudart:
         status = self.lib.cudaEventCreateWithFlags(ctypes.byref(event), 2)  # DisableTiming
         if status == 0:
             status = self.lib.cudaEventRecord(event, stream)
+            if status != 0:  # the caller gets no event to destroy
+                self.lib.cudaEventDestroy(event)
         return status, event
 
     def event_status(self, event: ctypes.c_void_p) -> int:
@@ -465,8 +467,9 @@ def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callab
         return buffer.ctypes.data
 
     def free(pointer: int) -> None:
-        runtime.lib.cudaHostUnregister(pointer)
-        runtime.lib.cudaGetLastError()  # a failed unregistration must not surface in MLX later
+        if runtime.lib.cudaHostUnregister(pointer) != 0:
+            runtime.lib.cudaGetLastError()  # must not surface in MLX later
+            return  # still registered (or unknown): kept, never back to the heap
         owned.pop(pointer, None)
 
     return allocate, free

@@ -39,7 +39,8 @@ real first decode step still grew by about the landing's duration (32k tokens: 0
 s), and arrays made from host memory (managed memory, which the engine also migrates: 200 of
 them 2.2 ms alone, 6.0 beside the landing) queued behind it. In 16 MiB pieces, four queued at
 a time, that first step is 1.18x a run with no upload (0.055 against 0.046 s); the landing
-itself takes ~0.3 s instead of ~0.08, still a fraction of the Put behind it.
+itself takes ~0.3 s instead of ~0.08 (the window drains faster than the landing thread polls),
+still a fraction of the Put behind it.
 
 The route passes the shared first-use self-check (tqstore.metal.selfcheck,
 "upload_landing"): a small landing, a sliced (non-contiguous) source included, must come back
@@ -222,13 +223,13 @@ def _copies(layers, start: int, stop: int, host: int, offsets: list[int]
     return out
 
 
-def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: list[int]
-                  ) -> Callable[[], bool]:
+def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: list[int],
+                  piece_bytes: int | None = None) -> Callable[[], bool]:
     """Start copying every layer's K and V slice on the copy stream; returns done(), True once
     all have landed (a CUDA error raises TqstoreError; done() stays raising after that). Each
     source (1, heads, T, dim) is made row-contiguous first (MLX copies only where it must), so
-    its heads are T rows apart. With _PIECE_BYTES set the copies go in pieces of whole rows,
-    at most _WINDOW queued at a time, and done() (polled by the landing thread) queues the next
+    its heads are T rows apart. With piece_bytes (default _PIECE_BYTES) the copies go in pieces
+    of whole rows, at most _WINDOW queued at a time, and done() (polled by the landing thread) queues the next
     as pieces land. If queueing fails part way, the copies already queued are waited for before
     the error leaves, so nothing still reads the sources or writes the lease."""
     stream = runtime.copy_stream()
@@ -238,16 +239,17 @@ def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: li
               for source, params in _copies(layers, start, stop, host, offsets)]
     addresses = _addresses([source for source, _ in copies])
     held = [source for source, _ in copies]  # alive until every piece has landed
+    piece_bytes = _PIECE_BYTES if piece_bytes is None else piece_bytes
     pieces = []  # (dst, src, src pitch, row bytes, rows), queued from the end
     for address, (_, (at, heads, tokens, first, last, row)) in zip(addresses, copies):
         width = (last - first) * row
-        step = max(1, _PIECE_BYTES // width) if _PIECE_BYTES else heads
+        step = max(1, piece_bytes // width) if piece_bytes else max(1, heads)
         for h in range(0, heads, step):
             pieces.append((at + h * width, address + (h * tokens + first) * row, tokens * row,
                            width, min(step, heads - h)))
     pieces.reverse()
-    window = _WINDOW if _PIECE_BYTES else 1
-    per_event = 1 if _PIECE_BYTES else len(pieces)
+    window = max(1, _WINDOW) if piece_bytes else 1
+    per_event = 1 if piece_bytes else len(pieces)
     state: dict = {"events": [], "error": None}  # events of queued pieces, oldest first
 
     def fill() -> None:
@@ -259,10 +261,12 @@ def _start_copies(runtime, layers, start: int, stop: int, host: int, offsets: li
                 status, event = runtime.record_event(stream)
                 _check(runtime, status, "cudaEventRecord")
                 state["events"].append(event)
-        except TqstoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: wait for what was queued first
             runtime.lib.cudaStreamSynchronize(stream)
-            finish(exc)
-            raise
+            error = exc if isinstance(exc, TqstoreError) else TqstoreError(
+                f"queueing the landing's copies failed: {type(exc).__name__}: {exc}")
+            finish(error)
+            raise error from None
 
     def finish(error: TqstoreError | None) -> None:
         for event in state["events"]:
@@ -353,8 +357,8 @@ def _by_copy_engine(runtime, layers, start: int, stop: int, cap: int) -> Landing
 
 def _usable(runtime, lease: np.ndarray) -> bool:
     """The shared first-use self-check, once per process: a landing of a small random prefill
-    (a sliced, non-contiguous source and rows of 24 bytes included) into the start of this very
-    lease must come back bit for bit."""
+    (a sliced, non-contiguous source and rows of 24 bytes included), one row a piece, into the
+    start of this very lease must come back bit for bit."""
     from tqstore.metal import selfcheck
 
     def check() -> str | None:
@@ -369,7 +373,8 @@ def _usable(runtime, lease: np.ndarray) -> bool:
                      (rand(1, 2, 9, dim), rand(1, 2, 9, dim))]
             mx.eval(probe)
             shapes, offsets, _ = _layout(probe, 3, 8)
-            done = _start_copies(runtime, probe, 3, 8, lease.ctypes.data, offsets)
+            # one row a piece: every later piece's address arithmetic runs on the device too
+            done = _start_copies(runtime, probe, 3, 8, lease.ctypes.data, offsets, piece_bytes=1)
             try:
                 _wait_for(done, 60.0)
             except TqstoreError:

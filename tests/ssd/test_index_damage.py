@@ -58,6 +58,7 @@ def _live_root(data_mdb: str, name: bytes) -> int:
 
 
 _walkers = multiprocessing.get_context("forkserver")
+_walkers.set_forkserver_preload(["tqstore.ssd.probe"])  # each child starts with walk imported
 
 
 def _dies_walking(index_dir: str) -> bool:
