@@ -69,8 +69,12 @@ def _dies_walking(index_dir: str) -> bool:
     faulthandler, so the expected crash prints nothing."""
     child = _walkers.Process(target=walk, args=(index_dir, False))
     child.start()
-    child.join()
-    return child.exitcode is not None and child.exitcode < 0
+    child.join(120)
+    if child.exitcode is None:  # a walk that hangs is a finding too, not a stuck suite
+        child.kill()
+        child.join()
+        raise AssertionError(f"walking {index_dir} did not end in 120 s")
+    return child.exitcode < 0
 
 
 def _flip_a_bit_that_kills(path, seed: int) -> None:
