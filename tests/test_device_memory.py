@@ -8,9 +8,10 @@ import pytest
 import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
-from tqstore import device_memory, generator
+from tqstore import device_memory, generator, pinned_staging
 from tqstore.metal import selfcheck
-from tqstore.device_memory import PinnedStaging, host_to_device, prefetch_to_device, staging_empty
+from tqstore.device_memory import host_to_device, prefetch_to_device, staging_empty
+from tqstore.pinned_staging import PinnedStaging
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
@@ -151,10 +152,10 @@ def test_warm_up_compiles_the_copy_kernel_where_there_is_cuda(monkeypatch):
     verdict = selfcheck.kernel_report().get("staging_copy", "")
     assert not verdict.startswith("disabled") and verdict.startswith("ok") == on_cuda
     assert (device_memory.staging.size >= PinnedStaging.GRANULE) == on_cuda
-    pinned = dict(device_memory._pinned)
+    pinned = dict(pinned_staging._pinned)
     assert device_memory.staging.close() and device_memory.staging.size == 0
     # unregistered and gone (a buffer dropped still registered broke MLX's managed memory)
-    assert len(device_memory._pinned) == len(pinned) - on_cuda
+    assert len(pinned_staging._pinned) == len(pinned) - on_cuda
 
 
 def test_a_copy_kernel_that_gives_other_bytes_is_disabled_by_its_self_check(monkeypatch):

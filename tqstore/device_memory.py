@@ -5,7 +5,7 @@ MLX's CUDA backend gives Python no device pointer, allocates host-made arrays as
 first kernel to read them faults them over at 8-12 GB/s: tools/h2d_probe.py), and moves a device
 buffer into fresh managed memory when numpy asks for its pointer. So a restore here:
 - reads the fetched K and V into one reused, page-locked, device-mapped staging buffer
-  (PinnedStaging: no page faults, no pinning per hit);
+  (tqstore.pinned_staging.PinnedStaging: no page faults, no pinning per hit);
 - copies them with a custom kernel that reads the staging buffer over the bus into an ordinary
   device array MLX allocates (host_to_device; ~45 GB/s inside a hit);
 - anything not in the staging buffer goes by cudaMemcpy into a device-made array, pinned for
@@ -19,23 +19,20 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import threading
 import time
-import weakref
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
+
+from tqstore.pinned_staging import ALIGN as _ALIGN  # staging arrays: the copy kernel's loads
+from tqstore.pinned_staging import PinnedStaging
 
 log = logging.getLogger("tqstore.device_memory")
 
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 _LOCATION_DEVICE = 1  # cudaMemLocationTypeDevice
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the driver infers the direction from the pointers
-_REGISTER_PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
-_ALIGN = 256  # staging arrays start on 256-byte boundaries (the copy kernel's 16-byte loads)
 
 
 class _MemLocation(ctypes.Structure):
@@ -344,135 +341,6 @@ def _copy_from_staging(runtime: _Cudart, host: np.ndarray, dtype: mx.Dtype) -> m
     except Exception as exc:  # noqa: BLE001  (a kernel that fails must not stop a hit)
         selfcheck.disable(_COPY_KERNEL, f"{type(exc).__name__}: {str(exc)[:300]}")
         return None
-
-
-class PinnedStaging:
-    """One page-locked host buffer, kept and reused, that a CUDA client reads fetched prefixes
-    into (PrefixKV's K and V), so a hit's bytes go from the page cache to the device with no
-    page faults and no pinning on the way.
-
-    Why: a read into fresh pageable memory faults every page in (a raw read of the payload
-    files ran at 3.2-3.5 GB/s into fresh memory against 5.6-6.1 into a reused buffer on the
-    H100 host), and host_to_device then pins those pages (cudaHostRegister, ~40 GB/s) before the
-    copy engine reads them (~50 GB/s). Pinned once, both costs are gone from every later hit.
-
-    Invariants: one holder at a time, and nobody releases by hand. A lease is a ctypes array
-    over the buffer; numpy arrays made from it (and every view of those) keep it alive, since
-    numpy's base chain stops at a non-array exporter. The buffer is free again exactly when the
-    last of them is collected, so bytes a caller still holds are never read into again. A
-    request that finds the buffer held, or is larger than the cap, gets None (the caller uses
-    ordinary memory: slower, never wrong). It grows by doubling (at least to the prefix asked
-    for) up to the cap; pinned memory cannot be swapped out, hence the cap.
-    """
-
-    GRANULE = 256 << 20  # the smallest buffer; growth at least doubles it (up to the cap)
-
-    def __init__(self, allocate: Callable[[int], int] | None = None,
-                 free: Callable[[int], None] | None = None) -> None:
-        """allocate(size) -> address (0: failed) and free(address); default: registered
-        host memory (_cuda_host_allocator), and no staging at all off CUDA."""
-        self._allocate, self._free = allocate, free
-        self._lock = threading.Lock()
-        self._span = (0, 0)  # (address, size): replaced whole, so holds() needs no lock
-        self._failed = 1 << 62  # the smallest size that could not be pinned: not retried
-        self._holder: weakref.ref | None = None
-
-    def lease(self, nbytes: int, cap: int) -> np.ndarray | None:
-        """nbytes of pinned memory as a uint8 array, or None (not CUDA, held or being grown
-        by another fetch, over cap, or the memory could not be pinned). Never waits for
-        another fetch: a second one at the same time gets None (ordinary memory)."""
-        if nbytes <= 0 or nbytes > cap or nbytes >= self._failed:
-            return None
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            if self._allocate is None:
-                runtime = _cudart()
-                if runtime is None:
-                    return None
-                self._allocate, self._free = _cuda_host_allocator(runtime)
-            if self._holder is not None and self._holder() is not None:
-                return None
-            pointer, size = self._span
-            if nbytes > size:
-                grown = min(cap, max(-(-nbytes // self.GRANULE) * self.GRANULE, 2 * size))
-                new = self._allocate(grown)
-                if not new:  # the old buffer stays; this size is not tried again
-                    self._failed = nbytes
-                    log.warning("could not pin %d bytes of staging (fetched prefixes or uploads "
-                                "landing): %d bytes or more go through pageable memory", grown,
-                                nbytes)
-                    return None
-                self._span = (new, grown)
-                if pointer:
-                    self._free(pointer)
-                pointer = new
-            lease = (ctypes.c_char * nbytes).from_address(pointer)
-            self._holder = weakref.ref(lease)
-            return np.frombuffer(lease, np.uint8)
-        finally:
-            self._lock.release()
-
-    def close(self) -> bool:
-        """Free the buffer now if nobody holds it (True); a held one stays (False)."""
-        with self._lock:
-            if self._holder is not None and self._holder() is not None:
-                return False
-            pointer, _ = self._span
-            if pointer:
-                self._free(pointer)
-            self._span = (0, 0)
-            return True
-
-    @property
-    def size(self) -> int:
-        """Bytes pinned now (0: none yet)."""
-        return self._span[1]
-
-    def holds(self, pointer: int, nbytes: int) -> bool:
-        """True when [pointer, pointer + nbytes) lies in the pinned buffer."""
-        start, size = self._span
-        return bool(start) and start <= pointer and pointer + nbytes <= start + size
-
-
-_pinned: dict[int, np.ndarray] = {}  # registered buffers by address until free() (never GC'd)
-
-
-def _cuda_host_allocator(runtime: _Cudart) -> tuple[Callable[[int], int], Callable[[int], None]]:
-    """Pinned, mapped host memory: ordinary pages, faulted in on several threads, then
-    registered. Why not cudaHostAlloc: it zeroes and pins on one thread, ~2 GB/s on the H100
-    host (a 4.3 GB buffer cost the first 32k-token hit 2.5 s); touching pages runs in parallel
-    and registering already-resident pages ran at 38-40 GB/s (tools/h2d_probe.py). Buffers are
-    kept in the module's _pinned, not this closure: one must never return to the heap still
-    registered (a dropped PinnedStaging did, and every later cudaMallocManaged of MLX's on the
-    H100 failed: 'invalid argument'); one never freed stays pinned for the process instead."""
-    owned = _pinned
-
-    def allocate(size: int) -> int:
-        try:
-            raw = np.empty(size + _ALIGN, np.uint8)
-            start = -raw.ctypes.data % _ALIGN
-            buffer = raw[start:start + size]
-            step = 64 << 20
-            threads = min(16, os.cpu_count() or 1)
-            with ThreadPoolExecutor(threads, thread_name_prefix="tqstore-pin") as pool:
-                list(pool.map(lambda at: buffer[at:at + step].fill(0), range(0, size, step)))
-        except MemoryError:
-            return 0
-        # Portable (every device) and mapped (a kernel reads it at its device address).
-        if runtime.lib.cudaHostRegister(buffer.ctypes.data, size, _REGISTER_PORTABLE_MAPPED) != 0:
-            runtime.lib.cudaGetLastError()  # a failed registration must not surface in MLX later
-            return 0
-        owned[buffer.ctypes.data] = raw
-        return buffer.ctypes.data
-
-    def free(pointer: int) -> None:
-        if runtime.lib.cudaHostUnregister(pointer) != 0:
-            runtime.lib.cudaGetLastError()  # must not surface in MLX later
-            return  # still registered (or unknown): kept, never back to the heap
-        owned.pop(pointer, None)
-
-    return allocate, free
 
 
 def warm_up(cap: int) -> None:

@@ -61,7 +61,7 @@ import mlx.core as mx
 import numpy as np
 
 from tqstore import device_memory
-from tqstore.device_memory import PinnedStaging
+from tqstore.pinned_staging import PinnedStaging
 from tqstore.errors import TqstoreError
 from tqstore.metal.attention_kernel import gpu_backend
 
@@ -192,6 +192,12 @@ def _layout(layers, start: int, stop: int) -> tuple[list[tuple], list[int], int]
         offsets.append(at)
         at += -(-int(np.prod(shape)) * 2 // _ALIGN) * _ALIGN
     return shapes, offsets, at
+
+
+def _landed(lease: np.ndarray, shapes: list[tuple], offsets: list[int]) -> list[np.ndarray]:
+    """K and V as the copies land them in the lease (_layout's shapes at its offsets)."""
+    return [lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
+            for at, shape in zip(offsets, shapes)]
 
 
 def _addresses(sources: list[mx.array]) -> list[int]:
@@ -337,8 +343,7 @@ def _by_copy_engine(runtime, layers, start: int, stop: int, cap: int) -> Landing
         return None
     if not _usable(runtime, lease):
         return None
-    keys, values = (lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
-                    for at, shape in zip(offsets, shapes))
+    keys, values = _landed(lease, shapes, offsets)
     try:
         done = _start_copies(runtime, layers, start, stop, lease.ctypes.data, offsets)
     except Exception as exc:  # noqa: BLE001  (a failed copy must not stop generation)
@@ -380,8 +385,7 @@ def _usable(runtime, lease: np.ndarray) -> bool:
             except TqstoreError:
                 _abandoned.extend([lease, done.held])  # a copy may still run: keep both
                 raise
-            for which, (at, shape) in enumerate(zip(offsets, shapes)):
-                got = lease[at:at + int(np.prod(shape)) * 2].view(np.float16).reshape(shape)
+            for which, got in enumerate(_landed(lease, shapes, offsets)):
                 want = np.stack([np.array(pair[which])[0, :, 3:8] for pair in probe])
                 if got.tobytes() != want.tobytes():
                     return f"the landed bytes differ from the device's (head dim {dim})"
