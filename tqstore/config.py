@@ -315,6 +315,10 @@ class ServingConfig:
         run bit for bit) and never from pages shared in memory (TurboQuant codes: close to a
         cold run, not identical, and never uploaded).
     context_tokens: longest prompt + completion; None: the model's max_position_embeddings.
+    mixed_steps: a prefill chunk of 16 tokens or more carries the running sequences' decode
+        step in its forward pass (tqstore.paged.mixed), so arriving prompts no longer stall
+        the streams; exact requests (their blocks go to the daemon) mix only where the backend
+        computes each row the same whatever the row count (checked once per model).
     """
 
     pool_bytes: int = 1024 * MiB
@@ -327,6 +331,7 @@ class ServingConfig:
     exact_hits: bool = False
     context_tokens: int | None = None
     retry_after_s: int = 2
+    mixed_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.store_block is not None and self.store_block <= 0:

@@ -280,3 +280,53 @@ def _restorable(prompt_tokens: int, block: int) -> int:
     trailing partial block too short to be stored."""
     stored = prompt_tokens - 1
     return stored if stored % block >= MIN_PARTIAL_TOKENS else stored // block * block
+
+
+def _first_token(request, timeout=120.0) -> list:
+    """Events of a request up to its first token (kept, to be finished with collect_rest)."""
+    events = []
+    while True:
+        event = request.events.get(timeout=timeout)
+        events.append(event)
+        if isinstance(event, TokenEvent) or event[0] in ("done", "error"):
+            return events
+
+
+def test_a_prompt_arriving_mid_decode_carries_the_decode_steps_and_stays_exact(smollm2, daemon):
+    """A prompt that arrives while another request decodes prefills in mixed steps (its chunks
+    carry the running request's decode rows: tqstore.paged.mixed), and stays exact: a daemon
+    hit after a restart reproduces it, and it equals the prompt served alone, unmixed."""
+    import dataclasses
+
+    config = ServingConfig(pool_bytes=64 << 20, store_block=128, prefill_chunk=64,
+                           exact_hits=True)
+    arriving = document_prompt(smollm2, 340, "Who wrote this license?")
+    story = chat_prompt_ids(smollm2.tokenizer, "Tell me a long story about a lighthouse.")
+    with KvStoreClient(daemon.address) as client:
+        first = Engine(smollm2, client, config)
+        try:
+            runner = first.submit(story, params(smollm2, max_tokens=48))
+            _first_token(runner)  # decoding now
+            mixed = first.submit(arriving, params(smollm2, max_tokens=12))
+            mixed_tokens, _, _ = collect(mixed)
+            runner_tokens = len(collect(runner)[0]) + 1
+            client.wait_uploads(timeout=60)
+            mixed_steps = first.stats()["totals"]["mixed_steps"]
+        finally:
+            first.close()
+        # Its 5 full chunks of 64 (the sixth, 340 words' remainder, may be short) rode along.
+        assert mixed_steps >= 5 and runner_tokens == 48 and mixed.computed_tokens == len(arriving)
+        second = Engine(smollm2, client, config)
+        try:
+            hit = second.submit(arriving, params(smollm2, max_tokens=12))
+            hit_tokens, _, _ = collect(hit)
+        finally:
+            second.close()
+    alone_engine = Engine(smollm2, None, dataclasses.replace(config, mixed_steps=False))
+    try:
+        alone_tokens, _, _ = collect(alone_engine.submit(arriving, params(smollm2, max_tokens=12)))
+        assert alone_engine.stats()["totals"]["mixed_steps"] == 0
+    finally:
+        alone_engine.close()
+    assert hit.daemon_tokens == len(arriving) - 1
+    assert hit_tokens == mixed_tokens == alone_tokens

@@ -43,7 +43,11 @@ from typing import Any
 
 from tqstore.errors import InvalidArgument
 
-SERVERS = ("tqstore", "mlx", "mlx-kv4")
+SERVERS = ("tqstore", "mlx", "mlx-kv4", "tqstore-unmixed")
+# Ours: the daemon plus `tqstore openai`; tqstore-unmixed runs it with --no-mixed-steps (every
+# prefill chunk alone, the decode rows waiting: the A/B of tqstore.paged.mixed in one run).
+OURS = ("tqstore", "tqstore-unmixed")
+DEFAULT_SERVERS = SERVERS[:3]
 BASELINE = "mlx"
 # Defaults sized for the 2-core CPU VM, where they take ~20 minutes: a 1,500-token cold prefill
 # through mlx_lm.server takes ~14 s there, the kv4 server runs requests one at a time, and our
@@ -61,10 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "included) to this file")
     parser.add_argument("--model", help="mlx-lm model directory both servers load (default: the "
                                         "bundled SmolLM2 exported by `tqstore export-model`)")
-    parser.add_argument("--servers", default=",".join(SERVERS),
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                         help="comma-separated subset of tqstore (daemon + `tqstore openai`), "
-                             "mlx (stock mlx_lm.server), mlx-kv4 (mlx_lm.server --kv-bits 4); "
-                             f"ratios need {BASELINE} (default {','.join(SERVERS)})")
+                             "mlx (stock mlx_lm.server), mlx-kv4 (mlx_lm.server --kv-bits 4), "
+                             "tqstore-unmixed (ours with --no-mixed-steps); "
+                             f"ratios need {BASELINE} (default {','.join(DEFAULT_SERVERS)})")
     parser.add_argument("--agents", default=d["agents"],
                         help=f"comma-separated concurrent agent counts N (default {d['agents']}; "
                              "the issue's spec: 1,4,8)")
@@ -176,7 +181,7 @@ class Stack:
         log = lambda what: self.logs / f"{self.name}-{what}-{self.starts}.log"  # noqa: E731
         t0 = time.perf_counter()
         port = free_port()
-        if self.name == "tqstore":
+        if self.name in OURS:
             dport = free_port()
             daemon = ServerProcess("tqstore serve", tqstore_argv(
                 "serve", "--path", str(self.store), "--listen", f"127.0.0.1:{dport}",
@@ -187,6 +192,8 @@ class Stack:
             extra = [] if self.args.pool_mib is None else ["--pool-mib", str(self.args.pool_mib)]
             if self.args.decode_share is not None:
                 extra += ["--decode-share", str(self.args.decode_share)]
+            if self.name == "tqstore-unmixed":
+                extra.append("--no-mixed-steps")
             argv = tqstore_argv("openai", "--model", str(self.model_dir), "--store",
                                 f"127.0.0.1:{dport}", "--host", "127.0.0.1", "--port", str(port),
                                 *extra)
@@ -199,7 +206,7 @@ class Stack:
         root = f"http://127.0.0.1:{port}"
         self.endpoint.wait_ready(lambda: http_ok(root + "/health"), self.args.startup_timeout)
         self.base_url = root + "/v1"
-        if self.name == "tqstore":
+        if self.name in OURS:
             self.model = served_model(self.base_url)
         return time.perf_counter() - t0
 
@@ -259,7 +266,7 @@ def _ttft_summary(records: list) -> dict[str, Any]:
 def _kv(stack: Stack, records: list, samples: list, shape: dict) -> dict:
     kv_bits = 4 if stack.name == "mlx-kv4" else None
     per_token = mlx_kv_bytes_per_token(shape, kv_bits)
-    if stack.name != "tqstore":
+    if stack.name not in OURS:
         last = {}
         for r in records:
             if r.turn >= last.get(r.agent, (0, 0))[0]:
@@ -296,7 +303,7 @@ def run_server(name: str, n: int, workload, model_dir: Path, logs: Path,
         warm = warm_up(stack.base_url, stack.model)
         say(f"  {name}: up in {startup:.1f} s, warm-up {warm:.1f} s; {n} agents x "
             f"{workload.config.turns} turns")
-        with StatsPoller(stack.base_url) if name == "tqstore" else _Null() as poller:
+        with StatsPoller(stack.base_url) if name in OURS else _Null() as poller:
             run = run_agents(stack.base_url, workload, stack.model, agents=range(n),
                              stagger=args.stagger)
         records = sorted(run.records, key=lambda r: (r.agent, r.turn))

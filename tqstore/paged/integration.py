@@ -25,9 +25,11 @@ import mlx.nn as nn
 from tqstore.metal import dispatch as kernels
 from tqstore.paged.batch import BatchedLayerCache
 from tqstore.paged.cache import PagedLayerCache
+from tqstore.paged.mixed import MixedLayerCache
 
-# The caches whose decode steps go to their own attend(): one sequence, or a batch of them.
-_ROUTED = (PagedLayerCache, BatchedLayerCache)
+# The caches whose decode steps go to their own attend(): one sequence, a batch of them, or a
+# batch carried by a prefill chunk (its rows are one token each).
+_ROUTED = (PagedLayerCache, BatchedLayerCache, MixedLayerCache)
 
 _ATTR = "scaled_dot_product_attention"
 _originals: dict[str, Callable[..., mx.array]] = {}

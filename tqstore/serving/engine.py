@@ -59,6 +59,7 @@ from tqstore.metal import dispatch
 from tqstore.models.loader import LoadedModel
 from tqstore.paged import make_prompt_cache, release_prompt_cache
 from tqstore.paged.batch import batch_caches
+from tqstore.paged.mixed import MIN_MIXED_CHUNK, exact_rows, logits_head, mixed_caches
 from tqstore.prefix_hash import hash_prefix_blocks
 from tqstore.serving.request import Request, TokenEvent
 from tqstore.serving.sampling import SamplingParams, sample_rows
@@ -107,7 +108,7 @@ class Engine:
         self.failed: BaseException | None = None
         self.totals = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0,
                        "prompt_tokens": 0, "memory_tokens": 0, "daemon_tokens": 0,
-                       "computed_tokens": 0, "generated_tokens": 0}
+                       "computed_tokens": 0, "generated_tokens": 0, "mixed_steps": 0}
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._budget = PrefillBudget(config.decode_share)
         self._ready = threading.Event()
@@ -201,6 +202,12 @@ class Engine:
         self.pool = self.gen.pool
         self.config = dataclasses.replace(self.config, store_block=self.gen.block_size)
         self.chunk = self.config.chunk_for(self.client is not None)
+        # Mixed steps (tqstore.paged.mixed): a chunk carries the decode rows where the model's
+        # layout allows; exact requests' chunks only where the backend keeps rows exact
+        # (checked at the first chance: None until then).
+        self._mix_head = (logits_head(self.loaded.model)
+                          if self.config.mixed_steps and not self.pool.sliding_layers else None)
+        self._mix_exact: bool | None = None
 
     def _run(self, policy) -> None:
         try:
@@ -396,9 +403,13 @@ class Engine:
             decoding = any(r.state == "decode" for r in self._active)
             if not prefilling or not self._budget.may_prefill(decoding):
                 return ran
+            r = prefilling[0]
             began = time.perf_counter()
-            self._prefill_chunk(prefilling[0])
-            self._budget.spent_prefill(time.perf_counter() - began, decoding)
+            if decoding and self._may_mix(r):
+                self._mixed_step(r)  # the streams decode on: no prefill credit spent
+            else:
+                self._prefill_chunk(r)
+                self._budget.spent_prefill(time.perf_counter() - began, decoding)
             ran = True
             if time.perf_counter() - start >= self.config.prefill_slice_s:
                 return ran
@@ -416,22 +427,67 @@ class Engine:
         if r.state == "prefill":
             r.state = "decode"
 
-    def _decode_step(self) -> None:
-        began = time.perf_counter()
+    def _may_mix(self, r: Request) -> bool:
+        """Whether r's next chunk may carry the decode rows (tqstore.paged.mixed). A request
+        that starts from pool pages is never exact (nothing it computes is uploaded or must
+        match a cold run); any other needs the backend's rows to stay exact."""
+        if self._mix_head is None or r.bounds[r.chunk + 1] - r.bounds[r.chunk] < MIN_MIXED_CHUNK:
+            return False
+        if r.memory_tokens:
+            return True
+        if self._mix_exact is None:
+            self._mix_exact = exact_rows(self.loaded.model, self.chunk, self.config.max_batch)
+            log.info("mixed steps: %s", "every request" if self._mix_exact else
+                     "requests from pool pages only (this backend's rows are not exact)")
+        return self._mix_exact
+
+    def _decoding_rows(self) -> tuple[list[Request], list[Request]]:
+        """The decoding requests, each with its new token appended, and those whose prompt
+        pages this step writes (the first decode step: finish_prefill)."""
         rows = [r for r in self._active if r.state == "decode"]
-        published = [r for r in rows if not r.pages_written]
         for r in rows:
             r.caches[0].sequence.append_token_ids([r.next_token])
-        inputs = mx.array([[r.next_token] for r in rows])
-        caches = rows[0].caches if len(rows) == 1 else batch_caches([r.caches for r in rows])
-        logits = self.loaded.model(inputs, cache=caches)
-        self._emit(rows, logits[:, -1, :], caches)
-        for r in published:  # the first decode step wrote the prompt's pages (finish_prefill)
+        return rows, [r for r in rows if not r.pages_written]
+
+    def _decoded(self, rows: list[Request], published: list[Request], began: float) -> None:
+        for r in published:
             r.pages_written = True
         self._rate.append((time.perf_counter(), len(rows)))
         self._budget.spent_decode(time.perf_counter() - began)
         while len(self._rate) > 256:
             self._rate.popleft()
+
+    def _decode_step(self) -> None:
+        began = time.perf_counter()
+        rows, published = self._decoding_rows()
+        inputs = mx.array([[r.next_token] for r in rows])
+        caches = rows[0].caches if len(rows) == 1 else batch_caches([r.caches for r in rows])
+        logits = self.loaded.model(inputs, cache=caches)
+        self._emit(rows, logits[:, -1, :], caches)
+        self._decoded(rows, published, began)
+
+    def _mixed_step(self, r: Request) -> None:
+        """r's next prefill chunk and one decode step of every decoding request, in one forward
+        pass; only the rows sampled are projected to logits."""
+        began = time.perf_counter()
+        self.totals["mixed_steps"] += 1
+        rows, published = self._decoding_rows()
+        begin, end = r.bounds[r.chunk], r.bounds[r.chunk + 1]
+        T = end - begin
+        caches = mixed_caches(r.caches, [d.caches for d in rows], T)
+        inputs = mx.array([[t] for t in r.prompt[begin:end]] + [[d.next_token] for d in rows])
+        body, head = self._mix_head
+        hidden = body(inputs, cache=caches)[:, 0, :]  # (T + B, hidden)
+        r.chunk += 1
+        done = r.chunk == len(r.bounds) - 1
+        sampled = rows + [r] if done else rows
+        picked = mx.concatenate([hidden[T:], hidden[T - 1:T]]) if done else hidden[T:]
+        self._emit(sampled, head(picked), caches)
+        self._decoded(rows, published, began)
+        if not done:
+            r.events.put(("progress", end - r.bounds[0], len(r.prompt) - r.bounds[0]))
+        elif r.state == "prefill":
+            r.state = "decode"
 
     def _emit(self, rows: list[Request], logits: mx.array, caches=None) -> None:
         """Sample each row's next token, evaluate the step, and hand the tokens out."""
