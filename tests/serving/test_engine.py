@@ -18,6 +18,7 @@ from tqstore.generator import MIN_PARTIAL_TOKENS
 from tqstore.models.loader import chat_prompt_ids
 from tqstore.models.smollm2 import load_smollm2
 from tqstore.paged import install
+from tqstore.paged.mixed import exact_rows
 from tqstore.serving.engine import Engine
 from tqstore.serving.request import TokenEvent
 from tqstore.serving.sampling import SamplingParams
@@ -314,8 +315,14 @@ def test_a_prompt_arriving_mid_decode_carries_the_decode_steps_and_stays_exact(s
             mixed_steps = first.stats()["totals"]["mixed_steps"]
         finally:
             first.close()
-        # Its 5 full chunks of 64 (the sixth, 340 words' remainder, may be short) rode along.
-        assert mixed_steps >= 5 and runner_tokens == 48 and mixed.computed_tokens == len(arriving)
+        assert runner_tokens == 48 and mixed.computed_tokens == len(arriving)
+        if exact_rows(smollm2.model, 64, ServingConfig.max_batch):
+            # Its 5 full chunks of 64 (the sixth, the remainder, may be short) rode along.
+            assert mixed_steps >= 5
+        else:
+            # This backend's rows depend on the row count (CUDA's GEMM tiles): an exact
+            # request's chunks run alone, or its daemon blocks would not match a cold run.
+            assert mixed_steps == 0
         second = Engine(smollm2, client, config)
         try:
             hit = second.submit(arriving, params(smollm2, max_tokens=12))

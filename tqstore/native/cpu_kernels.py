@@ -26,11 +26,25 @@ from tqstore.native.build import load
 # Units a decode call aims for: enough to keep a few cores busy at batch 1 with few kv heads,
 # few enough that each unit scores whole blocks.
 TARGET_UNITS = 16
-# Threads per decode call: 1 unless TQSTORE_CPU_THREADS says more. On the 2-core VM, while
-# building this (a ctypes timing loop, not a recorded benchmark), a second thread made a
-# SmolLM2-shaped call slower at every length (thread start-up ~0.1 ms per call, and the two vCPUs gave 1.4x at best on a pure
-# compute loop). The result's bits never depend on it (see the module doc).
+# Threads for calls that are not large (decode_threads): 1 unless TQSTORE_CPU_THREADS says more.
+# On the 2-core VM, while building this (a ctypes timing loop, not a recorded benchmark), a
+# second thread made a SmolLM2-shaped one-sequence call slower at every length (thread
+# start-up ~0.1 ms per call, and the two vCPUs gave 1.4x at best on a pure compute loop). The
+# result's bits never depend on it (see the module doc).
 THREADS = max(1, int(os.environ.get("TQSTORE_CPU_THREADS", "1") or 1))
+# A decode call over at least this many (row, kv head, token) triples runs on every core (at
+# most 8): about 2 ms of one thread's work, where a thread's start-up is paid back. A batched
+# step of 8 SmolLM2 rows over 2.2k tokens (53k) then ran its attention in 79 ms instead of 103
+# (tools/batch_step_bench.py's shape, 2 cores); one row (6.6k) stays on one thread.
+PARALLEL_TOKEN_HEADS = 32768
+
+
+def decode_threads(token_heads: int) -> int:
+    """Threads for a decode call over `token_heads` (row, kv head, token) triples:
+    TQSTORE_CPU_THREADS if set, else every core (at most 8) for large calls, else 1."""
+    if os.environ.get("TQSTORE_CPU_THREADS"):
+        return THREADS
+    return min(8, os.cpu_count() or 1) if token_heads >= PARALLEL_TOKEN_HEADS else 1
 
 
 def _view(x: mx.array, dtype: type) -> np.ndarray:
@@ -80,7 +94,8 @@ def decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.arra
     lse = np.empty((B, Hq), dtype=np.float32)
     rc = lib.tq_decode_attention(*[_ptr(v) for v in views], B, Hq, Hkv, Dk, Dv, block_size,
                                  max_blocks, key_bits, value_bits,
-                                 decode_splits(B, Hkv, max_blocks), THREADS,
+                                 decode_splits(B, Hkv, max_blocks),
+                                 decode_threads(B * Hkv * max_blocks * block_size),
                                  _ptr(out), _ptr(lse))
     if rc != 0:
         return None
@@ -145,7 +160,7 @@ def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
         _ptr(v[7]), pointers(*[None if k is None else _ptr(k) for k, _ in tails]),
         pointers(*[None if w is None else _ptr(w) for _, w in tails]), _ptr(tail_lens),
         _ptr(splits), _ptr(v[8]), _ptr(v[9]), B, Hq, Hkv, Dk, Dv, block_size, key_bits,
-        value_bits, THREADS, _ptr(out))
+        value_bits, decode_threads(Hkv * int(lens.sum() + tail_lens.sum())), _ptr(out))
     return mx.array(out) if rc == 0 else None
 
 

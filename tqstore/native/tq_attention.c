@@ -114,15 +114,21 @@ static void dequant_row(const uint8_t *codes, int dim, const dequantizer *d, flo
 }
 
 /* ---- decode attention ---------------------------------------------------------------------- */
+/* Work is cut into units of (row, kv head, split), each row with its own block table, length and
+ * splits. A unit's arithmetic depends only on its own row's arguments, and the splits of one
+ * (row, head) are merged in split order afterwards, so a row's bits are the same whether it
+ * runs alone or among others, and whatever the thread count. */
 typedef struct {
-    const float *queries;
+    const float *queries; /* (B, Hq, Dk): rotated and scaled */
     const uint8_t *key_codes, *value_codes;
     const uint16_t *key_scales, *value_scales;
-    const int32_t *tables, *lens;
+    const int32_t *const *tables; /* tables[b]: row b's block table, max_blocks[b] entries */
+    const int32_t *max_blocks, *lens, *splits;
+    const int *first_unit; /* row b's units are [first_unit[b], first_unit[b + 1]) */
     const float *key_codebook, *value_codebook;
-    int B, Hq, Hkv, Dk, Dv, block_size, max_blocks, key_bits, value_bits, splits;
-    float *part_out; /* (B, Hkv, splits, G, Dv) unnormalised accumulators */
-    float *part_m, *part_l; /* (B, Hkv, splits, G) running max and sum */
+    int B, Hq, Hkv, Dk, Dv, block_size, key_bits, value_bits;
+    float *part_out; /* per unit: (G, Dv) unnormalised accumulators */
+    float *part_m, *part_l; /* per unit: (G) running max and sum */
     float *scratch; /* per unit: one block of dequantized rows */
 } decode_args;
 
@@ -136,33 +142,40 @@ static inline float dot_lanes(const float *a, const float *b, int n) {
 }
 
 #define TQ_MAX_BLOCK 256
+#define TQ_STRIPE 32 /* value lanes per pass of the accumulation (then 8 at a time) */
+/* 8 floats as one value (GCC/Clang vector extension: lowered to whatever the target has). */
+typedef float tq_v8 __attribute__((vector_size(32)));
 
-/* One (sequence, kv head, split): blocks [first, last) of the sequence's table, online softmax
- * per block of tokens (scores of a block first, then its values). */
+/* One (row, kv head, split): blocks [first, last) of the row's table, online softmax per block
+ * of tokens (scores of a block first, then its values). */
 static void decode_unit(const decode_args *a, int unit) {
-    const int split = unit % a->splits, bh = unit / a->splits;
-    const int b = bh / a->Hkv, h = bh % a->Hkv;
+    int b = 0;
+    while (unit >= a->first_unit[b + 1]) ++b;
+    const int splits = a->splits[b], local = unit - a->first_unit[b];
+    const int split = local % splits, h = local / splits;
     const int G = a->Hq / a->Hkv, Dk = a->Dk, Dv = a->Dv, bs = a->block_size;
     const int kbytes = Dk * a->key_bits / 8, vbytes = Dv * a->value_bits / 8;
     const int len = a->lens[b] < 0 ? 0 : a->lens[b];
     int nblocks = (len + bs - 1) / bs;
-    if (nblocks > a->max_blocks) nblocks = a->max_blocks;
-    const int per = (nblocks + a->splits - 1) / a->splits;
+    if (nblocks > a->max_blocks[b]) nblocks = a->max_blocks[b];
+    const int per = (nblocks + splits - 1) / splits;
     const int first = split * per, last = first + per < nblocks ? first + per : nblocks;
+    const int32_t *table = a->tables[b];
 
-    const size_t part = ((size_t)bh * a->splits + split) * G;
+    const size_t part = (size_t)unit * G;
     float *acc = a->part_out + part * Dv, *mrun = a->part_m + part, *lrun = a->part_l + part;
     const float *q = a->queries + ((size_t)b * a->Hq + (size_t)h * G) * Dk;
     for (int g = 0; g < G; ++g) { mrun[g] = -INFINITY; lrun[g] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)G * Dv);
 
     float scores[TQ_MAX_GROUP * TQ_MAX_BLOCK] __attribute__((aligned(64)));
+    float probs[TQ_MAX_GROUP * TQ_MAX_BLOCK] __attribute__((aligned(64)));
     float *rows = a->scratch + (size_t)unit * bs * (Dk > Dv ? Dk : Dv); /* this unit's rows */
     dequantizer keys, values;
     dequantizer_init(&keys, a->key_codebook, a->key_bits);
     dequantizer_init(&values, a->value_codebook, a->value_bits);
     for (int i = first; i < last; ++i) {
-        const int block = a->tables[(size_t)b * a->max_blocks + i];
+        const int block = table[i];
         const int n = len - i * bs < bs ? len - i * bs : bs;
         const size_t base = ((size_t)block * a->Hkv + h) * bs; /* (block, head, slot 0) */
         /* Dequantize the block's rows first, then use them: a row read back right after its
@@ -193,12 +206,43 @@ static void decode_unit(const decode_args *a, int unit) {
         for (int t = 0; t < n; ++t)
             dequant_row(a->value_codes + (base + t) * vbytes, Dv, &values, rows + (size_t)t * Dv);
         for (int t = 0; t < n; ++t) {
-            const float *row = rows + (size_t)t * Dv;
             const float vs = half_to_float(a->value_scales[base + t]);
-            for (int g = 0; g < G; ++g) {
-                const float p = scores[g * bs + t] * vs;
-                float *ag = acc + (size_t)g * Dv;
-                for (int j = 0; j < Dv; ++j) ag[j] += p * row[j];
+            for (int g = 0; g < G; ++g) probs[g * bs + t] = scores[g * bs + t] * vs;
+        }
+        /* acc[g][j] += p[g][t] * row[t][j] over t in order, one running sum per element held
+         * in registers for a stripe of TQ_STRIPE lanes (the order of the sums is that of a
+         * loop over t outside: the same bits), instead of a load and a store of the whole
+         * accumulator for every token. */
+        for (int g = 0; g < G; ++g) {
+            float *ag = acc + (size_t)g * Dv;
+            const float *pg = probs + g * bs;
+            int j = 0;
+            for (; j + TQ_STRIPE <= Dv; j += TQ_STRIPE) {
+                /* Four independent 8-lane sums: four dependency chains for the adds. */
+                tq_v8 r0, r1, r2, r3;
+                memcpy(&r0, ag + j, 32); memcpy(&r1, ag + j + 8, 32);
+                memcpy(&r2, ag + j + 16, 32); memcpy(&r3, ag + j + 24, 32);
+                for (int t = 0; t < n; ++t) {
+                    const float *row = rows + (size_t)t * Dv + j;
+                    const tq_v8 p = {pg[t], pg[t], pg[t], pg[t], pg[t], pg[t], pg[t], pg[t]};
+                    tq_v8 x0, x1, x2, x3;
+                    memcpy(&x0, row, 32); memcpy(&x1, row + 8, 32);
+                    memcpy(&x2, row + 16, 32); memcpy(&x3, row + 24, 32);
+                    r0 += p * x0; r1 += p * x1; r2 += p * x2; r3 += p * x3;
+                }
+                memcpy(ag + j, &r0, 32); memcpy(ag + j + 8, &r1, 32);
+                memcpy(ag + j + 16, &r2, 32); memcpy(ag + j + 24, &r3, 32);
+            }
+            for (; j < Dv; j += 8) { /* the rest, 8 lanes at a time (Dv % 8 == 0) */
+                tq_v8 r0;
+                memcpy(&r0, ag + j, 32);
+                for (int t = 0; t < n; ++t) {
+                    const tq_v8 p = {pg[t], pg[t], pg[t], pg[t], pg[t], pg[t], pg[t], pg[t]};
+                    tq_v8 x0;
+                    memcpy(&x0, rows + (size_t)t * Dv + j, 32);
+                    r0 += p * x0;
+                }
+                memcpy(ag + j, &r0, 32);
             }
         }
     }
@@ -206,6 +250,65 @@ static void decode_unit(const decode_args *a, int unit) {
 
 static void decode_unit_any(const void *args, int unit) {
     decode_unit((const decode_args *)args, unit);
+}
+
+static int shapes_ok(int Hq, int Hkv, int Dk, int Dv, int block_size, int key_bits,
+                     int value_bits) {
+    return Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= TQ_MAX_GROUP && Dk <= TQ_MAX_DIM &&
+           Dv <= TQ_MAX_DIM && Dk % TQ_LANES == 0 && Dv % 8 == 0 && block_size > 0 &&
+           block_size <= TQ_MAX_BLOCK && key_bits >= 1 && key_bits <= 8 && value_bits >= 1 &&
+           value_bits <= 8;
+}
+
+/* The units of a (filled in but for the buffers and first_unit) on up to `threads` threads,
+ * then each (row, query head)'s splits merged in split order: out (B, Hq, Dv), lse (B, Hq).
+ * Returns 0, -2 when out of memory. */
+static int attend_rows(decode_args *a, int threads, float *out, float *lse) {
+    const int B = a->B, Hq = a->Hq, Hkv = a->Hkv, Dv = a->Dv, G = Hq / Hkv;
+    int *first_unit = malloc(sizeof(int) * (size_t)(B + 1));
+    if (!first_unit) return -2;
+    first_unit[0] = 0;
+    for (int b = 0; b < B; ++b) first_unit[b + 1] = first_unit[b] + Hkv * a->splits[b];
+    const int units = first_unit[B];
+    const size_t parts = (size_t)units * G;
+    a->first_unit = first_unit;
+    a->part_out = malloc(sizeof(float) * parts * Dv);
+    a->scratch = malloc(sizeof(float) * (size_t)units * a->block_size *
+                        (a->Dk > Dv ? a->Dk : Dv));
+    a->part_m = malloc(sizeof(float) * parts);
+    a->part_l = malloc(sizeof(float) * parts);
+    int rc = -2;
+    if (a->part_out && a->part_m && a->part_l && a->scratch) {
+        tq_run_parallel(decode_unit_any, a, units, threads);
+        for (int b = 0; b < B; ++b)
+            for (int h = 0; h < Hkv; ++h)
+                for (int g = 0; g < G; ++g) {
+                    const int splits = a->splits[b];
+                    const size_t p0 = (size_t)(first_unit[b] + h * splits) * G + g;
+                    float m = -INFINITY;
+                    for (int s = 0; s < splits; ++s) {
+                        const float ms = a->part_m[p0 + (size_t)s * G];
+                        m = ms > m ? ms : m;
+                    }
+                    float *o = out + ((size_t)b * Hq + (size_t)h * G + g) * Dv;
+                    memset(o, 0, sizeof(float) * (size_t)Dv);
+                    float l = 0.0f;
+                    if (!isinf(m)) {
+                        for (int s = 0; s < splits; ++s) {
+                            const size_t p = p0 + (size_t)s * G;
+                            if (isinf(a->part_m[p])) continue;
+                            const float w = expf(a->part_m[p] - m);
+                            l += a->part_l[p] * w;
+                            for (int j = 0; j < Dv; ++j) o[j] += a->part_out[p * Dv + j] * w;
+                        }
+                        for (int j = 0; j < Dv; ++j) o[j] /= l;
+                    }
+                    lse[(size_t)b * Hq + (size_t)h * G + g] = isinf(m) ? -INFINITY : m + logf(l);
+                }
+        rc = 0;
+    }
+    free(a->part_out); free(a->part_m); free(a->part_l); free(a->scratch); free(first_unit);
+    return rc;
 }
 
 /* Returns 0, or -1 for shapes this build does not take (the caller then uses the reference). */
@@ -216,142 +319,80 @@ int tq_decode_attention(const float *queries, const uint8_t *key_codes, const ui
                         int B, int Hq, int Hkv, int Dk, int Dv, int block_size, int max_blocks,
                         int key_bits, int value_bits, int splits, int threads,
                         float *out, float *lse) {
-    if (B < 0 || Hkv <= 0 || Hq % Hkv || Hq / Hkv > TQ_MAX_GROUP || Dk > TQ_MAX_DIM ||
-        Dv > TQ_MAX_DIM || Dk % TQ_LANES || Dv % 8 || block_size <= 0 ||
-        block_size > TQ_MAX_BLOCK || splits <= 0 ||
-        key_bits < 1 || key_bits > 8 || value_bits < 1 || value_bits > 8)
+    if (B < 0 || splits <= 0 || !shapes_ok(Hq, Hkv, Dk, Dv, block_size, key_bits, value_bits))
         return -1;
-    const int G = Hq / Hkv;
-    const size_t parts = (size_t)B * Hkv * splits * G;
-    decode_args a = {queries, key_codes, value_codes, key_scales, value_scales, tables, lens,
-                     key_codebook, value_codebook, B, Hq, Hkv, Dk, Dv, block_size, max_blocks,
-                     key_bits, value_bits, splits, NULL, NULL, NULL, NULL};
-    a.part_out = malloc(sizeof(float) * parts * Dv);
-    a.scratch = malloc(sizeof(float) * (size_t)B * Hkv * splits * block_size * (Dk > Dv ? Dk : Dv));
-    a.part_m = malloc(sizeof(float) * parts);
-    a.part_l = malloc(sizeof(float) * parts);
-    if (!a.part_out || !a.part_m || !a.part_l || !a.scratch) {
-        free(a.part_out); free(a.part_m); free(a.part_l); free(a.scratch);
-        return -2;
-    }
-    tq_run_parallel(decode_unit_any, &a, B * Hkv * splits, threads);
-    /* Merge the splits of each (sequence, query head) in split order, then normalise. */
-    for (int bh = 0; bh < B * Hkv; ++bh) {
-        const int b = bh / Hkv, h = bh % Hkv;
-        for (int g = 0; g < G; ++g) {
-            float m = -INFINITY;
-            for (int s = 0; s < splits; ++s) {
-                const float ms = a.part_m[((size_t)bh * splits + s) * G + g];
-                m = ms > m ? ms : m;
-            }
-            float *o = out + ((size_t)b * Hq + (size_t)h * G + g) * Dv;
-            memset(o, 0, sizeof(float) * (size_t)Dv);
-            float l = 0.0f;
-            if (!isinf(m)) {
-                for (int s = 0; s < splits; ++s) {
-                    const size_t p = ((size_t)bh * splits + s) * G + g;
-                    if (isinf(a.part_m[p])) continue;
-                    const float w = expf(a.part_m[p] - m);
-                    l += a.part_l[p] * w;
-                    for (int j = 0; j < Dv; ++j) o[j] += a.part_out[p * Dv + j] * w;
-                }
-                for (int j = 0; j < Dv; ++j) o[j] /= l;
-            }
-            lse[(size_t)b * Hq + (size_t)h * G + g] = isinf(m) ? -INFINITY : m + logf(l);
-        }
-    }
-    free(a.part_out); free(a.part_m); free(a.part_l); free(a.scratch);
-    return 0;
-}
-
-/* ---- one decode step of one layer: query rotation, pages, un-rotation, merge with the tail --
- * The whole of PagedLayerCache.attend on the CPU in one call (the contract of
- * tqstore.metal.reference.decode_epilogue_reference around the paged attention):
- *   q = scale * queries (B, Hq, Dk), q_rot[h] = q[h] @ query_rotation[h / G]  (R_K^T rows)
- *   (o, lse) = attention over the pages of q_rot; o = o @ output_rotation[h / G]  (R_V)
- *   with a tail of n fp16 tokens (B, Hkv, n, D): s_t = q . (k_t - key_center), the two softmax
- *   pieces merged: m = max(max_t s_t, lse), out = (e^(lse-m) o + sum_t e^(s_t-m) v_t) /
- *   (e^(lse-m) + sum_t e^(s_t-m)).  out f32 (B, Hq, Dv).
- * Equal to the composition within float32 rounding (compared with a tolerance, as above). */
-int tq_decode_step(const float *queries, float scale, const float *query_rotation,
-                   const uint8_t *key_codes, const uint16_t *key_scales,
-                   const uint8_t *value_codes, const uint16_t *value_scales,
-                   const int32_t *tables, const int32_t *lens,
-                   const float *key_codebook, const float *value_codebook,
-                   const uint16_t *tail_keys, const uint16_t *tail_values, int tail_len,
-                   const float *key_center, const float *output_rotation,
-                   int B, int Hq, int Hkv, int Dk, int Dv, int block_size, int max_blocks,
-                   int key_bits, int value_bits, int splits, int threads, float *out) {
-    if (B <= 0 || Hkv <= 0 || Hq % Hkv || tail_len < 0) return -1;
-    const int G = Hq / Hkv;
-    float *q = malloc(sizeof(float) * (size_t)B * Hq * Dk);
-    float *q_rot = malloc(sizeof(float) * (size_t)B * Hq * Dk);
-    float *pages = malloc(sizeof(float) * (size_t)B * Hq * Dv);
-    float *lse = malloc(sizeof(float) * (size_t)B * Hq);
+    if (B == 0) return 0;
+    const int32_t **row_tables = malloc(sizeof(*row_tables) * (size_t)B);
+    int32_t *per_row = malloc(sizeof(int32_t) * 2 * (size_t)B);
     int rc = -2;
-    if (!q || !q_rot || !pages || !lse) goto done;
-    for (size_t i = 0; i < (size_t)B * Hq * Dk; ++i) q[i] = queries[i] * scale;
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < Hq; ++h) {
-            const float *qi = q + ((size_t)b * Hq + h) * Dk, *R = query_rotation + (size_t)(h / G) * Dk * Dk;
-            float *qo = q_rot + ((size_t)b * Hq + h) * Dk;
-            for (int j = 0; j < Dk; ++j) qo[j] = 0.0f;
-            for (int i = 0; i < Dk; ++i)
-                for (int j = 0; j < Dk; ++j) qo[j] += qi[i] * R[(size_t)i * Dk + j];
+    if (row_tables && per_row) {
+        for (int b = 0; b < B; ++b) {
+            row_tables[b] = tables + (size_t)b * max_blocks;
+            per_row[b] = max_blocks;
+            per_row[B + b] = splits;
         }
-    rc = tq_decode_attention(q_rot, key_codes, key_scales, value_codes, value_scales, tables, lens,
-                             key_codebook, value_codebook, B, Hq, Hkv, Dk, Dv, block_size,
-                             max_blocks, key_bits, value_bits, splits, threads, pages, lse);
-    if (rc != 0) goto done;
-    float key[TQ_MAX_DIM], value[TQ_MAX_DIM], o[TQ_MAX_DIM];
-    float *s = malloc(sizeof(float) * (size_t)(tail_len > 0 ? tail_len : 1));
-    if (!s) { rc = -2; goto done; }
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < Hq; ++h) {
-            const int kv = h / G;
-            const float *po = pages + ((size_t)b * Hq + h) * Dv, *R = output_rotation + (size_t)kv * Dv * Dv;
-            for (int j = 0; j < Dv; ++j) o[j] = 0.0f;
-            for (int i = 0; i < Dv; ++i)
-                for (int j = 0; j < Dv; ++j) o[j] += po[i] * R[(size_t)i * Dv + j];
-            float *dst = out + ((size_t)b * Hq + h) * Dv;
-            const float l = lse[(size_t)b * Hq + h];
-            if (tail_len == 0) {
-                memcpy(dst, o, sizeof(float) * (size_t)Dv);
-                continue;
-            }
-            const float *qi = q + ((size_t)b * Hq + h) * Dk;
-            const size_t base = ((size_t)b * Hkv + kv) * tail_len;
-            float m = l;
-            for (int t = 0; t < tail_len; ++t) {
-                for (int j = 0; j < Dk; ++j)
-                    key[j] = half_to_float(tail_keys[(base + t) * Dk + j]) - key_center[(size_t)kv * Dk + j];
-                s[t] = dot_lanes(qi, key, Dk);
-                m = s[t] > m ? s[t] : m;
-            }
-            const float w = isinf(l) ? 0.0f : expf(l - m);
-            float denom = w;
-            for (int j = 0; j < Dv; ++j) dst[j] = w * o[j];
-            for (int t = 0; t < tail_len; ++t) {
-                const float p = expf(s[t] - m);
-                denom += p;
-                for (int j = 0; j < Dv; ++j) value[j] = half_to_float(tail_values[(base + t) * Dv + j]);
-                for (int j = 0; j < Dv; ++j) dst[j] += p * value[j];
-            }
-            for (int j = 0; j < Dv; ++j) dst[j] /= denom;
-        }
-    free(s);
-done:
-    free(q); free(q_rot); free(pages); free(lse);
+        decode_args a = {queries, key_codes, value_codes, key_scales, value_scales, row_tables,
+                         per_row, lens, per_row + B, NULL, key_codebook, value_codebook, B, Hq,
+                         Hkv, Dk, Dv, block_size, key_bits, value_bits, NULL, NULL, NULL, NULL};
+        rc = attend_rows(&a, threads, out, lse);
+    }
+    free(row_tables); free(per_row);
     return rc;
 }
 
-
 /* ---- one decode step of one layer for B sequences of a batch --------------------------------
+ * The whole of PagedLayerCache.attend on the CPU in one call (the contract of
+ * tqstore.metal.reference.decode_epilogue_reference around the paged attention), per row:
+ *   q = scale * queries (Hq, Dk), q_rot[h] = q[h] @ query_rotation[h / G]  (R_K^T rows)
+ *   (o, lse) = attention over the pages of q_rot; o = o @ output_rotation[h / G]  (R_V)
+ *   with a tail of n fp16 tokens (1, Hkv, n, D): s_t = q . (k_t - key_center), the two softmax
+ *   pieces merged: m = max(max_t s_t, lse), out = (e^(lse-m) o + sum_t e^(s_t-m) v_t) /
+ *   (e^(lse-m) + sum_t e^(s_t-m)).  out f32 (B, Hq, Dv).
  * Each row is its own sequence: its own block table (num_blocks[b] entries), committed length,
- * fp16 tail (tail_lens[b] tokens, (1, Hkv, n, D); NULL when 0) and splits. Row b is exactly
- * tq_decode_step with B = 1 on that row's arguments, so a batched step's bits equal the
- * sequence's own step alone (the serving engine's batches rest on it); what the batch saves is
- * one foreign call and one input evaluation per row. */
+ * fp16 tail (tail_lens[b] tokens; NULL when 0) and splits. Every row's pages are attended in
+ * one parallel run (units of every row: see decode_args), and a row's bits are those of the
+ * row alone (the serving engine's batches rest on it). Equal to the composition within float32
+ * rounding (compared with a tolerance by the first-use self-check). */
+static void epilogue_row(const float *q, const float *pages, const float *lse,
+                         const uint16_t *tail_keys, const uint16_t *tail_values, int tail_len,
+                         const float *key_center, const float *output_rotation, int Hq, int Hkv,
+                         int Dk, int Dv, float *s, float *out) {
+    const int G = Hq / Hkv;
+    float key[TQ_MAX_DIM], value[TQ_MAX_DIM], o[TQ_MAX_DIM];
+    for (int h = 0; h < Hq; ++h) {
+        const int kv = h / G;
+        const float *po = pages + (size_t)h * Dv, *R = output_rotation + (size_t)kv * Dv * Dv;
+        for (int j = 0; j < Dv; ++j) o[j] = 0.0f;
+        for (int i = 0; i < Dv; ++i)
+            for (int j = 0; j < Dv; ++j) o[j] += po[i] * R[(size_t)i * Dv + j];
+        float *dst = out + (size_t)h * Dv;
+        const float l = lse[h];
+        if (tail_len == 0) {
+            memcpy(dst, o, sizeof(float) * (size_t)Dv);
+            continue;
+        }
+        const float *qi = q + (size_t)h * Dk;
+        const size_t base = (size_t)kv * tail_len;
+        float m = l;
+        for (int t = 0; t < tail_len; ++t) {
+            for (int j = 0; j < Dk; ++j)
+                key[j] = half_to_float(tail_keys[(base + t) * Dk + j]) - key_center[(size_t)kv * Dk + j];
+            s[t] = dot_lanes(qi, key, Dk);
+            m = s[t] > m ? s[t] : m;
+        }
+        const float w = isinf(l) ? 0.0f : expf(l - m);
+        float denom = w;
+        for (int j = 0; j < Dv; ++j) dst[j] = w * o[j];
+        for (int t = 0; t < tail_len; ++t) {
+            const float p = expf(s[t] - m);
+            denom += p;
+            for (int j = 0; j < Dv; ++j) value[j] = half_to_float(tail_values[(base + t) * Dv + j]);
+            for (int j = 0; j < Dv; ++j) dst[j] += p * value[j];
+        }
+        for (int j = 0; j < Dv; ++j) dst[j] /= denom;
+    }
+}
+
 int tq_decode_step_rows(const float *queries, float scale, const float *query_rotation,
                         const uint8_t *key_codes, const uint16_t *key_scales,
                         const uint8_t *value_codes, const uint16_t *value_scales,
@@ -362,17 +403,41 @@ int tq_decode_step_rows(const float *queries, float scale, const float *query_ro
                         const int32_t *splits, const float *key_center,
                         const float *output_rotation, int B, int Hq, int Hkv, int Dk, int Dv,
                         int block_size, int key_bits, int value_bits, int threads, float *out) {
-    if (B <= 0) return -1;
+    if (B <= 0 || !shapes_ok(Hq, Hkv, Dk, Dv, block_size, key_bits, value_bits)) return -1;
+    int longest_tail = 1;
     for (int b = 0; b < B; ++b) {
-        const int rc = tq_decode_step(
-            queries + (size_t)b * Hq * Dk, scale, query_rotation, key_codes, key_scales,
-            value_codes, value_scales, tables[b], lens + b, key_codebook, value_codebook,
-            tail_keys[b], tail_values[b], tail_lens[b], key_center, output_rotation, 1, Hq, Hkv,
-            Dk, Dv, block_size, num_blocks[b], key_bits, value_bits, splits[b], threads,
-            out + (size_t)b * Hq * Dv);
-        if (rc != 0) return rc;
+        if (tail_lens[b] < 0 || splits[b] <= 0) return -1;
+        longest_tail = tail_lens[b] > longest_tail ? tail_lens[b] : longest_tail;
     }
-    return 0;
+    const int G = Hq / Hkv;
+    const size_t qn = (size_t)B * Hq * Dk;
+    float *q = malloc(sizeof(float) * qn), *q_rot = malloc(sizeof(float) * qn);
+    float *pages = malloc(sizeof(float) * (size_t)B * Hq * Dv);
+    float *lse = malloc(sizeof(float) * (size_t)B * Hq);
+    float *s = malloc(sizeof(float) * (size_t)longest_tail);
+    int rc = -2;
+    if (!q || !q_rot || !pages || !lse || !s) goto done;
+    for (size_t i = 0; i < qn; ++i) q[i] = queries[i] * scale;
+    for (int bh = 0; bh < B * Hq; ++bh) {
+        const int h = bh % Hq;
+        const float *qi = q + (size_t)bh * Dk, *R = query_rotation + (size_t)(h / G) * Dk * Dk;
+        float *qo = q_rot + (size_t)bh * Dk;
+        for (int j = 0; j < Dk; ++j) qo[j] = 0.0f;
+        for (int i = 0; i < Dk; ++i)
+            for (int j = 0; j < Dk; ++j) qo[j] += qi[i] * R[(size_t)i * Dk + j];
+    }
+    decode_args a = {q_rot, key_codes, value_codes, key_scales, value_scales, tables, num_blocks,
+                     lens, splits, NULL, key_codebook, value_codebook, B, Hq, Hkv, Dk, Dv,
+                     block_size, key_bits, value_bits, NULL, NULL, NULL, NULL};
+    rc = attend_rows(&a, threads, pages, lse);
+    if (rc != 0) goto done;
+    for (int b = 0; b < B; ++b)
+        epilogue_row(q + (size_t)b * Hq * Dk, pages + (size_t)b * Hq * Dv, lse + (size_t)b * Hq,
+                     tail_keys[b], tail_values[b], tail_lens[b], key_center, output_rotation, Hq,
+                     Hkv, Dk, Dv, s, out + (size_t)b * Hq * Dv);
+done:
+    free(q); free(q_rot); free(pages); free(lse); free(s);
+    return rc;
 }
 
 /* ---- dequantization of gathered rows ------------------------------------------------------- */

@@ -138,18 +138,18 @@ def _rows_equal(fn: Callable[[mx.array], mx.array], x: mx.array, T: int) -> bool
     return bool(mx.array_equal(alone, mixed).item())
 
 
-_exact_cache: dict[int, bool] = {}
-
-
 def exact_rows(model: nn.Module, chunk: int, max_rows: int) -> bool:
     """Whether a mixed step leaves a chunk's rows bit for bit as a chunk alone on this backend:
     the first layer's linear layers, the logits head and RoPE, for chunks of MIN_MIXED_CHUNK
     to ``chunk`` tokens beside 1 to ``max_rows`` decode rows (random inputs; shapes decide the
     kernels, values do not). Checked once per model; also False for layouts it cannot check."""
-    key = id(model)
-    if key not in _exact_cache:
-        _exact_cache[key] = _check_exact_rows(model, chunk, max_rows)
-    return _exact_cache[key]
+    # Kept on the model object (a plain attribute, not a parameter): it lives as long as the
+    # model does, where a table keyed by id() could answer for a later model at that address.
+    found = getattr(model, "_tqstore_exact_rows", None)
+    if found is None:
+        found = _check_exact_rows(model, chunk, max_rows)
+        object.__setattr__(model, "_tqstore_exact_rows", found)
+    return found
 
 
 def _check_exact_rows(model: nn.Module, chunk: int, max_rows: int) -> bool:
