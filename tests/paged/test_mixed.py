@@ -104,11 +104,11 @@ def test_a_mixed_step_gives_the_chunk_and_the_decode_rows_their_own_results(smol
     mixed_kv = _kv(caches)
     mx.eval(logits, mixed_kv, [c.state for c in mixed])
 
-    # The decode rows: what the batched step gives, within fp32 rounding of matmuls of
-    # another row count (~1e-6 relative; logits are O(10)); a row fed another sequence's
-    # pages or position moves logits by whole units.
-    np.testing.assert_allclose(np.array(logits[:2]), np.array(step_logits), atol=2e-3)
-    np.testing.assert_allclose(np.array(logits[2]), np.array(alone_logits), atol=2e-3)
+    # The decode rows: what the batched step gives, within the rounding of matmuls of another
+    # row count (this VM: ~1e-6 relative; the H100's CUDA GEMMs: up to 0.013 on logits of
+    # ~20); a row fed another sequence's pages or position moves logits by whole units.
+    np.testing.assert_allclose(np.array(logits[:2]), np.array(step_logits), atol=0.05)
+    np.testing.assert_allclose(np.array(logits[2]), np.array(alone_logits), atol=0.05)
     assert np.array_equal(np.argmax(np.array(logits[:2]), -1), np.argmax(np.array(step_logits), -1))
     # The chunk's K/V: bit for bit where this backend's rows are exact (this VM's OpenBLAS:
     # they are), else within rounding.
@@ -119,7 +119,8 @@ def test_a_mixed_step_gives_the_chunk_and_the_decode_rows_their_own_results(smol
             if exact and not over_pages:
                 assert np.array_equal(a, m)
             else:
-                np.testing.assert_allclose(a, m, atol=2e-2)
+                # fp16 K/V of matmuls of another row count: a few fp16 ulps.
+                np.testing.assert_allclose(a, m, rtol=1e-2, atol=5e-2)
 
 
 def test_exact_rows_catches_a_row_count_dependence(smollm2):
