@@ -316,9 +316,11 @@ class ServingConfig:
         cold run, not identical, and never uploaded).
     context_tokens: longest prompt + completion; None: the model's max_position_embeddings.
     mixed_steps: a prefill chunk of 16 tokens or more carries the running sequences' decode
-        step in its forward pass (tqstore.paged.mixed), so arriving prompts no longer stall
-        the streams; exact requests (their blocks go to the daemon) mix only where the backend
-        computes each row the same whatever the row count (checked once per model).
+        step in its forward pass (tqstore.paged.mixed); exact requests (their blocks go to the
+        daemon) mix only where the backend computes each row the same whatever the row count
+        (checked once per model). Off by default: on the 2-core CPU VM the decode rows cost as
+        much inside a chunk as in a step of their own (their attention, not the weights, is
+        most of a step there), and 8 agents' later turns got slower (docs/BENCHMARKS.md).
     """
 
     pool_bytes: int = 1024 * MiB
@@ -331,7 +333,7 @@ class ServingConfig:
     exact_hits: bool = False
     context_tokens: int | None = None
     retry_after_s: int = 2
-    mixed_steps: bool = True
+    mixed_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.store_block is not None and self.store_block <= 0:

@@ -300,7 +300,7 @@ def test_a_prompt_arriving_mid_decode_carries_the_decode_steps_and_stays_exact(s
     import dataclasses
 
     config = ServingConfig(pool_bytes=64 << 20, store_block=128, prefill_chunk=64,
-                           exact_hits=True)
+                           exact_hits=True, mixed_steps=True)
     arriving = document_prompt(smollm2, 340, "Who wrote this license?")
     story = chat_prompt_ids(smollm2.tokenizer, "Tell me a long story about a lighthouse.")
     with KvStoreClient(daemon.address) as client:

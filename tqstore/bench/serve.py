@@ -43,10 +43,10 @@ from typing import Any
 
 from tqstore.errors import InvalidArgument
 
-SERVERS = ("tqstore", "mlx", "mlx-kv4", "tqstore-unmixed")
-# Ours: the daemon plus `tqstore openai`; tqstore-unmixed runs it with --no-mixed-steps (every
-# prefill chunk alone, the decode rows waiting: the A/B of tqstore.paged.mixed in one run).
-OURS = ("tqstore", "tqstore-unmixed")
+SERVERS = ("tqstore", "mlx", "mlx-kv4", "tqstore-mixed")
+# Ours: the daemon plus `tqstore openai`; tqstore-mixed runs it with --mixed-steps (prefill
+# chunks carry the decode rows: the A/B of tqstore.paged.mixed in one run).
+OURS = ("tqstore", "tqstore-mixed")
 DEFAULT_SERVERS = SERVERS[:3]
 BASELINE = "mlx"
 # Defaults sized for the 2-core CPU VM, where they take ~20 minutes: a 1,500-token cold prefill
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                         help="comma-separated subset of tqstore (daemon + `tqstore openai`), "
                              "mlx (stock mlx_lm.server), mlx-kv4 (mlx_lm.server --kv-bits 4), "
-                             "tqstore-unmixed (ours with --no-mixed-steps); "
+                             "tqstore-mixed (ours with --mixed-steps); "
                              f"ratios need {BASELINE} (default {','.join(DEFAULT_SERVERS)})")
     parser.add_argument("--agents", default=d["agents"],
                         help=f"comma-separated concurrent agent counts N (default {d['agents']}; "
@@ -192,8 +192,8 @@ class Stack:
             extra = [] if self.args.pool_mib is None else ["--pool-mib", str(self.args.pool_mib)]
             if self.args.decode_share is not None:
                 extra += ["--decode-share", str(self.args.decode_share)]
-            if self.name == "tqstore-unmixed":
-                extra.append("--no-mixed-steps")
+            if self.name == "tqstore-mixed":
+                extra.append("--mixed-steps")
             argv = tqstore_argv("openai", "--model", str(self.model_dir), "--store",
                                 f"127.0.0.1:{dport}", "--host", "127.0.0.1", "--port", str(port),
                                 *extra)

@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="while some sequences decode and others prefill, the least share "
                              "of time decode steps get, in [0, 1) (default "
                              f"{ServingConfig.decode_share:g}; 0: one decode step per slice)")
-    parser.add_argument("--no-mixed-steps", action="store_true",
-                        help="run every prefill chunk alone, the decoding sequences waiting "
-                             "(default: a chunk of 16+ tokens carries their decode step)")
+    parser.add_argument("--mixed-steps", action="store_true",
+                        help="a prefill chunk of 16+ tokens carries the decoding sequences' "
+                             "step in its forward pass (default: off; every chunk alone)")
     parser.add_argument("--store-block", type=int, default=ServingConfig.store_block,
                         help="tokens per daemon block: smaller blocks leave fewer tokens to "
                              "recompute after a daemon hit (at most one block's worth), at more "
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                            decode_share=args.decode_share,
                            store_block=args.store_block,
                            exact_hits=args.exact_hits,
-                           mixed_steps=not args.no_mixed_steps)
+                           mixed_steps=args.mixed_steps)
     if args.model:
         model_dir = args.model
     else:
