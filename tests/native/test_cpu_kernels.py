@@ -61,14 +61,20 @@ def test_decode_attention_bits_do_not_depend_on_threads(rng, monkeypatch):
     pages = random_pages(rng, [3000, 700], 9, 3, 64, 64, 6, 4, 16)
     one = [np.array(x) for x in _attention(pages)]
     again = [np.array(x) for x in _attention(pages)]
+    # decode_threads takes THREADS only when TQSTORE_CPU_THREADS is set (a call this size
+    # would otherwise stay on one thread).
+    monkeypatch.setenv("TQSTORE_CPU_THREADS", "3")
     monkeypatch.setattr(cpu_kernels, "THREADS", 3)
+    assert cpu_kernels.decode_threads(1) == 3
     threaded = [np.array(x) for x in _attention(pages)]
     for a, b, c in zip(one, again, threaded):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
 @pytest.mark.parametrize("shape", [(9, 3, 64, 64, 5, 3, 16), (32, 8, 128, 128, 4, 4, 16),
-                                   (4, 4, 96, 64, 6, 2, 8)])
+                                   (4, 4, 96, 64, 6, 2, 8),
+                                   # Dv = 48: 32 value lanes at a time, then 8 at a time
+                                   (4, 2, 64, 48, 4, 4, 16)])
 @pytest.mark.parametrize("tail", [True, False])
 def test_a_fused_decode_step_equals_the_composition(shape, tail):
     """Query rotation, pages, un-rotation and the merge with the fp16 tail in one call equal
@@ -91,10 +97,12 @@ def test_a_fused_decode_step_equals_the_composition(shape, tail):
         assert np.abs(moved - got).max() > 1e-3 * np.abs(want).max()
 
 
-def test_a_batched_step_gives_each_row_its_own_step_bit_for_bit(rng):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_batched_step_gives_each_row_its_own_step_bit_for_bit(rng, monkeypatch, threads):
     """The serving engine's batched decode step (one C call for B sequences with their own
-    tables, lengths and fp16 tails) equals each sequence's step alone, bitwise: a request's
-    tokens never depend on who shares its batch."""
+    tables, lengths and fp16 tails: every row's units in one parallel run) equals each
+    sequence's step alone on one thread, bitwise: a request's tokens never depend on who
+    shares its batch, nor on how many threads ran it."""
     lens, bs, hq, hkv, d = [700, 35, 2047, 16], 16, 9, 3, 64
     pages = random_pages(rng, lens, hq, hkv, d, d, 5, 3, bs)
     step = selfcheck.decode_step_inputs((hq, hkv, d, d, 5, 3, bs))
@@ -111,7 +119,11 @@ def test_a_batched_step_gives_each_row_its_own_step_bit_for_bit(rng):
                   key_codebook=pages["key_codebook"], value_codebook=pages["value_codebook"],
                   key_center=step["key_center"], output_rotation=step["output_rotation"],
                   key_bits=5, value_bits=3)
+    monkeypatch.setenv("TQSTORE_CPU_THREADS", str(threads))
+    monkeypatch.setattr(cpu_kernels, "THREADS", threads)
     batched = np.array(cpu_kernels.decode_step_rows(pages["queries"], rows=rows, **common))
+    monkeypatch.setenv("TQSTORE_CPU_THREADS", "1")
+    monkeypatch.setattr(cpu_kernels, "THREADS", 1)
     for b, (table, n, tk, tv) in enumerate(rows):
         alone = np.array(cpu_kernels.decode_step(
             pages["queries"][b:b + 1], block_tables=table, seq_lens=n, tail_keys=tk,

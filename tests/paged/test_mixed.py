@@ -126,7 +126,8 @@ def test_a_mixed_step_gives_the_chunk_and_the_decode_rows_their_own_results(smol
 def test_exact_rows_catches_a_row_count_dependence(smollm2):
     x = mx.array(np.random.default_rng(0).standard_normal((40, 8)), dtype=mx.float32)
     w = mx.array(np.random.default_rng(1).standard_normal((8, 8)), dtype=mx.float32)
-    assert _rows_equal(lambda a: a @ w, x, 32)
+    # Elementwise: row-independent by construction on every backend (a matmul may not be).
+    assert _rows_equal(lambda a: a * 2.0 + 1.0, x, 32)
     # A kernel whose rows depend on how many rows share the call (a planted bug).
     assert not _rows_equal(lambda a: a @ w + 1e-3 * a.shape[0], x, 32)
 

@@ -108,7 +108,7 @@ def decode_step(queries: mx.array, scale: float, query_rotation: mx.array, key_c
                 value_codebook: mx.array, tail_keys: mx.array | None,
                 tail_values: mx.array | None, key_center: mx.array, output_rotation: mx.array,
                 key_bits: int, value_bits: int) -> mx.array | None:
-    """One layer's whole decode attention (tq_decode_step): queries (B, Hq, Dk) unscaled and
+    """One layer's whole decode attention (tq_decode_step_rows): queries (B, Hq, Dk) unscaled and
     unrotated, the pages, the fp16 tail (B, Hkv, n, D) or None -> (B, Hq, Dv) float32. Row b
     is decode_step_rows' row of (block_tables[b], seq_lens[b], its tail)."""
     rows = [(block_tables[b:b + 1], seq_lens[b:b + 1],
@@ -128,7 +128,7 @@ def decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.array,
                      output_rotation: mx.array, key_bits: int, value_bits: int) -> mx.array | None:
     """A layer's decode step for B sequences in one call (tq_decode_step_rows): queries
     (B, Hq, Dk); rows[b] = (block table (1, n_b), seq_lens (1,), tail keys and values
-    (1, Hkv, t_b, D) or None) of row b. Each row runs tq_decode_step alone, so its bits do not
+    (1, Hkv, t_b, D) or None) of row b. Each row computes what it would alone, so its bits do not
     depend on the other rows."""
     lib = load()
     if lib is None:

@@ -169,7 +169,6 @@ static void decode_unit(const decode_args *a, int unit) {
     memset(acc, 0, sizeof(float) * (size_t)G * Dv);
 
     float scores[TQ_MAX_GROUP * TQ_MAX_BLOCK] __attribute__((aligned(64)));
-    float probs[TQ_MAX_GROUP * TQ_MAX_BLOCK] __attribute__((aligned(64)));
     float *rows = a->scratch + (size_t)unit * bs * (Dk > Dv ? Dk : Dv); /* this unit's rows */
     dequantizer keys, values;
     dequantizer_init(&keys, a->key_codebook, a->key_bits);
@@ -205,9 +204,9 @@ static void decode_unit(const decode_args *a, int unit) {
         }
         for (int t = 0; t < n; ++t)
             dequant_row(a->value_codes + (base + t) * vbytes, Dv, &values, rows + (size_t)t * Dv);
-        for (int t = 0; t < n; ++t) {
+        for (int t = 0; t < n; ++t) { /* the weights times the value scales, in place */
             const float vs = half_to_float(a->value_scales[base + t]);
-            for (int g = 0; g < G; ++g) probs[g * bs + t] = scores[g * bs + t] * vs;
+            for (int g = 0; g < G; ++g) scores[g * bs + t] *= vs;
         }
         /* acc[g][j] += p[g][t] * row[t][j] over t in order, one running sum per element held
          * in registers for a stripe of TQ_STRIPE lanes (the order of the sums is that of a
@@ -215,7 +214,7 @@ static void decode_unit(const decode_args *a, int unit) {
          * accumulator for every token. */
         for (int g = 0; g < G; ++g) {
             float *ag = acc + (size_t)g * Dv;
-            const float *pg = probs + g * bs;
+            const float *pg = scores + g * bs;
             int j = 0;
             for (; j + TQ_STRIPE <= Dv; j += TQ_STRIPE) {
                 /* Four independent 8-lane sums: four dependency chains for the adds. */

@@ -26,7 +26,7 @@ chunk's rows are equal to a chunk alone iff each matmul row and RoPE row does no
 many rows share the call. That is a property of the backend's kernels (this VM's OpenBLAS: true
 from 10 rows on; CUDA's tiled GEMMs choose tiles by row count), so ``exact_rows`` checks it once
 per model on the model's own layers, and the engine mixes exact requests' chunks only where it
-holds (requests from pool pages or without a daemon are never exact and always may mix).
+holds (requests that start from pool pages are never exact and always may mix).
 """
 
 from __future__ import annotations
@@ -119,15 +119,21 @@ def logits_head(model: nn.Module) -> tuple[Callable, Callable] | None:
     """(body, head) with model(x, cache) == head(body(x, cache)) for mlx-lm's common layout
     (a ``model`` body, then tied embeddings or ``lm_head``), so a mixed step projects only the
     rows it samples (T + B rows of a 49k vocabulary would cost more than the step); None for
-    other layouts. exact_rows checks the equality on the model."""
+    other layouts, and for models whose __call__ does more after the head (Granite's
+    logits_scaling): the equality is checked on the model, bitwise, on a few tokens."""
     body = getattr(model, "model", None)
     if not callable(body):
         return None
     if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
         embed = getattr(body, "embed_tokens", None)
-        return (body, embed.as_linear) if embed is not None else None
-    head = getattr(model, "lm_head", None)
-    return (body, head) if head is not None else None
+        split = (body, embed.as_linear) if embed is not None else None
+    else:
+        head = getattr(model, "lm_head", None)
+        split = (body, head) if head is not None else None
+    if split is None:
+        return None
+    tokens = mx.array([[1, 2, 3, 4]])
+    return split if mx.array_equal(model(tokens), split[1](split[0](tokens))).item() else None
 
 
 def _linear_layers(layer: nn.Module) -> list[nn.Module]:
@@ -153,9 +159,11 @@ def exact_rows(model: nn.Module, chunk: int, max_rows: int) -> bool:
     # model does, where a table keyed by id() could answer for a later model at that address.
     found = getattr(model, "_tqstore_exact_rows", None)
     if found is None:
-        found = _check_exact_rows(model, chunk, max_rows)
+        found = {}
         object.__setattr__(model, "_tqstore_exact_rows", found)
-    return found
+    if (chunk, max_rows) not in found:
+        found[chunk, max_rows] = _check_exact_rows(model, chunk, max_rows)
+    return found[chunk, max_rows]
 
 
 def _check_exact_rows(model: nn.Module, chunk: int, max_rows: int) -> bool:
@@ -164,11 +172,6 @@ def _check_exact_rows(model: nn.Module, chunk: int, max_rows: int) -> bool:
     if split is None or not layers:
         return False
     body, head = split
-    tokens = mx.array([[1, 2, 3, 4]])
-    whole, parts = model(tokens), head(body(tokens))
-    mx.eval(whole, parts)
-    if not mx.array_equal(whole, parts).item():
-        return False
     attention = next((m for _, m in layers[0].named_modules() if hasattr(m, "rope")), None)
     linears = _linear_layers(layers[0])
     if attention is None or not linears:
@@ -179,8 +182,10 @@ def _check_exact_rows(model: nn.Module, chunk: int, max_rows: int) -> bool:
     if not hidden or not heads:
         return False
     head_dim = getattr(args, "head_dim", None) or hidden // heads
-    dtype = whole.dtype  # the activations' dtype
-    for T in sorted({MIN_MIXED_CHUNK, max(MIN_MIXED_CHUNK, chunk)}):
+    dtype = head(body(mx.array([[1]]))).dtype  # the activations' dtype
+    # The ends and an odd size between (kernels pick tiles by row count and remainder).
+    for T in sorted({MIN_MIXED_CHUNK, max(MIN_MIXED_CHUNK, chunk // 2 + 1),
+                     max(MIN_MIXED_CHUNK, chunk)}):
         for B in sorted({1, max(1, max_rows)}):
             for m in linears + [head]:
                 if m is head:
