@@ -34,8 +34,9 @@ TARGET_UNITS = 16
 THREADS = max(1, int(os.environ.get("TQSTORE_CPU_THREADS", "1") or 1))
 # A decode call over at least this many (row, kv head, token) triples runs on every core (at
 # most 8): about 2 ms of one thread's work, where a thread's start-up is paid back. A batched
-# step of 8 SmolLM2 rows over 2.2k tokens (53k) then ran its attention in 79 ms instead of 103
-# (tools/batch_step_bench.py's shape, 2 cores); one row (6.6k) stays on one thread.
+# step of 8 SmolLM2 rows over 2.2k tokens (53k) went from 245 to 182-206 ms with it and the
+# register accumulation (tools/batch_step_bench.py, docs/BENCHMARKS.md); one row (6.6k) stays
+# on one thread.
 PARALLEL_TOKEN_HEADS = 32768
 
 

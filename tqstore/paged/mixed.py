@@ -8,9 +8,8 @@ decode rows add B rows to matmuls of T rows (a few percent) instead of a step of
 and the running streams get a token per chunk instead of none.
 
 Measured (docs/BENCHMARKS.md): on the 2-core CPU VM it does not pay. A decode row's cost there
-is mostly its attention over its own pages (8 rows over 2.2k tokens: 75-117 ms of a 203-277
-ms step), which a mixed step still pays, so a mixed step cost about the chunk plus a whole
-decode step, and 8 agents' later turns got slower. Off by default (ServingConfig.mixed_steps); where
+is mostly its attention over its own pages, which a mixed step still pays, so a mixed step
+cost about the chunk plus a whole decode step, and 8 agents' later turns got slower. Off by default (ServingConfig.mixed_steps); where
 weights dominate a step (a GPU's small batches), it is the candidate to measure.
 
 Layout: mlx-lm's model code sees (T + B, 1) tokens: the chunk's T tokens as T rows of one token,
@@ -31,6 +30,7 @@ holds (requests that start from pool pages are never exact and always may mix).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence as Seq
 
 import mlx.core as mx
@@ -42,6 +42,8 @@ from tqstore.errors import InvalidArgument
 from tqstore.metal import dispatch as kernels
 from tqstore.paged.batch import BatchedLayerCache, batch_caches
 from tqstore.paged.cache import PagedLayerCache
+
+log = logging.getLogger("tqstore.serving")
 
 # Chunks shorter than this run alone: small matmuls take other kernel paths (on this VM's
 # OpenBLAS rows differ below 10), and a short chunk stalls the streams only briefly anyway.
@@ -134,6 +136,41 @@ def logits_head(model: nn.Module) -> tuple[Callable, Callable] | None:
         return None
     tokens = mx.array([[1, 2, 3, 4]])
     return split if mx.array_equal(model(tokens), split[1](split[0](tokens))).item() else None
+
+
+class MixPolicy:
+    """Mixed steps for one model in one engine: which chunks may carry the decode rows, and
+    the forward pass that carries them."""
+
+    def __init__(self, model: nn.Module, chunk: int, max_rows: int) -> None:
+        self.model, self.chunk, self.max_rows = model, chunk, max_rows
+        self.split = logits_head(model)  # None: this model's layout cannot mix
+        self._exact: bool | None = None  # checked at the first exact request that could mix
+
+    def allows(self, tokens: int, exact: bool) -> bool:
+        """Whether a chunk of `tokens` may mix. A request that must stay exact (its blocks go
+        to the daemon, a hit must match its cold run) needs the backend's rows to be exact; one
+        that starts from pool pages never is and may always mix."""
+        if self.split is None or tokens < MIN_MIXED_CHUNK:
+            return False
+        if exact and self._exact is None:
+            self._exact = exact_rows(self.model, self.chunk, self.max_rows)
+            log.info("mixed steps: %s", "every request" if self._exact else
+                     "requests from pool pages only (this backend's rows are not exact)")
+        return not exact or self._exact
+
+    def forward(self, prefill: Seq[PagedLayerCache], chunk_ids: Seq[int],
+                decode: Seq[Seq[PagedLayerCache]], tokens: Seq[int],
+                last: bool) -> tuple[mx.array, list[MixedLayerCache]]:
+        """One forward pass of the chunk and one token per decode row: (logits of the decode
+        rows, then of the chunk's last token when `last`; the step's caches)."""
+        T = len(chunk_ids)
+        caches = mixed_caches(prefill, decode, T)
+        body, head = self.split
+        hidden = body(mx.array([[t] for t in chunk_ids] + [[t] for t in tokens]),
+                      cache=caches)[:, 0, :]  # (T + B, hidden)
+        picked = mx.concatenate([hidden[T:], hidden[T - 1:T]]) if last else hidden[T:]
+        return head(picked), caches
 
 
 def _linear_layers(layer: nn.Module) -> list[nn.Module]:

@@ -55,13 +55,13 @@ from tqstore.client import KvStoreClient
 from tqstore.config import ServingConfig
 from tqstore.errors import InvalidArgument, ResourceExhausted
 from tqstore.generator import CachedGenerator, prefill_bounds
-from tqstore.metal import dispatch
 from tqstore.models.loader import LoadedModel
 from tqstore.paged import make_prompt_cache, release_prompt_cache
 from tqstore.paged.batch import batch_caches
-from tqstore.paged.mixed import MIN_MIXED_CHUNK, exact_rows, logits_head, mixed_caches
+from tqstore.paged.mixed import MixPolicy
 from tqstore.prefix_hash import hash_prefix_blocks
 from tqstore.serving.request import Request, TokenEvent
+from tqstore.serving.live_stats import engine_stats
 from tqstore.serving.sampling import SamplingParams, sample_rows
 from tqstore.serving.schedule import PrefillBudget
 
@@ -153,36 +153,8 @@ class Engine:
         return self._thread.is_alive() and self.failed is None
 
     def stats(self) -> dict[str, Any]:
-        now = time.perf_counter()
-        recent = [(t, n) for t, n in list(self._rate) if now - t <= 10.0]
-        tps = 0.0
-        if len(recent) > 1:
-            tps = sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
-        active = list(self._active)
-        return {
-            "active_sequences": len(active),
-            "decoding": sum(r.state == "decode" for r in active),
-            "prefilling": sum(r.state == "prefill" for r in active),
-            "queue_depth": self._queued - self._admitted,
-            "pool_bytes_used": self.pool.used_bytes(),
-            "pool_bytes_budget": (self.pool.num_blocks - 1) * self.pool.block_bytes,
-            "pool_blocks_free": self.pool.block_pool.num_free_blocks,
-            # Plain ints only: this runs on an HTTP thread, and touching a cache's arrays here
-            # would build MLX graphs on a thread whose stream the engine cannot evaluate.
-            "kv_tokens_live": sum(c[0].offset for c in (r.caches for r in active) if c),
-            "kv_fp16_bytes_per_token": self.pool.fp16_bytes_per_token(),
-            "kv_bytes_per_token": round(self.pool.bytes_per_token(), 1),
-            "decode_tokens_per_s": round(tps, 2),
-            "cached_tokens": {"memory": self.totals["memory_tokens"],
-                              "daemon": self.totals["daemon_tokens"],
-                              "computed": self.totals["computed_tokens"]},
-            "totals": dict(self.totals),
-            "daemon": "none" if self.client is None else self.client.config.address,
-            "healthy": self.healthy,
-            # Which kernels serve (and any that failed their first-use self-check).
-            "attention_path": dispatch.active_backend(),
-            "kernels": dispatch.kernel_report(),
-        }
+        """The live figures (tqstore.serving.live_stats); safe on any thread."""
+        return engine_stats(self)
 
     def close(self) -> None:
         self._stop = True
@@ -202,12 +174,9 @@ class Engine:
         self.pool = self.gen.pool
         self.config = dataclasses.replace(self.config, store_block=self.gen.block_size)
         self.chunk = self.config.chunk_for(self.client is not None)
-        # Mixed steps (tqstore.paged.mixed): a chunk carries the decode rows where the model's
-        # layout allows; exact requests' chunks only where the backend keeps rows exact
-        # (checked at the first chance: None until then).
-        self._mix_head = (logits_head(self.loaded.model)
-                          if self.config.mixed_steps and not self.pool.sliding_layers else None)
-        self._mix_exact: bool | None = None
+        # Mixed steps (tqstore.paged.mixed), where asked for and the model has no sliding layers.
+        self._mixing = (MixPolicy(self.loaded.model, self.chunk, self.config.max_batch)
+                        if self.config.mixed_steps and not self.pool.sliding_layers else None)
 
     def _run(self, policy) -> None:
         try:
@@ -404,42 +373,41 @@ class Engine:
             if not prefilling or not self._budget.may_prefill(decoding):
                 return ran
             r = prefilling[0]
+            mix = decoding and self._mixing is not None and self._mixing.allows(
+                r.bounds[r.chunk + 1] - r.bounds[r.chunk], exact=not r.memory_tokens)
             began = time.perf_counter()
-            if decoding and self._may_mix(r):
-                self._mixed_step(r)  # the streams decode on: no prefill credit spent
-            else:
-                self._prefill_chunk(r)
+            self._prefill_chunk(r, mix)
+            if not mix:  # a mixed chunk decoded the streams too: no prefill credit spent
                 self._budget.spent_prefill(time.perf_counter() - began, decoding)
             ran = True
             if time.perf_counter() - start >= self.config.prefill_slice_s:
                 return ran
 
-    def _prefill_chunk(self, r: Request) -> None:
+    def _prefill_chunk(self, r: Request, mix: bool = False) -> None:
+        """r's next chunk; with mix, carrying one decode step of every decoding request in the
+        same forward pass (tqstore.paged.mixed: only the rows sampled get logits)."""
         begin, end = r.bounds[r.chunk], r.bounds[r.chunk + 1]
-        logits = self.loaded.model(mx.array([r.prompt[begin:end]]), cache=r.caches)
         r.chunk += 1
         done = r.chunk == len(r.bounds) - 1
+        if mix:
+            began = time.perf_counter()
+            self.totals["mixed_steps"] += 1
+            rows, published = self._decoding_rows()
+            logits, caches = self._mixing.forward(r.caches, r.prompt[begin:end],
+                                                  [d.caches for d in rows],
+                                                  [d.next_token for d in rows], last=done)
+            self._emit(rows + [r] if done else rows, logits, caches)
+            self._decoded(rows, published, began)
+        else:
+            logits = self.loaded.model(mx.array([r.prompt[begin:end]]), cache=r.caches)
+            if done:
+                self._emit([r], logits[:, -1, :])
+            else:
+                mx.eval([c.state for c in r.caches])
         if not done:
-            mx.eval([c.state for c in r.caches])
             r.events.put(("progress", end - r.bounds[0], len(r.prompt) - r.bounds[0]))
-            return
-        self._emit([r], logits[:, -1, :])
-        if r.state == "prefill":
+        elif r.state == "prefill":
             r.state = "decode"
-
-    def _may_mix(self, r: Request) -> bool:
-        """Whether r's next chunk may carry the decode rows (tqstore.paged.mixed). A request
-        that starts from pool pages is never exact (nothing it computes is uploaded or must
-        match a cold run); any other needs the backend's rows to stay exact."""
-        if self._mix_head is None or r.bounds[r.chunk + 1] - r.bounds[r.chunk] < MIN_MIXED_CHUNK:
-            return False
-        if r.memory_tokens:
-            return True
-        if self._mix_exact is None:
-            self._mix_exact = exact_rows(self.loaded.model, self.chunk, self.config.max_batch)
-            log.info("mixed steps: %s", "every request" if self._mix_exact else
-                     "requests from pool pages only (this backend's rows are not exact)")
-        return self._mix_exact
 
     def _decoding_rows(self) -> tuple[list[Request], list[Request]]:
         """The decoding requests, each with its new token appended, and those whose prompt
@@ -465,29 +433,6 @@ class Engine:
         logits = self.loaded.model(inputs, cache=caches)
         self._emit(rows, logits[:, -1, :], caches)
         self._decoded(rows, published, began)
-
-    def _mixed_step(self, r: Request) -> None:
-        """r's next prefill chunk and one decode step of every decoding request, in one forward
-        pass; only the rows sampled are projected to logits."""
-        began = time.perf_counter()
-        self.totals["mixed_steps"] += 1
-        rows, published = self._decoding_rows()
-        begin, end = r.bounds[r.chunk], r.bounds[r.chunk + 1]
-        T = end - begin
-        caches = mixed_caches(r.caches, [d.caches for d in rows], T)
-        inputs = mx.array([[t] for t in r.prompt[begin:end]] + [[d.next_token] for d in rows])
-        body, head = self._mix_head
-        hidden = body(inputs, cache=caches)[:, 0, :]  # (T + B, hidden)
-        r.chunk += 1
-        done = r.chunk == len(r.bounds) - 1
-        sampled = rows + [r] if done else rows
-        picked = mx.concatenate([hidden[T:], hidden[T - 1:T]]) if done else hidden[T:]
-        self._emit(sampled, head(picked), caches)
-        self._decoded(rows, published, began)
-        if not done:
-            r.events.put(("progress", end - r.bounds[0], len(r.prompt) - r.bounds[0]))
-        elif r.state == "prefill":
-            r.state = "decode"
 
     def _emit(self, rows: list[Request], logits: mx.array, caches=None) -> None:
         """Sample each row's next token, evaluate the step, and hand the tokens out."""
