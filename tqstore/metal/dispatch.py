@@ -195,6 +195,12 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     return paged_decode_attention_reference(*args, return_lse=return_lse)
 
 
+def gpu_kernels_possible() -> bool:
+    """Whether decode attention runs on a GPU here (not forced onto the reference): where a
+    batch's rows may share one kernel launch (tqstore.paged.batch.gpu_batch_step)."""
+    return _forced != "reference" and gpu_backend() is not None
+
+
 def fused_decode_step_possible() -> bool:
     """Whether fused_decode_step may serve here (the CPU with its C kernels built)."""
     return _forced != "reference" and gpu_backend() is None and _cpu_native()

@@ -12,6 +12,13 @@ Joining and leaving cost nothing: a batch is rebuilt from the live sequences' ca
 step (``batch_caches``), so a request that arrives joins the next step and one that finishes or
 is cancelled leaves it, its pages returned to the pool at once.
 
+On a GPU the rows' pages are attended in one launch (``gpu_batch_step``): one query preparation
+for the batch, one attention kernel over every row's block table (padded to the widest, each row
+read up to its own length), then each row's own epilogue (its fp16 tail). Row by row, a step of B
+sequences cost B launch chains and B times the Python that builds them per layer. On a GPU a
+row's bits in a batch are not those of the row alone anyway (fp32 matmuls of B rows run on TF32
+tensor cores, tests/tolerance.py); on the CPU the C step keeps them exact (fused_batch_step).
+
 Only single-token steps are batched; prefill chunks run per sequence (their exactness rests on
 per-sequence chunk shapes: tqstore.generator.prefill_bounds).
 """
@@ -21,16 +28,48 @@ from __future__ import annotations
 from typing import Any, Sequence as Seq
 
 import mlx.core as mx
+import numpy as np
 
 from tqstore.errors import InvalidArgument
-from tqstore.paged.cache import PagedLayerCache, fused_batch_step
+from tqstore.metal.dispatch import gpu_kernels_possible, paged_decode_attention
+from tqstore.paged.cache import PagedLayerCache, prepare_queries, fused_batch_step
+from tqstore.small_arrays import padded_array, padded_rows
+
+# The batched GPU step (gpu_batch_step); False: rows attend one by one (benchmarks' A/B).
+GPU_BATCHED_ATTENTION = True
+
+
+class StepTables:
+    """The block tables and lengths of a batch, (B, widest table) and (B,) int32, built once per
+    step and shared by its layers (every layer of a sequence attends the same blocks and number
+    of tokens; a table that changes between layers, a copy-on-write, is seen by identity)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[list[mx.array], list[int]] | None = None
+        self._arrays: tuple[mx.array, mx.array] | None = None
+
+    def get(self, caches: Seq[PagedLayerCache]) -> tuple[mx.array, mx.array]:
+        tables = [c.sequence.block_table() for c in caches]
+        lens = [c.committed for c in caches]
+        if (self._key is not None and lens == self._key[1]
+                and all(a is b for a, b in zip(tables, self._key[0]))):
+            return self._arrays
+        host = np.zeros((len(caches), max(t.shape[1] for t in tables)), dtype=np.int32)
+        for row, cache in enumerate(caches):
+            ids = cache.sequence.block_ids
+            host[row, :len(ids)] = ids  # past a row's own blocks: never read (its length)
+        self._key = (tables, lens)
+        self._arrays = (padded_rows(host.tolist()), padded_array(lens))
+        return self._arrays
 
 
 class BatchedLayerCache:
     """One layer of B sequences for one decode step (L == 1); mlx-lm cache protocol."""
 
-    def __init__(self, caches: Seq[PagedLayerCache], offsets: mx.array) -> None:
+    def __init__(self, caches: Seq[PagedLayerCache], offsets: mx.array,
+                 tables: StepTables | None = None) -> None:
         self.caches = list(caches)
+        self.tables = tables or StepTables()
         # Positions before this step, one per row: RoPE takes an array of offsets per batch row.
         self.offset = offsets
         self.decode_pending = False
@@ -59,6 +98,8 @@ class BatchedLayerCache:
         self.decode_pending = False
         if all(dense is None for dense in self._dense):
             out = fused_batch_step(self.caches, queries, scale)
+            if out is None:
+                out = gpu_batch_step(self.caches, queries, scale, self.tables)
             if out is not None:
                 self._dense = []
                 return out
@@ -82,6 +123,30 @@ class BatchedLayerCache:
         return sum(cache.nbytes for cache in self.caches)
 
 
+def gpu_batch_step(caches: Seq[PagedLayerCache], queries: mx.array, scale: float,
+                   tables: StepTables) -> mx.array | None:
+    """One layer's decode attention for a batch on a GPU (every row routed and with a committed
+    page): queries (B, Hq, 1, Dk) -> (B, Hq, 1, Dv). The pages of all rows in one kernel launch,
+    then each row's epilogue (PagedLayerCache.finish_pages). None (nothing touched) where it
+    does not serve: the CPU (fused_batch_step keeps rows exact there), rows in more than one
+    pool, a row without pages yet."""
+    if not (GPU_BATCHED_ATTENTION and len(caches) > 1 and gpu_kernels_possible()
+            and all(c.committed for c in caches)):
+        return None
+    arena = caches[0].arena
+    if any(c.arena is not arena for c in caches):
+        return None
+    kc, vc = arena.key_codec, arena.value_codec
+    q, q_rot = prepare_queries(queries[:, :, 0, :], arena.query_rotation, scale)
+    block_tables, seq_lens = tables.get(caches)
+    pages_out, lse = paged_decode_attention(
+        q_rot, arena.key_codes, arena.key_scales, arena.value_codes, arena.value_scales,
+        block_tables, seq_lens, kc.codebook, vc.codebook, kc.bits, vc.bits, return_lse=True)
+    rows = [cache.finish_pages(pages_out[b:b + 1], lse[b:b + 1], q[b:b + 1], queries.dtype)
+            for b, cache in enumerate(caches)]
+    return mx.concatenate(rows, axis=0)
+
+
 def batch_caches(sequences: Seq[Seq[PagedLayerCache]]) -> list[BatchedLayerCache]:
     """Per-layer batched caches over B sequences' layer caches (``sequences[b][layer]``)."""
     if not sequences:
@@ -91,5 +156,6 @@ def batch_caches(sequences: Seq[Seq[PagedLayerCache]]) -> list[BatchedLayerCache
         raise InvalidArgument("sequences of one batch must come from one model")
     # Every layer of a sequence is at the same position between steps.
     offsets = mx.array([s[0].offset for s in sequences], dtype=mx.int32)
-    return [BatchedLayerCache([s[layer] for s in sequences], offsets)
+    tables = StepTables()
+    return [BatchedLayerCache([s[layer] for s in sequences], offsets, tables)
             for layer in range(num_layers)]

@@ -52,7 +52,7 @@ from tqstore.paged.tail import commit_point, exact_start, extended_mask
 
 
 @mx.compile
-def _prepare_queries(queries: mx.array, rotation: mx.array, scale: float) -> tuple[mx.array, mx.array]:
+def prepare_queries(queries: mx.array, rotation: mx.array, scale: float) -> tuple[mx.array, mx.array]:
     """(B, Hq, Dk) queries -> (scale * q in float32, the same rotated per kv head: q @ R_K^T).
     Rotated with one batched matmul, not the codec's butterflies: queries are never stored, so
     they need no batch-shape-exact arithmetic. Compiled: the cast and scale fuse into one op."""
@@ -307,7 +307,7 @@ class PagedLayerCache:
                 self.arena.key_center, self.arena.output_rotation, kc.bits, vc.bits)
             if fused is not None:
                 return fused.reshape(B, Hq, 1, Dv).astype(queries.dtype)
-        q, q_rot = _prepare_queries(queries[:, :, 0, :], self.arena.query_rotation, scale)
+        q, q_rot = prepare_queries(queries[:, :, 0, :], self.arena.query_rotation, scale)
         if not self.committed:  # no page yet: the fp16 tail alone
             self._flush_pending()
             tail_k, tail_v = self._exact(self._tail_keys, self._tail_values, mx.float32)
@@ -319,10 +319,22 @@ class PagedLayerCache:
             self.arena.value_scales, self.sequence.block_table(),
             self.sequence.length_array(self.committed), kc.codebook, vc.codebook, kc.bits,
             vc.bits, return_lse=has_tail)
-        if not has_tail:
-            out = mx.matmul(result.reshape(B, Hkv, G, Dv), self.arena.output_rotation)
-            return out.reshape(B, Hq, 1, Dv).astype(queries.dtype)
-        pages_out, lse = result
+        pages_out, lse = result if has_tail else (result, None)
+        return self.finish_pages(pages_out, lse, q, queries.dtype)
+
+    def finish_pages(self, pages_out: mx.array, lse: mx.array | None, q: mx.array,
+                     dtype: mx.Dtype) -> mx.array:
+        """The rest of this step's attention once the pages are attended: pages_out (1, Hq, Dv)
+        in the value-rotated space and its log-sum-exp (1, Hq) (None: no fp16 tail), q (1, Hq,
+        Dk) the scaled, unrotated queries -> (1, Hq, 1, Dv) in ``dtype``: un-rotated, merged
+        with the fp16 tail, this step's pending token appended to the tail. Shared by attend()
+        and a batched GPU step (tqstore.paged.batch), which attends every row's pages at once."""
+        self.decode_pending = False
+        B, Hq, _ = q.shape
+        Hkv, Dv = self.arena.key_codec.num_heads, self.arena.value_codec.head_dim
+        if self._tail_keys is None:
+            out = mx.matmul(pages_out.reshape(B, Hkv, Hq // Hkv, Dv), self.arena.output_rotation)
+            return out.reshape(B, Hq, 1, Dv).astype(dtype)
         new_keys, new_values = self._pending or (None, None)
         self._pending = None
         old_len = self._tail_keys.shape[2]
@@ -330,7 +342,7 @@ class PagedLayerCache:
         out, self._tail_keys, self._tail_values = decode_epilogue(
             pages_out, lse, q, self._tail_keys, self._tail_values, new_keys, new_values,
             self.sequence.tail_info_array(length, old_len), self.arena.key_center,
-            self.arena.output_rotation, self.sequence.block_size, queries.dtype)
+            self.arena.output_rotation, self.sequence.block_size, dtype)
         return out.reshape(B, Hq, 1, Dv)
 
     def fused_step_row(self) -> tuple[mx.array, mx.array, mx.array | None, mx.array | None]:

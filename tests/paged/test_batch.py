@@ -1,0 +1,134 @@
+"""A batched decode step (tqstore.paged.batch) computes, per row, what that sequence's step
+alone computes: on the CPU's C step (bit for bit: test_cpu_kernels) and on the one-launch path
+a GPU takes (every row's pages in one attention call, then each row's epilogue), which these
+tests also drive on the CPU's kernels so that its plumbing (padded block tables, per-row
+lengths and tails, the rows' order) is checked on every machine."""
+
+import numpy as np
+import pytest
+
+import tqstore  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+import tqstore.paged.batch as batch_module
+from tqstore.codec import CodecConfig
+from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model
+from tqstore.paged.batch import StepTables, batch_caches
+
+from tests.paged.test_integration import rel, tiny_model
+from tests.tolerance import MODEL_TF32, rtol
+
+BS = 8
+TAIL = CachePolicy(codec=CodecConfig(4, 4), fp16_tail=True)
+PLAIN = CachePolicy(codec=CodecConfig(4, 4))
+# Rows of different lengths: tails of different fill, and blocks that open at different steps.
+PROMPTS = (21, 36, 50)
+STEPS = 12
+
+
+def prefilled(model, policy, prompts):
+    """Each prompt prefilled alone into its own sequence of one shared pool."""
+    pool = pool_for_model(model, policy=policy, budget_bytes=4 << 20, block_size=BS)
+    sequences = []
+    for prompt in prompts:
+        caches = make_prompt_cache(pool, prompt)
+        mx.eval(model(mx.array(prompt)[None], cache=caches))
+        sequences.append(caches)
+    return sequences
+
+
+def forced(steps):
+    """The same teacher-forced token per row and step: rows never depend on each other."""
+    return [[int(t) for t in row] for row in steps]
+
+
+@pytest.fixture
+def one_launch(monkeypatch):
+    """Drive the GPU's one-launch batch path wherever the test runs (on the CPU its attention
+    call is the C kernel over all rows), and record the batch size of every launch."""
+    launches = []
+    real = batch_module.paged_decode_attention
+
+    def recording(queries, *args, **kwargs):
+        launches.append(queries.shape[0])
+        return real(queries, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "fused_batch_step", lambda *a, **k: None)
+    monkeypatch.setattr(batch_module, "gpu_kernels_possible", lambda: True)
+    monkeypatch.setattr(batch_module, "paged_decode_attention", recording)
+    return launches
+
+
+@pytest.mark.parametrize("policy", [TAIL, PLAIN], ids=["fp16-tail", "pages-only"])
+def test_one_launch_for_all_rows_gives_each_row_its_own_step(rng, policy, one_launch):
+    model = tiny_model("llama")
+    install(model)
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    tokens = forced(rng.integers(3, 97, (STEPS, len(PROMPTS))))
+    alone = []
+    for row, prompt in enumerate(prompts):
+        (caches,) = prefilled(model, policy, [prompt])
+        logits = []
+        for step in tokens:
+            caches[0].sequence.append_token_ids([step[row]])
+            logits.append(np.array(model(mx.array([[step[row]]]), cache=caches)[0, -1],
+                                   dtype=np.float64))
+        alone.append(logits)
+    assert not one_launch  # one row: the single-sequence path
+
+    sequences = prefilled(model, policy, prompts)
+    for i, step in enumerate(tokens):
+        for caches, token in zip(sequences, step):
+            caches[0].sequence.append_token_ids([token])
+        out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
+        for row in range(len(prompts)):
+            got = np.array(out[row, -1], dtype=np.float64)
+            # One attention call over 3 rows splits each row's tokens by the batch, not by the
+            # row alone: float32 sums in another order (CPU), TF32 matmuls of 3 rows (GPU).
+            assert rel(got, alone[row][i]) < rtol(1e-4, MODEL_TF32), (row, i)
+    # Every layer of every step: one launch holding all three rows.
+    assert one_launch == [len(prompts)] * (STEPS * len(model.layers))
+    for caches, n in zip(sequences, PROMPTS):
+        assert caches[0].offset == n + STEPS
+
+
+def test_a_row_reads_its_own_table_and_length(rng, one_launch):
+    """Rows swapped between steps (the engine rebuilds the batch each step, in any order)
+    still read their own pages: swapping only the tables would mix two sequences' context."""
+    model = tiny_model("llama")
+    install(model)
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS[:2]]
+    sequences = prefilled(model, TAIL, prompts)
+    reference = prefilled(model, TAIL, prompts)
+    for order in ([0, 1], [1, 0], [0, 1], [1, 0]):
+        step = [int(t) for t in rng.integers(3, 97, 2)]
+        for b in range(2):
+            for seqs in (sequences, reference):
+                seqs[b][0].sequence.append_token_ids([step[b]])
+        batched = model(mx.array([[step[b]] for b in order]),
+                        cache=batch_caches([sequences[b] for b in order]))
+        for pos, b in enumerate(order):
+            want = model(mx.array([[step[b]]]), cache=reference[b])
+            got = np.array(batched[pos, -1], dtype=np.float64)
+            assert rel(got, np.array(want[0, -1], dtype=np.float64)) < rtol(1e-4, MODEL_TF32)
+
+
+def test_step_tables_are_built_once_per_step_and_follow_a_new_block(rng):
+    model = tiny_model("llama")
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in (BS - 1, 2 * BS + 3)]
+    sequences = prefilled(model, PLAIN, prompts)
+    for caches in sequences:  # the first step: every token in the pages (no fp16 tail)
+        mx.eval(model(mx.array([[5]]), cache=caches))
+    layer0 = [caches[0] for caches in sequences]
+    tables = StepTables()
+    first = tables.get(layer0)
+    assert tables.get([caches[1] for caches in sequences])[0] is first[0]  # shared by layers
+    table, lens = (np.array(a) for a in first)
+    assert table.shape == (2, 3) and lens.tolist() == [BS, 2 * BS + 4]
+    assert table[0, 0] == sequences[0][0].sequence.block_ids[0]
+    assert table[1].tolist() == sequences[1][0].sequence.block_ids
+    # One more token opens row 0's second block: the next get() sees the new table and length.
+    for caches in sequences:
+        mx.eval(model(mx.array([[5]]), cache=caches))
+    table, lens = (np.array(a) for a in tables.get(layer0))
+    assert lens.tolist() == [BS + 1, 2 * BS + 5]
+    assert table[0, :2].tolist() == sequences[0][0].sequence.block_ids

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Batched decode on one GPU: B sequences at a long context, tqstore's paged TurboQuant cache
+(the serving engine's batched step, tqstore.paged.batch) against mlx-lm's fp16 KVCache holding
+the same batch, in the same run. Issue 15's batched goal (B=8 at 32k) and its memory goal (how
+many sequences of that context fit in the fp16 batch's KV bytes).
+
+A random-weight Llama-3-8B-shaped model (bf16, SmolLM2's vocabulary: tools/hit_gpu_bench.py).
+Every sequence's context is random fp16 K/V loaded as a prefix (decode speed does not depend on
+the keys; tools/attention_e2e.py does the same for B=1), all B of the same length. Rows:
+  fp16        mlx-lm KVCache per layer holding the B rows, stock SDPA
+  tq-rows     our batched step, each row's pages attended on its own (the code before the
+              batched launch: tqstore.paged.batch.GPU_BATCHED_ATTENTION off)
+  tq-batched  our batched step, every row's pages in one attention launch (the default)
+Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
+does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
+is built while step t runs); the host's graph-building ms per sync step; KV bytes per sequence
+(fp16: the KVCache's bytes / B; ours: the pool's bytes held by the B sequences / B) and the
+sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
+
+    PYTHONUNBUFFERED=1 python3 tools/batch_decode_gpu.py --batches 8 32 --contexts 8192 32768
+    python3 tools/batch_decode_gpu.py --shape tiny --batches 2 --contexts 256 --steps 4   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
+import mlx.core as mx  # noqa: E402
+from gpu_bench_inputs import emit, log  # noqa: E402
+from hit_gpu_bench import build_model  # noqa: E402
+
+
+def random_kv(model, batch: int, context: int, seed: int):
+    """Per layer, random fp16 (K, V) of shape (batch, Hkv, context, head_dim)."""
+    attn = model.layers[0].self_attn
+    shape = (batch, attn.n_kv_heads, context, model.args.hidden_size // model.args.num_attention_heads)
+    key = mx.random.key(seed)
+    for _ in model.layers:
+        key, a, b = mx.random.split(key, 3)
+        yield (mx.random.normal(shape, key=a).astype(mx.float16),
+               mx.random.normal(shape, key=b).astype(mx.float16))
+
+
+def timed(step, batch: int, steps: int, warmup: int) -> dict:
+    """Tokens/s of `step(tokens) -> next tokens`, sync (build, then evaluate, each step) and
+    pipelined (mx.async_eval of step t+1 before waiting on step t), and graph-building ms."""
+    y = mx.zeros((batch,), dtype=mx.int32)
+    for _ in range(warmup):  # the first quantizes the loaded prefixes (ours)
+        y = step(y)
+        mx.eval(y)
+    build = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tb = time.perf_counter()
+        y = step(y)
+        build += time.perf_counter() - tb
+        mx.eval(y)
+    sync_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        mx.eval(y)
+        y = nxt
+    mx.eval(y)
+    pipe_s = time.perf_counter() - t0
+    return {"sync_tok_s": batch * steps / sync_s, "pipelined_tok_s": batch * steps / pipe_s,
+            "build_ms": 1e3 * build / steps}
+
+
+def fp16_row(model, batch: int, context: int, args) -> dict:
+    from mlx_lm.models.cache import KVCache
+
+    caches = [KVCache() for _ in model.layers]
+    for cache, (k, v) in zip(caches, random_kv(model, batch, context, args.seed)):
+        cache.update_and_fetch(k, v)
+        mx.eval(cache.state)
+
+    def step(tokens: mx.array) -> mx.array:
+        return mx.argmax(model(tokens[:, None], cache=caches)[:, -1, :], axis=-1)
+
+    row = timed(step, batch, args.steps, args.warmup)
+    row["kv_bytes_per_seq"] = sum(c.nbytes for c in caches) / batch
+    del caches
+    return row
+
+
+def tq_row(model, batch: int, context: int, args, batched: bool) -> dict:
+    import tqstore.paged.batch as batch_module
+    from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model
+    from tqstore.paged.batch import batch_caches
+
+    install(model)
+    pool = pool_for_model(model, policy=CachePolicy.default(None),
+                          budget_bytes=args.pool_mib << 20)
+    sequences = [make_prompt_cache(pool) for _ in range(batch)]
+    for layer, (k, v) in enumerate(random_kv(model, batch, context, args.seed)):
+        for b, caches in enumerate(sequences):
+            caches[layer].load_fp16_prefix(k[b:b + 1], v[b:b + 1])
+        mx.eval([c.state for caches in sequences for c in caches])
+
+    def step(tokens: mx.array) -> mx.array:
+        for caches in sequences:
+            caches[0].sequence.append_token_ids([0])
+        joined = batch_caches(sequences)
+        return mx.argmax(model(tokens[:, None], cache=joined)[:, -1, :], axis=-1)
+
+    batch_module.GPU_BATCHED_ATTENTION = batched
+    try:
+        row = timed(step, batch, args.steps, args.warmup)
+    finally:
+        batch_module.GPU_BATCHED_ATTENTION = True
+    row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
+    for caches in sequences:
+        caches[0].sequence.release()
+    del sequences, pool
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--max-fp16-gib", type=float, default=40.0,
+                    help="skip a (B, context) whose fp16 KV is larger than this")
+    ap.add_argument("--pool-mib", type=int, default=12000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from tqstore.metal.dispatch import active_backend
+
+    loaded = build_model(args.shape, args.seed)
+    model = loaded.model
+    attn = model.layers[0].self_attn
+    head_dim = model.args.hidden_size // model.args.num_attention_heads
+    fp16_per_token = 2 * 2 * attn.n_kv_heads * head_dim * len(model.layers)
+    report = {"device": str(mx.default_device()), "shape": args.shape, "rows": []}
+    log(f"{'B':>3} {'ctx':>6} {'row':>10} {'sync tok/s':>10} {'vs fp16':>7} {'pipe tok/s':>10} "
+        f"{'vs fp16':>7} {'build ms':>8} {'KV MiB/seq':>10} {'fit x':>6}")
+    for context in args.contexts:
+        for batch in args.batches:
+            if batch * context * fp16_per_token > args.max_fp16_gib * 2**30:
+                log(f"skip B={batch} context {context}: fp16 KV over {args.max_fp16_gib} GiB")
+                continue
+            rows = {"fp16": fp16_row(model, batch, context, args)}
+            gc.collect()
+            mx.clear_cache()
+            for name, batched in (("tq-rows", False), ("tq-batched", True)):
+                rows[name] = tq_row(model, batch, context, args, batched)
+                gc.collect()
+                mx.clear_cache()
+            base = rows["fp16"]
+            for name, r in rows.items():
+                r.update(name=name, batch=batch, context=context,
+                         sync_vs_fp16=r["sync_tok_s"] / base["sync_tok_s"],
+                         pipelined_vs_fp16=r["pipelined_tok_s"] / base["pipelined_tok_s"],
+                         sequences_fit_x=base["kv_bytes_per_seq"] / r["kv_bytes_per_seq"])
+                report["rows"].append(r)
+                log(f"{batch:>3} {context:>6} {name:>10} {r['sync_tok_s']:>10.1f} "
+                    f"{r['sync_vs_fp16']:>7.2f} {r['pipelined_tok_s']:>10.1f} "
+                    f"{r['pipelined_vs_fp16']:>7.2f} {r['build_ms']:>8.2f} "
+                    f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f}")
+    report["backend"] = active_backend()
+    emit(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
