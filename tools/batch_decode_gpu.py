@@ -14,7 +14,7 @@ the keys; tools/attention_e2e.py does the same for B=1), all B of the same lengt
 Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; KV bytes per sequence
-(fp16: the KVCache's bytes / B; ours: the pool's bytes held by the B sequences / B) and the
+(fp16: the KVCache's bytes / B, in the model's dtype (bf16); ours: the pool's bytes held by the B sequences / B) and the
 sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
 
     PYTHONUNBUFFERED=1 python3 tools/batch_decode_gpu.py --batches 8 32 --contexts 8192 32768
@@ -38,15 +38,15 @@ from gpu_bench_inputs import emit, log  # noqa: E402
 from hit_gpu_bench import build_model  # noqa: E402
 
 
-def random_kv(model, batch: int, context: int, seed: int):
-    """Per layer, random fp16 (K, V) of shape (batch, Hkv, context, head_dim)."""
+def random_kv(model, batch: int, context: int, seed: int, dtype: mx.Dtype):
+    """Per layer, random (K, V) of shape (batch, Hkv, context, head_dim) in ``dtype``."""
     attn = model.layers[0].self_attn
     shape = (batch, attn.n_kv_heads, context, model.args.hidden_size // model.args.num_attention_heads)
     key = mx.random.key(seed)
     for _ in model.layers:
         key, a, b = mx.random.split(key, 3)
-        yield (mx.random.normal(shape, key=a).astype(mx.float16),
-               mx.random.normal(shape, key=b).astype(mx.float16))
+        yield (mx.random.normal(shape, key=a).astype(dtype),
+               mx.random.normal(shape, key=b).astype(dtype))
 
 
 def timed(step, batch: int, steps: int, warmup: int) -> dict:
@@ -80,7 +80,10 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
     from mlx_lm.models.cache import KVCache
 
     caches = [KVCache() for _ in model.layers]
-    for cache, (k, v) in zip(caches, random_kv(model, batch, context, args.seed)):
+    # The model's own dtype (bf16 here), as its prefill would have written them: a cache of
+    # another dtype would make SDPA promote and read twice the bytes.
+    dtype = model.layers[0].self_attn.k_proj.weight.dtype
+    for cache, (k, v) in zip(caches, random_kv(model, batch, context, args.seed, dtype)):
         cache.update_and_fetch(k, v)
         mx.eval(cache.state)
 
@@ -102,7 +105,7 @@ def tq_row(model, batch: int, context: int, args, batched: bool) -> dict:
     pool = pool_for_model(model, policy=CachePolicy.default(None),
                           budget_bytes=args.pool_mib << 20)
     sequences = [make_prompt_cache(pool) for _ in range(batch)]
-    for layer, (k, v) in enumerate(random_kv(model, batch, context, args.seed)):
+    for layer, (k, v) in enumerate(random_kv(model, batch, context, args.seed, mx.float16)):
         for b, caches in enumerate(sequences):
             caches[layer].load_fp16_prefix(k[b:b + 1], v[b:b + 1])
         mx.eval([c.state for caches in sequences for c in caches])

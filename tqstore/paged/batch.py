@@ -32,7 +32,8 @@ import numpy as np
 
 from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import gpu_kernels_possible, paged_decode_attention
-from tqstore.paged.cache import PagedLayerCache, prepare_queries, fused_batch_step
+from tqstore.paged.arenas import KV_DTYPE
+from tqstore.paged.cache import PagedLayerCache, fused_batch_step, prepare_queries
 from tqstore.small_arrays import padded_array, padded_rows
 
 # The batched GPU step (gpu_batch_step); False: rows attend one by one (benchmarks' A/B).
@@ -85,8 +86,13 @@ class BatchedLayerCache:
             raise InvalidArgument(f"batched step of {len(self.caches)} sequences got keys "
                                   f"{keys.shape}")
         self._dense = []
+        new_keys, new_values = keys, values
+        if all(c.fp16_tail and not c.arena.dense for c in self.caches):
+            # Each row's update converts its token to the tail's fp16 first (the same values):
+            # once for the batch instead of two conversion kernels per row and layer.
+            new_keys, new_values = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
         for row, cache in enumerate(self.caches):
-            k, v = cache.update_and_fetch(keys[row:row + 1], values[row:row + 1])
+            k, v = cache.update_and_fetch(new_keys[row:row + 1], new_values[row:row + 1])
             # Rows whose layer stays fp16 (or whose cache is not routed) attend the dense view.
             self._dense.append(None if cache.decode_pending else (k, v))
         self.decode_pending = True
