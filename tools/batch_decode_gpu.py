@@ -8,13 +8,15 @@ A random-weight Llama-3-8B-shaped model (bf16, SmolLM2's vocabulary: tools/hit_g
 Every sequence's context is random fp16 K/V loaded as a prefix (decode speed does not depend on
 the keys; tools/attention_e2e.py does the same for B=1), all B of the same length. Rows:
   fp16        mlx-lm KVCache per layer holding the B rows, stock SDPA
-  tq-rows     our batched step, each row's pages attended on its own (the code before the
-              batched launch: tqstore.paged.batch.GPU_BATCHED_ATTENTION off)
+  tq-rows     our batched step, each row's pages attended on its own (the attention of the
+              code before the batched launch: tqstore.paged.batch.GPU_BATCHED_ATTENTION off;
+              the batch's K/V conversion to fp16 is the new code's in both tq rows)
   tq-batched  our batched step, every row's pages in one attention launch (the default)
 Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; KV bytes per sequence
-(fp16: the KVCache's bytes / B, in the model's dtype (bf16); ours: the pool's bytes held by the B sequences / B) and the
+(fp16: the KVCache's bytes / B, in the model's dtype (bf16), as allocated: mlx-lm grows it
+in 256-token steps; ours: the pool's bytes held by the B sequences / B) and the
 sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
 
     PYTHONUNBUFFERED=1 python3 tools/batch_decode_gpu.py --batches 8 32 --contexts 8192 32768
@@ -98,7 +100,7 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
 
 def tq_row(model, batch: int, context: int, args, batched: bool) -> dict:
     import tqstore.paged.batch as batch_module
-    from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model
+    from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, uninstall
     from tqstore.paged.batch import batch_caches
 
     install(model)
@@ -121,6 +123,7 @@ def tq_row(model, batch: int, context: int, args, batched: bool) -> dict:
         row = timed(step, batch, args.steps, args.warmup)
     finally:
         batch_module.GPU_BATCHED_ATTENTION = True
+        uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
     row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
     for caches in sequences:
         caches[0].sequence.release()

@@ -34,7 +34,7 @@ from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import gpu_kernels_possible, paged_decode_attention
 from tqstore.paged.arenas import KV_DTYPE
 from tqstore.paged.cache import PagedLayerCache, fused_batch_step, prepare_queries
-from tqstore.small_arrays import padded_array, padded_rows
+from tqstore.small_arrays import MIN_BYTES, padded_array, padded_rows
 
 # The batched GPU step (gpu_batch_step); False: rows attend one by one (benchmarks' A/B).
 GPU_BATCHED_ATTENTION = True
@@ -42,26 +42,34 @@ GPU_BATCHED_ATTENTION = True
 
 class StepTables:
     """The block tables and lengths of a batch, (B, widest table) and (B,) int32, built once per
-    step and shared by its layers (every layer of a sequence attends the same blocks and number
-    of tokens; a table that changes between layers, a copy-on-write, is seen by identity)."""
+    step and shared by its layers (every layer of a sequence attends the same blocks; a table
+    that changes between layers, a copy-on-write, is seen by identity). Layers whose lengths
+    differ within a step (a sliding window's commit schedule) each keep an entry."""
+
+    ENTRIES = 4
 
     def __init__(self) -> None:
-        self._key: tuple[list[mx.array], list[int]] | None = None
-        self._arrays: tuple[mx.array, mx.array] | None = None
+        self._entries: dict[tuple[int, ...], tuple[list[mx.array], tuple[mx.array, mx.array]]] = {}
 
     def get(self, caches: Seq[PagedLayerCache]) -> tuple[mx.array, mx.array]:
         tables = [c.sequence.block_table() for c in caches]
-        lens = [c.committed for c in caches]
-        if (self._key is not None and lens == self._key[1]
-                and all(a is b for a, b in zip(tables, self._key[0]))):
-            return self._arrays
+        lens = tuple(c.committed for c in caches)
+        entry = self._entries.get(lens)
+        if entry is not None and all(a is b for a, b in zip(tables, entry[0])):
+            return entry[1]
         host = np.zeros((len(caches), max(t.shape[1] for t in tables)), dtype=np.int32)
         for row, cache in enumerate(caches):
             ids = cache.sequence.block_ids
             host[row, :len(ids)] = ids  # past a row's own blocks: never read (its length)
-        self._key = (tables, lens)
-        self._arrays = (padded_rows(host.tolist()), padded_array(lens))
-        return self._arrays
+        # From the host array directly where it is past MLX's small pool (tqstore.small_arrays):
+        # a 32 x 2048 table took ~6 ms through a Python list.
+        table = mx.array(host) if host.nbytes >= MIN_BYTES else padded_rows(host.tolist())
+        arrays = (table, padded_array(list(lens)))
+        if len(self._entries) >= self.ENTRIES:
+            self._entries.clear()
+        # The tables are held with the entry: their ids cannot be reused while it lives.
+        self._entries[lens] = (tables, arrays)
+        return arrays
 
 
 class BatchedLayerCache:
@@ -87,9 +95,11 @@ class BatchedLayerCache:
                                   f"{keys.shape}")
         self._dense = []
         new_keys, new_values = keys, values
-        if all(c.fp16_tail and not c.arena.dense for c in self.caches):
-            # Each row's update converts its token to the tail's fp16 first (the same values):
-            # once for the batch instead of two conversion kernels per row and layer.
+        if all(c.fp16_tail and not c.arena.dense and not c.prefill_step_next()
+               for c in self.caches):
+            # Each row's decode update converts its token to the tail's fp16 first (the same
+            # values): once for the batch instead of two conversion kernels per row and layer.
+            # Not for a row still in a prefill step: its dense view must keep the model's dtype.
             new_keys, new_values = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
         for row, cache in enumerate(self.caches):
             k, v = cache.update_and_fetch(new_keys[row:row + 1], new_values[row:row + 1])

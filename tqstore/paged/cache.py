@@ -213,6 +213,11 @@ class PagedLayerCache:
             self._commit(start, self._keys[:, :, start:upto], self._values[:, :, start:upto],
                          publish=False)
 
+    def prefill_step_next(self, L: int = 1) -> bool:
+        """Whether an update of L tokens now is still a prefill step (kept in fp16 and attended
+        by stock SDPA in the model's dtype), not a decode step."""
+        return self._prefill_step(L)
+
     def _prefill_step(self, L: int) -> bool:
         prompt_left = (self.sequence.prompt_length is not None
                        and self.offset + L <= self.sequence.prompt_length)
