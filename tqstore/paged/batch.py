@@ -4,9 +4,10 @@ mlx-lm's model code runs a step of B sequences as one forward pass over (B, 1) t
 projection and MLP is one batched matmul. ``BatchedLayerCache`` is what one layer sees then: it
 holds each sequence's own ``PagedLayerCache`` (its block table, its fp16 tail, its pending
 write), hands RoPE the per-sequence positions as an array (as mlx-lm's BatchKVCache does), writes
-each row's new token into its own sequence, and attends each row over its own pages through the
-same ``PagedLayerCache.attend`` a single sequence uses (so a batched step computes, row by row,
-the operations a step of that sequence alone computes; on GPUs those are the kernels).
+each row's new token into its own sequence, and attends each row over its own pages: on the CPU
+in one C call whose rows are bit for bit each sequence's step alone (fused_batch_step); on a GPU
+in one attention launch for all rows (below); elsewhere row by row through the same
+``PagedLayerCache.attend`` a single sequence uses.
 
 Joining and leaving cost nothing: a batch is rebuilt from the live sequences' caches before every
 step (``batch_caches``), so a request that arrives joins the next step and one that finishes or
