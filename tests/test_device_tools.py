@@ -1,5 +1,5 @@
 """The device benchmark tools run wherever the suite runs: tools/attention_e2e.py end to end on a
-tiny model (prefill and synthetic-context modes); tools/launch_overhead.py and
+tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch; tools/launch_overhead.py and
 tools/mma_phases.py measure on a GPU (CUDA for mma_phases) and refuse clearly without one. Their
 numbers come from the GPU machine (docs/BENCHMARKS.md)."""
 
@@ -29,6 +29,22 @@ def test_attention_e2e_runs_every_row_on_a_tiny_model(mode, tmp_path):
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert set(result["tokens_per_s_pipelined"]) == set(result["tokens_per_s"])
     assert all(v > 0 for v in result["tokens_per_s_pipelined"].values())
+
+
+def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
+    out = tmp_path / "batch.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools/batch_decode_gpu.py"), "--shape",
+                          "tiny", "--batches", "2", "--contexts", "40", "--steps", "2",
+                          "--warmup", "2", "--pool-mib", "16", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["fp16", "tq-rows", "tq-batched"]
+    assert all(r["batch"] == 2 and r["context"] == 40 for r in rows)
+    assert all(r["sync_tok_s"] > 0 and r["pipelined_tok_s"] > 0 for r in rows)
+    # Ours holds fewer bytes per sequence than the fp16 cache (codes plus a partial fp16 tail).
+    assert rows[0]["sequences_fit_x"] == 1.0
+    assert rows[1]["kv_bytes_per_seq"] == rows[2]["kv_bytes_per_seq"] < rows[0]["kv_bytes_per_seq"]
 
 
 def test_launch_overhead_measures_on_a_gpu_and_refuses_without_one():
