@@ -1,7 +1,7 @@
 """The device benchmark tools run wherever the suite runs: tools/attention_e2e.py end to end on a
-tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch; tools/launch_overhead.py and
-tools/mma_phases.py measure on a GPU (CUDA for mma_phases) and refuse clearly without one. Their
-numbers come from the GPU machine (docs/BENCHMARKS.md)."""
+tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch;
+tools/launch_overhead.py and tools/mma_phases.py measure on a GPU (CUDA for mma_phases) and
+refuse clearly without one. Their numbers come from the GPU machine (docs/BENCHMARKS.md)."""
 
 import json
 import shutil
@@ -15,15 +15,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tool_json(tmp_path: Path, tool: str, *args: str, timeout: int = 600):
+    """Run tools/<tool> with `args` and `--json <file>`; it must exit 0: its JSON report."""
+    out = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args, "--json", str(out)],
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("mode", [[], ["--synthetic"]], ids=["prefill", "synthetic"])
 def test_attention_e2e_runs_every_row_on_a_tiny_model(mode, tmp_path):
-    out = tmp_path / "e2e.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tools/attention_e2e.py"), "--small",
-                          "--context", "40", "--steps", "2", "--warmup", "2", "--layers", "2",
-                          "--skip-reference", "--json", str(out), *mode],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = tool_json(tmp_path, "attention_e2e.py", "--small", "--context", "40", "--steps", "2",
+                       "--warmup", "2", "--layers", "2", "--skip-reference", *mode)
     assert result["synthetic"] == bool(mode) and result["context"] == 40
     assert set(result["tokens_per_s"]) == {"fp16", "tq-kernels", "tq-kernels-tail"}
     assert all(v > 0 for v in result["tokens_per_s"].values())
@@ -32,13 +36,9 @@ def test_attention_e2e_runs_every_row_on_a_tiny_model(mode, tmp_path):
 
 
 def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
-    out = tmp_path / "batch.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tools/batch_decode_gpu.py"), "--shape",
-                          "tiny", "--batches", "2", "--contexts", "40", "--steps", "2",
-                          "--warmup", "2", "--pool-mib", "16", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = tool_json(tmp_path, "batch_decode_gpu.py", "--shape", "tiny", "--batches", "2",
+                     "--contexts", "40", "--steps", "2", "--warmup", "2",
+                     "--pool-mib", "16")["rows"]
     assert [r["name"] for r in rows] == ["fp16", "tq-rows", "tq-batched"]
     assert all(r["batch"] == 2 and r["context"] == 40 for r in rows)
     assert all(r["sync_tok_s"] > 0 and r["pipelined_tok_s"] > 0 for r in rows)
@@ -100,13 +100,9 @@ def test_upload_stall_bench_runs_every_mode_on_a_tiny_model(tmp_path):
     """tools/upload_stall_bench.py end to end (a real daemon, a tiny random model): every mode
     ran, uploaded its blocks where it has a daemon, and by the route it names (views here,
     the copy engine on CUDA, in pieces for piecesX; copied when forced)."""
-    out = tmp_path / "stall.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tools/upload_stall_bench.py"), "--shape",
-                          "tiny", "--sizes", "300", "--block", "64", "--repeats", "1",
-                          "--max-tokens", "3", "--piece-mb", "0.01", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    runs = json.loads(out.read_text())["rows"][0]["runs"]
+    runs = tool_json(tmp_path, "upload_stall_bench.py", "--shape", "tiny", "--sizes", "300",
+                     "--block", "64", "--repeats", "1", "--max-tokens", "3",
+                     "--piece-mb", "0.01")["rows"][0]["runs"]
     assert set(runs) == {"none", "landing", "copied", "pieces0.01"}
     landed = "copy-engine" if mx.cuda.is_available() else "views"
     for mode, [run] in runs.items():
@@ -118,13 +114,8 @@ def test_upload_stall_bench_runs_every_mode_on_a_tiny_model(tmp_path):
 def test_landing_stall_probe_times_every_work_alone_and_beside_a_landing(tmp_path):
     """tools/landing_stall_probe.py end to end at a tiny size: every work timed both ways, by
     the route the backend takes."""
-    out = tmp_path / "probe.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tools/landing_stall_probe.py"), "--tokens",
-                          "64", "--side", "64", "--repeats", "1", "--piece-mb", "0", "0.01",
-                          "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(out.read_text())
+    reports = tool_json(tmp_path, "landing_stall_probe.py", "--tokens", "64", "--side", "64",
+                        "--repeats", "1", "--piece-mb", "0", "0.01", timeout=300)
     assert [r["piece_mb"] for r in reports] == [0, 0.01]
     for report in reports:
         assert report["route"] == ("copy-engine" if mx.cuda.is_available() else "views")

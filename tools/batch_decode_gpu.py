@@ -43,7 +43,8 @@ from hit_gpu_bench import build_model  # noqa: E402
 def random_kv(model, batch: int, context: int, seed: int, dtype: mx.Dtype):
     """Per layer, random (K, V) of shape (batch, Hkv, context, head_dim) in ``dtype``."""
     attn = model.layers[0].self_attn
-    shape = (batch, attn.n_kv_heads, context, model.args.hidden_size // model.args.num_attention_heads)
+    head_dim = model.args.hidden_size // model.args.num_attention_heads
+    shape = (batch, attn.n_kv_heads, context, head_dim)
     key = mx.random.key(seed)
     for _ in model.layers:
         key, a, b = mx.random.split(key, 3)

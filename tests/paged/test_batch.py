@@ -82,10 +82,14 @@ def test_one_launch_for_all_rows_gives_each_row_its_own_step(rng, policy, one_la
         out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
         for row in range(len(prompts)):
             got = np.array(out[row, -1], dtype=np.float64)
-            # One attention call over 3 rows splits each row's tokens by the batch, not by the
-            # row alone: float32 sums in another order (CPU: up to 2.9e-6 over 8 seeds), TF32
-            # matmuls of 3 rows (GPU). A bf16 round trip of the new K/V gave 1e-4 and more.
-            assert rel(got, alone[row][i]) < rtol(2e-5, MODEL_TF32), (row, i)
+            # The rows' K/V come from matmuls of 3 rows, not 1, and are stored in fp16: a float32
+            # difference of one rounding can flip an element's fp16 rounding (unit roundoff
+            # 2^-11 = 4.9e-4), and later steps attend it. Measured on the CPU over 400 seeds:
+            # mostly under 2e-5, up to 5.7e-4 (the bound of test_integration's fp16 K/V
+            # storage, 2e-3, covers it); TF32 matmuls on a GPU. A wrong table, length, query or
+            # pending token moves logits by 1e-1 and more; a precision bug in the batch's fp16
+            # conversion is caught bit for bit by the tail test below.
+            assert rel(got, alone[row][i]) < rtol(2e-3, MODEL_TF32), (row, i)
     # Every layer of every step: one launch holding all three rows.
     assert one_launch == [len(prompts)] * (STEPS * len(model.layers))
     for caches, n in zip(sequences, PROMPTS):
@@ -110,7 +114,8 @@ def test_a_row_reads_its_own_table_and_length(rng, one_launch):
         for pos, b in enumerate(order):
             want = model(mx.array([[step[b]]]), cache=reference[b])
             got = np.array(batched[pos, -1], dtype=np.float64)
-            assert rel(got, np.array(want[0, -1], dtype=np.float64)) < rtol(2e-5, MODEL_TF32)
+            # fp16 storage of K/V from matmuls of another row count (see the test above).
+            assert rel(got, np.array(want[0, -1], dtype=np.float64)) < rtol(2e-3, MODEL_TF32)
 
 
 def test_step_tables_are_built_once_per_step_and_follow_a_new_block(rng):
@@ -135,15 +140,16 @@ def test_step_tables_are_built_once_per_step_and_follow_a_new_block(rng):
     assert table[0, :2].tolist() == sequences[0][0].sequence.block_ids
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("second_row", ["decoding", "prefilling"])
 def test_the_batch_gives_each_row_its_own_tail_bytes_and_the_queries_dtype(rng, one_launch,
-                                                                           second_row):
-    """bf16 K/V and queries (a bf16 model's) through the batch's caches and through each row's
-    own: every row's fp16 tail (or, for a row still in a prefill step because its prompt is
-    not all in, its fp16 prefill copy) holds the same bytes, exact by construction (only
-    conversions and copies), and the batch answers in the queries' dtype; a row in a prefill
-    step keeps the model's dtype for its stock attention (an fp16 view of it had made the
-    whole batch's output float32)."""
+                                                                           second_row, dtype):
+    """K/V and queries of the model's dtype (bf16, fp32) through the batch's caches and through
+    each row's own, with the same inputs: every row's fp16 tail (or, for a row still in a
+    prefill step because its prompt is not all in, its fp16 prefill copy) holds the same bytes,
+    exact by construction (only conversions and copies), and the batch answers in the queries'
+    dtype; a row in a prefill step keeps the model's dtype for its stock attention (an fp16
+    view of it had made a bf16 batch's output float32)."""
     model = tiny_model("llama")
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS[:2]]
     batched, solo = prefilled(model, TAIL, prompts), prefilled(model, TAIL, prompts)
@@ -154,21 +160,22 @@ def test_the_batch_gives_each_row_its_own_tail_bytes_and_the_queries_dtype(rng, 
     hq, hkv = attn.n_heads, attn.n_kv_heads
     d = model.args.hidden_size // hq
     for _ in range(2):
-        k, v = (mx.array(rng.standard_normal((2, hkv, 1, d)).astype(np.float32)).astype(mx.bfloat16)
+        k, v = (mx.array(rng.standard_normal((2, hkv, 1, d)).astype(np.float32)).astype(dtype)
                 for _ in range(2))
-        q = mx.array(rng.standard_normal((2, hq, 1, d)).astype(np.float32)).astype(mx.bfloat16)
+        q = mx.array(rng.standard_normal((2, hq, 1, d)).astype(np.float32)).astype(dtype)
         offsets = mx.array([s[0].offset for s in batched])
         for layer in range(len(model.layers)):
             joined = BatchedLayerCache([s[layer] for s in batched], offsets)
             joined.update_and_fetch(k, v)
             got = joined.attend(q, d ** -0.5)
-            assert got.dtype == mx.bfloat16
+            assert got.dtype == dtype
             for b, seqs in enumerate(solo):
                 cache = seqs[layer]
                 kk, vv = cache.update_and_fetch(k[b:b + 1], v[b:b + 1])
                 want = (cache.attend(q[b:b + 1], d ** -0.5) if cache.decode_pending else
                         mx.fast.scaled_dot_product_attention(q[b:b + 1], kk, vv, scale=d ** -0.5))
-                # bf16 outputs: a few bf16 ulps (2^-8) where the float32 results differ slightly.
+                # Same K/V: only the attention's sums differ (one call over 2 rows); bf16 outputs
+                # then differ by a bf16 ulp (2^-8) at most where the float32 results round apart.
                 assert rel(np.array(got[b].astype(mx.float32), dtype=np.float64),
                            np.array(want[0].astype(mx.float32), dtype=np.float64)) < 2e-2
                 mine = batched[b][layer]

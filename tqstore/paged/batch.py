@@ -35,7 +35,7 @@ from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import gpu_kernels_possible, paged_decode_attention
 from tqstore.paged.arenas import KV_DTYPE
 from tqstore.paged.cache import PagedLayerCache, fused_batch_step, prepare_queries
-from tqstore.small_arrays import MIN_BYTES, padded_array, padded_rows
+from tqstore.small_arrays import padded_array
 
 # The batched GPU step (gpu_batch_step); False: rows attend one by one (benchmarks' A/B).
 GPU_BATCHED_ATTENTION = True
@@ -62,10 +62,8 @@ class StepTables:
         for row, cache in enumerate(caches):
             ids = cache.sequence.block_ids
             host[row, :len(ids)] = ids  # past a row's own blocks: never read (its length)
-        # From the host array directly where it is past MLX's small pool (tqstore.small_arrays):
-        # a 32 x 2048 table took ~6 ms through a Python list.
-        table = mx.array(host) if host.nbytes >= MIN_BYTES else padded_rows(host.tolist())
-        arrays = (table, padded_array(list(lens)))
+        # Straight from the host array (a 32 x 2048 table took ~6 ms through a Python list).
+        arrays = (padded_array(host.ravel()).reshape(host.shape), padded_array(list(lens)))
         if len(self._entries) >= self.ENTRIES:
             self._entries.clear()
         # The tables are held with the entry: their ids cannot be reused while it lives.
@@ -96,7 +94,7 @@ class BatchedLayerCache:
                                   f"{keys.shape}")
         self._dense = []
         new_keys, new_values = keys, values
-        if all(c.fp16_tail and not c.arena.dense and not c.prefill_step_next()
+        if all(c.fp16_tail and not c.arena.dense and not c.prefill_step(1)
                for c in self.caches):
             # Each row's decode update converts its token to the tail's fp16 first (the same
             # values): once for the batch instead of two conversion kernels per row and layer.

@@ -52,7 +52,8 @@ from tqstore.paged.tail import commit_point, exact_start, extended_mask
 
 
 @mx.compile
-def prepare_queries(queries: mx.array, rotation: mx.array, scale: float) -> tuple[mx.array, mx.array]:
+def prepare_queries(queries: mx.array, rotation: mx.array,
+                    scale: float) -> tuple[mx.array, mx.array]:
     """(B, Hq, Dk) queries -> (scale * q in float32, the same rotated per kv head: q @ R_K^T).
     Rotated with one batched matmul, not the codec's butterflies: queries are never stored, so
     they need no batch-shape-exact arithmetic. Compiled: the cast and scale fuse into one op."""
@@ -152,7 +153,7 @@ class PagedLayerCache:
         if keys.shape[0] != 1:
             raise InvalidArgument("PagedLayerCache holds one sequence: batch size must be 1")
         L = keys.shape[2]
-        if self._prefill_step(L):
+        if self.prefill_step(L):
             k, v = keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
             if self._keys is None:
                 self._keys, self._values = k, v
@@ -213,12 +214,9 @@ class PagedLayerCache:
             self._commit(start, self._keys[:, :, start:upto], self._values[:, :, start:upto],
                          publish=False)
 
-    def prefill_step_next(self, L: int = 1) -> bool:
+    def prefill_step(self, L: int) -> bool:
         """Whether an update of L tokens now is still a prefill step (kept in fp16 and attended
         by stock SDPA in the model's dtype), not a decode step."""
-        return self._prefill_step(L)
-
-    def _prefill_step(self, L: int) -> bool:
         prompt_left = (self.sequence.prompt_length is not None
                        and self.offset + L <= self.sequence.prompt_length)
         return self.in_prefill and (L > 1 or prompt_left)
@@ -360,7 +358,7 @@ class PagedLayerCache:
                 self._tail_keys, self._tail_values)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        if self.fp16_tail and N > 1 and window_size is None and not self._prefill_step(N):
+        if self.fp16_tail and N > 1 and window_size is None and not self.prefill_step(N):
             # finish_prefill will commit first: predict its commit point
             committed = (commit_point(0, self.offset, self.sequence.block_size)
                          if self.in_prefill else self.committed)

@@ -9,8 +9,9 @@ and the running streams get a token per chunk instead of none.
 
 Measured (docs/BENCHMARKS.md): on the 2-core CPU VM it does not pay. A decode row's cost there
 is mostly its attention over its own pages, which a mixed step still pays, so a mixed step
-cost about the chunk plus a whole decode step, and 8 agents' later turns got slower. Off by default (ServingConfig.mixed_steps); where
-weights dominate a step (a GPU's small batches), it is the candidate to measure.
+cost about the chunk plus a whole decode step, and 8 agents' later turns got slower. Off by
+default (ServingConfig.mixed_steps); where weights dominate a step (a GPU's small batches), it
+is the candidate to measure.
 
 Layout: mlx-lm's model code sees (T + B, 1) tokens: the chunk's T tokens as T rows of one token,
 then the B decode rows. Every projection and MLP is then one matmul of T + B rows; RoPE takes
