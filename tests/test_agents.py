@@ -124,3 +124,22 @@ def test_bench_serve_computes_mlx_kv_bytes_from_the_model_dir(tmp_path):
                                                        "stored": elements * size}
         # 4-bit codes plus one scale and one bias (activation dtype) per group of 64.
         assert mlx_kv_bytes_per_token(shape, 4)["stored"] == elements * (0.5 + 2 * size / 64)
+
+
+def test_bench_serve_ratios_put_aggregate_throughput_beside_the_decode_window():
+    # Aggregate tokens/s = completion tokens / wall (vLLM's "output token throughput"); the
+    # decode-window rate is its own ratio. Both against mlx_lm.server of the same run.
+    from tqstore.bench.serve import ratios
+
+    def result(wall_tok_s: float, window_tok_s: float, rss: int) -> dict:
+        return {"ttft": {"later_p50": 1.0, "turn1_p50": 2.0}, "restart": {"ttft_p50": 3.0},
+                "throughput_tokens_per_s": wall_tok_s, "decode_tokens_per_s": window_tok_s,
+                "kv": {"bytes": 27, "fp16_bytes": 100}, "memory": {"p": {"VmHWM": rss}}}
+
+    out = ratios({"mlx": result(8.0, 20.0, 400), "tqstore": result(18.0, 19.0, 200)})
+    assert set(out) == {"tqstore"}
+    q = out["tqstore"]
+    assert q["throughput_tokens_per_s"] == pytest.approx(2.25)
+    assert q["decode_tokens_per_s"] == pytest.approx(0.95)
+    assert q["kv_bytes_vs_fp16"] == pytest.approx(0.27)
+    assert q["peak_rss"] == pytest.approx(0.5)

@@ -357,8 +357,13 @@ def table(results: list[dict]) -> str:
                      f"{f('decode_sum_tok_s', 9, 1)} {f('decode_union_tok_s', 10, 1)} "
                      f"{f('steady_decode_tok_s', 8, 1)} "
                      f"{f('ttft_p50_s', 9)} {f('ttft_p95_s', 9)} "
-                     f"{f('gpu_peak_server_mib', 8, 0)} {r['completion_tokens']:>5}")
-    by = {(r["server"], r["n"]): r for r in results if "agg_tok_s" in r}
+                     f"{f('gpu_peak_server_mib', 8, 0)} {r['completion_tokens']:>5}"
+                     + (f"  {r['error_count']} of {r['n']} requests FAILED"
+                        if r.get("error_count") else ""))
+    # A server whose requests failed (mlx_lm.server out of GPU memory) has no comparable rate:
+    # its figures cover only the requests that finished.
+    by = {(r["server"], r["n"]): r for r in results
+          if "agg_tok_s" in r and not r.get("error_count")}
     for n in sorted({r["n"] for r in results}):
         a, b = by.get(("tqstore", n)), by.get(("mlx_lm", n))
         if a and b:
