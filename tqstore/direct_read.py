@@ -28,17 +28,30 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from tqstore.blocks import PrefixKV
+from tqstore.native.read_verify import read_verify
 from tqstore.payload_format import (
     FILE_VERSION, HEADER_SIZE, body_checksum_state, body_offset, file_name, header)
 from tqstore.v1 import tqstore_pb2 as pb
 
 log = logging.getLogger("tqstore.direct_read")
 _IOV_MAX = 512  # below Linux's 1024 and macOS's 1024 iovecs per preadv
+# Read and verify pieces in C (tqstore.native.read_verify) where it is available; False: the
+# Python loop always (tests and benchmarks compare the two).
+NATIVE_READS = True
+
+
+class _Runs(NamedTuple):
+    """Where a stretch of a block's body goes, in file order: windows into the PrefixKV (the
+    Python loop's) and the same windows as start addresses and lengths (the C loop's)."""
+
+    views: list[memoryview]
+    addresses: np.ndarray  # uint64
+    lengths: np.ndarray  # uint64
 
 
 class DirectReader:
@@ -89,11 +102,12 @@ class DirectReader:
         return verified.index(False) if False in verified else len(verified)
 
 
-def _destinations(out: PrefixKV, k: int) -> list[memoryview]:
+def _destinations(out: PrefixKV, k: int) -> _Runs:
     """Block k's body in file order (K then V, each (layers, heads, block, dim) C order) as
-    views of out: one contiguous (block, dim) run per layer and head."""
+    windows of out: one contiguous (block, dim) run per layer and head."""
     cut = slice(k * out.block_size, (k + 1) * out.block_size)
-    runs: list[memoryview] = []
+    views: list[memoryview] = []
+    addresses, lengths = [], []
     for array in (out.keys, out.values):
         rows = array[:, :, cut].view(np.uint8)  # (layers, heads, tokens, dim bytes), a view
         # Layers and heads merge into one axis, tokens and dim into another, never by a copy
@@ -101,8 +115,11 @@ def _destinations(out: PrefixKV, k: int) -> list[memoryview]:
         # One memoryview per row, not one numpy index and cast per (layer, head): on SmolLM2
         # that setup took 8 ms of a 40 ms fetch.
         rows = _merged(rows, (rows.shape[0] * rows.shape[1], rows.shape[2] * rows.shape[3]))
-        runs.extend(memoryview(row) for row in rows)
-    return runs
+        views.extend(memoryview(row) for row in rows)
+        addresses.append(rows.ctypes.data
+                         + np.arange(rows.shape[0], dtype=np.uint64) * np.uint64(rows.strides[0]))
+        lengths.append(np.full(rows.shape[0], rows.shape[1], dtype=np.uint64))
+    return _Runs(views, np.concatenate(addresses), np.concatenate(lengths))
 
 
 def _merged(rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -115,11 +132,11 @@ def _merged(rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return rows
 
 
-def _pieces(loc: pb.BlockLocation, runs: list[memoryview], piece_bytes: int) -> list[tuple]:
+def _pieces(loc: pb.BlockLocation, runs: _Runs, piece_bytes: int) -> list[tuple]:
     """A block's body split at checksum-chunk boundaries into pieces of about piece_bytes:
     (body size, body start, the piece's runs, its chunk lengths, its chunk checksums) each;
     [] when the location cannot describe this body (then the block is not read at all)."""
-    body = sum(len(r) for r in runs)
+    body = int(runs.lengths.sum())
     # The file's self-description sits between header and body (payload_format.py); a reader
     # skips it: the body ends the file, the header records the description's size. A version
     # 2 file (no description) fails the header equality: gRPC serves it.
@@ -143,29 +160,39 @@ def _pieces(loc: pb.BlockLocation, runs: list[memoryview], piece_bytes: int) -> 
     return pieces
 
 
-def _cut(runs: list[memoryview], start: int, end: int) -> list[memoryview]:
+def _cut(runs: _Runs, start: int, end: int) -> _Runs:
     """The parts of runs (laid end to end) that cover bytes [start, end)."""
-    out, position = [], 0
-    for run in runs:
+    views, position = [], 0
+    for run in runs.views:
         a, b = max(start, position), min(end, position + len(run))
         if a < b:
-            out.append(run[a - position:b - position])
+            views.append(run[a - position:b - position])
         position += len(run)
         if position >= end:
             break
-    return out
+    ends = np.cumsum(runs.lengths)
+    first = int(np.searchsorted(ends, start, side="right"))
+    last = int(np.searchsorted(ends - runs.lengths, end, side="left"))
+    addresses, lengths = runs.addresses[first:last].copy(), runs.lengths[first:last].copy()
+    skip = np.uint64(start) - (ends[first] - runs.lengths[first])
+    addresses[0] += skip
+    lengths[0] -= skip
+    lengths[-1] -= ends[last - 1] - np.uint64(end)
+    return _Runs(views, addresses, lengths)
 
 
 def _read_piece(path: str, key: bytes, loc: pb.BlockLocation, body: int, start: int,
-                runs: list[memoryview], lengths: list[int], checksums: list[int]) -> bool:
+                runs: _Runs, lengths: list[int], checksums: list[int]) -> bool:
     """Read and verify one piece (body bytes [start, start + its size)) of a payload file into
     its runs; False on any mismatch or error (then those bytes are garbage the caller never
     counts). Each piece checks the file's size and header itself: pieces of one block run on
     any thread, in any order.
 
-    One preadv for the piece, then its chunks' checksums. Measured on the H100 host (16
-    threads, tools/hit_gpu_bench.py): 16-20 GB/s this way; reading and hashing a chunk at a
-    time, in place or through a bounce buffer with the one-shot hash, 7-12 GB/s."""
+    In C where available (tq_read.c: each chunk read, then hashed while in cache, without the
+    GIL). Else in Python: one preadv for the piece, then its chunks' checksums (measured on the
+    H100 host, 16 threads, tools/hit_gpu_bench.py: 16-20 GB/s this way; reading and hashing a
+    chunk at a time in Python, in place or through a bounce buffer with the one-shot hash,
+    7-12 GB/s: the GIL)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -175,8 +202,14 @@ def _read_piece(path: str, key: bytes, loc: pb.BlockLocation, body: int, start: 
             if os.pread(fd, HEADER_SIZE, 0) != header(key, "none", body, body, offset - HEADER_SIZE):
                 return False
             offset += start
-            for first in range(0, len(runs), _IOV_MAX):
-                batch = runs[first:first + _IOV_MAX]
+            if NATIVE_READS:
+                verified = read_verify(fd, offset, runs.addresses, runs.lengths, lengths,
+                                       checksums)
+                if verified is not None:
+                    return verified == len(lengths)  # every chunk, never a prefix of them
+            views = runs.views
+            for first in range(0, len(views), _IOV_MAX):
+                batch = views[first:first + _IOV_MAX]
                 want = sum(len(r) for r in batch)
                 got = os.preadv(fd, batch, offset)
                 if got != want and not _finish(fd, batch, offset, got):
@@ -185,7 +218,7 @@ def _read_piece(path: str, key: bytes, loc: pb.BlockLocation, body: int, start: 
         finally:
             os.close(fd)
         verified = 0
-        for chunk, checksum in zip(_chunks(runs, lengths), checksums):
+        for chunk, checksum in zip(_chunks(runs.views, lengths), checksums):
             state = body_checksum_state()
             for run in chunk:
                 state.update(run)

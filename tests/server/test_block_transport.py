@@ -25,6 +25,34 @@ from tqstore.ssd.store import BlockStore
 from tests.server.conftest import MiB, random_blocks
 
 
+@pytest.fixture(params=["c", "python"])
+def read_loop(request, monkeypatch):
+    """Same-host reads through the C loop (tq_read.c) and through the Python loop: the same
+    bytes and the same refusals."""
+    from tqstore import direct_read
+    from tqstore.native import read_verify
+
+    if request.param == "c":
+        from tqstore.native import build
+
+        if build.load() is None:
+            pytest.skip("no C compiler on this machine: the Python loop serves")
+        # Where the library builds, the C loop must pass its self-check and serve.
+        assert read_verify.available()
+        results = []
+
+        def counted(*args):
+            results.append(read_verify.read_verify(*args))
+            return results[-1]
+
+        monkeypatch.setattr(direct_read, "read_verify", counted)
+        yield results
+        assert results and None not in results, "the C loop did not serve"
+    else:
+        monkeypatch.setattr(direct_read, "NATIVE_READS", False)
+        yield None
+
+
 def _tokens(rng, ns: Namespace, blocks: int) -> list[int]:
     return rng.integers(0, 49152, size=ns.block_size * blocks + 3).tolist()
 
@@ -40,7 +68,7 @@ def _payload_path(daemon, ns: Namespace, tokens: list[int], index: int) -> str:
     return os.path.join(daemon.store.blocks_dir, file_name(key))
 
 
-def test_same_host_fetch_reads_the_files_and_equals_grpc_bitwise(daemon, namespace, rng):
+def test_same_host_fetch_reads_the_files_and_equals_grpc_bitwise(daemon, namespace, rng, read_loop):
     tokens = _tokens(rng, namespace, 6)
     blocks = random_blocks(namespace, 6, rng)
     with KvStoreClient(daemon.address) as local, \
@@ -62,7 +90,7 @@ def test_same_host_fetch_reads_the_files_and_equals_grpc_bitwise(daemon, namespa
             local.fetch_fp16_prefix(Namespace("other", 4, 2, 64, 16), tokens, 0, 2)
 
 
-def test_a_payload_evicted_or_replaced_after_locate_is_a_shorter_hit_never_wrong(daemon, namespace, rng):
+def test_a_payload_evicted_or_replaced_after_locate_is_a_shorter_hit_never_wrong(daemon, namespace, rng, read_loop):
     tokens = _tokens(rng, namespace, 5)
     blocks = random_blocks(namespace, 5, rng)
     with KvStoreClient(daemon.address) as client:
@@ -90,7 +118,7 @@ def test_a_payload_evicted_or_replaced_after_locate_is_a_shorter_hit_never_wrong
         assert client.lookup(namespace, tokens).hit_blocks == 1
 
 
-def test_a_block_put_again_after_eviction_is_read_whole_from_one_put(daemon, namespace, rng):
+def test_a_block_put_again_after_eviction_is_read_whole_from_one_put(daemon, namespace, rng, read_loop):
     """Evicted and put again with other bytes (another machine's prefill) between Locate and the
     read: the old checksums reject the new file, and the gRPC fallback serves the new block."""
     tokens = _tokens(rng, namespace, 3)
@@ -227,7 +255,7 @@ def test_which_addresses_count_as_this_host(address, local):
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 8192, 1 << 30])
-def test_blocks_read_in_pieces_across_threads_equal_the_put_and_stop_at_damage(tmp_path, rng, piece_bytes):
+def test_blocks_read_in_pieces_across_threads_equal_the_put_and_stop_at_damage(tmp_path, rng, piece_bytes, read_loop):
     """Pieces of whole checksum chunks (a chunk per piece, two, or the whole block), cut through
     the middle of (layer, head) runs (head_dim 48: a run is 1,536 bytes, a chunk 4,096): the
     bytes equal the put, and a damaged chunk inside one piece fails its whole block."""
@@ -266,10 +294,12 @@ def test_blocks_read_in_pieces_across_threads_equal_the_put_and_stop_at_damage(t
 
 
 def test_pieces_cover_the_body_once_at_chunk_boundaries():
-    from tqstore.direct_read import _pieces
+    from tqstore.direct_read import _pieces, _Runs
     from tqstore.v1 import tqstore_pb2 as pb
 
-    runs = [memoryview(bytearray(1536)) for _ in range(12)]  # 18,432 bytes
+    # 18,432 bytes in 12 runs of 1,536 bytes; as addresses, run i starts at 10,000 * i.
+    runs = _Runs([memoryview(bytearray(1536)) for _ in range(12)],
+                 np.arange(12, dtype=np.uint64) * np.uint64(10_000), np.full(12, 1536, np.uint64))
     lengths = [4096] * 4 + [2048]
     loc = pb.BlockLocation(compression="none", stored_size=18432, raw_size=18432,
                            file_size=20000, chunk_lengths=lengths, chunk_checksums=[7] * 5)
@@ -277,7 +307,16 @@ def test_pieces_cover_the_body_once_at_chunk_boundaries():
                                 (10000, [0, 8192, 16384]), (1 << 30, [0])):
         pieces = _pieces(loc, runs, piece_bytes)
         assert [p[1] for p in pieces] == starts
-        assert [sum(len(r) for r in p[2]) for p in pieces] == [sum(p[3]) for p in pieces]
+        assert [sum(len(r) for r in p[2].views) for p in pieces] == [sum(p[3]) for p in pieces]
+        for _, start, cut, chunks, _ in pieces:
+            # The same bytes as addresses: piece byte b of the body is run b // 1536's byte
+            # b % 1536, at 10,000 * (b // 1536) + b % 1536.
+            assert int(cut.lengths.sum()) == sum(chunks)
+            at = start
+            for address, length in zip(cut.addresses.tolist(), cut.lengths.tolist()):
+                assert address == 10_000 * (at // 1536) + at % 1536
+                assert length == min(1536 - at % 1536, start + sum(chunks) - at)
+                at += length
         assert sum(sum(p[3]) for p in pieces) == 18432
         assert [c for p in pieces for c in p[3]] == lengths
     # Descriptions that do not fit this body are not read at all.

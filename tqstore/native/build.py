@@ -1,5 +1,6 @@
-"""Build the C kernels (tq_attention.c, tq_quantize.c, tq_softmax.c, tq_common.h) into one
-shared library at first use and load it with ctypes.
+"""Build the C kernels (tq_attention.c, tq_quantize.c, tq_softmax.c, tq_common.h) and the
+same-host reader's read-and-verify loop (tq_read.c) into one shared library at first use and
+load it with ctypes.
 
 Why at first use and not at install: the library is plain C with no Python or MLX headers, so
 any C compiler builds it in about a second, and building on the machine that runs it lets the
@@ -32,7 +33,8 @@ from pathlib import Path
 log = logging.getLogger("tqstore.native")
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "tq_attention.c", HERE / "tq_quantize.c", HERE / "tq_softmax.c"]
+SOURCES = [HERE / "tq_attention.c", HERE / "tq_quantize.c", HERE / "tq_softmax.c",
+           HERE / "tq_read.c"]
 HEADERS = [HERE / "tq_common.h"]
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off",
               "-fno-math-errno", "-Wall"]
@@ -107,6 +109,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tq_dequantize_rows.restype = i
     lib.tq_softmax_rows.argtypes = [p, i, i, i, i, i]
     lib.tq_softmax_rows.restype = i
+    q = ctypes.c_int64
+    lib.tq_read_verify.argtypes = [i, q, p, p, q, p, p, q, p, p, p, p, p]
+    lib.tq_read_verify.restype = q
     return lib
 
 

@@ -1,0 +1,138 @@
+"""Same-host reads alone (issue 16): the reader's C loop against its Python loop and raw reads.
+
+A real daemon (`tqstore serve` in its own process, loopback TCP) stores synthetic fp16 blocks
+of a model shape (random values, random token ids: no model runs). Then, in one process and
+alternating, best of --best each, GB/s of:
+  C / python   KvStoreClient.fetch_fp16_prefix over the same-host reader (Locate, then pread
+               into fresh memory and XXH3 of every chunk) with tq_read.c's loop, or Python's
+  C reused     Locate and the reader's C loop into a PrefixKV already faulted in (what a
+               fetch into CUDA's pinned staging buffer does)
+  raw fresh    the same payload files preadv'd one after the other into a new buffer
+  raw reused   the same into a buffer already faulted in
+  raw parallel the same files in 16 MiB pieces on one thread per core (at most 16)
+Issue 16's goal: same-host restore >= 0.7x of a raw read of the same bytes from page cache.
+
+  python3 tools/read_path_bench.py                          # SmolLM2's shape, 31 blocks
+  python3 tools/read_path_bench.py --shape llama3-8b --blocks 4 --block 2048   # the GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tqstore import direct_read  # noqa: E402
+from tqstore.bench.hit import _daemon, best, gbps  # noqa: E402
+from tqstore.blocks import BlockPayload, PrefixKV  # noqa: E402
+from tqstore.client import KvStoreClient  # noqa: E402
+from tqstore.config import ClientConfig  # noqa: E402
+from tqstore.native.read_verify import available  # noqa: E402
+from tqstore.payload_format import file_name  # noqa: E402
+from tqstore.prefix_hash import Namespace, hash_prefix_blocks  # noqa: E402
+
+SHAPES = {"smollm2": (30, 3, 64), "llama3-8b": (32, 8, 128)}  # layers, kv heads, head_dim
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=31)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--best", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    layers, heads, dim = SHAPES[args.shape]
+    ns = Namespace(f"read-path-bench-{args.shape}", layers, heads, dim, args.block)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 49152, args.blocks * args.block).tolist()
+    path = tempfile.mkdtemp(prefix="tqstore-read-path-")
+    daemon, address = _daemon(path)
+    rows: dict[str, list[float]] = {}
+    try:
+        with KvStoreClient(address) as client:
+            for i in range(args.blocks):  # one block per Put: bounded memory here
+                shape = (layers, heads, args.block, dim)
+                block = BlockPayload(rng.standard_normal(shape).astype(np.float16),
+                                     rng.standard_normal(shape).astype(np.float16))
+                client.put(ns, ids[:(i + 1) * args.block], i, [block])
+        nbytes = args.blocks * 4 * layers * heads * args.block * dim
+        files = [os.path.join(path, "blocks", file_name(h)) for h in hash_prefix_blocks(ns, ids)]
+        size = os.path.getsize(files[0])
+
+        def read_into(buffer) -> None:
+            view = memoryview(buffer)
+            for i, name in enumerate(files):
+                fd = os.open(name, os.O_RDONLY)
+                os.preadv(fd, [view[i * size:(i + 1) * size]], 0)
+                os.close(fd)
+
+        reused = np.empty(size * len(files), np.uint8)
+        read_into(reused)
+        pieces = [(i, at) for i in range(len(files)) for at in range(0, size, 16 << 20)]
+
+        def read_piece(piece) -> None:
+            i, at = piece
+            fd = os.open(files[i], os.O_RDONLY)
+            end = min(size, at + (16 << 20))
+            os.preadv(fd, [memoryview(reused)[i * size + at:i * size + end]], at)
+            os.close(fd)
+
+        with KvStoreClient(ClientConfig(address, direct_reads="on")) as client, \
+                ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            assert client.fetch_fp16_prefix(ns, ids, 0, args.blocks).source == "direct"
+            hashes = hash_prefix_blocks(ns, ids)
+            faulted = PrefixKV.empty((layers, heads, args.block, dim), args.blocks)
+            faulted.keys.fill(0)
+            faulted.values.fill(0)
+
+            def read_reused() -> None:
+                located = client._locate(ns, ids, 0, args.blocks)
+                assert client._reader.read(located, hashes, faulted, 0) == args.blocks
+
+            for _ in range(args.rounds):
+                for label, native in (("C", True), ("python", False)):
+                    direct_read.NATIVE_READS = native
+                    seconds = best(lambda: client.fetch_fp16_prefix(ns, ids, 0, args.blocks),
+                                   args.best)
+                    rows.setdefault(label, []).append(gbps(nbytes, seconds))
+                direct_read.NATIVE_READS = True
+                rows.setdefault("C reused", []).append(gbps(nbytes, best(read_reused, args.best)))
+                for label, fn in (
+                        ("raw fresh", lambda: read_into(np.empty(size * len(files), np.uint8))),
+                        ("raw reused", lambda: read_into(reused)),
+                        ("raw parallel", lambda: list(pool.map(read_piece, pieces)))):
+                    rows.setdefault(label, []).append(gbps(nbytes, best(fn, args.best)))
+    finally:
+        direct_read.NATIVE_READS = True
+        daemon.stop()
+        shutil.rmtree(path, ignore_errors=True)
+    out = {"shape": args.shape, "block": args.block, "blocks": args.blocks, "bytes": nbytes,
+           "cores": os.cpu_count(), "c_loop_available": available(),
+           "gbps": {k: [round(x, 2) for x in v] for k, v in rows.items()}}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.shape}, {args.blocks} blocks of {args.block} tokens ({nbytes / 1e6:.0f} MB), "
+          f"{os.cpu_count()} cores, C loop available: {out['c_loop_available']}")
+    for label, values in out["gbps"].items():
+        print(f"  {label:<13} " + "  ".join(f"{v:6.2f}" for v in values) + "  GB/s")
+    for label in ("C", "python", "C reused"):
+        r = [a / b for a, b in zip(rows[label], rows["raw fresh"])]
+        q = [a / b for a, b in zip(rows[label], rows["raw parallel"])]
+        print(f"  {label} / raw fresh: " + " ".join(f"{x:.2f}" for x in r)
+              + f"   / raw parallel: " + " ".join(f"{x:.2f}" for x in q))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
