@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -96,10 +96,20 @@ class DirectReader:
             pieces = _pieces(loc, runs, self._piece_bytes)
             blocks.append([self._pool.submit(_read_piece, path, hashes[loc.block_index], loc,
                                              *piece) for piece in pieces])
-        # Every task finishes before we return (no short-circuit), so none writes into out
-        # afterwards.
-        verified = [bool(tasks) and all([task.result() for task in tasks]) for tasks in blocks]
+        # Every task finishes before we return, even if one raised, so none writes into out
+        # afterwards (it may be the staging buffer, lent to the next fetch).
+        wait([task for tasks in blocks for task in tasks])
+        verified = [bool(tasks) and all([_succeeded(task) for task in tasks]) for tasks in blocks]
         return verified.index(False) if False in verified else len(verified)
+
+
+def _succeeded(task: Future) -> bool:
+    """A piece's verdict; a piece that raised (a bug, or no memory) did not verify."""
+    try:
+        return bool(task.result())
+    except Exception:
+        log.exception("a same-host read failed; the rest goes over gRPC")
+        return False
 
 
 def _destinations(out: PrefixKV, k: int) -> _Runs:

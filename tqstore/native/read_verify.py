@@ -33,20 +33,21 @@ def read_verify(fd: int, offset: int, addresses: np.ndarray, lengths: np.ndarray
                 chunk_lengths: list[int], checksums: list[int]) -> int | None:
     """Read body bytes from fd at offset into the runs (addresses, lengths: uint64 arrays, file
     order), chunk by chunk, checking each chunk's XXH3-64. Returns how many leading chunks
-    verified, -1 if the file ended early or a read failed; None where the C loop is
-    unavailable. The runs must stay valid (their arrays alive) until it returns."""
+    verified, -1 if the file ended early or a read failed (-2: no memory for the hash state);
+    None where the C loop is unavailable. The runs must stay valid (their arrays alive) and
+    writable until it returns."""
     functions = _functions()
     if functions is None:
         return None
     lib, xxh = functions
+    for a in (addresses, lengths):  # read through raw pointers: exactly this layout
+        if a.dtype != np.uint64 or not a.flags.c_contiguous or len(a) != len(addresses):
+            raise ValueError("runs: equal-length C-contiguous uint64 addresses and lengths")
     chunks = np.asarray(chunk_lengths, dtype=np.uint64)
     sums = np.asarray(checksums, dtype=np.uint64)
-    got = lib.tq_read_verify(fd, offset, addresses.ctypes.data, lengths.ctypes.data,
-                             len(addresses), chunks.ctypes.data, sums.ctypes.data, len(chunks),
-                             *xxh)
-    if got == -2:
-        raise MemoryError("tq_read_verify: no memory for the hash state")
-    return int(got)
+    return int(lib.tq_read_verify(fd, offset, addresses.ctypes.data, lengths.ctypes.data,
+                                  len(addresses), chunks.ctypes.data, sums.ctypes.data,
+                                  len(chunks), *xxh))
 
 
 def available() -> bool:
@@ -74,7 +75,12 @@ def _resolve() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
         log.info("same-host reads verify in Python: the xxhash extension exports no XXH3 (%s)",
                  exc)
         return None
-    if not _self_check(lib, xxh):
+    try:
+        agreed = _self_check(lib, xxh)
+    except Exception as exc:  # e.g. no temp dir to write its file: the Python loop serves
+        log.warning("same-host reads verify in Python: the C loop's self-check failed: %s", exc)
+        return None
+    if not agreed:
         log.warning("same-host reads verify in Python: the C loop disagreed with xxhash")
         return None
     return lib, xxh

@@ -21,6 +21,7 @@
  * counts (tqstore.direct_read).
  */
 #define _GNU_SOURCE
+#define _FILE_OFFSET_BITS 64 /* 64-bit off_t on 32-bit builds too: payload files pass 2 GiB */
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,7 +36,8 @@ typedef int (*xxh_reset_fn)(void *);
 typedef int (*xxh_update_fn)(void *, const void *, size_t);
 typedef uint64_t (*xxh_digest_fn)(const void *);
 
-/* iovecs per preadv: below IOV_MAX (1024 on Linux and macOS). */
+/* iovecs per preadv: below IOV_MAX (1024 on Linux and macOS). preadv: Linux, and macOS from 11
+   (MLX itself needs a newer macOS). */
 #define TQ_IOV_BATCH 512
 
 /* Read iov[0, n) from fd at `at`, completing short reads. iov is consumed (advanced in place).
@@ -71,7 +73,7 @@ int64_t tq_read_verify(int fd, int64_t offset, const uint64_t *run_addresses,
     xxh_digest_fn digest_state = (xxh_digest_fn)digest;
     /* A chunk spans at most (runs it touches) pieces; every run boundary adds one, so
        num_runs + num_chunks bounds the pieces of all chunks together and of any one. */
-    const size_t cap = (size_t)(num_runs + num_chunks);
+    const size_t cap = (size_t)(num_runs + num_chunks) + 1; /* + 1: never malloc(0) */
     struct iovec *pieces = malloc(2 * cap * sizeof(struct iovec));
     void *state = create_state();
     if (pieces == NULL || state == NULL) {
