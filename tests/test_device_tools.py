@@ -122,3 +122,12 @@ def test_landing_stall_probe_times_every_work_alone_and_beside_a_landing(tmp_pat
         for work in ("tiny", "chain50", "chain400", "chain2000", "big", "host_made200"):
             assert report[work]["alone_s"] > 0 and report[work]["beside_landing_s"] > 0
             assert report[work]["landing_s"] > 0
+
+
+def test_read_path_bench_times_both_loops_and_the_raw_reads(tmp_path):
+    result = tool_json(tmp_path, "read_path_bench.py", "--blocks", "2", "--block", "16",
+                       "--rounds", "1", "--best", "1")
+    assert result["bytes"] == 2 * 4 * 30 * 3 * 16 * 64
+    assert set(result["gbps"]) == {"C", "python", "C reused", "raw fresh", "raw reused",
+                                   "raw parallel"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["gbps"].values())

@@ -24,14 +24,13 @@ import os
 import shutil
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tqstore import direct_read  # noqa: E402
-from tqstore.bench.hit import _daemon, best, gbps  # noqa: E402
+from tqstore.bench.hit import _daemon, best, gbps, raw_reads  # noqa: E402
 from tqstore.blocks import BlockPayload, PrefixKV  # noqa: E402
 from tqstore.client import KvStoreClient  # noqa: E402
 from tqstore.config import ClientConfig  # noqa: E402
@@ -49,7 +48,7 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=31)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--best", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
     args = p.parse_args()
     layers, heads, dim = SHAPES[args.shape]
     ns = Namespace(f"read-path-bench-{args.shape}", layers, heads, dim, args.block)
@@ -66,31 +65,10 @@ def main() -> int:
                                      rng.standard_normal(shape).astype(np.float16))
                 client.put(ns, ids[:(i + 1) * args.block], i, [block])
         nbytes = args.blocks * 4 * layers * heads * args.block * dim
-        files = [os.path.join(path, "blocks", file_name(h)) for h in hash_prefix_blocks(ns, ids)]
-        size = os.path.getsize(files[0])
-
-        def read_into(buffer) -> None:
-            view = memoryview(buffer)
-            for i, name in enumerate(files):
-                fd = os.open(name, os.O_RDONLY)
-                os.preadv(fd, [view[i * size:(i + 1) * size]], 0)
-                os.close(fd)
-
-        reused = np.empty(size * len(files), np.uint8)
-        read_into(reused)
-        pieces = [(i, at) for i in range(len(files)) for at in range(0, size, 16 << 20)]
-
-        def read_piece(piece) -> None:
-            i, at = piece
-            fd = os.open(files[i], os.O_RDONLY)
-            end = min(size, at + (16 << 20))
-            os.preadv(fd, [memoryview(reused)[i * size + at:i * size + end]], at)
-            os.close(fd)
-
-        with KvStoreClient(ClientConfig(address, direct_reads="on")) as client, \
-                ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        hashes = hash_prefix_blocks(ns, ids)
+        files = [os.path.join(path, "blocks", file_name(h)) for h in hashes]
+        with KvStoreClient(ClientConfig(address, direct_reads="on")) as client:
             assert client.fetch_fp16_prefix(ns, ids, 0, args.blocks).source == "direct"
-            hashes = hash_prefix_blocks(ns, ids)
             faulted = PrefixKV.empty((layers, heads, args.block, dim), args.blocks)
             faulted.keys.fill(0)
             faulted.values.fill(0)
@@ -107,11 +85,9 @@ def main() -> int:
                     rows.setdefault(label, []).append(gbps(nbytes, seconds))
                 direct_read.NATIVE_READS = True
                 rows.setdefault("C reused", []).append(gbps(nbytes, best(read_reused, args.best)))
-                for label, fn in (
-                        ("raw fresh", lambda: read_into(np.empty(size * len(files), np.uint8))),
-                        ("raw reused", lambda: read_into(reused)),
-                        ("raw parallel", lambda: list(pool.map(read_piece, pieces)))):
-                    rows.setdefault(label, []).append(gbps(nbytes, best(fn, args.best)))
+                raw = raw_reads(files, nbytes, args.best)
+                for label in ("fresh", "reused", "parallel"):
+                    rows.setdefault(f"raw {label}", []).append(raw[f"raw_read_{label}_gbps"])
     finally:
         direct_read.NATIVE_READS = True
         daemon.stop()
@@ -120,8 +96,8 @@ def main() -> int:
            "cores": os.cpu_count(), "c_loop_available": available(),
            "gbps": {k: [round(x, 2) for x in v] for k, v in rows.items()}}
     if args.json:
-        print(json.dumps(out))
-        return 0
+        with open(args.json, "w") as f:
+            json.dump(out, f)
     print(f"{args.shape}, {args.blocks} blocks of {args.block} tokens ({nbytes / 1e6:.0f} MB), "
           f"{os.cpu_count()} cores, C loop available: {out['c_loop_available']}")
     for label, values in out["gbps"].items():

@@ -132,31 +132,7 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
                 lambda: client.fetch_fp16_prefix(ns, ids, 0, blocks, staged=True)))
     files = [os.path.join(store_path, "blocks", file_name(h))
              for h in hash_prefix_blocks(ns, ids[: blocks * ns.block_size])]
-    size = os.path.getsize(files[0])
-
-    def read_into(buffer) -> None:
-        view = memoryview(buffer)
-        for i, path in enumerate(files):
-            fd = os.open(path, os.O_RDONLY)
-            os.preadv(fd, [view[i * size:(i + 1) * size]], 0)
-            os.close(fd)
-
-    reused = np.empty(size * len(files), np.uint8)
-    read_into(reused)
-    row["raw_read_fresh_gbps"] = gbps(nbytes, best(lambda: read_into(np.empty(size * len(files), np.uint8))))
-    row["raw_read_reused_gbps"] = gbps(nbytes, best(lambda: read_into(reused)))
-    # The machine's ceiling: the same files in 16 MiB pieces on one thread per core (at most
-    # 16, as the same-host reader) into the reused buffer.
-    pieces = [(i, at) for i in range(len(files)) for at in range(0, size, 16 << 20)]
-
-    def read_piece(piece) -> None:
-        i, at = piece
-        fd = os.open(files[i], os.O_RDONLY)
-        os.preadv(fd, [memoryview(reused)[i * size + at:i * size + min(size, at + (16 << 20))]], at)
-        os.close(fd)
-
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        row["raw_read_parallel_gbps"] = gbps(nbytes, best(lambda: list(pool.map(read_piece, pieces))))
+    row.update(raw_reads(files, nbytes))
     row["direct_over_raw_parallel"] = row["direct_gbps"] / row["raw_read_parallel_gbps"]
     row["direct_over_raw_fresh"] = row["direct_gbps"] / row["raw_read_fresh_gbps"]
     row["direct_over_raw_reused"] = row["direct_gbps"] / row["raw_read_reused_gbps"]
@@ -180,6 +156,43 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
 
     row["first_device_read_gbps"] = gbps(nbytes, min(first_touch() for _ in range(3)))
     return row
+
+
+def raw_reads(files: list[str], nbytes: int, runs: int = 3) -> dict[str, float]:
+    """The baselines of a same-host read, GB/s (best of runs) of the same payload files (of
+    equal size): preadv'd whole one after the other into a new buffer ("fresh", what a restore
+    writes into) and into one already faulted in ("reused"); and in 16 MiB pieces on one thread
+    per core (at most 16, as the same-host reader) into the reused buffer: the machine's
+    ceiling ("parallel")."""
+    import numpy as np
+
+    size = os.path.getsize(files[0])
+
+    def read_into(buffer) -> None:
+        view = memoryview(buffer)
+        for i, path in enumerate(files):
+            fd = os.open(path, os.O_RDONLY)
+            os.preadv(fd, [view[i * size:(i + 1) * size]], 0)
+            os.close(fd)
+
+    reused = np.empty(size * len(files), np.uint8)
+    read_into(reused)
+    pieces = [(i, at) for i in range(len(files)) for at in range(0, size, 16 << 20)]
+
+    def read_piece(piece) -> None:
+        i, at = piece
+        fd = os.open(files[i], os.O_RDONLY)
+        end = min(size, at + (16 << 20))
+        os.preadv(fd, [memoryview(reused)[i * size + at:i * size + end]], at)
+        os.close(fd)
+
+    out = {"raw_read_fresh_gbps": gbps(nbytes, best(
+               lambda: read_into(np.empty(size * len(files), np.uint8)), runs)),
+           "raw_read_reused_gbps": gbps(nbytes, best(lambda: read_into(reused), runs))}
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        out["raw_read_parallel_gbps"] = gbps(nbytes, best(
+            lambda: list(pool.map(read_piece, pieces)), runs))
+    return out
 
 
 def _daemon(path: str):
