@@ -5,6 +5,8 @@ TQSTORE_NATIVE=0 leaves a reason and no library (dispatch then runs the referenc
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -172,6 +174,29 @@ def test_quantize_gives_the_codecs_bytes(rng, bits, dim, dtype):
             np.array(want.scales).view(np.uint16).tobytes()
         assert np.array_equal(np.concatenate([np.array(h.codes) for h in halves], axis=2),
                               np.array(got.codes))
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3", "8"])
+def test_quantize_on_any_number_of_threads_gives_the_same_bytes(rng, monkeypatch, threads):
+    """A call over many rows runs on several threads, 16-row groups split between them: every
+    row's bytes are the codec's whatever the thread count (1,237 rows per head: the last group
+    partial, the split uneven)."""
+    monkeypatch.setenv("TQSTORE_CPU_THREADS", threads)
+    monkeypatch.setattr(cpu_kernels, "THREADS", int(threads))
+    codec = layer_codecs(CodecConfig(5, 3), 1, 3, 64)[0]
+    x = _inputs(rng, 3, 1237, 64, mx.float16)
+    assert cpu_kernels.quantize_threads(3 * 1237) == int(threads)
+    with mx.stream(mx.cpu):
+        want, got = codec.quantize(x), cpu_kernels.quantize(codec, x)
+    assert np.array_equal(np.array(got.codes), np.array(want.codes))
+    assert np.array_equal(np.array(got.scales).view(np.uint16), np.array(want.scales).view(np.uint16))
+
+
+def test_large_quantize_calls_use_every_core_and_small_ones_one(monkeypatch):
+    monkeypatch.delenv("TQSTORE_CPU_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert cpu_kernels.quantize_threads(cpu_kernels.PARALLEL_QUANTIZE_ROWS) == 4
+    assert cpu_kernels.quantize_threads(cpu_kernels.PARALLEL_QUANTIZE_ROWS - 1) == 1
 
 
 def test_quantize_a_centered_codec(rng):

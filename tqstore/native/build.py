@@ -103,7 +103,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tq_decode_attention.restype = i
     lib.tq_decode_step_rows.argtypes = [p, f] + [p] * 16 + [i] * 9 + [p]
     lib.tq_decode_step_rows.restype = i
-    lib.tq_quantize.argtypes = [p, i, l, i, i, i, i, i, p, p, p, f, p, p]
+    lib.tq_quantize.argtypes = [p, i, l, i, i, i, i, i, p, p, p, f, p, p, i]
     lib.tq_quantize.restype = i
     lib.tq_dequantize_rows.argtypes = [p, p, p, i, i, l, p]
     lib.tq_dequantize_rows.restype = i
