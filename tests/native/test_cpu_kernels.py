@@ -185,7 +185,7 @@ def test_quantize_on_any_number_of_threads_gives_the_same_bytes(rng, monkeypatch
     monkeypatch.setattr(cpu_kernels, "THREADS", int(threads))
     codec = layer_codecs(CodecConfig(5, 3), 1, 3, 64)[0]
     x = _inputs(rng, 3, 1237, 64, mx.float16)
-    assert cpu_kernels.quantize_threads(3 * 1237) == int(threads)
+    assert cpu_kernels.quantize_threads(3 * 1237) == min(int(threads), 4)
     with mx.stream(mx.cpu):
         want, got = codec.quantize(x), cpu_kernels.quantize(codec, x)
     assert np.array_equal(np.array(got.codes), np.array(want.codes))
@@ -194,9 +194,15 @@ def test_quantize_on_any_number_of_threads_gives_the_same_bytes(rng, monkeypatch
 
 def test_large_quantize_calls_use_every_core_and_small_ones_one(monkeypatch):
     monkeypatch.delenv("TQSTORE_CPU_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert cpu_kernels.quantize_threads(cpu_kernels.PARALLEL_QUANTIZE_ROWS) == 4
+    monkeypatch.setattr(cpu_kernels, "usable_cores", lambda: 16)
+    assert cpu_kernels.quantize_threads(cpu_kernels.PARALLEL_QUANTIZE_ROWS) == 4  # 1,024 rows each
+    assert cpu_kernels.quantize_threads(100_000) == 8
     assert cpu_kernels.quantize_threads(cpu_kernels.PARALLEL_QUANTIZE_ROWS - 1) == 1
+    monkeypatch.setattr(cpu_kernels, "usable_cores", lambda: 2)
+    assert cpu_kernels.quantize_threads(100_000) == 2
+    monkeypatch.setenv("TQSTORE_CPU_THREADS", "8")
+    monkeypatch.setattr(cpu_kernels, "THREADS", 8)
+    assert cpu_kernels.quantize_threads(100_000) == 8 and cpu_kernels.quantize_threads(300) == 1
 
 
 def test_quantize_a_centered_codec(rng):

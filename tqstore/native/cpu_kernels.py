@@ -221,20 +221,33 @@ def softmax_rows(scores: mx.array, queries_per_row_block: int, causal: bool) -> 
     return scores if scores is not None else mx.array(buffer)
 
 
-# A quantize call of at least this many rows runs on every core (at most 8): ~3 ms of one
-# thread's work at ~0.7 us a 64-dim row on the 2-core VM, where a thread's start-up is paid
-# back. A decode step's block write (256 tokens x a few heads) stays on one thread; a hit's
-# restored prefix (quantized before its first token: 4k tokens of SmolLM2 are 120 calls of
-# 12k rows, 0.56 s of a 0.74 s hit on one thread) and prefill chunks use every core.
+# A quantize call of at least this many rows runs on several cores (at most 8, and at least
+# 1,024 rows a thread: the C kernel's unit): ~1.1-1.3 ms of one thread's work on the 2-core VM,
+# where a thread's start-up is paid back. A decode step's block write (256 tokens x a few
+# heads) stays on one thread; a hit's restored prefix (quantized before its first token: 4k
+# tokens of SmolLM2 are 60 calls of 11.5k rows, 0.56 s of a 0.74 s hit on one thread) and
+# prefill chunks use every core.
 PARALLEL_QUANTIZE_ROWS = 4096
+QUANTIZE_UNIT_ROWS = 1024  # TQ_QUANTIZE_UNIT_ROWS in tq_quantize.c
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one: a container's
+    CPU set, taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS has no affinity call
+        return os.cpu_count() or 1
 
 
 def quantize_threads(rows: int) -> int:
-    """Threads for a quantize call over `rows` vectors: TQSTORE_CPU_THREADS if set, else
-    every core (at most 8) for large calls, else 1. Codes never depend on it."""
+    """Threads for a quantize call over `rows` vectors: TQSTORE_CPU_THREADS if set, else every
+    usable core (at most 8) for large calls, else 1; never more than one per 1,024 rows.
+    Codes never depend on it."""
+    units = max(1, -(-rows // QUANTIZE_UNIT_ROWS))
     if os.environ.get("TQSTORE_CPU_THREADS"):
-        return THREADS
-    return min(8, os.cpu_count() or 1) if rows >= PARALLEL_QUANTIZE_ROWS else 1
+        return min(THREADS, units)
+    return min(8, usable_cores(), units) if rows >= PARALLEL_QUANTIZE_ROWS else 1
 
 
 def quantize_fits(codec: TurboQuantCodec) -> bool:
