@@ -294,12 +294,14 @@ def test_blocks_read_in_pieces_across_threads_equal_the_put_and_stop_at_damage(t
 
 
 def test_pieces_cover_the_body_once_at_chunk_boundaries():
-    from tqstore.direct_read import _pieces, _Runs
+    from tqstore.direct_read import _pieces, _Runs, _views
     from tqstore.v1 import tqstore_pb2 as pb
 
-    # 18,432 bytes in 12 runs of 1,536 bytes; as addresses, run i starts at 10,000 * i.
-    runs = _Runs([memoryview(bytearray(1536)) for _ in range(12)],
-                 np.arange(12, dtype=np.uint64) * np.uint64(10_000), np.full(12, 1536, np.uint64))
+    # 18,432 bytes in 12 runs of 1,536 bytes, run i at byte 10,000 * i of a buffer.
+    memory = np.zeros(120_000, dtype=np.uint8)
+    base = memory.ctypes.data
+    runs = _Runs(base + np.arange(12, dtype=np.uint64) * np.uint64(10_000),
+                 np.full(12, 1536, np.uint64))
     lengths = [4096] * 4 + [2048]
     loc = pb.BlockLocation(compression="none", stored_size=18432, raw_size=18432,
                            file_size=20000, chunk_lengths=lengths, chunk_checksums=[7] * 5)
@@ -307,14 +309,14 @@ def test_pieces_cover_the_body_once_at_chunk_boundaries():
                                 (10000, [0, 8192, 16384]), (1 << 30, [0])):
         pieces = _pieces(loc, runs, piece_bytes)
         assert [p[1] for p in pieces] == starts
-        assert [sum(len(r) for r in p[2].views) for p in pieces] == [sum(p[3]) for p in pieces]
+        assert [sum(len(r) for r in _views(p[2])) for p in pieces] == [sum(p[3]) for p in pieces]
         for _, start, cut, chunks, _ in pieces:
-            # The same bytes as addresses: piece byte b of the body is run b // 1536's byte
-            # b % 1536, at 10,000 * (b // 1536) + b % 1536.
+            # Piece byte b of the body is run b // 1536's byte b % 1536, at 10,000 * (b // 1536)
+            # + b % 1536 of the buffer.
             assert int(cut.lengths.sum()) == sum(chunks)
             at = start
             for address, length in zip(cut.addresses.tolist(), cut.lengths.tolist()):
-                assert address == 10_000 * (at // 1536) + at % 1536
+                assert address == base + 10_000 * (at // 1536) + at % 1536
                 assert length == min(1536 - at % 1536, start + sum(chunks) - at)
                 at += length
         assert sum(sum(p[3]) for p in pieces) == 18432
