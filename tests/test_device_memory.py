@@ -98,6 +98,7 @@ def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
 
 
 def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
+    monkeypatch.setattr(device_memory, "gpu_backend", lambda: "cuda")  # the CUDA branch
     memory = _HostMemory()
     monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
     keys, values = staging_empty([(2, 3, 5, 7), (2, 3, 5, 7)], np.float16, 1 << 30)
@@ -133,6 +134,7 @@ def test_staging_on_cuda_is_pinned_and_copies_to_the_device_exactly(rng):
         assert np.array_equal(np.array(host_to_device(keys, times)), host)
         assert np.array_equal(np.array(host_to_device(values, times)), -host)
         assert times.get("staged", 0) == (2 if on_cuda else 0)  # the kernel served, no fallback
+        assert times.get("in_place", 0) == (0 if on_cuda else 2)  # MLX's own arrays elsewhere
         del keys, values
         gc.collect()
     odd, = staging_empty([(1001,)], np.uint8, 1 << 30)
@@ -205,3 +207,38 @@ def test_the_staging_buffer_grows_by_doubling_and_survives_a_failed_growth():
     # Another fetch holding the lock (growing the buffer): no waiting, ordinary memory.
     with staging._lock:
         assert staging.lease(100, cap) is None
+
+
+def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_without_a_copy(
+        rng, monkeypatch):
+    """Off CUDA staging_empty gives numpy views of arrays MLX allocated, and host_to_device
+    hands back those arrays (or the leading slice a shorter hit covers): the fetch's read is
+    the restore's only copy. Anything else, including views at an offset or strided, is
+    copied as before."""
+    monkeypatch.setattr(device_memory, "gpu_backend", lambda: None)
+    shape = (3, 2, 40, 16)
+    keys, values = staging_empty([shape, shape], np.float16, 1 << 30)
+    host = (rng.standard_normal(shape) * 10).astype(np.float16)
+    keys[...] = host  # what the fetch's reads do
+    values[...] = -host
+    times: dict[str, float] = {}
+    out_k, out_v = host_to_device(keys, times), host_to_device(values, times)
+    assert times["in_place"] == 2 and times["copy"] == 0.0
+    # The same memory, not a copy of it.
+    assert np.array(out_k, copy=False).ctypes.data == keys.ctypes.data
+    assert np.array_equal(np.array(out_k), host) and np.array_equal(np.array(out_v), -host)
+    # A shorter hit (PrefixKV.head: fewer tokens) is the leading slice of the same array.
+    short = host_to_device(keys[:, :, :25])
+    assert short.shape == (3, 2, 25, 16) and np.array_equal(np.array(short), host[:, :, :25])
+    for other in (keys[:, :, 5:], keys[:, :, ::2], keys[1:]):  # not at the start, or strided
+        assert device_memory.mlx_owner(other) is None
+        times = {}
+        copied = host_to_device(other, times)
+        assert "in_place" not in times and np.array_equal(np.array(copied), other)
+    # MLX evaluates the allocation on whichever thread fetches (the serving engine's worker).
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as worker:
+        far, = worker.submit(staging_empty, [(4, 8)], np.float16, 1 << 30).result()
+    far[...] = 3
+    assert device_memory.mlx_owner(far) is not None
+    assert np.array_equal(np.array(host_to_device(far) + 1), np.full((4, 8), 4, np.float16))

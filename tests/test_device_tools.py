@@ -128,15 +128,17 @@ def test_read_path_bench_times_both_loops_and_the_raw_reads(tmp_path):
     result = tool_json(tmp_path, "read_path_bench.py", "--blocks", "2", "--block", "16",
                        "--rounds", "1", "--best", "1")
     assert result["bytes"] == 2 * 4 * 30 * 3 * 16 * 64
-    assert set(result["gbps"]) == {"C", "python", "C reused", "raw fresh", "raw reused",
-                                   "raw parallel"}
+    assert set(result["gbps"]) == {"C", "python", "C reused", "restore staged",
+                                   "restore numpy", "raw fresh", "raw reused", "raw parallel"}
     assert all(len(v) == 1 and v[0] > 0 for v in result["gbps"].values())
 
 
 def test_cpu_hit_phases_times_every_mode_and_checks_the_hits_tokens(tmp_path):
     result = tool_json(tmp_path, "cpu_hit_phases.py", "--tokens", "300", "--rounds", "1",
-                       "--new-tokens", "2", "--deferred")
+                       "--new-tokens", "2", "--deferred", "--numpy-restore")
     assert result["tokens"] == 300 and result["hit_tokens"] == 299
-    assert set(result["rounds"]) == {"every", "one", "deferred"}
+    assert set(result["rounds"]) == {"every", "one", "deferred", "numpy"}
+    # On the CPU the fetch reads into MLX's own arrays, except where the tool turns it off.
+    assert [h[0]["in_place"] for h in result["rounds"].values()] == [2, 2, 2, 0]
     for hits in result["rounds"].values():
         assert len(hits) == 1 and hits[0]["ttft_s"] > 0 and hits[0]["c_s"] <= hits[0]["quantize_s"]

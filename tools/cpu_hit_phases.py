@@ -7,11 +7,15 @@ blocks, then hits of the same prompt alternate between modes, --rounds each:
   one        TQSTORE_CPU_THREADS=1: every C kernel on one thread (the quantizer's A/B)
   deferred   (--deferred) the restored prefix is not quantized during the last token's chunk
              (PagedLayerCache._write_prefill_blocks a no-op) but at the first decode step
+  numpy      (--numpy-restore) the fetch reads into fresh numpy memory and the restore copies
+             it into MLX (device_memory.unified_empty off: the path before the fetch read into
+             MLX's own arrays)
 Per hit: TTFT, the generator's phases (fetch, restore, prefill), seconds inside the quantizer
 (cpu_kernels.quantize, which also evaluates its lazy inputs) and inside its C call, the first
 decode step; every hit's greedy tokens must equal the cold run's (else it exits 1).
 
-  python3 tools/cpu_hit_phases.py --tokens 4096 --rounds 4 [--deferred] [--json PATH]
+  python3 tools/cpu_hit_phases.py --tokens 4096 --rounds 4 [--deferred] [--numpy-restore]
+      [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tqstore.native.cpu_kernels as cpu_kernels  # noqa: E402
+from tqstore import device_memory  # noqa: E402
 from tqstore.bench.hit import _corpus_ids, _daemon  # noqa: E402
 from tqstore.client import KvStoreClient  # noqa: E402
 from tqstore.generator import CachedGenerator  # noqa: E402
@@ -53,6 +58,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--deferred", action="store_true")
+    p.add_argument("--numpy-restore", action="store_true")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     cpu_kernels.quantize = _timed(cpu_kernels.quantize, "quantize")
@@ -61,11 +67,13 @@ def main() -> int:
         lib.tq_quantize = _timed(lib.tq_quantize, "c")
     loaded = load_smollm2()
     ids = _corpus_ids(loaded.tokenizer, args.tokens)
-    modes = ["every", "one"] + (["deferred"] if args.deferred else [])
+    modes = (["every", "one"] + (["deferred"] if args.deferred else [])
+             + (["numpy"] if args.numpy_restore else []))
     path = tempfile.mkdtemp(prefix="tqstore-cpu-hit-")
     daemon, address = _daemon(path)
     rows: dict[str, list[dict]] = {m: [] for m in modes}
     write_blocks = PagedLayerCache._write_prefill_blocks
+    unified_empty = device_memory.unified_empty
     try:
         with KvStoreClient(address) as client:
             gen = CachedGenerator(loaded, client)
@@ -77,17 +85,22 @@ def main() -> int:
                         os.environ["TQSTORE_CPU_THREADS"] = "1"
                     if mode == "deferred":
                         PagedLayerCache._write_prefill_blocks = lambda self: None
+                    if mode == "numpy":
+                        device_memory.unified_empty = lambda shapes, dtype: None
                     _spent.update(quantize=0.0, c=0.0)
                     try:
                         hit = gen.generate(ids, args.new_tokens)
                     finally:
                         os.environ.pop("TQSTORE_CPU_THREADS", None)
                         PagedLayerCache._write_prefill_blocks = write_blocks
+                        device_memory.unified_empty = unified_empty
                     if hit.token_ids != cold.token_ids:
                         print(f"{mode}: the hit's tokens differ from the cold run's")
                         return 1
                     rows[mode].append({"ttft_s": hit.ttft_s, "first_step_s": hit.first_step_s,
                                        "quantize_s": _spent["quantize"], "c_s": _spent["c"],
+                                       # K and V taken in place (MLX's arrays): 2, else 0
+                                       "in_place": gen.restore_times.get("in_place", 0),
                                        **{k: v for k, v in hit.phases.items()}})
     finally:
         daemon.stop()

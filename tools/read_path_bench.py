@@ -10,6 +10,11 @@ alternating, best of --best each, GB/s of:
   raw fresh    the same payload files preadv'd one after the other into a new buffer
   raw reused   the same into a buffer already faulted in
   raw parallel the same files in 16 MiB pieces on one thread per core (at most 16)
+  restore      the fetch and then the restore's MLX arrays of K and V, evaluated
+               (device_memory.host_to_device), as a generator's hit does: `staged` reads
+               where the restore takes the bytes from (on unified memory MLX's own arrays: no
+               second copy; on CUDA the pinned staging buffer, then the copy kernel), `numpy`
+               reads into fresh numpy memory first (then mx.array; cudaMemcpy on CUDA)
 Issue 16's goal: same-host restore >= 0.7x of a raw read of the same bytes from page cache.
 
   python3 tools/read_path_bench.py                          # SmolLM2's shape, 31 blocks
@@ -29,10 +34,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tqstore import direct_read  # noqa: E402
+from tqstore import direct_read  # noqa: E402  (first: tqstore preloads BLAS before mlx)
+import mlx.core as mx  # noqa: E402
 from tqstore.bench.hit import _daemon, best, gbps, raw_reads  # noqa: E402
 from tqstore.blocks import BlockPayload, PrefixKV  # noqa: E402
 from tqstore.client import KvStoreClient  # noqa: E402
+from tqstore.device_memory import host_to_device  # noqa: E402
 from tqstore.config import ClientConfig  # noqa: E402
 from tqstore.native.read_verify import available  # noqa: E402
 from tqstore.payload_format import file_name  # noqa: E402
@@ -85,6 +92,10 @@ def main() -> int:
                     rows.setdefault(label, []).append(gbps(nbytes, seconds))
                 direct_read.NATIVE_READS = True
                 rows.setdefault("C reused", []).append(gbps(nbytes, best(read_reused, args.best)))
+                for label, staged in (("restore staged", True), ("restore numpy", False)):
+                    rows.setdefault(label, []).append(gbps(nbytes, best(
+                        lambda: restore(client.fetch_fp16_prefix(ns, ids, 0, args.blocks,
+                                                                 staged=staged)), args.best)))
                 raw = raw_reads(files, nbytes, args.best)
                 for label in ("fresh", "reused", "parallel"):
                     rows.setdefault(f"raw {label}", []).append(raw[f"raw_read_{label}_gbps"])
@@ -101,13 +112,19 @@ def main() -> int:
     print(f"{args.shape}, {args.blocks} blocks of {args.block} tokens ({nbytes / 1e6:.0f} MB), "
           f"{os.cpu_count()} cores, C loop available: {out['c_loop_available']}")
     for label, values in out["gbps"].items():
-        print(f"  {label:<13} " + "  ".join(f"{v:6.2f}" for v in values) + "  GB/s")
-    for label in ("C", "python", "C reused"):
+        print(f"  {label:<15} " + "  ".join(f"{v:6.2f}" for v in values) + "  GB/s")
+    for label in ("C", "python", "C reused", "restore staged", "restore numpy"):
         r = [a / b for a, b in zip(rows[label], rows["raw fresh"])]
         q = [a / b for a, b in zip(rows[label], rows["raw parallel"])]
         print(f"  {label} / raw fresh: " + " ".join(f"{x:.2f}" for x in r)
               + f"   / raw parallel: " + " ".join(f"{x:.2f}" for x in q))
     return 0
+
+
+def restore(prefix: PrefixKV) -> None:
+    """What a generator's restore makes of a fetch: MLX arrays of K and V, evaluated."""
+    keys, values = host_to_device(prefix.keys), host_to_device(prefix.values)
+    mx.eval(keys, values)
 
 
 if __name__ == "__main__":

@@ -192,9 +192,11 @@ class KvStoreClient:
         whatever that could not verify, and every other case: gRPC Fetch on fetch_streams
         streams. `source` on the result says which. trailing_partial: when the full blocks reach
         the last one, token_ids' trailing partial block follows them (`tokens` on the result
-        says whether it came: a partial block that is gone is a shorter hit too). staged: on
-        CUDA, read into the process's pinned staging buffer (ClientConfig.staging_bytes) for a
-        restore onto the device; off by default, so processes that only move bytes pin nothing."""
+        says whether it came: a partial block that is gone is a shorter hit too). staged: read
+        where a restore takes the bytes from (device_memory.staging_empty): on CUDA the
+        process's pinned staging buffer (ClientConfig.staging_bytes), on unified memory arrays
+        MLX owns; off by default, so processes that only move bytes pin nothing and make no
+        MLX arrays."""
         token_ids = list(token_ids)
         bs = ns.block_size
         full = len(token_ids) // bs
@@ -220,7 +222,8 @@ class KvStoreClient:
         return result
 
     def _staging_allocate(self, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-        """K and V for a fetch: pinned staging memory on CUDA (device_memory.staging_empty)."""
+        """K and V for a fetch: pinned staging memory on CUDA, MLX's arrays on unified memory
+        (device_memory.staging_empty)."""
         from tqstore.device_memory import staging_empty  # MLX only where a prefix lands
 
         return staging_empty(shapes, np.float16, self.config.staging_cap)

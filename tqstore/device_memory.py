@@ -27,6 +27,7 @@ import numpy as np
 
 from tqstore.pinned_staging import ALIGN as _ALIGN  # staging arrays: the copy kernel's loads
 from tqstore.pinned_staging import PinnedStaging
+from tqstore.metal.attention_kernel import gpu_backend
 
 log = logging.getLogger("tqstore.device_memory")
 
@@ -157,7 +158,6 @@ def _cudart() -> _Cudart | None:
         if _probed:
             return _runtime
         _probed = True
-        from tqstore.metal.attention_kernel import gpu_backend
         if gpu_backend() != "cuda":
             return None
         names = list(_CUDART_NAMES)
@@ -209,10 +209,17 @@ def host_to_device(host: np.ndarray, times: dict[str, float] | None = None) -> m
       through numpy), the host bytes are pinned for the time of the copy, and cudaMemcpy writes
       them into its buffer.
     Either way it is the array ``mx.array(host)`` would give; anywhere else, or if a step
-    fails, it is ``mx.array(host)``. times, if given, gathers seconds spent preparing the
-    destination ("prepare"), pinning ("pin") and copying ("copy"), and counts copies made by
-    the kernel from the staging buffer ("staged").
+    fails, it is ``mx.array(host)``. Except: where host is a view of an array MLX owns
+    (unified_empty: a fetch on unified memory read into it), that array itself, or the slice
+    of it host covers, with no copy (it is not a fresh array then). times, if given, gathers
+    seconds spent preparing the destination ("prepare"), pinning ("pin") and copying ("copy"),
+    and counts copies made by the kernel from the staging buffer ("staged") and arrays taken in
+    place ("in_place").
     """
+    owned = mlx_owner(host)
+    if owned is not None:  # the fetch wrote into MLX's memory (unified_empty): no copy at all
+        _add_times(times, prepare=0.0, pin=0.0, copy=0.0, staged=0, in_place=1)
+        return owned
     runtime = _cudart()
     host = np.ascontiguousarray(host)
     if runtime is None or host.nbytes == 0:
@@ -362,9 +369,16 @@ staging = PinnedStaging()  # the process's one staging buffer
 
 
 def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> list[np.ndarray]:
-    """Uninitialized C-contiguous arrays of these shapes, in pinned staging memory on CUDA when
-    it is free and big enough (the fetch that fills them is then a hit's only host copy), else
-    ordinary np.empty."""
+    """C-contiguous arrays of these shapes for a fetch to fill before a restore:
+    - on CUDA, uninitialized, in pinned staging memory when it is free and big enough (the
+      fetch that fills them is then a hit's only host copy), else ordinary np.empty;
+    - on unified memory (the CPU, Metal), arrays MLX owns (unified_empty): the fetch's read is
+      then the restore's only copy, and host_to_device hands back MLX's arrays."""
+    if gpu_backend() != "cuda":
+        owned = unified_empty(shapes, dtype)
+        if owned is not None:
+            return owned
+        return [np.empty(shape, dtype) for shape in shapes]
     dtype = np.dtype(dtype)
     sizes = [int(np.prod(shape)) * dtype.itemsize for shape in shapes]
     whole = staging.lease(sum(-(-size // _ALIGN) * _ALIGN for size in sizes), cap)
@@ -375,3 +389,68 @@ def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> l
         out.append(whole[at:at + size].view(dtype).reshape(shape))
         at += -(-size // _ALIGN) * _ALIGN  # each array 256-byte aligned (the copy kernel's loads)
     return out
+
+
+def unified_empty(shapes: list[tuple[int, ...]], dtype: np.dtype) -> list[np.ndarray] | None:
+    """Zeroed arrays that MLX allocated, seen through numpy (writable views of the same
+    memory), or None where MLX does not give such a view. For unified memory only: on CUDA
+    numpy's view of an MLX array moves its buffer into managed memory first.
+
+    Why: reading a hit into np.empty and then ``mx.array`` of it copies every byte twice and
+    faults in two sets of fresh pages. Reading into memory MLX owns makes the read the only copy
+    (the zero fill is MLX's allocation, on the GPU under Metal). MLX may run this on the fetch's
+    worker thread: its evaluation is thread-safe from 0.31.2 (we pin 0.32.4), and the arrays
+    are evaluated here, so nothing later waits on this thread's stream. Invariant: nothing
+    writes through the views once host_to_device has handed the arrays to MLX (a fetch fills
+    them, then a restore takes them)."""
+    dtype = np.dtype(dtype)
+    try:
+        mx_dtype = mx.array(np.empty(0, dtype)).dtype
+        arrays = []
+        for shape, stream in zip(shapes, _fill_streams(len(shapes))):
+            with mx.stream(stream):
+                arrays.append(mx.zeros(shape, dtype=mx_dtype))
+        mx.eval(*arrays)
+        views = [np.array(a, copy=False) for a in arrays]
+    except (ValueError, TypeError, RuntimeError) as exc:  # a dtype or build without views
+        log.warning("MLX gave no view of its memory (%s): fetches read into numpy first", exc)
+        return None
+    if not all(v.flags.c_contiguous and v.flags.writeable and mlx_owner(v) is a
+               for v, a in zip(views, arrays)):
+        return None
+    return views
+
+
+_fill_threads = threading.local()  # MLX's streams belong to the thread that made them
+
+
+def _fill_streams(count: int) -> list:
+    """Where unified_empty's zero fills run: on the CPU device two streams of the calling
+    thread's own, so K's fill and V's run on two threads (the fill is mostly first-touch page
+    faults of fresh memory: 2x faster so on the 2-core VM); elsewhere the default stream (Metal
+    fills on the GPU)."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return [mx.default_stream(mx.default_device())] * count
+    streams = getattr(_fill_threads, "streams", None)
+    if streams is None:
+        streams = _fill_threads.streams = [mx.new_stream(mx.cpu) for _ in range(2)]
+    return [streams[i % len(streams)] for i in range(count)]
+
+
+def mlx_owner(host: np.ndarray) -> mx.array | None:
+    """The MLX array (or the slice of it) whose memory host is a view of, laid out as host is;
+    None for any other numpy array. numpy keeps the exporter of a buffer as the base of every
+    view of it: for an MLX array's view that is a memoryview whose obj is the array."""
+    base = host
+    while isinstance(base, np.ndarray):
+        base = base.base
+    owner = base.obj if isinstance(base, memoryview) else None
+    if not isinstance(owner, mx.array) or owner.ndim != host.ndim:
+        return None
+    whole = np.array(owner, copy=False)  # unified memory: the same buffer, no move
+    if (whole.ctypes.data != host.ctypes.data or whole.strides != host.strides
+            or whole.dtype != host.dtype or any(h > w for h, w in zip(host.shape, whole.shape))):
+        return None
+    if host.shape == whole.shape:
+        return owner
+    return owner[tuple(slice(0, n) for n in host.shape)]

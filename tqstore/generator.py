@@ -65,6 +65,7 @@ MAX_AUTO_BLOCK_BYTES = 256 << 20
 # A shorter trailing partial block is not uploaded: a file and a Fetch round trip for it would
 # save less than one 16-token prefill chunk (the store's smallest block).
 MIN_PARTIAL_TOKENS = 16
+_RESTORE_COUNTS = ("staged", "in_place")  # restore_times entries that count, not seconds
 
 
 @dataclass
@@ -122,8 +123,8 @@ class CachedGenerator:
         dense = any(arena.dense for arena in self.pool.arenas)
         self.fetch_form = "fp16" if dense or self.policy.codec is None else fetch_form
         # Where the last restore went (host_to_device's parts, the caches' "eval"; "staged":
-        # copies from the staging buffer): GenerationReport.phases reports the seconds as
-        # restore_<part>.
+        # copies from the staging buffer, "in_place": arrays the fetch read into MLX's own
+        # memory): GenerationReport.phases reports the seconds as restore_<part>.
         self.restore_times: dict[str, float] = {}
 
     # -- the daemon side ----------------------------------------------------------------------
@@ -175,11 +176,11 @@ class CachedGenerator:
                 cache.load_turboquant_prefix(codes)
             return
         self.restore_times = {}
-        # One copy per K and V into MLX (the fetch wrote the bytes in this layout already);
-        # each layer is then a 4-D slice of it (the cache takes it as it is; a 3-D slice
-        # would get a batch axis added by reshaping a strided view).
-        # On CUDA read over the bus from the pinned staging buffer the fetch filled (or by
-        # cudaMemcpy), not by page faults (device_memory).
+        # K and V as MLX arrays in the layout the fetch wrote; each layer is then a 4-D slice
+        # (the cache takes it as it is; a 3-D slice would get a batch axis added by reshaping
+        # a strided view). On unified memory the fetch read into MLX's own arrays, taken as
+        # they are; on CUDA one copy, read over the bus from the pinned staging buffer the
+        # fetch filled (or by cudaMemcpy), not by page faults (device_memory).
         keys = host_to_device(blocks.keys, self.restore_times)
         values = host_to_device(blocks.values, self.restore_times)
         for layer, cache in enumerate(caches):
@@ -257,7 +258,7 @@ class CachedGenerator:
         phases = {"fetch": fetched - start, "restore": restored - fetched,
                   "prefill": ttft - (restored - start)}
         phases.update({f"restore_{k}": v for k, v in self.restore_times.items()
-                       if k != "staged"})  # seconds only (staged counts copies)
+                       if k not in _RESTORE_COUNTS})
         return GenerationReport(text, tokens, len(prompt_ids), hit_tokens, ttft, decode_tps,
                                 status, kv_bytes, kv_fp16, first_step,
                                 uploads[0] if uploads else None, phases)
