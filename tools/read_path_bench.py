@@ -105,7 +105,7 @@ def main() -> int:
         shutil.rmtree(path, ignore_errors=True)
     out = {"shape": args.shape, "block": args.block, "blocks": args.blocks, "bytes": nbytes,
            "cores": os.cpu_count(), "c_loop_available": available(),
-           "gbps": {k: [round(x, 2) for x in v] for k, v in rows.items()}}
+           "gbps": {k: [float(f"{x:.3g}") for x in v] for k, v in rows.items()}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)
