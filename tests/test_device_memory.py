@@ -98,7 +98,7 @@ def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
 
 
 def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
-    monkeypatch.setattr(device_memory, "gpu_backend", lambda: "cuda")  # the CUDA branch
+    monkeypatch.setattr(device_memory, "_gpu_build", lambda name: name == "cuda")  # CUDA's branch
     memory = _HostMemory()
     monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
     keys, values = staging_empty([(2, 3, 5, 7), (2, 3, 5, 7)], np.float16, 1 << 30)
@@ -215,7 +215,7 @@ def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_wi
     hands back those arrays (or the leading slice a shorter hit covers): the fetch's read is
     the restore's only copy. Anything else, including views at an offset or strided, is
     copied as before."""
-    monkeypatch.setattr(device_memory, "gpu_backend", lambda: None)
+    monkeypatch.setattr(device_memory, "_gpu_build", lambda name: False)  # a CPU-only build
     shape = (3, 2, 40, 16)
     keys, values = staging_empty([shape, shape], np.float16, 1 << 30)
     host = (rng.standard_normal(shape) * 10).astype(np.float16)
@@ -224,19 +224,28 @@ def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_wi
     times: dict[str, float] = {}
     out_k, out_v = host_to_device(keys, times), host_to_device(values, times)
     assert times["in_place"] == 2 and times["copy"] == 0.0
+    assert staging_empty([(3,)], np.float64, 1 << 30)[0].dtype == np.float64  # as asked
     # The same memory, not a copy of it.
     assert np.array(out_k, copy=False).ctypes.data == keys.ctypes.data
     assert np.array_equal(np.array(out_k), host) and np.array_equal(np.array(out_v), -host)
-    # A shorter hit (PrefixKV.head: fewer tokens) is the leading slice of the same array.
-    short = host_to_device(keys[:, :, :25])
-    assert short.shape == (3, 2, 25, 16) and np.array_equal(np.array(short), host[:, :, :25])
-    for other in (keys[:, :, 5:], keys[:, :, ::2], keys[1:]):  # not at the start, or strided
+    # An in-place update of the result is MLX's own business: the fetched bytes stay as read
+    # (the result is a handle of its own, so MLX cannot reuse the buffer the views see).
+    out_k[0] = 7
+    mx.eval(out_k)
+    assert np.array_equal(keys, host) and float(out_k[0, 0, 0, 0]) == 7
+    # A shorter hit (PrefixKV.head: fewer tokens) is the leading slice of the same array,
+    # evaluated where it was asked for: here on a worker thread, then used on this one.
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as worker:
+        short = worker.submit(host_to_device, values[:, :, :25]).result()
+    assert short.shape == (3, 2, 25, 16) and np.array_equal(np.array(short), -host[:, :, :25])
+    # Not at the start, strided, along another axis, or another dtype of the same bytes.
+    for other in (keys[:, :, 5:], keys[:, :, ::2], keys[1:], keys.view(np.int16)):
         assert device_memory.mlx_owner(other) is None
         times = {}
         copied = host_to_device(other, times)
         assert "in_place" not in times and np.array_equal(np.array(copied), other)
     # MLX evaluates the allocation on whichever thread fetches (the serving engine's worker).
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as worker:
         far, = worker.submit(staging_empty, [(4, 8)], np.float16, 1 << 30).result()
     far[...] = 3

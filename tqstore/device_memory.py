@@ -374,7 +374,10 @@ def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> l
       fetch that fills them is then a hit's only host copy), else ordinary np.empty;
     - on unified memory (the CPU, Metal), arrays MLX owns (unified_empty): the fetch's read is
       then the restore's only copy, and host_to_device hands back MLX's arrays."""
-    if gpu_backend() != "cuda":
+    # The build, not the default device: that is one setting for the whole process, which
+    # another thread may have switched for a moment (a self-check's CPU reference), and this
+    # runs on the fetch's worker thread.
+    if not _gpu_build("cuda"):
         owned = unified_empty(shapes, dtype)
         if owned is not None:
             return owned
@@ -406,41 +409,66 @@ def unified_empty(shapes: list[tuple[int, ...]], dtype: np.dtype) -> list[np.nda
     dtype = np.dtype(dtype)
     try:
         mx_dtype = mx.array(np.empty(0, dtype)).dtype
-        arrays = []
-        for shape, stream in zip(shapes, _fill_streams(len(shapes))):
-            with mx.stream(stream):
-                arrays.append(mx.zeros(shape, dtype=mx_dtype))
+        # stream= rather than `with mx.stream(...)`: the context manager also sets the
+        # process-wide default device.
+        arrays = [mx.zeros(shape, dtype=mx_dtype, stream=stream)
+                  for shape, stream in zip(shapes, _fill_streams(len(shapes)))]
         mx.eval(*arrays)
         views = [np.array(a, copy=False) for a in arrays]
     except (ValueError, TypeError, RuntimeError) as exc:  # a dtype or build without views
         log.warning("MLX gave no view of its memory (%s): fetches read into numpy first", exc)
         return None
-    if not all(v.flags.c_contiguous and v.flags.writeable and mlx_owner(v) is a
-               for v, a in zip(views, arrays)):
+    if not all(v.flags.c_contiguous and v.flags.writeable and v.dtype == dtype
+               and _owner_of(v) is a for v, a in zip(views, arrays)):
         return None
     return views
 
 
-_fill_threads = threading.local()  # MLX's streams belong to the thread that made them
+_fill_stream_pair: list | None = None  # made once: thread-local streams serve any thread
 
 
 def _fill_streams(count: int) -> list:
-    """Where unified_empty's zero fills run: on the CPU device two streams of the calling
-    thread's own, so K's fill and V's run on two threads (the fill is mostly first-touch page
-    faults of fresh memory: 2x faster so on the 2-core VM); elsewhere the default stream (Metal
-    fills on the GPU)."""
-    if mx.default_device().type != mx.DeviceType.cpu:
-        return [mx.default_stream(mx.default_device())] * count
-    streams = getattr(_fill_threads, "streams", None)
-    if streams is None:
-        streams = _fill_threads.streams = [mx.new_stream(mx.cpu) for _ in range(2)]
-    return [streams[i % len(streams)] for i in range(count)]
+    """Where unified_empty's zero fills run. On a CPU-only build two streams, so K's fill and
+    V's run on two threads (the fill is mostly first-touch page faults of fresh memory: 2x
+    faster so on the 2-core VM); MLX's thread-local streams, since a plain stream belongs to
+    the thread that made it and fetches run on worker threads. With a GPU (Metal) the default
+    stream: the fill runs on the GPU."""
+    global _fill_stream_pair
+    if _gpu_build("metal") or _gpu_build("cuda"):
+        return [None] * count
+    with _lock:
+        if _fill_stream_pair is None:
+            _fill_stream_pair = [mx.new_thread_local_stream(mx.cpu) for _ in range(2)]
+    return [_fill_stream_pair[i % 2] for i in range(count)]
+
+
+def _gpu_build(name: str) -> bool:
+    """Whether this MLX build and machine have that GPU backend ('cuda' or 'metal'), whatever
+    the default device is at the moment."""
+    try:
+        return bool(getattr(mx, name).is_available())
+    except AttributeError:
+        return False
 
 
 def mlx_owner(host: np.ndarray) -> mx.array | None:
-    """The MLX array (or the slice of it) whose memory host is a view of, laid out as host is;
-    None for any other numpy array. numpy keeps the exporter of a buffer as the base of every
-    view of it: for an MLX array's view that is a memoryview whose obj is the array."""
+    """An MLX array of host's very bytes, where host is a view of an array unified_empty made
+    (the whole of it or a leading slice, laid out as host is); None for any other numpy array.
+    It is a new, evaluated handle on the same memory (no copy): not the owner itself, which
+    the views hold, so MLX never reuses that buffer for an in-place update of the result while
+    a view can still see it, and evaluated here, on the caller's thread."""
+    owner = _owner_of(host)
+    if owner is None:
+        return None
+    out = owner[tuple(slice(0, n) for n in host.shape)]
+    mx.eval(out)
+    return out
+
+
+def _owner_of(host: np.ndarray) -> mx.array | None:
+    """The MLX array host views from its start with its layout (see mlx_owner), else None.
+    numpy keeps the exporter of a buffer as the base of every view of it: for an MLX array's
+    view that is a memoryview whose obj is the array."""
     base = host
     while isinstance(base, np.ndarray):
         base = base.base
@@ -451,6 +479,4 @@ def mlx_owner(host: np.ndarray) -> mx.array | None:
     if (whole.ctypes.data != host.ctypes.data or whole.strides != host.strides
             or whole.dtype != host.dtype or any(h > w for h, w in zip(host.shape, whole.shape))):
         return None
-    if host.shape == whole.shape:
-        return owner
-    return owner[tuple(slice(0, n) for n in host.shape)]
+    return owner
