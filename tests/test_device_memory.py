@@ -8,7 +8,7 @@ import pytest
 import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
-from tqstore import device_memory, generator, pinned_staging
+from tqstore import device_memory, generator, pinned_staging, unified_memory
 from tqstore.metal import selfcheck
 from tqstore.device_memory import host_to_device, prefetch_to_device, staging_empty
 from tqstore.pinned_staging import PinnedStaging
@@ -98,7 +98,7 @@ def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
 
 
 def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
-    monkeypatch.setattr(device_memory, "_gpu_build", lambda name: name == "cuda")  # CUDA's branch
+    monkeypatch.setattr(unified_memory, "gpu_build", lambda name: name == "cuda")  # CUDA's branch
     memory = _HostMemory()
     monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
     keys, values = staging_empty([(2, 3, 5, 7), (2, 3, 5, 7)], np.float16, 1 << 30)
@@ -215,7 +215,7 @@ def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_wi
     hands back those arrays (or the leading slice a shorter hit covers): the fetch's read is
     the restore's only copy. Anything else, including views at an offset or strided, is
     copied as before."""
-    monkeypatch.setattr(device_memory, "_gpu_build", lambda name: False)  # a CPU-only build
+    monkeypatch.setattr(unified_memory, "gpu_build", lambda name: False)  # a CPU-only build
     shape = (3, 2, 40, 16)
     keys, values = staging_empty([shape, shape], np.float16, 1 << 30)
     host = (rng.standard_normal(shape) * 10).astype(np.float16)
@@ -241,7 +241,7 @@ def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_wi
     assert short.shape == (3, 2, 25, 16) and np.array_equal(np.array(short), -host[:, :, :25])
     # Not at the start, strided, along another axis, or another dtype of the same bytes.
     for other in (keys[:, :, 5:], keys[:, :, ::2], keys[1:], keys.view(np.int16)):
-        assert device_memory.mlx_owner(other) is None
+        assert unified_memory.mlx_owner(other) is None
         times = {}
         copied = host_to_device(other, times)
         assert "in_place" not in times and np.array_equal(np.array(copied), other)
@@ -249,5 +249,5 @@ def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_wi
     with ThreadPoolExecutor(1) as worker:
         far, = worker.submit(staging_empty, [(4, 8)], np.float16, 1 << 30).result()
     far[...] = 3
-    assert device_memory.mlx_owner(far) is not None
+    assert unified_memory.mlx_owner(far) is not None
     assert np.array_equal(np.array(host_to_device(far) + 1), np.full((4, 8), 4, np.float16))

@@ -8,7 +8,7 @@ blocks, then hits of the same prompt alternate between modes, --rounds each:
   deferred   (--deferred) the restored prefix is not quantized during the last token's chunk
              (PagedLayerCache._write_prefill_blocks a no-op) but at the first decode step
   numpy      (--numpy-restore) the fetch reads into fresh numpy memory and the restore copies
-             it into MLX (device_memory.unified_empty off: the path before the fetch read into
+             it into MLX (unified_memory.unified_empty off: the path before the fetch read into
              MLX's own arrays)
 Per hit: TTFT, the generator's phases (fetch, restore, prefill), seconds inside the quantizer
 (cpu_kernels.quantize, which also evaluates its lazy inputs) and inside its C call, the first
@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tqstore.native.cpu_kernels as cpu_kernels  # noqa: E402
-from tqstore import device_memory  # noqa: E402
+from tqstore import unified_memory  # noqa: E402
 from tqstore.bench.hit import _corpus_ids, _daemon  # noqa: E402
 from tqstore.client import KvStoreClient  # noqa: E402
 from tqstore.generator import CachedGenerator  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> int:
     daemon, address = _daemon(path)
     rows: dict[str, list[dict]] = {m: [] for m in modes}
     write_blocks = PagedLayerCache._write_prefill_blocks
-    unified_empty = device_memory.unified_empty
+    unified_empty = unified_memory.unified_empty
     try:
         with KvStoreClient(address) as client:
             gen = CachedGenerator(loaded, client)
@@ -86,14 +86,14 @@ def main() -> int:
                     if mode == "deferred":
                         PagedLayerCache._write_prefill_blocks = lambda self: None
                     if mode == "numpy":
-                        device_memory.unified_empty = lambda shapes, dtype: None
+                        unified_memory.unified_empty = lambda shapes, dtype: None
                     _spent.update(quantize=0.0, c=0.0)
                     try:
                         hit = gen.generate(ids, args.new_tokens)
                     finally:
                         os.environ.pop("TQSTORE_CPU_THREADS", None)
                         PagedLayerCache._write_prefill_blocks = write_blocks
-                        device_memory.unified_empty = unified_empty
+                        unified_memory.unified_empty = unified_empty
                     if hit.token_ids != cold.token_ids:
                         print(f"{mode}: the hit's tokens differ from the cold run's")
                         return 1
