@@ -1,6 +1,7 @@
 """Host bytes onto the device (tqstore.device_memory) and the store block chosen per backend."""
 
 import gc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_the_staging_buffer_is_lent_to_one_holder_until_its_last_view_is_gone():
 
 
 def test_staging_arrays_are_c_contiguous_and_separate(monkeypatch):
-    monkeypatch.setattr(unified_memory, "gpu_build", lambda name: name == "cuda")  # CUDA's branch
+    monkeypatch.setattr(device_memory, "gpu_build", lambda name: name == "cuda")  # CUDA's branch
     memory = _HostMemory()
     monkeypatch.setattr(device_memory, "staging", PinnedStaging(memory.allocate, memory.free))
     keys, values = staging_empty([(2, 3, 5, 7), (2, 3, 5, 7)], np.float16, 1 << 30)
@@ -212,10 +213,11 @@ def test_the_staging_buffer_grows_by_doubling_and_survives_a_failed_growth():
 def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_without_a_copy(
         rng, monkeypatch):
     """Off CUDA staging_empty gives numpy views of arrays MLX allocated, and host_to_device
-    hands back those arrays (or the leading slice a shorter hit covers): the fetch's read is
-    the restore's only copy. Anything else, including views at an offset or strided, is
+    hands back MLX arrays of that very memory (the leading slice a shorter hit covers): the
+    fetch's read is the restore's only copy. Anything else, including views at an offset or strided, is
     copied as before."""
-    monkeypatch.setattr(unified_memory, "gpu_build", lambda name: False)  # a CPU-only build
+    for module in (device_memory, unified_memory):  # a CPU-only build
+        monkeypatch.setattr(module, "gpu_build", lambda name: False)
     shape = (3, 2, 40, 16)
     keys, values = staging_empty([shape, shape], np.float16, 1 << 30)
     host = (rng.standard_normal(shape) * 10).astype(np.float16)
@@ -235,7 +237,6 @@ def test_on_unified_memory_a_fetch_reads_into_mlx_arrays_that_a_restore_takes_wi
     assert np.array_equal(keys, host) and float(out_k[0, 0, 0, 0]) == 7
     # A shorter hit (PrefixKV.head: fewer tokens) is the leading slice of the same array,
     # evaluated where it was asked for: here on a worker thread, then used on this one.
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as worker:
         short = worker.submit(host_to_device, values[:, :, :25]).result()
     assert short.shape == (3, 2, 25, 16) and np.array_equal(np.array(short), -host[:, :, :25])

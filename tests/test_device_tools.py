@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from tqstore.metal.attention_kernel import gpu_backend
+from tqstore.metal.attention_kernel import gpu_build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_cpu_hit_phases_times_every_mode_and_checks_the_hits_tokens(tmp_path):
     assert set(result["rounds"]) == {"every", "one", "deferred", "numpy"}
     # On unified memory the fetch reads into MLX's own arrays, except where the tool turns it
     # off; on CUDA into the pinned staging buffer (then one copy kernel), in every mode.
-    in_place = [0, 0, 0, 0] if gpu_backend() == "cuda" else [2, 2, 2, 0]
+    in_place = [0, 0, 0, 0] if gpu_build("cuda") else [2, 2, 2, 0]
     assert [h[0]["in_place"] for h in result["rounds"].values()] == in_place
     for hits in result["rounds"].values():
         assert len(hits) == 1 and hits[0]["ttft_s"] > 0 and hits[0]["c_s"] <= hits[0]["quantize_s"]

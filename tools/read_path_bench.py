@@ -39,8 +39,8 @@ import mlx.core as mx  # noqa: E402
 from tqstore.bench.hit import _daemon, best, gbps, raw_reads  # noqa: E402
 from tqstore.blocks import BlockPayload, PrefixKV  # noqa: E402
 from tqstore.client import KvStoreClient  # noqa: E402
-from tqstore.device_memory import host_to_device  # noqa: E402
 from tqstore.config import ClientConfig  # noqa: E402
+from tqstore.device_memory import host_to_device  # noqa: E402
 from tqstore.native.read_verify import available  # noqa: E402
 from tqstore.payload_format import file_name  # noqa: E402
 from tqstore.prefix_hash import Namespace, hash_prefix_blocks  # noqa: E402

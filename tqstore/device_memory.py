@@ -25,10 +25,10 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from tqstore.pinned_staging import ALIGN as _ALIGN  # staging arrays: the copy kernel's loads
 from tqstore import unified_memory
+from tqstore.metal.attention_kernel import gpu_backend, gpu_build
+from tqstore.pinned_staging import ALIGN as _ALIGN  # staging arrays: the copy kernel's loads
 from tqstore.pinned_staging import PinnedStaging
-from tqstore.metal.attention_kernel import gpu_backend
 
 log = logging.getLogger("tqstore.device_memory")
 
@@ -378,7 +378,7 @@ def staging_empty(shapes: list[tuple[int, ...]], dtype: np.dtype, cap: int) -> l
     # The build, not the default device: that is one setting for the whole process, which
     # another thread may have switched for a moment (a self-check's CPU reference), and this
     # runs on the fetch's worker thread.
-    if not unified_memory.gpu_build("cuda"):
+    if not gpu_build("cuda"):
         owned = unified_memory.unified_empty(shapes, dtype)
         if owned is not None:
             return owned

@@ -17,6 +17,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 
+from tqstore.metal.attention_kernel import gpu_build
+
 log = logging.getLogger("tqstore.unified_memory")
 _streams_lock = threading.Lock()
 
@@ -67,15 +69,6 @@ def _fill_streams(count: int) -> list:
         if _fill_stream_pair is None:
             _fill_stream_pair = [mx.new_thread_local_stream(mx.cpu) for _ in range(2)]
     return [_fill_stream_pair[i % 2] for i in range(count)]
-
-
-def gpu_build(name: str) -> bool:
-    """Whether this MLX build and machine have that GPU backend ('cuda' or 'metal'), whatever
-    the default device is at the moment."""
-    try:
-        return bool(getattr(mx, name).is_available())
-    except AttributeError:
-        return False
 
 
 def mlx_owner(host: np.ndarray) -> mx.array | None:

@@ -113,10 +113,10 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
     import mlx.core as mx
     import numpy as np
 
-    from tqstore import device_memory
     from tqstore.client import KvStoreClient
     from tqstore.config import ClientConfig
     from tqstore.device_memory import host_to_device
+    from tqstore.metal.attention_kernel import gpu_build
     from tqstore.payload_format import file_name
     from tqstore.prefix_hash import hash_prefix_blocks
 
@@ -143,7 +143,7 @@ def transport(address: str, ns, ids: list[int], blocks: int, store_path: str) ->
         # The copy into MLX alone: on CUDA from the staging buffer (the copy kernel); on
         # unified memory from numpy memory (mx.array), since a staged fetch there reads into
         # MLX's own arrays and its restore copies nothing (timed whole below).
-        on_cuda = device_memory.gpu_backend() == "cuda"
+        on_cuda = gpu_build("cuda")  # as device_memory.staging_empty decides
         got = client.fetch_fp16_prefix(ns, ids, 0, blocks, staged=on_cuda)
 
         def to_device() -> None:

@@ -72,17 +72,17 @@ def gpu_backend() -> str | None:
     since MLX runs the caller's ops there and a custom kernel only runs on a GPU stream."""
     if mx.default_device().type != mx.DeviceType.gpu:
         return None
+    return next((name for name in ("cuda", "metal") if gpu_build(name)), None)
+
+
+def gpu_build(name: str) -> bool:
+    """Whether this MLX build and machine have that GPU backend ('cuda' or 'metal'), whatever
+    the default device is at the moment (one setting for the whole process, which another
+    thread may switch for a while)."""
     try:
-        if mx.cuda.is_available():
-            return "cuda"
+        return bool(getattr(mx, name).is_available())
     except AttributeError:
-        pass
-    try:
-        if mx.metal.is_available():
-            return "metal"
-    except AttributeError:
-        pass
-    return None
+        return False
 
 
 def _builder(backend: str) -> Callable:
