@@ -8,10 +8,12 @@ A random-weight Llama-3-8B-shaped model (bf16, SmolLM2's vocabulary: tools/hit_g
 Every sequence's context is random fp16 K/V loaded as a prefix (decode speed does not depend on
 the keys; tools/attention_e2e.py does the same for B=1), all B of the same length. Rows:
   fp16        mlx-lm KVCache per layer holding the B rows, stock SDPA
-  tq-rows     our batched step, each row's pages attended on its own (the attention of the
-              code before the batched launch: tqstore.paged.batch.GPU_BATCHED_ATTENTION off;
-              the batch's K/V conversion to fp16 is the new code's in both tq rows)
-  tq-batched  our batched step, every row's pages in one attention launch (the default)
+  tq-rows     our batched step, each row attended on its own (tqstore.paged.batch.BATCH_MODE
+              "rows": the code before any batched launch)
+  tq-pages    every row's pages in one attention launch, then each row's own epilogue and
+              tail ("pages": the default before the shared tails)
+  tq-batched  the default ("shared"): the rows' tails in one buffer per layer, one attention
+              and one epilogue launch per layer for the whole batch (tqstore.paged.shared_tail)
 Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; KV bytes per sequence
@@ -99,7 +101,7 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
     return row
 
 
-def tq_row(model, batch: int, context: int, args, batched: bool) -> dict:
+def tq_row(model, batch: int, context: int, args, mode: str) -> dict:
     import tqstore.paged.batch as batch_module
     from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, uninstall
     from tqstore.paged.batch import batch_caches
@@ -119,11 +121,11 @@ def tq_row(model, batch: int, context: int, args, batched: bool) -> dict:
         joined = batch_caches(sequences)
         return mx.argmax(model(tokens[:, None], cache=joined)[:, -1, :], axis=-1)
 
-    batch_module.GPU_BATCHED_ATTENTION = batched
+    default, batch_module.BATCH_MODE = batch_module.BATCH_MODE, mode
     try:
         row = timed(step, batch, args.steps, args.warmup)
     finally:
-        batch_module.GPU_BATCHED_ATTENTION = True
+        batch_module.BATCH_MODE = default
         uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
     row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
     for caches in sequences:
@@ -143,6 +145,8 @@ def main() -> int:
                     help="skip a (B, context) whose fp16 KV is larger than this")
     ap.add_argument("--pool-mib", type=int, default=12000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["rows", "pages", "batched"],
+                    help="tq rows to leave out")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from tqstore.metal.dispatch import active_backend
@@ -163,8 +167,10 @@ def main() -> int:
             rows = {"fp16": fp16_row(model, batch, context, args)}
             gc.collect()
             mx.clear_cache()
-            for name, batched in (("tq-rows", False), ("tq-batched", True)):
-                rows[name] = tq_row(model, batch, context, args, batched)
+            for name, mode in (("tq-rows", "rows"), ("tq-pages", "pages"),
+                               ("tq-batched", "shared")):
+                if name[3:] not in args.skip:
+                    rows[name] = tq_row(model, batch, context, args, mode)
                 gc.collect()
                 mx.clear_cache()
             base = rows["fp16"]

@@ -2,8 +2,9 @@
 (compiled kernels are cached per process by name and source), and print what happened as JSON.
 
   python -m tests.metal.planted_kernel compile   the tensor-core and portable attention
-                                                 kernels fail to compile
-  python -m tests.metal.planted_kernel wrong     both compile and write a wrong output element
+                                                 kernels and the per-row decode epilogue fail
+                                                 to compile
+  python -m tests.metal.planted_kernel wrong     all compile and write a wrong output element
   python -m tests.metal.planted_kernel none      nothing planted (the control)
 
 Used by tests/metal/test_selfcheck.py on a machine with a GPU (the `device` fixture's gpu)."""
@@ -23,7 +24,8 @@ import numpy as np
 def main(plant: str) -> int:
     from tqstore.bench.attention import random_pages
     from tqstore.metal import attention_kernel, dispatch
-    from tqstore.metal.reference import paged_decode_attention_reference
+    from tqstore.metal.reference import (batched_epilogue_reference,
+                                         paged_decode_attention_reference)
 
     records: list[str] = []
 
@@ -37,12 +39,14 @@ def main(plant: str) -> int:
     def planted(kind: str):
         def build(**kw):
             name = kw["name"]
-            if name.startswith("tq_attn_") and plant != "none":
+            if name.startswith(("tq_attn_", "tq_decode_epilogue_rows")) and plant != "none":
                 kw["name"] = name + "_planted"
                 if plant == "compile":
                     kw["source"] += "\n  this is not a statement;\n"
                 elif "_single_" in name:  # a numerically wrong single-pass kernel
                     kw["source"] += "\n  out[0] = 12345.0f;\n"
+                elif name.startswith("tq_decode_epilogue_rows"):
+                    kw["source"] += "\n  out[0] = TQ_OUT(12345.0f);\n"
             return real[kind](**kw)
         return build
 
@@ -59,6 +63,26 @@ def main(plant: str) -> int:
             backend=dispatch.active_backend(),
             bitwise_equal_to_reference=bool(mx.array_equal(got, want).item()),
             max_abs_err=float(mx.max(mx.abs(got - want)).item()))
+    # The batched (per-row) decode epilogue: Llama-3-8B heads, rows of 0, 7 and 15 tail tokens.
+    lengths, (dk, dv, hq, hkv, bs) = [0, 7, 15], (128, 128, 32, 8, 16)
+    f16 = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float16))  # noqa: E731
+    x = dict(pages_out=mx.array(rng.standard_normal((3, hq, dv)).astype(np.float32)),
+             pages_lse=mx.array(rng.standard_normal((3, hq)).astype(np.float32) + 4),
+             queries=mx.array(rng.standard_normal((3, hq, dk)).astype(np.float32) * 0.09),
+             tail_keys=f16(3, hkv, bs, dk), tail_values=f16(3, hkv, bs, dv),
+             new_keys=f16(3, hkv, 1, dk), new_values=f16(3, hkv, 1, dv),
+             key_center=mx.zeros((hkv, dk)),
+             output_rotation=mx.array(np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0]
+                                      .astype(np.float32)))
+    info = mx.array([[n + 1, n] for n in lengths], dtype=mx.int32)
+    got = dispatch.batched_decode_epilogue(**x, old_lengths=lengths, tail_info=info,
+                                           block_size=bs, out_dtype=mx.float32)
+    with mx.stream(mx.cpu):
+        want = batched_epilogue_reference(**x, old_lengths=lengths, out_dtype=mx.float32)
+    mx.eval(got, want)
+    out["epilogue-rows"] = dict(
+        max_rel_err=float((mx.max(mx.abs(got[0] - want[0])) / mx.max(mx.abs(want[0]))).item()),
+        tails_exact=all(bool(mx.array_equal(a, b).item()) for a, b in zip(got[1:], want[1:])))
     out["report"] = dispatch.kernel_report()
     out["warnings"] = records
     out["gpu"] = attention_kernel.gpu_backend()

@@ -1,7 +1,9 @@
 """The decode epilogue kernel (tqstore.metal.epilogue): its generated Metal and CUDA sources
 type-check through the shims, and the CUDA source, run on the CPU emulator, computes what
 tqstore.metal.reference.decode_epilogue_reference computes (the GPU run is
-tools/attention_e2e.py's tail check, kernels against the reference end to end)."""
+tools/attention_e2e.py's tail check, kernels against the reference end to end). The same for
+its per-row form (a batch of tails of different lengths in one launch) against
+batched_epilogue_reference."""
 
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ from tqstore.metal.dialect import DIALECTS
 from tqstore.metal.epilogue import (DIMS_PER_GROUP, EPILOGUE_INPUTS, EPILOGUE_OUTPUTS,
                                     INPUT_TYPES, THREADS, epilogue_body, epilogue_header,
                                     epilogue_unsupported_reason)
-from tqstore.metal.reference import decode_epilogue_reference
+from tqstore.metal.reference import batched_epilogue_reference, decode_epilogue_reference
 
 _NP = dict(float32=np.float32, float16=np.float16, int32=np.int32)
 
 
-def _source(dialect: str, dims: tuple, out_dtype: str, prelude=None) -> str:
+def _source(dialect: str, dims: tuple, out_dtype: str, prelude=None, per_row=False) -> str:
     dk, dv, hq, hkv, bs = dims
     outputs = [("out", out_dtype), ("next_tail_keys", "float16"), ("next_tail_values", "float16")]
     return full_source(dialect, "epilogue", epilogue_header(dialect, out_dtype),
-                       epilogue_body(dialect, dk, dv, hq, hkv, bs),
+                       epilogue_body(dialect, dk, dv, hq, hkv, bs, per_row),
                        [(n, INPUT_TYPES[n]) for n in EPILOGUE_INPUTS], outputs, prelude=prelude)
 
 
@@ -34,8 +36,10 @@ def _source(dialect: str, dims: tuple, out_dtype: str, prelude=None) -> str:
 @pytest.mark.parametrize("out_dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("dims", [(128, 128, 32, 8, 16), (64, 64, 9, 3, 256)],
                          ids=["llama3", "smollm2-bs256"])
-def test_epilogue_source_compiles(dialect, out_dtype, dims, tmp_path):
-    syntax_check(_source(dialect, dims, out_dtype), tmp_path, f"epi_{dialect}_{out_dtype}")
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-length", "per-row"])
+def test_epilogue_source_compiles(dialect, out_dtype, dims, per_row, tmp_path):
+    syntax_check(_source(dialect, dims, out_dtype, per_row=per_row), tmp_path,
+                 f"epi_{dialect}_{out_dtype}")
 
 
 def test_unsupported_shapes_are_named():
@@ -65,10 +69,11 @@ def _inputs(rng: np.random.Generator, dims: tuple, batch: int, n_old: int, n_new
         output_rotation=rot)
 
 
-def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path) -> list[np.ndarray]:
+def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path,
+                  per_row: bool = False) -> list[np.ndarray]:
     dk, dv, hq, hkv, bs = dims
     batch = x["queries"].shape[0]
-    n = int(x["tail_info"][0])
+    n = bs if per_row else int(x["tail_info"][0])  # rows of the next tail per (b, kv head)
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
     for name in EPILOGUE_INPUTS:
@@ -92,7 +97,8 @@ def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path) -> list[np.nda
           f' {o}.size() * sizeof({o}[0]));' for o in EPILOGUE_OUTPUTS],
         "  return 0;", "}"])
     cpp = tmp_path / "epi.cpp"
-    cpp.write_text(_source("cuda", dims, out_dtype, prelude='#include "cuda_emu.h"') + main)
+    cpp.write_text(_source("cuda", dims, out_dtype, prelude='#include "cuda_emu.h"',
+                           per_row=per_row) + main)
     exe = tmp_path / "epi"
     res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w", str(cpp),
                           "-o", str(exe)], capture_output=True, text=True)
@@ -135,3 +141,45 @@ def test_epilogue_kernel_on_the_emulator(case, tmp_path):
     scale = np.max(np.abs(want[0]))
     tol = 2e-3 if out_dtype == "float16" else 2e-5  # fp16 output: its rounding
     assert np.max(np.abs(out - want[0])) <= tol * scale
+
+
+# Per-row form: (dims, the rows' old tail lengths, out dtype). Lengths 0 (a token opening its
+# tail), mid-block and a token short of the block; a row with no page token.
+ROW_CASES = [
+    ((128, 128, 32, 8, 16), [0, 7, 15], "float16"),
+    ((64, 64, 9, 3, 16), [3, 0, 1, 14], "float32"),
+    ((128, 64, 16, 2, 64), [40, 63], "float32"),  # G = 8, two staged key chunks
+]
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: f"h{c[0][2]}x{c[0][3]}_rows{len(c[1])}")
+def test_per_row_epilogue_kernel_on_the_emulator(case, tmp_path):
+    dims, lengths, out_dtype = case
+    dk, dv, hq, hkv, bs = dims
+    batch = len(lengths)
+    x = _inputs(np.random.default_rng(sum(lengths) + dims[2]), dims, batch, bs, 1, True, True)
+    # Garbage past each row's tokens: the kernel must read only [0, n_old).
+    x["tail_info"] = np.array([[n + 1, n] for n in lengths], dtype=np.int32)
+    got = _run_emulated(x, dims, out_dtype, tmp_path, per_row=True)
+    m = {k: mx.array(v) for k, v in x.items() if k != "tail_info"}
+    with mx.stream(mx.cpu):
+        want = batched_epilogue_reference(**m, old_lengths=lengths, out_dtype=getattr(mx, out_dtype))
+        want = [np.array(w.astype(mx.float32)) for w in want]
+    # The next tails: each row's tokens then zeros, exactly.
+    assert np.array_equal(got[1].astype(np.float32), want[1])
+    assert np.array_equal(got[2].astype(np.float32), want[2])
+    for b, n in enumerate(lengths):
+        assert not np.any(got[1][b, :, n + 1:]) and np.any(got[1][b, :, :n + 1])
+    out = got[0].astype(np.float32)
+    assert np.all(np.isfinite(out))
+    tol = 2e-3 if out_dtype == "float16" else 2e-5
+    assert np.max(np.abs(out - want[0])) <= tol * np.max(np.abs(want[0]))
+    # Each row of the reference is that row's one-length epilogue (the contract per row).
+    b, n = batch - 1, lengths[-1]
+    with mx.stream(mx.cpu):
+        alone = decode_epilogue_reference(
+            m["pages_out"][b:b + 1], m["pages_lse"][b:b + 1], m["queries"][b:b + 1],
+            m["tail_keys"][b:b + 1, :, :n], m["tail_values"][b:b + 1, :, :n],
+            m["new_keys"][b:b + 1], m["new_values"][b:b + 1], m["key_center"],
+            m["output_rotation"], getattr(mx, out_dtype))
+        assert np.array_equal(np.array(alone[0].astype(mx.float32))[0], want[0][b])

@@ -43,7 +43,7 @@ def forced(steps):
 
 @pytest.fixture
 def one_launch(monkeypatch):
-    """Drive the GPU's one-launch batch path wherever the test runs (on the CPU its attention
+    """Drive the one-launch batch path for the pages (gpu_batch_step) wherever the test runs (on the CPU its attention
     call is the C kernel over all rows), and record the batch size of every launch."""
     launches = []
     real = batch_module.paged_decode_attention
@@ -52,6 +52,7 @@ def one_launch(monkeypatch):
         launches.append(queries.shape[0])
         return real(queries, *args, **kwargs)
 
+    monkeypatch.setattr(batch_module, "BATCH_MODE", "pages")  # not the shared tails (own tests)
     monkeypatch.setattr(batch_module, "fused_batch_step", lambda *a, **k: None)
     monkeypatch.setattr(batch_module, "gpu_kernels_possible", lambda: True)
     monkeypatch.setattr(batch_module, "paged_decode_attention", recording)

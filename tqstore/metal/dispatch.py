@@ -26,10 +26,12 @@ import mlx.core as mx
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal import selfcheck
 from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
-from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
+from tqstore.metal.epilogue import (epilogue_fits, kernel_batched_epilogue,
+                                   kernel_decode_epilogue)
 from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
 from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
-from tqstore.metal.reference import decode_epilogue_reference, paged_decode_attention_reference
+from tqstore.metal.reference import (batched_epilogue_reference, decode_epilogue_reference,
+                                     paged_decode_attention_reference)
 from tqstore.native import cpu_kernels
 from tqstore.native.build import load as load_native, unavailable_reason as native_unavailable
 
@@ -341,6 +343,42 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
     return decode_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
                                      new_keys, new_values, key_center, output_rotation,
                                      out_dtype)
+
+
+def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
+                            tail_keys: mx.array, tail_values: mx.array, new_keys: mx.array,
+                            new_values: mx.array, old_lengths: list[int], tail_info: mx.array,
+                            key_center: mx.array, output_rotation: mx.array, block_size: int,
+                            out_dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+    """decode_epilogue for a batch whose tails differ in length, in one launch: tails in
+    block-sized buffers (B, Hkv, block_size, D) fp16 holding old_lengths[b] tokens, one new token
+    per row (B, Hkv, 1, D) fp16, tail_info int32 (B, 2) = [old + 1, old] per row (the kernel's
+    copy of old_lengths). Returns (out (B, Hq, Dv), next tails (B, Hkv, block_size, D)): the
+    per-row kernel of tqstore.metal.epilogue, else batched_epilogue_reference."""
+    gpu = gpu_backend()
+    if gpu is not None and _forced != "reference":
+        name = f"{gpu}-kernel-epilogue-rows"
+        _, hq, dk = queries.shape
+        hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
+        shape = (dk, dv, hq, hkv, block_size, out_dtype)
+
+        def run(x: dict, lengths: list[int], bs: int, dtype: mx.Dtype):
+            info = mx.array([[n + 1, n] for n in lengths], dtype=mx.int32)
+            return kernel_batched_epilogue(gpu, **x, tail_info=info, block_size=bs,
+                                           out_dtype=dtype)
+
+        if (epilogue_fits(dk, dv, hq, hkv, block_size, out_dtype)
+                and selfcheck.usable(name, shape,
+                                     lambda: selfcheck.check_batched_epilogue(shape, run))):
+            out = kernel_batched_epilogue(gpu, pages_out, pages_lse, queries, tail_keys,
+                                          tail_values, new_keys, new_values, tail_info,
+                                          key_center, output_rotation, block_size, out_dtype)
+            if out is not None:
+                _announce(name, "the batched decode epilogue (one launch for a batch's tails)")
+                return out
+    return batched_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
+                                      new_keys, new_values, old_lengths, key_center,
+                                      output_rotation, out_dtype)
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:

@@ -22,6 +22,13 @@ a sequence's layers share one step):
 Outputs: out (B, HQ, DV) in the model's dtype; next_tail_keys/values float16 (B, HKV, n, D):
 the tail followed by the new tokens (what the cache keeps for the next step).
 
+The per-row form (``per_row=True``: a batch of sequences whose tails differ in length, one
+launch per layer for the whole batch; tqstore.paged.shared_tail): every tail is held in a
+block-sized buffer, tail_keys/values (B, HKV, block_size, D) whose row b is valid in [0, n_old_b);
+new_keys/values (B, HKV, 1, D), one token per row; tail_info int32 (B, 2) = [n_b, n_old_b] per
+row, n_b == n_old_b + 1; the next tail comes back in the same block-sized form, row b's tokens
+[0, n_b) followed by zeros (every byte written: the same input gives the same bytes out).
+
 Math per query head (natural log units, the rule of tqstore.paged.tail):
   s_t = q . (k_t - c)             for the n tail tokens
   m   = max(lse, max_t s_t);  w = exp(lse - m);  p_t = exp(s_t - m)
@@ -96,15 +103,23 @@ def epilogue_header(dialect: str, out_dtype: str) -> str:
 
 
 def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
-                  num_kv_heads: int, block_size: int) -> str:
+                  num_kv_heads: int, block_size: int, per_row: bool = False) -> str:
+    """The kernel body; ``per_row``: the batched form (module doc), else one tail length."""
     g = num_q_heads // num_kv_heads
     chunk = max(1, STAGE_FLOATS // key_dim)
+    # Where row b's lengths are, and how many rows each tail buffer holds per (b, kv head).
+    info, old_rows, next_rows = ("2 * b", "MAXN", "MAXN") if per_row else ("0", "n_old", "n")
+    if per_row:  # rows past n are zeros
+        copy_k = "i / DK < n ? TQ_TAIL_K(i / DK, i % DK) : TQ_FLOAT_TO_HALF(0.0f)"
+        copy_v = "i / DV < n ? TQ_TAIL_V(i / DV, i % DV) : TQ_FLOAT_TO_HALF(0.0f)"
+    else:
+        copy_k, copy_v = "TQ_TAIL_K(i / DK, i % DK)", "TQ_TAIL_V(i / DV, i % DV)"
     return body_prologue(dialect) + f"""
   constexpr int DK = {key_dim}, DV = {value_dim}, HQ = {num_q_heads}, HKV = {num_kv_heads};
   constexpr int G = {g}, MAXN = {block_size}, NT = {THREADS}, DC = {DIMS_PER_GROUP};
   constexpr int CH = {chunk}, KP = DK + 1;  // tail keys staged per chunk, padded row length
   const int kvh = tq_gy, b = tq_gz, d0 = tq_gx * DC;
-  const int n = tail_info[0], n_old = tail_info[1], n_new = n - n_old;
+  const int n = tail_info[{info}], n_old = tail_info[{info} + 1], n_new = n - n_old;
   const int h0 = kvh * G;
   TQ_SHARED float qs[G * DK];
   TQ_SHARED float o_rot[G * DV];
@@ -114,15 +129,15 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
   for (int i = tq_tid; i < G * DK; i += NT) qs[i] = queries[(b * HQ + h0) * DK + i];
   for (int i = tq_tid; i < G * DV; i += NT) o_rot[i] = pages_out[(b * HQ + h0) * DV + i];
   // Token t of the tail after this step: the old tail's, then the new ones.
-  const int old_k = (b * HKV + kvh) * n_old, new_k = (b * HKV + kvh) * n_new;
+  const int old_k = (b * HKV + kvh) * {old_rows}, new_k = (b * HKV + kvh) * n_new;
 #define TQ_TAIL_K(t, d) ((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] \\
                                      : new_keys[(new_k + (t) - n_old) * DK + (d)])
 #define TQ_TAIL_V(t, d) ((t) < n_old ? tail_values[(old_k + (t)) * DV + (d)] \\
                                      : new_values[(new_k + (t) - n_old) * DV + (d)])
-  if (tq_gx == 0) {{  // the next tail: a copy of the old one plus the new tokens
-    const int row = (b * HKV + kvh) * n;
-    for (int i = tq_tid; i < n * DK; i += NT) next_tail_keys[row * DK + i] = TQ_TAIL_K(i / DK, i % DK);
-    for (int i = tq_tid; i < n * DV; i += NT) next_tail_values[row * DV + i] = TQ_TAIL_V(i / DV, i % DV);
+  if (tq_gx == 0) {{  // the next tail: a copy of the old one plus the new tokens (then zeros)
+    const int rows = {next_rows}, row = (b * HKV + kvh) * rows;
+    for (int i = tq_tid; i < rows * DK; i += NT) next_tail_keys[row * DK + i] = {copy_k};
+    for (int i = tq_tid; i < rows * DV; i += NT) next_tail_values[row * DV + i] = {copy_v};
   }}
   // Tail scores s = q . (k - c): keys staged chunk by chunk (all loads in flight at once),
   // then one thread per (head, token) over the staged row.
@@ -192,13 +207,14 @@ def epilogue_fits(key_dim: int, value_dim: int, num_q_heads: int, num_kv_heads: 
 
 @lru_cache(maxsize=32)
 def epilogue_kernel(backend: str, key_dim: int, value_dim: int, num_q_heads: int,
-                    num_kv_heads: int, block_size: int, out_dtype: str):
+                    num_kv_heads: int, block_size: int, out_dtype: str, per_row: bool = False):
     builder = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return builder(
-        name=(f"tq_decode_epilogue_k{key_dim}_v{value_dim}_h{num_q_heads}x{num_kv_heads}"
-              f"_bs{block_size}_{out_dtype}"),
+        name=(f"tq_decode_epilogue{'_rows' if per_row else ''}_k{key_dim}_v{value_dim}"
+              f"_h{num_q_heads}x{num_kv_heads}_bs{block_size}_{out_dtype}"),
         input_names=list(EPILOGUE_INPUTS), output_names=list(EPILOGUE_OUTPUTS),
-        source=epilogue_body(backend, key_dim, value_dim, num_q_heads, num_kv_heads, block_size),
+        source=epilogue_body(backend, key_dim, value_dim, num_q_heads, num_kv_heads, block_size,
+                             per_row),
         header=epilogue_header(backend, out_dtype), ensure_row_contiguous=True)
 
 
@@ -227,4 +243,27 @@ def kernel_decode_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arra
                 output_rotation],
         output_shapes=[(bsz, hq, dv), (bsz, hkv, tail_length, dk), (bsz, hkv, tail_length, dv)],
         output_dtypes=[out_dtype, f16, f16],
+        grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))
+
+
+def kernel_batched_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.array,
+                            queries: mx.array, tail_keys: mx.array, tail_values: mx.array,
+                            new_keys: mx.array, new_values: mx.array, tail_info: mx.array,
+                            key_center: mx.array, output_rotation: mx.array, block_size: int,
+                            out_dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array] | None:
+    """The per-row form (module doc) for a batch of tails of different lengths in one launch:
+    tails (B, Hkv, block_size, D) fp16, new tokens (B, Hkv, 1, D) fp16, tail_info (B, 2).
+    None where the kernel does not cover the shape."""
+    bsz, hq, dk = queries.shape
+    hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
+    name = _dtype_name(out_dtype)
+    if (name is None or tail_keys.shape[2] != block_size or new_keys.shape[2] != 1
+            or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name)):
+        return None
+    kernel = epilogue_kernel(backend, dk, dv, hq, hkv, block_size, name, True)
+    return tuple(kernel(
+        inputs=[pages_out, pages_lse, queries, tail_keys, tail_values, new_keys, new_values,
+                tail_info, key_center, output_rotation],
+        output_shapes=[(bsz, hq, dv), (bsz, hkv, block_size, dk), (bsz, hkv, block_size, dv)],
+        output_dtypes=[out_dtype, mx.float16, mx.float16],
         grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))

@@ -163,3 +163,28 @@ def decode_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries:
     out = merge_with_tail(out, pages_lse.reshape(B, Hkv, G, 1), queries.reshape(B, Hkv, G, Dk),
                           keys, next_values.astype(mx.float32))
     return out.reshape(B, Hq, Dv).astype(out_dtype), next_keys, next_values
+
+
+def batched_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
+                               tail_keys: mx.array, tail_values: mx.array, new_keys: mx.array,
+                               new_values: mx.array, old_lengths: list[int],
+                               key_center: mx.array, output_rotation: mx.array,
+                               out_dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+    """The per-row epilogue (tqstore.metal.epilogue, ``per_row``) in MLX ops, row by row through
+    decode_epilogue_reference: tails in block-sized buffers (B, Hkv, cap, D) whose row b holds
+    old_lengths[b] tokens, one new token per row (B, Hkv, 1, D). Returns (out (B, Hq, Dv), the
+    next tails (B, Hkv, cap, D): row b's old tokens, its new one, then zeros)."""
+    cap = tail_keys.shape[2]
+    outs, next_keys, next_values = [], [], []
+    for b, n_old in enumerate(old_lengths):
+        if not 0 <= n_old < cap:
+            raise InvalidArgument(f"row {b} holds {n_old} tail tokens; its buffer {cap}")
+        out, keys, values = decode_epilogue_reference(
+            pages_out[b:b + 1], pages_lse[b:b + 1], queries[b:b + 1],
+            tail_keys[b:b + 1, :, :n_old], tail_values[b:b + 1, :, :n_old],
+            new_keys[b:b + 1], new_values[b:b + 1], key_center, output_rotation, out_dtype)
+        pad = [(0, 0), (0, 0), (0, cap - n_old - 1), (0, 0)]
+        outs.append(out)
+        next_keys.append(mx.pad(keys, pad))
+        next_values.append(mx.pad(values, pad))
+    return (mx.concatenate(outs), mx.concatenate(next_keys), mx.concatenate(next_values))

@@ -258,6 +258,45 @@ def check_epilogue(key: tuple, run: Callable[..., tuple | None]) -> str | None:
             f"{'exact' if tail_exact else 'differs'}")
 
 
+def check_batched_epilogue(key: tuple, run: Callable[..., tuple | None]) -> str | None:
+    """The per-row epilogue: `run(x, old_lengths, bs, dtype)` -> (out, next tails) against
+    batched_epilogue_reference on three rows (an empty tail, a half-full one, one a token short
+    of its block): outputs within their dtype's rounding, the next tails (zeros past each row's
+    length included) bit-exact."""
+    from tqstore.metal.reference import batched_epilogue_reference
+    dk, dv, hq, hkv, bs, out_dtype = key
+    rng = _rng(("rows",) + key)
+    lengths = [0, max(1, bs // 2 - 1), bs - 1]
+    b = len(lengths)
+
+    def f16(*shape):
+        return mx.array((rng.standard_normal(shape) * 2).astype(np.float16))
+
+    rot = np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0].astype(np.float32)
+    x = dict(pages_out=mx.array(rng.standard_normal((b, hq, dv)).astype(np.float32)),
+             pages_lse=mx.array((rng.standard_normal((b, hq)) * 3 + 4).astype(np.float32)),
+             queries=mx.array((rng.standard_normal((b, hq, dk)) * dk ** -0.5).astype(np.float32)),
+             tail_keys=f16(b, hkv, bs, dk), tail_values=f16(b, hkv, bs, dv),
+             new_keys=f16(b, hkv, 1, dk), new_values=f16(b, hkv, 1, dv),
+             key_center=mx.array(rng.standard_normal((hkv, dk)).astype(np.float32)),
+             output_rotation=mx.array(rot))
+    got = run(x, lengths, bs, out_dtype)
+    if got is None:
+        return "the kernel declined a shape it was chosen for"
+    with mx.stream(mx.cpu):
+        want = batched_epilogue_reference(**x, old_lengths=lengths, out_dtype=mx.float32)
+        mx.eval(want)
+    err = float((mx.max(mx.abs(got[0].astype(mx.float32) - want[0]))
+                 / mx.max(mx.abs(want[0]))).item())
+    tail_exact = all(a.shape == b.shape and bool(mx.array_equal(a, b).item())
+                     for a, b in zip(got[1:], want[1:]))
+    tol = EPILOGUE_TOLERANCE.get(out_dtype, 1e-5)
+    if err < tol and tail_exact:
+        return None
+    return (f"mismatch against the reference: max rel {err:.2e} (bound {tol:g}), next tails "
+            f"{'exact' if tail_exact else 'differ'}")
+
+
 def check_multi_token(key: tuple, run: Callable[..., mx.array | None]) -> str | None:
     """A multi-token attention path against MLX's scaled_dot_product_attention in float32 for
     key = (Hq, Hkv, D, Dv, mask kind: none, causal, array-bool, array-additive): a 7-token step

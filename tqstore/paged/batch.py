@@ -13,12 +13,16 @@ Joining and leaving cost nothing: a batch is rebuilt from the live sequences' ca
 step (``batch_caches``), so a request that arrives joins the next step and one that finishes or
 is cancelled leaves it, its pages returned to the pool at once.
 
-On a GPU the rows' pages are attended in one launch (``gpu_batch_step``): one query preparation
-for the batch, one attention kernel over every row's block table (padded to the widest, each row
-read up to its own length), then each row's own epilogue (its fp16 tail). Row by row, a step of B
+On a GPU (and wherever the C step does not serve) a layer's step is a fixed number of launches
+whatever B is (tqstore.paged.shared_tail): the batch's tokens converted once, one query
+preparation, one attention kernel over every row's block table (padded to the widest, each row
+read up to its own length), and one epilogue kernel that merges every row with its fp16 tail
+and appends its token, the rows' tails held in one array per layer. Row by row, a step of B
 sequences cost B launch chains and B times the Python that builds them per layer. On a GPU a
 row's bits in a batch are not those of the row alone anyway (fp32 matmuls of B rows run on TF32
 tensor cores, tests/tolerance.py); on the CPU the C step keeps them exact (fused_batch_step).
+Rows in an unusual state for one step (see shared_tail) take ``gpu_batch_step``: the pages in
+one launch, then each row's own epilogue.
 
 Only single-token steps are batched; prefill chunks run per sequence (their exactness rests on
 per-sequence chunk shapes: tqstore.generator.prefill_bounds).
@@ -32,13 +36,17 @@ import mlx.core as mx
 import numpy as np
 
 from tqstore.errors import InvalidArgument
-from tqstore.metal.dispatch import gpu_kernels_possible, paged_decode_attention
+from tqstore.metal.dispatch import (fused_decode_step_possible, fused_decode_step_rows,
+                                    gpu_kernels_possible, paged_decode_attention)
+from tqstore.paged import shared_tail
 from tqstore.paged.arenas import KV_DTYPE
-from tqstore.paged.cache import PagedLayerCache, fused_batch_step, prepare_queries
+from tqstore.paged.cache import PagedLayerCache, prepare_queries
 from tqstore.small_arrays import padded_array
 
-# The batched GPU step (gpu_batch_step); False: rows attend one by one (benchmarks' A/B).
-GPU_BATCHED_ATTENTION = True
+# How a batch's rows share a step off the C path (benchmarks' A/B): "shared" (the default: one
+# epilogue launch per layer over the rows' shared tails), "pages" (one attention launch for
+# the rows' pages, then each row's epilogue: gpu_batch_step) or "rows" (each row alone).
+BATCH_MODE = "shared"
 
 
 class StepTables:
@@ -51,6 +59,15 @@ class StepTables:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, ...], tuple[list[mx.array], tuple[mx.array, mx.array]]] = {}
+        self._tail_info: tuple[tuple[int, ...], mx.array] | None = None
+
+    def tail_info(self, lengths: list[int]) -> mx.array:
+        """The rows' tail lengths for the shared-tail epilogue (shared_tail.tail_info), built
+        once per step: every layer of a row has the same tail (sliding layers have none)."""
+        key = tuple(lengths)
+        if self._tail_info is None or self._tail_info[0] != key:
+            self._tail_info = (key, shared_tail.tail_info(lengths))
+        return self._tail_info[1]
 
     def get(self, caches: Seq[PagedLayerCache]) -> tuple[mx.array, mx.array]:
         tables = [c.sequence.block_table() for c in caches]
@@ -82,6 +99,8 @@ class BatchedLayerCache:
         self.offset = offsets
         self.decode_pending = False
         self._dense: list[tuple[mx.array, mx.array] | None] = []
+        # A shared-tail step's (tail lengths, new keys, new values), from update to attend.
+        self._shared: tuple[list[int], mx.array, mx.array] | None = None
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         if N != 1:
@@ -93,6 +112,13 @@ class BatchedLayerCache:
             raise InvalidArgument(f"batched step of {len(self.caches)} sequences got keys "
                                   f"{keys.shape}")
         self._dense = []
+        self._shared = None
+        if BATCH_MODE == "shared" and not fused_decode_step_possible():
+            lengths = shared_tail.plan(self.caches)
+            if lengths is not None:
+                self._shared = (lengths, *shared_tail.append(self.caches, keys, values, lengths))
+                self.decode_pending = True
+                return keys, values
         new_keys, new_values = keys, values
         if all(c.fp16_tail and not c.arena.dense and not c.prefill_step(1)
                for c in self.caches):
@@ -111,6 +137,13 @@ class BatchedLayerCache:
         """(B, Hq, 1, D) queries -> (B, Hq, 1, Dv): each row over its own sequence (on the
         CPU all rows in one C call, the same per-row arithmetic)."""
         self.decode_pending = False
+        if self._shared is not None:
+            lengths, new_keys, new_values = self._shared
+            self._shared = None
+            tables, lens = self.tables.get(self.caches)
+            return shared_tail.shared_tail_attend(
+                self.caches, queries, scale, tables, lens, lengths,
+                self.tables.tail_info(lengths), new_keys, new_values)
         if all(dense is None for dense in self._dense):
             out = fused_batch_step(self.caches, queries, scale)
             if out is None:
@@ -145,7 +178,7 @@ def gpu_batch_step(caches: Seq[PagedLayerCache], queries: mx.array, scale: float
     then each row's epilogue (PagedLayerCache.finish_pages). None (nothing touched) where it
     does not serve: the CPU (fused_batch_step keeps rows exact there), rows in more than one
     pool, a row without pages yet."""
-    if not (GPU_BATCHED_ATTENTION and len(caches) > 1 and gpu_kernels_possible()
+    if not (BATCH_MODE != "rows" and len(caches) > 1 and gpu_kernels_possible()
             and all(c.committed for c in caches)):
         return None
     arena = caches[0].arena
@@ -160,6 +193,29 @@ def gpu_batch_step(caches: Seq[PagedLayerCache], queries: mx.array, scale: float
     rows = [cache.finish_pages(pages_out[b:b + 1], lse[b:b + 1], q[b:b + 1], queries.dtype)
             for b, cache in enumerate(caches)]
     return mx.concatenate(rows, axis=0)
+
+
+def fused_batch_step(caches: Seq[PagedLayerCache], queries: mx.array,
+                     scale: float) -> mx.array | None:
+    """One layer's decode attention for a batch of sequences (one routed token each, every
+    one with a committed page) in one C call where the CPU's fused step serves: queries
+    (B, Hq, 1, Dk) -> (B, Hq, 1, Dv), row b bit for bit what caches[b].attend gives alone.
+    None (nothing touched) where it does not serve: the caller attends row by row."""
+    if not (fused_decode_step_possible() and all(c.committed for c in caches)):
+        return None
+    arena = caches[0].arena  # one pool: every sequence's layer lives in the same arenas
+    if any(c.arena is not arena for c in caches):
+        return None
+    kc, vc = arena.key_codec, arena.value_codec
+    rows = [c.fused_step_row() for c in caches]
+    out = fused_decode_step_rows(
+        queries[:, :, 0, :], scale, arena.query_rotation, arena.key_codes, arena.key_scales,
+        arena.value_codes, arena.value_scales, rows, kc.codebook, vc.codebook,
+        arena.key_center, arena.output_rotation, kc.bits, vc.bits)
+    if out is None:
+        return None  # rows flushed their pending tokens: attend() takes them as they are
+    B, Hq = queries.shape[:2]
+    return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)
 
 
 def batch_caches(sequences: Seq[Seq[PagedLayerCache]]) -> list[BatchedLayerCache]:

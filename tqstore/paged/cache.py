@@ -41,14 +41,14 @@ from mlx_lm.models.cache import create_attention_mask
 
 from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import (decode_epilogue, fused_decode_step,
-                                    fused_decode_step_possible, fused_decode_step_rows,
-                                    paged_decode_attention)
+                                    fused_decode_step_possible, paged_decode_attention)
 from tqstore.metal.reference import merge_with_tail
 from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from tqstore.paged.policy import CachePolicy
 from tqstore.paged.sequence import Sequence
 from tqstore.paged.tail import commit_point, exact_start, extended_mask
+from tqstore.paged.tail_storage import TailStorage
 
 
 @mx.compile
@@ -63,7 +63,7 @@ def prepare_queries(queries: mx.array, rotation: mx.array,
     return q, mx.matmul(q.reshape(B, Hkv, Hq // Hkv, Dk), rotation).reshape(B, Hq, Dk)
 
 
-class PagedLayerCache:
+class PagedLayerCache(TailStorage):
     """mlx-lm cache protocol for one layer of one sequence (batch size 1)."""
 
     def __init__(self, sequence: Sequence, layer: int) -> None:
@@ -80,6 +80,10 @@ class PagedLayerCache:
         # Tokens whose K/V are in the pages; with fp16_tail, [committed, offset) are held in
         # _tail_keys/_tail_values (fp16, (1, Hkv, n, D)), else committed == offset after a write.
         self.committed = self.offset
+        # The tail's own arrays, or after a batched GPU step a reference to this sequence's
+        # row of the batch's buffers (tqstore.paged.shared_tail: (SharedTail, row, tokens)),
+        # sliced out only when something reads this row's tail alone (the properties below).
+        self._shared = None
         self._tail_keys: mx.array | None = None
         self._tail_values: mx.array | None = None
         # A routed decode step's token that joins the tail block: the decode epilogue appends
@@ -348,6 +352,31 @@ class PagedLayerCache:
             self.arena.output_rotation, self.sequence.block_size, dtype)
         return out.reshape(B, Hq, 1, Dv)
 
+    # -- a batched GPU step over shared tails (tqstore.paged.shared_tail) -------------------
+    def shared_tail_plan(self) -> int | None:
+        """This row's tail length before a batched step's token (0: the token opens its
+        tail), or None where the general update must run (module doc of shared_tail)."""
+        if not (self.fp16_tail and self.attention_routed and self.committed
+                and not self.arena.dense and not self.in_prefill and not self.decode_pending
+                and self._pending is None):
+            return None
+        n = self.offset - self.committed
+        to_commit = commit_point(self.committed, self.offset + 1,
+                                 self.sequence.block_size) - self.committed
+        if to_commit == 0 and n < self.sequence.block_size:
+            return n
+        if n and to_commit == n and n == self.sequence.block_size:
+            return 0
+        return None
+
+    def shared_tail_append(self, n_old: int) -> None:
+        """Count this step's token (shared_tail.append); a full tail goes to the pages first."""
+        if n_old == 0 and self.offset > self.committed:
+            self._commit(self.committed, self._tail_keys, self._tail_values)
+            self._tail_keys = self._tail_values = None
+        self.offset += 1
+        self.decode_pending = True
+
     def fused_step_row(self) -> tuple[mx.array, mx.array, mx.array | None, mx.array | None]:
         """This sequence's row of a batched fused step (fused_batch_step), the routed token's
         pending append flushed into the tail as attend does: (block table, seq_lens, tail keys,
@@ -373,9 +402,7 @@ class PagedLayerCache:
             # With the pages written so far in the prefill (_write_prefill_blocks): a caller
             # evaluating the state after a chunk also runs those writes.
             return [self._keys, self._values] + (self.arena.arrays if self.committed else [])
-        if self._tail_keys is not None:
-            return [*self.arena.arrays, self._tail_keys, self._tail_values]
-        return self.arena.arrays
+        return [*self.arena.arrays, *self.tail_state()]
 
     def is_trimmable(self) -> bool:
         return True
@@ -417,8 +444,7 @@ class PagedLayerCache:
             pages = len(self.sequence.blocks) * self.arena.bytes_per_block if self.committed else 0
             return self._keys.nbytes + self._values.nbytes + pages
         self._flush_pending()
-        tail = 0 if self._tail_keys is None else self._tail_keys.nbytes + self._tail_values.nbytes
-        return len(self.sequence.blocks) * self.arena.bytes_per_block + tail
+        return len(self.sequence.blocks) * self.arena.bytes_per_block + self.tail_nbytes()
 
     @property
     def fp16_nbytes(self) -> int:
@@ -466,26 +492,3 @@ def release_prompt_cache(caches: Seq[PagedLayerCache]) -> None:
     """Return the sequence's blocks to the pool (cached blocks stay findable)."""
     if caches:
         caches[0].sequence.release()
-
-
-def fused_batch_step(caches: Seq[PagedLayerCache], queries: mx.array,
-                     scale: float) -> mx.array | None:
-    """One layer's decode attention for a batch of sequences (one routed token each, every
-    one with a committed page) in one C call where the CPU's fused step serves: queries
-    (B, Hq, 1, Dk) -> (B, Hq, 1, Dv), row b bit for bit what caches[b].attend gives alone.
-    None (nothing touched) where it does not serve: the caller attends row by row."""
-    if not (fused_decode_step_possible() and all(c.committed for c in caches)):
-        return None
-    arena = caches[0].arena  # one pool: every sequence's layer lives in the same arenas
-    if any(c.arena is not arena for c in caches):
-        return None
-    kc, vc = arena.key_codec, arena.value_codec
-    rows = [c.fused_step_row() for c in caches]
-    out = fused_decode_step_rows(
-        queries[:, :, 0, :], scale, arena.query_rotation, arena.key_codes, arena.key_scales,
-        arena.value_codes, arena.value_scales, rows, kc.codebook, vc.codebook,
-        arena.key_center, arena.output_rotation, kc.bits, vc.bits)
-    if out is None:
-        return None  # rows flushed their pending tokens: attend() takes them as they are
-    B, Hq = queries.shape[:2]
-    return out.reshape(B, Hq, 1, vc.head_dim).astype(queries.dtype)

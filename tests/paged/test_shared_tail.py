@@ -1,0 +1,168 @@
+"""The shared-tail batched step (tqstore.paged.shared_tail), the one a GPU takes: every row's
+fp16 tail in one buffer per layer, one attention launch and one epilogue launch per layer for
+the whole batch. Driven on the CPU here (the C step, which serves the CPU, is switched off:
+the epilogue is then its pure-MLX reference and attention the C kernel over all rows), so its
+plumbing (per-row tail lengths, blocks committed as they fill, the buffer passed on from step to
+step, rows joining, leaving and reordering) is checked on every machine. The kernel itself is
+checked against the same reference on the emulator (tests/metal/test_epilogue.py) and on GPUs
+(its self-check; tests/metal/test_selfcheck.py)."""
+
+import numpy as np
+import pytest
+
+import tqstore  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+import tqstore.paged.batch as batch_module
+import tqstore.paged.shared_tail as shared_module
+from tqstore.paged import install
+from tqstore.paged.batch import BatchedLayerCache, batch_caches
+
+from tests.paged.test_batch import BS, PROMPTS, TAIL, forced, prefilled
+from tests.paged.test_integration import rel, tiny_model
+from tests.tolerance import MODEL_TF32, rtol
+
+STEPS = 2 * BS + 3  # every row crosses at least two block boundaries, each at its own step
+
+
+@pytest.fixture
+def shared_path(monkeypatch):
+    """The shared-tail step wherever the test runs; records each epilogue launch's row count
+    and whether its old tails were the previous step's buffer passed on as it was."""
+    launches = []
+    real_epilogue, real_old = shared_module.batched_decode_epilogue, shared_module.old_tails
+
+    def epilogue(pages_out, *args, **kwargs):
+        launches.append(pages_out.shape[0])
+        return real_epilogue(pages_out, *args, **kwargs)
+
+    def old_tails(caches, lengths):
+        keys, values = real_old(caches, lengths)
+        refs = [c.shared_tail_ref() for c in caches]
+        passed_on.append(any(r is not None and r[0].keys is keys for r in refs))
+        return keys, values
+
+    passed_on = []
+    monkeypatch.setattr(batch_module, "fused_decode_step_possible", lambda: False)
+    monkeypatch.setattr(shared_module, "batched_decode_epilogue", epilogue)
+    monkeypatch.setattr(shared_module, "old_tails", old_tails)
+    return launches, passed_on
+
+
+def decode_alone(model, prompt, tokens, row):
+    (caches,) = prefilled(model, TAIL, [prompt])
+    logits = []
+    for step in tokens:
+        caches[0].sequence.append_token_ids([step[row]])
+        logits.append(np.array(model(mx.array([[step[row]]]), cache=caches)[0, -1],
+                               dtype=np.float64))
+    return caches, logits
+
+
+def test_each_row_gets_its_own_step_from_one_epilogue_launch_per_layer(rng, shared_path):
+    launches, passed_on = shared_path
+    model = tiny_model("llama")
+    install(model)
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    tokens = forced(rng.integers(3, 97, (STEPS, len(PROMPTS))))
+    alone = [decode_alone(model, p, tokens, row) for row, p in enumerate(prompts)]
+    assert not launches  # one row: the single-sequence path
+
+    sequences = prefilled(model, TAIL, prompts)
+    for i, step in enumerate(tokens):
+        for caches, token in zip(sequences, step):
+            caches[0].sequence.append_token_ids([token])
+        out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
+        mx.eval(out, [c.state for caches in sequences for c in caches])
+        for row in range(len(prompts)):
+            # Same bound and reason as test_batch's one-launch test: K/V from matmuls of 3 rows
+            # stored in fp16. A wrong tail length, a token appended to the wrong row or a block
+            # committed late moves logits by 1e-1 and more.
+            assert rel(np.array(out[row, -1], dtype=np.float64), alone[row][1][i]) < rtol(
+                2e-3, MODEL_TF32), (row, i)
+    layers = len(model.layers)
+    # The first step finishes each row's prefill (the general path); every later step and
+    # layer: one epilogue launch for all three rows.
+    assert launches == [len(prompts)] * ((STEPS - 1) * layers)
+    # The first shared step gathers the rows' own tails; every later one passes the previous
+    # step's buffer on (the same rows in the same order; they open blocks at different steps).
+    assert passed_on[:layers] == [False] * layers and all(passed_on[layers:])
+    for caches, (solo, _), n in zip(sequences, alone, PROMPTS):
+        assert caches[0].offset == solo[0].offset == n + STEPS
+        for mine, theirs in zip(caches, solo):
+            assert (mine.committed, mine.nbytes) == (theirs.committed, theirs.nbytes)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "fp32"])
+def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtype):
+    """The same K/V and queries through the batch and through each row's own caches, for
+    enough steps that every row commits blocks: every row's tail (read alone from the shared
+    buffer) and every committed page hold the same bytes, exact by construction (conversions,
+    copies and per-vector codes); the output is in the queries' dtype."""
+    model = tiny_model("llama")
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    batched, solo = prefilled(model, TAIL, prompts), prefilled(model, TAIL, prompts)
+    attn = model.layers[0].self_attn
+    hq, hkv = attn.n_heads, attn.n_kv_heads
+    d = model.args.hidden_size // hq
+    B = len(prompts)
+    for _ in range(BS + 2):
+        k, v = (mx.array(rng.standard_normal((B, hkv, 1, d)).astype(np.float32)).astype(dtype)
+                for _ in range(2))
+        q = mx.array(rng.standard_normal((B, hq, 1, d)).astype(np.float32)).astype(dtype)
+        offsets = mx.array([s[0].offset for s in batched])
+        for layer in range(len(model.layers)):
+            joined = BatchedLayerCache([s[layer] for s in batched], offsets)
+            joined.update_and_fetch(k, v)
+            got = joined.attend(q, d ** -0.5)
+            assert got.dtype == dtype and got.shape == (B, hq, 1, d)
+            for b, seqs in enumerate(solo):
+                cache = seqs[layer]
+                cache.update_and_fetch(k[b:b + 1], v[b:b + 1])
+                want = cache.attend(q[b:b + 1], d ** -0.5)
+                assert rel(np.array(got[b].astype(mx.float32), dtype=np.float64),
+                           np.array(want[0].astype(mx.float32), dtype=np.float64)) < 2e-2
+    for b, (mine_seq, their_seq) in enumerate(zip(batched, solo)):
+        for mine, theirs in zip(mine_seq, their_seq):
+            assert mine.shared_tail_ref() is not None  # still in the batch's buffer
+            assert (mine.offset, mine.committed) == (theirs.offset, theirs.committed)
+            for name in ("_tail_keys", "_tail_values"):
+                a, w = getattr(mine, name), getattr(theirs, name)
+                assert a.shape == w.shape and np.array(a).tobytes() == np.array(w).tobytes()
+            ids_a, ids_w = mine.sequence.block_ids, theirs.sequence.block_ids
+            for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+                arr = getattr(mine.arena, name)
+                assert np.array(arr[mx.array(ids_a)]).tobytes() == np.array(
+                    getattr(theirs.arena, name)[mx.array(ids_w)]).tobytes(), (b, name)
+
+
+def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path):
+    """The engine rebuilds the batch every step: rows reorder, one decodes alone in between,
+    one is trimmed. Each row must still read its own tail: the buffer is passed on only when
+    every row is its own row in it, else gathered anew."""
+    launches, passed_on = shared_path
+    model = tiny_model("llama")
+    install(model)
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    sequences, reference = prefilled(model, TAIL, prompts), prefilled(model, TAIL, prompts)
+    schedule = [[0, 1, 2], [0, 1, 2], [0, 1, 2], [2, 0, 1], [2, 0, 1], [1], [0, 1],
+                [0, 1, 2], "trim 2", [0, 1, 2], [1, 2, 0], [1, 2, 0]]
+    for order in schedule:
+        if order == "trim 2":
+            for seqs in (sequences, reference):
+                for cache in seqs[2]:
+                    cache.trim(3)
+            continue
+        step = {b: int(t) for b, t in zip(order, rng.integers(3, 97, len(order)))}
+        for b in order:
+            for seqs in (sequences, reference):
+                seqs[b][0].sequence.append_token_ids([step[b]])
+        caches = (sequences[order[0]] if len(order) == 1
+                  else batch_caches([sequences[b] for b in order]))
+        got = model(mx.array([[step[b]] for b in order]), cache=caches)
+        for pos, b in enumerate(order):
+            want = model(mx.array([[step[b]]]), cache=reference[b])
+            assert rel(np.array(got[pos, -1], dtype=np.float64),
+                       np.array(want[0, -1], dtype=np.float64)) < rtol(2e-3, MODEL_TF32), (order, b)
+    assert launches  # the shared path ran
+    # Passed on when the same rows come in the same order; gathered after a change.
+    assert True in passed_on and False in passed_on

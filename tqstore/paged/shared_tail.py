@@ -1,0 +1,126 @@
+"""A batch's fp16 tails of one layer in ONE array: a batched decode step on a GPU costs one
+append and one epilogue launch per layer, whatever the batch size.
+
+Why: a batched step used to pay, per row and layer, its token's slice into its own tail, its own
+epilogue launch (un-rotation, merge with its tail, the append) and a slice of the result. On an
+H100 that was 18-21 ms of graph building per step at B=8 against fp16's 2.8-3.9 ms
+(docs/BENCHMARKS.md, "Batched decode on a GPU"): a GPU decode step is bound by the host's
+per-op cost, not by bytes. The rows' tails differ in length (each sequence is at its own
+position in its block), so they could not share an array of the tail's own shape.
+
+Layout: ``SharedTail`` holds the batch's tails as block-sized buffers (B, Hkv, block_size, D)
+fp16, row b valid in [0, n_b) and zeros after (tqstore.metal.epilogue's per-row form writes
+them). After a batched step each row's ``PagedLayerCache`` refers to its row of the step's
+output instead of owning arrays (``PagedLayerCache.take_shared_tail``); a path that reads one
+row's tail (a step of that sequence alone, a trim, the CPU's C step) slices it out then. The
+next batched step of the same rows in the same order passes the previous step's buffers to the
+kernel as they are: no op per row. Only when the batch changes (a request joins or leaves,
+rows reorder) are the rows' tails gathered into a new buffer (a few ops per row, once).
+
+Per row, the step follows the commit rule of tqstore.paged.tail exactly as a step alone does:
+the token joins its tail block, or, when it opens a new block, the full old tail is quantized
+into the pages first (the same bytes from the same fp16 values) and the token starts the tail.
+Rows in any other state (a prefill step, no committed page yet, a trimmed cache whose codes
+end mid-block, a model whose attention is not routed) send the whole batch down the general
+per-row path for that step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+import mlx.core as mx
+
+from tqstore.metal.dispatch import batched_decode_epilogue, paged_decode_attention
+from tqstore.paged.arenas import KV_DTYPE
+from tqstore.paged.cache import PagedLayerCache, prepare_queries
+from tqstore.small_arrays import padded_array
+
+
+class SharedTail:
+    """The fp16 tails of a batch's rows for one layer: keys (B, Hkv, block_size, Dk), values
+    (B, Hkv, block_size, Dv); row b holds its sequence's tail tokens first, zeros after."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values = keys, values
+
+
+def plan(caches: Seq[PagedLayerCache]) -> list[int] | None:
+    """Each row's tail length before this step's token (0: the token opens the tail), or None
+    where some row needs the general per-row path (see the module doc). Touches nothing."""
+    if not caches:
+        return None
+    arena = caches[0].arena
+    lengths = []
+    for cache in caches:
+        if cache.arena is not arena:
+            return None
+        n_old = cache.shared_tail_plan()
+        if n_old is None:
+            return None
+        lengths.append(n_old)
+    return lengths
+
+
+def tail_info(lengths: list[int]) -> mx.array:
+    """int32 (B, 2) = [old + 1, old] per row: the per-row epilogue's lengths."""
+    return padded_array([x for n in lengths for x in (n + 1, n)]).reshape(len(lengths), 2)
+
+
+def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> tuple[mx.array, mx.array]:
+    """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D): the
+    previous batched step's own buffers when every row with a tail is its row b there, in
+    order (no op); else gathered row by row (the batch changed)."""
+    common = None
+    for row, (cache, n_old) in enumerate(zip(caches, lengths)):
+        if n_old == 0:
+            continue  # an empty tail: the buffer's contents are never read
+        ref = cache.shared_tail_ref()
+        if ref is None or ref[1] != row or (common is not None and ref[0] is not common):
+            common = None
+            break
+        common = ref[0]
+    if common is not None and common.keys.shape[0] == len(caches):
+        return common.keys, common.values
+    if not any(lengths):  # every token opens its tail (rows in step): one empty buffer
+        keys, values = caches[0].tail_buffer(0)
+        shape = (len(caches),) + keys.shape[1:]
+        return mx.zeros(shape, KV_DTYPE), mx.zeros(shape[:3] + values.shape[3:], KV_DTYPE)
+    rows = [cache.tail_buffer(n_old) for cache, n_old in zip(caches, lengths)]
+    return (mx.concatenate([k for k, _ in rows]), mx.concatenate([v for _, v in rows]))
+
+
+def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: float,
+                       block_tables: mx.array, seq_lens: mx.array, lengths: list[int],
+                       info: mx.array, new_keys: mx.array, new_values: mx.array) -> mx.array:
+    """One layer's decode attention for the batch after ``append`` (queries (B, Hq, 1, Dk) ->
+    (B, Hq, 1, Dv)): the rows' pages in one attention launch, then one epilogue launch that
+    merges every row with its tail and appends its token; each row then refers to its row
+    of the new tails."""
+    arena = caches[0].arena
+    kc, vc = arena.key_codec, arena.value_codec
+    q, q_rot = prepare_queries(queries[:, :, 0, :], arena.query_rotation, scale)
+    pages_out, lse = paged_decode_attention(
+        q_rot, arena.key_codes, arena.key_scales, arena.value_codes, arena.value_scales,
+        block_tables, seq_lens, kc.codebook, vc.codebook, kc.bits, vc.bits, return_lse=True)
+    tail_keys, tail_values = old_tails(caches, lengths)
+    out, next_keys, next_values = batched_decode_epilogue(
+        pages_out, lse, q, tail_keys, tail_values, new_keys, new_values, lengths, info,
+        arena.key_center, arena.output_rotation, caches[0].sequence.block_size, queries.dtype)
+    shared = SharedTail(next_keys, next_values)
+    for row, cache in enumerate(caches):
+        cache.take_shared_tail(shared, row)
+    B, Hq = queries.shape[:2]
+    return out.reshape(B, Hq, 1, vc.head_dim)
+
+
+def append(caches: Seq[PagedLayerCache], keys: mx.array, values: mx.array,
+           lengths: list[int]) -> tuple[mx.array, mx.array]:
+    """This step's token of every row (keys/values (B, Hkv, 1, D)): counted, with full tails
+    committed to the pages where the token opens a block. Returns the tokens in fp16, one
+    conversion for the batch (the epilogue appends them)."""
+    for cache, n_old in zip(caches, lengths):
+        cache.shared_tail_append(n_old)
+    return keys.astype(KV_DTYPE), values.astype(KV_DTYPE)

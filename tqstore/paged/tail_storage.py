@@ -1,0 +1,93 @@
+"""The fp16 tail's storage in a layer cache: its own arrays, or its row of a batch's buffers.
+
+A batched GPU step (tqstore.paged.shared_tail) leaves every row's tail in one array per layer
+(block-sized rows, zeros past each row's tokens) and each row's cache holding a reference to
+its row, so the next batched step of the same rows passes that array on with no op per row.
+Everything else reads ``_tail_keys``/``_tail_values`` as before: the properties slice the row
+out then (lazily, once) and the cache owns the slice from there on. Invariant: a reference's
+token count equals the cache's ``offset - committed`` from the step that made it until the
+next update; assigning the tail drops the reference.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from tqstore.paged.arenas import KV_DTYPE
+
+
+class TailStorage:
+    """Mixin of PagedLayerCache: the tail's arrays (None: no tail), owned or shared."""
+
+    _shared = None  # (SharedTail, row, tokens) or None
+    _own_tail_keys: mx.array | None = None
+    _own_tail_values: mx.array | None = None
+
+    @property
+    def _tail_keys(self) -> mx.array | None:
+        if self._shared is not None:
+            self._unshare()
+        return self._own_tail_keys
+
+    @_tail_keys.setter
+    def _tail_keys(self, keys: mx.array | None) -> None:
+        self._shared = None
+        self._own_tail_keys = keys
+
+    @property
+    def _tail_values(self) -> mx.array | None:
+        if self._shared is not None:
+            self._unshare()
+        return self._own_tail_values
+
+    @_tail_values.setter
+    def _tail_values(self, values: mx.array | None) -> None:
+        self._shared = None
+        self._own_tail_values = values
+
+    def _unshare(self) -> None:
+        shared, row, n = self._shared
+        self._shared = None
+        self._own_tail_keys = shared.keys[row:row + 1, :, :n]
+        self._own_tail_values = shared.values[row:row + 1, :, :n]
+
+    def shared_tail_ref(self):
+        """(SharedTail, row, tokens) this row's tail lives in, or None (own arrays or none)."""
+        return self._shared
+
+    def tail_buffer(self, n_old: int) -> tuple[mx.array, mx.array]:
+        """This row's tail (n_old tokens) as block-sized buffers (1, Hkv, block_size, D),
+        zeros after its tokens: a row of a batch's tails gathered anew."""
+        bs, pool = self.sequence.block_size, self.sequence.pool
+        if n_old == 0:
+            return (mx.zeros((1, pool.num_kv_heads, bs, pool.key_head_dim), KV_DTYPE),
+                    mx.zeros((1, pool.num_kv_heads, bs, pool.value_head_dim), KV_DTYPE))
+        pad = [(0, 0), (0, 0), (0, bs - n_old), (0, 0)]
+        return (mx.pad(self._tail_keys.astype(KV_DTYPE), pad),
+                mx.pad(self._tail_values.astype(KV_DTYPE), pad))
+
+    def take_shared_tail(self, shared, row: int) -> None:
+        """After a batched step: this row's tail is row ``row`` of ``shared``."""
+        self._own_tail_keys = self._own_tail_values = None
+        self._shared = (shared, row, self.offset - self.committed)
+        self.decode_pending = False
+
+    def tail_nbytes(self) -> int:
+        """Bytes of this row's tail tokens (of a shared buffer: its tokens' share, no slice)."""
+        if self._shared is not None:
+            shared, _, n = self._shared
+            per_token = (shared.keys.nbytes + shared.values.nbytes) // (
+                shared.keys.shape[0] * shared.keys.shape[2])
+            return n * per_token
+        if self._own_tail_keys is None:
+            return 0
+        return self._own_tail_keys.nbytes + self._own_tail_values.nbytes
+
+    def tail_state(self) -> list[mx.array]:
+        """The arrays an evaluation of this cache's state must include for its tail (a
+        shared buffer whole: slicing each row per step would cost an op per row)."""
+        if self._shared is not None:
+            return [self._shared[0].keys, self._shared[0].values]
+        if self._own_tail_keys is None:
+            return []
+        return [self._own_tail_keys, self._own_tail_values]
