@@ -81,6 +81,50 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
             "build_ms": 1e3 * build / steps}
 
 
+def diagnose(step, batch: int, label: str, steps: int = 16) -> None:
+    """Where a row's step goes (``--diagnose``): the host's Python in building the graph (the
+    functions of most own time over `steps` sync steps, cProfile), then, where torch with CUDA
+    is importable (the GPU machine), every kernel of `steps` sync steps, then of `steps`
+    pipelined ones, traced with CUPTI (tools/profile_decode.py): GPU busy ms, kernels per step,
+    the heaviest kernels."""
+    import cProfile
+    import pstats
+
+    y = mx.zeros((batch,), dtype=mx.int32)
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        y = step(y)
+        prof.disable()
+        mx.eval(y)
+    log(f"== {label}: host functions over {steps} steps' graph building (own time)")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    try:
+        from profile_decode import summarize, traced
+    except ImportError as exc:  # no torch here: the host profile only
+        log(f"no CUPTI trace ({exc})")
+        return
+    state = {"y": y}
+
+    def run():
+        for _ in range(steps):
+            state["y"] = step(state["y"])
+            mx.eval(state["y"])
+
+    def run_pipelined():
+        for _ in range(steps):
+            nxt = step(state["y"])
+            mx.async_eval(nxt)
+            mx.eval(state["y"])
+            state["y"] = nxt
+        mx.eval(state["y"])
+
+    wall, events = traced(run, label)
+    summarize(label + " sync", wall, events, steps, top=14)
+    wall, events = traced(run_pipelined, label)
+    summarize(label + " pipelined", wall, events, steps, top=6)
+
+
 def fp16_row(model, batch: int, context: int, args) -> dict:
     from mlx_lm.models.cache import KVCache
 
@@ -96,6 +140,8 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
         return mx.argmax(model(tokens[:, None], cache=caches)[:, -1, :], axis=-1)
 
     row = timed(step, batch, args.steps, args.warmup)
+    if args.diagnose:
+        diagnose(step, batch, f"fp16 B={batch} {context}")
     row["kv_bytes_per_seq"] = sum(c.nbytes for c in caches) / batch
     del caches
     return row
@@ -124,6 +170,8 @@ def tq_row(model, batch: int, context: int, args, mode: str) -> dict:
     default, batch_module.BATCH_MODE = batch_module.BATCH_MODE, mode
     try:
         row = timed(step, batch, args.steps, args.warmup)
+        if args.diagnose:
+            diagnose(step, batch, f"{mode} B={batch} {context}")
     finally:
         batch_module.BATCH_MODE = default
         uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
@@ -147,6 +195,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", nargs="*", default=[], choices=["rows", "pages", "batched"],
                     help="tq rows to leave out")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also profile each row's graph building and trace its kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from tqstore.metal.dispatch import active_backend

@@ -92,14 +92,22 @@ def test_each_row_gets_its_own_step_from_one_epilogue_launch_per_layer(rng, shar
             assert (mine.committed, mine.nbytes) == (theirs.committed, theirs.nbytes)
 
 
+@pytest.mark.parametrize("lengths", [PROMPTS, (21, 29, 37)], ids=["apart", "in-step"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "fp32"])
-def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtype):
+def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtype, lengths,
+                                                          monkeypatch):
     """The same K/V and queries through the batch and through each row's own caches, for
     enough steps that every row commits blocks: every row's tail (read alone from the shared
     buffer) and every committed page hold the same bytes, exact by construction (conversions,
-    copies and per-vector codes); the output is in the queries' dtype."""
+    copies and per-vector codes); the output is in the queries' dtype. Rows at the same
+    position in their blocks ("in-step") commit together, in one write for all of them."""
+    from tqstore.paged.tail_storage import TailStorage
+    together = []
+    real = TailStorage.tail_committed_by_batch
+    monkeypatch.setattr(TailStorage, "tail_committed_by_batch",
+                        lambda self: (together.append(self.layer), real(self))[1])
     model = tiny_model("llama")
-    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in lengths]
     batched, solo = prefilled(model, TAIL, prompts), prefilled(model, TAIL, prompts)
     attn = model.layers[0].self_attn
     hq, hkv = attn.n_heads, attn.n_kv_heads
@@ -133,6 +141,10 @@ def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtyp
                 arr = getattr(mine.arena, name)
                 assert np.array(arr[mx.array(ids_a)]).tobytes() == np.array(
                     getattr(theirs.arena, name)[mx.array(ids_w)]).tobytes(), (b, name)
+    # In step: the one block opening of these steps, every layer: all three rows at once.
+    layers = len(model.layers)
+    assert together == ([layer for layer in range(layers) for _ in prompts]
+                        if lengths != PROMPTS else [])
 
 
 def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path):

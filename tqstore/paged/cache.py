@@ -352,31 +352,6 @@ class PagedLayerCache(TailStorage):
             self.arena.output_rotation, self.sequence.block_size, dtype)
         return out.reshape(B, Hq, 1, Dv)
 
-    # -- a batched GPU step over shared tails (tqstore.paged.shared_tail) -------------------
-    def shared_tail_plan(self) -> int | None:
-        """This row's tail length before a batched step's token (0: the token opens its
-        tail), or None where the general update must run (module doc of shared_tail)."""
-        if not (self.fp16_tail and self.attention_routed and self.committed
-                and not self.arena.dense and not self.in_prefill and not self.decode_pending
-                and self._pending is None):
-            return None
-        n = self.offset - self.committed
-        to_commit = commit_point(self.committed, self.offset + 1,
-                                 self.sequence.block_size) - self.committed
-        if to_commit == 0 and n < self.sequence.block_size:
-            return n
-        if n and to_commit == n and n == self.sequence.block_size:
-            return 0
-        return None
-
-    def shared_tail_append(self, n_old: int) -> None:
-        """Count this step's token (shared_tail.append); a full tail goes to the pages first."""
-        if n_old == 0 and self.offset > self.committed:
-            self._commit(self.committed, self._tail_keys, self._tail_values)
-            self._tail_keys = self._tail_values = None
-        self.offset += 1
-        self.decode_pending = True
-
     def fused_step_row(self) -> tuple[mx.array, mx.array, mx.array | None, mx.array | None]:
         """This sequence's row of a batched fused step (fused_batch_step), the routed token's
         pending append flushed into the tail as attend does: (block table, seq_lens, tail keys,

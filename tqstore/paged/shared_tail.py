@@ -121,6 +121,36 @@ def append(caches: Seq[PagedLayerCache], keys: mx.array, values: mx.array,
     """This step's token of every row (keys/values (B, Hkv, 1, D)): counted, with full tails
     committed to the pages where the token opens a block. Returns the tokens in fp16, one
     conversion for the batch (the epilogue appends them)."""
+    commit_full_tails(caches, lengths)
     for cache, n_old in zip(caches, lengths):
         cache.shared_tail_append(n_old)
     return keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
+
+
+def commit_full_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> None:
+    """Rows whose token opens a new block commit their full tail first. Where several do in
+    one step (sequences at the same position in their blocks: a batch that started together)
+    and their tails are rows of one buffer, all of them in one gather, one quantization and
+    one write per page array, not a chain of ops per row (codes are per vector: the same
+    bytes). Others are left to each row's own commit (shared_tail_append)."""
+    rows = [(b, c) for b, (c, n) in enumerate(zip(caches, lengths))
+            if n == 0 and c.offset > c.committed]
+    refs = [c.shared_tail_ref() for _, c in rows]
+    bs = caches[0].sequence.block_size
+    if len(rows) < 2 or any(r is None or r[0] is not refs[0][0] or r[2] != bs for r in refs):
+        return
+    ids = []
+    for _, cache in rows:
+        block_ids, slots = cache.sequence.prepare_write(cache.committed, bs)
+        if slots is not None:
+            return  # not whole blocks (nothing written yet): each row commits its own
+        ids.append(cache.sequence.blocks[cache.committed // bs].block_id)
+    shared, where = refs[0][0], padded_array([r[1] for r in refs])
+
+    def tokens(buffer: mx.array) -> mx.array:  # (R, Hkv, bs, D) -> (Hkv, R * bs, D)
+        picked = mx.swapaxes(buffer[where], 0, 1)
+        return picked.reshape(picked.shape[0], -1, picked.shape[-1])
+
+    caches[0].arena.write(padded_array(ids), None, tokens(shared.keys), tokens(shared.values))
+    for _, cache in rows:
+        cache.tail_committed_by_batch()

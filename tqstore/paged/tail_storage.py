@@ -14,10 +14,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 from tqstore.paged.arenas import KV_DTYPE
+from tqstore.paged.tail import commit_point
 
 
 class TailStorage:
-    """Mixin of PagedLayerCache: the tail's arrays (None: no tail), owned or shared."""
+    """Mixin of PagedLayerCache: the tail's arrays (None: no tail), owned or shared, and the
+    per-row steps of a batched step over shared tails."""
 
     _shared = None  # (SharedTail, row, tokens) or None
     _own_tail_keys: mx.array | None = None
@@ -50,6 +52,37 @@ class TailStorage:
         self._shared = None
         self._own_tail_keys = shared.keys[row:row + 1, :, :n]
         self._own_tail_values = shared.values[row:row + 1, :, :n]
+
+    def shared_tail_plan(self) -> int | None:
+        """This row's tail length before a batched step's token (0: the token opens its
+        tail), or None where the general update must run (module doc of shared_tail)."""
+        if not (self.fp16_tail and self.attention_routed and self.committed
+                and not self.arena.dense and not self.in_prefill and not self.decode_pending
+                and self._pending is None):
+            return None
+        n = self.offset - self.committed
+        to_commit = commit_point(self.committed, self.offset + 1,
+                                 self.sequence.block_size) - self.committed
+        if to_commit == 0 and n < self.sequence.block_size:
+            return n
+        if n and to_commit == n and n == self.sequence.block_size:
+            return 0
+        return None
+
+    def shared_tail_append(self, n_old: int) -> None:
+        """Count this step's token (shared_tail.append); a full tail goes to the pages first."""
+        if n_old == 0 and self.offset > self.committed:
+            self._commit(self.committed, self._tail_keys, self._tail_values)
+            self._tail_keys = self._tail_values = None
+        self.offset += 1
+        self.decode_pending = True
+
+    def tail_committed_by_batch(self) -> None:
+        """Its full tail block was quantized into its page by a batch's one write for several
+        rows (shared_tail.commit_full_tails): count it as _commit does."""
+        self.committed = self.offset
+        self._tail_keys = self._tail_values = None
+        self.sequence.note_written(self.layer, self.committed)
 
     def shared_tail_ref(self):
         """(SharedTail, row, tokens) this row's tail lives in, or None (own arrays or none)."""
