@@ -15,6 +15,7 @@ float __half2float(__half);
 __half __float2half_rn(float);
 struct __nv_bfloat16 { __nv_bfloat16() = default; };
 __nv_bfloat16 __float2bfloat16_rn(float);
+float __bfloat162float(__nv_bfloat16);
 struct uint2 { unsigned int x, y; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
 uint4 make_uint4(unsigned int, unsigned int, unsigned int, unsigned int);

@@ -19,27 +19,50 @@ from tqstore.metal.dialect import DIALECTS
 from tqstore.metal.epilogue import (DIMS_PER_GROUP, EPILOGUE_INPUTS, EPILOGUE_OUTPUTS,
                                     INPUT_TYPES, THREADS, epilogue_body, epilogue_header,
                                     epilogue_unsupported_reason)
+from tqstore.metal.batch_step import ROW_INPUTS, rotate_body
+from tqstore.metal.dialect import activations_header
 from tqstore.metal.reference import batched_epilogue_reference, decode_epilogue_reference
 
 _NP = dict(float32=np.float32, float16=np.float16, int32=np.int32)
 
 
-def _source(dialect: str, dims: tuple, out_dtype: str, prelude=None, per_row=False) -> str:
+def _input_types(per_row: bool, model_dtype: str) -> dict:
+    """Element types of the kernel's inputs: the per-row form reads the model's queries and
+    new tokens in the model's dtype, and the scale."""
+    if not per_row:
+        return {n: INPUT_TYPES[n] for n in EPILOGUE_INPUTS}
+    types = {n: INPUT_TYPES.get(n, "float32") for n in ROW_INPUTS}
+    types.update(queries=model_dtype, new_keys=model_dtype, new_values=model_dtype)
+    return types
+
+
+def _source(dialect: str, dims: tuple, out_dtype: str, prelude=None, per_row=False,
+            packed=False) -> str:
     dk, dv, hq, hkv, bs = dims
     outputs = [("out", out_dtype), ("next_tail_keys", "float16"), ("next_tail_values", "float16")]
-    return full_source(dialect, "epilogue", epilogue_header(dialect, out_dtype),
-                       epilogue_body(dialect, dk, dv, hq, hkv, bs, per_row),
-                       [(n, INPUT_TYPES[n]) for n in EPILOGUE_INPUTS], outputs, prelude=prelude)
+    return full_source(dialect, "epilogue", epilogue_header(dialect, out_dtype, per_row),
+                       epilogue_body(dialect, dk, dv, hq, hkv, bs, per_row, packed),
+                       list(_input_types(per_row, out_dtype).items()), outputs, prelude=prelude)
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
 @pytest.mark.parametrize("out_dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("dims", [(128, 128, 32, 8, 16), (64, 64, 9, 3, 256)],
                          ids=["llama3", "smollm2-bs256"])
-@pytest.mark.parametrize("per_row", [False, True], ids=["one-length", "per-row"])
-def test_epilogue_source_compiles(dialect, out_dtype, dims, per_row, tmp_path):
-    syntax_check(_source(dialect, dims, out_dtype, per_row=per_row), tmp_path,
-                 f"epi_{dialect}_{out_dtype}")
+@pytest.mark.parametrize("form", ["one-length", "per-row", "per-row-packed"])
+def test_epilogue_source_compiles(dialect, out_dtype, dims, form, tmp_path):
+    syntax_check(_source(dialect, dims, out_dtype, per_row=form != "one-length",
+                         packed=form.endswith("packed")), tmp_path, f"epi_{dialect}_{out_dtype}")
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_query_rotation_source_compiles(dialect, dtype, tmp_path):
+    src = full_source(dialect, "rotate", activations_header(dialect),
+                      rotate_body(dialect, 128, 32, 8),
+                      [("queries", dtype), ("rotation", "float32"), ("scale", "float32")],
+                      [("rotated", "float32")])
+    syntax_check(src, tmp_path, f"rot_{dialect}_{dtype}")
 
 
 def test_unsupported_shapes_are_named():
@@ -70,26 +93,27 @@ def _inputs(rng: np.random.Generator, dims: tuple, batch: int, n_old: int, n_new
 
 
 def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path,
-                  per_row: bool = False) -> list[np.ndarray]:
+                  per_row: bool = False, packed: bool = False) -> list[np.ndarray]:
     dk, dv, hq, hkv, bs = dims
     batch = x["queries"].shape[0]
     n = bs if per_row else int(x["tail_info"][0])  # rows of the next tail per (b, kv head)
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
-    for name in EPILOGUE_INPUTS:
+    types = _input_types(per_row, out_dtype)
+    for name in types:
         np.ascontiguousarray(x[name]).tofile(tmp_path / f"{name}.bin")
     ctype = dict(float32="float", float16="__half", int32="int32_t")
     sizes = dict(out=batch * hq * dv, next_tail_keys=batch * hkv * n * dk,
                  next_tail_values=batch * hkv * n * dv)
     otypes = dict(out=ctype[out_dtype], next_tail_keys="__half", next_tail_values="__half")
-    args = ", ".join([f"(const {ctype[INPUT_TYPES[n]]}*)in_{n}.data()" for n in EPILOGUE_INPUTS]
+    args = ", ".join([f"(const {ctype[t]}*)in_{n}.data()" for n, t in types.items()]
                      + [f"{o}.data()" for o in EPILOGUE_OUTPUTS])
     main = "\n".join([
         "#include <fstream>",
         "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
         "int main() {",
-        *[f'  auto in_{n} = rd("{n}.bin");' for n in EPILOGUE_INPUTS],
+        *[f'  auto in_{n} = rd("{n}.bin");' for n in types],
         *[f"  std::vector<{otypes[o]}> {o}({sizes[o]});" for o in EPILOGUE_OUTPUTS],
         f"  tq_emu::launch(dim3{{{dv // DIMS_PER_GROUP}, {hkv}, {batch}}}, {THREADS}, [&] {{"
         f" mlx::core::cu::epilogue({args}); }});",
@@ -98,7 +122,7 @@ def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path,
         "  return 0;", "}"])
     cpp = tmp_path / "epi.cpp"
     cpp.write_text(_source("cuda", dims, out_dtype, prelude='#include "cuda_emu.h"',
-                           per_row=per_row) + main)
+                           per_row=per_row, packed=packed) + main)
     exe = tmp_path / "epi"
     res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w", str(cpp),
                           "-o", str(exe)], capture_output=True, text=True)
@@ -143,43 +167,60 @@ def test_epilogue_kernel_on_the_emulator(case, tmp_path):
     assert np.max(np.abs(out - want[0])) <= tol * scale
 
 
-# Per-row form: (dims, the rows' old tail lengths, out dtype). Lengths 0 (a token opening its
-# tail), mid-block and a token short of the block; a row with no page token.
+# Per-row form: (dims, the rows' old tail lengths, the model's dtype, packed). Lengths 0 (a token
+# opening its tail), mid-block and a token short of the block; a row with no page token.
 ROW_CASES = [
-    ((128, 128, 32, 8, 16), [0, 7, 15], "float16"),
-    ((64, 64, 9, 3, 16), [3, 0, 1, 14], "float32"),
-    ((128, 64, 16, 2, 64), [40, 63], "float32"),  # G = 8, two staged key chunks
+    ((128, 128, 32, 8, 16), [0, 7, 15], "float16", True),
+    ((64, 64, 9, 3, 16), [3, 0, 1, 14], "float32", False),
+    ((128, 64, 16, 2, 64), [40, 63], "float32", True),  # G = 8, two staged key chunks
 ]
 
 
-@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: f"h{c[0][2]}x{c[0][3]}_rows{len(c[1])}")
+@pytest.mark.parametrize("case", ROW_CASES,
+                         ids=lambda c: f"h{c[0][2]}x{c[0][3]}_rows{len(c[1])}_{c[2]}_packed{c[3]}")
 def test_per_row_epilogue_kernel_on_the_emulator(case, tmp_path):
-    dims, lengths, out_dtype = case
+    dims, lengths, dtype, packed = case
     dk, dv, hq, hkv, bs = dims
     batch = len(lengths)
-    x = _inputs(np.random.default_rng(sum(lengths) + dims[2]), dims, batch, bs, 1, True, True)
-    # Garbage past each row's tokens: the kernel must read only [0, n_old).
+    rng = np.random.default_rng(sum(lengths) + dims[2])
+    x = _inputs(rng, dims, batch, bs, 1, True, True)
+    # Garbage past each row's tokens (the kernel must read only [0, n_old)); the model's
+    # queries (unscaled) and new tokens in its dtype; the scale.
     x["tail_info"] = np.array([[n + 1, n] for n in lengths], dtype=np.int32)
-    got = _run_emulated(x, dims, out_dtype, tmp_path, per_row=True)
-    m = {k: mx.array(v) for k, v in x.items() if k != "tail_info"}
+    x["queries"] = rng.standard_normal((batch, hq, 1, dk)).astype(dtype)
+    x["new_keys"], x["new_values"] = (x[k].astype(np.float32).astype(dtype) * 1.001
+                                      for k in ("new_keys", "new_values"))
+    x["scale"] = np.array([dk ** -0.5, 0, 0, 0], dtype=np.float32)
+    out, lse = x["pages_out"], x["pages_lse"]
+    if packed:  # the split attention kernel's work buffer: B output rows, then the lse
+        rows = -(-(batch * hq) // (hq * dv))
+        flat = np.zeros(rows * hq * dv, np.float32)
+        flat[:batch * hq] = lse.ravel()
+        x["pages_out"] = np.concatenate([out.ravel(), flat]).reshape(-1, hq, dv)
+        x["pages_lse"] = x["pages_out"]
+    got = _run_emulated(x, dims, dtype, tmp_path, per_row=True, packed=packed)
+    m = {k: mx.array(v) for k, v in x.items() if k not in ("tail_info", "scale")}
+    m.update(pages_out=mx.array(out), pages_lse=mx.array(lse))
     with mx.stream(mx.cpu):
-        want = batched_epilogue_reference(**m, old_lengths=lengths, out_dtype=getattr(mx, out_dtype))
+        want = batched_epilogue_reference(**m, scale=dk ** -0.5, old_lengths=lengths)
         want = [np.array(w.astype(mx.float32)) for w in want]
-    # The next tails: each row's tokens then zeros, exactly.
+    # The next tails: each row's tokens (the new one converted to fp16) then zeros, exactly.
     assert np.array_equal(got[1].astype(np.float32), want[1])
     assert np.array_equal(got[2].astype(np.float32), want[2])
     for b, n in enumerate(lengths):
         assert not np.any(got[1][b, :, n + 1:]) and np.any(got[1][b, :, :n + 1])
-    out = got[0].astype(np.float32)
-    assert np.all(np.isfinite(out))
-    tol = 2e-3 if out_dtype == "float16" else 2e-5
-    assert np.max(np.abs(out - want[0])) <= tol * np.max(np.abs(want[0]))
+    assert np.all(np.isfinite(got[0]))
+    tol = 2e-3 if dtype == "float16" else 2e-5
+    assert np.max(np.abs(got[0].astype(np.float32) - want[0][:, :, 0])) <= tol * np.max(
+        np.abs(want[0]))
     # Each row of the reference is that row's one-length epilogue (the contract per row).
     b, n = batch - 1, lengths[-1]
+    q = m["queries"][b:b + 1, :, 0].astype(mx.float32) * (dk ** -0.5)
     with mx.stream(mx.cpu):
         alone = decode_epilogue_reference(
-            m["pages_out"][b:b + 1], m["pages_lse"][b:b + 1], m["queries"][b:b + 1],
+            m["pages_out"][b:b + 1], m["pages_lse"][b:b + 1], q,
             m["tail_keys"][b:b + 1, :, :n], m["tail_values"][b:b + 1, :, :n],
-            m["new_keys"][b:b + 1], m["new_values"][b:b + 1], m["key_center"],
-            m["output_rotation"], getattr(mx, out_dtype))
-        assert np.array_equal(np.array(alone[0].astype(mx.float32))[0], want[0][b])
+            m["new_keys"][b:b + 1].astype(mx.float16),
+            m["new_values"][b:b + 1].astype(mx.float16), m["key_center"],
+            m["output_rotation"], getattr(mx, dtype))
+        assert np.array_equal(np.array(alone[0].astype(mx.float32))[0], want[0][b, :, 0])

@@ -152,16 +152,16 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
             assert run[label]["max_abs_err"] < 1e-3, run  # the reference on the GPU device
         disabled = {k for k, v in run["report"].items() if v.startswith("disabled")}
         assert f"{gpu}-kernel" in disabled, run
-        # The batched epilogue: disabled too, and its reference serves (a GPU stream's TF32
-        # un-rotation against the CPU's fp32 oracle: ~1e-3; the planted element is 12345).
+        # The batched epilogue: disabled too, and its reference serves (bf16 outputs, a GPU
+        # stream's TF32 un-rotation against the CPU's fp32 oracle; the planted element: 12345).
         assert f"{gpu}-kernel-epilogue-rows" in disabled, run
-        assert run["epilogue-rows"]["max_rel_err"] < 1e-2 and run["epilogue-rows"]["tails_exact"]
+        assert run["epilogue-rows"]["max_rel_err"] < 2e-2 and run["epilogue-rows"]["tails_exact"]
         named = [w for w in run["warnings"] if "self-check" in w]
         assert len(named) == len(disabled), run
     control = _planted_run("none")
     assert control["warnings"] == [] and "-kernel" in control["mma-shape"]["backend"], control
     assert control["report"][f"{control['gpu']}-kernel-epilogue-rows"].startswith("ok"), control
-    assert control["epilogue-rows"]["max_rel_err"] < 1e-4, control
+    assert control["epilogue-rows"]["max_rel_err"] < 2e-2, control  # bf16 outputs: 2^-8
     assert control["epilogue-rows"]["tails_exact"], control
 
 

@@ -289,9 +289,11 @@ def launch_plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
 def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.array,
              value_codes: mx.array, value_scales: mx.array, block_tables: mx.array,
              seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array,
-             return_lse: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+             return_lse: bool = False, packed: bool = False
+             ) -> mx.array | tuple[mx.array, mx.array | None]:
     """(B, Hq, Dv) float32, and with return_lse the log-sum-exp of the scores (B, Hq) (natural
-    log, -inf for an empty sequence): every launch writes both."""
+    log, -inf for an empty sequence): every launch writes both. ``packed`` (with return_lse):
+    a fused split launch answers (its work buffer, None), the output's B rows then the lse."""
     inputs = [_as(queries, mx.float32), key_codes, _as(key_scales, mx.float16), value_codes,
               _as(value_scales, mx.float16), _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
               _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params]
@@ -306,6 +308,8 @@ def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.ar
         (work,) = p.split(inputs=inputs, output_shapes=[(p.fused_rows, hq, dv)],
                           output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group,
                           init_value=0.0)
+        if return_lse and packed:
+            return work, None
         out = work[:bsz]
         if return_lse:
             lse = work[bsz:].reshape(-1)[:bsz * hq].reshape(outs[1])

@@ -13,8 +13,8 @@ Invariants the bodies rely on:
 - SIMD width 32 (Apple GPUs and NVIDIA warps), and every lane of a warp reaches each
   TQ_SHFL_XOR (shuffles are never inside lane-divergent branches).
 - The launch grid counts threads (MLX convention); threadgroups are 1-D in x. The body
-  prologue binds tq_tid (thread in group), tq_gx/tq_gy/tq_gz (group index) and tq_ngx (groups
-  along x) as locals.
+  prologue binds tq_tid (thread in group), tq_gx/tq_gy/tq_gz (group index) and tq_ngx/tq_ngz
+  (groups along x and z) as locals.
 - Device pointers are cast to wider word types only at offsets that are multiples of the
   word size (the page rows are multiples of 4 bytes for every supported head_dim and bits).
 """
@@ -86,6 +86,7 @@ _PROLOGUE = {
         "  const int tq_gy = (int)threadgroup_position_in_grid.y;\n"
         "  const int tq_gz = (int)threadgroup_position_in_grid.z;\n"
         "  const int tq_ngx = (int)threadgroups_per_grid.x;\n"
+        "  const int tq_ngz = (int)threadgroups_per_grid.z;\n"
     ),
     "cuda": (
         "  const int tq_tid = (int)threadIdx.x;\n"
@@ -93,6 +94,7 @@ _PROLOGUE = {
         "  const int tq_gy = (int)blockIdx.y;\n"
         "  const int tq_gz = (int)blockIdx.z;\n"
         "  const int tq_ngx = (int)gridDim.x;\n"
+        "  const int tq_ngz = (int)gridDim.z;\n"
     ),
 }
 
@@ -116,6 +118,24 @@ _TYPES = {
 }
 
 
+# TQ_TO_FLOAT: any element type of a model's activations (float32, float16, bfloat16) as float.
+# Only for the kernels that read activations (the batched epilogue and the query rotation):
+# bfloat16's CUDA header is there in MLX's kernels but not in every build of our sources.
+_TO_FLOAT = {
+    "metal": "#define TQ_TO_FLOAT(x) static_cast<float>(x)\n",
+    "cuda": ("__device__ __forceinline__ float tq_to_float(float x) { return x; }\n"
+             "__device__ __forceinline__ float tq_to_float(__half x) { return __half2float(x); }\n"
+             "__device__ __forceinline__ float tq_to_float(__nv_bfloat16 x) "
+             "{ return __bfloat162float(x); }\n"
+             "#define TQ_TO_FLOAT(x) tq_to_float(x)\n"),
+}
+
+
+def activations_header(dialect: str) -> str:
+    """dialect_header plus TQ_TO_FLOAT (activations of any float dtype as float)."""
+    return dialect_header(dialect) + _TO_FLOAT[dialect]
+
+
 def dialect_header(dialect: str) -> str:
     """The macro layer for `dialect` ('metal' or 'cuda')."""
     if dialect == "metal":
@@ -127,7 +147,7 @@ def dialect_header(dialect: str) -> str:
 
 def body_prologue(dialect: str) -> str:
     """Lines that open every kernel body: bind tq_tid, tq_gx/gy/gz (threadgroup index) and
-    tq_ngx (threadgroups along x) for `dialect`."""
+    tq_ngx/tq_ngz (threadgroups along x and z) for `dialect`."""
     dialect_header(dialect)  # validates the name
     return _PROLOGUE[dialect]
 

@@ -26,12 +26,13 @@ import mlx.core as mx
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal import selfcheck
 from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
-from tqstore.metal.epilogue import (epilogue_fits, kernel_batched_epilogue,
-                                   kernel_decode_epilogue)
+from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_queries
+from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
 from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
 from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
 from tqstore.metal.reference import (batched_epilogue_reference, decode_epilogue_reference,
-                                     paged_decode_attention_reference)
+                                     paged_decode_attention_reference, rotate_queries_reference,
+                                     unpack_pages)
 from tqstore.native import cpu_kernels
 from tqstore.native.build import load as load_native, unavailable_reason as native_unavailable
 
@@ -107,7 +108,8 @@ def _attention_shape(queries: mx.array, key_codes: mx.array, value_codes: mx.arr
 
 
 def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_scales,
-                   block_tables, seq_lens, key_codebook, value_codebook, key_bits, value_bits):
+                   block_tables, seq_lens, key_codebook, value_codebook, key_bits, value_bits,
+                   packed: bool = False):
     """(out, lse) on the first GPU kernel kind that passes its self-check, else None."""
     plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
                        backend=gpu)
@@ -136,7 +138,7 @@ def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_
                                    value_bits, backend=gpu, variant=variant)
             _announce(name)
             return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
-                            block_tables, seq_lens, key_codebook, value_codebook, True)
+                            block_tables, seq_lens, key_codebook, value_codebook, True, packed)
     return None
 
 
@@ -173,7 +175,8 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
                            value_codes: mx.array, value_scales: mx.array,
                            block_tables: mx.array, seq_lens: mx.array,
                            key_codebook: mx.array, value_codebook: mx.array,
-                           key_bits: int, value_bits: int, return_lse: bool = False):
+                           key_bits: int, value_bits: int, return_lse: bool = False,
+                           packed: bool = False):
     """Decode attention of one query token per sequence over compressed pages.
 
     queries (B, Hq, Dk) float32: scale * q, rotated by its kv head's key rotation. Pages:
@@ -181,13 +184,17 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
     (num_blocks, Hkv, block_size), likewise for values; block_tables int32 (B, max_blocks),
     seq_lens int32 (B,). Returns (B, Hq, Dv) float32 in the value-rotated space; with
     return_lse also the log-sum-exp of the scores (B, Hq) float32, natural log (-inf where a
-    sequence has no token), so a caller can merge this softmax with another piece.
+    sequence has no token), so a caller can merge this softmax with another piece. With
+    ``packed`` (and return_lse) a GPU's split launch may answer (work buffer, None) instead:
+    its output's B rows followed by the log-sum-exp, as the batched epilogue reads them
+    (reference.unpack_pages cuts them apart); saves the ops that would cut it here.
     """
     args = (queries, key_codes, key_scales, value_codes, value_scales, block_tables, seq_lens,
             key_codebook, value_codebook, key_bits, value_bits)
     if _forced != "reference":
         gpu = gpu_backend()
-        result = _gpu_attention(gpu, *args) if gpu is not None else _cpu_attention(*args)
+        result = (_gpu_attention(gpu, *args, packed=packed and return_lse) if gpu is not None
+                  else _cpu_attention(*args))
         if result is not None:
             return result if return_lse else result[0]
         if _forced == "kernel":
@@ -345,40 +352,55 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
                                      out_dtype)
 
 
-def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
-                            tail_keys: mx.array, tail_values: mx.array, new_keys: mx.array,
-                            new_values: mx.array, old_lengths: list[int], tail_info: mx.array,
-                            key_center: mx.array, output_rotation: mx.array, block_size: int,
-                            out_dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
-    """decode_epilogue for a batch whose tails differ in length, in one launch: tails in
-    block-sized buffers (B, Hkv, block_size, D) fp16 holding old_lengths[b] tokens, one new token
-    per row (B, Hkv, 1, D) fp16, tail_info int32 (B, 2) = [old + 1, old] per row (the kernel's
-    copy of old_lengths). Returns (out (B, Hq, Dv), next tails (B, Hkv, block_size, D)): the
-    per-row kernel of tqstore.metal.epilogue, else batched_epilogue_reference."""
+def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array | None, queries: mx.array,
+                            scale: float, tail_keys: mx.array, tail_values: mx.array,
+                            new_keys: mx.array, new_values: mx.array, old_lengths: list[int],
+                            tail_info: mx.array, key_center: mx.array, output_rotation: mx.array,
+                            block_size: int) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode epilogue of a batch whose fp16 tails differ in length, in one launch (the
+    contract: tqstore.metal.batch_step): queries (B, Hq, 1, Dk) and new tokens (B, Hkv, 1, D)
+    in the model's dtype, tails in block-sized buffers (B, Hkv, block_size, D) holding
+    old_lengths[b] tokens (tail_info: the kernel's copy), pages_lse None where the attention's
+    output is packed. Returns (out (B, Hq, 1, Dv) in the queries' dtype, next tails)."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
         name = f"{gpu}-kernel-epilogue-rows"
-        _, hq, dk = queries.shape
+        _, hq, _, dk = queries.shape
         hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
-        shape = (dk, dv, hq, hkv, block_size, out_dtype)
+        shape = (dk, dv, hq, hkv, block_size, queries.dtype, pages_lse is None)
 
-        def run(x: dict, lengths: list[int], bs: int, dtype: mx.Dtype):
-            info = mx.array([[n + 1, n] for n in lengths], dtype=mx.int32)
-            return kernel_batched_epilogue(gpu, **x, tail_info=info, block_size=bs,
-                                           out_dtype=dtype)
+        def run(x: dict):
+            return kernel_batched_epilogue(gpu, **x, block_size=block_size)
 
-        if (epilogue_fits(dk, dv, hq, hkv, block_size, out_dtype)
+        if (epilogue_fits(dk, dv, hq, hkv, block_size, queries.dtype)
                 and selfcheck.usable(name, shape,
                                      lambda: selfcheck.check_batched_epilogue(shape, run))):
-            out = kernel_batched_epilogue(gpu, pages_out, pages_lse, queries, tail_keys,
+            out = kernel_batched_epilogue(gpu, pages_out, pages_lse, queries, scale, tail_keys,
                                           tail_values, new_keys, new_values, tail_info,
-                                          key_center, output_rotation, block_size, out_dtype)
+                                          key_center, output_rotation, block_size)
             if out is not None:
                 _announce(name, "the batched decode epilogue (one launch for a batch's tails)")
                 return out
-    return batched_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
-                                      new_keys, new_values, old_lengths, key_center,
-                                      output_rotation, out_dtype)
+    return batched_epilogue_reference(pages_out, pages_lse, queries, scale, tail_keys,
+                                      tail_values, new_keys, new_values, old_lengths,
+                                      key_center, output_rotation)
+
+
+def rotate_queries(queries: mx.array, rotation: mx.array, scale: float) -> mx.array:
+    """(B, Hq, 1, Dk) queries in the model's dtype -> (scale * q) rotated per kv head, (B, Hq,
+    Dk) float32 (the attention kernel's queries): one kernel on a GPU (tqstore.metal.
+    batch_step), else rotate_queries_reference."""
+    gpu = gpu_backend()
+    if gpu is not None and _forced != "reference":
+        name = f"{gpu}-kernel-rotate-queries"
+        shape = (queries.shape[-1], queries.shape[1], rotation.shape[0], queries.dtype)
+        if selfcheck.usable(name, shape, lambda: selfcheck.check_rotate_queries(
+                shape, lambda q, r, s: kernel_rotate_queries(gpu, q, r, s))):
+            out = kernel_rotate_queries(gpu, queries, rotation, scale)
+            if out is not None:
+                _announce(name, "the queries' scale and rotation")
+                return out
+    return rotate_queries_reference(queries, rotation, scale)
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:

@@ -22,12 +22,11 @@ a sequence's layers share one step):
 Outputs: out (B, HQ, DV) in the model's dtype; next_tail_keys/values float16 (B, HKV, n, D):
 the tail followed by the new tokens (what the cache keeps for the next step).
 
-The per-row form (``per_row=True``: a batch of sequences whose tails differ in length, one
-launch per layer for the whole batch; tqstore.paged.shared_tail): every tail is held in a
-block-sized buffer, tail_keys/values (B, HKV, block_size, D) whose row b is valid in [0, n_old_b);
-new_keys/values (B, HKV, 1, D), one token per row; tail_info int32 (B, 2) = [n_b, n_old_b] per
-row, n_b == n_old_b + 1; the next tail comes back in the same block-sized form, row b's tokens
-[0, n_b) followed by zeros (every byte written: the same input gives the same bytes out).
+The per-row form (``per_row=True``, tqstore.metal.batch_step: a batch of sequences whose tails
+differ in length, one launch per layer for the whole batch) differs in its inputs: every tail is
+held in a block-sized buffer; one new token per row in the model's dtype; the queries raw, in
+the model's dtype, scaled in the kernel; the pages' log-sum-exp possibly packed after their
+output in one buffer (the split attention kernel's work buffer). Its contract is in batch_step.
 
 Math per query head (natural log units, the rule of tqstore.paged.tail):
   s_t = q . (k_t - c)             for the n tail tokens
@@ -48,7 +47,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from tqstore.metal.dialect import body_prologue, dialect_header
+from tqstore.metal.dialect import activations_header, body_prologue, dialect_header
 
 EPILOGUE_INPUTS = ("pages_out", "pages_lse", "queries", "tail_keys", "tail_values",
                    "new_keys", "new_values", "tail_info", "key_center", "output_rotation")
@@ -98,22 +97,34 @@ def epilogue_unsupported_reason(key_dim: int, value_dim: int, num_q_heads: int,
     return None
 
 
-def epilogue_header(dialect: str, out_dtype: str) -> str:
-    return dialect_header(dialect) + f"\n#define TQ_OUT(v) {_STORE[dialect][out_dtype]}\n"
+def epilogue_header(dialect: str, out_dtype: str, activations: bool = False) -> str:
+    """The dialect's macros and TQ_OUT for `out_dtype`; `activations`: also TQ_TO_FLOAT (the
+    per-row form reads the model's queries and new K/V in their own dtype)."""
+    head = activations_header(dialect) if activations else dialect_header(dialect)
+    return head + f"\n#define TQ_OUT(v) {_STORE[dialect][out_dtype]}\n"
 
 
 def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
-                  num_kv_heads: int, block_size: int, per_row: bool = False) -> str:
-    """The kernel body; ``per_row``: the batched form (module doc), else one tail length."""
+                  num_kv_heads: int, block_size: int, per_row: bool = False,
+                  packed: bool = False) -> str:
+    """The kernel body; ``per_row``: the batched form (tqstore.metal.batch_step; ``packed``:
+    the log-sum-exp follows the pages' output in one buffer), else one tail length."""
     g = num_q_heads // num_kv_heads
     chunk = max(1, STAGE_FLOATS // key_dim)
     # Where row b's lengths are, and how many rows each tail buffer holds per (b, kv head).
     info, old_rows, next_rows = ("2 * b", "MAXN", "MAXN") if per_row else ("0", "n_old", "n")
-    if per_row:  # rows past n are zeros
+    if per_row:  # rows past n are zeros; queries and new tokens in the model's dtype
         copy_k = "i / DK < n ? TQ_TAIL_K(i / DK, i % DK) : TQ_FLOAT_TO_HALF(0.0f)"
         copy_v = "i / DV < n ? TQ_TAIL_V(i / DV, i % DV) : TQ_FLOAT_TO_HALF(0.0f)"
+        query = "TQ_TO_FLOAT(queries[(b * HQ + h0) * DK + i]) * scale[0]"
+        new_k, new_v = ("TQ_FLOAT_TO_HALF(TQ_TO_FLOAT(new_keys[(new_k + (t) - n_old) * DK + (d)]))",
+                        "TQ_FLOAT_TO_HALF(TQ_TO_FLOAT(new_values[(new_k + (t) - n_old) * DV + (d)]))")
     else:
         copy_k, copy_v = "TQ_TAIL_K(i / DK, i % DK)", "TQ_TAIL_V(i / DV, i % DV)"
+        query = "queries[(b * HQ + h0) * DK + i]"
+        new_k, new_v = ("new_keys[(new_k + (t) - n_old) * DK + (d)]",
+                        "new_values[(new_k + (t) - n_old) * DV + (d)]")
+    lse_base = "tq_ngz * HQ * DV + " if packed else ""  # after the B rows of (HQ, DV) outputs
     return body_prologue(dialect) + f"""
   constexpr int DK = {key_dim}, DV = {value_dim}, HQ = {num_q_heads}, HKV = {num_kv_heads};
   constexpr int G = {g}, MAXN = {block_size}, NT = {THREADS}, DC = {DIMS_PER_GROUP};
@@ -126,14 +137,12 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
   TQ_SHARED float p[G * MAXN];
   TQ_SHARED float w_pages[G];
   TQ_SHARED float stage[{_stage_floats(key_dim, value_dim)}];
-  for (int i = tq_tid; i < G * DK; i += NT) qs[i] = queries[(b * HQ + h0) * DK + i];
+  for (int i = tq_tid; i < G * DK; i += NT) qs[i] = {query};
   for (int i = tq_tid; i < G * DV; i += NT) o_rot[i] = pages_out[(b * HQ + h0) * DV + i];
   // Token t of the tail after this step: the old tail's, then the new ones.
   const int old_k = (b * HKV + kvh) * {old_rows}, new_k = (b * HKV + kvh) * n_new;
-#define TQ_TAIL_K(t, d) ((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] \\
-                                     : new_keys[(new_k + (t) - n_old) * DK + (d)])
-#define TQ_TAIL_V(t, d) ((t) < n_old ? tail_values[(old_k + (t)) * DV + (d)] \\
-                                     : new_values[(new_k + (t) - n_old) * DV + (d)])
+#define TQ_TAIL_K(t, d) ((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] : {new_k})
+#define TQ_TAIL_V(t, d) ((t) < n_old ? tail_values[(old_k + (t)) * DV + (d)] : {new_v})
   if (tq_gx == 0) {{  // the next tail: a copy of the old one plus the new tokens (then zeros)
     const int rows = {next_rows}, row = (b * HKV + kvh) * rows;
     for (int i = tq_tid; i < rows * DK; i += NT) next_tail_keys[row * DK + i] = {copy_k};
@@ -162,7 +171,7 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
   const int rot = kvh * DV * DV;
   for (int i = tq_tid; i < DV * DC; i += NT) stage[i] = output_rotation[rot + (i / DC) * DV + d0 + i % DC];
   if (tq_tid < G) {{
-    const float lse = pages_lse[b * HQ + h0 + tq_tid];
+    const float lse = pages_lse[{lse_base}b * HQ + h0 + tq_tid];
     float m = lse;
     for (int t = 0; t < n; ++t) m = TQ_FMAX(m, p[tq_tid * MAXN + t]);
     const float wp = TQ_EXP(lse - m);
@@ -207,14 +216,13 @@ def epilogue_fits(key_dim: int, value_dim: int, num_q_heads: int, num_kv_heads: 
 
 @lru_cache(maxsize=32)
 def epilogue_kernel(backend: str, key_dim: int, value_dim: int, num_q_heads: int,
-                    num_kv_heads: int, block_size: int, out_dtype: str, per_row: bool = False):
+                    num_kv_heads: int, block_size: int, out_dtype: str):
     builder = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return builder(
-        name=(f"tq_decode_epilogue{'_rows' if per_row else ''}_k{key_dim}_v{value_dim}"
-              f"_h{num_q_heads}x{num_kv_heads}_bs{block_size}_{out_dtype}"),
+        name=(f"tq_decode_epilogue_k{key_dim}_v{value_dim}_h{num_q_heads}x{num_kv_heads}"
+              f"_bs{block_size}_{out_dtype}"),
         input_names=list(EPILOGUE_INPUTS), output_names=list(EPILOGUE_OUTPUTS),
-        source=epilogue_body(backend, key_dim, value_dim, num_q_heads, num_kv_heads, block_size,
-                             per_row),
+        source=epilogue_body(backend, key_dim, value_dim, num_q_heads, num_kv_heads, block_size),
         header=epilogue_header(backend, out_dtype), ensure_row_contiguous=True)
 
 
@@ -245,25 +253,3 @@ def kernel_decode_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arra
         output_dtypes=[out_dtype, f16, f16],
         grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))
 
-
-def kernel_batched_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.array,
-                            queries: mx.array, tail_keys: mx.array, tail_values: mx.array,
-                            new_keys: mx.array, new_values: mx.array, tail_info: mx.array,
-                            key_center: mx.array, output_rotation: mx.array, block_size: int,
-                            out_dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array] | None:
-    """The per-row form (module doc) for a batch of tails of different lengths in one launch:
-    tails (B, Hkv, block_size, D) fp16, new tokens (B, Hkv, 1, D) fp16, tail_info (B, 2).
-    None where the kernel does not cover the shape."""
-    bsz, hq, dk = queries.shape
-    hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
-    name = _dtype_name(out_dtype)
-    if (name is None or tail_keys.shape[2] != block_size or new_keys.shape[2] != 1
-            or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name)):
-        return None
-    kernel = epilogue_kernel(backend, dk, dv, hq, hkv, block_size, name, True)
-    return tuple(kernel(
-        inputs=[pages_out, pages_lse, queries, tail_keys, tail_values, new_keys, new_values,
-                tail_info, key_center, output_rotation],
-        output_shapes=[(bsz, hq, dv), (bsz, hkv, block_size, dk), (bsz, hkv, block_size, dv)],
-        output_dtypes=[out_dtype, mx.float16, mx.float16],
-        grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))

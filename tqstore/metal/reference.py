@@ -165,26 +165,53 @@ def decode_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries:
     return out.reshape(B, Hq, Dv).astype(out_dtype), next_keys, next_values
 
 
-def batched_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
-                               tail_keys: mx.array, tail_values: mx.array, new_keys: mx.array,
-                               new_values: mx.array, old_lengths: list[int],
-                               key_center: mx.array, output_rotation: mx.array,
-                               out_dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
-    """The per-row epilogue (tqstore.metal.epilogue, ``per_row``) in MLX ops, row by row through
-    decode_epilogue_reference: tails in block-sized buffers (B, Hkv, cap, D) whose row b holds
-    old_lengths[b] tokens, one new token per row (B, Hkv, 1, D). Returns (out (B, Hq, Dv), the
-    next tails (B, Hkv, cap, D): row b's old tokens, its new one, then zeros)."""
+
+def unpack_pages(pages_out: mx.array, pages_lse: mx.array | None,
+                 batch: int, num_q_heads: int) -> tuple[mx.array, mx.array]:
+    """(out (B, Hq, Dv), lse (B, Hq)) from the attention's output, or from its packed work
+    buffer (pages_lse None: the log-sum-exp follows the B rows of output)."""
+    if pages_lse is not None:
+        return pages_out, pages_lse
+    lse = pages_out[batch:].reshape(-1)[:batch * num_q_heads].reshape(batch, num_q_heads)
+    return pages_out[:batch], lse
+
+
+def batched_epilogue_reference(pages_out: mx.array, pages_lse: mx.array | None,
+                               queries: mx.array, scale: float, tail_keys: mx.array,
+                               tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
+                               old_lengths: list[int], key_center: mx.array,
+                               output_rotation: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The batched decode epilogue (tqstore.metal.batch_step, its contract) in MLX ops, row by
+    row through decode_epilogue_reference: queries (B, Hq, 1, Dk) and new tokens (B, Hkv, 1, D)
+    in the model's dtype, tails in block-sized fp16 buffers (B, Hkv, cap, D) whose row b holds
+    old_lengths[b] tokens. Returns (out (B, Hq, 1, Dv) in the queries' dtype, the next tails
+    (B, Hkv, cap, D): row b's old tokens, its new one, then zeros)."""
+    B, Hq, _, Dk = queries.shape
     cap = tail_keys.shape[2]
+    pages_out, pages_lse = unpack_pages(pages_out, pages_lse, B, Hq)
+    q = queries[:, :, 0, :].astype(mx.float32) * scale
+    new_keys, new_values = new_keys.astype(mx.float16), new_values.astype(mx.float16)
     outs, next_keys, next_values = [], [], []
     for b, n_old in enumerate(old_lengths):
         if not 0 <= n_old < cap:
             raise InvalidArgument(f"row {b} holds {n_old} tail tokens; its buffer {cap}")
         out, keys, values = decode_epilogue_reference(
-            pages_out[b:b + 1], pages_lse[b:b + 1], queries[b:b + 1],
+            pages_out[b:b + 1], pages_lse[b:b + 1], q[b:b + 1],
             tail_keys[b:b + 1, :, :n_old], tail_values[b:b + 1, :, :n_old],
-            new_keys[b:b + 1], new_values[b:b + 1], key_center, output_rotation, out_dtype)
+            new_keys[b:b + 1], new_values[b:b + 1], key_center, output_rotation, queries.dtype)
         pad = [(0, 0), (0, 0), (0, cap - n_old - 1), (0, 0)]
         outs.append(out)
         next_keys.append(mx.pad(keys, pad))
         next_values.append(mx.pad(values, pad))
-    return (mx.concatenate(outs), mx.concatenate(next_keys), mx.concatenate(next_values))
+    out = mx.concatenate(outs)
+    return (out.reshape(B, Hq, 1, out.shape[-1]), mx.concatenate(next_keys),
+            mx.concatenate(next_values))
+
+
+def rotate_queries_reference(queries: mx.array, rotation: mx.array, scale: float) -> mx.array:
+    """(B, Hq, 1, Dk) queries in the model's dtype -> (scale * q) @ R_K per kv head, (B, Hq, Dk)
+    float32: the attention kernel's queries (the contract of batch_step's rotation kernel)."""
+    B, Hq, _, Dk = queries.shape
+    Hkv = rotation.shape[0]
+    q = queries[:, :, 0, :].astype(mx.float32) * scale
+    return mx.matmul(q.reshape(B, Hkv, Hq // Hkv, Dk), rotation).reshape(B, Hq, Dk)

@@ -258,43 +258,74 @@ def check_epilogue(key: tuple, run: Callable[..., tuple | None]) -> str | None:
             f"{'exact' if tail_exact else 'differs'}")
 
 
-def check_batched_epilogue(key: tuple, run: Callable[..., tuple | None]) -> str | None:
-    """The per-row epilogue: `run(x, old_lengths, bs, dtype)` -> (out, next tails) against
+def check_batched_epilogue(key: tuple, run: Callable[[dict], tuple | None]) -> str | None:
+    """The batched epilogue (tqstore.metal.batch_step) for key = (Dk, Dv, Hq, Hkv, block size,
+    the model's dtype, packed): `run(inputs)` -> (out, next tails) against
     batched_epilogue_reference on three rows (an empty tail, a half-full one, one a token short
     of its block): outputs within their dtype's rounding, the next tails (zeros past each row's
-    length included) bit-exact."""
+    tokens included) bit-exact."""
     from tqstore.metal.reference import batched_epilogue_reference
-    dk, dv, hq, hkv, bs, out_dtype = key
+    dk, dv, hq, hkv, bs, dtype, packed = key
     rng = _rng(("rows",) + key)
     lengths = [0, max(1, bs // 2 - 1), bs - 1]
     b = len(lengths)
 
-    def f16(*shape):
-        return mx.array((rng.standard_normal(shape) * 2).astype(np.float16))
+    def normal(*shape, scale=1.0, dt=np.float32):
+        return mx.array((rng.standard_normal(shape) * scale).astype(dt))
 
+    out = rng.standard_normal((b, hq, dv)).astype(np.float32)
+    lse = (rng.standard_normal((b, hq)) * 3 + 4).astype(np.float32)
+    if packed:  # the split attention kernel's work buffer: B rows of output, then the lse
+        rows = -(-(b * hq) // (hq * dv))
+        tail = np.zeros(rows * hq * dv, np.float32)
+        tail[:b * hq] = lse.ravel()
+        pages, pages_lse = mx.array(np.concatenate([out.ravel(), tail]).reshape(-1, hq, dv)), None
+    else:
+        pages, pages_lse = mx.array(out), mx.array(lse)
     rot = np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0].astype(np.float32)
-    x = dict(pages_out=mx.array(rng.standard_normal((b, hq, dv)).astype(np.float32)),
-             pages_lse=mx.array((rng.standard_normal((b, hq)) * 3 + 4).astype(np.float32)),
-             queries=mx.array((rng.standard_normal((b, hq, dk)) * dk ** -0.5).astype(np.float32)),
-             tail_keys=f16(b, hkv, bs, dk), tail_values=f16(b, hkv, bs, dv),
-             new_keys=f16(b, hkv, 1, dk), new_values=f16(b, hkv, 1, dv),
-             key_center=mx.array(rng.standard_normal((hkv, dk)).astype(np.float32)),
-             output_rotation=mx.array(rot))
-    got = run(x, lengths, bs, out_dtype)
+    x = dict(pages_out=pages, pages_lse=pages_lse,
+             queries=normal(b, hq, 1, dk).astype(dtype), scale=dk ** -0.5,
+             tail_keys=normal(b, hkv, bs, dk, scale=2, dt=np.float16),
+             tail_values=normal(b, hkv, bs, dv, scale=2, dt=np.float16),
+             new_keys=normal(b, hkv, 1, dk, scale=2).astype(dtype),
+             new_values=normal(b, hkv, 1, dv, scale=2).astype(dtype),
+             tail_info=mx.array([[n + 1, n] for n in lengths], dtype=mx.int32),
+             key_center=normal(hkv, dk), output_rotation=mx.array(rot))
+    got = run(x)
     if got is None:
         return "the kernel declined a shape it was chosen for"
     with mx.stream(mx.cpu):
-        want = batched_epilogue_reference(**x, old_lengths=lengths, out_dtype=mx.float32)
+        want = batched_epilogue_reference(
+            **{k: v for k, v in x.items() if k != "tail_info"}, old_lengths=lengths)
         mx.eval(want)
-    err = float((mx.max(mx.abs(got[0].astype(mx.float32) - want[0]))
-                 / mx.max(mx.abs(want[0]))).item())
-    tail_exact = all(a.shape == b.shape and bool(mx.array_equal(a, b).item())
-                     for a, b in zip(got[1:], want[1:]))
-    tol = EPILOGUE_TOLERANCE.get(out_dtype, 1e-5)
-    if err < tol and tail_exact:
+    err = float((mx.max(mx.abs(got[0].astype(mx.float32) - want[0].astype(mx.float32)))
+                 / mx.max(mx.abs(want[0].astype(mx.float32)))).item())
+    tail_exact = all(a.shape == w.shape and bool(mx.array_equal(a, w).item())
+                     for a, w in zip(got[1:], want[1:]))
+    tol = 2 * EPILOGUE_TOLERANCE.get(dtype, 1e-5)  # both round to the dtype
+    if err < tol and tail_exact and got[0].shape == want[0].shape:
         return None
     return (f"mismatch against the reference: max rel {err:.2e} (bound {tol:g}), next tails "
             f"{'exact' if tail_exact else 'differ'}")
+
+
+def check_rotate_queries(key: tuple, run: Callable[[mx.array, mx.array, float], mx.array | None]
+                         ) -> str | None:
+    """The query rotation kernel for key = (Dk, Hq, Hkv, dtype) against
+    rotate_queries_reference in float32 (sums of Dk products: ~1e-6 relative)."""
+    from tqstore.metal.reference import rotate_queries_reference
+    dk, hq, hkv, dtype = key
+    rng = _rng(("rotate",) + key)
+    queries = mx.array(rng.standard_normal((3, hq, 1, dk)).astype(np.float32)).astype(dtype)
+    rotation = mx.array(np.linalg.qr(rng.standard_normal((hkv, dk, dk)))[0].astype(np.float32))
+    got = run(queries, rotation, dk ** -0.5)
+    if got is None:
+        return "the kernel declined a shape it was chosen for"
+    with mx.stream(mx.cpu):
+        want = rotate_queries_reference(queries, rotation, dk ** -0.5)
+        mx.eval(want)
+    err = float((mx.max(mx.abs(got - want)) / mx.max(mx.abs(want))).item())
+    return None if err < 1e-5 and got.shape == want.shape else f"max rel error {err:.2e} over 1e-05"
 
 
 def check_multi_token(key: tuple, run: Callable[..., mx.array | None]) -> str | None:

@@ -31,9 +31,10 @@ from typing import Sequence as Seq
 
 import mlx.core as mx
 
-from tqstore.metal.dispatch import batched_decode_epilogue, paged_decode_attention
+from tqstore.metal.dispatch import (batched_decode_epilogue, paged_decode_attention,
+                                    rotate_queries)
 from tqstore.paged.arenas import KV_DTYPE
-from tqstore.paged.cache import PagedLayerCache, prepare_queries
+from tqstore.paged.cache import PagedLayerCache
 from tqstore.small_arrays import padded_array
 
 
@@ -96,35 +97,37 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
                        block_tables: mx.array, seq_lens: mx.array, lengths: list[int],
                        info: mx.array, new_keys: mx.array, new_values: mx.array) -> mx.array:
     """One layer's decode attention for the batch after ``append`` (queries (B, Hq, 1, Dk) ->
-    (B, Hq, 1, Dv)): the rows' pages in one attention launch, then one epilogue launch that
-    merges every row with its tail and appends its token; each row then refers to its row
-    of the new tails."""
+    (B, Hq, 1, Dv) in their dtype): the rows' pages in one attention launch, then one epilogue
+    launch that merges every row with its tail and appends its token (new_keys/values: the
+    step's tokens in the model's dtype); each row then refers to its row of the new tails."""
     arena = caches[0].arena
     kc, vc = arena.key_codec, arena.value_codec
-    q, q_rot = prepare_queries(queries[:, :, 0, :], arena.query_rotation, scale)
+    # Three launches on a GPU (tqstore.metal.batch_step): the queries' scale and rotation, the
+    # pages (output left packed in the split launch's buffer), the epilogue for every row.
+    q_rot = rotate_queries(queries, arena.query_rotation, scale)
     pages_out, lse = paged_decode_attention(
         q_rot, arena.key_codes, arena.key_scales, arena.value_codes, arena.value_scales,
-        block_tables, seq_lens, kc.codebook, vc.codebook, kc.bits, vc.bits, return_lse=True)
+        block_tables, seq_lens, kc.codebook, vc.codebook, kc.bits, vc.bits, return_lse=True,
+        packed=True)
     tail_keys, tail_values = old_tails(caches, lengths)
     out, next_keys, next_values = batched_decode_epilogue(
-        pages_out, lse, q, tail_keys, tail_values, new_keys, new_values, lengths, info,
-        arena.key_center, arena.output_rotation, caches[0].sequence.block_size, queries.dtype)
+        pages_out, lse, queries, scale, tail_keys, tail_values, new_keys, new_values, lengths,
+        info, arena.key_center, arena.output_rotation, caches[0].sequence.block_size)
     shared = SharedTail(next_keys, next_values)
     for row, cache in enumerate(caches):
         cache.take_shared_tail(shared, row)
-    B, Hq = queries.shape[:2]
-    return out.reshape(B, Hq, 1, vc.head_dim)
+    return out
 
 
 def append(caches: Seq[PagedLayerCache], keys: mx.array, values: mx.array,
            lengths: list[int]) -> tuple[mx.array, mx.array]:
     """This step's token of every row (keys/values (B, Hkv, 1, D)): counted, with full tails
-    committed to the pages where the token opens a block. Returns the tokens in fp16, one
-    conversion for the batch (the epilogue appends them)."""
+    committed to the pages where the token opens a block. Returns the tokens as they are: the
+    epilogue converts them to fp16 as it appends them (no op of their own)."""
     commit_full_tails(caches, lengths)
     for cache, n_old in zip(caches, lengths):
         cache.shared_tail_append(n_old)
-    return keys.astype(KV_DTYPE), values.astype(KV_DTYPE)
+    return keys, values
 
 
 def commit_full_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> None:
