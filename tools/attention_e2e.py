@@ -8,7 +8,10 @@ Rows:
   tq-kernels    the same cache on tqstore.metal's kernels (decode attention and the per-token
                 quantize), which its dispatch point picks on a GPU backend
   tq-kernels-tail  the same with the newest block in fp16 (CachePolicy.fp16_tail): the kernel
-                over the pages plus the merge with the fp16 tail
+                over the pages plus the merge with the fp16 tail (the default policy's shape;
+                a step is a batch of one's three launches per layer, tqstore.paged.shared_tail)
+  tq-tail-composed  (--ab-alone) the same cache with the step composed of its own ops
+                (tqstore.paged.cache.SHARED_STEP_ALONE off: the code before the shared step)
 
     PYTHONUNBUFFERED=1 python tools/attention_e2e.py --context 32768 --json $OUT/e2e.json
 """
@@ -151,6 +154,8 @@ def main() -> int:
     ap.add_argument("--synthetic", action="store_true",
                     help="random K/V for the context instead of a prefill (long contexts)")
     ap.add_argument("--no-tail-check", action="store_true")
+    ap.add_argument("--ab-alone", action="store_true",
+                    help="also time the fp16-tail cache with its step composed of its own ops")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     err = None
@@ -186,9 +191,12 @@ def main() -> int:
 
     per_token = shape["num_hidden_layers"] * shape["num_key_value_heads"] * (2 * 128 // 2 + 4)
     budget = int((args.context + 4096) * per_token * 1.5) + (64 << 20)
-    variants = ([] if args.skip_reference else ["tq-reference"]) + ["tq-kernels", "tq-kernels-tail"]
+    from tqstore.paged import cache as cache_module
+    variants = (([] if args.skip_reference else ["tq-reference"]) + ["tq-kernels", "tq-kernels-tail"]
+                + (["tq-tail-composed"] if args.ab_alone else []))
     for name in variants:
-        policy = CachePolicy(fp16_tail=name.endswith("-tail"))
+        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-composed")))
+        cache_module.SHARED_STEP_ALONE = name != "tq-tail-composed"
         pool = pool_for_model(model, budget_bytes=budget, policy=policy)
         caches = make_prompt_cache(pool)
         # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
@@ -203,6 +211,7 @@ def main() -> int:
         finally:
             uninstall(model)
             dispatch.force_backend(None)
+            cache_module.SHARED_STEP_ALONE = True
         print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
         del caches, pool
 

@@ -10,6 +10,7 @@ import pytest
 import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 import tqstore.paged.batch as batch_module
+import tqstore.paged.cache as cache_module
 from tqstore.codec import CodecConfig
 from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model
 from tqstore.paged.batch import BatchedLayerCache, StepTables, batch_caches
@@ -53,6 +54,8 @@ def one_launch(monkeypatch):
         return real(queries, *args, **kwargs)
 
     monkeypatch.setattr(batch_module, "BATCH_MODE", "pages")  # not the shared tails (own tests)
+    # As on a GPU: no C step for a sequence alone either (it would step as a batch of one).
+    monkeypatch.setattr(cache_module, "fused_decode_step_possible", lambda: False)
     monkeypatch.setattr(batch_module, "fused_batch_step", lambda *a, **k: None)
     monkeypatch.setattr(batch_module, "gpu_kernels_possible", lambda: True)
     monkeypatch.setattr(batch_module, "paged_decode_attention", recording)

@@ -43,12 +43,18 @@ from tqstore.errors import InvalidArgument
 from tqstore.metal.dispatch import (decode_epilogue, fused_decode_step,
                                     fused_decode_step_possible, paged_decode_attention)
 from tqstore.metal.reference import merge_with_tail
+from tqstore.paged import shared_tail
 from tqstore.paged.arenas import KV_DTYPE, dense_state_bytes
 from tqstore.paged.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from tqstore.paged.policy import CachePolicy
 from tqstore.paged.sequence import Sequence
 from tqstore.paged.tail import commit_point, exact_start, extended_mask
 from tqstore.paged.tail_storage import TailStorage
+
+
+# A decode step of one sequence off the C path (GPUs, the reference) as a batch of one
+# (tqstore.paged.shared_tail); False: its own composition (benchmarks' A/B).
+SHARED_STEP_ALONE = True
 
 
 @mx.compile
@@ -90,6 +96,8 @@ class PagedLayerCache(TailStorage):
         # it (tqstore.metal.epilogue), so the step costs no concatenation. Already counted in
         # offset; _flush_pending() appends it wherever the tail is read otherwise.
         self._pending: tuple[mx.array, mx.array] | None = None
+        # A routed decode step taken as a batch of one (shared_tail): (tail lengths, K, V).
+        self._alone: tuple[list[int], mx.array, mx.array] | None = None
 
     # Set by tqstore.paged.integration.install(): decode steps of some model are routed to
     # attend(). Then update_and_fetch skips the dense view it would otherwise return.
@@ -153,7 +161,10 @@ class PagedLayerCache(TailStorage):
         self.sequence.note_written(self.layer, self.committed)  # publishes the early blocks
 
     # -- the mlx-lm protocol ---------------------------------------------------------------
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array,
+                         alone: bool = True) -> tuple[mx.array, mx.array]:
+        """mlx-lm's update. ``alone`` False: this cache is a row of a batch's general per-row
+        step (tqstore.paged.batch), never its own batch of one (whose attend it would miss)."""
         if keys.shape[0] != 1:
             raise InvalidArgument("PagedLayerCache holds one sequence: batch size must be 1")
         L = keys.shape[2]
@@ -174,6 +185,11 @@ class PagedLayerCache(TailStorage):
             raise InvalidArgument("this model's attention is not routed to the paged cache: call "
                                   "tqstore.paged.install(model) before generating")
         self._flush_pending()
+        if L == 1 and alone and SHARED_STEP_ALONE and not fused_decode_step_possible():
+            lengths = shared_tail.plan([self])  # the step of a batch of one (shared_tail)
+            if lengths is not None:
+                self._alone = (lengths, *shared_tail.append([self], keys, values, lengths))
+                return keys, values
         self.decode_pending = L == 1 and not self.arena.dense
         routed = self.decode_pending and self.attention_routed
         if routed and self._routed_decode_append(keys, values):
@@ -300,6 +316,13 @@ class PagedLayerCache(TailStorage):
         self.decode_pending = False
         if mask is not None and not isinstance(mask, str):
             raise InvalidArgument("paged decode takes no mask array (sliding layers stay fp16)")
+        if self._alone is not None:
+            lengths, new_keys, new_values = self._alone
+            self._alone = None
+            seq = self.sequence
+            return shared_tail.shared_tail_attend(
+                [self], queries, scale, seq.block_table(), seq.length_array(self.committed),
+                lengths, seq.tail_info_array(lengths[0] + 1, lengths[0]), new_keys, new_values)
         B, Hq, L, Dk = queries.shape
         kc, vc = self.arena.key_codec, self.arena.value_codec
         Hkv, G, Dv = kc.num_heads, Hq // kc.num_heads, vc.head_dim

@@ -23,19 +23,24 @@ into the pages first (the same bytes from the same fp16 values) and the token st
 Rows in any other state (a prefill step, no committed page yet, a trimmed cache whose codes
 end mid-block, a model whose attention is not routed) send the whole batch down the general
 per-row path for that step.
+
+A sequence decoding alone takes the same step as a batch of one (PagedLayerCache): the same
+three launches per layer instead of the dozen ops of its own composition.
 """
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from typing import TYPE_CHECKING, Sequence as Seq
 
 import mlx.core as mx
 
 from tqstore.metal.dispatch import (batched_decode_epilogue, paged_decode_attention,
                                     rotate_queries)
 from tqstore.paged.arenas import KV_DTYPE
-from tqstore.paged.cache import PagedLayerCache
 from tqstore.small_arrays import padded_array
+
+if TYPE_CHECKING:  # the caches import this module (a sequence alone steps as a batch of one)
+    from tqstore.paged.cache import PagedLayerCache
 
 
 class SharedTail:
