@@ -10,6 +10,7 @@ import pytest
 
 import tqstore  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
+import tqstore.paged.cache as cache_module
 from tqstore.codec import CodecConfig
 from tqstore.paged import (CachePolicy, PagedLayerCache, install, make_prompt_cache,
                            pool_for_model, uninstall)
@@ -201,9 +202,12 @@ def test_the_tail_is_part_of_the_pool_identity():
     assert "+fp16 tail" in TAIL.label() and "+fp16 tail" not in plain.label()
 
 
-def test_a_routed_token_joining_the_tail_waits_for_the_epilogue_and_is_never_lost():
+def test_a_routed_token_joining_the_tail_waits_for_the_epilogue_and_is_never_lost(monkeypatch):
     """A routed decode step's token that joins the tail block is left pending (the decode
-    epilogue appends it, no concatenation); every other reader of the tail appends it first."""
+    epilogue appends it, no concatenation); every other reader of the tail appends it first.
+    (The step composed of its own ops: off the C path a sequence alone steps as a batch of one
+    instead, tests/paged/test_shared_tail.py.)"""
+    monkeypatch.setattr(cache_module, "SHARED_STEP_ALONE", False)
     model = tiny_model("llama")
     install(model)
     try:

@@ -178,3 +178,41 @@ def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path):
     assert launches  # the shared path ran
     # Passed on when the same rows come in the same order; gathered after a change.
     assert True in passed_on and False in passed_on
+
+
+def test_a_sequence_alone_steps_as_a_batch_of_one(rng, monkeypatch):
+    """Off the C path (a GPU) a sequence decoding alone takes the shared-tail step with one row;
+    against its own composition (SHARED_STEP_ALONE off) over blocks opening and filling: the
+    same tails and pages, byte for byte, and logits within float32 rounding."""
+    import tqstore.paged.cache as cache_module
+    monkeypatch.setattr(cache_module, "fused_decode_step_possible", lambda: False)
+    calls = []
+    real = shared_module.shared_tail_attend
+    monkeypatch.setattr(shared_module, "shared_tail_attend",
+                        lambda caches, *a: (calls.append(len(caches)), real(caches, *a))[1])
+    model = tiny_model("llama")
+    install(model)
+    prompt = [int(t) for t in rng.integers(3, 97, 21)]
+    tokens = [int(t) for t in rng.integers(3, 97, STEPS)]
+    runs = []
+    for alone in (True, False):
+        monkeypatch.setattr(cache_module, "SHARED_STEP_ALONE", alone)
+        (caches,) = prefilled(model, TAIL, [prompt])
+        logits = []
+        for t in tokens:
+            caches[0].sequence.append_token_ids([t])
+            logits.append(np.array(model(mx.array([[t]]), cache=caches)[0, -1], dtype=np.float64))
+        runs.append((caches, logits))
+    layers = len(model.layers)
+    assert calls == [1] * (STEPS * layers)  # the step that finishes the prefill included
+    (mine, got), (theirs, want) = runs
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-4  # the same function; sums in another order
+    for a, b in zip(mine, theirs):
+        assert (a.offset, a.committed) == (b.offset, b.committed)
+        for name in ("_tail_keys", "_tail_values"):
+            assert np.array(getattr(a, name)).tobytes() == np.array(getattr(b, name)).tobytes()
+        for name in ("key_codes", "key_scales", "value_codes", "value_scales"):
+            ids_a, ids_b = mx.array(a.sequence.block_ids), mx.array(b.sequence.block_ids)
+            assert np.array(getattr(a.arena, name)[ids_a]).tobytes() == np.array(
+                getattr(b.arena, name)[ids_b]).tobytes()
