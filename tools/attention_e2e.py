@@ -8,10 +8,9 @@ Rows:
   tq-kernels    the same cache on tqstore.metal's kernels (decode attention and the per-token
                 quantize), which its dispatch point picks on a GPU backend
   tq-kernels-tail  the same with the newest block in fp16 (CachePolicy.fp16_tail): the kernel
-                over the pages plus the merge with the fp16 tail (the default policy's shape;
-                a step is a batch of one's three launches per layer, tqstore.paged.shared_tail)
-  tq-tail-composed  (--ab-alone) the same cache with the step composed of its own ops
-                (tqstore.paged.cache.SHARED_STEP_ALONE off: the code before the shared step)
+                over the pages plus the merge with the fp16 tail (the default policy's shape)
+  tq-tail-batch-of-one  (--ab-alone) the same cache stepping as a batch of one: three launches
+                per layer (tqstore.paged.cache.SHARED_STEP_ALONE on, tqstore.paged.shared_tail)
 
     PYTHONUNBUFFERED=1 python tools/attention_e2e.py --context 32768 --json $OUT/e2e.json
 """
@@ -155,7 +154,7 @@ def main() -> int:
                     help="random K/V for the context instead of a prefill (long contexts)")
     ap.add_argument("--no-tail-check", action="store_true")
     ap.add_argument("--ab-alone", action="store_true",
-                    help="also time the fp16-tail cache with its step composed of its own ops")
+                    help="also time the fp16-tail cache stepping as a batch of one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     err = None
@@ -193,10 +192,11 @@ def main() -> int:
     budget = int((args.context + 4096) * per_token * 1.5) + (64 << 20)
     from tqstore.paged import cache as cache_module
     variants = (([] if args.skip_reference else ["tq-reference"]) + ["tq-kernels", "tq-kernels-tail"]
-                + (["tq-tail-composed"] if args.ab_alone else []))
+                + (["tq-tail-batch-of-one"] if args.ab_alone else []))
+    default_alone = cache_module.SHARED_STEP_ALONE
     for name in variants:
-        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-composed")))
-        cache_module.SHARED_STEP_ALONE = name != "tq-tail-composed"
+        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-of-one")))
+        cache_module.SHARED_STEP_ALONE = name == "tq-tail-batch-of-one" or default_alone
         pool = pool_for_model(model, budget_bytes=budget, policy=policy)
         caches = make_prompt_cache(pool)
         # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
@@ -211,7 +211,7 @@ def main() -> int:
         finally:
             uninstall(model)
             dispatch.force_backend(None)
-            cache_module.SHARED_STEP_ALONE = True
+            cache_module.SHARED_STEP_ALONE = default_alone
         print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
         del caches, pool
 

@@ -24,8 +24,8 @@ Rows in any other state (a prefill step, no committed page yet, a trimmed cache 
 end mid-block, a model whose attention is not routed) send the whole batch down the general
 per-row path for that step.
 
-A sequence decoding alone takes the same step as a batch of one (PagedLayerCache): the same
-three launches per layer instead of the dozen ops of its own composition.
+A sequence decoding alone can take the same step as a batch of one (PagedLayerCache, with
+tqstore.paged.cache.SHARED_STEP_ALONE: off by default, its measurements disagreed).
 """
 
 from __future__ import annotations
