@@ -80,10 +80,9 @@ def main(plant: str) -> int:
              output_rotation=mx.array(np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0]
                                       .astype(np.float32)))
     info = mx.array([[n + 1, n] for n in lengths], dtype=mx.int32)
-    got = dispatch.batched_decode_epilogue(**x, old_lengths=lengths, tail_info=info,
-                                           block_size=bs)
+    got = dispatch.batched_decode_epilogue(**x, tail_info=info, block_size=bs)
     with mx.stream(mx.cpu):
-        want = batched_epilogue_reference(**x, old_lengths=lengths)
+        want = batched_epilogue_reference(**x, tail_info=info)
     mx.eval(got, want)
     err = mx.max(mx.abs(got[0].astype(mx.float32) - want[0].astype(mx.float32)))
     out["epilogue-rows"] = dict(

@@ -109,12 +109,17 @@ def _run_emulated(x: dict, dims: tuple, out_dtype: str, tmp_path,
     args = ", ".join([f"(const {ctype[t]}*)in_{n}.data()" for n, t in types.items()]
                      + [f"{o}.data()" for o in EPILOGUE_OUTPUTS])
     main = "\n".join([
+        "#include <cstring>",
         "#include <fstream>",
         "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
         "int main() {",
         *[f'  auto in_{n} = rd("{n}.bin");' for n in types],
-        *[f"  std::vector<{otypes[o]}> {o}({sizes[o]});" for o in EPILOGUE_OUTPUTS],
+        # Garbage (0xFF bytes: NaN) in every output first: an element the kernel never
+        # writes must fail the comparison, not pass as a vector's zero.
+        *[f"  std::vector<{otypes[o]}> {o}({sizes[o]});"
+          f" std::memset((void*){o}.data(), 0xFF, {o}.size() * sizeof({o}[0]));"
+          for o in EPILOGUE_OUTPUTS],
         f"  tq_emu::launch(dim3{{{dv // DIMS_PER_GROUP}, {hkv}, {batch}}}, {THREADS}, [&] {{"
         f" mlx::core::cu::epilogue({args}); }});",
         *[f'  std::ofstream("{o}.out", std::ios::binary).write((const char*){o}.data(),'
@@ -199,10 +204,10 @@ def test_per_row_epilogue_kernel_on_the_emulator(case, tmp_path):
         x["pages_out"] = np.concatenate([out.ravel(), flat]).reshape(-1, hq, dv)
         x["pages_lse"] = x["pages_out"]
     got = _run_emulated(x, dims, dtype, tmp_path, per_row=True, packed=packed)
-    m = {k: mx.array(v) for k, v in x.items() if k not in ("tail_info", "scale")}
+    m = {k: mx.array(v) for k, v in x.items() if k != "scale"}
     m.update(pages_out=mx.array(out), pages_lse=mx.array(lse))
     with mx.stream(mx.cpu):
-        want = batched_epilogue_reference(**m, scale=dk ** -0.5, old_lengths=lengths)
+        want = batched_epilogue_reference(**m, scale=dk ** -0.5)
         want = [np.array(w.astype(mx.float32)) for w in want]
     # The next tails: each row's tokens (the new one converted to fp16) then zeros, exactly.
     assert np.array_equal(got[1].astype(np.float32), want[1])

@@ -44,7 +44,7 @@ def forced(steps):
 
 @pytest.fixture
 def one_launch(monkeypatch):
-    """Drive the one-launch batch path for the pages (gpu_batch_step) wherever the test runs (on the CPU its attention
+    """Drive the pages' one-launch batch path (gpu_batch_step) wherever the test runs (on the CPU its attention
     call is the C kernel over all rows), and record the batch size of every launch."""
     launches = []
     real = batch_module.paged_decode_attention

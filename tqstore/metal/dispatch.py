@@ -354,14 +354,14 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
 
 def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array | None, queries: mx.array,
                             scale: float, tail_keys: mx.array, tail_values: mx.array,
-                            new_keys: mx.array, new_values: mx.array, old_lengths: list[int],
-                            tail_info: mx.array, key_center: mx.array, output_rotation: mx.array,
+                            new_keys: mx.array, new_values: mx.array, tail_info: mx.array,
+                            key_center: mx.array, output_rotation: mx.array,
                             block_size: int) -> tuple[mx.array, mx.array, mx.array]:
     """The decode epilogue of a batch whose fp16 tails differ in length, in one launch (the
     contract: tqstore.metal.batch_step): queries (B, Hq, 1, Dk) and new tokens (B, Hkv, 1, D)
-    in the model's dtype, tails in block-sized buffers (B, Hkv, block_size, D) holding
-    old_lengths[b] tokens (tail_info: the kernel's copy), pages_lse None where the attention's
-    output is packed. Returns (out (B, Hq, 1, Dv) in the queries' dtype, next tails)."""
+    in the model's dtype, tails in block-sized buffers (B, Hkv, block_size, D), tail_info int32
+    [n_old + 1, n_old] per row, pages_lse None where the attention's output is packed. Returns
+    (out (B, Hq, 1, Dv) in the queries' dtype, next tails)."""
     gpu = gpu_backend()
     if gpu is not None and _forced != "reference":
         name = f"{gpu}-kernel-epilogue-rows"
@@ -382,7 +382,7 @@ def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array | None, que
                 _announce(name, "the batched decode epilogue (one launch for a batch's tails)")
                 return out
     return batched_epilogue_reference(pages_out, pages_lse, queries, scale, tail_keys,
-                                      tail_values, new_keys, new_values, old_lengths,
+                                      tail_values, new_keys, new_values, tail_info,
                                       key_center, output_rotation)
 
 

@@ -252,4 +252,3 @@ def kernel_decode_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arra
         output_shapes=[(bsz, hq, dv), (bsz, hkv, tail_length, dk), (bsz, hkv, tail_length, dv)],
         output_dtypes=[out_dtype, f16, f16],
         grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))
-

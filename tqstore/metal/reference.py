@@ -165,7 +165,6 @@ def decode_epilogue_reference(pages_out: mx.array, pages_lse: mx.array, queries:
     return out.reshape(B, Hq, Dv).astype(out_dtype), next_keys, next_values
 
 
-
 def unpack_pages(pages_out: mx.array, pages_lse: mx.array | None,
                  batch: int, num_q_heads: int) -> tuple[mx.array, mx.array]:
     """(out (B, Hq, Dv), lse (B, Hq)) from the attention's output, or from its packed work
@@ -179,15 +178,20 @@ def unpack_pages(pages_out: mx.array, pages_lse: mx.array | None,
 def batched_epilogue_reference(pages_out: mx.array, pages_lse: mx.array | None,
                                queries: mx.array, scale: float, tail_keys: mx.array,
                                tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
-                               old_lengths: list[int], key_center: mx.array,
+                               tail_info: mx.array, key_center: mx.array,
                                output_rotation: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """The batched decode epilogue (tqstore.metal.batch_step, its contract) in MLX ops, row by
     row through decode_epilogue_reference: queries (B, Hq, 1, Dk) and new tokens (B, Hkv, 1, D)
     in the model's dtype, tails in block-sized fp16 buffers (B, Hkv, cap, D) whose row b holds
-    old_lengths[b] tokens. Returns (out (B, Hq, 1, Dv) in the queries' dtype, the next tails
-    (B, Hkv, cap, D): row b's old tokens, its new one, then zeros)."""
+    n_old_b tokens, tail_info int32 [n_b, n_old_b] per row (read here as the kernel reads it,
+    so a wrong one fails wherever this runs). Returns (out (B, Hq, 1, Dv) in the queries'
+    dtype, the next tails (B, Hkv, cap, D): row b's old tokens, its new one, then zeros)."""
     B, Hq, _, Dk = queries.shape
     cap = tail_keys.shape[2]
+    info = tail_info.reshape(-1).tolist()
+    if len(info) < 2 * B or any(info[2 * b] != info[2 * b + 1] + 1 for b in range(B)):
+        raise InvalidArgument(f"tail_info {info[:2 * B]} is not [n_old + 1, n_old] per row")
+    old_lengths = info[1:2 * B:2]
     pages_out, pages_lse = unpack_pages(pages_out, pages_lse, B, Hq)
     q = queries[:, :, 0, :].astype(mx.float32) * scale
     new_keys, new_values = new_keys.astype(mx.float16), new_values.astype(mx.float16)

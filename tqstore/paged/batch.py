@@ -65,10 +65,10 @@ class StepTables:
     def tail_info(self, lengths: list[int]) -> mx.array:
         """The rows' tail lengths for the shared-tail epilogue (shared_tail.tail_info), built
         once per step: every layer of a row has the same tail (sliding layers have none)."""
-        key = tuple(lengths)
-        if self._tail_info is None or self._tail_info[0] != key:
-            self._tail_info = (key, shared_tail.tail_info(lengths))
-        return self._tail_info[1]
+        key, entry = tuple(lengths), self._tail_info  # one read: the entry is replaced whole
+        if entry is None or entry[0] != key:
+            entry = self._tail_info = (key, shared_tail.tail_info(lengths))
+        return entry[1]
 
     def get(self, caches: Seq[PagedLayerCache]) -> tuple[mx.array, mx.array]:
         tables = [c.sequence.block_table() for c in caches]

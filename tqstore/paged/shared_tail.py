@@ -116,8 +116,8 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
         packed=True)
     tail_keys, tail_values = old_tails(caches, lengths)
     out, next_keys, next_values = batched_decode_epilogue(
-        pages_out, lse, queries, scale, tail_keys, tail_values, new_keys, new_values, lengths,
-        info, arena.key_center, arena.output_rotation, caches[0].sequence.block_size)
+        pages_out, lse, queries, scale, tail_keys, tail_values, new_keys, new_values, info,
+        arena.key_center, arena.output_rotation, caches[0].sequence.block_size)
     shared = SharedTail(next_keys, next_values)
     for row, cache in enumerate(caches):
         cache.take_shared_tail(shared, row)

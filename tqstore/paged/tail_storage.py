@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from tqstore.errors import InvalidArgument
 from tqstore.paged.arenas import KV_DTYPE
 from tqstore.paged.tail import commit_point
 
@@ -95,6 +96,11 @@ class TailStorage:
         if n_old == 0:
             return (mx.zeros((1, pool.num_kv_heads, bs, pool.key_head_dim), KV_DTYPE),
                     mx.zeros((1, pool.num_kv_heads, bs, pool.value_head_dim), KV_DTYPE))
+        if self._tail_keys is None or self._tail_keys.shape[2] != n_old:
+            # A token counted in offset but never appended (a step updated, not attended).
+            raise InvalidArgument(f"layer {self.layer}: the tail holds "
+                                  f"{0 if self._tail_keys is None else self._tail_keys.shape[2]} "
+                                  f"tokens, the step expects {n_old}")
         pad = [(0, 0), (0, 0), (0, bs - n_old), (0, 0)]
         return (mx.pad(self._tail_keys.astype(KV_DTYPE), pad),
                 mx.pad(self._tail_values.astype(KV_DTYPE), pad))
@@ -106,7 +112,9 @@ class TailStorage:
         self.decode_pending = False
 
     def tail_nbytes(self) -> int:
-        """Bytes of this row's tail tokens (of a shared buffer: its tokens' share, no slice)."""
+        """Bytes of this row's tail tokens (of a shared buffer: its tokens' share, no slice).
+        A shared buffer allocates a whole block per row and layer: at most block_size - 1
+        tokens more than counted here (the fp16 tail's bound, one block, either way)."""
         if self._shared is not None:
             shared, _, n = self._shared
             per_token = (shared.keys.nbytes + shared.values.nbytes) // (
