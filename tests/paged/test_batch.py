@@ -100,6 +100,23 @@ def test_one_launch_for_all_rows_gives_each_row_its_own_step(rng, policy, one_la
         assert caches[0].offset == n + STEPS
 
 
+def step_in_order(model, sequences, reference, order, rng) -> None:
+    """One decode step of the sequences ``order`` names, batched in that order (one alone: its
+    own step), each row checked against the same sequence's twin in ``reference`` stepping
+    alone. Bound: fp16 storage of K/V from matmuls of another row count (see the test above)."""
+    step = {b: int(t) for b, t in zip(order, rng.integers(3, 97, len(order)))}
+    for b in order:
+        for seqs in (sequences, reference):
+            seqs[b][0].sequence.append_token_ids([step[b]])
+    caches = (sequences[order[0]] if len(order) == 1
+              else batch_caches([sequences[b] for b in order]))
+    got = model(mx.array([[step[b]] for b in order]), cache=caches)
+    for pos, b in enumerate(order):
+        want = model(mx.array([[step[b]]]), cache=reference[b])
+        assert rel(np.array(got[pos, -1], dtype=np.float64),
+                   np.array(want[0, -1], dtype=np.float64)) < rtol(2e-3, MODEL_TF32), (order, b)
+
+
 def test_a_row_reads_its_own_table_and_length(rng, one_launch):
     """Rows swapped between steps (the engine rebuilds the batch each step, in any order)
     still read their own pages: swapping only the tables would mix two sequences' context."""
@@ -109,17 +126,7 @@ def test_a_row_reads_its_own_table_and_length(rng, one_launch):
     sequences = prefilled(model, TAIL, prompts)
     reference = prefilled(model, TAIL, prompts)
     for order in ([0, 1], [1, 0], [0, 1], [1, 0]):
-        step = [int(t) for t in rng.integers(3, 97, 2)]
-        for b in range(2):
-            for seqs in (sequences, reference):
-                seqs[b][0].sequence.append_token_ids([step[b]])
-        batched = model(mx.array([[step[b]] for b in order]),
-                        cache=batch_caches([sequences[b] for b in order]))
-        for pos, b in enumerate(order):
-            want = model(mx.array([[step[b]]]), cache=reference[b])
-            got = np.array(batched[pos, -1], dtype=np.float64)
-            # fp16 storage of K/V from matmuls of another row count (see the test above).
-            assert rel(got, np.array(want[0, -1], dtype=np.float64)) < rtol(2e-3, MODEL_TF32)
+        step_in_order(model, sequences, reference, order, rng)
 
 
 def test_step_tables_are_built_once_per_step_and_follow_a_new_block(rng):

@@ -41,7 +41,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from tqstore.metal.dialect import activations_header, body_prologue
-from tqstore.metal.epilogue import (DIMS_PER_GROUP, EPILOGUE_OUTPUTS, THREADS, _dtype_name,
+from tqstore.metal.epilogue import (DIMS_PER_GROUP, EPILOGUE_OUTPUTS, THREADS, out_dtype_name,
                                     epilogue_body, epilogue_header,
                                     epilogue_unsupported_reason)
 from tqstore.small_arrays import padded_array
@@ -81,7 +81,7 @@ def kernel_batched_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arr
     the kernel does not cover the shape."""
     bsz, hq, _, dk = queries.shape
     hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
-    name = _dtype_name(queries.dtype)
+    name = out_dtype_name(queries.dtype)
     if (name is None or tail_keys.shape[2] != block_size or new_keys.shape[2] != 1
             or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name)):
         return None
@@ -127,7 +127,7 @@ def kernel_rotate_queries(backend: str, queries: mx.array, rotation: mx.array,
     kernel does not cover the shape."""
     bsz, hq, length, dk = queries.shape
     hkv = rotation.shape[0]
-    if (length != 1 or dk > MAX_ROTATE_DIM or hq % hkv or _dtype_name(queries.dtype) is None
+    if (length != 1 or dk > MAX_ROTATE_DIM or hq % hkv or out_dtype_name(queries.dtype) is None
             or rotation.shape[1:] != (dk, dk)):
         return None
     (rotated,) = rotate_kernel(backend, dk, hq, hkv)(

@@ -200,7 +200,8 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
 """
 
 
-def _dtype_name(dtype: mx.Dtype) -> str | None:
+def out_dtype_name(dtype: mx.Dtype) -> str | None:
+    """The kernels' name of an output dtype (a key of OUT_DTYPES), None if not covered."""
     for name, dt in OUT_DTYPES.items():
         if dt == dtype:
             return name
@@ -209,7 +210,7 @@ def _dtype_name(dtype: mx.Dtype) -> str | None:
 
 def epilogue_fits(key_dim: int, value_dim: int, num_q_heads: int, num_kv_heads: int,
                   block_size: int, out_dtype: mx.Dtype) -> bool:
-    name = _dtype_name(out_dtype)
+    name = out_dtype_name(out_dtype)
     return name is not None and epilogue_unsupported_reason(
         key_dim, value_dim, num_q_heads, num_kv_heads, block_size, name) is None
 
@@ -240,7 +241,7 @@ def kernel_decode_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arra
         new_keys, new_values = tail_keys, tail_values  # never read: n == n_old
     bsz, hq, dk = queries.shape
     hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
-    name = _dtype_name(out_dtype)
+    name = out_dtype_name(out_dtype)
     if name is None or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name):
         return None
     kernel = epilogue_kernel(backend, dk, dv, hq, hkv, block_size, name)

@@ -90,9 +90,8 @@ class PagedLayerCache(TailStorage):
         # _tail_keys/_tail_values (fp16, (1, Hkv, n, D)), else committed == offset after a write.
         self.committed = self.offset
         # The tail's own arrays, or after a batched GPU step a reference to this sequence's
-        # row of the batch's buffers (tqstore.paged.shared_tail: (SharedTail, row, tokens)),
-        # sliced out only when something reads this row's tail alone (the properties below).
-        self._shared = None
+        # row of the batch's buffers, sliced out only when something reads this row's tail
+        # alone (tqstore.paged.tail_storage; assigning the tail drops the reference).
         self._tail_keys: mx.array | None = None
         self._tail_values: mx.array | None = None
         # A routed decode step's token that joins the tail block: the decode epilogue appends

@@ -36,7 +36,6 @@ import mlx.core as mx
 
 from tqstore.metal.dispatch import (batched_decode_epilogue, paged_decode_attention,
                                     rotate_queries)
-from tqstore.paged.arenas import KV_DTYPE
 from tqstore.small_arrays import padded_array
 
 if TYPE_CHECKING:  # the caches import this module (a sequence alone steps as a batch of one)
@@ -91,9 +90,7 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> tuple[mx.arra
     if common is not None and common.keys.shape[0] == len(caches):
         return common.keys, common.values
     if not any(lengths):  # every token opens its tail (rows in step): one empty buffer
-        keys, values = caches[0].tail_buffer(0)
-        shape = (len(caches),) + keys.shape[1:]
-        return mx.zeros(shape, KV_DTYPE), mx.zeros(shape[:3] + values.shape[3:], KV_DTYPE)
+        return caches[0].empty_tails(len(caches))
     rows = [cache.tail_buffer(n_old) for cache, n_old in zip(caches, lengths)]
     return (mx.concatenate([k for k, _ in rows]), mx.concatenate([v for _, v in rows]))
 

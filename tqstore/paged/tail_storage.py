@@ -92,10 +92,9 @@ class TailStorage:
     def tail_buffer(self, n_old: int) -> tuple[mx.array, mx.array]:
         """This row's tail (n_old tokens) as block-sized buffers (1, Hkv, block_size, D),
         zeros after its tokens: a row of a batch's tails gathered anew."""
-        bs, pool = self.sequence.block_size, self.sequence.pool
         if n_old == 0:
-            return (mx.zeros((1, pool.num_kv_heads, bs, pool.key_head_dim), KV_DTYPE),
-                    mx.zeros((1, pool.num_kv_heads, bs, pool.value_head_dim), KV_DTYPE))
+            return self.empty_tails(1)
+        bs = self.sequence.block_size
         if self._tail_keys is None or self._tail_keys.shape[2] != n_old:
             # A token counted in offset but never appended (a step updated, not attended).
             raise InvalidArgument(f"layer {self.layer}: the tail holds "
@@ -104,6 +103,12 @@ class TailStorage:
         pad = [(0, 0), (0, 0), (0, bs - n_old), (0, 0)]
         return (mx.pad(self._tail_keys.astype(KV_DTYPE), pad),
                 mx.pad(self._tail_values.astype(KV_DTYPE), pad))
+
+    def empty_tails(self, rows: int) -> tuple[mx.array, mx.array]:
+        """Block-sized tail buffers (rows, Hkv, block_size, D) of zeros for this layer."""
+        bs, pool = self.sequence.block_size, self.sequence.pool
+        return (mx.zeros((rows, pool.num_kv_heads, bs, pool.key_head_dim), KV_DTYPE),
+                mx.zeros((rows, pool.num_kv_heads, bs, pool.value_head_dim), KV_DTYPE))
 
     def take_shared_tail(self, shared, row: int) -> None:
         """After a batched step: this row's tail is row ``row`` of ``shared``."""
