@@ -41,13 +41,14 @@ def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
     rows = tool_json(tmp_path, "batch_decode_gpu.py", "--shape", "tiny", "--batches", "2",
                      "--contexts", "40", "--steps", "2", "--warmup", "2",
                      "--pool-mib", "16")["rows"]
-    assert [r["name"] for r in rows] == ["fp16", "tq-rows", "tq-pages", "tq-batched"]
+    assert [r["name"] for r in rows] == ["fp16", "tq-rows", "tq-pages", "tq-3launch",
+                                         "tq-batched"]
     assert all(r["batch"] == 2 and r["context"] == 40 for r in rows)
     assert all(r["sync_tok_s"] > 0 and r["pipelined_tok_s"] > 0 for r in rows)
     # Ours holds fewer bytes per sequence than the fp16 cache (codes plus a partial fp16 tail).
     assert rows[0]["sequences_fit_x"] == 1.0
-    assert (rows[1]["kv_bytes_per_seq"] == rows[2]["kv_bytes_per_seq"] == rows[3]["kv_bytes_per_seq"]
-            < rows[0]["kv_bytes_per_seq"])
+    assert len({r["kv_bytes_per_seq"] for r in rows[1:]}) == 1
+    assert rows[1]["kv_bytes_per_seq"] < rows[0]["kv_bytes_per_seq"]
 
 
 def test_launch_overhead_measures_on_a_gpu_and_refuses_without_one():

@@ -9,8 +9,12 @@ Rows:
                 quantize), which its dispatch point picks on a GPU backend
   tq-kernels-tail  the same with the newest block in fp16 (CachePolicy.fp16_tail): the kernel
                 over the pages plus the merge with the fp16 tail (the default policy's shape)
-  tq-tail-batch-of-one  (--ab-alone) the same cache stepping as a batch of one: three launches
-                per layer (tqstore.paged.cache.SHARED_STEP_ALONE on, tqstore.paged.shared_tail)
+  tq-tail-batch-of-one  (--ab-alone) the same cache stepping as a batch of one
+                (tqstore.paged.cache.SHARED_STEP_ALONE on, tqstore.paged.shared_tail): two
+                launches per layer where the tensor-core kernel's step form fits
+                (tqstore.metal.step_launch)
+  tq-tail-batch-of-one-3launch  (--ab-alone) the same with the step form off: the rotation,
+                attention and epilogue launches
 
     PYTHONUNBUFFERED=1 python tools/attention_e2e.py --context 32768 --json $OUT/e2e.json
 """
@@ -192,11 +196,14 @@ def main() -> int:
     budget = int((args.context + 4096) * per_token * 1.5) + (64 << 20)
     from tqstore.paged import cache as cache_module
     variants = (([] if args.skip_reference else ["tq-reference"]) + ["tq-kernels", "tq-kernels-tail"]
-                + (["tq-tail-batch-of-one"] if args.ab_alone else []))
+                + (["tq-tail-batch-of-one", "tq-tail-batch-of-one-3launch"]
+                   if args.ab_alone else []))
     default_alone = cache_module.SHARED_STEP_ALONE
+    from tqstore.metal import step_launch
     for name in variants:
-        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-of-one")))
-        cache_module.SHARED_STEP_ALONE = name == "tq-tail-batch-of-one" or default_alone
+        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-of-one", "-3launch")))
+        cache_module.SHARED_STEP_ALONE = "batch-of-one" in name or default_alone
+        step_launch.STEP_FORM = not name.endswith("-3launch")
         pool = pool_for_model(model, budget_bytes=budget, policy=policy)
         caches = make_prompt_cache(pool)
         # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
@@ -212,6 +219,7 @@ def main() -> int:
             uninstall(model)
             dispatch.force_backend(None)
             cache_module.SHARED_STEP_ALONE = default_alone
+            step_launch.STEP_FORM = True
         print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
         del caches, pool
 

@@ -12,8 +12,11 @@ the keys; tools/attention_e2e.py does the same for B=1), all B of the same lengt
               "rows": the code before any batched launch)
   tq-pages    every row's pages in one attention launch, then each row's own epilogue and
               tail ("pages": the default before the shared tails)
-  tq-batched  the default ("shared"): the rows' tails in one buffer per layer, one attention
-              and one epilogue launch per layer for the whole batch (tqstore.paged.shared_tail)
+  tq-3launch  the rows' tails in one buffer per layer (tqstore.paged.shared_tail), a rotation,
+              an attention and an epilogue launch per layer for the whole batch (the default
+              before tqstore.metal.step_launch's step form: STEP_FORM off)
+  tq-batched  the default ("shared"): as tq-3launch, but where the tensor-core kernel fits its
+              step form folds the rotation in and needs no zero-fill: two launches per layer
 Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; KV bytes per sequence
@@ -147,7 +150,8 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
     return row
 
 
-def tq_row(model, batch: int, context: int, args, mode: str) -> dict:
+def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = True) -> dict:
+    import tqstore.metal.step_launch as step_launch
     import tqstore.paged.batch as batch_module
     from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, uninstall
     from tqstore.paged.batch import batch_caches
@@ -168,12 +172,14 @@ def tq_row(model, batch: int, context: int, args, mode: str) -> dict:
         return mx.argmax(model(tokens[:, None], cache=joined)[:, -1, :], axis=-1)
 
     default, batch_module.BATCH_MODE = batch_module.BATCH_MODE, mode
+    step_launch.STEP_FORM = step_form
     try:
         row = timed(step, batch, args.steps, args.warmup)
         if args.diagnose:
             diagnose(step, batch, f"{mode} B={batch} {context}")
     finally:
         batch_module.BATCH_MODE = default
+        step_launch.STEP_FORM = True
         uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
     row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
     for caches in sequences:
@@ -193,7 +199,8 @@ def main() -> int:
                     help="skip a (B, context) whose fp16 KV is larger than this")
     ap.add_argument("--pool-mib", type=int, default=12000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["rows", "pages", "batched"],
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["rows", "pages", "3launch", "batched"],
                     help="tq rows to leave out")
     ap.add_argument("--diagnose", action="store_true",
                     help="also profile each row's graph building and trace its kernels")
@@ -218,9 +225,10 @@ def main() -> int:
             gc.collect()
             mx.clear_cache()
             for name, mode in (("tq-rows", "rows"), ("tq-pages", "pages"),
-                               ("tq-batched", "shared")):
+                               ("tq-3launch", "shared"), ("tq-batched", "shared")):
                 if name[3:] not in args.skip:
-                    rows[name] = tq_row(model, batch, context, args, mode)
+                    rows[name] = tq_row(model, batch, context, args, mode,
+                                        step_form=name != "tq-3launch")
                 gc.collect()
                 mx.clear_cache()
             base = rows["fp16"]

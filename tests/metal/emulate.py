@@ -13,12 +13,13 @@ import numpy as np
 
 from tests.metal.signature import HERE, full_source
 from tqstore.metal.attention_kernel import choose_num_splits, geometry_for
-from tqstore.metal.attention_mma import MmaGeometry, mma_attention_body, mma_header
+from tqstore.metal.attention_mma import (STEP_ATTN_INPUTS, MmaGeometry, mma_attention_body,
+                                         mma_header)
 from tqstore.metal.mma_merge import fused_layout
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention_body,
                                             merge_body)
 
-ATTN_TYPES = dict(queries="float32", key_codes="uint8", key_scales="float16",
+ATTN_TYPES = dict(queries="float32", rotation="float32", scale="float32", arrivals="int32", key_codes="uint8", key_scales="float16",
                   value_codes="uint8", value_scales="float16", block_tables="int32",
                   seq_lens="int32", key_codebook="float32", value_codebook="float32",
                   params="int32")
@@ -32,11 +33,18 @@ def _kernel(name: str, body: str, inputs: list[str], types: dict, outputs: list[
 
 def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
                  warps: int = 4, depth: int = 1, fused: bool = True,
-                 reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 reverse: bool = False, step: dict | None = None,
+                 launches: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(out (B, Hq, Dv), lse (B, Hq)) float32 from the `kind` ('mma' or 'portable') CUDA
     kernels on the emulator. MMA split-K: merged in the split launch (`fused`, the default
     plan) or by the separate merge pass; `reverse` runs the splits' threadgroups last to first
-    (so another threadgroup does the fused merge)."""
+    (so another threadgroup does the fused merge).
+
+    ``step``: the MMA kernel's step form (MmaGeometry.step) with these inputs in place of
+    pages["queries"]: queries (B, Hq, 1, Dk) float32, rotation (Hkv, Dk, Dk), scale. Its work
+    buffer starts as NaNs (no zero-fill), its arrival counters at zero; it runs ``launches``
+    times on the same counters (the outputs of the last) and the counters after the last are
+    written to arrivals.bin."""
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
     q, kc, vc = pages["queries"], pages["key_codes"], pages["value_codes"]
@@ -46,7 +54,8 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     max_blocks = pages["block_tables"].shape[1]
     nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs)
     if kind == "mma":
-        geo = MmaGeometry(dk, dv, bs, hq, hkv, warps=warps, depth=depth, fused=fused)
+        geo = MmaGeometry(dk, dv, bs, hq, hkv, warps=warps, depth=depth, fused=fused,
+                          step=step is not None)
         body = lambda split: mma_attention_body(geo, split)  # noqa: E731
         threads = geo.threads
     else:
@@ -57,34 +66,43 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     fused = kind == "mma" and fused and split
     outs = (["work"] if fused else ["partial_out", "partial_m", "partial_l"]) if split \
         else ["out", "lse"]
-    src = ['#include "cuda_emu.h"', mma_header(),
-           _kernel("attn", body(split), list(ATTN_INPUTS), ATTN_TYPES, outs)]
+    inputs = list(STEP_ATTN_INPUTS if step is not None else ATTN_INPUTS)
+    src = ['#include "cuda_emu.h"', mma_header(activations=step is not None),
+           _kernel("attn", body(split), inputs, ATTN_TYPES, outs)]
     if split and not fused:
         src.append(_kernel("merge", merge_body(dv, hq, "cuda"), list(MERGE_INPUTS),
                            dict(partial_out="float32", partial_m="float32",
                                 partial_l="float32", params="int32"), ["out", "lse"]))
     arrays = dict(pages)
     arrays["params"] = np.array([max_blocks, nsplit], dtype=np.int32)
-    for name in ATTN_INPUTS:
+    if step is not None:
+        arrays.update(queries=step["queries"], rotation=step["rotation"],
+                      scale=np.array([step["scale"]], np.float32),
+                      arrivals=np.zeros(bsz * hkv, np.int32))
+    for name in inputs:
         np.ascontiguousarray(np.array(arrays[name]).astype(_NP[ATTN_TYPES[name]])).tofile(
             tmp / f"{name}.bin")
     args = ", ".join(f"({'const __half' if ATTN_TYPES[n] == 'float16' else _ctype(ATTN_TYPES[n])}*)"
-                     f"in_{n}.data()" for n in ATTN_INPUTS)
+                     f"in_{n}.data()" for n in inputs)
     npart = bsz * hq * nsplit
     main = [
         "#include <algorithm>",
+        "#include <limits>",
         "#include <fstream>",
         "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
         "int main() {",
-        *[f'  auto in_{n} = rd("{n}.bin");' for n in ATTN_INPUTS],
+        *[f'  auto in_{n} = rd("{n}.bin");' for n in inputs],
         f"  std::vector<float> out({bsz * hq * dv}), lse({bsz * hq}), partial_out({npart * dv}),"
         f" partial_m({npart}), partial_l({npart});",
     ]
     lse_at, _, work_size = fused_layout(bsz, hq, hkv, dv, nsplit)
+    # The step form's work buffer is not zero-filled: garbage (NaN) must never be read.
+    fill = "std::numeric_limits<float>::quiet_NaN()" if step is not None else "0.0f"
     if fused:
         main += [
-            f"  std::vector<float> work({work_size}, 0.0f);  // MLX: init_value=0",
+            f"  std::vector<float> work({work_size}, {fill});  // MLX: init_value=0 (not step)",
+            f"  for (int rep = 0; rep < {launches}; ++rep)",
             f"  tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
             f"{args}, work.data()); }});",
             f"  std::copy(work.begin(), work.begin() + {lse_at}, out.begin());",
@@ -101,6 +119,9 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     else:
         main.append(f"  tq_emu::launch(dim3{{1, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
                     f"{args}, out.data(), lse.data()); }});")
+    if step is not None:
+        main.append('  std::ofstream("arrivals.bin", std::ios::binary).write('
+                    'in_arrivals.data(), in_arrivals.size());')
     main += ['  std::ofstream("out.bin", std::ios::binary).write((const char*)out.data(),'
              ' out.size() * 4);',
              '  std::ofstream("lse.bin", std::ios::binary).write((const char*)lse.data(),'
@@ -109,7 +130,7 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     cpp = tmp / "emu.cpp"
     cpp.write_text("\n".join(src))
     exe = tmp / "emu"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", "-w",
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{HERE}", "-w",
                           f"-DTQ_EMU_REVERSE_X={int(reverse)}", str(cpp),
                           "-o", str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"

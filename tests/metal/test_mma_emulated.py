@@ -114,6 +114,44 @@ def test_mma_fused_merge_is_schedule_independent(case, tmp_path):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), name
 
 
+def rotated_queries(raw: np.ndarray, rotation: np.ndarray, scale: float) -> np.ndarray:
+    """(B, Hq, 1, Dk) -> (B, Hq, Dk): batch_step.rotate_body's float32 arithmetic, in its
+    order (scale * q rounded, then each output summed over i = 0..Dk-1, products rounded)."""
+    bsz, hq, _, dk = raw.shape
+    qs = (raw[:, :, 0, :] * np.float32(scale)).astype(np.float32)
+    rows = rotation[np.arange(hq) // (hq // rotation.shape[0])]  # (Hq, Dk, Dk)
+    acc = np.zeros((bsz, hq, dk), np.float32)
+    for i in range(dk):
+        acc = (acc + (qs[:, :, i:i + 1] * rows[None, :, i, :]).astype(np.float32)).astype(np.float32)
+    return acc
+
+
+@pytest.mark.parametrize("case", [MMA_CASES[0], MMA_CASES[1], MMA_CASES[4]],
+                         ids=lambda c: f"h{c[1]}x{c[2]}_s{c[6]}")
+def test_mma_step_form_folds_the_rotation_in_and_owns_its_counters(case, tmp_path):
+    """The step form (MmaGeometry.step) gives the bits of the rotation kernel's float32 sums
+    followed by the plain kernel; its work buffer needs no zero-fill (it starts as NaNs here);
+    the merging threadgroups leave the caller's counters at zero, so the second of two launches
+    on the same counters gives those bits again."""
+    lens, hq, hkv, dk, dv, bs, splits, warps, depth = case
+    rng = np.random.default_rng(sum(lens) + hq + 2)
+    mx.random.seed(sum(lens) + dk + 2)
+    pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
+    raw = (rng.standard_normal((len(lens), hq, 1, dk)) * 3).astype(np.float32)
+    rotation = np.linalg.qr(rng.standard_normal((hkv, dk, dk)))[0].astype(np.float32)
+    scale = dk ** -0.5
+    plain_dir, step_dir = tmp_path / "plain", tmp_path / "step"
+    plain_dir.mkdir()
+    step_dir.mkdir()
+    want = run_emulated(dict(pages, queries=mx.array(rotated_queries(raw, rotation, scale))),
+                        "mma", splits, plain_dir, warps=warps, depth=depth)
+    got = run_emulated(pages, "mma", splits, step_dir, warps=warps, depth=depth,
+                       step=dict(queries=raw, rotation=rotation, scale=scale), launches=2)
+    for a, b in zip(got, want):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert not np.any(np.fromfile(step_dir / "arrivals.bin", dtype=np.int32))
+
+
 def _check(got, lse, ref, ref_lse, lens, kind):
     tol_rel, tol_abs, tol_lse = TOLERANCE[kind]
     assert np.all(np.isfinite(got))

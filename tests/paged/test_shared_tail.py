@@ -26,24 +26,29 @@ STEPS = 2 * BS + 3  # every row crosses at least two block boundaries, each at i
 
 @pytest.fixture
 def shared_path(monkeypatch):
-    """The shared-tail step wherever the test runs; records each epilogue launch's row count
-    and whether its old tails were the previous step's buffer passed on as it was."""
+    """The shared-tail step wherever the test runs; records each layer step's row count (one
+    epilogue launch for the batch, whichever path launches it: tqstore.metal.step_launch on a
+    GPU, dispatch elsewhere) and whether its old tails were the previous step's buffer passed
+    on as it was."""
     launches = []
-    real_epilogue, real_old = shared_module.batched_decode_epilogue, shared_module.old_tails
+    real_attend, real_old = shared_module.shared_tail_attend, shared_module.old_tails
 
-    def epilogue(pages_out, *args, **kwargs):
-        launches.append(pages_out.shape[0])
-        return real_epilogue(pages_out, *args, **kwargs)
+    def attend(caches, queries, *args, **kwargs):
+        launches.append(queries.shape[0])
+        return real_attend(caches, queries, *args, **kwargs)
 
     def old_tails(caches, lengths):
-        keys, values = real_old(caches, lengths)
+        keys, values, arrivals = real_old(caches, lengths)
         refs = [c.shared_tail_ref() for c in caches]
         passed_on.append(any(r is not None and r[0].keys is keys for r in refs))
-        return keys, values
+        return keys, values, arrivals
 
     passed_on = []
+    # Each row's twin stepping alone composes its own step: an independent path to compare.
+    import tqstore.paged.cache as cache_module
+    monkeypatch.setattr(cache_module, "SHARED_STEP_ALONE", False)
     monkeypatch.setattr(batch_module, "fused_decode_step_possible", lambda: False)
-    monkeypatch.setattr(shared_module, "batched_decode_epilogue", epilogue)
+    monkeypatch.setattr(shared_module, "shared_tail_attend", attend)
     monkeypatch.setattr(shared_module, "old_tails", old_tails)
     return launches, passed_on
 
@@ -65,7 +70,7 @@ def test_each_row_gets_its_own_step_from_one_epilogue_launch_per_layer(rng, shar
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
     tokens = forced(rng.integers(3, 97, (STEPS, len(PROMPTS))))
     alone = [decode_alone(model, p, tokens, row) for row, p in enumerate(prompts)]
-    assert not launches  # a sequence alone keeps its own step (SHARED_STEP_ALONE off)
+    assert not launches  # the twins composed their own steps (SHARED_STEP_ALONE off here)
 
     sequences = prefilled(model, TAIL, prompts)
     for i, step in enumerate(tokens):

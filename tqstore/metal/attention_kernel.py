@@ -22,7 +22,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from tqstore.metal.attention_mma import (LUT_BYTES, MmaGeometry,
+from tqstore.metal.attention_mma import (LUT_BYTES, STEP_ATTN_INPUTS, MmaGeometry,
                                          mma_attention_body, mma_header, mma_unsupported_reason)
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX_SPLITS,
                                             MERGE_OUTPUTS,
@@ -112,9 +112,9 @@ def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = No
     name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}"
     outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
     return mx.fast.cuda_kernel(
-        name=name, input_names=list(ATTN_INPUTS), output_names=list(outputs),
-        source=mma_attention_body(geo, split),
-        header=mma_header((geo.threads, mma_resident_groups(geo))),
+        name=name, input_names=list(STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS),
+        output_names=list(outputs), source=mma_attention_body(geo, split),
+        header=mma_header((geo.threads, mma_resident_groups(geo)), activations=geo.step),
         ensure_row_contiguous=True, shared_memory=LUT_BYTES)
 
 
@@ -323,6 +323,32 @@ def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.ar
                            output_dtypes=[mx.float32] * 2, grid=(dv, hq, bsz),
                            threadgroup=(dv, 1, 1))
     return (out, lse) if return_lse else out
+
+
+# The MMA kernel's step form (MmaGeometry.step), with the default knobs.
+STEP_VARIANT: dict = dict(kernel="mma", **DEFAULT_MMA_VARIANT, step=True)
+
+
+def run_step_plan(p: _Plan, queries: mx.array, rotation: mx.array, scale: mx.array,
+                  key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
+                  value_scales: mx.array, block_tables: mx.array, seq_lens: mx.array,
+                  key_codebook: mx.array, value_codebook: mx.array, arrivals: mx.array
+                  ) -> tuple[mx.array, mx.array | None]:
+    """A plan of the step form (STEP_VARIANT; inputs at attention_mma.STEP_ATTN_INPUTS): the
+    model's queries (B, Hq, 1, Dk), the rotation, scale (1,) float32, the pages, and the
+    caller's arrival counters (B * Hkv int32, zero; zero again after). Returns (work buffer,
+    None) for a split launch (out, then lse: run_plan's packed form; not zero-filled) or
+    (out, lse) for a single pass."""
+    inputs = [queries, rotation, scale, key_codes, key_scales, value_codes, value_scales,
+              block_tables, seq_lens, key_codebook, value_codebook, p.params, arrivals]
+    bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
+    if p.nsplit == 1:
+        out, lse = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv), (bsz, hq)],
+                            output_dtypes=[mx.float32] * 2, grid=p.grid, threadgroup=p.group)
+        return out, lse
+    (work,) = p.split(inputs=inputs, output_shapes=[(p.fused_rows, hq, dv)],
+                      output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group)
+    return work, None
 
 
 def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,

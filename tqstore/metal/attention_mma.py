@@ -45,10 +45,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tqstore.metal.attention_source import NEG_BIG, warp_merge_and_store
-from tqstore.metal.dialect import body_prologue, dialect_header
+from tqstore.metal.dialect import activations_header, body_prologue, dialect_header
 from tqstore.metal.mma_merge import fused_merge, fused_pointers
 
 LUT_BYTES = 256 * 2 * 32 * 4  # 256 entries x (K, V) x 32 lane copies x half2
+# The step form's inputs (MmaGeometry.step): the model's queries (B, HQ, 1, DK) in its dtype,
+# each kv head's key rotation (HKV, DK, DK) float32 and the attention scale (1,) float32, then
+# attention_source.ATTN_INPUTS' pages, and the arrival counters (B * HKV int32, all zero).
+STEP_ATTN_INPUTS = ("queries", "rotation", "scale", "key_codes", "key_scales", "value_codes",
+                    "value_scales", "block_tables", "seq_lens", "key_codebook",
+                    "value_codebook", "params", "arrivals")
 TILE = 16
 
 
@@ -67,6 +73,11 @@ class MmaGeometry:
     # launch (tqstore/metal/mma_merge.py), instead of the separate merge pass of
     # attention_source.py.
     fused: bool = True
+    # The step form (tqstore.metal.step_launch): the kernel takes the model's queries as they
+    # are and folds in their scale and rotation (batch_step's rotate kernel, the same float32
+    # sums), and the fused merge's arrival counters are the caller's, zeroed again by the
+    # merging threadgroup (no zero-fill of the work buffer). Two launches fewer per layer.
+    step: bool = False
 
     def __post_init__(self) -> None:
         why = mma_unsupported_reason(self.key_dim, self.value_dim, 4, 4, self.block_size,
@@ -77,6 +88,10 @@ class MmaGeometry:
             raise ValueError(f"warps={self.warps} must be in 1..16")
         if self.depth not in (1, 2, 3):
             raise ValueError(f"depth={self.depth} must be 1, 2 or 3")
+        if self.step and not self.fused:
+            raise ValueError("the step form merges split-K in the split launch (fused=True)")
+        if self.step and 2 * self.group * self.key_dim * 4 > LUT_BYTES:
+            raise ValueError("the step form stages its queries in the LUT's shared memory")
 
     @property
     def group(self) -> int:
@@ -89,7 +104,7 @@ class MmaGeometry:
     def tag(self) -> str:
         return (f"k{self.key_dim}_v{self.value_dim}_bs{self.block_size}"
                 f"_h{self.num_q_heads}x{self.num_kv_heads}_w{self.warps}d{self.depth}"
-                f"{'f' if self.fused else ''}")
+                f"{'f' if self.fused else ''}{'s' if self.step else ''}")
 
 
 def mma_unsupported_reason(key_dim: int, value_dim: int, key_bits: int, value_bits: int,
@@ -181,7 +196,7 @@ __device__ __forceinline__ tq_u32 tq_byte_perm(tq_u32 x, tq_u32 y, tq_u32 s) {
 """
 
 
-def mma_header(launch_bounds: tuple[int, int] | None = None) -> str:
+def mma_header(launch_bounds: tuple[int, int] | None = None, activations: bool = False) -> str:
     """The CUDA dialect plus the MMA helpers. `launch_bounds` (threads, threadgroups per SM)
     caps registers so that as many threadgroups fit as the launch policy assumes (128 at
     depth 1 for 2 x 8 warps). MLX generates the kernel's signature, so the cap rides on a
@@ -194,7 +209,8 @@ def mma_header(launch_bounds: tuple[int, int] | None = None) -> str:
 #define __global__ __location__(global) __launch_bounds__({launch_bounds[0]}, {launch_bounds[1]})
 #endif
 """
-    return dialect_header("cuda") + _MMA_HELPERS + bounds
+    base = activations_header("cuda") if activations else dialect_header("cuda")
+    return base + _MMA_HELPERS + bounds
 
 
 def _load_words(dst: str, ptr: str, nbytes: int) -> str:
@@ -217,6 +233,54 @@ def _load_words(dst: str, ptr: str, nbytes: int) -> str:
             out.append(f"{dst}[{off // 4}] = *(const tq_u32*)({ptr} + {off});")
             off += 4
     return " ".join(out)
+
+
+def _query_fragments(step: bool) -> str:
+    """The Q^T fragments (B operand): head g (zero beyond the group), dims t*DK/4 + 4j + 0..3,
+    in log2 units, fp16. The step form first computes q~ = (scale * q) R[kvh] for the G heads
+    into shared memory (the LUT's, not built yet), each output a float32 sum over DK in index
+    order: the arithmetic of batch_step.rotate_body, so the same bits."""
+    if not step:
+        source = "queries[(b * HQ + h0 + g) * DK + t * (DK / 4) + 4 * j + i]"
+        staged = ""
+    else:
+        source = "tq_qr[g * DK + t * (DK / 4) + 4 * j + i]"
+        staged = """  float* const tq_qs = (float*)tq_lut;  // G * DK scaled queries, then G * DK rotated
+  float* const tq_qr = tq_qs + G * DK;
+  for (int i = tq_tid; i < G * DK; i += NT)
+    tq_qs[i] = TQ_TO_FLOAT(queries[(b * HQ + h0) * DK + i]) * scale[0];
+  TQ_BARRIER();
+  // One column j of R per thread for all G heads: each R element is loaded once and feeds G
+  // sums; 16 loads in flight (this sits on every threadgroup's critical path).
+  for (int j = tq_tid; j < DK; j += NT) {
+    const float* rc = rotation + kvh * DK * DK + j;
+    float acc[G];
+#pragma unroll
+    for (int gq = 0; gq < G; ++gq) acc[gq] = 0.0f;
+#pragma unroll 16
+    for (int k = 0; k < DK; ++k) {
+      const float r = rc[k * DK];
+#pragma unroll
+      for (int gq = 0; gq < G; ++gq) acc[gq] += tq_qs[gq * DK + k] * r;
+    }
+#pragma unroll
+    for (int gq = 0; gq < G; ++gq) tq_qr[gq * DK + j] = acc[gq];
+  }
+  TQ_BARRIER();
+"""
+    fragments = f"""  tq_u32 qf[KSTEPS][2];
+#pragma unroll
+  for (int j = 0; j < KSTEPS; ++j) {{
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      x[i] = g < G ? {source} * LOG2E : 0.0f;
+    qf[j][0] = tq_pack_half2(x[0], x[1]);
+    qf[j][1] = tq_pack_half2(x[2], x[3]);
+  }}
+"""
+    # The LUT is built over the staged queries next: every thread has its fragments first.
+    return staged + fragments + ("  TQ_BARRIER();\n" if step else "")
 
 
 def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
@@ -336,7 +400,7 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
   const int split = tq_gx, kvh = tq_gy, b = tq_gz, nsplit = tq_ngx;
   const int h0 = kvh * G;
   const int max_blocks = params[0];
-{fused_pointers() if fused else ""}
+{fused_pointers(geo.step) if fused else ""}
   const int seq_len = seq_lens[b];
   // Splits cover whole 16-token tiles, so a tile never straddles a page (BS % 16 == 0).
   const int chunk = ((seq_len + nsplit - 1) / nsplit + TILE - 1) / TILE * TILE;
@@ -345,30 +409,19 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
   constexpr int STRIDE = NW * TILE;
   const int tile0 = start + warp * TILE;
 
-  // Q^T fragments (B operand): head g (zero beyond the group), dims t*DK/4 + 4j + 0..3, in
-  // log2 units, fp16.
-  tq_u32 qf[KSTEPS][2];
-#pragma unroll
-  for (int j = 0; j < KSTEPS; ++j) {{
-    float x[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      x[i] = g < G ? queries[(b * HQ + h0 + g) * DK + t * (DK / 4) + 4 * j + i] * LOG2E : 0.0f;
-    qf[j][0] = tq_pack_half2(x[0], x[1]);
-    qf[j][1] = tq_pack_half2(x[2], x[3]);
-  }}
-
+  TQ_DYNAMIC_SHARED(uint8_t, tq_lut);
+{"" if geo.step else _query_fragments(False)}
   // Code words in flight, issued after the queries and before the table is built, whose
   // latency they overlap. (A kernel's first global loads wait ~4.5 us whatever they read;
   // queries first, then codes, measured 1.5 us shorter per launch than the reverse order:
-  // clock64 per phase on an H100, docs/fragments/kernels.md.)
+  // clock64 per phase on an H100, docs/fragments/kernels.md.) The step form issues the codes
+  // first and rotates the queries while they are in flight.
 {buffers}
   int bt;
 {chr(10).join(prologue_loads)}
-
+{_query_fragments(True) if geo.step else ""}
   // The dequantization table: entry e of table T (0 = K, 1 = V) for lane L is the word
   // e * 64 + T * 32 + L, half2(c_T[e & 15], c_T[e >> 4]).
-  TQ_DYNAMIC_SHARED(uint8_t, tq_lut);
   for (int v = tq_tid; v < {LUT_BYTES // 16}; v += NT) {{
     const int e = v >> 4;
     const float* cb = ((v >> 3) & 1) ? value_codebook : key_codebook;

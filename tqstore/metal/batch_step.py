@@ -71,6 +71,25 @@ def row_epilogue_kernel(backend: str, key_dim: int, value_dim: int, num_q_heads:
         header=epilogue_header(backend, out_dtype, activations=True), ensure_row_contiguous=True)
 
 
+def row_epilogue_launch(backend: str, queries_shape: tuple, dtype: mx.Dtype,
+                        tail_shape: tuple, rotation_shape: tuple, block_size: int, packed: bool
+                        ) -> "KernelLaunch | None":
+    """Launch 3 of the module doc resolved for these shapes (queries (B, Hq, 1, Dk), tails
+    (B, Hkv, block_size, Dk), output_rotation (Hkv, Dv, Dv)); None where the kernel does not
+    cover them."""
+    bsz, hq, _, dk = queries_shape
+    hkv, dv = rotation_shape[0], rotation_shape[-1]
+    name = out_dtype_name(dtype)
+    if (name is None or tail_shape[2] != block_size
+            or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name)):
+        return None
+    return KernelLaunch(
+        row_epilogue_kernel(backend, dk, dv, hq, hkv, block_size, name, packed),
+        [(bsz, hq, 1, dv), (bsz, hkv, block_size, dk), (bsz, hkv, block_size, dv)],
+        [dtype, mx.float16, mx.float16], (THREADS * (dv // DIMS_PER_GROUP), hkv, bsz),
+        (THREADS, 1, 1))
+
+
 def kernel_batched_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.array | None,
                             queries: mx.array, scale: float, tail_keys: mx.array,
                             tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
@@ -79,21 +98,16 @@ def kernel_batched_epilogue(backend: str, pages_out: mx.array, pages_lse: mx.arr
                             ) -> tuple[mx.array, mx.array, mx.array] | None:
     """Launch 3 of the module doc (pages_lse None: packed after pages_out's B rows); None where
     the kernel does not cover the shape."""
-    bsz, hq, _, dk = queries.shape
-    hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
-    name = out_dtype_name(queries.dtype)
-    if (name is None or tail_keys.shape[2] != block_size or new_keys.shape[2] != 1
-            or epilogue_unsupported_reason(dk, dv, hq, hkv, block_size, name)):
+    if new_keys.shape[2] != 1:
         return None
     packed = pages_lse is None
-    kernel = row_epilogue_kernel(backend, dk, dv, hq, hkv, block_size, name, packed)
-    return tuple(kernel(
-        inputs=[pages_out, pages_out if packed else pages_lse, queries, scale_array(scale),
-                tail_keys, tail_values, new_keys, new_values, tail_info, key_center,
-                output_rotation],
-        output_shapes=[(bsz, hq, 1, dv), (bsz, hkv, block_size, dk), (bsz, hkv, block_size, dv)],
-        output_dtypes=[queries.dtype, mx.float16, mx.float16],
-        grid=(THREADS * (dv // DIMS_PER_GROUP), hkv, bsz), threadgroup=(THREADS, 1, 1)))
+    launch = row_epilogue_launch(backend, queries.shape, queries.dtype, tail_keys.shape,
+                                 output_rotation.shape, block_size, packed)
+    if launch is None:
+        return None
+    return tuple(launch([pages_out, pages_out if packed else pages_lse, queries,
+                         scale_array(scale), tail_keys, tail_values, new_keys, new_values,
+                         tail_info, key_center, output_rotation]))
 
 
 def rotate_body(dialect: str, key_dim: int, num_q_heads: int, num_kv_heads: int) -> str:
@@ -121,16 +135,40 @@ def rotate_kernel(backend: str, key_dim: int, num_q_heads: int, num_kv_heads: in
         header=activations_header(backend), ensure_row_contiguous=True)
 
 
+def rotate_launch(backend: str, queries_shape: tuple, dtype: mx.Dtype,
+                  rotation_shape: tuple) -> "KernelLaunch | None":
+    """Launch 1 of the module doc resolved for these shapes: (B, Hq, 1, Dk) queries ->
+    (B, Hq, Dk) float32; None where the kernel does not cover them."""
+    bsz, hq, length, dk = queries_shape
+    hkv = rotation_shape[0]
+    if (length != 1 or dk > MAX_ROTATE_DIM or hq % hkv or out_dtype_name(dtype) is None
+            or tuple(rotation_shape[1:]) != (dk, dk)):
+        return None
+    return KernelLaunch(rotate_kernel(backend, dk, hq, hkv), [(bsz, hq, dk)], [mx.float32],
+                        (dk * hq, bsz, 1), (dk, 1, 1))
+
+
 def kernel_rotate_queries(backend: str, queries: mx.array, rotation: mx.array,
                           scale: float) -> mx.array | None:
-    """Launch 1 of the module doc: (B, Hq, 1, Dk) -> (B, Hq, Dk) float32; None where the
-    kernel does not cover the shape."""
-    bsz, hq, length, dk = queries.shape
-    hkv = rotation.shape[0]
-    if (length != 1 or dk > MAX_ROTATE_DIM or hq % hkv or out_dtype_name(queries.dtype) is None
-            or rotation.shape[1:] != (dk, dk)):
+    """Launch 1 of the module doc; None where the kernel does not cover the shape."""
+    launch = rotate_launch(backend, queries.shape, queries.dtype, rotation.shape)
+    if launch is None:
         return None
-    (rotated,) = rotate_kernel(backend, dk, hq, hkv)(
-        inputs=[queries, rotation, scale_array(scale)], output_shapes=[(bsz, hq, dk)],
-        output_dtypes=[mx.float32], grid=(dk * hq, bsz, 1), threadgroup=(dk, 1, 1))
-    return rotated
+    return launch([queries, rotation, scale_array(scale)])[0]
+
+
+class KernelLaunch:
+    """One custom kernel with everything about its launch that depends only on shapes: a
+    call passes the inputs alone (the step's host time is per op: tools/step_host_cost.py)."""
+
+    __slots__ = ("kernel", "output_shapes", "output_dtypes", "grid", "threadgroup")
+
+    def __init__(self, kernel, output_shapes: list, output_dtypes: list,
+                 grid: tuple[int, int, int], threadgroup: tuple[int, int, int]) -> None:
+        self.kernel, self.output_shapes, self.output_dtypes = kernel, output_shapes, output_dtypes
+        self.grid, self.threadgroup = grid, threadgroup
+
+    def __call__(self, inputs: list[mx.array]) -> list[mx.array]:
+        return self.kernel(inputs=inputs, output_shapes=self.output_shapes,
+                           output_dtypes=self.output_dtypes, grid=self.grid,
+                           threadgroup=self.threadgroup)

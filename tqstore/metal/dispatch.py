@@ -94,13 +94,13 @@ def force_backend(mode: str | None) -> None:
     _forced = mode
 
 
-def _announce(name: str, what: str = "decode attention over TurboQuant pages") -> None:
+def announce(name: str, what: str = "decode attention over TurboQuant pages") -> None:
     if (what, name) not in _logged:
         _logged.add((what, name))
         log.info("%s runs on: %s", what, name)
 
 
-def _attention_shape(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
+def attention_shape(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
                      key_bits: int, value_bits: int) -> tuple:
     """What a self-check's verdict is per: (Hq, Hkv, Dk, Dv, key_bits, value_bits, block_size)."""
     return (queries.shape[1], key_codes.shape[1], queries.shape[2],
@@ -111,10 +111,22 @@ def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_
                    block_tables, seq_lens, key_codebook, value_codebook, key_bits, value_bits,
                    packed: bool = False):
     """(out, lse) on the first GPU kernel kind that passes its self-check, else None."""
+    plan = gpu_attention_plan(gpu, queries, key_codes, value_codes, block_tables, key_bits,
+                              value_bits)
+    if plan is None:
+        return None
+    return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
+                    block_tables, seq_lens, key_codebook, value_codebook, True, packed)
+
+
+def gpu_attention_plan(gpu: str, queries, key_codes, value_codes, block_tables, key_bits: int,
+                       value_bits: int):
+    """The launch plan of the first GPU attention kernel kind that passes its self-check for
+    these shapes (tensor-core, then portable), or None (the reference serves)."""
     plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
                        backend=gpu)
     kinds = [plan.kind] + (["portable"] if plan.kind != "portable" else [])
-    shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
+    shape = attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
     for kind in kinds:
         name = _kernel_name(gpu, kind)
         variant = None if kind == plan.kind else {"kernel": kind}
@@ -123,7 +135,7 @@ def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_
             p = launch_plan(pages["queries"], pages["key_codes"], pages["value_codes"],
                             pages["block_tables"], key_bits, value_bits, num_splits=splits,
                             backend=gpu, variant={"kernel": kind})
-            return run_plan(p, *(pages[k] for k in _PAGE_KEYS), return_lse=True)
+            return run_plan(p, *(pages[k] for k in PAGE_KEYS), return_lse=True)
 
         def check(kind: str = kind, run=run) -> str | None:
             for splits in (1, 2):  # the one-pass and the split launch are different kernels
@@ -136,13 +148,12 @@ def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_
             if variant is not None:
                 plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits,
                                    value_bits, backend=gpu, variant=variant)
-            _announce(name)
-            return run_plan(plan, queries, key_codes, key_scales, value_codes, value_scales,
-                            block_tables, seq_lens, key_codebook, value_codebook, True, packed)
+            announce(name)
+            return plan
     return None
 
 
-_PAGE_KEYS = ("queries", "key_codes", "key_scales", "value_codes", "value_scales",
+PAGE_KEYS = ("queries", "key_codes", "key_scales", "value_codes", "value_scales",
               "block_tables", "seq_lens", "key_codebook", "value_codebook")
 
 
@@ -152,11 +163,11 @@ def _cpu_attention(*args):
         return None
     queries, key_codes, value_codes, key_bits, value_bits = (args[0], args[1], args[3],
                                                              args[9], args[10])
-    shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
+    shape = attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
 
     def check() -> str | None:
         def run(pages: dict):
-            got = cpu_kernels.decode_attention(*(pages[k] for k in _PAGE_KEYS), key_bits,
+            got = cpu_kernels.decode_attention(*(pages[k] for k in PAGE_KEYS), key_bits,
                                                value_bits)
             if got is None:
                 raise RuntimeError("the C kernel declined a shape it was chosen for")
@@ -167,7 +178,7 @@ def _cpu_attention(*args):
         return None
     result = cpu_kernels.decode_attention(*args)
     if result is not None:
-        _announce(CPU_KERNEL)
+        announce(CPU_KERNEL)
     return result
 
 
@@ -200,7 +211,7 @@ def paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: m
         if _forced == "kernel":
             raise RuntimeError("decode-attention kernel forced but no kernel serves: "
                                f"{selfcheck.kernel_report() or 'no kernel backend is present'}")
-    _announce(_REFERENCE)
+    announce(_REFERENCE)
     return paged_decode_attention_reference(*args, return_lse=return_lse)
 
 
@@ -233,7 +244,7 @@ def fused_decode_step(queries: mx.array, scale: float, query_rotation: mx.array,
                                   key_codebook, value_codebook, tail_keys, tail_values,
                                   key_center, output_rotation, key_bits, value_bits)
     if out is not None:
-        _announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
+        announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
     return out
 
 
@@ -253,7 +264,7 @@ def fused_decode_step_rows(queries: mx.array, scale: float, query_rotation: mx.a
                                        value_codebook, key_center, output_rotation, key_bits,
                                        value_bits)
     if out is not None:
-        _announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
+        announce(CPU_STEP, "a decode step's attention (rotations, pages, fp16 tail)")
     return out
 
 
@@ -263,7 +274,7 @@ def _step_usable(queries: mx.array, key_codes: mx.array, value_codes: mx.array, 
     passed (a per-row verdict: the batched call runs the same code on each row)."""
     if not fused_decode_step_possible():
         return False
-    shape = _attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
+    shape = attention_shape(queries, key_codes, value_codes, key_bits, value_bits)
 
     def run(x: dict) -> mx.array | None:
         return cpu_kernels.decode_step(
@@ -313,7 +324,7 @@ def multi_token_attention(queries: mx.array, keys: mx.array, values: mx.array, s
         return None
     out = cpu_multi_token_attention(queries, keys, values, scale, mask)
     if out is not None:
-        _announce(CPU_SOFTMAX, "multi-token attention (prefill chunks)")
+        announce(CPU_SOFTMAX, "multi-token attention (prefill chunks)")
     return out
 
 
@@ -345,7 +356,7 @@ def decode_epilogue(pages_out: mx.array, pages_lse: mx.array, queries: mx.array,
                                          tail_values, new_keys, new_values, tail_info,
                                          key_center, output_rotation, block_size, out_dtype)
             if out is not None:
-                _announce(name, "the decode epilogue (un-rotation, merge with the fp16 tail)")
+                announce(name, "the decode epilogue (un-rotation, merge with the fp16 tail)")
                 return out
     return decode_epilogue_reference(pages_out, pages_lse, queries, tail_keys, tail_values,
                                      new_keys, new_values, key_center, output_rotation,
@@ -363,27 +374,36 @@ def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array | None, que
     [n_old + 1, n_old] per row, pages_lse None where the attention's output is packed. Returns
     (out (B, Hq, 1, Dv) in the queries' dtype, next tails)."""
     gpu = gpu_backend()
-    if gpu is not None and _forced != "reference":
-        name = f"{gpu}-kernel-epilogue-rows"
-        _, hq, _, dk = queries.shape
-        hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
-        shape = (dk, dv, hq, hkv, block_size, queries.dtype, pages_lse is None)
-
-        def run(x: dict):
-            return kernel_batched_epilogue(gpu, **x, block_size=block_size)
-
-        if (epilogue_fits(dk, dv, hq, hkv, block_size, queries.dtype)
-                and selfcheck.usable(name, shape,
-                                     lambda: selfcheck.check_batched_epilogue(shape, run))):
-            out = kernel_batched_epilogue(gpu, pages_out, pages_lse, queries, scale, tail_keys,
-                                          tail_values, new_keys, new_values, tail_info,
-                                          key_center, output_rotation, block_size)
-            if out is not None:
-                _announce(name, "the batched decode epilogue (one launch for a batch's tails)")
-                return out
+    if (gpu is not None and _forced != "reference"
+            and batched_epilogue_usable(gpu, queries, output_rotation, block_size,
+                                        pages_lse is None)):
+        out = kernel_batched_epilogue(gpu, pages_out, pages_lse, queries, scale, tail_keys,
+                                      tail_values, new_keys, new_values, tail_info,
+                                      key_center, output_rotation, block_size)
+        if out is not None:
+            return out
     return batched_epilogue_reference(pages_out, pages_lse, queries, scale, tail_keys,
                                       tail_values, new_keys, new_values, tail_info,
                                       key_center, output_rotation)
+
+
+def batched_epilogue_usable(gpu: str, queries: mx.array, output_rotation: mx.array,
+                            block_size: int, packed: bool) -> bool:
+    """Whether the per-row epilogue kernel covers this shape and passed its self-check."""
+    name = f"{gpu}-kernel-epilogue-rows"
+    _, hq, _, dk = queries.shape
+    hkv, dv = output_rotation.shape[0], output_rotation.shape[-1]
+    shape = (dk, dv, hq, hkv, block_size, queries.dtype, packed)
+
+    def run(x: dict):
+        return kernel_batched_epilogue(gpu, **x, block_size=block_size)
+
+    usable = (epilogue_fits(dk, dv, hq, hkv, block_size, queries.dtype)
+              and selfcheck.usable(name, shape,
+                                   lambda: selfcheck.check_batched_epilogue(shape, run)))
+    if usable:
+        announce(name, "the batched decode epilogue (one launch for a batch's tails)")
+    return usable
 
 
 def rotate_queries(queries: mx.array, rotation: mx.array, scale: float) -> mx.array:
@@ -391,16 +411,27 @@ def rotate_queries(queries: mx.array, rotation: mx.array, scale: float) -> mx.ar
     Dk) float32 (the attention kernel's queries): one kernel on a GPU (tqstore.metal.
     batch_step), else rotate_queries_reference."""
     gpu = gpu_backend()
-    if gpu is not None and _forced != "reference":
-        name = f"{gpu}-kernel-rotate-queries"
-        shape = (queries.shape[-1], queries.shape[1], rotation.shape[0], queries.dtype)
-        if selfcheck.usable(name, shape, lambda: selfcheck.check_rotate_queries(
-                shape, lambda q, r, s: kernel_rotate_queries(gpu, q, r, s))):
-            out = kernel_rotate_queries(gpu, queries, rotation, scale)
-            if out is not None:
-                _announce(name, "the queries' scale and rotation")
-                return out
+    if gpu is not None and _forced != "reference" and rotate_usable(gpu, queries, rotation):
+        out = kernel_rotate_queries(gpu, queries, rotation, scale)
+        if out is not None:
+            return out
     return rotate_queries_reference(queries, rotation, scale)
+
+
+def rotate_usable(gpu: str, queries: mx.array, rotation: mx.array) -> bool:
+    """Whether the query-rotation kernel passed its self-check for this shape."""
+    name = f"{gpu}-kernel-rotate-queries"
+    shape = (queries.shape[-1], queries.shape[1], rotation.shape[0], queries.dtype)
+    usable = selfcheck.usable(name, shape, lambda: selfcheck.check_rotate_queries(
+        shape, lambda q, r, s: kernel_rotate_queries(gpu, q, r, s)))
+    if usable:
+        announce(name, "the queries' scale and rotation")
+    return usable
+
+
+def forced_mode() -> str | None:
+    """The override force_backend set ('kernel', 'reference' or None)."""
+    return _forced
 
 
 def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
@@ -423,6 +454,6 @@ def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
                                                 lambda: selfcheck.check_quantize(codec, run)):
             out = run(codec, x)
             if out is not None:
-                _announce(name, "TurboQuant quantization")
+                announce(name, "TurboQuant quantization")
                 return out
     return codec.quantize(x)

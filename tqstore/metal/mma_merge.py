@@ -35,13 +35,17 @@ def fused_layout(batch: int, num_q_heads: int, num_kv_heads: int, value_dim: int
     return n_out, n_out + n_lse, n_out + n_lse + batch * num_kv_heads + rows * (2 + value_dim)
 
 
-def fused_pointers() -> str:
-    """The fused kernel's views of its work buffer (layout at FUSED_OUTPUTS)."""
-    return """  const int nb_ = (int)gridDim.z;
+def fused_pointers(caller_counters: bool = False) -> str:
+    """The fused kernel's views of its work buffer (layout at FUSED_OUTPUTS). With
+    ``caller_counters`` (the step form, MmaGeometry.step) the arrival counters are the input
+    ``arrivals`` (B * HKV int32, zero at entry, zero again at exit) instead of the buffer's."""
+    counts = ("(int*)arrivals" if caller_counters  # the kernel's own to count on and reset
+              else "(int*)(lse + nb_ * HQ)")
+    return f"""  const int nb_ = (int)gridDim.z;
   float* const out = work;
   float* const lse = out + nb_ * HQ * DV;
-  int* const counts = (int*)(lse + nb_ * HQ);
-  float* const partial_m = (float*)(counts + nb_ * HKV);
+  int* const counts = {counts};
+  float* const partial_m = (float*)(lse + nb_ * HQ + nb_ * HKV);
   float* const partial_l = partial_m + nb_ * HQ * nsplit;
   float* const partial_out = partial_l + nb_ * HQ * nsplit;"""
 
@@ -60,6 +64,9 @@ def fused_merge(geo: MmaGeometry) -> str:
     outputs = geo.group * geo.value_dim
     opt = -(-outputs // geo.threads)              # outputs per thread
     ms = max(1, min(16, 32 // opt))               # splits in flight per output (<= 32 loads)
+    # Every other threadgroup of this (sequence, kv head) has counted in: the caller's counter
+    # can be zeroed for the next launch now.
+    reset = "\n    if (tq_tid == 0) counts[b * HKV + kvh] = 0;" if geo.step else ""
     return f"""  TQ_FENCE();
   TQ_BARRIER();
   TQ_SHARED int tq_last;
@@ -67,7 +74,7 @@ def fused_merge(geo: MmaGeometry) -> str:
   if (tq_tid == 0) tq_last = TQ_ATOMIC_ADD(counts + b * HKV + kvh, 1) == nsplit - 1;
   TQ_BARRIER();
   if (tq_last) {{  // uniform over the threadgroup
-    TQ_FENCE();
+    TQ_FENCE();{reset}
     constexpr int OPT = {opt}, MS = {ms};
     // The dequantization tables are dead: their shared memory holds the splits' m and weights.
     float* const sm = (float*)tq_lut;

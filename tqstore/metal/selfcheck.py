@@ -38,6 +38,7 @@ EPILOGUE_TOLERANCE = {mx.float16: 2e-3, mx.bfloat16: 1e-2, mx.float32: 1e-5}
 
 _disabled: dict[str, str] = {}  # kernel name -> why it was disabled
 _passed: dict[str, set[tuple]] = {}  # kernel name -> shape keys it passed
+_epoch = 0  # bumped whenever a verdict is taken back: what was resolved under it is stale
 
 
 def usable(name: str, key: tuple, check: Callable[[], str | None]) -> bool:
@@ -54,7 +55,7 @@ def usable(name: str, key: tuple, check: Callable[[], str | None]) -> bool:
     if problem is None:
         _passed.setdefault(name, set()).add(key)
         return True
-    _disabled[name] = problem
+    _disable(name, problem)
     log.warning("kernel %s failed its self-check at first use (%s); it is disabled for this "
                 "process and the fallback serves", name, problem)
     return False
@@ -68,8 +69,20 @@ def is_disabled(name: str) -> bool:
 def disable(name: str, reason: str) -> None:
     """Disable a kernel without a check (a build that is unavailable: no compiler, ...)."""
     if name not in _disabled:
-        _disabled[name] = reason
+        _disable(name, reason)
         log.warning("kernel %s is unavailable (%s); the fallback serves", name, reason)
+
+
+def _disable(name: str, reason: str) -> None:
+    global _epoch
+    _disabled[name] = reason
+    _epoch += 1
+
+
+def epoch() -> int:
+    """Changes whenever a kernel is disabled or the verdicts are reset: a caller that resolved
+    launches under usable() (tqstore.metal.step_launch) resolves them again then."""
+    return _epoch
 
 
 def kernel_report() -> dict[str, str]:
@@ -81,8 +94,10 @@ def kernel_report() -> dict[str, str]:
 
 
 def reset() -> None:
+    global _epoch
     _disabled.clear()
     _passed.clear()
+    _epoch += 1
 
 
 # -- inputs and comparisons -------------------------------------------------------------------
@@ -145,6 +160,37 @@ def check_attention(key: tuple, kind: str, run: Callable[[dict], tuple[mx.array,
         want = paged_decode_attention_reference(**inputs, return_lse=True)
         mx.eval(want)
     return compare_attention(got, want, kind)
+
+
+def check_step_attention(key: tuple, run: Callable[[dict], tuple[mx.array, mx.array]]
+                         ) -> str | None:
+    """The MMA kernel's step form (attention_mma.MmaGeometry.step) for key = (Hq, Hkv, Dk, Dv,
+    key_bits, value_bits, block_size, queries' dtype): `run(inputs)` -> (out, lse) with
+    attention_inputs' pages, the model's queries (2, Hq, 1, Dk) in that dtype, a rotation, the
+    scale and zero arrival counters. Against the reference over the reference's rotated
+    queries (the tensor-core tolerance); launched twice on the same counters: the same bits
+    both times and the counters zero again (a kernel that does not reset them fails here)."""
+    from tqstore.metal.reference import paged_decode_attention_reference, rotate_queries_reference
+    hq, hkv, dk, dtype = key[0], key[1], key[2], key[-1]
+    inputs = attention_inputs(key[:-1])
+    rng = _rng(("step",) + key)
+    queries = mx.array((rng.standard_normal((2, hq, 1, dk)) * 2.0).astype(np.float32)).astype(dtype)
+    rotation = mx.array(np.linalg.qr(rng.standard_normal((hkv, dk, dk)))[0].astype(np.float32))
+    arrivals = mx.zeros((2 * hkv,), mx.int32)
+    x = dict(inputs, queries=queries, rotation=rotation, scale=dk ** -0.5, arrivals=arrivals)
+    first = run(x)
+    mx.eval(first)
+    second = run(x)
+    mx.eval(second)
+    if not all(mx.array_equal(a, b).item() for a, b in zip(first, second)):
+        return "a second launch on the same arrival counters gave other bits"
+    if mx.any(arrivals != 0).item():
+        return "the arrival counters were not zero again after a launch"
+    with mx.stream(mx.cpu):
+        rotated = rotate_queries_reference(queries, rotation, dk ** -0.5)
+        want = paged_decode_attention_reference(**dict(inputs, queries=rotated), return_lse=True)
+        mx.eval(want)
+    return compare_attention(first, want, "mma")
 
 
 def decode_step_inputs(key: tuple) -> dict:

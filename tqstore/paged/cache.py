@@ -53,11 +53,12 @@ from tqstore.paged.tail_storage import TailStorage
 
 
 # A decode step of one sequence off the C path (GPUs, the reference) as a batch of one
-# (tqstore.paged.shared_tail) instead of its own composition. Off: on an H100 two runs of
-# tools/attention_e2e.py --ab-alone disagreed (32k: 0.82x vs 0.69x fp16 in one, 0.56x vs
-# 0.70x in the other; docs/BENCHMARKS.md), so the measured default stays. Tests and the A/B
-# turn it on.
-SHARED_STEP_ALONE = False
+# (tqstore.paged.shared_tail) instead of its own composition. On: with the step form of
+# tqstore.metal.step_launch (two launches per layer) it beat the composed step in every H100
+# run of tools/attention_e2e.py --ab-alone (32k: 0.75-0.85x fp16 against 0.62-0.69x; 128k:
+# 1.19x against 0.91x; docs/BENCHMARKS.md). Off is kept for the A/B and for tests that compare
+# the two paths.
+SHARED_STEP_ALONE = True
 
 
 @mx.compile

@@ -24,8 +24,8 @@ Rows in any other state (a prefill step, no committed page yet, a trimmed cache 
 end mid-block, a model whose attention is not routed) send the whole batch down the general
 per-row path for that step.
 
-A sequence decoding alone can take the same step as a batch of one (PagedLayerCache, with
-tqstore.paged.cache.SHARED_STEP_ALONE: off by default, its measurements disagreed).
+A sequence decoding alone takes the same step as a batch of one (PagedLayerCache, with
+tqstore.paged.cache.SHARED_STEP_ALONE, on by default).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import mlx.core as mx
 
 from tqstore.metal.dispatch import (batched_decode_epilogue, paged_decode_attention,
                                     rotate_queries)
+from tqstore.metal.step_launch import batch_step_launch
 from tqstore.small_arrays import padded_array
 
 if TYPE_CHECKING:  # the caches import this module (a sequence alone steps as a batch of one)
@@ -46,10 +47,15 @@ class SharedTail:
     """The fp16 tails of a batch's rows for one layer: keys (B, Hkv, block_size, Dk), values
     (B, Hkv, block_size, Dv); row b holds its sequence's tail tokens first, zeros after."""
 
-    __slots__ = ("keys", "values")
+    __slots__ = ("keys", "values", "arrivals")
 
-    def __init__(self, keys: mx.array, values: mx.array) -> None:
+    def __init__(self, keys: mx.array, values: mx.array, arrivals: mx.array) -> None:
         self.keys, self.values = keys, values
+        # The step kernel's split-K arrival counters (B * Hkv int32), zero between steps: each
+        # launch counts on them and its merging threadgroups zero them again
+        # (tqstore.metal.step_launch). Used by this layer's next step of the same rows only, so
+        # two launches never share them (steps of a layer are ordered by their data).
+        self.arrivals = arrivals
 
 
 def plan(caches: Seq[PagedLayerCache]) -> list[int] | None:
@@ -74,10 +80,12 @@ def tail_info(lengths: list[int]) -> mx.array:
     return padded_array([x for n in lengths for x in (n + 1, n)]).reshape(len(lengths), 2)
 
 
-def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> tuple[mx.array, mx.array]:
-    """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D): the
-    previous batched step's own buffers when every row with a tail is its row b there, in
-    order (no op); else gathered row by row (the batch changed)."""
+def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
+              ) -> tuple[mx.array, mx.array, mx.array]:
+    """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D) and the
+    step's arrival counters: the previous batched step's own when every row with a tail is
+    its row b there, in order (no op); else gathered row by row (the batch changed) and new
+    zero counters."""
     common = None
     for row, (cache, n_old) in enumerate(zip(caches, lengths)):
         if n_old == 0:
@@ -88,11 +96,13 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> tuple[mx.arra
             break
         common = ref[0]
     if common is not None and common.keys.shape[0] == len(caches):
-        return common.keys, common.values
+        return common.keys, common.values, common.arrivals
+    arrivals = mx.zeros((len(caches) * caches[0].sequence.pool.num_kv_heads,), mx.int32)
     if not any(lengths):  # every token opens its tail (rows in step): one empty buffer
-        return caches[0].empty_tails(len(caches))
+        return (*caches[0].empty_tails(len(caches)), arrivals)
     rows = [cache.tail_buffer(n_old) for cache, n_old in zip(caches, lengths)]
-    return (mx.concatenate([k for k, _ in rows]), mx.concatenate([v for _, v in rows]))
+    return (mx.concatenate([k for k, _ in rows]), mx.concatenate([v for _, v in rows]),
+            arrivals)
 
 
 def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: float,
@@ -103,19 +113,28 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
     launch that merges every row with its tail and appends its token (new_keys/values: the
     step's tokens in the model's dtype); each row then refers to its row of the new tails."""
     arena = caches[0].arena
-    kc, vc = arena.key_codec, arena.value_codec
-    # Three launches on a GPU (tqstore.metal.batch_step): the queries' scale and rotation, the
-    # pages (output left packed in the split launch's buffer), the epilogue for every row.
-    q_rot = rotate_queries(queries, arena.query_rotation, scale)
-    pages_out, lse = paged_decode_attention(
-        q_rot, arena.key_codes, arena.key_scales, arena.value_codes, arena.value_scales,
-        block_tables, seq_lens, kc.codebook, vc.codebook, kc.bits, vc.bits, return_lse=True,
-        packed=True)
-    tail_keys, tail_values = old_tails(caches, lengths)
-    out, next_keys, next_values = batched_decode_epilogue(
-        pages_out, lse, queries, scale, tail_keys, tail_values, new_keys, new_values, info,
-        arena.key_center, arena.output_rotation, caches[0].sequence.block_size)
-    shared = SharedTail(next_keys, next_values)
+    tail_keys, tail_values, arrivals = old_tails(caches, lengths)
+    block_size = caches[0].sequence.block_size
+    # On a GPU (tqstore.metal.step_launch): the queries' scale and rotation with the pages in
+    # one launch (the output left packed in its work buffer) where the tensor-core kernel fits,
+    # else in two; then the epilogue for every row; resolved once per shape. Elsewhere through
+    # dispatch one by one (tqstore.metal.batch_step's kernels or their references).
+    launch = batch_step_launch(queries, arena, block_tables, block_size)
+    if launch is not None:
+        out, next_keys, next_values = launch(queries, scale, arena, block_tables, seq_lens,
+                                             tail_keys, tail_values, new_keys, new_values, info,
+                                             arrivals)
+    else:
+        kc, vc = arena.key_codec, arena.value_codec
+        q_rot = rotate_queries(queries, arena.query_rotation, scale)
+        pages_out, lse = paged_decode_attention(
+            q_rot, arena.key_codes, arena.key_scales, arena.value_codes, arena.value_scales,
+            block_tables, seq_lens, kc.codebook, vc.codebook, kc.bits, vc.bits,
+            return_lse=True, packed=True)
+        out, next_keys, next_values = batched_decode_epilogue(
+            pages_out, lse, queries, scale, tail_keys, tail_values, new_keys, new_values, info,
+            arena.key_center, arena.output_rotation, block_size)
+    shared = SharedTail(next_keys, next_values, arrivals)
     for row, cache in enumerate(caches):
         cache.take_shared_tail(shared, row)
     return out
@@ -126,7 +145,8 @@ def append(caches: Seq[PagedLayerCache], keys: mx.array, values: mx.array,
     """This step's token of every row (keys/values (B, Hkv, 1, D)): counted, with full tails
     committed to the pages where the token opens a block. Returns the tokens as they are: the
     epilogue converts them to fp16 as it appends them (no op of their own)."""
-    commit_full_tails(caches, lengths)
+    if 0 in lengths:  # some row's token opens a block (one step in block_size)
+        commit_full_tails(caches, lengths)
     for cache, n_old in zip(caches, lengths):
         cache.shared_tail_append(n_old)
     return keys, values

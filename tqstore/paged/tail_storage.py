@@ -15,7 +15,6 @@ import mlx.core as mx
 
 from tqstore.errors import InvalidArgument
 from tqstore.paged.arenas import KV_DTYPE
-from tqstore.paged.tail import commit_point
 
 
 class TailStorage:
@@ -61,12 +60,13 @@ class TailStorage:
                 and not self.arena.dense and not self.in_prefill and not self.decode_pending
                 and self._pending is None):
             return None
-        n = self.offset - self.committed
-        to_commit = commit_point(self.committed, self.offset + 1,
-                                 self.sequence.block_size) - self.committed
-        if to_commit == 0 and n < self.sequence.block_size:
+        # commit_point(committed, offset + 1) - committed, inline (per row, layer and step).
+        offset, committed, bs = self.offset, self.committed, self.sequence.block_size
+        n, floor = offset - committed, offset - offset % bs
+        to_commit = floor - committed if floor > committed else 0
+        if to_commit == 0 and n < bs:
             return n
-        if n and to_commit == n and n == self.sequence.block_size:
+        if n and to_commit == n and n == bs:
             return 0
         return None
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""The host's graph-building time of one batched decode step, on any machine (no GPU needed):
+tqstore's GPU step path with its custom kernels stubbed, against mlx-lm's fp16 KVCache, on a
+small model of Llama-3-8B's layer count and head layout.
+
+Why: on an H100 a decode step of that shape is bound by the host (docs/BENCHMARKS.md, "Shared
+tails and three launches per layer"): the Python and MLX calls that build a step's graph, per
+layer and per row, set the pace at B=1 and B=8. That cost does not depend on the GPU or on the
+arrays' sizes, so it can be measured and cut here, then confirmed on the GPU with
+tools/batch_decode_gpu.py and tools/attention_e2e.py.
+
+What is stubbed: the GPU backend is reported as CUDA, the kernels' first-use self-checks pass,
+and each custom kernel call returns zero arrays of its output shapes (one cheap op each, no
+source string built as MLX's real call does). Everything else is the production code: the
+dispatch layer, the shared tails, the tables, the commits. The step's *values* are meaningless
+here; only its host time is measured. Never used by tests or by the product.
+
+    python3 tools/step_host_cost.py --batches 1 8 --steps 64 [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tqstore  # noqa: E402,F401  (OpenBLAS before MLX, as in every entry point)
+import mlx.core as mx  # noqa: E402
+
+
+def stub_gpu_kernels() -> None:
+    """Make the dispatch layer take its GPU paths with kernels that only allocate outputs."""
+    import tqstore.metal.attention_kernel as attention_kernel
+    import tqstore.metal.dispatch as dispatch
+    import tqstore.metal.quantize as quantize
+    import tqstore.metal.selfcheck as selfcheck
+    import tqstore.metal.step_launch as step_launch
+
+    def builder(**_spec):
+        def call(inputs, output_shapes, output_dtypes, grid, threadgroup, init_value=None,
+                 **_kw):
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    for module in (attention_kernel, dispatch, quantize, step_launch):
+        module.gpu_backend = lambda: "cuda"
+    attention_kernel.mma_capable = dispatch.mma_capable = lambda: True
+    mx.fast.cuda_kernel = builder
+    selfcheck.usable = lambda name, key, check: True
+
+
+def small_llama(layers: int):
+    """Llama-3-8B's layer count, 32 query / 8 kv heads of 128 dims; tiny projections."""
+    from mlx_lm.models import llama
+
+    model = llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=256, num_hidden_layers=layers, intermediate_size=256,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        vocab_size=512, rope_theta=500000.0, tie_word_embeddings=False))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    return model
+
+
+def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
+             limit=18) -> float:
+    """Mean host ms to build one step's graph (each step then evaluated before the next)."""
+    y = mx.zeros((batch,), dtype=mx.int32)
+    for _ in range(3):
+        y = step(y)
+        mx.eval(y)
+    prof = cProfile.Profile() if profile else None
+    total = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        y = step(y)
+        if prof:
+            prof.disable()
+        total += time.perf_counter() - t0
+        mx.eval(y)
+    if prof:
+        pstats.Stats(prof).sort_stats(sort).print_stats(limit)
+    return 1e3 * total / steps
+
+
+def fp16_step(model, batch: int, context: int):
+    from mlx_lm.models.cache import KVCache
+
+    caches = [KVCache() for _ in model.layers]
+    shape = (batch, 8, context, 128)
+    for cache in caches:
+        cache.update_and_fetch(mx.zeros(shape, mx.bfloat16), mx.zeros(shape, mx.bfloat16))
+
+    def step(tokens):
+        return mx.argmax(model(tokens[:, None], cache=caches)[:, -1, :], axis=-1)
+    return step
+
+
+def tq_step(model, batch: int, context: int, alone: bool):
+    from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model
+    from tqstore.paged.batch import batch_caches
+
+    install(model)
+    pool = pool_for_model(model, policy=CachePolicy.default(None), budget_bytes=2 << 30)
+    sequences = [make_prompt_cache(pool) for _ in range(batch)]
+    prefix = mx.zeros((1, 8, context, 128), mx.float16)
+    for caches in sequences:
+        for cache in caches:
+            cache.load_fp16_prefix(prefix, prefix)
+
+    def step(tokens):
+        for caches in sequences:
+            caches[0].sequence.append_token_ids([0])
+        cache = sequences[0] if alone else batch_caches(sequences)
+        return mx.argmax(model(tokens[:, None], cache=cache)[:, -1, :], axis=-1)
+    return step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--context", type=int, default=1000)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="cProfile ours")
+    ap.add_argument("--sort", default="tottime", help="the profile's order (cumulative, ...)")
+    ap.add_argument("--limit", default=18, help="rows of the profile, or a name's regex")
+    args = ap.parse_args()
+    model = small_llama(args.layers)
+    fp16 = {b: build_ms(fp16_step(model, b, args.context), b, args.steps, False)
+            for b in args.batches}
+    stub_gpu_kernels()
+    print(f"{'B':>3} {'fp16 ms':>8} {'ours ms':>8} {'ours/fp16':>9}  (graph building per step)")
+    for b in args.batches:
+        ours = build_ms(tq_step(model, b, args.context, alone=b == 1), b, args.steps,
+                        args.profile, args.sort, args.limit)
+        print(f"{b:>3} {fp16[b]:>8.2f} {ours:>8.2f} {ours / fp16[b]:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

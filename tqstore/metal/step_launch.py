@@ -1,0 +1,174 @@
+"""A shared-tail decode step's GPU launches, resolved once per shape, and in two launches per
+layer where the tensor-core kernel fits.
+
+Why: on an H100 a decode step of Llama-3-8B shape is bound by the host (docs/BENCHMARKS.md,
+"Shared tails and three launches per layer"): every op costs host time to build and again to
+launch, whatever its size. Two things are cut here.
+- Decisions made again at every layer and step: which GPU backend, the self-check verdicts of
+  each kernel, the attention's launch plan, whether each kernel's shape fits, its grid. With
+  the kernels stubbed (tools/step_host_cost.py, CPU VM) that was about 15 us of the attention's
+  graph building per layer and step. Here they are made once per shape and kept.
+- Launches: the MMA kernel's step form (attention_mma.MmaGeometry.step) reads the model's
+  queries and folds in their scale and rotation (no rotation launch), and takes its split-K
+  arrival counters from the caller, who keeps them per layer with the batch's tails
+  (shared_tail.SharedTail; the merging threadgroups zero them again), so its work buffer needs
+  no zero-fill launch. A layer's step is then the step kernel and the per-row epilogue.
+  Elsewhere (other bit widths, Metal, the step form disabled by its self-check) the rotation,
+  attention and epilogue launches, still resolved once.
+
+Validity: a launch is keyed by every shape it depends on, the forced mode of dispatch and
+selfcheck.epoch(), which changes whenever a kernel is disabled or the verdicts are reset; a
+stale one is never used. The kernels, their self-checks and their references are dispatch's
+and selfcheck's; where a kernel does not serve, there is no launch and the caller takes the
+general path, which falls back kernel by kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+from tqstore.metal import dispatch, selfcheck
+from tqstore.metal.attention_kernel import (STEP_VARIANT, gpu_backend, kernel_kind, launch_plan,
+                                            run_plan, run_step_plan)
+from tqstore.metal.batch_step import (KernelLaunch, rotate_launch, row_epilogue_launch,
+                                      scale_array)
+from tqstore.metal.reference import unpack_pages
+from tqstore.small_arrays import padded_array
+
+# A layer's pages: tqstore.paged.arenas.TurboQuantArena (not imported: the kernel layer never
+# depends on the paged cache, tests/test_layering.py).
+Arena = Any
+
+
+class BatchStepLaunch:
+    """The launches of one step shape: the MMA kernel's step form (the queries' rotation
+    folded in, the caller's arrival counters: ``plan`` a STEP_VARIANT plan, ``rotate`` None)
+    and the per-row epilogue, or the rotation, attention and epilogue launches."""
+
+    __slots__ = ("rotate", "plan", "epilogue", "packed")
+
+    def __init__(self, rotate: KernelLaunch | None, plan, epilogue: KernelLaunch,
+                 packed: bool) -> None:
+        self.rotate, self.plan, self.epilogue, self.packed = rotate, plan, epilogue, packed
+
+    def __call__(self, queries: mx.array, scale: float, arena: Arena,
+                 block_tables: mx.array, seq_lens: mx.array, tail_keys: mx.array,
+                 tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
+                 tail_info: mx.array, arrivals: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """shared_tail.shared_tail_attend's launches: (out (B, Hq, 1, Dv) in the queries'
+        dtype, the next tail keys, values). ``arrivals``: int32 (B * Hkv,) counters, zero, the
+        step form's own (zero again after it; one step at a time per array)."""
+        s = scale_array(scale)
+        kc, vc = arena.key_codec, arena.value_codec
+        if self.rotate is None:
+            pages_out, lse = run_step_plan(
+                self.plan, queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
+                arena.value_codes, arena.value_scales, block_tables, seq_lens, kc.codebook,
+                vc.codebook, arrivals)
+        else:
+            (q_rot,) = self.rotate([queries, arena.query_rotation, s])
+            pages_out, lse = run_plan(self.plan, q_rot, arena.key_codes, arena.key_scales,
+                                      arena.value_codes, arena.value_scales, block_tables,
+                                      seq_lens, kc.codebook, vc.codebook, True, self.packed)
+        out, next_keys, next_values = self.epilogue(
+            [pages_out, pages_out if lse is None else lse, queries, s, tail_keys, tail_values,
+             new_keys, new_values, tail_info, arena.key_center, arena.output_rotation])
+        return out, next_keys, next_values
+
+
+_LAUNCHES: dict[tuple, BatchStepLaunch | None] = {}
+# Whether the MMA kernel's step form serves where it fits (benchmarks' A/B: False = the
+# separate rotation launch and the zero-filled work buffer).
+STEP_FORM = True
+
+
+def batch_step_launch(queries: mx.array, arena: Arena, block_tables: mx.array,
+                      block_size: int) -> BatchStepLaunch | None:
+    """The resolved launches for a step of queries (B, Hq, 1, Dk) over ``arena`` with block
+    tables of this width, or None where a kernel does not serve (the general path then)."""
+    kc, vc = arena.key_codec, arena.value_codec
+    key = (queries.shape, queries.dtype, block_tables.shape, arena.key_codes.shape,
+           arena.value_codes.shape, kc.bits, vc.bits, block_size, selfcheck.epoch(),
+           dispatch.forced_mode(), STEP_FORM)
+    try:
+        return _LAUNCHES[key]
+    except KeyError:
+        pass
+    launch = _resolve(queries, arena, block_tables, block_size)
+    if len(_LAUNCHES) > 256:  # widths grow with context: keep the dict bounded
+        _LAUNCHES.clear()
+    # The key's epoch is read before resolving: a kernel disabled by the self-checks just
+    # run bumps it, so this entry is never found again and the next call resolves anew.
+    _LAUNCHES[key] = launch
+    return launch
+
+
+def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
+             block_size: int) -> BatchStepLaunch | None:
+    gpu = gpu_backend()
+    if gpu is None or dispatch.forced_mode() == "reference":
+        return None
+    bsz, hq, _, dk = queries.shape
+    kc, vc, rows = arena.key_codec, arena.value_codec, arena.output_rotation
+    rotate = None
+    plan = step_attention_plan(gpu, queries, arena.key_codes, arena.value_codes, block_tables,
+                               kc.bits, vc.bits) if STEP_FORM else None
+    if plan is None:  # the separate rotation launch
+        rotation = arena.query_rotation
+        if not dispatch.rotate_usable(gpu, queries, rotation):
+            return None
+        rotate = rotate_launch(gpu, queries.shape, queries.dtype, rotation.shape)
+        rotated = mx.zeros((bsz, hq, dk), mx.float32)  # the shape a plan reads; never run
+        plan = dispatch.gpu_attention_plan(gpu, rotated, arena.key_codes, arena.value_codes,
+                                           block_tables, kc.bits, vc.bits)
+        if rotate is None or plan is None:
+            return None
+    packed = plan.fused_rows > 0  # the split launch answers (work buffer, None) then
+    if not dispatch.batched_epilogue_usable(gpu, queries, rows, block_size, packed):
+        return None
+    tail_shape = (bsz, rows.shape[0], block_size, dk)
+    epilogue = row_epilogue_launch(gpu, queries.shape, queries.dtype, tail_shape, rows.shape,
+                                   block_size, packed)
+    return None if epilogue is None else BatchStepLaunch(rotate, plan, epilogue, packed)
+
+
+def step_attention_plan(gpu: str, queries: mx.array, key_codes: mx.array,
+                            value_codes: mx.array, block_tables: mx.array, key_bits: int,
+                            value_bits: int):
+    """The launch plan of the MMA kernel's step form (attention_kernel.STEP_VARIANT: the
+    queries' scale and rotation folded in, the caller's arrival counters) for the model's
+    queries (B, Hq, 1, Dk), or None where it does not fit or failed its self-check (the
+    separate rotation and attention launches serve then)."""
+    bsz, hq, _, dk = queries.shape
+    rotated = mx.zeros((bsz, hq, dk), mx.float32)  # the shape a plan reads; never evaluated
+    if gpu != "cuda" or kernel_kind(rotated, key_codes, value_codes, key_bits, value_bits,
+                                    gpu) != "mma":
+        return None
+    name = f"{gpu}-kernel-mma-step"
+    shape = dispatch.attention_shape(rotated, key_codes, value_codes, key_bits, value_bits) + (
+        queries.dtype,)
+
+    def run(x: dict, splits: int) -> tuple[mx.array, mx.array]:
+        b, h, _, d = x["queries"].shape
+        p = launch_plan(mx.zeros((b, h, d)), x["key_codes"], x["value_codes"],
+                        x["block_tables"], key_bits, value_bits, num_splits=splits,
+                        backend=gpu, variant=STEP_VARIANT)
+        got = run_step_plan(p, x["queries"], x["rotation"], padded_array([x["scale"]],
+                                                                          mx.float32),
+                            *(x[k] for k in dispatch.PAGE_KEYS[1:]), x["arrivals"])
+        return unpack_pages(*got, b, h)
+
+    def check() -> str | None:
+        for splits in (1, 2):  # the one-pass and the split launch are different kernels
+            problem = selfcheck.check_step_attention(shape, lambda x: run(x, splits))
+            if problem:
+                return f"{problem} ({splits} split{'s' if splits > 1 else ''})"
+        return None
+
+    if not selfcheck.usable(name, shape, check):
+        return None
+    dispatch.announce(name, "a decode step's query rotation and attention (one launch)")
+    return launch_plan(rotated, key_codes, value_codes, block_tables, key_bits, value_bits,
+                       backend=gpu, variant=STEP_VARIANT)
