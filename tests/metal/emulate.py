@@ -19,7 +19,8 @@ from tqstore.metal.mma_merge import fused_layout
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention_body,
                                             merge_body)
 
-ATTN_TYPES = dict(queries="float32", rotation="float32", scale="float32", arrivals="int32", key_codes="uint8", key_scales="float16",
+ATTN_TYPES = dict(queries="float32", rotation="float32", scale="float32", arrivals="int32",
+                  key_codes="uint8", key_scales="float16",
                   value_codes="uint8", value_scales="float16", block_tables="int32",
                   seq_lens="int32", key_codebook="float32", value_codebook="float32",
                   params="int32")
@@ -41,10 +42,11 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     (so another threadgroup does the fused merge).
 
     ``step``: the MMA kernel's step form (MmaGeometry.step) with these inputs in place of
-    pages["queries"]: queries (B, Hq, 1, Dk) float32, rotation (Hkv, Dk, Dk), scale. Its work
-    buffer starts as NaNs (no zero-fill), its arrival counters at zero; it runs ``launches``
-    times on the same counters (the outputs of the last) and the counters after the last are
-    written to arrivals.bin."""
+    pages["queries"]: queries (B, Hq, 1, Dk) float32, rotation (Hkv, Dk, Dk), scale. It runs
+    ``launches`` times on the same arrival counters (zero before the first), its work buffer
+    refilled with NaNs before each (no zero-fill: nothing unwritten may be read). Returns the
+    last launch's outputs; every launch's are in out_<k>.bin / lse_<k>.bin and the counters
+    after the last in arrivals.bin."""
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
     q, kc, vc = pages["queries"], pages["key_codes"], pages["value_codes"]
@@ -88,6 +90,7 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     main = [
         "#include <algorithm>",
         "#include <limits>",
+        "#include <string>",
         "#include <fstream>",
         "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
@@ -101,12 +104,19 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     fill = "std::numeric_limits<float>::quiet_NaN()" if step is not None else "0.0f"
     if fused:
         main += [
-            f"  std::vector<float> work({work_size}, {fill});  // MLX: init_value=0 (not step)",
-            f"  for (int rep = 0; rep < {launches}; ++rep)",
-            f"  tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
-            f"{args}, work.data()); }});",
-            f"  std::copy(work.begin(), work.begin() + {lse_at}, out.begin());",
-            f"  std::copy(work.begin() + {lse_at}, work.begin() + {lse_at + bsz * hq}, lse.begin());",
+            f"  std::vector<float> work({work_size});  // MLX: init_value=0 (not the step form)",
+            f"  for (int rep = 0; rep < {launches}; ++rep) {{",
+            f"    std::fill(work.begin(), work.end(), {fill});",
+            f"    tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ "
+            f"mlx::core::cu::attn({args}, work.data()); }});",
+            f"    std::copy(work.begin(), work.begin() + {lse_at}, out.begin());",
+            f"    std::copy(work.begin() + {lse_at}, work.begin() + {lse_at + bsz * hq}, "
+            f"lse.begin());",
+            '    std::ofstream("out_" + std::to_string(rep) + ".bin", std::ios::binary)'
+            '.write((const char*)out.data(), out.size() * 4);',
+            '    std::ofstream("lse_" + std::to_string(rep) + ".bin", std::ios::binary)'
+            '.write((const char*)lse.data(), lse.size() * 4);',
+            "  }",
         ]
     elif split:
         main += [
@@ -130,7 +140,11 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     cpp = tmp / "emu.cpp"
     cpp.write_text("\n".join(src))
     exe = tmp / "emu"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{HERE}", "-w",
+    # No FMA contraction: float32 sums then round as numpy's do on every CPU (the step form's
+    # rotation is compared bit for bit with numpy's; NVRTC contracts, GPU self-checks judge
+    # that build against the reference within tolerance).
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread",
+                          f"-I{HERE}", "-w",
                           f"-DTQ_EMU_REVERSE_X={int(reverse)}", str(cpp),
                           "-o", str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"

@@ -122,17 +122,21 @@ def rotated_queries(raw: np.ndarray, rotation: np.ndarray, scale: float) -> np.n
     rows = rotation[np.arange(hq) // (hq // rotation.shape[0])]  # (Hq, Dk, Dk)
     acc = np.zeros((bsz, hq, dk), np.float32)
     for i in range(dk):
-        acc = (acc + (qs[:, :, i:i + 1] * rows[None, :, i, :]).astype(np.float32)).astype(np.float32)
+        product = (qs[:, :, i:i + 1] * rows[None, :, i, :]).astype(np.float32)
+        acc = (acc + product).astype(np.float32)
     return acc
 
 
-@pytest.mark.parametrize("case", [MMA_CASES[0], MMA_CASES[1], MMA_CASES[4]],
-                         ids=lambda c: f"h{c[1]}x{c[2]}_s{c[6]}")
-def test_mma_step_form_folds_the_rotation_in_and_owns_its_counters(case, tmp_path):
+@pytest.mark.parametrize("case,reverse", [(MMA_CASES[0], False), (MMA_CASES[3], True),
+                                          (MMA_CASES[4], False), (MMA_CASES[5], True)],
+                         ids=lambda c: f"h{c[1]}x{c[2]}_d{c[3]}x{c[4]}_s{c[6]}"
+                         if isinstance(c, tuple) else ("rev" if c else "fwd"))
+def test_mma_step_form_folds_the_rotation_in_and_owns_its_counters(case, reverse, tmp_path):
     """The step form (MmaGeometry.step) gives the bits of the rotation kernel's float32 sums
-    followed by the plain kernel; its work buffer needs no zero-fill (it starts as NaNs here);
-    the merging threadgroups leave the caller's counters at zero, so the second of two launches
-    on the same counters gives those bits again."""
+    followed by the plain kernel (GQA groups of 1, 4, 7 and 8, Dk != Dv, single pass and
+    split-K, splits run last to first too; Llama-3's heads split: the GPU self-check's); its work buffer needs no zero-fill (NaNs before
+    each launch here); the merging threadgroups leave the caller's counters at zero, so each
+    of two launches on the same counters gives those bits."""
     lens, hq, hkv, dk, dv, bs, splits, warps, depth = case
     rng = np.random.default_rng(sum(lens) + hq + 2)
     mx.random.seed(sum(lens) + dk + 2)
@@ -146,9 +150,15 @@ def test_mma_step_form_folds_the_rotation_in_and_owns_its_counters(case, tmp_pat
     want = run_emulated(dict(pages, queries=mx.array(rotated_queries(raw, rotation, scale))),
                         "mma", splits, plain_dir, warps=warps, depth=depth)
     got = run_emulated(pages, "mma", splits, step_dir, warps=warps, depth=depth,
-                       step=dict(queries=raw, rotation=rotation, scale=scale), launches=2)
-    for a, b in zip(got, want):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+                       reverse=reverse, step=dict(queries=raw, rotation=rotation, scale=scale),
+                       launches=2)
+    runs = [got]
+    if (step_dir / "out_0.bin").exists():  # split-K: every launch's outputs were kept
+        runs = [tuple(np.fromfile(step_dir / f"{name}_{k}.bin", np.float32).reshape(x.shape)
+                      for name, x in zip(("out", "lse"), got)) for k in range(2)]
+    for run in runs:
+        for a, b in zip(run, want):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     assert not np.any(np.fromfile(step_dir / "arrivals.bin", dtype=np.int32))
 
 

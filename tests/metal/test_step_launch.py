@@ -15,6 +15,18 @@ from tqstore.metal import attention_kernel, batch_step, dispatch, selfcheck, ste
 from tqstore.paged import CachePolicy, pool_for_model
 
 
+# (dtype, rank) of each kernel input in these tests' steps (bf16 activations; the work buffer
+# stands in for pages_lse where the output is packed).
+INPUTS = dict(
+    queries=(mx.bfloat16, 4), rotation=(mx.float32, 3), scale=(mx.float32, 1),
+    key_codes=(mx.uint8, 4), key_scales=(mx.float16, 3), value_codes=(mx.uint8, 4),
+    value_scales=(mx.float16, 3), block_tables=(mx.int32, 2), seq_lens=(mx.int32, 1),
+    key_codebook=(mx.float32, 1), value_codebook=(mx.float32, 1), params=(mx.int32, 1),
+    arrivals=(mx.int32, 1), pages_out=(mx.float32, 3), tail_keys=(mx.float16, 4),
+    tail_values=(mx.float16, 4), new_keys=(mx.bfloat16, 4), new_values=(mx.bfloat16, 4),
+    tail_info=(mx.int32, 2), key_center=(mx.float32, 2), output_rotation=(mx.float32, 3))
+
+
 def _clear_kernel_caches() -> None:
     for cached in (attention_kernel.mma_attention_kernel, attention_kernel.attention_kernel,
                    attention_kernel.merge_kernel, batch_step.rotate_kernel,
@@ -32,9 +44,22 @@ def cuda_reported(monkeypatch):
     def builder(**spec):
         built.append(spec["name"])
 
-        def run(**_kwargs):
-            raise AssertionError("a kernel ran while launches were resolved")
+        def run(inputs, output_shapes, output_dtypes, **_kwargs):
+            # Resolution never runs a kernel (the self-checks are bypassed here); a launch's
+            # call must pass one input per declared name, each of that name's dtype and rank
+            # (a swapped pair of arguments fails here), and get its outputs' shapes.
+            assert calls_allowed, "a kernel ran while launches were resolved"
+            names = spec["input_names"]
+            assert len(inputs) == len(names), spec["name"]
+            for name, x in zip(names, inputs):
+                if name in INPUTS:
+                    assert (x.dtype, x.ndim) == INPUTS[name], (spec["name"], name)
+            calls.append(spec["name"])
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
         return run
+
+    calls: list[str] = []
+    calls_allowed = False
 
     for module in (attention_kernel, dispatch, step_launch):
         monkeypatch.setattr(module, "gpu_backend", lambda: "cuda")
@@ -43,7 +68,13 @@ def cuda_reported(monkeypatch):
     monkeypatch.setattr(selfcheck, "usable",
                         lambda name, key, check: name not in selfcheck._disabled)
     _clear_kernel_caches()  # fake kernels must not outlive the test (nor real ones enter it)
-    yield built
+
+    def allow_calls() -> list[str]:
+        nonlocal calls_allowed
+        calls_allowed = True
+        return calls
+
+    yield built, allow_calls
     _clear_kernel_caches()
 
 
@@ -59,12 +90,13 @@ def _arena_and_step(batch: int = 3):
 
 
 def test_one_resolution_per_shape_and_a_new_one_after_a_disable(cuda_reported):
+    built, _ = cuda_reported
     arena, queries, tables = _arena_and_step()
     first = step_launch.batch_step_launch(queries, arena, tables, 16)
     assert first is not None and first.rotate is None  # the step form: two launches
     assert first.packed and first.plan.nsplit > 1
     assert any(name.startswith("tq_attn_mma_split") and name.endswith("s")
-               for name in cuda_reported)
+               for name in built)
     assert step_launch.batch_step_launch(queries, arena, tables, 16) is first
     wider = step_launch.batch_step_launch(queries, arena, mx.zeros((3, 512), mx.int32), 16)
     assert wider is not first and wider is not None
@@ -77,9 +109,42 @@ def test_one_resolution_per_shape_and_a_new_one_after_a_disable(cuda_reported):
     selfcheck.disable("cuda-kernel-epilogue-rows", "planted")
     assert step_launch.batch_step_launch(queries, arena, tables, 16) is None
 
+    selfcheck.reset()  # verdicts taken back wholesale: nothing resolved before is used
+    fresh = step_launch.batch_step_launch(queries, arena, tables, 16)
+    assert fresh is not None and fresh is not first and fresh.rotate is None
+
+
+def test_a_one_pass_launch_is_unpacked_and_each_launch_passes_every_input(cuda_reported):
+    """One page: one split, so the step kernel's single pass (out, lse), arrivals unused, and
+    the epilogue that reads an unpacked lse; the split form packs. Calling either passes one
+    input per declared name (argument lists and the kernels' names in step)."""
+    _, allow_calls = cuda_reported
+    arena, queries, _ = _arena_and_step(batch=1)
+    short = step_launch.batch_step_launch(queries, arena, mx.zeros((1, 1), mx.int32), 16)
+    long = step_launch.batch_step_launch(queries, arena, mx.zeros((1, 2048), mx.int32), 16)
+    assert short.plan.nsplit == 1 and not short.packed
+    assert long.plan.nsplit > 1 and long.packed and long.plan.fused_rows > 0
+    calls = allow_calls()
+    for launch, width in ((short, 1), (long, 2048)):
+        out, keys, values = launch(
+            queries, 0.1, arena, mx.zeros((1, width), mx.int32), mx.ones((1,), mx.int32),
+            mx.zeros((1, 8, 16, 128), mx.float16), mx.zeros((1, 8, 16, 128), mx.float16),
+            mx.zeros((1, 8, 1, 128), mx.bfloat16), mx.zeros((1, 8, 1, 128), mx.bfloat16),
+            mx.zeros((1, 2), mx.int32), mx.zeros((8,), mx.int32))
+        assert out.shape == (1, 32, 1, 128) and out.dtype == mx.bfloat16
+        assert keys.shape == values.shape == (1, 8, 16, 128)
+    assert [name.split("_k")[0] for name in calls] == [
+        "tq_attn_mma_single", "tq_decode_epilogue_rows", "tq_attn_mma_split",
+        "tq_decode_epilogue_rows_packed"]
+    with pytest.raises(ValueError, match="arrival counters"):
+        long(queries, 0.1, arena, mx.zeros((1, 2048), mx.int32), mx.ones((1,), mx.int32),
+             mx.zeros((1, 8, 16, 128), mx.float16), mx.zeros((1, 8, 16, 128), mx.float16),
+             mx.zeros((1, 8, 1, 128), mx.bfloat16), mx.zeros((1, 8, 1, 128), mx.bfloat16),
+             mx.zeros((1, 2), mx.int32), mx.zeros((4,), mx.int32))
+
 
 def test_no_launch_where_the_reference_is_forced_and_the_step_form_can_be_turned_off(
-        cuda_reported, monkeypatch):
+        cuda_reported, monkeypatch):  # noqa: ARG001 (the fixture reports CUDA)
     arena, queries, tables = _arena_and_step()
     monkeypatch.setattr(step_launch, "STEP_FORM", False)
     assert step_launch.batch_step_launch(queries, arena, tables, 16).rotate is not None

@@ -226,3 +226,74 @@ def test_rows_of_equal_lengths_swapped_read_their_own_pages(rng, shared_path):
     sequences, reference = prefilled(model, TAIL, prompts), prefilled(model, TAIL, prompts)
     for order in ([0, 1], [0, 1], [1, 0], [1, 0], [0, 1]):
         step_in_order(model, sequences, reference, order, rng)
+
+
+def llama3_heads():
+    """Two layers with Llama-3-8B's attention heads (32 query / 8 kv heads of 128 dims) and
+    tiny projections: shapes the GPU serves through resolved launches and the tensor-core
+    kernel's step form (tqstore.metal.step_launch). The tiny models' 16-dim heads take the
+    general path there (the per-row epilogue kernel needs 32-multiple head dims)."""
+    from mlx_lm.models import llama
+
+    mx.random.seed(11)
+    model = llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=256,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        vocab_size=97, rope_theta=10000.0, tie_word_embeddings=True))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_rows_of_full_size_heads_each_get_their_own_step(rng, shared_path, monkeypatch):
+    """The shared step on full-size heads and 16-token blocks, three rows against each row's
+    twin composing its own step: on a GPU every layer step goes through a resolved launch
+    (the step form where the tensor-core kernel fits), elsewhere through dispatch."""
+    from tqstore.metal import step_launch
+    from tqstore.metal.attention_kernel import gpu_backend
+    from tqstore.codec import CodecConfig
+    from tqstore.paged import CachePolicy, make_prompt_cache, pool_for_model
+
+    launches, _ = shared_path
+    resolved = []
+    real = step_launch.BatchStepLaunch.__call__
+    monkeypatch.setattr(step_launch.BatchStepLaunch, "__call__",
+                        lambda self, *args: (resolved.append(self.rotate is None),
+                                             real(self, *args))[1])
+    model = llama3_heads()
+    install(model)
+    policy, block_size = CachePolicy(codec=CodecConfig(4, 4), fp16_tail=True), 16
+    steps = 2 * block_size + 3
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    tokens = forced(rng.integers(3, 97, (steps, len(prompts))))
+
+    def prefill(prompt, pool):
+        caches = make_prompt_cache(pool, prompt)
+        mx.eval(model(mx.array(prompt)[None], cache=caches))
+        return caches
+
+    pools = [pool_for_model(model, policy=policy, budget_bytes=8 << 20, block_size=block_size)
+             for _ in range(2)]  # the twins', and the batch's (a batch shares one pool)
+    alone = []
+    for row, prompt in enumerate(prompts):
+        caches, logits = prefill(prompt, pools[0]), []
+        for step in tokens:
+            caches[0].sequence.append_token_ids([step[row]])
+            logits.append(np.array(model(mx.array([[step[row]]]), cache=caches)[0, -1],
+                                   dtype=np.float64))
+        alone.append(logits)
+    sequences = [prefill(p, pools[1]) for p in prompts]
+    for i, step in enumerate(tokens):
+        for caches, token in zip(sequences, step):
+            caches[0].sequence.append_token_ids([token])
+        out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
+        mx.eval(out, [c.state for caches in sequences for c in caches])
+        for row in range(len(prompts)):
+            # The bound of the first test (a wrong row, token or tail moves logits by 1e-1).
+            assert rel(np.array(out[row, -1], dtype=np.float64), alone[row][i]) < rtol(
+                2e-3, MODEL_TF32), (row, i)
+    layers = len(model.layers)
+    assert launches == [len(prompts)] * ((steps - 1) * layers)
+    # A GPU takes every layer step through a resolved launch: in the step form on CUDA (the
+    # tensor-core kernel fits these heads), in three launches on Metal; the CPU never does.
+    expected = {None: [], "cuda": [True] * len(launches), "metal": [False] * len(launches)}
+    assert resolved == expected[gpu_backend()]

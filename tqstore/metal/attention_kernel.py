@@ -197,7 +197,7 @@ def geometry_for(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
 
 
 @dataclass(frozen=True)
-class _Plan:
+class LaunchPlan:
     """Everything about one launch that depends only on shapes, built once per shape: the
     per-call host work (Python, small uploads) otherwise adds directly to every decode step."""
 
@@ -215,12 +215,12 @@ class _Plan:
     fused_rows: int = 0  # > 0: split-K merged in the split launch, work buffer (rows, HQ, DV)
 
 
-_PLANS: dict[tuple, _Plan] = {}
+_PLANS: dict[tuple, LaunchPlan] = {}
 
 
 def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
           block_tables: mx.array, key_bits: int, value_bits: int, num_splits: int | None,
-          backend: str, variant: dict | None) -> _Plan:
+          backend: str, variant: dict | None) -> LaunchPlan:
     key = (queries.shape, key_codes.shape, value_codes.shape, block_tables.shape, key_bits,
            value_bits, num_splits, backend, None if variant is None else tuple(sorted(variant.items())))
     plan = _PLANS.get(key)
@@ -255,7 +255,7 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
         group_threads, groups_x = pgeo.threads, nsplit * pgeo.head_split
         fused = False
     params = padded_array([max_blocks, nsplit])  # 8 bytes would land in MLX's small pool
-    plan = _Plan(single=build(False) if nsplit == 1 else None,
+    plan = LaunchPlan(single=build(False) if nsplit == 1 else None,
                  split=build(True) if nsplit > 1 else None,
                  merge=merge_kernel(dv, hq, backend) if nsplit > 1 and not fused else None,
                  params=params, grid=(group_threads * groups_x, hkv, bsz),
@@ -276,7 +276,7 @@ def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
 def launch_plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
                 block_tables: mx.array, key_bits: int, value_bits: int, *,
                 num_splits: int | None = None, backend: str | None = None,
-                variant: dict | None = None) -> _Plan | None:
+                variant: dict | None = None) -> LaunchPlan | None:
     """The (cached) launch plan for these shapes, None without a GPU backend. `variant`:
     {"kernel": "mma" | "portable", **that kernel's knobs}; None = automatic."""
     backend = backend or gpu_backend()
@@ -286,7 +286,7 @@ def launch_plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
                  backend, variant)
 
 
-def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.array,
+def run_plan(p: LaunchPlan, queries: mx.array, key_codes: mx.array, key_scales: mx.array,
              value_codes: mx.array, value_scales: mx.array, block_tables: mx.array,
              seq_lens: mx.array, key_codebook: mx.array, value_codebook: mx.array,
              return_lse: bool = False, packed: bool = False
@@ -329,7 +329,7 @@ def run_plan(p: _Plan, queries: mx.array, key_codes: mx.array, key_scales: mx.ar
 STEP_VARIANT: dict = dict(kernel="mma", **DEFAULT_MMA_VARIANT, step=True)
 
 
-def run_step_plan(p: _Plan, queries: mx.array, rotation: mx.array, scale: mx.array,
+def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: mx.array,
                   key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
                   value_scales: mx.array, block_tables: mx.array, seq_lens: mx.array,
                   key_codebook: mx.array, value_codebook: mx.array, arrivals: mx.array
@@ -339,9 +339,15 @@ def run_step_plan(p: _Plan, queries: mx.array, rotation: mx.array, scale: mx.arr
     caller's arrival counters (B * Hkv int32, zero; zero again after). Returns (work buffer,
     None) for a split launch (out, then lse: run_plan's packed form; not zero-filled) or
     (out, lse) for a single pass."""
-    inputs = [queries, rotation, scale, key_codes, key_scales, value_codes, value_scales,
-              block_tables, seq_lens, key_codebook, value_codebook, p.params, arrivals]
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
+    if arrivals.size < bsz * (p.grid[1]) or arrivals.dtype != mx.int32:
+        # Out-of-bounds atomics otherwise: one int32 counter per (sequence, kv head).
+        raise ValueError(f"arrival counters {arrivals.shape} {arrivals.dtype}: need "
+                         f"{bsz * p.grid[1]} int32")
+    inputs = [queries, _as(rotation, mx.float32), _as(scale, mx.float32), key_codes,
+              _as(key_scales, mx.float16), value_codes, _as(value_scales, mx.float16),
+              _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
+              _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params, arrivals]
     if p.nsplit == 1:
         out, lse = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv), (bsz, hq)],
                             output_dtypes=[mx.float32] * 2, grid=p.grid, threadgroup=p.group)

@@ -37,6 +37,7 @@ against them at first use (tqstore.metal.dispatch).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import mlx.core as mx
 
@@ -163,8 +164,9 @@ class KernelLaunch:
 
     __slots__ = ("kernel", "output_shapes", "output_dtypes", "grid", "threadgroup")
 
-    def __init__(self, kernel, output_shapes: list, output_dtypes: list,
-                 grid: tuple[int, int, int], threadgroup: tuple[int, int, int]) -> None:
+    def __init__(self, kernel: Callable[..., list[mx.array]], output_shapes: list,
+                 output_dtypes: list, grid: tuple[int, int, int],
+                 threadgroup: tuple[int, int, int]) -> None:
         self.kernel, self.output_shapes, self.output_dtypes = kernel, output_shapes, output_dtypes
         self.grid, self.threadgroup = grid, threadgroup
 

@@ -20,13 +20,15 @@ kernel kind logs it once on the "tqstore.metal" logger (`cuda-kernel-mma`, `cuda
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import mlx.core as mx
 
 from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal import selfcheck
-from tqstore.metal.attention_kernel import gpu_backend, launch_plan, mma_capable, run_plan
-from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_queries
+from tqstore.metal.attention_kernel import (LaunchPlan, gpu_backend, launch_plan, mma_capable,
+                                            run_plan)
+from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_queries, rotate_launch
 from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
 from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
 from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
@@ -120,7 +122,7 @@ def _gpu_attention(gpu: str, queries, key_codes, key_scales, value_codes, value_
 
 
 def gpu_attention_plan(gpu: str, queries, key_codes, value_codes, block_tables, key_bits: int,
-                       value_bits: int):
+                       value_bits: int) -> LaunchPlan | None:
     """The launch plan of the first GPU attention kernel kind that passes its self-check for
     these shapes (tensor-core, then portable), or None (the reference serves)."""
     plan = launch_plan(queries, key_codes, value_codes, block_tables, key_bits, value_bits,
@@ -138,11 +140,8 @@ def gpu_attention_plan(gpu: str, queries, key_codes, value_codes, block_tables, 
             return run_plan(p, *(pages[k] for k in PAGE_KEYS), return_lse=True)
 
         def check(kind: str = kind, run=run) -> str | None:
-            for splits in (1, 2):  # the one-pass and the split launch are different kernels
-                problem = selfcheck.check_attention(shape, kind, lambda x: run(x, splits))
-                if problem:
-                    return f"{problem} ({splits} split{'s' if splits > 1 else ''})"
-            return None
+            return check_both_launches(
+                lambda splits: selfcheck.check_attention(shape, kind, lambda x: run(x, splits)))
 
         if selfcheck.usable(name, shape, check):
             if variant is not None:
@@ -150,6 +149,16 @@ def gpu_attention_plan(gpu: str, queries, key_codes, value_codes, block_tables, 
                                    value_bits, backend=gpu, variant=variant)
             announce(name)
             return plan
+    return None
+
+
+def check_both_launches(check: Callable[[int], str | None]) -> str | None:
+    """A split-K attention kernel's self-check: ``check(splits)`` for the one-pass and the
+    split launch, which are different kernels; the first problem, naming the launch."""
+    for splits in (1, 2):
+        problem = check(splits)
+        if problem:
+            return f"{problem} ({splits} split{'s' if splits > 1 else ''})"
     return None
 
 
@@ -381,6 +390,8 @@ def batched_decode_epilogue(pages_out: mx.array, pages_lse: mx.array | None, que
                                       tail_values, new_keys, new_values, tail_info,
                                       key_center, output_rotation, block_size)
         if out is not None:
+            announce(f"{gpu}-kernel-epilogue-rows",
+                     "the batched decode epilogue (one launch for a batch's tails)")
             return out
     return batched_epilogue_reference(pages_out, pages_lse, queries, scale, tail_keys,
                                       tail_values, new_keys, new_values, tail_info,
@@ -398,12 +409,9 @@ def batched_epilogue_usable(gpu: str, queries: mx.array, output_rotation: mx.arr
     def run(x: dict):
         return kernel_batched_epilogue(gpu, **x, block_size=block_size)
 
-    usable = (epilogue_fits(dk, dv, hq, hkv, block_size, queries.dtype)
-              and selfcheck.usable(name, shape,
-                                   lambda: selfcheck.check_batched_epilogue(shape, run)))
-    if usable:
-        announce(name, "the batched decode epilogue (one launch for a batch's tails)")
-    return usable
+    return (epilogue_fits(dk, dv, hq, hkv, block_size, queries.dtype)
+            and selfcheck.usable(name, shape,
+                                 lambda: selfcheck.check_batched_epilogue(shape, run)))
 
 
 def rotate_queries(queries: mx.array, rotation: mx.array, scale: float) -> mx.array:
@@ -414,19 +422,20 @@ def rotate_queries(queries: mx.array, rotation: mx.array, scale: float) -> mx.ar
     if gpu is not None and _forced != "reference" and rotate_usable(gpu, queries, rotation):
         out = kernel_rotate_queries(gpu, queries, rotation, scale)
         if out is not None:
+            announce(f"{gpu}-kernel-rotate-queries", "the queries' scale and rotation")
             return out
     return rotate_queries_reference(queries, rotation, scale)
 
 
 def rotate_usable(gpu: str, queries: mx.array, rotation: mx.array) -> bool:
-    """Whether the query-rotation kernel passed its self-check for this shape."""
-    name = f"{gpu}-kernel-rotate-queries"
+    """Whether the query-rotation kernel covers this shape and passed its self-check (a shape
+    it does not cover is never checked: a decline would disable it for every shape)."""
+    if rotate_launch(gpu, queries.shape, queries.dtype, rotation.shape) is None:
+        return False
     shape = (queries.shape[-1], queries.shape[1], rotation.shape[0], queries.dtype)
-    usable = selfcheck.usable(name, shape, lambda: selfcheck.check_rotate_queries(
-        shape, lambda q, r, s: kernel_rotate_queries(gpu, q, r, s)))
-    if usable:
-        announce(name, "the queries' scale and rotation")
-    return usable
+    return selfcheck.usable(f"{gpu}-kernel-rotate-queries", shape,
+                            lambda: selfcheck.check_rotate_queries(
+                                shape, lambda q, r, s: kernel_rotate_queries(gpu, q, r, s)))
 
 
 def forced_mode() -> str | None:

@@ -1,9 +1,11 @@
 """The MMA kernel's split-K merge inside the split launch ("last threadgroup merges").
 
-Every split's threadgroup writes its partial (o, m, l) into one zero-filled work buffer, fences,
-and counts itself in on an arrival counter of its (sequence, kv head); the threadgroup that
-arrives last merges all partials in fixed split order, so the bits do not depend on which one
-merges. attention_mma.py splices these pieces into its kernel body; attention_kernel.py sizes
+Every split's threadgroup writes its partial (o, m, l) into one work buffer, fences, and counts
+itself in on an arrival counter of its (sequence, kv head); the threadgroup that arrives last
+merges all partials in fixed split order, so the bits do not depend on which one merges. The
+counters are zero at the launch's start: in the work buffer, zero-filled by MLX, or in the step
+form (MmaGeometry.step) the caller's array, which the merging threadgroups zero again. Nothing
+else in the buffer is read before this launch writes it. attention_mma.py splices these pieces into its kernel body; attention_kernel.py sizes
 the work buffer with fused_layout.
 """
 
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
     from tqstore.metal.attention_mma import MmaGeometry
 
 # The fused split-K kernel's one output: a float32 work buffer that MLX zero-fills at every
-# launch (init_value=0, one fill for everything; shaped (rows, HQ, DV), rows rounded up),
+# launch (init_value=0, one fill for everything; shaped (rows, HQ, DV), rows rounded up; the
+# step form's is not filled: its counters are the caller's, the region below goes unused),
 # laid out as
 #   out (B, HQ, DV) | lse (B, HQ) | counts (B, HKV) int32 | partial_m (B, HQ, nsplit)
 #   | partial_l (B, HQ, nsplit) | partial_out (B, HQ, nsplit, DV)
@@ -55,7 +58,8 @@ def fused_merge(geo: MmaGeometry) -> str:
     every threadgroup publishes its partial (stores, device fence, barrier) and then counts
     itself in; the one that counts nsplit - 1 reads all partials in split order, with the
     arithmetic of attention_source.merge_body (same bits whichever threadgroup merges). The
-    counters live in the zero-filled work buffer: fresh at every launch.
+    counters live in the zero-filled work buffer, fresh at every launch, or (the step form)
+    in the caller's array, zeroed again here by the merging threadgroup.
 
     The merge is on the critical path of every split launch (the last threadgroup to finish
     does it), so its loads are batched: the splits' m and l in one round trip, then each

@@ -176,7 +176,8 @@ def check_step_attention(key: tuple, run: Callable[[dict], tuple[mx.array, mx.ar
     rng = _rng(("step",) + key)
     queries = mx.array((rng.standard_normal((2, hq, 1, dk)) * 2.0).astype(np.float32)).astype(dtype)
     rotation = mx.array(np.linalg.qr(rng.standard_normal((hkv, dk, dk)))[0].astype(np.float32))
-    arrivals = mx.zeros((2 * hkv,), mx.int32)
+    from tqstore.small_arrays import padded_array
+    arrivals = padded_array([0] * (2 * hkv))  # as shared_tail makes them
     x = dict(inputs, queries=queries, rotation=rotation, scale=dk ** -0.5, arrivals=arrivals)
     first = run(x)
     mx.eval(first)

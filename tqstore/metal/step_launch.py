@@ -30,8 +30,8 @@ from typing import Any
 import mlx.core as mx
 
 from tqstore.metal import dispatch, selfcheck
-from tqstore.metal.attention_kernel import (STEP_VARIANT, gpu_backend, kernel_kind, launch_plan,
-                                            run_plan, run_step_plan)
+from tqstore.metal.attention_kernel import (STEP_VARIANT, LaunchPlan, gpu_backend, kernel_kind,
+                                            launch_plan, run_plan, run_step_plan)
 from tqstore.metal.batch_step import (KernelLaunch, rotate_launch, row_epilogue_launch,
                                       scale_array)
 from tqstore.metal.reference import unpack_pages
@@ -49,7 +49,7 @@ class BatchStepLaunch:
 
     __slots__ = ("rotate", "plan", "epilogue", "packed")
 
-    def __init__(self, rotate: KernelLaunch | None, plan, epilogue: KernelLaunch,
+    def __init__(self, rotate: KernelLaunch | None, plan: LaunchPlan, epilogue: KernelLaunch,
                  packed: bool) -> None:
         self.rotate, self.plan, self.epilogue, self.packed = rotate, plan, epilogue, packed
 
@@ -58,8 +58,17 @@ class BatchStepLaunch:
                  tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
                  tail_info: mx.array, arrivals: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """shared_tail.shared_tail_attend's launches: (out (B, Hq, 1, Dv) in the queries'
-        dtype, the next tail keys, values). ``arrivals``: int32 (B * Hkv,) counters, zero, the
-        step form's own (zero again after it; one step at a time per array)."""
+        dtype, the next tail keys, values). The tails must be block-sized buffers
+        (shared_tail.old_tails makes them so; the epilogue's launch was resolved for that).
+
+        ``arrivals``: int32 (>= B * Hkv,) counters, all zero; the step form counts on them and
+        leaves them zero. Precondition: no two launches on one array run at once. MLX orders
+        GPU work only by the arrays a kernel writes, and these are only read, so the order
+        comes from elsewhere: a layer's next step is built after this step is evaluated
+        (sampling needs its token), or at least a whole forward pass of ops later, which is
+        past MLX's CUDA graph size (100 ops on an H100: graphs run in stream order). Two
+        decode steps of one sequence built into one graph of MLX_MAX_OPS_PER_BUFFER > a step's
+        ops would break it (issue note: a data edge from the previous step is the fix)."""
         s = scale_array(scale)
         kc, vc = arena.key_codec, arena.value_codec
         if self.rotate is None:
@@ -110,7 +119,7 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     gpu = gpu_backend()
     if gpu is None or dispatch.forced_mode() == "reference":
         return None
-    bsz, hq, _, dk = queries.shape
+    bsz, _, _, dk = queries.shape
     kc, vc, rows = arena.key_codec, arena.value_codec, arena.output_rotation
     rotate = None
     plan = step_attention_plan(gpu, queries, arena.key_codes, arena.value_codes, block_tables,
@@ -120,9 +129,8 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
         if not dispatch.rotate_usable(gpu, queries, rotation):
             return None
         rotate = rotate_launch(gpu, queries.shape, queries.dtype, rotation.shape)
-        rotated = mx.zeros((bsz, hq, dk), mx.float32)  # the shape a plan reads; never run
-        plan = dispatch.gpu_attention_plan(gpu, rotated, arena.key_codes, arena.value_codes,
-                                           block_tables, kc.bits, vc.bits)
+        plan = dispatch.gpu_attention_plan(gpu, _rotated_shape(queries), arena.key_codes,
+                                           arena.value_codes, block_tables, kc.bits, vc.bits)
         if rotate is None or plan is None:
             return None
     packed = plan.fused_rows > 0  # the split launch answers (work buffer, None) then
@@ -131,18 +139,29 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     tail_shape = (bsz, rows.shape[0], block_size, dk)
     epilogue = row_epilogue_launch(gpu, queries.shape, queries.dtype, tail_shape, rows.shape,
                                    block_size, packed)
-    return None if epilogue is None else BatchStepLaunch(rotate, plan, epilogue, packed)
+    if epilogue is None:
+        return None
+    names = ([f"{gpu}-kernel-mma-step"] if rotate is None
+             else [f"{gpu}-kernel-rotate-queries", plan.kind]) + [f"{gpu}-kernel-epilogue-rows"]
+    dispatch.announce(" + ".join(names), "a batched decode step's launches (resolved once)")
+    return BatchStepLaunch(rotate, plan, epilogue, packed)
+
+
+def _rotated_shape(queries: mx.array) -> mx.array:
+    """An array of the rotated queries' shape (B, Hq, Dk): all a launch plan reads of them.
+    Lazy and never evaluated."""
+    bsz, hq, _, dk = queries.shape
+    return mx.zeros((bsz, hq, dk), mx.float32)
 
 
 def step_attention_plan(gpu: str, queries: mx.array, key_codes: mx.array,
-                            value_codes: mx.array, block_tables: mx.array, key_bits: int,
-                            value_bits: int):
+                        value_codes: mx.array, block_tables: mx.array, key_bits: int,
+                        value_bits: int) -> LaunchPlan | None:
     """The launch plan of the MMA kernel's step form (attention_kernel.STEP_VARIANT: the
     queries' scale and rotation folded in, the caller's arrival counters) for the model's
     queries (B, Hq, 1, Dk), or None where it does not fit or failed its self-check (the
     separate rotation and attention launches serve then)."""
-    bsz, hq, _, dk = queries.shape
-    rotated = mx.zeros((bsz, hq, dk), mx.float32)  # the shape a plan reads; never evaluated
+    rotated = _rotated_shape(queries)
     if gpu != "cuda" or kernel_kind(rotated, key_codes, value_codes, key_bits, value_bits,
                                     gpu) != "mma":
         return None
@@ -161,14 +180,10 @@ def step_attention_plan(gpu: str, queries: mx.array, key_codes: mx.array,
         return unpack_pages(*got, b, h)
 
     def check() -> str | None:
-        for splits in (1, 2):  # the one-pass and the split launch are different kernels
-            problem = selfcheck.check_step_attention(shape, lambda x: run(x, splits))
-            if problem:
-                return f"{problem} ({splits} split{'s' if splits > 1 else ''})"
-        return None
+        return dispatch.check_both_launches(
+            lambda splits: selfcheck.check_step_attention(shape, lambda x: run(x, splits)))
 
     if not selfcheck.usable(name, shape, check):
         return None
-    dispatch.announce(name, "a decode step's query rotation and attention (one launch)")
     return launch_plan(rotated, key_codes, value_codes, block_tables, key_bits, value_bits,
                        backend=gpu, variant=STEP_VARIANT)

@@ -53,11 +53,12 @@ from tqstore.paged.tail_storage import TailStorage
 
 
 # A decode step of one sequence off the C path (GPUs, the reference) as a batch of one
-# (tqstore.paged.shared_tail) instead of its own composition. On: with the step form of
-# tqstore.metal.step_launch (two launches per layer) it beat the composed step in every H100
-# run of tools/attention_e2e.py --ab-alone (32k: 0.75-0.85x fp16 against 0.62-0.69x; 128k:
-# 1.19x against 0.91x; docs/BENCHMARKS.md). Off is kept for the A/B and for tests that compare
-# the two paths.
+# (tqstore.paged.shared_tail) instead of its own composition. On: with its launches resolved
+# once (tqstore.metal.step_launch) it beat the composed step in every H100 run of
+# tools/attention_e2e.py --ab-alone, in the step form (32k: 0.75-0.85x fp16 against
+# 0.62-0.69x; 128k: 1.19x against 0.91x) and in three launches (0.76x, 1.18x; the form other
+# shapes and Metal take; docs/BENCHMARKS.md). Off is kept for the A/B and for tests that
+# compare the two paths.
 SHARED_STEP_ALONE = True
 
 

@@ -97,7 +97,9 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
         common = ref[0]
     if common is not None and common.keys.shape[0] == len(caches):
         return common.keys, common.values, common.arrivals
-    arrivals = mx.zeros((len(caches) * caches[0].sequence.pool.num_kv_heads,), mx.int32)
+    # Host zeros of at least 16 bytes: never MLX's small managed pool, where the kernel's
+    # atomics would fault pages in at every step (tqstore.small_arrays).
+    arrivals = padded_array([0] * (len(caches) * caches[0].arena.key_codes.shape[1]))
     if not any(lengths):  # every token opens its tail (rows in step): one empty buffer
         return (*caches[0].empty_tails(len(caches)), arrivals)
     rows = [cache.tail_buffer(n_old) for cache, n_old in zip(caches, lengths)]
