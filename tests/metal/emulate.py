@@ -20,6 +20,7 @@ from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention
                                             merge_body)
 
 ATTN_TYPES = dict(queries="float32", rotation="float32", scale="float32", arrivals="int32",
+                  after="float16",
                   key_codes="uint8", key_scales="float16",
                   value_codes="uint8", value_scales="float16", block_tables="int32",
                   seq_lens="int32", key_codebook="float32", value_codebook="float32",
@@ -80,7 +81,7 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     if step is not None:
         arrays.update(queries=step["queries"], rotation=step["rotation"],
                       scale=np.array([step["scale"]], np.float32),
-                      arrivals=np.zeros(bsz * hkv, np.int32))
+                      arrivals=np.zeros(bsz * hkv, np.int32), after=np.zeros(8, np.float16))
     for name in inputs:
         np.ascontiguousarray(np.array(arrays[name]).astype(_NP[ATTN_TYPES[name]])).tofile(
             tmp / f"{name}.bin")

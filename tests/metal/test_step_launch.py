@@ -22,7 +22,8 @@ INPUTS = dict(
     key_codes=(mx.uint8, 4), key_scales=(mx.float16, 3), value_codes=(mx.uint8, 4),
     value_scales=(mx.float16, 3), block_tables=(mx.int32, 2), seq_lens=(mx.int32, 1),
     key_codebook=(mx.float32, 1), value_codebook=(mx.float32, 1), params=(mx.int32, 1),
-    arrivals=(mx.int32, 1), pages_out=(mx.float32, 3), tail_keys=(mx.float16, 4),
+    arrivals=(mx.int32, 1), after=(mx.float16, 4), pages_out=(mx.float32, 3),
+    tail_keys=(mx.float16, 4),
     tail_values=(mx.float16, 4), new_keys=(mx.bfloat16, 4), new_values=(mx.bfloat16, 4),
     tail_info=(mx.int32, 2), key_center=(mx.float32, 2), output_rotation=(mx.float32, 3))
 

@@ -332,11 +332,13 @@ STEP_VARIANT: dict = dict(kernel="mma", **DEFAULT_MMA_VARIANT, step=True)
 def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: mx.array,
                   key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
                   value_scales: mx.array, block_tables: mx.array, seq_lens: mx.array,
-                  key_codebook: mx.array, value_codebook: mx.array, arrivals: mx.array
-                  ) -> tuple[mx.array, mx.array | None]:
+                  key_codebook: mx.array, value_codebook: mx.array, arrivals: mx.array,
+                  after: mx.array) -> tuple[mx.array, mx.array | None]:
     """A plan of the step form (STEP_VARIANT; inputs at attention_mma.STEP_ATTN_INPUTS): the
     model's queries (B, Hq, 1, Dk), the rotation, scale (1,) float32, the pages, and the
-    caller's arrival counters (B * Hkv int32, zero; zero again after). Returns (work buffer,
+    caller's arrival counters (B * Hkv int32, zero; zero again after) and ``after`` (never
+    read: an array made after the previous launch on these counters, its data edge; see
+    attention_mma.STEP_ATTN_INPUTS). Returns (work buffer,
     None) for a split launch (out, then lse: run_plan's packed form; not zero-filled) or
     (out, lse) for a single pass."""
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
@@ -347,7 +349,8 @@ def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: m
     inputs = [queries, _as(rotation, mx.float32), _as(scale, mx.float32), key_codes,
               _as(key_scales, mx.float16), value_codes, _as(value_scales, mx.float16),
               _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
-              _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params, arrivals]
+              _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params, arrivals,
+              after]
     if p.nsplit == 1:
         out, lse = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv), (bsz, hq)],
                             output_dtypes=[mx.float32] * 2, grid=p.grid, threadgroup=p.group)

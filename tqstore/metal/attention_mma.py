@@ -51,10 +51,13 @@ from tqstore.metal.mma_merge import fused_merge, fused_pointers
 LUT_BYTES = 256 * 2 * 32 * 4  # 256 entries x (K, V) x 32 lane copies x half2
 # The step form's inputs (MmaGeometry.step): the model's queries (B, HQ, 1, DK) in its dtype,
 # each kv head's key rotation (HKV, DK, DK) float32 and the attention scale (1,) float32, then
-# attention_source.ATTN_INPUTS' pages, and the arrival counters (B * HKV int32, all zero).
+# attention_source.ATTN_INPUTS' pages, the arrival counters (B * HKV int32, all zero) and
+# `after`: never read, an array the previous launch on these counters led to (its step's
+# tails). MLX orders GPU work only through the arrays a kernel writes, and the counters are
+# only read: `after` is the data edge that keeps two launches on them from overlapping.
 STEP_ATTN_INPUTS = ("queries", "rotation", "scale", "key_codes", "key_scales", "value_codes",
                     "value_scales", "block_tables", "seq_lens", "key_codebook",
-                    "value_codebook", "params", "arrivals")
+                    "value_codebook", "params", "arrivals", "after")
 TILE = 16
 
 

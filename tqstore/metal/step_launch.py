@@ -62,20 +62,19 @@ class BatchStepLaunch:
         (shared_tail.old_tails makes them so; the epilogue's launch was resolved for that).
 
         ``arrivals``: int32 (>= B * Hkv,) counters, all zero; the step form counts on them and
-        leaves them zero. Precondition: no two launches on one array run at once. MLX orders
-        GPU work only by the arrays a kernel writes, and these are only read, so the order
-        comes from elsewhere: a layer's next step is built after this step is evaluated
-        (sampling needs its token), or at least a whole forward pass of ops later, which is
-        past MLX's CUDA graph size (100 ops on an H100: graphs run in stream order). Two
-        decode steps of one sequence built into one graph of MLX_MAX_OPS_PER_BUFFER > a step's
-        ops would break it (issue note: a data edge from the previous step is the fix)."""
+        leaves them zero. No two launches on one array may run at once, and MLX orders GPU
+        work only through the arrays a kernel writes, which these are not. The old tails are
+        passed as the step kernel's unread input ``after``: when the counters come from the
+        previous step (shared_tail.old_tails), so do the tails, the output of that step's
+        epilogue, which ran after its step kernel. That data edge orders the two launches
+        even within one CUDA graph."""
         s = scale_array(scale)
         kc, vc = arena.key_codec, arena.value_codec
         if self.rotate is None:
             pages_out, lse = run_step_plan(
                 self.plan, queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
                 arena.value_codes, arena.value_scales, block_tables, seq_lens, kc.codebook,
-                vc.codebook, arrivals)
+                vc.codebook, arrivals, tail_keys)
         else:
             (q_rot,) = self.rotate([queries, arena.query_rotation, s])
             pages_out, lse = run_plan(self.plan, q_rot, arena.key_codes, arena.key_scales,
@@ -176,7 +175,8 @@ def step_attention_plan(gpu: str, queries: mx.array, key_codes: mx.array,
                         backend=gpu, variant=STEP_VARIANT)
         got = run_step_plan(p, x["queries"], x["rotation"], padded_array([x["scale"]],
                                                                           mx.float32),
-                            *(x[k] for k in dispatch.PAGE_KEYS[1:]), x["arrivals"])
+                            *(x[k] for k in dispatch.PAGE_KEYS[1:]), x["arrivals"],
+                            x["arrivals"])  # `after`: any array
         return unpack_pages(*got, b, h)
 
     def check() -> str | None:

@@ -53,8 +53,9 @@ class SharedTail:
         self.keys, self.values = keys, values
         # The step kernel's split-K arrival counters (B * Hkv int32), zero between steps: each
         # launch counts on them and its merging threadgroups zero them again
-        # (tqstore.metal.step_launch). Used by this layer's next step of the same rows only, so
-        # two launches never share them (steps of a layer are ordered by their data).
+        # (tqstore.metal.step_launch). Used by this layer's next step of the same rows only,
+        # whose step kernel also reads these keys (an unread input): MLX then orders it after
+        # the epilogue that wrote them, so two launches never overlap on the counters.
         self.arrivals = arrivals
 
 
