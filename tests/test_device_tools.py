@@ -1,5 +1,6 @@
 """The device benchmark tools run wherever the suite runs: tools/attention_e2e.py end to end on a
-tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch;
+tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch,
+tools/step_host_cost.py (kernels stubbed: any machine);
 tools/launch_overhead.py and tools/mma_phases.py measure on a GPU (CUDA for mma_phases) and
 refuse clearly without one. Their numbers come from the GPU machine (docs/BENCHMARKS.md)."""
 
@@ -148,3 +149,11 @@ def test_cpu_hit_phases_times_every_mode_and_checks_the_hits_tokens(tmp_path):
     assert [h[0]["in_place"] for h in result["rounds"].values()] == in_place
     for hits in result["rounds"].values():
         assert len(hits) == 1 and hits[0]["ttft_s"] > 0 and hits[0]["c_s"] <= hits[0]["quantize_s"]
+
+
+def test_step_host_cost_times_graph_building_with_the_kernels_stubbed(tmp_path):
+    report = tool_json(tmp_path, "step_host_cost.py", "--batches", "1", "2", "--layers", "2",
+                       "--steps", "2", "--context", "40")
+    assert [r["batch"] for r in report["rows"]] == [1, 2] and report["layers"] == 2
+    assert all(r["build_ms"] > 0 and r["fp16_build_ms"] > 0 for r in report["rows"])
+

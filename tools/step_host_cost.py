@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import sys
 import time
@@ -132,16 +133,22 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile ours")
     ap.add_argument("--sort", default="tottime", help="the profile's order (cumulative, ...)")
     ap.add_argument("--limit", default=18, help="rows of the profile, or a name's regex")
+    ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
     model = small_llama(args.layers)
     fp16 = {b: build_ms(fp16_step(model, b, args.context), b, args.steps, False)
             for b in args.batches}
     stub_gpu_kernels()
     print(f"{'B':>3} {'fp16 ms':>8} {'ours ms':>8} {'ours/fp16':>9}  (graph building per step)")
+    rows = []
     for b in args.batches:
         ours = build_ms(tq_step(model, b, args.context, alone=b == 1), b, args.steps,
                         args.profile, args.sort, args.limit)
         print(f"{b:>3} {fp16[b]:>8.2f} {ours:>8.2f} {ours / fp16[b]:>9.2f}")
+        rows.append(dict(batch=b, fp16_build_ms=fp16[b], build_ms=ours))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(layers=args.layers, context=args.context,
+                                                   steps=args.steps, rows=rows), indent=1))
     return 0
 
 
