@@ -200,10 +200,11 @@ def main() -> int:
                    if args.ab_alone else []))
     default_alone = cache_module.SHARED_STEP_ALONE
     from tqstore.metal import step_launch
+    default_form = step_launch.STEP_FORM
     for name in variants:
         policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-of-one", "-3launch")))
         cache_module.SHARED_STEP_ALONE = "batch-of-one" in name or default_alone
-        step_launch.STEP_FORM = not name.endswith("-3launch")
+        step_launch.STEP_FORM = default_form and not name.endswith("-3launch")
         pool = pool_for_model(model, budget_bytes=budget, policy=policy)
         caches = make_prompt_cache(pool)
         # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
@@ -219,7 +220,7 @@ def main() -> int:
             uninstall(model)
             dispatch.force_backend(None)
             cache_module.SHARED_STEP_ALONE = default_alone
-            step_launch.STEP_FORM = True
+            step_launch.STEP_FORM = default_form
         print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
         del caches, pool
 

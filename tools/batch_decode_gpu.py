@@ -172,14 +172,14 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
         return mx.argmax(model(tokens[:, None], cache=joined)[:, -1, :], axis=-1)
 
     default, batch_module.BATCH_MODE = batch_module.BATCH_MODE, mode
-    step_launch.STEP_FORM = step_form
+    default_form, step_launch.STEP_FORM = step_launch.STEP_FORM, step_form
     try:
         row = timed(step, batch, args.steps, args.warmup)
         if args.diagnose:
             diagnose(step, batch, f"{mode} B={batch} {context}")
     finally:
         batch_module.BATCH_MODE = default
-        step_launch.STEP_FORM = True
+        step_launch.STEP_FORM = default_form
         uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
     row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
     for caches in sequences:

@@ -53,14 +53,29 @@ def shared_path(monkeypatch):
     return launches, passed_on
 
 
-def decode_alone(model, prompt, tokens, row):
-    (caches,) = prefilled(model, TAIL, [prompt])
+def decode_alone(model, caches, tokens, row):
+    """Row ``row`` of the teacher-forced ``tokens`` decoded by one sequence alone: its logits."""
     logits = []
     for step in tokens:
         caches[0].sequence.append_token_ids([step[row]])
         logits.append(np.array(model(mx.array([[step[row]]]), cache=caches)[0, -1],
                                dtype=np.float64))
-    return caches, logits
+    return logits
+
+
+def decode_batched_against(model, sequences, tokens, alone) -> None:
+    """Every step of ``tokens`` with the sequences as one batch, each row's logits against its
+    twin's decoding alone (``alone[row][step]``). Same bound and reason as test_batch's
+    one-launch test: K/V from matmuls of 3 rows stored in fp16. A wrong tail length, a token
+    appended to the wrong row or a block committed late moves logits by 1e-1 and more."""
+    for i, step in enumerate(tokens):
+        for caches, token in zip(sequences, step):
+            caches[0].sequence.append_token_ids([token])
+        out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
+        mx.eval(out, [c.state for caches in sequences for c in caches])
+        for row in range(len(sequences)):
+            assert rel(np.array(out[row, -1], dtype=np.float64), alone[row][i]) < rtol(
+                2e-3, MODEL_TF32), (row, i)
 
 
 def test_each_row_gets_its_own_step_from_one_epilogue_launch_per_layer(rng, shared_path):
@@ -69,21 +84,12 @@ def test_each_row_gets_its_own_step_from_one_epilogue_launch_per_layer(rng, shar
     install(model)
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
     tokens = forced(rng.integers(3, 97, (STEPS, len(PROMPTS))))
-    alone = [decode_alone(model, p, tokens, row) for row, p in enumerate(prompts)]
+    twins = [prefilled(model, TAIL, [p])[0] for p in prompts]
+    alone = [decode_alone(model, caches, tokens, row) for row, caches in enumerate(twins)]
     assert not launches  # the twins composed their own steps (SHARED_STEP_ALONE off here)
 
     sequences = prefilled(model, TAIL, prompts)
-    for i, step in enumerate(tokens):
-        for caches, token in zip(sequences, step):
-            caches[0].sequence.append_token_ids([token])
-        out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
-        mx.eval(out, [c.state for caches in sequences for c in caches])
-        for row in range(len(prompts)):
-            # Same bound and reason as test_batch's one-launch test: K/V from matmuls of 3 rows
-            # stored in fp16. A wrong tail length, a token appended to the wrong row or a block
-            # committed late moves logits by 1e-1 and more.
-            assert rel(np.array(out[row, -1], dtype=np.float64), alone[row][1][i]) < rtol(
-                2e-3, MODEL_TF32), (row, i)
+    decode_batched_against(model, sequences, tokens, alone)
     layers = len(model.layers)
     # The first step finishes each row's prefill (the general path); every later step and
     # layer: one epilogue launch for all three rows.
@@ -91,7 +97,7 @@ def test_each_row_gets_its_own_step_from_one_epilogue_launch_per_layer(rng, shar
     # The first shared step gathers the rows' own tails; every later one passes the previous
     # step's buffer on (the same rows in the same order; they open blocks at different steps).
     assert passed_on[:layers] == [False] * layers and all(passed_on[layers:])
-    for caches, (solo, _), n in zip(sequences, alone, PROMPTS):
+    for caches, solo, n in zip(sequences, twins, PROMPTS):
         assert caches[0].offset == solo[0].offset == n + STEPS
         for mine, theirs in zip(caches, solo):
             assert (mine.committed, mine.nbytes) == (theirs.committed, theirs.nbytes)
@@ -273,24 +279,9 @@ def test_rows_of_full_size_heads_each_get_their_own_step(rng, shared_path, monke
 
     pools = [pool_for_model(model, policy=policy, budget_bytes=8 << 20, block_size=block_size)
              for _ in range(2)]  # the twins', and the batch's (a batch shares one pool)
-    alone = []
-    for row, prompt in enumerate(prompts):
-        caches, logits = prefill(prompt, pools[0]), []
-        for step in tokens:
-            caches[0].sequence.append_token_ids([step[row]])
-            logits.append(np.array(model(mx.array([[step[row]]]), cache=caches)[0, -1],
-                                   dtype=np.float64))
-        alone.append(logits)
-    sequences = [prefill(p, pools[1]) for p in prompts]
-    for i, step in enumerate(tokens):
-        for caches, token in zip(sequences, step):
-            caches[0].sequence.append_token_ids([token])
-        out = model(mx.array([[t] for t in step]), cache=batch_caches(sequences))
-        mx.eval(out, [c.state for caches in sequences for c in caches])
-        for row in range(len(prompts)):
-            # The bound of the first test (a wrong row, token or tail moves logits by 1e-1).
-            assert rel(np.array(out[row, -1], dtype=np.float64), alone[row][i]) < rtol(
-                2e-3, MODEL_TF32), (row, i)
+    alone = [decode_alone(model, prefill(p, pools[0]), tokens, row)
+             for row, p in enumerate(prompts)]
+    decode_batched_against(model, [prefill(p, pools[1]) for p in prompts], tokens, alone)
     layers = len(model.layers)
     assert launches == [len(prompts)] * ((steps - 1) * layers)
     # A GPU takes every layer step through a resolved launch: in the step form on CUDA (the

@@ -256,13 +256,13 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
         fused = False
     params = padded_array([max_blocks, nsplit])  # 8 bytes would land in MLX's small pool
     plan = LaunchPlan(single=build(False) if nsplit == 1 else None,
-                 split=build(True) if nsplit > 1 else None,
-                 merge=merge_kernel(dv, hq, backend) if nsplit > 1 and not fused else None,
-                 params=params, grid=(group_threads * groups_x, hkv, bsz),
-                 group=(group_threads, 1, 1),
-                 nsplit=nsplit, batch=bsz, num_q_heads=hq, value_dim=dv, kind=kind,
-                 fused_rows=-(-fused_layout(bsz, hq, hkv, dv, nsplit)[2] // (hq * dv))
-                 if fused else 0)
+                      split=build(True) if nsplit > 1 else None,
+                      merge=merge_kernel(dv, hq, backend) if nsplit > 1 and not fused else None,
+                      params=params, grid=(group_threads * groups_x, hkv, bsz),
+                      group=(group_threads, 1, 1),
+                      nsplit=nsplit, batch=bsz, num_q_heads=hq, value_dim=dv, kind=kind,
+                      fused_rows=-(-fused_layout(bsz, hq, hkv, dv, nsplit)[2] // (hq * dv))
+                      if fused else 0)
     if len(_PLANS) > 4096:  # a long-running server sees many block-table widths
         _PLANS.clear()
     _PLANS[key] = plan
@@ -338,11 +338,10 @@ def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: m
     model's queries (B, Hq, 1, Dk), the rotation, scale (1,) float32, the pages, and the
     caller's arrival counters (B * Hkv int32, zero; zero again after) and ``after`` (never
     read: an array made after the previous launch on these counters, its data edge; see
-    attention_mma.STEP_ATTN_INPUTS). Returns (work buffer,
-    None) for a split launch (out, then lse: run_plan's packed form; not zero-filled) or
-    (out, lse) for a single pass."""
+    attention_mma.STEP_ATTN_INPUTS). Returns (work buffer, None) for a split launch (out,
+    then lse: run_plan's packed form; not zero-filled) or (out, lse) for a single pass."""
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
-    if arrivals.size < bsz * (p.grid[1]) or arrivals.dtype != mx.int32:
+    if arrivals.size < bsz * p.grid[1] or arrivals.dtype != mx.int32:
         # Out-of-bounds atomics otherwise: one int32 counter per (sequence, kv head).
         raise ValueError(f"arrival counters {arrivals.shape} {arrivals.dtype}: need "
                          f"{bsz * p.grid[1]} int32")

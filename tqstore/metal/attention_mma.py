@@ -287,8 +287,8 @@ def _query_fragments(step: bool) -> str:
 
 
 def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
-    """The kernel body (MLX generates the signature from ATTN_INPUTS and the outputs); the
-    launch passes LUT_BYTES of dynamic shared memory."""
+    """The kernel body (MLX generates the signature from ATTN_INPUTS, or STEP_ATTN_INPUTS for
+    the step form, and the outputs); the launch passes LUT_BYTES of dynamic shared memory."""
     dk, dv = geo.key_dim, geo.value_dim
     kbpl, vbpl = dk // 8, dv // 16        # code bytes per lane per token: K, V
     kw, vw = kbpl // 4, vbpl // 4          # ... as words

@@ -136,15 +136,21 @@ def rotate_kernel(backend: str, key_dim: int, num_q_heads: int, num_kv_heads: in
         header=activations_header(backend), ensure_row_contiguous=True)
 
 
+def rotate_fits(queries_shape: tuple, dtype: mx.Dtype, rotation_shape: tuple) -> bool:
+    """Whether launch 1 of the module doc covers (B, Hq, 1, Dk) queries of this dtype."""
+    _, hq, length, dk = queries_shape
+    return (length == 1 and dk <= MAX_ROTATE_DIM and hq % rotation_shape[0] == 0
+            and out_dtype_name(dtype) is not None and tuple(rotation_shape[1:]) == (dk, dk))
+
+
 def rotate_launch(backend: str, queries_shape: tuple, dtype: mx.Dtype,
                   rotation_shape: tuple) -> "KernelLaunch | None":
     """Launch 1 of the module doc resolved for these shapes: (B, Hq, 1, Dk) queries ->
     (B, Hq, Dk) float32; None where the kernel does not cover them."""
-    bsz, hq, length, dk = queries_shape
-    hkv = rotation_shape[0]
-    if (length != 1 or dk > MAX_ROTATE_DIM or hq % hkv or out_dtype_name(dtype) is None
-            or tuple(rotation_shape[1:]) != (dk, dk)):
+    if not rotate_fits(queries_shape, dtype, rotation_shape):
         return None
+    bsz, hq, _, dk = queries_shape
+    hkv = rotation_shape[0]
     return KernelLaunch(rotate_kernel(backend, dk, hq, hkv), [(bsz, hq, dk)], [mx.float32],
                         (dk * hq, bsz, 1), (dk, 1, 1))
 

@@ -28,7 +28,7 @@ from tqstore.codec.turboquant import QuantizedVectors, TurboQuantCodec
 from tqstore.metal import selfcheck
 from tqstore.metal.attention_kernel import (LaunchPlan, gpu_backend, launch_plan, mma_capable,
                                             run_plan)
-from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_queries, rotate_launch
+from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_queries, rotate_fits
 from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
 from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
 from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
@@ -103,7 +103,7 @@ def announce(name: str, what: str = "decode attention over TurboQuant pages") ->
 
 
 def attention_shape(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
-                     key_bits: int, value_bits: int) -> tuple:
+                    key_bits: int, value_bits: int) -> tuple:
     """What a self-check's verdict is per: (Hq, Hkv, Dk, Dv, key_bits, value_bits, block_size)."""
     return (queries.shape[1], key_codes.shape[1], queries.shape[2],
             value_codes.shape[-1] * 8 // value_bits, key_bits, value_bits, key_codes.shape[2])
@@ -430,7 +430,7 @@ def rotate_queries(queries: mx.array, rotation: mx.array, scale: float) -> mx.ar
 def rotate_usable(gpu: str, queries: mx.array, rotation: mx.array) -> bool:
     """Whether the query-rotation kernel covers this shape and passed its self-check (a shape
     it does not cover is never checked: a decline would disable it for every shape)."""
-    if rotate_launch(gpu, queries.shape, queries.dtype, rotation.shape) is None:
+    if not rotate_fits(queries.shape, queries.dtype, rotation.shape):
         return False
     shape = (queries.shape[-1], queries.shape[1], rotation.shape[0], queries.dtype)
     return selfcheck.usable(f"{gpu}-kernel-rotate-queries", shape,

@@ -6,8 +6,8 @@ Why: on an H100 a decode step of Llama-3-8B shape is bound by the host (docs/BEN
 launch, whatever its size. Two things are cut here.
 - Decisions made again at every layer and step: which GPU backend, the self-check verdicts of
   each kernel, the attention's launch plan, whether each kernel's shape fits, its grid. With
-  the kernels stubbed (tools/step_host_cost.py, CPU VM) that was about 15 us of the attention's
-  graph building per layer and step. Here they are made once per shape and kept.
+  the kernels stubbed (tools/step_host_cost.py --profile, CPU VM) they were the largest part
+  of the attention's graph building. Here they are made once per shape and kept.
 - Launches: the MMA kernel's step form (attention_mma.MmaGeometry.step) reads the model's
   queries and folds in their scale and rotation (no rotation launch), and takes its split-K
   arrival counters from the caller, who keeps them per layer with the batch's tails
