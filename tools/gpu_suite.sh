@@ -11,6 +11,8 @@
 #   device, last:     carry [".carry/gpu-N"]:  bash tools/gpu_suite.sh test [pytest args]
 #   device, if `test` says the suite is still running:  bash tools/gpu_suite.sh wait
 #   device, last, instead of `test`:  bash tools/gpu_suite.sh run CMD ARGS  (e.g. a benchmark)
+#   optional: wheels in .carry/gpu-extra (carried with the last part) are installed too, e.g.
+#   pytest-xdist and execnet for `test -n 16`
 # The calls must follow each other while the machine is warm (it keeps $HOME between calls);
 # `test` says which parts are missing if it went back in between. The log lands in $OUT.
 set -euo pipefail
@@ -112,6 +114,12 @@ install() {
     python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
       --no-cache-dir --upgrade --target "$STAGE/site" "$STAGE"/wheels/*.whl
     touch "$STAGE/site/.installed"
+  fi
+  # Optional extras carried in .carry/gpu-extra (e.g. pytest-xdist, so the whole suite fits a
+  # session's device time as `test -n 16`): installed over the bundle when present.
+  if compgen -G "$CARRY/gpu-extra/*.whl" > /dev/null; then
+    python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$STAGE/site" "$CARRY"/gpu-extra/*.whl
   fi
   install_redis
   export PYTHONPATH="$STAGE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

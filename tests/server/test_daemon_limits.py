@@ -212,7 +212,10 @@ def test_heavy_by_bytes_and_by_turboquant_layout(make_daemon, rng):
     try:
         small = pb.FetchRequest(namespace=namespace_to_proto(NS), token_ids=tokens, num_blocks=2)
         big = pb.FetchRequest(namespace=namespace_to_proto(NS), token_ids=tokens)
-        _until(lambda: _code(stub.Fetch, big) == EXHAUSTED, "the heavy slot held")
+        # Wait on the slot itself: probing with `big` could take the slot first and refuse
+        # the holder (a race a loaded machine lost; then no probe is ever refused).
+        _until(lambda: daemon.service._heavy.in_use == 1, "the heavy slot held")
+        assert _code(stub.Fetch, big) == EXHAUSTED
         assert _code(stub.Fetch, small) == OK
         wide = Namespace("limits-wide", num_layers=32, num_kv_heads=4, head_dim=64, block_size=16)
         tq = pb.FetchRequest(namespace=namespace_to_proto(wide), token_ids=tokens[:16],
