@@ -19,7 +19,9 @@ the keys; tools/attention_e2e.py does the same for B=1), all B of the same lengt
               step form folds the rotation in and needs no zero-fill: two launches per layer
 Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
-is built while step t runs); the host's graph-building ms per sync step; KV bytes per sequence
+is built while step t runs); the host's graph-building ms per sync step; per pipelined step the
+host's ms building and encoding (mx.async_eval) the next step and its ms waiting for the GPU
+(a wait near zero: the host sets the pace); KV bytes per sequence
 (fp16: the KVCache's bytes / B, in the model's dtype (bf16), as allocated: mlx-lm grows it
 in 256-token steps; ours: the pool's bytes held by the B sequences / B) and the
 sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
@@ -72,16 +74,23 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
         build += time.perf_counter() - tb
         mx.eval(y)
     sync_s = time.perf_counter() - t0
+    host = wait = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
+        th = time.perf_counter()
         nxt = step(y)
         mx.async_eval(nxt)
+        tw = time.perf_counter()
         mx.eval(y)
+        host, wait = host + tw - th, wait + time.perf_counter() - tw
         y = nxt
     mx.eval(y)
     pipe_s = time.perf_counter() - t0
+    # Pipelined, per step: the host's building and encoding of step t+1 (host_ms), then its
+    # wait for step t (wait_ms). A wait near zero: the host sets the pace, not the GPU.
     return {"sync_tok_s": batch * steps / sync_s, "pipelined_tok_s": batch * steps / pipe_s,
-            "build_ms": 1e3 * build / steps}
+            "build_ms": 1e3 * build / steps, "host_ms": 1e3 * host / steps,
+            "wait_ms": 1e3 * wait / steps}
 
 
 def diagnose(step, batch: int, label: str, steps: int = 16) -> None:
@@ -215,7 +224,8 @@ def main() -> int:
     fp16_per_token = 2 * 2 * attn.n_kv_heads * head_dim * len(model.layers)
     report = {"device": str(mx.default_device()), "shape": args.shape, "rows": []}
     log(f"{'B':>3} {'ctx':>6} {'row':>10} {'sync tok/s':>10} {'vs fp16':>7} {'pipe tok/s':>10} "
-        f"{'vs fp16':>7} {'build ms':>8} {'KV MiB/seq':>10} {'fit x':>6}")
+        f"{'vs fp16':>7} {'build ms':>8} {'host ms':>7} {'wait ms':>7} {'KV MiB/seq':>10} "
+        f"{'fit x':>6}")
     for context in args.contexts:
         for batch in args.batches:
             if batch * context * fp16_per_token > args.max_fp16_gib * 2**30:
@@ -241,6 +251,7 @@ def main() -> int:
                 log(f"{batch:>3} {context:>6} {name:>10} {r['sync_tok_s']:>10.1f} "
                     f"{r['sync_vs_fp16']:>7.2f} {r['pipelined_tok_s']:>10.1f} "
                     f"{r['pipelined_vs_fp16']:>7.2f} {r['build_ms']:>8.2f} "
+                    f"{r['host_ms']:>7.2f} {r['wait_ms']:>7.2f} "
                     f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f}")
     report["backend"] = active_backend()
     emit(report, args.json)

@@ -16,6 +16,7 @@ dispatch layer, the shared tails, the tables, the commits. The step's *values* a
 here; only its host time is measured. Never used by tests or by the product.
 
     python3 tools/step_host_cost.py --batches 1 8 --steps 64 [--profile]
+    python3 tools/step_host_cost.py --real ...   # on a GPU machine: the real kernels
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ def small_llama(layers: int):
 
 
 def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
-             limit=18) -> float:
-    """Mean host ms to build one step's graph (each step then evaluated before the next)."""
+             limit=18, warmup: int = 20) -> tuple[float, float]:
+    """Mean host ms to build one step's graph and to encode it (mx.async_eval: each kernel's
+    launch into MLX's command encoder), each step then evaluated before the next."""
     y = mx.zeros((batch,), dtype=mx.int32)
-    for _ in range(3):
+    for _ in range(warmup):  # past a block boundary: first-use self-checks and JIT builds
         y = step(y)
         mx.eval(y)
     prof = cProfile.Profile() if profile else None
-    total = 0.0
+    total = encode = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
         if prof:
@@ -84,11 +86,13 @@ def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
         y = step(y)
         if prof:
             prof.disable()
-        total += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        mx.async_eval(y)
+        total, encode = total + t1 - t0, encode + time.perf_counter() - t1
         mx.eval(y)
     if prof:
         pstats.Stats(prof).sort_stats(sort).print_stats(limit)
-    return 1e3 * total / steps
+    return 1e3 * total / steps, 1e3 * encode / steps
 
 
 def fp16_step(model, batch: int, context: int):
@@ -132,20 +136,29 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="cProfile ours")
     ap.add_argument("--sort", default="tottime", help="the profile's order (cumulative, ...)")
-    ap.add_argument("--limit", default=18, help="rows of the profile, or a name's regex")
+    ap.add_argument("--limit", default=18, type=lambda s: int(s) if s.isdigit() else s,
+                    help="rows of the profile, or a name's regex")
     ap.add_argument("--json", default=None, help="also write the table here")
+    ap.add_argument("--real", action="store_true",
+                    help="the real kernels, not stubs (a GPU machine): each kernel call's own "
+                         "host cost counted too (MLX builds its source string per call)")
     args = ap.parse_args()
     model = small_llama(args.layers)
     fp16 = {b: build_ms(fp16_step(model, b, args.context), b, args.steps, False)
             for b in args.batches}
-    stub_gpu_kernels()
-    print(f"{'B':>3} {'fp16 ms':>8} {'ours ms':>8} {'ours/fp16':>9}  (graph building per step)")
+    if not args.real:
+        stub_gpu_kernels()
+    print(f"{'B':>3} {'fp16 ms':>8} {'ours ms':>8} {'ours/fp16':>9}  (graph building per step)"
+          f"  {'fp16 enc':>8} {'ours enc':>8}  (encoding, ms)")
     rows = []
     for b in args.batches:
-        ours = build_ms(tq_step(model, b, args.context, alone=b == 1), b, args.steps,
-                        args.profile, args.sort, args.limit)
-        print(f"{b:>3} {fp16[b]:>8.2f} {ours:>8.2f} {ours / fp16[b]:>9.2f}")
-        rows.append(dict(batch=b, fp16_build_ms=fp16[b], build_ms=ours))
+        ours, enc = build_ms(tq_step(model, b, args.context, alone=b == 1), b, args.steps,
+                             args.profile, args.sort, args.limit)
+        base, base_enc = fp16[b]
+        print(f"{b:>3} {base:>8.2f} {ours:>8.2f} {ours / base:>9.2f}  {'':>24}  "
+              f"{base_enc:>8.2f} {enc:>8.2f}")
+        rows.append(dict(batch=b, fp16_build_ms=base, build_ms=ours, fp16_encode_ms=base_enc,
+                         encode_ms=enc))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(layers=args.layers, context=args.context,
                                                    steps=args.steps, rows=rows), indent=1))

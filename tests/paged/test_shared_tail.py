@@ -38,10 +38,10 @@ def shared_path(monkeypatch):
         return real_attend(caches, queries, *args, **kwargs)
 
     def old_tails(caches, lengths):
-        keys, values, arrivals = real_old(caches, lengths)
+        keys, values, arrivals, after = real_old(caches, lengths)
         refs = [c.shared_tail_ref() for c in caches]
         passed_on.append(any(r is not None and r[0].keys is keys for r in refs))
-        return keys, values, arrivals
+        return keys, values, arrivals, after
 
     passed_on = []
     # Each row's twin stepping alone composes its own step: an independent path to compare.
@@ -157,6 +157,44 @@ def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtyp
     layers = len(model.layers)
     assert together == ([layer for layer in range(layers) for _ in prompts]
                         if lengths != PROMPTS else [])
+
+
+@pytest.mark.parametrize("lengths", [PROMPTS, (21, 29, 37)], ids=["apart", "in-step"])
+def test_a_batch_makes_its_arrival_counters_once_per_layer(rng, shared_path, lengths,
+                                                           monkeypatch):
+    """The step kernel's arrival counters (zero again after every launch) are made once per
+    layer for a batch and reused by each later step of the same rows, also a step where every
+    row opens a block ("in-step": their tails went to the pages, so the previous step's tail
+    keys must then be the ``after`` data edge that orders the two launches). A host array per
+    layer and step cost ~50-100 us of an H100 host's time."""
+    seen = []  # per shared step: (layer, tail lengths, counters, after, previous SharedTail)
+    wrapped = shared_module.old_tails  # shared_path's recorder around the real one
+
+    def old_tails(caches, lens):
+        previous = caches[0].last_shared_step()
+        keys, values, arrivals, after = wrapped(caches, lens)
+        seen.append((caches[0].layer, list(lens), arrivals, after,
+                     None if previous is None else previous[0]))
+        return keys, values, arrivals, after
+
+    monkeypatch.setattr(shared_module, "old_tails", old_tails)
+    model = tiny_model("llama")
+    install(model)
+    sequences = prefilled(model, TAIL, [[int(t) for t in rng.integers(3, 97, n)]
+                                        for n in lengths])
+    for step in forced(rng.integers(3, 97, (STEPS, len(lengths)))):
+        for caches, token in zip(sequences, step):
+            caches[0].sequence.append_token_ids([token])
+        mx.eval(model(mx.array([[t] for t in step]), cache=batch_caches(sequences)))
+    for layer in range(len(model.layers)):
+        steps = [s for s in seen if s[0] == layer]
+        assert len(steps) == STEPS - 1  # the first step finishes the prefill (general path)
+        assert all(s[2] is steps[0][2] for s in steps)  # one counters array throughout
+        assert steps[0][4] is None and steps[0][3] is not None
+        for _, _, _, after, previous in steps[1:]:
+            assert after is previous.keys  # the previous step's epilogue output
+        all_open = [s for s in steps[1:] if not any(s[1])]
+        assert bool(all_open) == (lengths != PROMPTS)  # in step: all rows open blocks at once
 
 
 def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path):

@@ -340,16 +340,27 @@ def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: m
     read: an array made after the previous launch on these counters, its data edge; see
     attention_mma.STEP_ATTN_INPUTS). Returns (work buffer, None) for a split launch (out,
     then lse: run_plan's packed form; not zero-filled) or (out, lse) for a single pass."""
+    return launch_step_plan(p, [
+        queries, _as(rotation, mx.float32), _as(scale, mx.float32), key_codes,
+        _as(key_scales, mx.float16), value_codes, _as(value_scales, mx.float16),
+        _as(block_tables, mx.int32), _as(seq_lens, mx.int32), _as(key_codebook, mx.float32),
+        _as(value_codebook, mx.float32), p.params, arrivals, after])
+
+
+# The dtypes run_step_plan casts the step form's inputs to, by position (None: as they come).
+STEP_INPUT_DTYPES = (None, mx.float32, mx.float32, None, mx.float16, None, mx.float16,
+                     mx.int32, mx.int32, mx.float32, mx.float32, None, mx.int32, None)
+
+
+def launch_step_plan(p: LaunchPlan, inputs: list[mx.array]) -> tuple[mx.array, mx.array | None]:
+    """run_step_plan's launch, for inputs already in STEP_INPUT_DTYPES (a caller that checked
+    them once per shape: tqstore.metal.step_launch)."""
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
+    arrivals = inputs[12]
     if arrivals.size < bsz * p.grid[1] or arrivals.dtype != mx.int32:
         # Out-of-bounds atomics otherwise: one int32 counter per (sequence, kv head).
         raise ValueError(f"arrival counters {arrivals.shape} {arrivals.dtype}: need "
                          f"{bsz * p.grid[1]} int32")
-    inputs = [queries, _as(rotation, mx.float32), _as(scale, mx.float32), key_codes,
-              _as(key_scales, mx.float16), value_codes, _as(value_scales, mx.float16),
-              _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
-              _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params, arrivals,
-              after]
     if p.nsplit == 1:
         out, lse = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv), (bsz, hq)],
                             output_dtypes=[mx.float32] * 2, grid=p.grid, threadgroup=p.group)

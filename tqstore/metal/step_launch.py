@@ -30,8 +30,9 @@ from typing import Any
 import mlx.core as mx
 
 from tqstore.metal import dispatch, selfcheck
-from tqstore.metal.attention_kernel import (STEP_VARIANT, LaunchPlan, gpu_backend, kernel_kind,
-                                            launch_plan, run_plan, run_step_plan)
+from tqstore.metal.attention_kernel import (STEP_INPUT_DTYPES, STEP_VARIANT, LaunchPlan,
+                                            gpu_backend, kernel_kind, launch_plan,
+                                            launch_step_plan, run_plan, run_step_plan)
 from tqstore.metal.batch_step import (KernelLaunch, rotate_launch, row_epilogue_launch,
                                       scale_array)
 from tqstore.metal.reference import unpack_pages
@@ -47,34 +48,45 @@ class BatchStepLaunch:
     folded in, the caller's arrival counters: ``plan`` a STEP_VARIANT plan, ``rotate`` None)
     and the per-row epilogue, or the rotation, attention and epilogue launches."""
 
-    __slots__ = ("rotate", "plan", "epilogue", "packed")
+    __slots__ = ("rotate", "plan", "epilogue", "packed", "direct")
 
     def __init__(self, rotate: KernelLaunch | None, plan: LaunchPlan, epilogue: KernelLaunch,
-                 packed: bool) -> None:
+                 packed: bool, direct: bool = False) -> None:
         self.rotate, self.plan, self.epilogue, self.packed = rotate, plan, epilogue, packed
+        # The step form's inputs are in the kernel's dtypes as they come (checked once:
+        # _direct_inputs), so a call makes no cast or check per input.
+        self.direct = direct
 
     def __call__(self, queries: mx.array, scale: float, arena: Arena,
                  block_tables: mx.array, seq_lens: mx.array, tail_keys: mx.array,
                  tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
-                 tail_info: mx.array, arrivals: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+                 tail_info: mx.array, arrivals: mx.array,
+                 after: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
         """shared_tail.shared_tail_attend's launches: (out (B, Hq, 1, Dv) in the queries'
         dtype, the next tail keys, values). The tails must be block-sized buffers
         (shared_tail.old_tails makes them so; the epilogue's launch was resolved for that).
 
         ``arrivals``: int32 (>= B * Hkv,) counters, all zero; the step form counts on them and
         leaves them zero. No two launches on one array may run at once, and MLX orders GPU
-        work only through the arrays a kernel writes, which these are not. The old tails are
-        passed as the step kernel's unread input ``after``: when the counters come from the
-        previous step (shared_tail.old_tails), so do the tails, the output of that step's
-        epilogue, which ran after its step kernel. That data edge orders the two launches
-        even within one CUDA graph."""
+        work only through the arrays a kernel writes, which these are not. ``after`` (default:
+        the old tail keys) is passed as the step kernel's unread input: when the counters
+        come from a previous step, ``after`` is that step's tail keys (shared_tail.old_tails),
+        the output of its epilogue, which ran after its step kernel. That data edge orders the
+        two launches even within one CUDA graph."""
         s = scale_array(scale)
+        after = tail_keys if after is None else after
         kc, vc = arena.key_codec, arena.value_codec
-        if self.rotate is None:
+        if self.rotate is None and self.direct and seq_lens.dtype == mx.int32:
+            p = self.plan
+            pages_out, lse = launch_step_plan(p, [
+                queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
+                arena.value_codes, arena.value_scales, block_tables, seq_lens, kc.codebook,
+                vc.codebook, p.params, arrivals, after])
+        elif self.rotate is None:
             pages_out, lse = run_step_plan(
                 self.plan, queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
                 arena.value_codes, arena.value_scales, block_tables, seq_lens, kc.codebook,
-                vc.codebook, arrivals, tail_keys)
+                vc.codebook, arrivals, after)
         else:
             (q_rot,) = self.rotate([queries, arena.query_rotation, s])
             pages_out, lse = run_plan(self.plan, q_rot, arena.key_codes, arena.key_scales,
@@ -143,7 +155,20 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     names = ([f"{gpu}-kernel-mma-step"] if rotate is None
              else [f"{gpu}-kernel-rotate-queries", plan.kind]) + [f"{gpu}-kernel-epilogue-rows"]
     dispatch.announce(" + ".join(names), "a batched decode step's launches (resolved once)")
-    return BatchStepLaunch(rotate, plan, epilogue, packed)
+    return BatchStepLaunch(rotate, plan, epilogue, packed,
+                           direct=rotate is None and _direct_inputs(arena, block_tables))
+
+
+def _direct_inputs(arena: Arena, block_tables: mx.array) -> bool:
+    """Whether the step form's inputs from this arena and tables are in its dtypes already
+    (attention_kernel.STEP_INPUT_DTYPES). Every arena of the paged cache makes its arrays in
+    the same dtypes (tqstore.paged.arenas.TurboQuantArena), and the launch's key has the
+    tables' shape: so one check per shape covers every call that finds this launch."""
+    kc, vc = arena.key_codec, arena.value_codec
+    arrays = (None, arena.query_rotation, None, None, arena.key_scales, None, arena.value_scales,
+              block_tables, None, kc.codebook, vc.codebook, None, None, None)
+    return all(a is None or want is None or a.dtype == want
+               for a, want in zip(arrays, STEP_INPUT_DTYPES))
 
 
 def _rotated_shape(queries: mx.array) -> mx.array:

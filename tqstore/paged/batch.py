@@ -60,15 +60,6 @@ class StepTables:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, ...], tuple[list[mx.array], tuple[mx.array, mx.array]]] = {}
-        self._tail_info: tuple[tuple[int, ...], mx.array] | None = None
-
-    def tail_info(self, lengths: list[int]) -> mx.array:
-        """The rows' tail lengths for the shared-tail epilogue (shared_tail.tail_info), built
-        once per step: every layer of a row has the same tail (sliding layers have none)."""
-        key, entry = tuple(lengths), self._tail_info  # one read: the entry is replaced whole
-        if entry is None or entry[0] != key:
-            entry = self._tail_info = (key, shared_tail.tail_info(lengths))
-        return entry[1]
 
     def get(self, caches: Seq[PagedLayerCache]) -> tuple[mx.array, mx.array]:
         tables = [c.sequence.block_table() for c in caches]
@@ -150,7 +141,7 @@ class BatchedLayerCache:
             tables, lens = self.tables.get(self.caches)
             return shared_tail.shared_tail_attend(
                 self.caches, queries, scale, tables, lens, lengths,
-                self.tables.tail_info(lengths), new_keys, new_values)
+                shared_tail.tail_info(lengths), new_keys, new_values)
         if all(dense is None for dense in self._dense):
             out = fused_batch_step(self.caches, queries, scale)
             if out is None:

@@ -100,8 +100,8 @@ class PagedLayerCache(TailStorage):
         # it (tqstore.metal.epilogue), so the step costs no concatenation. Already counted in
         # offset; _flush_pending() appends it wherever the tail is read otherwise.
         self._pending: tuple[mx.array, mx.array] | None = None
-        # A routed decode step taken as a batch of one (shared_tail): (tail lengths, K, V).
-        self._alone: tuple[list[int], mx.array, mx.array] | None = None
+        # A routed decode step taken as a batch of one (shared_tail): (tail length, K, V).
+        self._alone: tuple[int, mx.array, mx.array] | None = None
 
     # Set by tqstore.paged.integration.install(): decode steps of some model are routed to
     # attend(). Then update_and_fetch skips the dense view it would otherwise return.
@@ -190,9 +190,12 @@ class PagedLayerCache(TailStorage):
                                   "tqstore.paged.install(model) before generating")
         self._flush_pending()
         if L == 1 and alone and SHARED_STEP_ALONE and not fused_decode_step_possible():
-            lengths = shared_tail.plan([self])  # the step of a batch of one (shared_tail)
-            if lengths is not None:
-                self._alone = (lengths, *shared_tail.append([self], keys, values, lengths))
+            # The step of a batch of one (shared_tail.plan and append for one row, inline:
+            # this runs per layer and step, and a lone row has no joint commit).
+            n_old = self.shared_tail_plan()
+            if n_old is not None:
+                self.shared_tail_append(n_old)
+                self._alone = (n_old, keys, values)
                 return keys, values
         self.decode_pending = L == 1 and not self.arena.dense
         routed = self.decode_pending and self.attention_routed
@@ -321,12 +324,12 @@ class PagedLayerCache(TailStorage):
         if mask is not None and not isinstance(mask, str):
             raise InvalidArgument("paged decode takes no mask array (sliding layers stay fp16)")
         if self._alone is not None:
-            lengths, new_keys, new_values = self._alone
+            n_old, new_keys, new_values = self._alone
             self._alone = None
             seq = self.sequence
             return shared_tail.shared_tail_attend(
                 [self], queries, scale, seq.block_table(), seq.length_array(self.committed),
-                lengths, seq.tail_info_array(lengths[0] + 1, lengths[0]), new_keys, new_values)
+                [n_old], shared_tail.tail_info((n_old,)), new_keys, new_values)
         B, Hq, L, Dk = queries.shape
         kc, vc = self.arena.key_codec, self.arena.value_codec
         Hkv, G, Dv = kc.num_heads, Hq // kc.num_heads, vc.head_dim

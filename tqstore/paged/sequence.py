@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
 import mlx.core as mx
@@ -51,7 +52,6 @@ class Sequence:
         self.prompt_length: int | None = None
         self._table_array: mx.array | None = None
         self._length_array: tuple[int, mx.array] | None = None
-        self._tail_info: tuple[tuple[int, int], mx.array] | None = None
         # The last prepare_write answer: every layer of a step writes the same positions, so
         # the index arrays are built (and uploaded, on a GPU) once per step, not once per layer.
         # Cleared whenever a block could change: allocation, copy-on-write, publication, fork,
@@ -82,13 +82,11 @@ class Sequence:
             self._length_array = (num_tokens, padded_array([num_tokens]))
         return self._length_array[1]
 
-    def tail_info_array(self, length: int, old_length: int) -> mx.array:
+    @staticmethod
+    def tail_info_array(length: int, old_length: int) -> mx.array:
         """int32 [length, old_length] of the fp16 tail in this step (the decode epilogue's
-        input), built once per step for all layers."""
-        key = (length, old_length)
-        if self._tail_info is None or self._tail_info[0] != key:
-            self._tail_info = (key, padded_array(key))
-        return self._tail_info[1]
+        input): kept by value for every sequence (no host array per step)."""
+        return _tail_info_pair(length, old_length)
 
     # -- writes ----------------------------------------------------------------------------
     def prepare_write(self, start: int, count: int) -> tuple[mx.array, mx.array | None]:
@@ -191,3 +189,8 @@ class Sequence:
     def _check_live(self) -> None:
         if self.released:
             raise InvalidArgument("sequence was released")
+
+
+@lru_cache(maxsize=4096)
+def _tail_info_pair(length: int, old_length: int) -> mx.array:
+    return padded_array((length, old_length))

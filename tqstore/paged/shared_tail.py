@@ -30,6 +30,7 @@ tqstore.paged.cache.SHARED_STEP_ALONE, on by default).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence as Seq
 
 import mlx.core as mx
@@ -76,17 +77,27 @@ def plan(caches: Seq[PagedLayerCache]) -> list[int] | None:
     return lengths
 
 
-def tail_info(lengths: list[int]) -> mx.array:
-    """int32 (B, 2) = [old + 1, old] per row: the per-row epilogue's lengths."""
+def tail_info(lengths: Seq[int]) -> mx.array:
+    """int32 (B, 2) = [old + 1, old] per row: the per-row epilogue's lengths. Kept by value:
+    a batch's rows cycle through at most block_size combinations, so a step makes no host
+    array (one cost ~50-100 us of an H100 host's time: tools/step_host_cost.py --real)."""
+    return _tail_info(tuple(lengths))
+
+
+@lru_cache(maxsize=1024)
+def _tail_info(lengths: tuple[int, ...]) -> mx.array:
     return padded_array([x for n in lengths for x in (n + 1, n)]).reshape(len(lengths), 2)
 
 
 def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
-              ) -> tuple[mx.array, mx.array, mx.array]:
-    """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D) and the
-    step's arrival counters: the previous batched step's own when every row with a tail is
-    its row b there, in order (no op); else gathered row by row (the batch changed) and new
-    zero counters."""
+              ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D), the
+    step's arrival counters and its ``after`` array (step_launch: an array the previous
+    launch on these counters is ordered before). The tails are the previous batched step's
+    own when every row with a tail is its row b there, in order (no op); else gathered row by
+    row. The counters are the previous step's when the rows are all its rows in order (with
+    its tail keys as ``after``: that step's epilogue wrote them, after its step kernel), so a
+    step whose every row opens a block makes no host array; else new zeros."""
     common = None
     for row, (cache, n_old) in enumerate(zip(caches, lengths)):
         if n_old == 0:
@@ -97,15 +108,37 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
             break
         common = ref[0]
     if common is not None and common.keys.shape[0] == len(caches):
-        return common.keys, common.values, common.arrivals
-    # Host zeros of at least 16 bytes: never MLX's small managed pool, where the kernel's
-    # atomics would fault pages in at every step (tqstore.small_arrays).
-    arrivals = padded_array([0] * (len(caches) * caches[0].arena.key_codes.shape[1]))
+        return common.keys, common.values, common.arrivals, common.keys
+    previous = _previous_step(caches)
+    if previous is not None:
+        arrivals, after = previous.arrivals, previous.keys
+    else:
+        # Host zeros of at least 16 bytes: never MLX's small managed pool, where the kernel's
+        # atomics would fault pages in at every step (tqstore.small_arrays).
+        arrivals = padded_array([0] * (len(caches) * caches[0].arena.key_codes.shape[1]))
+        after = None
     if not any(lengths):  # every token opens its tail (rows in step): one empty buffer
-        return (*caches[0].empty_tails(len(caches)), arrivals)
-    rows = [cache.tail_buffer(n_old) for cache, n_old in zip(caches, lengths)]
-    return (mx.concatenate([k for k, _ in rows]), mx.concatenate([v for _, v in rows]),
-            arrivals)
+        keys, values = caches[0].empty_tails(len(caches))
+    else:
+        rows = [cache.tail_buffer(n_old) for cache, n_old in zip(caches, lengths)]
+        keys = mx.concatenate([k for k, _ in rows])
+        values = mx.concatenate([v for _, v in rows])
+    return keys, values, arrivals, keys if after is None else after
+
+
+def _previous_step(caches: Seq[PagedLayerCache]) -> SharedTail | None:
+    """The shared tails of the last batched step of exactly these rows in this order, or None.
+    Its tails may have gone to the pages since (a block opened) or to a step alone: only its
+    counters (zero after it) and its keys (the data edge) are used."""
+    first = caches[0].last_shared_step()
+    if first is None or first[0].keys.shape[0] != len(caches):
+        return None
+    shared = first[0]
+    for row, cache in enumerate(caches):
+        last = cache.last_shared_step()
+        if last is None or last[0] is not shared or last[1] != row:
+            return None
+    return shared
 
 
 def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: float,
@@ -116,7 +149,7 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
     launch that merges every row with its tail and appends its token (new_keys/values: the
     step's tokens in the model's dtype); each row then refers to its row of the new tails."""
     arena = caches[0].arena
-    tail_keys, tail_values, arrivals = old_tails(caches, lengths)
+    tail_keys, tail_values, arrivals, after = old_tails(caches, lengths)
     block_size = caches[0].sequence.block_size
     # On a GPU (tqstore.metal.step_launch): the queries' scale and rotation with the pages in
     # one launch (the output left packed in its work buffer) where the tensor-core kernel fits,
@@ -126,7 +159,7 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
     if launch is not None:
         out, next_keys, next_values = launch(queries, scale, arena, block_tables, seq_lens,
                                              tail_keys, tail_values, new_keys, new_values, info,
-                                             arrivals)
+                                             arrivals, after)
     else:
         kc, vc = arena.key_codec, arena.value_codec
         q_rot = rotate_queries(queries, arena.query_rotation, scale)

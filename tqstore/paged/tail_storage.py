@@ -22,6 +22,7 @@ class TailStorage:
     per-row steps of a batched step over shared tails."""
 
     _shared = None  # (SharedTail, row, tokens) or None
+    _last_step = None  # (SharedTail, row) of the last batched step, or None
     _own_tail_keys: mx.array | None = None
     _own_tail_values: mx.array | None = None
 
@@ -114,7 +115,13 @@ class TailStorage:
         """After a batched step: this row's tail is row ``row`` of ``shared``."""
         self._own_tail_keys = self._own_tail_values = None
         self._shared = (shared, row, self.offset - self.committed)
+        self._last_step = (shared, row)
         self.decode_pending = False
+
+    def last_shared_step(self):
+        """(SharedTail, row) of this row's last batched step, kept after its tail left that
+        buffer (a commit, a step alone): shared_tail.old_tails reuses its counters."""
+        return self._last_step
 
     def tail_nbytes(self) -> int:
         """Bytes of this row's tail tokens (of a shared buffer: its tokens' share, no slice).
