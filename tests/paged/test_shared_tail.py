@@ -159,14 +159,42 @@ def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtyp
                         if lengths != PROMPTS else [])
 
 
+class _CountingLaunch:
+    """Stands in for a GPU step-form launch (step_launch.BatchStepLaunch, rotate None: its
+    kernel counts on the arrivals) with the general path's arithmetic, and records the
+    ``after`` each call is given."""
+
+    rotate = None
+
+    def __init__(self) -> None:
+        self.afters = []
+
+    def __call__(self, queries, scale, arena, tables, lens, tail_keys, tail_values, new_keys,
+                 new_values, info, arrivals, after):
+        from tqstore.metal.dispatch import (batched_decode_epilogue, paged_decode_attention,
+                                            rotate_queries)
+        self.afters.append(after)
+        kc, vc = arena.key_codec, arena.value_codec
+        pages_out, lse = paged_decode_attention(
+            rotate_queries(queries, arena.query_rotation, scale), arena.key_codes,
+            arena.key_scales, arena.value_codes, arena.value_scales, tables, lens, kc.codebook,
+            vc.codebook, kc.bits, vc.bits, return_lse=True, packed=True)
+        return batched_decode_epilogue(pages_out, lse, queries, scale, tail_keys, tail_values,
+                                       new_keys, new_values, info, arena.key_center,
+                                       arena.output_rotation, arena.key_codes.shape[2])
+
+
+@pytest.mark.parametrize("step_form", [True, False], ids=["step-form", "no-kernel"])
 @pytest.mark.parametrize("lengths", [PROMPTS, (21, 29, 37)], ids=["apart", "in-step"])
 def test_a_batch_makes_its_arrival_counters_once_per_layer(rng, shared_path, lengths,
-                                                           monkeypatch):
+                                                           step_form, monkeypatch):
     """The step kernel's arrival counters (zero again after every launch) are made once per
     layer for a batch and reused by each later step of the same rows, also a step where every
-    row opens a block ("in-step": their tails went to the pages, so the previous step's tail
-    keys must then be the ``after`` data edge that orders the two launches). A host array per
-    layer and step cost ~50-100 us of an H100 host's time."""
+    row opens a block ("in-step"). Each step's kernel gets, as its unread ``after`` input, an
+    array computed after the previous launch on them: the previous step's tail keys (its
+    epilogue's output) where that step ran the step kernel; where no kernel counted ("no
+    kernel": the general path), the edge carries over unchanged. A host array per layer and
+    step cost 81-110 us of an H100 host's time."""
     seen = []  # per shared step: (layer, tail lengths, counters, after, previous SharedTail)
     wrapped = shared_module.old_tails  # shared_path's recorder around the real one
 
@@ -178,6 +206,9 @@ def test_a_batch_makes_its_arrival_counters_once_per_layer(rng, shared_path, len
         return keys, values, arrivals, after
 
     monkeypatch.setattr(shared_module, "old_tails", old_tails)
+    launch = _CountingLaunch()
+    if step_form:
+        monkeypatch.setattr(shared_module, "batch_step_launch", lambda *a: launch)
     model = tiny_model("llama")
     install(model)
     sequences = prefilled(model, TAIL, [[int(t) for t in rng.integers(3, 97, n)]
@@ -186,22 +217,38 @@ def test_a_batch_makes_its_arrival_counters_once_per_layer(rng, shared_path, len
         for caches, token in zip(sequences, step):
             caches[0].sequence.append_token_ids([token])
         mx.eval(model(mx.array([[t] for t in step]), cache=batch_caches(sequences)))
-    for layer in range(len(model.layers)):
+    layers = len(model.layers)
+    assert len(launch.afters) == (len(seen) if step_form else 0)
+    if step_form:  # the launch was given what old_tails answered
+        assert all(a is s[3] for a, s in zip(launch.afters, seen))
+    for layer in range(layers):
         steps = [s for s in seen if s[0] == layer]
         assert len(steps) == STEPS - 1  # the first step finishes the prefill (general path)
         assert all(s[2] is steps[0][2] for s in steps)  # one counters array throughout
-        assert steps[0][4] is None and steps[0][3] is not None
+        assert steps[0][4] is None
         for _, _, _, after, previous in steps[1:]:
-            assert after is previous.keys  # the previous step's epilogue output
+            # The previous epilogue's output where its kernel counted, else the first edge.
+            assert after is (previous.keys if step_form else steps[0][3])
         all_open = [s for s in steps[1:] if not any(s[1])]
         assert bool(all_open) == (lengths != PROMPTS)  # in step: all rows open blocks at once
 
 
-def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path):
+def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path, monkeypatch):
     """The engine rebuilds the batch every step: rows reorder, one decodes alone in between,
     one is trimmed. Each row must still read its own tail: the buffer is passed on only when
-    every row is its own row in it, else gathered anew."""
+    every row is its own row in it, else gathered anew. A batch whose rows are not the
+    previous step's rows in order gets new arrival counters (two batches of one step never
+    share theirs: nothing would order their kernels)."""
     launches, passed_on = shared_path
+    counters = []  # per shared step and layer: (layer, the rows' caches, counters)
+    wrapped = shared_module.old_tails
+
+    def old_tails(caches, lens):
+        answer = wrapped(caches, lens)
+        counters.append((caches[0].layer, list(caches), answer[2]))
+        return answer
+
+    monkeypatch.setattr(shared_module, "old_tails", old_tails)
     model = tiny_model("llama")
     install(model)
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
@@ -218,6 +265,12 @@ def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path):
     assert launches  # the shared path ran
     # Passed on when the same rows come in the same order; gathered after a change.
     assert True in passed_on and False in passed_on
+    last = {}  # layer -> (rows, counters) of its previous shared step
+    for layer, rows, arrivals in counters:
+        if layer in last and (len(rows) != len(last[layer][0])
+                              or any(a is not b for a, b in zip(rows, last[layer][0]))):
+            assert arrivals is not last[layer][1]  # other rows or another order: new ones
+        last[layer] = (rows, arrivals)
 
 
 def test_a_sequence_alone_steps_as_a_batch_of_one(rng, monkeypatch):

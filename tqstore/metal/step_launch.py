@@ -70,13 +70,15 @@ class BatchStepLaunch:
         leaves them zero. No two launches on one array may run at once, and MLX orders GPU
         work only through the arrays a kernel writes, which these are not. ``after`` (default:
         the old tail keys) is passed as the step kernel's unread input: when the counters
-        come from a previous step, ``after`` is that step's tail keys (shared_tail.old_tails),
-        the output of its epilogue, which ran after its step kernel. That data edge orders the
-        two launches even within one CUDA graph."""
+        come from a previous step, ``after`` is an array computed after every launch that
+        counted on them (shared_tail.SharedTail.edge: that step's tail keys, the output of
+        its epilogue, which ran after its step kernel). That data edge orders the launches
+        even within one CUDA graph."""
         s = scale_array(scale)
         after = tail_keys if after is None else after
         kc, vc = arena.key_codec, arena.value_codec
-        if self.rotate is None and self.direct and seq_lens.dtype == mx.int32:
+        if (self.rotate is None and self.direct and seq_lens.dtype == mx.int32
+                and block_tables.dtype == mx.int32):
             p = self.plan
             pages_out, lse = launch_step_plan(p, [
                 queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,

@@ -191,6 +191,8 @@ class Sequence:
             raise InvalidArgument("sequence was released")
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _tail_info_pair(length: int, old_length: int) -> mx.array:
-    return padded_array((length, old_length))
+    pair = padded_array((length, old_length))
+    mx.eval(pair)  # evaluated when made: shared by every sequence, thread and stream
+    return pair

@@ -48,16 +48,20 @@ class SharedTail:
     """The fp16 tails of a batch's rows for one layer: keys (B, Hkv, block_size, Dk), values
     (B, Hkv, block_size, Dv); row b holds its sequence's tail tokens first, zeros after."""
 
-    __slots__ = ("keys", "values", "arrivals")
+    __slots__ = ("keys", "values", "arrivals", "edge")
 
-    def __init__(self, keys: mx.array, values: mx.array, arrivals: mx.array) -> None:
+    def __init__(self, keys: mx.array, values: mx.array, arrivals: mx.array,
+                 edge: mx.array) -> None:
         self.keys, self.values = keys, values
         # The step kernel's split-K arrival counters (B * Hkv int32), zero between steps: each
         # launch counts on them and its merging threadgroups zero them again
-        # (tqstore.metal.step_launch). Used by this layer's next step of the same rows only,
-        # whose step kernel also reads these keys (an unread input): MLX then orders it after
-        # the epilogue that wrote them, so two launches never overlap on the counters.
-        self.arrivals = arrivals
+        # (tqstore.metal.step_launch). Used by the next batched step of exactly these rows in
+        # this order only (old_tails), which passes ``edge`` to its step kernel as an unread
+        # input: ``edge`` is computed after every launch that has counted on these counters
+        # (this step's tail keys, the epilogue's output, where the step kernel ran; else the
+        # edge this step was given), so MLX orders the next launch after them: two launches
+        # never overlap on the counters.
+        self.arrivals, self.edge = arrivals, edge
 
 
 def plan(caches: Seq[PagedLayerCache]) -> list[int] | None:
@@ -80,38 +84,35 @@ def plan(caches: Seq[PagedLayerCache]) -> list[int] | None:
 def tail_info(lengths: Seq[int]) -> mx.array:
     """int32 (B, 2) = [old + 1, old] per row: the per-row epilogue's lengths. Kept by value:
     a batch's rows cycle through at most block_size combinations, so a step makes no host
-    array (one cost ~50-100 us of an H100 host's time: tools/step_host_cost.py --real)."""
+    array (81-110 us a call on an H100's host under cProfile: tools/step_host_cost.py --real).
+    Evaluated when made: a cached array is shared by every thread and stream."""
     return _tail_info(tuple(lengths))
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _tail_info(lengths: tuple[int, ...]) -> mx.array:
-    return padded_array([x for n in lengths for x in (n + 1, n)]).reshape(len(lengths), 2)
+    info = padded_array([x for n in lengths for x in (n + 1, n)]).reshape(len(lengths), 2)
+    mx.eval(info)
+    return info
 
 
 def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
               ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D), the
-    step's arrival counters and its ``after`` array (step_launch: an array the previous
-    launch on these counters is ordered before). The tails are the previous batched step's
-    own when every row with a tail is its row b there, in order (no op); else gathered row by
-    row. The counters are the previous step's when the rows are all its rows in order (with
-    its tail keys as ``after``: that step's epilogue wrote them, after its step kernel), so a
-    step whose every row opens a block makes no host array; else new zeros."""
-    common = None
-    for row, (cache, n_old) in enumerate(zip(caches, lengths)):
-        if n_old == 0:
-            continue  # an empty tail: the buffer's contents are never read
-        ref = cache.shared_tail_ref()
-        if ref is None or ref[1] != row or (common is not None and ref[0] is not common):
-            common = None
-            break
-        common = ref[0]
-    if common is not None and common.keys.shape[0] == len(caches):
-        return common.keys, common.values, common.arrivals, common.keys
+    step's arrival counters and its ``after`` array (SharedTail.edge: computed after every
+    earlier launch on these counters).
+    - When every row was row b of the previous batched step of these rows (_previous_step),
+      its counters and edge; and its tail buffers as they are (no op) when every row with a
+      tail still refers to them. So a step whose every row opens a block makes no host array.
+    - Else the tails gathered row by row and new zero counters: a batch that changed, a row
+      that joined (also one whose tail is empty: two batches may not share counters)."""
     previous = _previous_step(caches)
+    if previous is not None and all(n_old == 0 or cache.shared_tail_ref() is not None
+                                    for cache, n_old in zip(caches, lengths)):
+        # A row's reference, where it has one, is to ``previous`` (take_shared_tail sets both).
+        return previous.keys, previous.values, previous.arrivals, previous.edge
     if previous is not None:
-        arrivals, after = previous.arrivals, previous.keys
+        arrivals, after = previous.arrivals, previous.edge
     else:
         # Host zeros of at least 16 bytes: never MLX's small managed pool, where the kernel's
         # atomics would fault pages in at every step (tqstore.small_arrays).
@@ -128,8 +129,8 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
 
 def _previous_step(caches: Seq[PagedLayerCache]) -> SharedTail | None:
     """The shared tails of the last batched step of exactly these rows in this order, or None.
-    Its tails may have gone to the pages since (a block opened) or to a step alone: only its
-    counters (zero after it) and its keys (the data edge) are used."""
+    A row's tail may have left its buffer since (a block opened, a step alone, a trim): the
+    caller then uses only its counters (zero after it) and its edge."""
     first = caches[0].last_shared_step()
     if first is None or first[0].keys.shape[0] != len(caches):
         return None
@@ -156,6 +157,7 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
     # else in two; then the epilogue for every row; resolved once per shape. Elsewhere through
     # dispatch one by one (tqstore.metal.batch_step's kernels or their references).
     launch = batch_step_launch(queries, arena, block_tables, block_size)
+    counted = launch is not None and launch.rotate is None  # the step form counts on arrivals
     if launch is not None:
         out, next_keys, next_values = launch(queries, scale, arena, block_tables, seq_lens,
                                              tail_keys, tail_values, new_keys, new_values, info,
@@ -170,7 +172,8 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
         out, next_keys, next_values = batched_decode_epilogue(
             pages_out, lse, queries, scale, tail_keys, tail_values, new_keys, new_values, info,
             arena.key_center, arena.output_rotation, block_size)
-    shared = SharedTail(next_keys, next_values, arrivals)
+    # The epilogue's output follows this step's kernel; without one, the edge carries over.
+    shared = SharedTail(next_keys, next_values, arrivals, next_keys if counted else after)
     for row, cache in enumerate(caches):
         cache.take_shared_tail(shared, row)
     return out
