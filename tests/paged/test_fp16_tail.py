@@ -165,19 +165,31 @@ def test_trim_into_the_pages_keeps_attending_codes(rng, device):
         c.trim(2)  # exactly back to the committed tokens: no tail left
     assert caches[1]._tail_keys is None and caches[1].nbytes == 2 * caches[1].arena.bytes_per_block
     routed.append(model(mx.array([prompt[16]])[None], cache=caches)[0, -1])
-    uninstall(model)
+    # The twin takes the same routed prefill, so both hold the same codes by construction.
+    # (Prefilled through stock SDPA, its K/V differed by rounding, and in ~1% of seeds a
+    # coordinate then fell on the other side of a codebook boundary: ~2e-3 apart at every
+    # step, e.g. TQSTORE_TEST_SEED=109.) Only its decode steps take the fallback.
     caches2 = fresh(model)
     mx.eval(model(mx.array(prompt[:20])[None], cache=caches2))
     mx.eval(model(mx.array(prompt[20:21])[None], cache=caches2))
     for c in caches2:
         c.trim(8)
+    uninstall(model)
     fallback = [model(mx.array([t])[None], cache=caches2)[0, -1] for t in prompt[13:18]]
     for c in caches2:
         c.trim(2)
     fallback.append(model(mx.array([prompt[16]])[None], cache=caches2)[0, -1])
-    for r, f in zip(routed, fallback):
+    for step, (r, f) in enumerate(zip(routed, fallback)):
+        # Steps 0-2 attend the codes of [0, 13) and the tail: the same bytes in both caches.
+        # From step 3 on, block 0 also holds codes of tokens 13-15, which each cache quantized
+        # from its own decode's K/V. Those differ by rounding (the layers below attend through
+        # our kernel in one, stock SDPA in the other), and in ~0.1% of seeds a coordinate
+        # falls on the other side of a codebook boundary: 1.5e-3 to 3.1e-3 apart
+        # (TQSTORE_TEST_SEED=1224, 1249). One code token too few attended (a planted bug)
+        # gave 4.8e-2 to 1.2e-1.
+        bound = 1e-4 if step < 3 else 1e-2
         assert rel(np.array(r, dtype=np.float64), np.array(f, dtype=np.float64)) < rtol(
-            1e-4, ATTENTION_TF32)
+            bound, ATTENTION_TF32), step
 
 
 def test_live_bytes_count_the_tail(rng):
