@@ -273,6 +273,31 @@ def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path, 
         last[layer] = (rows, arrivals)
 
 
+def test_steps_on_the_general_path_in_between_are_not_lost(rng, shared_path):
+    """A row trimmed into its pages sends the batch down the general per-row path (its codes
+    end mid-block) until it fills that block: those steps append to each row's own tail,
+    not to the shared buffer. When the shared step resumes with the same rows in the same
+    order, the tails are gathered anew: the old buffer lacks those steps' tokens."""
+    launches, passed_on = shared_path
+    model = tiny_model("llama")
+    install(model)
+    prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
+    sequences, reference = prefilled(model, TAIL, prompts), prefilled(model, TAIL, prompts)
+    for _ in range(3):
+        step_in_order(model, sequences, reference, [0, 1, 2], rng)
+    shared_steps = len(launches)
+    row = sequences[2][0]
+    into_pages = row.offset - row.committed + 3  # the whole tail and 3 tokens of codes
+    for seqs in (sequences, reference):
+        for cache in seqs[2]:
+            cache.trim(into_pages)
+    for _ in range(BS + 2):
+        step_in_order(model, sequences, reference, [0, 1, 2], rng)
+    layers = len(model.layers)
+    # Some steps took the general path, and the shared step came back afterwards.
+    assert shared_steps < len(launches) < shared_steps + (BS + 2) * layers
+
+
 def test_a_sequence_alone_steps_as_a_batch_of_one(rng, monkeypatch):
     """Off the C path (a GPU) a sequence decoding alone takes the shared-tail step with one row;
     against its own composition (SHARED_STEP_ALONE off) over blocks opening and filling: the

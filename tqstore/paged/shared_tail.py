@@ -106,10 +106,8 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
       tail still refers to them. So a step whose every row opens a block makes no host array.
     - Else the tails gathered row by row and new zero counters: a batch that changed, a row
       that joined (also one whose tail is empty: two batches may not share counters)."""
-    previous = _previous_step(caches)
-    if previous is not None and all(n_old == 0 or cache.shared_tail_ref() is not None
-                                    for cache, n_old in zip(caches, lengths)):
-        # A row's reference, where it has one, is to ``previous`` (take_shared_tail sets both).
+    previous, intact = _previous_step(caches, lengths)
+    if intact:
         return previous.keys, previous.values, previous.arrivals, previous.edge
     if previous is not None:
         arrivals, after = previous.arrivals, previous.edge
@@ -127,19 +125,23 @@ def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
     return keys, values, arrivals, keys if after is None else after
 
 
-def _previous_step(caches: Seq[PagedLayerCache]) -> SharedTail | None:
-    """The shared tails of the last batched step of exactly these rows in this order, or None.
-    A row's tail may have left its buffer since (a block opened, a step alone, a trim): the
-    caller then uses only its counters (zero after it) and its edge."""
-    first = caches[0].last_shared_step()
-    if first is None or first[0].keys.shape[0] != len(caches):
-        return None
-    shared = first[0]
-    for row, cache in enumerate(caches):
+def _previous_step(caches: Seq[PagedLayerCache], lengths: list[int]
+                   ) -> tuple[SharedTail | None, bool]:
+    """(The shared tails of the last batched step of exactly these rows in this order, or
+    None; whether every row with a tail still holds it there). A row's tail may have left its
+    buffer since (a block opened, a step alone, a trim): the caller then uses only the
+    counters (zero after that step) and the edge. One pass, one call per row: this runs per
+    layer and step."""
+    shared, intact = None, True
+    for row, (cache, n_old) in enumerate(zip(caches, lengths)):
         last = cache.last_shared_step()
-        if last is None or last[0] is not shared or last[1] != row:
-            return None
-    return shared
+        if last is None or last[1] != row or (shared is not None and last[0] is not shared):
+            return None, False
+        shared = last[0]
+        intact = intact and (n_old == 0 or last[2])
+    if shared is None or shared.keys.shape[0] != len(caches):
+        return None, False
+    return shared, intact
 
 
 def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: float,

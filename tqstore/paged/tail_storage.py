@@ -119,9 +119,11 @@ class TailStorage:
         self.decode_pending = False
 
     def last_shared_step(self):
-        """(SharedTail, row) of this row's last batched step, kept after its tail left that
-        buffer (a commit, a step alone): shared_tail.old_tails reuses its counters."""
-        return self._last_step
+        """(SharedTail, row, whether the tail is still that buffer's row) of this row's last
+        batched step, kept after its tail left the buffer (a commit, a step alone, a trim):
+        shared_tail.old_tails reuses its counters. None before any batched step."""
+        last = self._last_step
+        return None if last is None else (last[0], last[1], self._shared is not None)
 
     def tail_nbytes(self) -> int:
         """Bytes of this row's tail tokens (of a shared buffer: its tokens' share, no slice).
