@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tqstore.metal.attention_kernel import (_as, gpu_backend, launch_plan,  # noqa: E402
+from tqstore.metal.attention_kernel import (as_dtype, gpu_backend, launch_plan,  # noqa: E402
                                             mma_resident_groups)
 from tqstore.metal.attention_mma import (LUT_BYTES, MmaGeometry, mma_attention_body,  # noqa: E402
                                          mma_header)
@@ -89,7 +89,7 @@ def main() -> int:
         p = random_pages(rng, [ctx], 32, 8, 128, 128, 4, 4, 16, 0)
         plan = launch_plan(p["queries"], p["key_codes"], p["value_codes"], p["block_tables"], 4, 4)
         groups = plan.nsplit * 8
-        inputs = [_as(p["queries"], mx.float32), p["key_codes"], p["key_scales"], p["value_codes"],
+        inputs = [as_dtype(p["queries"], mx.float32), p["key_codes"], p["key_scales"], p["value_codes"],
                   p["value_scales"], p["block_tables"], p["seq_lens"], p["key_codebook"],
                   p["value_codebook"], plan.params]
         runs = []

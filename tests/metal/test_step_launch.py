@@ -131,7 +131,8 @@ def test_a_one_pass_launch_is_unpacked_and_each_launch_passes_every_input(cuda_r
             queries, 0.1, arena, mx.zeros((1, width), mx.int32), mx.ones((1,), mx.int32),
             mx.zeros((1, 8, 16, 128), mx.float16), mx.zeros((1, 8, 16, 128), mx.float16),
             mx.zeros((1, 8, 1, 128), mx.bfloat16), mx.zeros((1, 8, 1, 128), mx.bfloat16),
-            mx.zeros((1, 2), mx.int32), mx.zeros((8,), mx.int32))
+            mx.zeros((1, 2), mx.int32), mx.zeros((8,), mx.int32),
+            mx.zeros((1, 8, 16, 128), mx.float16))  # after: the old tail keys' shape
         assert out.shape == (1, 32, 1, 128) and out.dtype == mx.bfloat16
         assert keys.shape == values.shape == (1, 8, 16, 128)
     assert [name.split("_k")[0] for name in calls] == [
@@ -141,7 +142,8 @@ def test_a_one_pass_launch_is_unpacked_and_each_launch_passes_every_input(cuda_r
         long(queries, 0.1, arena, mx.zeros((1, 2048), mx.int32), mx.ones((1,), mx.int32),
              mx.zeros((1, 8, 16, 128), mx.float16), mx.zeros((1, 8, 16, 128), mx.float16),
              mx.zeros((1, 8, 1, 128), mx.bfloat16), mx.zeros((1, 8, 1, 128), mx.bfloat16),
-             mx.zeros((1, 2), mx.int32), mx.zeros((4,), mx.int32))
+             mx.zeros((1, 2), mx.int32), mx.zeros((4,), mx.int32),
+             mx.zeros((1, 8, 16, 128), mx.float16))
 
 
 def test_no_launch_where_the_reference_is_forced_and_the_step_form_can_be_turned_off(

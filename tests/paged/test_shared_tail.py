@@ -160,11 +160,11 @@ def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtyp
 
 
 class _CountingLaunch:
-    """Stands in for a GPU step-form launch (step_launch.BatchStepLaunch, rotate None: its
-    kernel counts on the arrivals) with the general path's arithmetic, and records the
-    ``after`` each call is given."""
+    """Stands in for a GPU step-form launch (step_launch.BatchStepLaunch whose kernel counts
+    on the arrivals) with the general path's arithmetic, and records the ``after`` each call
+    is given."""
 
-    rotate = None
+    counts_arrivals = True
 
     def __init__(self) -> None:
         self.afters = []

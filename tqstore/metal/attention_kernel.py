@@ -269,7 +269,8 @@ def _plan(queries: mx.array, key_codes: mx.array, value_codes: mx.array,
     return plan
 
 
-def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
+def as_dtype(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    """x in dtype: itself where it is already (no op), else a cast."""
     return x if x.dtype == dtype else x.astype(dtype)
 
 
@@ -294,9 +295,10 @@ def run_plan(p: LaunchPlan, queries: mx.array, key_codes: mx.array, key_scales: 
     """(B, Hq, Dv) float32, and with return_lse the log-sum-exp of the scores (B, Hq) (natural
     log, -inf for an empty sequence): every launch writes both. ``packed`` (with return_lse):
     a fused split launch answers (its work buffer, None), the output's B rows then the lse."""
-    inputs = [_as(queries, mx.float32), key_codes, _as(key_scales, mx.float16), value_codes,
-              _as(value_scales, mx.float16), _as(block_tables, mx.int32), _as(seq_lens, mx.int32),
-              _as(key_codebook, mx.float32), _as(value_codebook, mx.float32), p.params]
+    inputs = [as_dtype(queries, mx.float32), key_codes, as_dtype(key_scales, mx.float16),
+              value_codes, as_dtype(value_scales, mx.float16), as_dtype(block_tables, mx.int32),
+              as_dtype(seq_lens, mx.int32), as_dtype(key_codebook, mx.float32),
+              as_dtype(value_codebook, mx.float32), p.params]
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
     outs = [(bsz, hq, dv), (bsz, hq)]
     if p.nsplit == 1:
@@ -341,10 +343,11 @@ def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: m
     attention_mma.STEP_ATTN_INPUTS). Returns (work buffer, None) for a split launch (out,
     then lse: run_plan's packed form; not zero-filled) or (out, lse) for a single pass."""
     return launch_step_plan(p, [
-        queries, _as(rotation, mx.float32), _as(scale, mx.float32), key_codes,
-        _as(key_scales, mx.float16), value_codes, _as(value_scales, mx.float16),
-        _as(block_tables, mx.int32), _as(seq_lens, mx.int32), _as(key_codebook, mx.float32),
-        _as(value_codebook, mx.float32), p.params, arrivals, after])
+        queries, as_dtype(rotation, mx.float32), as_dtype(scale, mx.float32), key_codes,
+        as_dtype(key_scales, mx.float16), value_codes, as_dtype(value_scales, mx.float16),
+        as_dtype(block_tables, mx.int32), as_dtype(seq_lens, mx.int32),
+        as_dtype(key_codebook, mx.float32), as_dtype(value_codebook, mx.float32), p.params,
+        arrivals, after])
 
 
 # The dtypes run_step_plan casts the step form's inputs to, by position (None: as they come).

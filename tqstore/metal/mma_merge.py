@@ -5,8 +5,8 @@ itself in on an arrival counter of its (sequence, kv head); the threadgroup that
 merges all partials in fixed split order, so the bits do not depend on which one merges. The
 counters are zero at the launch's start: in the work buffer, zero-filled by MLX, or in the step
 form (MmaGeometry.step) the caller's array, which the merging threadgroups zero again. Nothing
-else in the buffer is read before this launch writes it. attention_mma.py splices these pieces into its kernel body; attention_kernel.py sizes
-the work buffer with fused_layout.
+else in the buffer is read before this launch writes it. attention_mma.py splices these pieces
+into its kernel body; attention_kernel.py sizes the work buffer with fused_layout.
 """
 
 from __future__ import annotations

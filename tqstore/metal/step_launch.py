@@ -31,7 +31,7 @@ import mlx.core as mx
 
 from tqstore.metal import dispatch, selfcheck
 from tqstore.metal.attention_kernel import (STEP_INPUT_DTYPES, STEP_VARIANT, LaunchPlan,
-                                            gpu_backend, kernel_kind, launch_plan,
+                                            as_dtype, gpu_backend, kernel_kind, launch_plan,
                                             launch_step_plan, run_plan, run_step_plan)
 from tqstore.metal.batch_step import (KernelLaunch, rotate_launch, row_epilogue_launch,
                                       scale_array)
@@ -48,47 +48,44 @@ class BatchStepLaunch:
     folded in, the caller's arrival counters: ``plan`` a STEP_VARIANT plan, ``rotate`` None)
     and the per-row epilogue, or the rotation, attention and epilogue launches."""
 
-    __slots__ = ("rotate", "plan", "epilogue", "packed", "direct")
+    __slots__ = ("rotate", "plan", "epilogue", "packed")
 
     def __init__(self, rotate: KernelLaunch | None, plan: LaunchPlan, epilogue: KernelLaunch,
-                 packed: bool, direct: bool = False) -> None:
+                 packed: bool) -> None:
         self.rotate, self.plan, self.epilogue, self.packed = rotate, plan, epilogue, packed
-        # The step form's inputs are in the kernel's dtypes as they come (checked once:
-        # _direct_inputs), so a call makes no cast or check per input.
-        self.direct = direct
+
+    @property
+    def counts_arrivals(self) -> bool:
+        """Whether a call counts on its ``arrivals`` (the step form) or never reads them."""
+        return self.rotate is None
 
     def __call__(self, queries: mx.array, scale: float, arena: Arena,
                  block_tables: mx.array, seq_lens: mx.array, tail_keys: mx.array,
                  tail_values: mx.array, new_keys: mx.array, new_values: mx.array,
                  tail_info: mx.array, arrivals: mx.array,
-                 after: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+                 after: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """shared_tail.shared_tail_attend's launches: (out (B, Hq, 1, Dv) in the queries'
         dtype, the next tail keys, values). The tails must be block-sized buffers
         (shared_tail.old_tails makes them so; the epilogue's launch was resolved for that).
 
         ``arrivals``: int32 (>= B * Hkv,) counters, all zero; the step form counts on them and
         leaves them zero. No two launches on one array may run at once, and MLX orders GPU
-        work only through the arrays a kernel writes, which these are not. ``after`` (default:
-        the old tail keys) is passed as the step kernel's unread input: when the counters
-        come from a previous step, ``after`` is an array computed after every launch that
-        counted on them (shared_tail.SharedTail.edge: that step's tail keys, the output of
-        its epilogue, which ran after its step kernel). That data edge orders the launches
-        even within one CUDA graph."""
+        work only through the arrays a kernel writes, which these are not. ``after`` is
+        passed as the step kernel's unread input: an array computed after every launch that
+        counted on these counters before (shared_tail.SharedTail.edge: a previous step's tail
+        keys, the output of its epilogue, which ran after its step kernel). That data edge
+        orders the launches even within one CUDA graph."""
         s = scale_array(scale)
-        after = tail_keys if after is None else after
         kc, vc = arena.key_codec, arena.value_codec
-        if (self.rotate is None and self.direct and seq_lens.dtype == mx.int32
-                and block_tables.dtype == mx.int32):
+        if self.rotate is None:
+            # The arena's arrays are in the kernel's dtypes (checked once: _step_form_inputs);
+            # the tables and lengths are the caller's, int32 from every caller in tqstore.
             p = self.plan
             pages_out, lse = launch_step_plan(p, [
                 queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
-                arena.value_codes, arena.value_scales, block_tables, seq_lens, kc.codebook,
-                vc.codebook, p.params, arrivals, after])
-        elif self.rotate is None:
-            pages_out, lse = run_step_plan(
-                self.plan, queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
-                arena.value_codes, arena.value_scales, block_tables, seq_lens, kc.codebook,
-                vc.codebook, arrivals, after)
+                arena.value_codes, arena.value_scales, as_dtype(block_tables, mx.int32),
+                as_dtype(seq_lens, mx.int32), kc.codebook, vc.codebook, p.params, arrivals,
+                after])
         else:
             (q_rot,) = self.rotate([queries, arena.query_rotation, s])
             pages_out, lse = run_plan(self.plan, q_rot, arena.key_codes, arena.key_scales,
@@ -136,7 +133,7 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     kc, vc, rows = arena.key_codec, arena.value_codec, arena.output_rotation
     rotate = None
     plan = step_attention_plan(gpu, queries, arena.key_codes, arena.value_codes, block_tables,
-                               kc.bits, vc.bits) if STEP_FORM else None
+                               kc.bits, vc.bits) if STEP_FORM and _step_form_inputs(arena) else None
     if plan is None:  # the separate rotation launch
         rotation = arena.query_rotation
         if not dispatch.rotate_usable(gpu, queries, rotation):
@@ -157,20 +154,18 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     names = ([f"{gpu}-kernel-mma-step"] if rotate is None
              else [f"{gpu}-kernel-rotate-queries", plan.kind]) + [f"{gpu}-kernel-epilogue-rows"]
     dispatch.announce(" + ".join(names), "a batched decode step's launches (resolved once)")
-    return BatchStepLaunch(rotate, plan, epilogue, packed,
-                           direct=rotate is None and _direct_inputs(arena, block_tables))
+    return BatchStepLaunch(rotate, plan, epilogue, packed)
 
 
-def _direct_inputs(arena: Arena, block_tables: mx.array) -> bool:
-    """Whether the step form's inputs from this arena and tables are in its dtypes already
-    (attention_kernel.STEP_INPUT_DTYPES). Every arena of the paged cache makes its arrays in
-    the same dtypes (tqstore.paged.arenas.TurboQuantArena), and the launch's key has the
-    tables' shape: so one check per shape covers every call that finds this launch."""
+def _step_form_inputs(arena: Arena) -> bool:
+    """Whether the arena's arrays are in the step form's input dtypes
+    (attention_kernel.STEP_INPUT_DTYPES), so a call passes them as they are. Every arena of
+    the paged cache makes them in these dtypes (tqstore.paged.arenas.TurboQuantArena): one
+    check when a shape's launches are resolved covers every call that finds them."""
     kc, vc = arena.key_codec, arena.value_codec
     arrays = (None, arena.query_rotation, None, None, arena.key_scales, None, arena.value_scales,
-              block_tables, None, kc.codebook, vc.codebook, None, None, None)
-    return all(a is None or want is None or a.dtype == want
-               for a, want in zip(arrays, STEP_INPUT_DTYPES))
+              None, None, kc.codebook, vc.codebook, None, None, None)
+    return all(a is None or a.dtype == want for a, want in zip(arrays, STEP_INPUT_DTYPES))
 
 
 def _rotated_shape(queries: mx.array) -> mx.array:

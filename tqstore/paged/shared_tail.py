@@ -159,7 +159,7 @@ def shared_tail_attend(caches: Seq[PagedLayerCache], queries: mx.array, scale: f
     # else in two; then the epilogue for every row; resolved once per shape. Elsewhere through
     # dispatch one by one (tqstore.metal.batch_step's kernels or their references).
     launch = batch_step_launch(queries, arena, block_tables, block_size)
-    counted = launch is not None and launch.rotate is None  # the step form counts on arrivals
+    counted = launch is not None and launch.counts_arrivals
     if launch is not None:
         out, next_keys, next_values = launch(queries, scale, arena, block_tables, seq_lens,
                                              tail_keys, tail_values, new_keys, new_values, info,
