@@ -10,9 +10,11 @@ Rows:
   tq-kernels-tail  the same with the newest block in fp16 (CachePolicy.fp16_tail): the kernel
                 over the pages plus the merge with the fp16 tail (the default policy's shape)
   tq-tail-batch-of-one  (--ab-alone) the same cache stepping as a batch of one
-                (tqstore.paged.cache.SHARED_STEP_ALONE on, tqstore.paged.shared_tail): two
-                launches per layer where the tensor-core kernel's step form fits
-                (tqstore.metal.step_launch)
+                (tqstore.paged.cache.SHARED_STEP_ALONE on, tqstore.paged.shared_tail): one
+                launch per layer where the tensor-core kernel's step form with the epilogue
+                folded in fits (tqstore.metal.step_launch)
+  tq-tail-batch-of-one-2launch  (--ab-alone) the same with the epilogue not folded in: the
+                step kernel and the per-row epilogue
   tq-tail-batch-of-one-3launch  (--ab-alone) the same with the step form off: the rotation,
                 attention and epilogue launches
 
@@ -196,15 +198,16 @@ def main() -> int:
     budget = int((args.context + 4096) * per_token * 1.5) + (64 << 20)
     from tqstore.paged import cache as cache_module
     variants = (([] if args.skip_reference else ["tq-reference"]) + ["tq-kernels", "tq-kernels-tail"]
-                + (["tq-tail-batch-of-one", "tq-tail-batch-of-one-3launch"]
-                   if args.ab_alone else []))
+                + (["tq-tail-batch-of-one", "tq-tail-batch-of-one-2launch",
+                    "tq-tail-batch-of-one-3launch"] if args.ab_alone else []))
     default_alone = cache_module.SHARED_STEP_ALONE
     from tqstore.metal import step_launch
-    default_form = step_launch.STEP_FORM
+    default_form, default_fold = step_launch.STEP_FORM, step_launch.FOLD_EPILOGUE
     for name in variants:
-        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-of-one", "-3launch")))
+        policy = CachePolicy(fp16_tail=name.endswith(("-tail", "-of-one", "launch")))
         cache_module.SHARED_STEP_ALONE = "batch-of-one" in name or default_alone
         step_launch.STEP_FORM = default_form and not name.endswith("-3launch")
+        step_launch.FOLD_EPILOGUE = default_fold and not name.endswith("launch")
         pool = pool_for_model(model, budget_bytes=budget, policy=policy)
         caches = make_prompt_cache(pool)
         # The paged cache reaches the kernels through tqstore.metal.dispatch; the reference row
@@ -220,7 +223,7 @@ def main() -> int:
             uninstall(model)
             dispatch.force_backend(None)
             cache_module.SHARED_STEP_ALONE = default_alone
-            step_launch.STEP_FORM = default_form
+            step_launch.STEP_FORM, step_launch.FOLD_EPILOGUE = default_form, default_fold
         print(f"{name}: {rows[name]:.2f} tok/s", flush=True)
         del caches, pool
 

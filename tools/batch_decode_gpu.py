@@ -15,8 +15,11 @@ the keys; tools/attention_e2e.py does the same for B=1), all B of the same lengt
   tq-3launch  the rows' tails in one buffer per layer (tqstore.paged.shared_tail), a rotation,
               an attention and an epilogue launch per layer for the whole batch (the default
               before tqstore.metal.step_launch's step form: STEP_FORM off)
-  tq-batched  the default ("shared"): as tq-3launch, but where the tensor-core kernel fits its
-              step form folds the rotation in and needs no zero-fill: two launches per layer
+  tq-2launch  as tq-3launch, but where the tensor-core kernel fits its step form folds the
+              rotation in and needs no zero-fill: the step kernel and the per-row epilogue
+              (the default before the epilogue was folded in: FOLD_EPILOGUE off)
+  tq-batched  the default ("shared"): as tq-2launch with the per-row epilogue folded into the
+              step kernel (tqstore.metal.mma_epilogue): one launch per layer
 Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; per pipelined step the
@@ -159,7 +162,8 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
     return row
 
 
-def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = True) -> dict:
+def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = True,
+           fold: bool = True) -> dict:
     import tqstore.metal.step_launch as step_launch
     import tqstore.paged.batch as batch_module
     from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, uninstall
@@ -182,6 +186,7 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
 
     default, batch_module.BATCH_MODE = batch_module.BATCH_MODE, mode
     default_form, step_launch.STEP_FORM = step_launch.STEP_FORM, step_form
+    default_fold, step_launch.FOLD_EPILOGUE = step_launch.FOLD_EPILOGUE, fold
     try:
         row = timed(step, batch, args.steps, args.warmup)
         if args.diagnose:
@@ -189,6 +194,7 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
     finally:
         batch_module.BATCH_MODE = default
         step_launch.STEP_FORM = default_form
+        step_launch.FOLD_EPILOGUE = default_fold
         uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
     row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
     for caches in sequences:
@@ -209,7 +215,7 @@ def main() -> int:
     ap.add_argument("--pool-mib", type=int, default=12000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["rows", "pages", "3launch", "batched"],
+                    choices=["rows", "pages", "3launch", "2launch", "batched"],
                     help="tq rows to leave out")
     ap.add_argument("--diagnose", action="store_true",
                     help="also profile each row's graph building and trace its kernels")
@@ -235,10 +241,12 @@ def main() -> int:
             gc.collect()
             mx.clear_cache()
             for name, mode in (("tq-rows", "rows"), ("tq-pages", "pages"),
-                               ("tq-3launch", "shared"), ("tq-batched", "shared")):
+                               ("tq-3launch", "shared"), ("tq-2launch", "shared"),
+                               ("tq-batched", "shared")):
                 if name[3:] not in args.skip:
                     rows[name] = tq_row(model, batch, context, args, mode,
-                                        step_form=name != "tq-3launch")
+                                        step_form=name != "tq-3launch",
+                                        fold=not name.endswith("launch"))
                 gc.collect()
                 mx.clear_cache()
             base = rows["fp16"]

@@ -15,6 +15,8 @@ from tests.metal.signature import HERE, full_source
 from tqstore.metal.attention_kernel import choose_num_splits, geometry_for
 from tqstore.metal.attention_mma import (STEP_ATTN_INPUTS, MmaGeometry, mma_attention_body,
                                          mma_header)
+from tqstore.metal.epilogue import out_define
+from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS
 from tqstore.metal.mma_merge import fused_layout
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, attention_body,
                                             merge_body)
@@ -24,19 +26,24 @@ ATTN_TYPES = dict(queries="float32", rotation="float32", scale="float32", arriva
                   key_codes="uint8", key_scales="float16",
                   value_codes="uint8", value_scales="float16", block_tables="int32",
                   seq_lens="int32", key_codebook="float32", value_codebook="float32",
-                  params="int32")
+                  params="int32",
+                  # the folded epilogue's (tqstore.metal.mma_epilogue; the model's dtype float32)
+                  tail_keys="float16", tail_values="float16", new_keys="float32",
+                  new_values="float32", tail_info="int32", key_center="float32",
+                  output_rotation="float32")
+OUT_TYPES = dict(next_tail_keys="float16", next_tail_values="float16")  # others float32
 _NP = dict(float32=np.float32, uint8=np.uint8, float16=np.float16, int32=np.int32)
 
 
 def _kernel(name: str, body: str, inputs: list[str], types: dict, outputs: list[str]) -> str:
     return full_source("cuda", name, "", body, [(n, types[n]) for n in inputs],
-                       [(o, "float32") for o in outputs], prelude="")
+                       [(o, OUT_TYPES.get(o, "float32")) for o in outputs], prelude="")
 
 
 def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
                  warps: int = 4, depth: int = 1, fused: bool = True,
                  reverse: bool = False, step: dict | None = None,
-                 launches: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                 launches: int = 1, epilogue: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(out (B, Hq, Dv), lse (B, Hq)) float32 from the `kind` ('mma' or 'portable') CUDA
     kernels on the emulator. MMA split-K: merged in the split launch (`fused`, the default
     plan) or by the separate merge pass; `reverse` runs the splits' threadgroups last to first
@@ -47,7 +54,13 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     ``launches`` times on the same arrival counters (zero before the first), its work buffer
     refilled with NaNs before each (no zero-fill: nothing unwritten may be read). Returns the
     last launch's outputs; every launch's are in out_<k>.bin / lse_<k>.bin and the counters
-    after the last in arrivals.bin."""
+    after the last in arrivals.bin.
+
+    ``epilogue`` (with ``step``): the per-row epilogue folded in (MmaGeometry.epilogue,
+    tqstore.metal.mma_epilogue; the model's dtype float32) with these inputs
+    (mma_epilogue.EPILOGUE_INPUTS). Its outputs, garbage (0xFF bytes) before each launch, are
+    in attn_out.bin, next_tail_keys.bin, next_tail_values.bin (float32, fp16, fp16), and per
+    launch in <name>_<k>.bin for split-K."""
     cxx = shutil.which("g++")
     assert cxx, "g++ is needed for the emulated kernel run"
     q, kc, vc = pages["queries"], pages["key_codes"], pages["value_codes"]
@@ -58,7 +71,8 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     nsplit = num_splits or choose_num_splits(bsz, hkv, max_blocks * bs)
     if kind == "mma":
         geo = MmaGeometry(dk, dv, bs, hq, hkv, warps=warps, depth=depth, fused=fused,
-                          step=step is not None)
+                          step=step is not None,
+                          epilogue=None if epilogue is None else "float32")
         body = lambda split: mma_attention_body(geo, split)  # noqa: E731
         threads = geo.threads
     else:
@@ -70,8 +84,13 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
     outs = (["work"] if fused else ["partial_out", "partial_m", "partial_l"]) if split \
         else ["out", "lse"]
     inputs = list(STEP_ATTN_INPUTS if step is not None else ATTN_INPUTS)
-    src = ['#include "cuda_emu.h"', mma_header(activations=step is not None),
-           _kernel("attn", body(split), inputs, ATTN_TYPES, outs)]
+    header = mma_header(activations=step is not None)
+    if epilogue is not None:
+        inputs += EPILOGUE_INPUTS
+        header += out_define("cuda", "float32")
+    src = ['#include "cuda_emu.h"', header,
+           _kernel("attn", body(split), inputs, ATTN_TYPES,
+                   outs + (list(EPILOGUE_OUTPUTS) if epilogue is not None else []))]
     if split and not fused:
         src.append(_kernel("merge", merge_body(dv, hq, "cuda"), list(MERGE_INPUTS),
                            dict(partial_out="float32", partial_m="float32",
@@ -82,16 +101,29 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         arrays.update(queries=step["queries"], rotation=step["rotation"],
                       scale=np.array([step["scale"]], np.float32),
                       arrivals=np.zeros(bsz * hkv, np.int32), after=np.zeros(8, np.float16))
+    if epilogue is not None:
+        arrays.update(epilogue)
     for name in inputs:
         np.ascontiguousarray(np.array(arrays[name]).astype(_NP[ATTN_TYPES[name]])).tofile(
             tmp / f"{name}.bin")
     args = ", ".join(f"({'const __half' if ATTN_TYPES[n] == 'float16' else _ctype(ATTN_TYPES[n])}*)"
                      f"in_{n}.data()" for n in inputs)
     npart = bsz * hq * nsplit
+    # The folded epilogue's outputs follow the kernel's own in every launch call.
+    eouts = "".join(f", {o}.data()" for o in EPILOGUE_OUTPUTS) if epilogue is not None else ""
+    esizes = dict(attn_out=bsz * hq * dv, next_tail_keys=bsz * hkv * bs * dk,
+                  next_tail_values=bsz * hkv * bs * dv)
+    etypes = dict(attn_out="float", next_tail_keys="__half", next_tail_values="__half")
+    garbage = "".join(f" std::memset((void*){o}.data(), 0xFF, {o}.size() * sizeof({o}[0]));"
+                      for o in EPILOGUE_OUTPUTS) if epilogue is not None else ""
+    keep = "".join(f' std::ofstream("{o}_" + std::to_string(rep) + ".bin", std::ios::binary)'
+                   f'.write((const char*){o}.data(), {o}.size() * sizeof({o}[0]));'
+                   for o in EPILOGUE_OUTPUTS) if epilogue is not None else ""
     main = [
         "#include <algorithm>",
         "#include <limits>",
         "#include <string>",
+        "#include <cstring>",
         "#include <fstream>",
         "static std::vector<char> rd(const char* p) { std::ifstream f(p, std::ios::binary);"
         " return std::vector<char>(std::istreambuf_iterator<char>(f), {}); }",
@@ -99,6 +131,8 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         *[f'  auto in_{n} = rd("{n}.bin");' for n in inputs],
         f"  std::vector<float> out({bsz * hq * dv}), lse({bsz * hq}), partial_out({npart * dv}),"
         f" partial_m({npart}), partial_l({npart});",
+        *([f"  std::vector<{etypes[o]}> {o}({esizes[o]});" for o in EPILOGUE_OUTPUTS]
+          if epilogue is not None else []),
     ]
     lse_at, _, work_size = fused_layout(bsz, hq, hkv, dv, nsplit)
     # The step form's work buffer is not zero-filled: garbage (NaN) must never be read.
@@ -107,9 +141,9 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
         main += [
             f"  std::vector<float> work({work_size});  // MLX: init_value=0 (not the step form)",
             f"  for (int rep = 0; rep < {launches}; ++rep) {{",
-            f"    std::fill(work.begin(), work.end(), {fill});",
+            f"    std::fill(work.begin(), work.end(), {fill});{garbage}",
             f"    tq_emu::launch(dim3{{{nsplit}, {hkv}, {bsz}}}, {threads}, [&] {{ "
-            f"mlx::core::cu::attn({args}, work.data()); }});",
+            f"mlx::core::cu::attn({args}, work.data(){eouts}); }});{keep}",
             f"    std::copy(work.begin(), work.begin() + {lse_at}, out.begin());",
             f"    std::copy(work.begin() + {lse_at}, work.begin() + {lse_at + bsz * hq}, "
             f"lse.begin());",
@@ -128,11 +162,13 @@ def run_emulated(pages: dict, kind: str, num_splits: int | None, tmp: Path,
             f" out.data(), lse.data()); }});",
         ]
     else:
-        main.append(f"  tq_emu::launch(dim3{{1, {hkv}, {bsz}}}, {threads}, [&] {{ mlx::core::cu::attn("
-                    f"{args}, out.data(), lse.data()); }});")
+        main.append(f" {garbage} tq_emu::launch(dim3{{1, {hkv}, {bsz}}}, {threads}, [&] {{"
+                    f" mlx::core::cu::attn({args}, out.data(), lse.data(){eouts}); }});")
     if step is not None:
         main.append('  std::ofstream("arrivals.bin", std::ios::binary).write('
                     'in_arrivals.data(), in_arrivals.size());')
+    main += [f'  std::ofstream("{o}.bin", std::ios::binary).write((const char*){o}.data(),'
+             f' {o}.size() * sizeof({o}[0]));' for o in EPILOGUE_OUTPUTS] if epilogue is not None else []
     main += ['  std::ofstream("out.bin", std::ios::binary).write((const char*)out.data(),'
              ' out.size() * 4);',
              '  std::ofstream("lse.bin", std::ios::binary).write((const char*)lse.data(),'

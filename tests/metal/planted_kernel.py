@@ -5,6 +5,8 @@
                                                  kernels and the per-row decode epilogue fail
                                                  to compile
   python -m tests.metal.planted_kernel wrong     all compile and write a wrong output element
+                                                 (the step kernel with the folded epilogue:
+                                                 of its model output)
   python -m tests.metal.planted_kernel none      nothing planted (the control)
 
 Used by tests/metal/test_selfcheck.py on a machine with a GPU (the `device` fixture's gpu)."""
@@ -43,6 +45,8 @@ def main(plant: str) -> int:
                 kw["name"] = name + "_planted"
                 if plant == "compile":
                     kw["source"] += "\n  this is not a statement;\n"
+                elif "attn_out" in kw["output_names"]:  # the step kernel with the epilogue
+                    kw["source"] += "\n  attn_out[0] = TQ_OUT(12345.0f);\n"
                 elif "_single_" in name:  # a numerically wrong single-pass kernel
                     kw["source"] += "\n  out[0] = 12345.0f;\n"
                 elif name.startswith("tq_decode_epilogue_rows"):
@@ -88,6 +92,18 @@ def main(plant: str) -> int:
     out["epilogue-rows"] = dict(
         max_rel_err=float((err / mx.max(mx.abs(want[0].astype(mx.float32)))).item()),
         tails_exact=all(bool(mx.array_equal(a, b).item()) for a, b in zip(got[1:], want[1:])))
+    # A batched decode step's launches (tqstore.metal.step_launch) on Llama-3-8B heads: one
+    # (the step kernel with the epilogue folded in), two (without), three (the rotation, the
+    # attention, the epilogue) or none (the general path: a kernel failed).
+    from tools.step_host_cost import small_llama
+    from tqstore.metal import step_launch
+    from tqstore.paged import CachePolicy, pool_for_model
+    pool = pool_for_model(small_llama(2), policy=CachePolicy.default(None), budget_bytes=64 << 20)
+    arena = next(a for a in pool.arenas if not a.dense)
+    launch = step_launch.batch_step_launch(mx.zeros((3, 32, 1, 128), mx.bfloat16), arena,
+                                           mx.zeros((3, 256), mx.int32), 16)
+    out["step-launch"] = ("none" if launch is None else "one" if launch.epilogue is None
+                          else "two" if launch.rotate is None else "three")
     out["report"] = dispatch.kernel_report()
     out["warnings"] = records
     out["gpu"] = attention_kernel.gpu_backend()

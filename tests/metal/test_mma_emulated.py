@@ -180,3 +180,72 @@ def test_portable_cuda_kernel_on_the_emulator(tmp_path):
     for splits in (1, 3):
         got, lse = run_emulated(pages, "portable", splits, tmp_path)
         _check(got, lse, ref, ref_lse, lens, "portable")
+
+
+# (case of MMA_CASES, run the splits last to first): single pass, split-K, GQA 3 with Dk 64
+# and automatic splits, GQA 7 over 8 warps with block size 32.
+EPILOGUE_CASES = [(MMA_CASES[0], False), (MMA_CASES[1], True), (MMA_CASES[2], False),
+                  (MMA_CASES[5], True)]
+
+
+@pytest.mark.parametrize("case,reverse", EPILOGUE_CASES,
+                         ids=lambda c: f"h{c[1]}x{c[2]}_d{c[3]}_bs{c[5]}_s{c[6]}"
+                         if isinstance(c, tuple) else ("rev" if c else "fwd"))
+def test_mma_step_form_with_the_epilogue_folded_in(case, reverse, tmp_path):
+    """The step kernel with the per-row epilogue folded in (MmaGeometry.epilogue, one launch
+    per layer) gives exactly the bits of the standalone per-row epilogue kernel run over its
+    pages' output: the model's output and the next tails (every element written: garbage
+    before each launch), rows whose tails hold 0, some and block_size - 1 tokens, a row
+    without page tokens; each of two launches on the same counters gives them; and the
+    output is within tolerance of the reference (pages, then batched_epilogue_reference)."""
+    from tests.metal.test_epilogue import _run_emulated as run_standalone_epilogue
+    from tqstore.metal.reference import batched_epilogue_reference, rotate_queries_reference
+    lens, hq, hkv, dk, dv, bs, splits, warps, depth = case
+    rng = np.random.default_rng(sum(lens) + hq + 5)
+    mx.random.seed(sum(lens) + dk + 5)
+    pages = random_pages(rng, lens, hq, hkv, dk, dv, 4, 4, bs)
+    bsz = len(lens)
+    raw = (rng.standard_normal((bsz, hq, 1, dk)) * 3).astype(np.float32)
+    rotation = np.linalg.qr(rng.standard_normal((hkv, dk, dk)))[0].astype(np.float32)
+    scale = dk ** -0.5
+    lengths = [[0, bs - 1, 3, bs // 2][b % 4] for b in range(bsz)]
+    f16 = lambda *shape: (rng.standard_normal(shape) * 2).astype(np.float16)  # noqa: E731
+    epi = dict(tail_keys=f16(bsz, hkv, bs, dk), tail_values=f16(bsz, hkv, bs, dv),
+               new_keys=rng.standard_normal((bsz, hkv, 1, dk)).astype(np.float32) * 2,
+               new_values=rng.standard_normal((bsz, hkv, 1, dv)).astype(np.float32) * 2,
+               tail_info=np.array([[n + 1, n] for n in lengths], np.int32),
+               key_center=rng.standard_normal((hkv, dk)).astype(np.float32),
+               output_rotation=np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0]
+               .astype(np.float32))
+    fused_dir, alone_dir = tmp_path / "fused", tmp_path / "alone"
+    fused_dir.mkdir()
+    alone_dir.mkdir()
+    out, lse = run_emulated(pages, "mma", splits, fused_dir, warps=warps, depth=depth,
+                            reverse=reverse, launches=2, epilogue=epi,
+                            step=dict(queries=raw, rotation=rotation, scale=scale))
+    shapes = dict(attn_out=(bsz, hq, dv), next_tail_keys=(bsz, hkv, bs, dk),
+                  next_tail_values=(bsz, hkv, bs, dv))
+    types = dict(attn_out=np.float32, next_tail_keys=np.float16, next_tail_values=np.float16)
+    got = [np.fromfile(fused_dir / f"{o}.bin", types[o]).reshape(shapes[o]) for o in shapes]
+    x = dict(epi, pages_out=out, pages_lse=lse, queries=raw,
+             scale=np.array([scale, 0, 0, 0], np.float32))
+    want = run_standalone_epilogue(x, (dk, dv, hq, hkv, bs), "float32", alone_dir, per_row=True)
+    for g, w in zip(got, want):
+        assert np.array_equal(g.view(np.uint16 if g.dtype == np.float16 else np.uint32),
+                              w.view(np.uint16 if w.dtype == np.float16 else np.uint32))
+    if (fused_dir / "attn_out_0.bin").exists():  # split-K: both launches gave these bits
+        for k in range(2):
+            for o, g in zip(shapes, got):
+                again = np.fromfile(fused_dir / f"{o}_{k}.bin", types[o]).reshape(shapes[o])
+                assert np.array_equal(again, g)
+    assert not np.any(np.fromfile(fused_dir / "arrivals.bin", dtype=np.int32))
+    m = {k: mx.array(v) for k, v in epi.items()}
+    with mx.stream(mx.cpu):
+        q = rotate_queries_reference(mx.array(raw), mx.array(rotation), scale)
+        ref_out, ref_lse = paged_decode_attention_reference(**dict(pages, queries=q),
+                                                            return_lse=True)
+        ref = batched_epilogue_reference(ref_out, ref_lse, mx.array(raw), scale, **m)
+        ref = [np.array(r.astype(mx.float32)) for r in ref]
+    assert np.array_equal(got[1].astype(np.float32), ref[1])
+    assert np.array_equal(got[2].astype(np.float32), ref[2])
+    assert _rel(got[0], ref[0][:, :, 0]) < TOLERANCE["mma"][0]

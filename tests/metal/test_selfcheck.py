@@ -142,6 +142,7 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
         control = _planted_run("none") if not (mx.cuda.is_available() or mx.metal.is_available()) else None
         if control is not None:
             assert control["gpu"] is None and control["warnings"] == []
+            assert control["step-launch"] == "none"  # no GPU: the general path
             assert control["mma-shape"]["backend"] in ("cpu-kernel", "reference:tqstore.metal")
         return
     for plant in ("compile", "wrong"):
@@ -156,6 +157,10 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
         # stream's TF32 un-rotation against the CPU's fp32 oracle; the planted element: 12345).
         assert f"{gpu}-kernel-epilogue-rows" in disabled, run
         assert run["epilogue-rows"]["max_rel_err"] < 2e-2 and run["epilogue-rows"]["tails_exact"]
+        # A batched step: every kernel of it failed, so the general path (the references).
+        assert run["step-launch"] == "none", run
+        if gpu == "cuda":
+            assert f"{gpu}-kernel-mma-step-epilogue" in disabled, run
         named = [w for w in run["warnings"] if "self-check" in w]
         assert len(named) == len(disabled), run
     control = _planted_run("none")
@@ -163,6 +168,8 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
     assert control["report"][f"{control['gpu']}-kernel-epilogue-rows"].startswith("ok"), control
     assert control["epilogue-rows"]["max_rel_err"] < 2e-2, control  # bf16 outputs: 2^-8
     assert control["epilogue-rows"]["tails_exact"], control
+    # One launch per layer on CUDA (the folded epilogue); Metal has no step form: three.
+    assert control["step-launch"] == ("one" if control["gpu"] == "cuda" else "three"), control
 
 
 def test_a_centered_codec_quantizes_to_its_own_bytes_on_every_device(rng, device):

@@ -94,17 +94,23 @@ def test_one_resolution_per_shape_and_a_new_one_after_a_disable(cuda_reported):
     built, _ = cuda_reported
     arena, queries, tables = _arena_and_step()
     first = step_launch.batch_step_launch(queries, arena, tables, 16)
-    assert first is not None and first.rotate is None  # the step form: two launches
+    # The step form with the epilogue folded in: one launch.
+    assert first is not None and first.rotate is None and first.epilogue is None
     assert first.packed and first.plan.nsplit > 1
-    assert any(name.startswith("tq_attn_mma_split") and name.endswith("s")
-               for name in built)
+    assert built == ["tq_attn_mma_split_k128_v128_bs16_h32x8_w8d1fs_ebfloat16"]
     assert step_launch.batch_step_launch(queries, arena, tables, 16) is first
     wider = step_launch.batch_step_launch(queries, arena, mx.zeros((3, 512), mx.int32), 16)
     assert wider is not first and wider is not None
 
+    selfcheck.disable("cuda-kernel-mma-step-epilogue", "planted")
+    two = step_launch.batch_step_launch(queries, arena, tables, 16)
+    assert two is not first and two.rotate is None and two.epilogue is not None
+    assert any(name.startswith("tq_attn_mma_split") and name.endswith("s")
+               for name in built)  # the step form without the epilogue
+
     selfcheck.disable("cuda-kernel-mma-step", "planted")
     again = step_launch.batch_step_launch(queries, arena, tables, 16)
-    assert again is not first and again.rotate is not None  # rotation, attention, epilogue
+    assert again is not two and again.rotate is not None  # rotation, attention, epilogue
     assert again.plan is not first.plan
 
     selfcheck.disable("cuda-kernel-epilogue-rows", "planted")
@@ -112,14 +118,18 @@ def test_one_resolution_per_shape_and_a_new_one_after_a_disable(cuda_reported):
 
     selfcheck.reset()  # verdicts taken back wholesale: nothing resolved before is used
     fresh = step_launch.batch_step_launch(queries, arena, tables, 16)
-    assert fresh is not None and fresh is not first and fresh.rotate is None
+    assert fresh is not None and fresh is not first and fresh.epilogue is None
 
 
-def test_a_one_pass_launch_is_unpacked_and_each_launch_passes_every_input(cuda_reported):
+@pytest.mark.parametrize("folded", [True, False], ids=["one-launch", "two-launches"])
+def test_a_one_pass_launch_is_unpacked_and_each_launch_passes_every_input(
+        cuda_reported, monkeypatch, folded):
     """One page: one split, so the step kernel's single pass (out, lse), arrivals unused, and
-    the epilogue that reads an unpacked lse; the split form packs. Calling either passes one
-    input per declared name (argument lists and the kernels' names in step)."""
+    (two launches) the epilogue that reads an unpacked lse; the split form packs. Calling
+    either passes one input per declared name (argument lists and the kernels' names in
+    step); folded, each is one launch of the step kernel with the epilogue."""
     _, allow_calls = cuda_reported
+    monkeypatch.setattr(step_launch, "FOLD_EPILOGUE", folded)
     arena, queries, _ = _arena_and_step(batch=1)
     short = step_launch.batch_step_launch(queries, arena, mx.zeros((1, 1), mx.int32), 16)
     long = step_launch.batch_step_launch(queries, arena, mx.zeros((1, 2048), mx.int32), 16)
@@ -135,9 +145,13 @@ def test_a_one_pass_launch_is_unpacked_and_each_launch_passes_every_input(cuda_r
             mx.zeros((1, 8, 16, 128), mx.float16))  # after: the old tail keys' shape
         assert out.shape == (1, 32, 1, 128) and out.dtype == mx.bfloat16
         assert keys.shape == values.shape == (1, 8, 16, 128)
-    assert [name.split("_k")[0] for name in calls] == [
-        "tq_attn_mma_single", "tq_decode_epilogue_rows", "tq_attn_mma_split",
-        "tq_decode_epilogue_rows_packed"]
+    if folded:
+        assert calls == ["tq_attn_mma_single_k128_v128_bs16_h32x8_w8d1fs_ebfloat16",
+                         "tq_attn_mma_split_k128_v128_bs16_h32x8_w8d1fs_ebfloat16"]
+    else:
+        assert [name.split("_k")[0] for name in calls] == [
+            "tq_attn_mma_single", "tq_decode_epilogue_rows", "tq_attn_mma_split",
+            "tq_decode_epilogue_rows_packed"]
     with pytest.raises(ValueError, match="arrival counters"):
         long(queries, 0.1, arena, mx.zeros((1, 2048), mx.int32), mx.ones((1,), mx.int32),
              mx.zeros((1, 8, 16, 128), mx.float16), mx.zeros((1, 8, 16, 128), mx.float16),

@@ -28,6 +28,8 @@ from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, MERGE_MAX
                                             MERGE_OUTPUTS,
                                             SINGLE_OUTPUTS, SPLIT_OUTPUTS, AttentionGeometry,
                                             attention_body, attention_header, merge_body)
+from tqstore.metal.epilogue import out_define
+from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS
 from tqstore.metal.mma_merge import FUSED_OUTPUTS, fused_layout
 from tqstore.small_arrays import padded_array
 
@@ -111,11 +113,15 @@ def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = No
         return None
     name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}"
     outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
+    inputs = STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS
+    header = mma_header((geo.threads, mma_resident_groups(geo)), activations=geo.step)
+    if geo.epilogue is not None:  # the folded epilogue (tqstore.metal.mma_epilogue)
+        inputs, outputs = inputs + EPILOGUE_INPUTS, outputs + EPILOGUE_OUTPUTS
+        header += out_define("cuda", geo.epilogue)
     return mx.fast.cuda_kernel(
-        name=name, input_names=list(STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS),
-        output_names=list(outputs), source=mma_attention_body(geo, split),
-        header=mma_header((geo.threads, mma_resident_groups(geo)), activations=geo.step),
-        ensure_row_contiguous=True, shared_memory=LUT_BYTES)
+        name=name, input_names=list(inputs), output_names=list(outputs),
+        source=mma_attention_body(geo, split), header=header, ensure_row_contiguous=True,
+        shared_memory=LUT_BYTES)
 
 
 @lru_cache(maxsize=1)
@@ -342,12 +348,22 @@ def run_step_plan(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: m
     read: an array made after the previous launch on these counters, its data edge; see
     attention_mma.STEP_ATTN_INPUTS). Returns (work buffer, None) for a split launch (out,
     then lse: run_plan's packed form; not zero-filled) or (out, lse) for a single pass."""
-    return launch_step_plan(p, [
-        queries, as_dtype(rotation, mx.float32), as_dtype(scale, mx.float32), key_codes,
-        as_dtype(key_scales, mx.float16), value_codes, as_dtype(value_scales, mx.float16),
-        as_dtype(block_tables, mx.int32), as_dtype(seq_lens, mx.int32),
-        as_dtype(key_codebook, mx.float32), as_dtype(value_codebook, mx.float32), p.params,
-        arrivals, after])
+    return launch_step_plan(p, step_inputs(
+        p, queries, rotation, scale, key_codes, key_scales, value_codes, value_scales,
+        block_tables, seq_lens, key_codebook, value_codebook, arrivals, after))
+
+
+def step_inputs(p: LaunchPlan, queries: mx.array, rotation: mx.array, scale: mx.array,
+                key_codes: mx.array, key_scales: mx.array, value_codes: mx.array,
+                value_scales: mx.array, block_tables: mx.array, seq_lens: mx.array,
+                key_codebook: mx.array, value_codebook: mx.array, arrivals: mx.array,
+                after: mx.array) -> list[mx.array]:
+    """The step form's inputs in STEP_INPUT_DTYPES (cast where they are not)."""
+    return [queries, as_dtype(rotation, mx.float32), as_dtype(scale, mx.float32), key_codes,
+            as_dtype(key_scales, mx.float16), value_codes, as_dtype(value_scales, mx.float16),
+            as_dtype(block_tables, mx.int32), as_dtype(seq_lens, mx.int32),
+            as_dtype(key_codebook, mx.float32), as_dtype(value_codebook, mx.float32), p.params,
+            arrivals, after]
 
 
 # The dtypes run_step_plan casts the step form's inputs to, by position (None: as they come).
@@ -358,6 +374,33 @@ STEP_INPUT_DTYPES = (None, mx.float32, mx.float32, None, mx.float16, None, mx.fl
 def launch_step_plan(p: LaunchPlan, inputs: list[mx.array]) -> tuple[mx.array, mx.array | None]:
     """run_step_plan's launch, for inputs already in STEP_INPUT_DTYPES (a caller that checked
     them once per shape: tqstore.metal.step_launch)."""
+    outs = _launch_step(p, inputs, [], [])
+    return (outs[0], None) if p.nsplit > 1 else (outs[0], outs[1])
+
+
+def step_epilogue_variant(out_dtype: str) -> dict:
+    """The step form with the per-row epilogue folded in (tqstore.metal.mma_epilogue), for a
+    model whose output dtype is named `out_dtype` (epilogue.OUT_DTYPES)."""
+    return dict(STEP_VARIANT, epilogue=out_dtype)
+
+
+def launch_step_epilogue(p: LaunchPlan, inputs: list[mx.array], dtype: mx.Dtype,
+                         tail_shape: tuple[int, int, int, int]
+                         ) -> tuple[mx.array, mx.array, mx.array]:
+    """A plan of step_epilogue_variant: one launch for a layer's step. ``inputs``: the step
+    form's (in STEP_INPUT_DTYPES) then mma_epilogue.EPILOGUE_INPUTS; ``tail_shape`` (B, Hkv,
+    block_size, Dk). Returns (out (B, Hq, 1, Dv) in ``dtype``, the next tail keys, values)."""
+    bsz, hkv, bs, dk = tail_shape
+    hq, dv = p.num_q_heads, p.value_dim
+    outs = _launch_step(p, inputs, [(bsz, hq, 1, dv), tail_shape, (bsz, hkv, bs, dv)],
+                        [dtype, mx.float16, mx.float16])
+    return outs[-3], outs[-2], outs[-1]
+
+
+def _launch_step(p: LaunchPlan, inputs: list[mx.array], extra_shapes: list,
+                 extra_dtypes: list) -> list[mx.array]:
+    """The step form's launch: its own outputs (the work buffer of a split launch, else out
+    and lse), then ``extra_shapes`` (the folded epilogue's outputs)."""
     bsz, hq, dv = p.batch, p.num_q_heads, p.value_dim
     arrivals = inputs[12]
     if arrivals.size < bsz * p.grid[1] or arrivals.dtype != mx.int32:
@@ -365,12 +408,11 @@ def launch_step_plan(p: LaunchPlan, inputs: list[mx.array]) -> tuple[mx.array, m
         raise ValueError(f"arrival counters {arrivals.shape} {arrivals.dtype}: need "
                          f"{bsz * p.grid[1]} int32")
     if p.nsplit == 1:
-        out, lse = p.single(inputs=inputs, output_shapes=[(bsz, hq, dv), (bsz, hq)],
-                            output_dtypes=[mx.float32] * 2, grid=p.grid, threadgroup=p.group)
-        return out, lse
-    (work,) = p.split(inputs=inputs, output_shapes=[(p.fused_rows, hq, dv)],
-                      output_dtypes=[mx.float32], grid=p.grid, threadgroup=p.group)
-    return work, None
+        kernel, shapes, dtypes = p.single, [(bsz, hq, dv), (bsz, hq)], [mx.float32] * 2
+    else:
+        kernel, shapes, dtypes = p.split, [(p.fused_rows, hq, dv)], [mx.float32]
+    return kernel(inputs=inputs, output_shapes=shapes + extra_shapes,
+                  output_dtypes=dtypes + extra_dtypes, grid=p.grid, threadgroup=p.group)
 
 
 def kernel_paged_decode_attention(queries: mx.array, key_codes: mx.array, key_scales: mx.array,

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 from tqstore.metal.attention_source import NEG_BIG, warp_merge_and_store
 from tqstore.metal.dialect import activations_header, body_prologue, dialect_header
+from tqstore.metal.mma_epilogue import merged_epilogue, step_epilogue_unsupported_reason
 from tqstore.metal.mma_merge import fused_merge, fused_pointers
 
 LUT_BYTES = 256 * 2 * 32 * 4  # 256 entries x (K, V) x 32 lane copies x half2
@@ -81,6 +82,10 @@ class MmaGeometry:
     # sums), and the fused merge's arrival counters are the caller's, zeroed again by the
     # merging threadgroup (no zero-fill of the work buffer). Two launches fewer per layer.
     step: bool = False
+    # The step form with the per-row epilogue folded in (tqstore.metal.mma_epilogue): the
+    # model's output dtype ("float16", "bfloat16", "float32"), None without. One launch per
+    # layer: the threadgroup that finishes a (sequence, kv head) goes on into its epilogue.
+    epilogue: str | None = None
 
     def __post_init__(self) -> None:
         why = mma_unsupported_reason(self.key_dim, self.value_dim, 4, 4, self.block_size,
@@ -95,6 +100,13 @@ class MmaGeometry:
             raise ValueError("the step form merges split-K in the split launch (fused=True)")
         if self.step and 2 * self.group * self.key_dim * 4 > LUT_BYTES:
             raise ValueError("the step form stages its queries in the LUT's shared memory")
+        if self.epilogue is not None:
+            if not self.step:
+                raise ValueError("the epilogue folds into the step form only (step=True)")
+            why = step_epilogue_unsupported_reason(self.key_dim, self.value_dim, self.group,
+                                                   self.block_size, self.epilogue, LUT_BYTES)
+            if why:
+                raise ValueError(why)
 
     @property
     def group(self) -> int:
@@ -107,7 +119,8 @@ class MmaGeometry:
     def tag(self) -> str:
         return (f"k{self.key_dim}_v{self.value_dim}_bs{self.block_size}"
                 f"_h{self.num_q_heads}x{self.num_kv_heads}_w{self.warps}d{self.depth}"
-                f"{'f' if self.fused else ''}{'s' if self.step else ''}")
+                f"{'f' if self.fused else ''}{'s' if self.step else ''}"
+                f"{'_e' + self.epilogue if self.epilogue else ''}")
 
 
 def mma_unsupported_reason(key_dim: int, value_dim: int, key_bits: int, value_bits: int,
@@ -470,4 +483,15 @@ def mma_attention_body(geo: MmaGeometry, split: bool) -> str:
       }}
     }}
   }}
-""" + warp_merge_and_store(split, "NT") + (fused_merge(geo) if fused else "")
+""" + warp_merge_and_store(split, "NT") + _finish(geo, fused)
+
+
+def _finish(geo: MmaGeometry, fused: bool) -> str:
+    """After the warps' merge: split-K's fused merge, and the epilogue where it is folded in,
+    run by the threadgroup that holds the finished output of its (b, kvh): the merging one,
+    or the only one without split-K."""
+    epilogue = "" if geo.epilogue is None else merged_epilogue(
+        geo.key_dim, geo.value_dim, geo.group, geo.block_size)
+    if fused:
+        return fused_merge(geo, then=epilogue)
+    return epilogue

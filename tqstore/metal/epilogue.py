@@ -101,7 +101,12 @@ def epilogue_header(dialect: str, out_dtype: str, activations: bool = False) -> 
     """The dialect's macros and TQ_OUT for `out_dtype`; `activations`: also TQ_TO_FLOAT (the
     per-row form reads the model's queries and new K/V in their own dtype)."""
     head = activations_header(dialect) if activations else dialect_header(dialect)
-    return head + f"\n#define TQ_OUT(v) {_STORE[dialect][out_dtype]}\n"
+    return head + out_define(dialect, out_dtype)
+
+
+def out_define(dialect: str, out_dtype: str) -> str:
+    """The header line that makes TQ_OUT(v) store a float as `out_dtype`."""
+    return f"\n#define TQ_OUT(v) {_STORE[dialect][out_dtype]}\n"
 
 
 def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
@@ -109,7 +114,43 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
                   packed: bool = False) -> str:
     """The kernel body; ``per_row``: the batched form (tqstore.metal.batch_step; ``packed``:
     the log-sum-exp follows the pages' output in one buffer), else one tail length."""
-    g = num_q_heads // num_kv_heads
+    lse_base = "tq_ngz * HQ * DV + " if packed else ""  # after the B rows of (HQ, DV) outputs
+    return body_prologue(dialect) + f"""
+  constexpr int DK = {key_dim}, DV = {value_dim}, HQ = {num_q_heads}, HKV = {num_kv_heads};
+  constexpr int G = {num_q_heads // num_kv_heads}, NT = {THREADS};
+  const int kvh = tq_gy, b = tq_gz, h0 = kvh * G;
+""" + epilogue_shared(key_dim, value_dim, num_q_heads // num_kv_heads, block_size) + epilogue_core(
+        key_dim, block_size, per_row, pages_out="pages_out",
+        pages_lse=f"pages_lse[{lse_base}b * HQ + h0 + tq_tid]", out="out",
+        dims=("tq_gx * DC", "tq_gx * DC + DC"), copy_tail="tq_gx == 0")
+
+
+def epilogue_shared(key_dim: int, value_dim: int, group: int, block_size: int,
+                    base: str | None = None) -> str:
+    """The epilogue's threadgroup arrays: declared (``base`` None), or carved out of the
+    float buffer ``base`` (a kernel whose threadgroup memory is free by then: the MMA step
+    kernel's dequantization table, tqstore.metal.mma_epilogue), shared_bytes in all."""
+    sizes = [("qs", group * key_dim), ("o_rot", group * value_dim), ("p", group * block_size),
+             ("w_pages", group), ("stage", _stage_floats(key_dim, value_dim))]
+    if base is None:
+        return "".join(f"  TQ_SHARED float {name}[{size}];\n" for name, size in sizes)
+    lines, offset = [], 0
+    for name, size in sizes:
+        lines.append(f"  float* const {name} = (float*)({base}) + {offset};\n")
+        offset += size
+    return "".join(lines)
+
+
+def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: str,
+                  pages_lse: str, out: str, dims: tuple[str, str], copy_tail: str) -> str:
+    """The epilogue's work for one (sequence b, kv head kvh): the tail's scores, the softmax
+    over (pages, tail), the output dims [dims[0], dims[1]) of the group's heads in chunks of
+    DC, and (where ``copy_tail`` holds) the next tail. In scope: DK, DV, HQ, HKV, G, NT, b,
+    kvh, h0, the arrays of epilogue_shared and the inputs and outputs of the module doc (the
+    model's output named ``out``; ``pages_out`` the name of the pages' output, ``pages_lse``
+    the expression of head h0 + tq_tid's log-sum-exp). Every output is the same float32 sum
+    in the same order whichever dims a threadgroup owns (one chunk of the standalone kernel
+    or all of them: the MMA step kernel's merging threadgroup), so both give the same bits."""
     chunk = max(1, STAGE_FLOATS // key_dim)
     # Where row b's lengths are, and how many rows each tail buffer holds per (b, kv head).
     info, old_rows, next_rows = ("2 * b", "MAXN", "MAXN") if per_row else ("0", "n_old", "n")
@@ -124,26 +165,16 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
         query = "queries[(b * HQ + h0) * DK + i]"
         new_k, new_v = ("new_keys[(new_k + (t) - n_old) * DK + (d)]",
                         "new_values[(new_k + (t) - n_old) * DV + (d)]")
-    lse_base = "tq_ngz * HQ * DV + " if packed else ""  # after the B rows of (HQ, DV) outputs
-    return body_prologue(dialect) + f"""
-  constexpr int DK = {key_dim}, DV = {value_dim}, HQ = {num_q_heads}, HKV = {num_kv_heads};
-  constexpr int G = {g}, MAXN = {block_size}, NT = {THREADS}, DC = {DIMS_PER_GROUP};
+    return f"""  constexpr int MAXN = {block_size}, DC = {DIMS_PER_GROUP};
   constexpr int CH = {chunk}, KP = DK + 1;  // tail keys staged per chunk, padded row length
-  const int kvh = tq_gy, b = tq_gz, d0 = tq_gx * DC;
   const int n = tail_info[{info}], n_old = tail_info[{info} + 1], n_new = n - n_old;
-  const int h0 = kvh * G;
-  TQ_SHARED float qs[G * DK];
-  TQ_SHARED float o_rot[G * DV];
-  TQ_SHARED float p[G * MAXN];
-  TQ_SHARED float w_pages[G];
-  TQ_SHARED float stage[{_stage_floats(key_dim, value_dim)}];
   for (int i = tq_tid; i < G * DK; i += NT) qs[i] = {query};
-  for (int i = tq_tid; i < G * DV; i += NT) o_rot[i] = pages_out[(b * HQ + h0) * DV + i];
+  for (int i = tq_tid; i < G * DV; i += NT) o_rot[i] = {pages_out}[(b * HQ + h0) * DV + i];
   // Token t of the tail after this step: the old tail's, then the new ones.
   const int old_k = (b * HKV + kvh) * {old_rows}, new_k = (b * HKV + kvh) * n_new;
 #define TQ_TAIL_K(t, d) ((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] : {new_k})
 #define TQ_TAIL_V(t, d) ((t) < n_old ? tail_values[(old_k + (t)) * DV + (d)] : {new_v})
-  if (tq_gx == 0) {{  // the next tail: a copy of the old one plus the new tokens (then zeros)
+  if ({copy_tail}) {{  // the next tail: a copy of the old one plus the new tokens (then zeros)
     const int rows = {next_rows}, row = (b * HKV + kvh) * rows;
     for (int i = tq_tid; i < rows * DK; i += NT) next_tail_keys[row * DK + i] = {copy_k};
     for (int i = tq_tid; i < rows * DV; i += NT) next_tail_values[row * DV + i] = {copy_v};
@@ -166,15 +197,12 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
     }}
   }}
   TQ_BARRIER();
-  // R's columns [d0, d0 + DC) into the staging buffer; per head, softmax over (pages, tail)
-  // as normalized weights in place.
-  const int rot = kvh * DV * DV;
-  for (int i = tq_tid; i < DV * DC; i += NT) stage[i] = output_rotation[rot + (i / DC) * DV + d0 + i % DC];
+  // Per head, softmax over (pages, tail) as normalized weights in place.
   if (tq_tid < G) {{
-    const float lse = pages_lse[{lse_base}b * HQ + h0 + tq_tid];
-    float m = lse;
+    const float lse_h = {pages_lse};
+    float m = lse_h;
     for (int t = 0; t < n; ++t) m = TQ_FMAX(m, p[tq_tid * MAXN + t]);
-    const float wp = TQ_EXP(lse - m);
+    const float wp = TQ_EXP(lse_h - m);
     float sum = wp;
     for (int t = 0; t < n; ++t) {{
       const float e = TQ_EXP(p[tq_tid * MAXN + t] - m);
@@ -185,15 +213,21 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
     for (int t = 0; t < n; ++t) p[tq_tid * MAXN + t] *= inv;
     w_pages[tq_tid] = wp * inv;
   }}
-  TQ_BARRIER();
-  // Outputs: the un-rotated pages' output plus the tail's values.
-  for (int i = tq_tid; i < G * DC; i += NT) {{
-    const int gq = i / DC, c = i % DC;
-    float acc = 0.0f;
-    for (int j = 0; j < DV; ++j) acc += o_rot[gq * DV + j] * stage[j * DC + c];
-    float v = w_pages[gq] * acc;
-    for (int t = 0; t < n; ++t) v += p[gq * MAXN + t] * TQ_HALF_TO_FLOAT(TQ_TAIL_V(t, d0 + c));
-    out[(b * HQ + h0 + gq) * DV + d0 + c] = TQ_OUT(v);
+  // Per chunk of DC output dims: R's columns [d0, d0 + DC) into the staging buffer, then the
+  // un-rotated pages' output plus the tail's values.
+  const int rot = kvh * DV * DV;
+  for (int d0 = {dims[0]}; d0 < {dims[1]}; d0 += DC) {{
+    TQ_BARRIER();  // the weights are in; the previous chunk is done with the stage
+    for (int i = tq_tid; i < DV * DC; i += NT) stage[i] = output_rotation[rot + (i / DC) * DV + d0 + i % DC];
+    TQ_BARRIER();
+    for (int i = tq_tid; i < G * DC; i += NT) {{
+      const int gq = i / DC, c = i % DC;
+      float acc = 0.0f;
+      for (int j = 0; j < DV; ++j) acc += o_rot[gq * DV + j] * stage[j * DC + c];
+      float v = w_pages[gq] * acc;
+      for (int t = 0; t < n; ++t) v += p[gq * MAXN + t] * TQ_HALF_TO_FLOAT(TQ_TAIL_V(t, d0 + c));
+      {out}[(b * HQ + h0 + gq) * DV + d0 + c] = TQ_OUT(v);
+    }}
   }}
 #undef TQ_TAIL_K
 #undef TQ_TAIL_V

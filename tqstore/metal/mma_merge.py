@@ -53,7 +53,7 @@ def fused_pointers(caller_counters: bool = False) -> str:
   float* const partial_out = partial_l + nb_ * HQ * nsplit;"""
 
 
-def fused_merge(geo: MmaGeometry) -> str:
+def fused_merge(geo: MmaGeometry, then: str = "") -> str:
     """The last threadgroup of a (sequence, kv head) to finish merges its nsplit partials:
     every threadgroup publishes its partial (stores, device fence, barrier) and then counts
     itself in; the one that counts nsplit - 1 reads all partials in split order, with the
@@ -64,7 +64,9 @@ def fused_merge(geo: MmaGeometry) -> str:
     The merge is on the critical path of every split launch (the last threadgroup to finish
     does it), so its loads are batched: the splits' m and l in one round trip, then each
     thread's outputs (OPT of them) MS splits at a time. Loading one output's 8 splits at a
-    time took 4.4 us at 33 splits (H100, clock64 per phase); the summation order is unchanged."""
+    time took 4.4 us at 33 splits (H100, clock64 per phase); the summation order is unchanged.
+    ``then``: statements the merging threadgroup runs after it stored the output (the folded
+    epilogue, tqstore.metal.mma_epilogue)."""
     outputs = geo.group * geo.value_dim
     opt = -(-outputs // geo.threads)              # outputs per thread
     ms = max(1, min(16, 32 // opt))               # splits in flight per output (<= 32 loads)
@@ -134,5 +136,5 @@ def fused_merge(geo: MmaGeometry) -> str:
         if (d == 0) lse[b * HQ + h0 + gq] = {LSE_EXPR};
       }}
     }}
-  }}
+{then}  }}
 """

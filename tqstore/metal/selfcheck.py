@@ -194,6 +194,72 @@ def check_step_attention(key: tuple, run: Callable[[dict], tuple[mx.array, mx.ar
     return compare_attention(first, want, "mma")
 
 
+def check_step_epilogue(key: tuple, run: Callable[[dict], tuple[mx.array, mx.array, mx.array]]
+                        ) -> str | None:
+    """The step form with the per-row epilogue folded in (tqstore.metal.mma_epilogue) for key
+    = check_step_attention's: `run(inputs)` -> (out, next tail keys, values) with that check's
+    inputs plus two rows of block-sized fp16 tails (one a token short of its block, one empty),
+    the new tokens in the model's dtype, tail_info, a key center and an output rotation.
+    Against the reference (rotate_queries_reference, paged_decode_attention_reference, then
+    batched_epilogue_reference): the next tails bit-exact, the output within the tensor-core
+    tolerance plus the output dtype's rounding; twice on the same counters, the same bits and
+    the counters zero again."""
+    from tqstore.metal.reference import (batched_epilogue_reference,
+                                         paged_decode_attention_reference,
+                                         rotate_queries_reference)
+    from tqstore.small_arrays import padded_array
+    hq, hkv, dk, dv, bs, dtype = key[0], key[1], key[2], key[3], key[6], key[-1]
+    inputs = attention_inputs(key[:-1])
+    rng = _rng(("step-epilogue",) + key)
+
+    def normal(*shape, scale=1.0, dt=np.float32):
+        return mx.array((rng.standard_normal(shape) * scale).astype(dt))
+
+    x = dict(inputs, queries=normal(2, hq, 1, dk, scale=2.0).astype(dtype),
+             rotation=mx.array(np.linalg.qr(rng.standard_normal((hkv, dk, dk)))[0]
+                               .astype(np.float32)),
+             scale=dk ** -0.5, arrivals=padded_array([0] * (2 * hkv)),
+             tail_keys=normal(2, hkv, bs, dk, scale=2, dt=np.float16),
+             tail_values=normal(2, hkv, bs, dv, scale=2, dt=np.float16),
+             new_keys=normal(2, hkv, 1, dk, scale=2).astype(dtype),
+             new_values=normal(2, hkv, 1, dv, scale=2).astype(dtype),
+             tail_info=mx.array([[bs, bs - 1], [1, 0]], dtype=mx.int32),
+             key_center=normal(hkv, dk),
+             output_rotation=mx.array(np.linalg.qr(rng.standard_normal((hkv, dv, dv)))[0]
+                                      .astype(np.float32)))
+    first = run(x)
+    mx.eval(first)
+    second = run(x)
+    mx.eval(second)
+    if not all(mx.array_equal(a, b).item() for a, b in zip(first, second)):
+        return "a second launch on the same arrival counters gave other bits"
+    if mx.any(x["arrivals"] != 0).item():
+        return "the arrival counters were not zero again after a launch"
+    with mx.stream(mx.cpu):
+        rotated = rotate_queries_reference(x["queries"], x["rotation"], x["scale"])
+        pages = paged_decode_attention_reference(**dict(inputs, queries=rotated),
+                                                 return_lse=True)
+        want = batched_epilogue_reference(
+            *pages, x["queries"], x["scale"], *(x[k] for k in (
+                "tail_keys", "tail_values", "new_keys", "new_values", "tail_info",
+                "key_center", "output_rotation")))
+        mx.eval(want)
+    tails_exact = all(a.shape == w.shape and bool(mx.array_equal(a, w).item())
+                      for a, w in zip(first[1:], want[1:]))
+    out, ref = first[0].astype(mx.float32), want[0].astype(mx.float32)
+    err = mx.abs(out - ref)
+    rel = float((mx.sqrt(mx.sum(err * err)) / mx.sqrt(mx.sum(ref * ref))).item())
+    worst = float((mx.max(err) / mx.max(mx.abs(ref))).item())
+    tol_rel, tol_abs, _ = TOLERANCE["mma"]
+    rounding = 2 * EPILOGUE_TOLERANCE.get(dtype, 1e-5)
+    if (tails_exact and out.shape == ref.shape and np.isfinite([rel, worst]).all()
+            and rel < tol_rel + rounding and worst < tol_abs + rounding):
+        return None
+    return (f"mismatch against the reference: rel L2 {rel:.2e} (bound {tol_rel + rounding:g}), "
+            f"max {worst:.2e} of the largest ({tol_abs + rounding:g}), next tails "
+            f"{'exact' if tails_exact else 'differ'}")
+
+
 def decode_step_inputs(key: tuple) -> dict:
     """attention_inputs for one sequence plus what a decode step adds: unscaled queries, an
     orthogonal query and output rotation per kv head, a key center and an fp16 tail."""

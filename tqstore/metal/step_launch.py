@@ -1,4 +1,4 @@
-"""A shared-tail decode step's GPU launches, resolved once per shape, and in two launches per
+"""A shared-tail decode step's GPU launches, resolved once per shape, and in ONE launch per
 layer where the tensor-core kernel fits.
 
 Why: on an H100 a decode step of Llama-3-8B shape is bound by the host (docs/BENCHMARKS.md,
@@ -12,9 +12,11 @@ launch, whatever its size. Two things are cut here.
   queries and folds in their scale and rotation (no rotation launch), and takes its split-K
   arrival counters from the caller, who keeps them per layer with the batch's tails
   (shared_tail.SharedTail; the merging threadgroups zero them again), so its work buffer needs
-  no zero-fill launch. A layer's step is then the step kernel and the per-row epilogue.
-  Elsewhere (other bit widths, Metal, the step form disabled by its self-check) the rotation,
-  attention and epilogue launches, still resolved once.
+  no zero-fill launch; and the per-row epilogue runs inside it, in the threadgroup that
+  finishes each (sequence, kv head) (tqstore.metal.mma_epilogue). A layer's step is then one
+  launch. Where the folded epilogue does not fit or fails its self-check: the step kernel and
+  the per-row epilogue; elsewhere (other bit widths, Metal, the step form disabled by its
+  self-check) the rotation, attention and epilogue launches, all still resolved once.
 
 Validity: a launch is keyed by every shape it depends on, the forced mode of dispatch and
 selfcheck.epoch(), which changes whenever a kernel is disabled or the verdicts are reset; a
@@ -31,10 +33,15 @@ import mlx.core as mx
 
 from tqstore.metal import dispatch, selfcheck
 from tqstore.metal.attention_kernel import (STEP_INPUT_DTYPES, STEP_VARIANT, LaunchPlan,
-                                            as_dtype, gpu_backend, kernel_kind, launch_plan,
-                                            launch_step_plan, run_plan, run_step_plan)
+                                            as_dtype, gpu_backend, kernel_kind,
+                                            launch_step_epilogue, launch_plan,
+                                            launch_step_plan, run_plan, run_step_plan,
+                                            step_epilogue_variant, step_inputs)
+from tqstore.metal.attention_mma import LUT_BYTES
 from tqstore.metal.batch_step import (KernelLaunch, rotate_launch, row_epilogue_launch,
                                       scale_array)
+from tqstore.metal.epilogue import out_dtype_name
+from tqstore.metal.mma_epilogue import step_epilogue_unsupported_reason
 from tqstore.metal.reference import unpack_pages
 from tqstore.small_arrays import padded_array
 
@@ -44,15 +51,19 @@ Arena = Any
 
 
 class BatchStepLaunch:
-    """The launches of one step shape: the MMA kernel's step form (the queries' rotation
-    folded in, the caller's arrival counters: ``plan`` a STEP_VARIANT plan, ``rotate`` None)
-    and the per-row epilogue, or the rotation, attention and epilogue launches."""
+    """The launches of one step shape: the MMA kernel's step form with the per-row epilogue
+    folded in (``plan`` a step_epilogue_variant plan; ``rotate`` and ``epilogue`` None: one
+    launch), the step form (the queries' rotation folded in, the caller's arrival counters:
+    ``plan`` a STEP_VARIANT plan, ``rotate`` None) and the per-row epilogue, or the rotation,
+    attention and epilogue launches. ``tail_shape``: the tails' (B, Hkv, block_size, Dk)."""
 
-    __slots__ = ("rotate", "plan", "epilogue", "packed")
+    __slots__ = ("rotate", "plan", "epilogue", "packed", "tail_shape")
 
-    def __init__(self, rotate: KernelLaunch | None, plan: LaunchPlan, epilogue: KernelLaunch,
-                 packed: bool) -> None:
+    def __init__(self, rotate: KernelLaunch | None, plan: LaunchPlan,
+                 epilogue: KernelLaunch | None, packed: bool,
+                 tail_shape: tuple[int, int, int, int]) -> None:
         self.rotate, self.plan, self.epilogue, self.packed = rotate, plan, epilogue, packed
+        self.tail_shape = tail_shape
 
     @property
     def counts_arrivals(self) -> bool:
@@ -81,11 +92,16 @@ class BatchStepLaunch:
             # The arena's arrays are in the kernel's dtypes (checked once: _step_form_inputs);
             # the tables and lengths are the caller's, int32 from every caller in tqstore.
             p = self.plan
-            pages_out, lse = launch_step_plan(p, [
+            step_inputs = [
                 queries, arena.query_rotation, s, arena.key_codes, arena.key_scales,
                 arena.value_codes, arena.value_scales, as_dtype(block_tables, mx.int32),
                 as_dtype(seq_lens, mx.int32), kc.codebook, vc.codebook, p.params, arrivals,
-                after])
+                after]
+            if self.epilogue is None:  # one launch: the epilogue folded in
+                return launch_step_epilogue(p, step_inputs + [
+                    tail_keys, tail_values, new_keys, new_values, tail_info, arena.key_center,
+                    arena.output_rotation], queries.dtype, self.tail_shape)
+            pages_out, lse = launch_step_plan(p, step_inputs)
         else:
             (q_rot,) = self.rotate([queries, arena.query_rotation, s])
             pages_out, lse = run_plan(self.plan, q_rot, arena.key_codes, arena.key_scales,
@@ -101,6 +117,9 @@ _LAUNCHES: dict[tuple, BatchStepLaunch | None] = {}
 # Whether the MMA kernel's step form serves where it fits (benchmarks' A/B: False = the
 # separate rotation launch and the zero-filled work buffer).
 STEP_FORM = True
+# Whether the step form folds the per-row epilogue in where it fits (benchmarks' A/B: False =
+# the step kernel and the per-row epilogue, two launches per layer).
+FOLD_EPILOGUE = True
 
 
 def batch_step_launch(queries: mx.array, arena: Arena, block_tables: mx.array,
@@ -110,7 +129,7 @@ def batch_step_launch(queries: mx.array, arena: Arena, block_tables: mx.array,
     kc, vc = arena.key_codec, arena.value_codec
     key = (queries.shape, queries.dtype, block_tables.shape, arena.key_codes.shape,
            arena.value_codes.shape, kc.bits, vc.bits, block_size, selfcheck.epoch(),
-           dispatch.forced_mode(), STEP_FORM)
+           dispatch.forced_mode(), STEP_FORM, FOLD_EPILOGUE)
     try:
         return _LAUNCHES[key]
     except KeyError:
@@ -131,6 +150,13 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
         return None
     bsz, _, _, dk = queries.shape
     kc, vc, rows = arena.key_codec, arena.value_codec, arena.output_rotation
+    tail_shape = (bsz, rows.shape[0], block_size, dk)
+    if STEP_FORM and FOLD_EPILOGUE and _step_form_inputs(arena):
+        folded = step_epilogue_plan(gpu, queries, arena, block_tables, block_size)
+        if folded is not None:
+            dispatch.announce(f"{gpu}-kernel-mma-step-epilogue",
+                              "a batched decode step's launch (resolved once)")
+            return BatchStepLaunch(None, folded, None, folded.fused_rows > 0, tail_shape)
     rotate = None
     plan = step_attention_plan(gpu, queries, arena.key_codes, arena.value_codes, block_tables,
                                kc.bits, vc.bits) if STEP_FORM and _step_form_inputs(arena) else None
@@ -146,7 +172,6 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     packed = plan.fused_rows > 0  # the split launch answers (work buffer, None) then
     if not dispatch.batched_epilogue_usable(gpu, queries, rows, block_size, packed):
         return None
-    tail_shape = (bsz, rows.shape[0], block_size, dk)
     epilogue = row_epilogue_launch(gpu, queries.shape, queries.dtype, tail_shape, rows.shape,
                                    block_size, packed)
     if epilogue is None:
@@ -154,7 +179,7 @@ def _resolve(queries: mx.array, arena: Arena, block_tables: mx.array,
     names = ([f"{gpu}-kernel-mma-step"] if rotate is None
              else [f"{gpu}-kernel-rotate-queries", plan.kind]) + [f"{gpu}-kernel-epilogue-rows"]
     dispatch.announce(" + ".join(names), "a batched decode step's launches (resolved once)")
-    return BatchStepLaunch(rotate, plan, epilogue, packed)
+    return BatchStepLaunch(rotate, plan, epilogue, packed, tail_shape)
 
 
 def _step_form_inputs(arena: Arena) -> bool:
@@ -209,3 +234,46 @@ def step_attention_plan(gpu: str, queries: mx.array, key_codes: mx.array,
         return None
     return launch_plan(rotated, key_codes, value_codes, block_tables, key_bits, value_bits,
                        backend=gpu, variant=STEP_VARIANT)
+
+
+def step_epilogue_plan(gpu: str, queries: mx.array, arena: Arena, block_tables: mx.array,
+                       block_size: int) -> LaunchPlan | None:
+    """The launch plan of the step form with the per-row epilogue folded in
+    (attention_kernel.step_epilogue_variant) for the model's queries (B, Hq, 1, Dk) over
+    ``arena``, or None where it does not fit or failed its self-check."""
+    kc, vc, rows = arena.key_codec, arena.value_codec, arena.output_rotation
+    rotated = _rotated_shape(queries)
+    name = out_dtype_name(queries.dtype)
+    _, hq, _, dk = queries.shape
+    hkv, dv = rows.shape[0], rows.shape[-1]
+    if (gpu != "cuda" or name is None or arena.key_codes.shape[2] != block_size
+            or kernel_kind(rotated, arena.key_codes, arena.value_codes, kc.bits, vc.bits,
+                           gpu) != "mma"
+            or step_epilogue_unsupported_reason(dk, dv, hq // hkv, block_size, name,
+                                                LUT_BYTES)):
+        return None
+    variant = step_epilogue_variant(name)
+    shape = dispatch.attention_shape(rotated, arena.key_codes, arena.value_codes, kc.bits,
+                                     vc.bits) + (queries.dtype,)
+
+    def run(x: dict, splits: int) -> tuple[mx.array, mx.array, mx.array]:
+        b, h, _, d = x["queries"].shape
+        p = launch_plan(mx.zeros((b, h, d)), x["key_codes"], x["value_codes"],
+                        x["block_tables"], kc.bits, vc.bits, num_splits=splits, backend=gpu,
+                        variant=variant)
+        return launch_step_epilogue(p, step_inputs(
+            p, x["queries"], x["rotation"], scale_array(x["scale"]),
+            *(x[k] for k in dispatch.PAGE_KEYS[1:]), x["arrivals"],
+            x["arrivals"]) + [  # `after`: any array
+            x[k] for k in ("tail_keys", "tail_values", "new_keys", "new_values", "tail_info",
+                           "key_center", "output_rotation")],
+            x["queries"].dtype, x["tail_keys"].shape)
+
+    def check() -> str | None:
+        return dispatch.check_both_launches(
+            lambda splits: selfcheck.check_step_epilogue(shape, lambda x: run(x, splits)))
+
+    if not selfcheck.usable(f"{gpu}-kernel-mma-step-epilogue", shape, check):
+        return None
+    return launch_plan(rotated, arena.key_codes, arena.value_codes, block_tables, kc.bits,
+                       vc.bits, backend=gpu, variant=variant)

@@ -1,0 +1,64 @@
+"""The per-row decode epilogue inside the MMA step kernel: a layer's step in ONE launch.
+
+Why: at B=1 on an H100 (docs/BENCHMARKS.md, "Where a B=1 step's time goes") a layer's step was
+the step kernel (33 us at 32k) plus the per-row epilogue (tqstore.metal.batch_step, 15 us), a
+second launch per layer for the host to build and encode and for the GPU to start. The
+epilogue's work for one (sequence, kv head) is small (the tail's scores, a softmax over pages
+and tail, the output rotation's G x DV x DV multiply-adds, the next tail's copy), and the
+step kernel already has one threadgroup that holds the finished pages' output of exactly that
+(sequence, kv head): the one that merges the split-K partials (tqstore.metal.mma_merge), or
+the only one without split-K. Here that threadgroup goes on into the epilogue.
+
+Contract: the step form's inputs (attention_mma.STEP_ATTN_INPUTS) followed by the per-row
+epilogue's own (EPILOGUE_INPUTS below, as batch_step's module doc defines them: block-sized fp16
+tail buffers, one new token per row in the model's dtype, tail_info (B, 2) = [n_old + 1,
+n_old], the key center, the output rotation); its queries and scale serve both. Outputs: the
+attention kernel's own (the work buffer, or out and lse without split-K: scratch now), then
+EPILOGUE_OUTPUTS: the model's output (B, HQ, 1, DV) in its dtype and the next tails (B, HKV,
+block_size, D) fp16, every element written. The epilogue's arithmetic is epilogue.epilogue_core,
+the standalone per-row kernel's, so on one compiler both give the same bits for the same pages'
+output (tests/metal/test_mma_emulated.py checks that on the emulator).
+
+Memory: the epilogue's threadgroup arrays are carved out of the dequantization table's dynamic
+shared memory (LUT_BYTES), dead once the pages are attended and merged: no more shared memory
+per threadgroup, so the attention's occupancy is unchanged (attention_mma.LUT_BYTES).
+"""
+
+from __future__ import annotations
+
+from tqstore.metal.epilogue import (DIMS_PER_GROUP, OUT_DTYPES, epilogue_core, epilogue_shared,
+                                    shared_bytes)
+
+EPILOGUE_INPUTS = ("tail_keys", "tail_values", "new_keys", "new_values", "tail_info",
+                   "key_center", "output_rotation")
+EPILOGUE_OUTPUTS = ("attn_out", "next_tail_keys", "next_tail_values")
+
+
+def step_epilogue_unsupported_reason(key_dim: int, value_dim: int, group: int,
+                                     block_size: int, out_dtype: str,
+                                     shared_limit: int) -> str | None:
+    """None when the epilogue fits the step kernel for this shape (``shared_limit``: the bytes
+    of its dequantization table), else why not (the step kernel and the standalone per-row
+    epilogue then serve in two launches)."""
+    if out_dtype not in OUT_DTYPES:
+        return f"output dtype {out_dtype}"
+    if value_dim % DIMS_PER_GROUP:
+        return f"value_dim {value_dim} is not a multiple of {DIMS_PER_GROUP}"
+    need = shared_bytes(key_dim, value_dim, group, block_size)
+    if need > shared_limit:
+        return (f"needs {need} bytes of the table's {shared_limit} (GQA group x head dims x "
+                f"block size)")
+    return None
+
+
+def merged_epilogue(key_dim: int, value_dim: int, group: int, block_size: int) -> str:
+    """Statements for the threadgroup that holds the merged pages' output of its (b, kvh) in
+    ``out`` and ``lse`` (this launch's global buffers, written by its own threads): all of the
+    threadgroup's NT threads reach them together. Every dim of the group's heads in chunks of
+    DC (the standalone kernel spreads the chunks over DV / DC threadgroups)."""
+    return f"""  TQ_BARRIER();  // out and lse are written; the table's shared memory is free
+  {{  // the per-row epilogue of (b, kvh): tqstore.metal.mma_epilogue
+{epilogue_shared(key_dim, value_dim, group, block_size, base="tq_lut")}{epilogue_core(
+        key_dim, block_size, True, pages_out="out", pages_lse="lse[b * HQ + h0 + tq_tid]",
+        out="attn_out", dims=("0", "DV"), copy_tail="true")}  }}
+"""
