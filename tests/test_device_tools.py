@@ -43,7 +43,7 @@ def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
                      "--contexts", "40", "--steps", "2", "--warmup", "2",
                      "--pool-mib", "16")["rows"]
     assert [r["name"] for r in rows] == ["fp16", "tq-rows", "tq-pages", "tq-3launch",
-                                         "tq-batched"]
+                                         "tq-2launch", "tq-batched"]
     assert all(r["batch"] == 2 and r["context"] == 40 for r in rows)
     assert all(r["sync_tok_s"] > 0 and r["pipelined_tok_s"] > 0 for r in rows)
     # Ours holds fewer bytes per sequence than the fp16 cache (codes plus a partial fp16 tail).

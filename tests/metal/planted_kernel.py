@@ -92,6 +92,7 @@ def main(plant: str) -> int:
     out["epilogue-rows"] = dict(
         max_rel_err=float((err / mx.max(mx.abs(want[0].astype(mx.float32)))).item()),
         tails_exact=all(bool(mx.array_equal(a, b).item()) for a, b in zip(got[1:], want[1:])))
+    out["gpu"] = attention_kernel.gpu_backend()
     # A batched decode step's launches (tqstore.metal.step_launch) on Llama-3-8B heads: one
     # (the step kernel with the epilogue folded in), two (without), three (the rotation, the
     # attention, the epilogue) or none (the general path: a kernel failed).
@@ -104,9 +105,9 @@ def main(plant: str) -> int:
                                            mx.zeros((3, 256), mx.int32), 16)
     out["step-launch"] = ("none" if launch is None else "one" if launch.epilogue is None
                           else "two" if launch.rotate is None else "three")
+    out["mma"] = out["gpu"] == "cuda" and attention_kernel.mma_capable()
     out["report"] = dispatch.kernel_report()
     out["warnings"] = records
-    out["gpu"] = attention_kernel.gpu_backend()
     print(json.dumps(out))
     return 0
 

@@ -9,7 +9,11 @@ from tests.metal.signature import full_source, syntax_check
 import shutil
 import subprocess
 
-from tqstore.metal.attention_mma import MmaGeometry, mma_attention_body, mma_header
+from tests.metal.emulate import ATTN_TYPES as STEP_TYPES, OUT_TYPES
+from tqstore.metal.attention_mma import (STEP_ATTN_INPUTS, MmaGeometry, mma_attention_body,
+                                         mma_header)
+from tqstore.metal.epilogue import out_define
+from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS
 from tqstore.metal.attention_source import (ATTN_INPUTS, MERGE_INPUTS, AttentionGeometry,
                                             attention_body, attention_header, merge_body)
 from tqstore.metal.dialect import DIALECTS
@@ -48,15 +52,29 @@ MMA_GEOMETRIES = [
 
 
 def _mma_source(geo: MmaGeometry, split: bool, body: str | None = None, prelude=None) -> str:
+    """The kernel as MLX would build it: the plain form's inputs, or the step form's (the
+    model's queries, float32 here) and the folded epilogue's."""
     outputs = ((["work"] if geo.fused else ["partial_out", "partial_m", "partial_l"]) if split
                else ["out", "lse"])
-    return full_source("cuda", "attn_mma", mma_header(), body or mma_attention_body(geo, split),
-                       [(n, ATTN_TYPES[n]) for n in ATTN_INPUTS], [(o, "float32") for o in outputs],
-                       prelude=prelude)
+    inputs, types = ATTN_INPUTS, ATTN_TYPES
+    head = mma_header(activations=geo.step)
+    if geo.step:
+        inputs, types = STEP_ATTN_INPUTS, STEP_TYPES
+    if geo.epilogue is not None:
+        inputs, outputs = inputs + EPILOGUE_INPUTS, outputs + list(EPILOGUE_OUTPUTS)
+        head += out_define("cuda", geo.epilogue)
+    return full_source("cuda", "attn_mma", head, body or mma_attention_body(geo, split),
+                       [(n, types[n]) for n in inputs],
+                       [(o, geo.epilogue if o == "attn_out" else OUT_TYPES.get(o, "float32"))
+                        for o in outputs], prelude=prelude)
 
 
 @pytest.mark.parametrize("geo", MMA_GEOMETRIES + [
-    MmaGeometry(128, 128, 16, 32, 8, warps=4, depth=1, fused=False)], ids=lambda g: g.tag())
+    MmaGeometry(128, 128, 16, 32, 8, warps=4, depth=1, fused=False),
+    MmaGeometry(128, 128, 16, 32, 8, warps=8, depth=1, step=True),
+    MmaGeometry(128, 128, 16, 32, 8, warps=8, depth=1, step=True, epilogue="bfloat16"),
+    MmaGeometry(64, 64, 16, 9, 3, warps=2, depth=1, step=True, epilogue="float16")],
+    ids=lambda g: g.tag())
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("device_branch", [False, True], ids=["host", "device"])
 def test_mma_source_compiles(geo, split, device_branch, tmp_path):
@@ -90,17 +108,20 @@ def test_mma_syntax_check_catches_a_typo(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit)")
-@pytest.mark.parametrize("depth", [1, 2])
-def test_mma_source_builds_for_sm90_without_spills(depth, tmp_path):
+@pytest.mark.parametrize("depth,form", [(1, "plain"), (2, "plain"), (1, "step-epilogue")])
+def test_mma_source_builds_for_sm90_without_spills(depth, form, tmp_path):
     """Where a CUDA toolkit is installed: the real compiler accepts the inline PTX, and the
-    kernel (the default knobs, and depth 2) fits the register budget the launch policy assumes
+    kernel (the default knobs, depth 2, and the step form with the epilogue folded in, the
+    default launch of a decode step) fits the register budget the launch policy assumes
     (attention_kernel.MMA_REGISTERS: 128 at depth 1, so 2 threadgroups of 8 warps share an SM)
     without local memory spills. MLX's NVRTC build caps registers at that budget through
     mma_header's __launch_bounds__; nvcc offline gets the same cap as -maxrregcount."""
     from tqstore.metal.attention_kernel import DEFAULT_MMA_VARIANT, MMA_REGISTERS
 
-    geo = MmaGeometry(128, 128, 16, 32, 8, **{**DEFAULT_MMA_VARIANT, "depth": depth})
-    src = _mma_source(geo, True, prelude="#include <cuda_fp16.h>\n#include <cstdint>")
+    folded = dict(step=True, epilogue="bfloat16") if form == "step-epilogue" else {}
+    geo = MmaGeometry(128, 128, 16, 32, 8, **{**DEFAULT_MMA_VARIANT, "depth": depth, **folded})
+    src = _mma_source(geo, True, prelude="#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+                      "#include <cstdint>")
     path = tmp_path / "mma.cu"
     path.write_text(src)
     res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "-Xptxas", "-v",

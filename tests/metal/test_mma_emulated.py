@@ -183,9 +183,11 @@ def test_portable_cuda_kernel_on_the_emulator(tmp_path):
 
 
 # (case of MMA_CASES, run the splits last to first): single pass, split-K, GQA 3 with Dk 64
-# and automatic splits, GQA 7 over 8 warps with block size 32.
+# and automatic splits, GQA 7 over 8 warps with block size 32, GQA 8 with an empty sequence
+# (no page token: the tail alone) split, and rows without page tokens in a single pass.
 EPILOGUE_CASES = [(MMA_CASES[0], False), (MMA_CASES[1], True), (MMA_CASES[2], False),
-                  (MMA_CASES[5], True)]
+                  (MMA_CASES[5], True), (MMA_CASES[4], True),
+                  (([0, 40, 0], 32, 8, 128, 128, 16, 1, 4, 1), False)]
 
 
 @pytest.mark.parametrize("case,reverse", EPILOGUE_CASES,

@@ -159,7 +159,7 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
         assert run["epilogue-rows"]["max_rel_err"] < 2e-2 and run["epilogue-rows"]["tails_exact"]
         # A batched step: every kernel of it failed, so the general path (the references).
         assert run["step-launch"] == "none", run
-        if gpu == "cuda":
+        if run["mma"]:
             assert f"{gpu}-kernel-mma-step-epilogue" in disabled, run
         named = [w for w in run["warnings"] if "self-check" in w]
         assert len(named) == len(disabled), run
@@ -168,8 +168,9 @@ def test_planted_wrong_gpu_kernels_are_disabled(device):
     assert control["report"][f"{control['gpu']}-kernel-epilogue-rows"].startswith("ok"), control
     assert control["epilogue-rows"]["max_rel_err"] < 2e-2, control  # bf16 outputs: 2^-8
     assert control["epilogue-rows"]["tails_exact"], control
-    # One launch per layer on CUDA (the folded epilogue); Metal has no step form: three.
-    assert control["step-launch"] == ("one" if control["gpu"] == "cuda" else "three"), control
+    # One launch per layer where the tensor-core kernel runs (the folded epilogue); Metal and
+    # pre-sm_80 CUDA have no step form: three.
+    assert control["step-launch"] == ("one" if control["mma"] else "three"), control
 
 
 def test_a_centered_codec_quantizes_to_its_own_bytes_on_every_device(rng, device):
@@ -186,3 +187,40 @@ def test_a_centered_codec_quantizes_to_its_own_bytes_on_every_device(rng, device
     assert np.array_equal(np.array(got.codes), np.array(want.codes))
     assert np.array_equal(np.array(got.scales).view(np.uint16), np.array(want.scales).view(np.uint16))
     assert not any(v.startswith("disabled") for v in selfcheck.kernel_report().values())
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_the_folded_epilogues_check_rejects_a_small_error_of_either_part(dtype):
+    """selfcheck.check_step_epilogue (the step kernel with the epilogue folded in) passes the
+    references themselves and fails a 2% error of the pages' output (which the tail's weights
+    would dilute in the model's output) or of the model's output alone, a wrong next tail,
+    and a kernel that leaves its counters non-zero."""
+    from tqstore.metal import selfcheck
+    from tqstore.metal.reference import (batched_epilogue_reference,
+                                         paged_decode_attention_reference,
+                                         rotate_queries_reference)
+    key = (32, 8, 128, 128, 4, 4, 16, dtype)
+    pages_keys = ("key_codes", "key_scales", "value_codes", "value_scales", "block_tables",
+                  "seq_lens", "key_codebook", "value_codebook", "key_bits", "value_bits")
+    tail_keys = ("tail_keys", "tail_values", "new_keys", "new_values", "tail_info",
+                 "key_center", "output_rotation")
+
+    def fake(pages_by=1.0, out_by=1.0, tail_by=1.0, count=False):
+        def run(x):
+            with mx.stream(mx.cpu):
+                rotated = rotate_queries_reference(x["queries"], x["rotation"], x["scale"])
+                pages, lse = paged_decode_attention_reference(
+                    rotated, *(x[k] for k in pages_keys), return_lse=True)
+                out, nk, nv = batched_epilogue_reference(pages, lse, x["queries"], x["scale"],
+                                                         *(x[k] for k in tail_keys))
+                if count:
+                    x["arrivals"][:] = 1  # noqa: B023 (a kernel that does not reset them)
+                return ((out.astype(mx.float32) * out_by).astype(dtype),
+                        (nk * tail_by).astype(mx.float16), nv, pages * pages_by, lse)
+        return run
+
+    assert selfcheck.check_step_epilogue(key, fake()) is None
+    assert "pages' output" in selfcheck.check_step_epilogue(key, fake(pages_by=1.02))
+    assert "rel L2" in selfcheck.check_step_epilogue(key, fake(out_by=1.02))
+    assert "differ" in selfcheck.check_step_epilogue(key, fake(tail_by=1.5))
+    assert "not zero" in selfcheck.check_step_epilogue(key, fake(count=True))

@@ -385,16 +385,17 @@ def step_epilogue_variant(out_dtype: str) -> dict:
 
 
 def launch_step_epilogue(p: LaunchPlan, inputs: list[mx.array], dtype: mx.Dtype,
-                         tail_shape: tuple[int, int, int, int]
-                         ) -> tuple[mx.array, mx.array, mx.array]:
+                         tail_shape: tuple[int, int, int, int]) -> list[mx.array]:
     """A plan of step_epilogue_variant: one launch for a layer's step. ``inputs``: the step
     form's (in STEP_INPUT_DTYPES) then mma_epilogue.EPILOGUE_INPUTS; ``tail_shape`` (B, Hkv,
-    block_size, Dk). Returns (out (B, Hq, 1, Dv) in ``dtype``, the next tail keys, values)."""
+    block_size, Dk). Returns [out (B, Hq, 1, Dv) in ``dtype``, the next tail keys, values,
+    then the attention's own: its work buffer (split-K) or out and lse (scratch, for the
+    self-check; launch_step_plan's forms)]."""
     bsz, hkv, bs, dk = tail_shape
     hq, dv = p.num_q_heads, p.value_dim
     outs = _launch_step(p, inputs, [(bsz, hq, 1, dv), tail_shape, (bsz, hkv, bs, dv)],
                         [dtype, mx.float16, mx.float16])
-    return outs[-3], outs[-2], outs[-1]
+    return outs[-3:] + outs[:-3]
 
 
 def _launch_step(p: LaunchPlan, inputs: list[mx.array], extra_shapes: list,

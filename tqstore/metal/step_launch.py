@@ -98,9 +98,10 @@ class BatchStepLaunch:
                 as_dtype(seq_lens, mx.int32), kc.codebook, vc.codebook, p.params, arrivals,
                 after]
             if self.epilogue is None:  # one launch: the epilogue folded in
-                return launch_step_epilogue(p, step_inputs + [
+                out, next_keys, next_values, *_ = launch_step_epilogue(p, step_inputs + [
                     tail_keys, tail_values, new_keys, new_values, tail_info, arena.key_center,
                     arena.output_rotation], queries.dtype, self.tail_shape)
+                return out, next_keys, next_values
             pages_out, lse = launch_step_plan(p, step_inputs)
         else:
             (q_rot,) = self.rotate([queries, arena.query_rotation, s])
@@ -256,18 +257,21 @@ def step_epilogue_plan(gpu: str, queries: mx.array, arena: Arena, block_tables: 
     shape = dispatch.attention_shape(rotated, arena.key_codes, arena.value_codes, kc.bits,
                                      vc.bits) + (queries.dtype,)
 
-    def run(x: dict, splits: int) -> tuple[mx.array, mx.array, mx.array]:
+    def run(x: dict, splits: int) -> tuple[mx.array, ...]:
         b, h, _, d = x["queries"].shape
         p = launch_plan(mx.zeros((b, h, d)), x["key_codes"], x["value_codes"],
                         x["block_tables"], kc.bits, vc.bits, num_splits=splits, backend=gpu,
                         variant=variant)
-        return launch_step_epilogue(p, step_inputs(
+        out, next_keys, next_values, *pages = launch_step_epilogue(p, step_inputs(
             p, x["queries"], x["rotation"], scale_array(x["scale"]),
             *(x[k] for k in dispatch.PAGE_KEYS[1:]), x["arrivals"],
             x["arrivals"]) + [  # `after`: any array
             x[k] for k in ("tail_keys", "tail_values", "new_keys", "new_values", "tail_info",
                            "key_center", "output_rotation")],
             x["queries"].dtype, x["tail_keys"].shape)
+        # The pages' output too (the scratch the epilogue read), checked on its own.
+        pages_out, lse = unpack_pages(pages[0], pages[1] if len(pages) > 1 else None, b, h)
+        return out, next_keys, next_values, pages_out, lse
 
     def check() -> str | None:
         return dispatch.check_both_launches(
