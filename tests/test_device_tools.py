@@ -52,6 +52,21 @@ def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
     assert rows[1]["kv_bytes_per_seq"] < rows[0]["kv_bytes_per_seq"]
 
 
+def test_batch_decode_gpu_rounds_rotate_our_rows_and_report_medians(tmp_path):
+    report = tool_json(tmp_path, "batch_decode_gpu.py", "--shape", "tiny", "--batches", "2",
+                       "--contexts", "40", "--steps", "2", "--warmup", "1", "--pool-mib", "16",
+                       "--rounds", "2", "--skip", "rows", "pages", "3launch")
+    names = [(r["round"], r["name"]) for r in report["rows"]]
+    # fp16 (the baseline) first in every round; our rows in an order rotated by one.
+    assert names == [(0, "fp16"), (0, "tq-2launch"), (0, "tq-batched"),
+                     (1, "fp16"), (1, "tq-batched"), (1, "tq-2launch")]
+    medians = {m["name"]: m for m in report["medians"]}
+    assert set(medians) == {"fp16", "tq-2launch", "tq-batched"}
+    mine = [r["pipelined_vs_fp16"] for r in report["rows"] if r["name"] == "tq-batched"]
+    assert medians["tq-batched"]["pipelined_vs_fp16"] == pytest.approx(sum(mine) / 2)
+    assert medians["fp16"]["sync_vs_fp16"] == 1.0 and medians["fp16"]["rounds"] == 2
+
+
 def test_launch_overhead_measures_on_a_gpu_and_refuses_without_one():
     res = subprocess.run([sys.executable, str(ROOT / "tools/launch_overhead.py")],
                          capture_output=True, text=True, timeout=300)

@@ -20,7 +20,8 @@ the keys; tools/attention_e2e.py does the same for B=1), all B of the same lengt
               (the default before the epilogue was folded in: FOLD_EPILOGUE off)
   tq-batched  the default ("shared"): as tq-2launch with the per-row epilogue folded into the
               step kernel (tqstore.metal.mma_epilogue): one launch per layer
-Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
+With --rounds R each (B, context) runs R times, our rows' order rotated by one each round,
+and the report adds each row's median ratio. Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; per pipelined step the
 host's ms building and encoding (mx.async_eval) the next step and its ms waiting for the GPU
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -203,6 +205,17 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
     return row
 
 
+def medians(rows: list[dict]) -> list[dict]:
+    """Per (batch, context, row): the median of its rounds' ratios against fp16."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["batch"], r["context"], r["name"]), []).append(r)
+    return [dict(batch=b, context=c, name=n, rounds=len(rs),
+                 sync_vs_fp16=statistics.median(r["sync_vs_fp16"] for r in rs),
+                 pipelined_vs_fp16=statistics.median(r["pipelined_vs_fp16"] for r in rs))
+            for (b, c, n), rs in groups.items()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b")
@@ -217,6 +230,9 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["rows", "pages", "3launch", "2launch", "batched"],
                     help="tq rows to leave out")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat each (B, context), our rows' order rotated per round; report "
+                         "each row's median ratio")
     ap.add_argument("--diagnose", action="store_true",
                     help="also profile each row's graph building and trace its kernels")
     ap.add_argument("--json", default=None)
@@ -232,35 +248,45 @@ def main() -> int:
     log(f"{'B':>3} {'ctx':>6} {'row':>10} {'sync tok/s':>10} {'vs fp16':>7} {'pipe tok/s':>10} "
         f"{'vs fp16':>7} {'build ms':>8} {'host ms':>7} {'wait ms':>7} {'KV MiB/seq':>10} "
         f"{'fit x':>6}")
+    tq_rows = [(name, mode) for name, mode in (
+        ("tq-rows", "rows"), ("tq-pages", "pages"), ("tq-3launch", "shared"),
+        ("tq-2launch", "shared"), ("tq-batched", "shared")) if name[3:] not in args.skip]
     for context in args.contexts:
         for batch in args.batches:
             if batch * context * fp16_per_token > args.max_fp16_gib * 2**30:
                 log(f"skip B={batch} context {context}: fp16 KV over {args.max_fp16_gib} GiB")
                 continue
-            rows = {"fp16": fp16_row(model, batch, context, args)}
-            gc.collect()
-            mx.clear_cache()
-            for name, mode in (("tq-rows", "rows"), ("tq-pages", "pages"),
-                               ("tq-3launch", "shared"), ("tq-2launch", "shared"),
-                               ("tq-batched", "shared")):
-                if name[3:] not in args.skip:
+            for rnd in range(args.rounds):
+                # Round r runs our rows in an order rotated by r (fp16, the baseline, first):
+                # rows of one run have moved ~15% against each other, the later ones lower.
+                order = tq_rows[rnd % max(1, len(tq_rows)):] + tq_rows[:rnd % max(1, len(tq_rows))]
+                rows = {"fp16": fp16_row(model, batch, context, args)}
+                gc.collect()
+                mx.clear_cache()
+                for name, mode in order:
                     rows[name] = tq_row(model, batch, context, args, mode,
                                         step_form=name != "tq-3launch",
                                         fold=not name.endswith("launch"))
-                gc.collect()
-                mx.clear_cache()
-            base = rows["fp16"]
-            for name, r in rows.items():
-                r.update(name=name, batch=batch, context=context,
-                         sync_vs_fp16=r["sync_tok_s"] / base["sync_tok_s"],
-                         pipelined_vs_fp16=r["pipelined_tok_s"] / base["pipelined_tok_s"],
-                         sequences_fit_x=base["kv_bytes_per_seq"] / r["kv_bytes_per_seq"])
-                report["rows"].append(r)
-                log(f"{batch:>3} {context:>6} {name:>10} {r['sync_tok_s']:>10.1f} "
-                    f"{r['sync_vs_fp16']:>7.2f} {r['pipelined_tok_s']:>10.1f} "
-                    f"{r['pipelined_vs_fp16']:>7.2f} {r['build_ms']:>8.2f} "
-                    f"{r['host_ms']:>7.2f} {r['wait_ms']:>7.2f} "
-                    f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f}")
+                    gc.collect()
+                    mx.clear_cache()
+                base = rows["fp16"]
+                for name, r in rows.items():
+                    r.update(name=name, batch=batch, context=context, round=rnd,
+                             sync_vs_fp16=r["sync_tok_s"] / base["sync_tok_s"],
+                             pipelined_vs_fp16=r["pipelined_tok_s"] / base["pipelined_tok_s"],
+                             sequences_fit_x=base["kv_bytes_per_seq"] / r["kv_bytes_per_seq"])
+                    report["rows"].append(r)
+                    log(f"{batch:>3} {context:>6} {name:>10} {r['sync_tok_s']:>10.1f} "
+                        f"{r['sync_vs_fp16']:>7.2f} {r['pipelined_tok_s']:>10.1f} "
+                        f"{r['pipelined_vs_fp16']:>7.2f} {r['build_ms']:>8.2f} "
+                        f"{r['host_ms']:>7.2f} {r['wait_ms']:>7.2f} "
+                        f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f}")
+    if args.rounds > 1:
+        report["medians"] = medians(report["rows"])
+        log("medians over the rounds (each round's ratio against its own fp16):")
+        for m in report["medians"]:
+            log(f"{m['batch']:>3} {m['context']:>6} {m['name']:>10} sync {m['sync_vs_fp16']:.2f}"
+                f" pipelined {m['pipelined_vs_fp16']:.2f} ({m['rounds']} rounds)")
     report["backend"] = active_backend()
     emit(report, args.json)
     return 0
