@@ -22,6 +22,11 @@ output (tests/metal/test_mma_emulated.py checks that on the emulator).
 Memory: the epilogue's threadgroup arrays are carved out of the dequantization table's dynamic
 shared memory (LUT_BYTES), dead once the pages are attended and merged: no more shared memory
 per threadgroup, so the attention's occupancy is unchanged (attention_mma.LUT_BYTES).
+
+Measured (H100, docs/BENCHMARKS.md "One launch per layer"): graph building per step is lower
+than with two launches; tokens/s showed no gain within the runs' noise. The merging
+threadgroup does the epilogue's DV / DC chunks one after another, on the critical path of the
+kernel's last threadgroup, where the standalone kernel spread them over DV / DC threadgroups.
 """
 
 from __future__ import annotations
