@@ -182,11 +182,11 @@ def test_portable_cuda_kernel_on_the_emulator(tmp_path):
         _check(got, lse, ref, ref_lse, lens, "portable")
 
 
-# (case of MMA_CASES, run the splits last to first): single pass, split-K, GQA 3 with Dk 64
-# and automatic splits, GQA 7 over 8 warps with block size 32, GQA 8 with an empty sequence
-# (no page token: the tail alone) split, and rows without page tokens in a single pass.
-EPILOGUE_CASES = [(MMA_CASES[0], False), (MMA_CASES[1], True), (MMA_CASES[2], False),
-                  (MMA_CASES[5], True), (MMA_CASES[4], True),
+# (case of MMA_CASES, run the splits last to first): Llama-3's heads split-K, GQA 7 over 8
+# warps with block size 32, GQA 8 with an empty sequence (no page token: the tail alone)
+# split, and rows without page tokens in a single pass (Dk 64 and GQA 3 are covered by the
+# step form's syntax check; each emulated case costs 5-18 s of the suite).
+EPILOGUE_CASES = [(MMA_CASES[1], True), (MMA_CASES[5], True), (MMA_CASES[4], True),
                   (([0, 40, 0], 32, 8, 128, 128, 16, 1, 4, 1), False)]
 
 
