@@ -1,5 +1,6 @@
 """The device benchmark tools run wherever the suite runs: tools/attention_e2e.py end to end on a
-tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch,
+tiny model (prefill and synthetic-context modes), tools/batch_decode_gpu.py on a tiny batch
+(timed, and counting ops and CUDA graphs), tools/graph_limits_gpu.sh's own logic,
 tools/step_host_cost.py (kernels stubbed: any machine);
 tools/launch_overhead.py and tools/mma_phases.py measure on a GPU (CUDA for mma_phases) and
 refuse clearly without one. Their numbers come from the GPU machine (docs/BENCHMARKS.md)."""
@@ -50,6 +51,42 @@ def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
     assert rows[0]["sequences_fit_x"] == 1.0
     assert len({r["kv_bytes_per_seq"] for r in rows[1:]}) == 1
     assert rows[1]["kv_bytes_per_seq"] < rows[0]["kv_bytes_per_seq"]
+    # Each pipelined step's ms and the memory it allocated: one entry per timed step.
+    for r in rows:
+        assert len(r["pipelined_step_ms"]) == len(r["pipelined_step_peak_mib"]) == 2
+        assert r["pipelined_step_ms_median"] <= r["pipelined_step_ms_max"]
+        assert r["pipelined_step_ms_max"] == max(r["pipelined_step_ms"])
+
+
+def test_batch_decode_gpu_counts_ops_and_cuda_graphs_per_step(tmp_path):
+    dots = tmp_path / "dots"
+    report = tool_json(tmp_path, "batch_decode_gpu.py", "--shape", "tiny", "--batches", "2",
+                       "--contexts", "40", "--steps", "2", "--warmup", "1", "--pool-mib", "16",
+                       "--skip", "rows", "pages", "3launch", "2launch", "--graphs", str(dots))
+    rows = report["rows"]
+    assert [r["name"] for r in rows] == ["fp16", "tq-batched"]
+    assert all("sync_tok_s" not in r for r in rows)  # nothing is timed in this mode
+    for r in rows:
+        # Every primitive of one step's graph, by name; the step ends in the tokens' argmax.
+        assert r["ops_per_step"] == sum(r["ops"].values()) > 0
+        assert r["ops"]["ArgReduce"] == 1
+        # MLX writes a dot file per committed CUDA graph; other backends commit none.
+        if mx.cuda.is_available():
+            assert r["graphs_per_sync_step"] >= 1 and r["graphs_per_pipelined_step"] >= 1
+        else:
+            assert r["graphs_per_sync_step"] == r["graphs_per_pipelined_step"] == 0
+    assert (dots / "graph-ops.dot").exists() and not list(dots.glob("graph_*.dot"))
+
+
+def test_graph_limits_driver_stops_at_its_time_limit_and_rejects_an_unknown_mode(tmp_path):
+    script = str(ROOT / "tools/graph_limits_gpu.sh")
+    res = subprocess.run(["bash", script, "time", str(tmp_path), "2", "--shape", "tiny"],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "TQSTORE_GRAPH_LIMIT_S": "-1"})
+    assert res.returncode == 0 and "stopped before round 0 setting default" in res.stdout
+    res = subprocess.run(["bash", script, "nope", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "usage" in res.stderr
 
 
 def test_batch_decode_gpu_rounds_rotate_our_rows_and_report_medians(tmp_path):

@@ -25,10 +25,22 @@ and the report adds each row's median ratio. Per row: tokens/s (B tokens per ste
 does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
 is built while step t runs); the host's graph-building ms per sync step; per pipelined step the
 host's ms building and encoding (mx.async_eval) the next step and its ms waiting for the GPU
-(a wait near zero: the host sets the pace); KV bytes per sequence
+(a wait near zero: the host sets the pace, or async_eval itself waited: it does when more
+than 10 CUDA graphs are in flight, see --graphs); a pipelined step's median and longest ms
+(first to last: a stall shows as a long maximum over a median at the pace) and the most
+memory any pipelined step allocated above what was live at its start (`peak MiB`; the
+slowest steps are listed with theirs); KV bytes per sequence
 (fp16: the KVCache's bytes / B, in the model's dtype (bf16), as allocated: mlx-lm grows it
 in 256-token steps; ours: the pool's bytes held by the B sequences / B) and the
 sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
+
+With --graphs DIR nothing is timed: each row instead counts its ops per step (by primitive)
+and the CUDA graphs MLX commits per step (sync, then pipelined) with their kernel nodes (not
+those inside captured child graphs: cuBLAS's), from the graphs MLX writes into DIR when
+MLX_SAVE_CUDA_GRAPHS_DOT_FILE is set (MLX's CUDA backend; the tool sets it). Why: MLX cuts a
+step's work into graphs of at most MLX_MAX_OPS_PER_BUFFER ops or MLX_MAX_MB_PER_BUFFER Mi
+input elements, and `mx.async_eval` waits for the GPU whenever more than 10 graphs are in
+flight. tools/graph_limits_gpu.sh runs this tool under other limits.
 
     PYTHONUNBUFFERED=1 python3 tools/batch_decode_gpu.py --batches 8 32 --contexts 8192 32768
     python3 tools/batch_decode_gpu.py --shape tiny --batches 2 --contexts 256 --steps 4   # CPU
@@ -38,9 +50,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,14 +95,21 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
         mx.eval(y)
     sync_s = time.perf_counter() - t0
     host = wait = 0.0
+    per_step = []  # each pipelined step's ms: a few long ones are stalls, not the pace
     t0 = time.perf_counter()
+    peaks = []  # MiB allocated per pipelined step above what was live at its start
     for _ in range(steps):
+        mx.reset_peak_memory()
+        live = mx.get_active_memory()
         th = time.perf_counter()
         nxt = step(y)
         mx.async_eval(nxt)
         tw = time.perf_counter()
         mx.eval(y)
-        host, wait = host + tw - th, wait + time.perf_counter() - tw
+        done = time.perf_counter()
+        host, wait = host + tw - th, wait + done - tw
+        per_step.append(1e3 * (done - th))
+        peaks.append((mx.get_peak_memory() - live) / 2**20)
         y = nxt
     mx.eval(y)
     pipe_s = time.perf_counter() - t0
@@ -95,7 +117,77 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
     # wait for step t (wait_ms). A wait near zero: the host sets the pace, not the GPU.
     return {"sync_tok_s": batch * steps / sync_s, "pipelined_tok_s": batch * steps / pipe_s,
             "build_ms": 1e3 * build / steps, "host_ms": 1e3 * host / steps,
-            "wait_ms": 1e3 * wait / steps}
+            "wait_ms": 1e3 * wait / steps, "pipelined_step_ms_median": statistics.median(per_step),
+            "pipelined_step_ms_max": max(per_step), "pipelined_step_ms": per_step,
+            "pipelined_step_peak_mib": peaks}
+
+
+def ops_in_step(step, y: mx.array, dot_path: str) -> tuple[mx.array, dict[str, int]]:
+    """One step, with the primitives MLX will evaluate for it counted by name (from
+    mx.export_to_dot of its unevaluated graph): the ops the host builds and encodes."""
+    nxt = step(y)
+    mx.export_to_dot(dot_path, nxt)
+    ops = Counter(re.findall(r'label ="([^"]+)", shape=rectangle', Path(dot_path).read_text()))
+    mx.eval(nxt)
+    return nxt, dict(ops.most_common())
+
+
+def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) -> dict:
+    """Ops per step, then CUDA graphs MLX committed per step and kernel nodes per graph, sync
+    then pipelined, from the dot files MLX writes as `{dot_prefix}_{n}.dot` per committed graph
+    (none on the CPU)."""
+    def committed(run) -> tuple[int, int]:
+        mx.synchronize()
+        before = set(Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot"))
+        run()
+        mx.synchronize()
+        new = set(Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot")) - before
+        # cudaGraphDebugDotPrint (flags 0, seen on the H100): a node opens with
+        # `"graph_<g>_node_<n>"[style=... shape=...`; a kernel's shape is "octagon", a captured
+        # child graph's (cuBLAS, ...: not expanded) "rectangle".
+        text = "".join(f.read_text() for f in new)
+        kernels = len(re.findall(r'_node_\d+"\[[^\n]*shape="octagon"', text))
+        for f in sorted(new):  # the last one stays as a sample of what a graph holds
+            f.replace(dot_prefix + "-sample.dot")
+        return len(new), kernels
+
+    state = {"y": mx.zeros((batch,), dtype=mx.int32)}
+    for _ in range(warmup):
+        state["y"] = step(state["y"])
+        mx.eval(state["y"])
+    state["y"], ops = ops_in_step(step, state["y"], dot_prefix + "-ops.dot")
+
+    def run_sync():
+        for _ in range(steps):
+            state["y"] = step(state["y"])
+            mx.eval(state["y"])
+
+    def run_pipelined():
+        for _ in range(steps):
+            nxt = step(state["y"])
+            mx.async_eval(nxt)
+            mx.eval(state["y"])
+            state["y"] = nxt
+        mx.eval(state["y"])
+
+    sync_graphs, sync_kernels = committed(run_sync)
+    pipe_graphs, pipe_kernels = committed(run_pipelined)
+    return {"ops_per_step": sum(ops.values()), "ops": ops,
+            "graphs_per_sync_step": sync_graphs / steps,
+            "kernels_per_sync_graph": sync_kernels / max(1, sync_graphs),
+            "graphs_per_pipelined_step": pipe_graphs / steps,
+            "kernels_per_pipelined_graph": pipe_kernels / max(1, pipe_graphs)}
+
+
+def measure(step, batch: int, args) -> dict:
+    """The row's timings, or with --graphs its graph counts."""
+    if args.graphs:
+        return graphs_per_step(step, batch, args.steps, args.warmup, dot_prefix(args))
+    return timed(step, batch, args.steps, args.warmup)
+
+
+def dot_prefix(args) -> str:
+    return str(Path(args.graphs).resolve() / "graph")
 
 
 def diagnose(step, batch: int, label: str, steps: int = 16) -> None:
@@ -156,7 +248,7 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
     def step(tokens: mx.array) -> mx.array:
         return mx.argmax(model(tokens[:, None], cache=caches)[:, -1, :], axis=-1)
 
-    row = timed(step, batch, args.steps, args.warmup)
+    row = measure(step, batch, args)
     if args.diagnose:
         diagnose(step, batch, f"fp16 B={batch} {context}")
     row["kv_bytes_per_seq"] = sum(c.nbytes for c in caches) / batch
@@ -190,7 +282,7 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
     default_form, step_launch.STEP_FORM = step_launch.STEP_FORM, step_form
     default_fold, step_launch.FOLD_EPILOGUE = step_launch.FOLD_EPILOGUE, fold
     try:
-        row = timed(step, batch, args.steps, args.warmup)
+        row = measure(step, batch, args)
         if args.diagnose:
             diagnose(step, batch, f"{mode} B={batch} {context}")
     finally:
@@ -235,8 +327,15 @@ def main() -> int:
                          "each row's median ratio")
     ap.add_argument("--diagnose", action="store_true",
                     help="also profile each row's graph building and trace its kernels")
+    ap.add_argument("--graphs", default=None, metavar="DIR",
+                    help="time nothing: count each row's CUDA graphs per step (MLX writes "
+                         "each committed graph into DIR)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.graphs:
+        # Read by MLX at its first committed graph, which comes after this line.
+        Path(args.graphs).mkdir(parents=True, exist_ok=True)
+        os.environ["MLX_SAVE_CUDA_GRAPHS_DOT_FILE"] = dot_prefix(args)
     from tqstore.metal.dispatch import active_backend
 
     loaded = build_model(args.shape, args.seed)
@@ -244,10 +343,14 @@ def main() -> int:
     attn = model.layers[0].self_attn
     head_dim = model.args.hidden_size // model.args.num_attention_heads
     fp16_per_token = 2 * 2 * attn.n_kv_heads * head_dim * len(model.layers)
-    report = {"device": str(mx.default_device()), "shape": args.shape, "rows": []}
-    log(f"{'B':>3} {'ctx':>6} {'row':>10} {'sync tok/s':>10} {'vs fp16':>7} {'pipe tok/s':>10} "
-        f"{'vs fp16':>7} {'build ms':>8} {'host ms':>7} {'wait ms':>7} {'KV MiB/seq':>10} "
-        f"{'fit x':>6}")
+    report = {"device": str(mx.default_device()), "shape": args.shape, "rows": [],
+              "graph_limits": {k: os.environ.get(k) for k in (
+                  "MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER", "MLX_USE_CUDA_GRAPHS")},
+              "pool_mib": args.pool_mib}
+    if not args.graphs:
+        log(f"{'B':>3} {'ctx':>6} {'row':>10} {'sync tok/s':>10} {'vs fp16':>7} "
+            f"{'pipe tok/s':>10} {'vs fp16':>7} {'build ms':>8} {'host ms':>7} {'wait ms':>7} "
+            f"{'KV MiB/seq':>10} {'fit x':>6} {'step ms':>7} {'max ms':>7} {'peak MiB':>8}")
     tq_rows = [(name, mode) for name, mode in (
         ("tq-rows", "rows"), ("tq-pages", "pages"), ("tq-3launch", "shared"),
         ("tq-2launch", "shared"), ("tq-batched", "shared")) if name[3:] not in args.skip]
@@ -269,6 +372,17 @@ def main() -> int:
                                         fold=not name.endswith("launch"))
                     gc.collect()
                     mx.clear_cache()
+                if args.graphs:
+                    for name, r in rows.items():
+                        r.update(name=name, batch=batch, context=context, round=rnd)
+                        report["rows"].append(r)
+                        log(f"{batch:>3} {context:>6} {name:>10} {r['ops_per_step']} ops/step "
+                            f"(most: {list(r['ops'].items())[:8]})")
+                        log(f"{batch:>3} {context:>6} {name:>10} graphs/step sync "
+                            f"{r['graphs_per_sync_step']:.2f} ({r['kernels_per_sync_graph']:.1f}"
+                            f" kernels each) pipelined {r['graphs_per_pipelined_step']:.2f} "
+                            f"({r['kernels_per_pipelined_graph']:.1f} kernels each)")
+                    continue
                 base = rows["fp16"]
                 for name, r in rows.items():
                     r.update(name=name, batch=batch, context=context, round=rnd,
@@ -280,8 +394,15 @@ def main() -> int:
                         f"{r['sync_vs_fp16']:>7.2f} {r['pipelined_tok_s']:>10.1f} "
                         f"{r['pipelined_vs_fp16']:>7.2f} {r['build_ms']:>8.2f} "
                         f"{r['host_ms']:>7.2f} {r['wait_ms']:>7.2f} "
-                        f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f}")
-    if args.rounds > 1:
+                        f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f} "
+                        f"{r['pipelined_step_ms_median']:>7.2f} {r['pipelined_step_ms_max']:>7.2f} "
+                        f"{max(r['pipelined_step_peak_mib']):>8.0f}")
+                    slowest = sorted(range(len(r["pipelined_step_ms"])),
+                                     key=r["pipelined_step_ms"].__getitem__)[-4:]
+                    ms, peak = r["pipelined_step_ms"], r["pipelined_step_peak_mib"]
+                    log(f"    {name}: slowest pipelined steps (index: ms, peak MiB) " + ", ".join(
+                        f"{i}: {ms[i]:.1f}, {peak[i]:.0f}" for i in sorted(slowest)))
+    if args.rounds > 1 and not args.graphs:
         report["medians"] = medians(report["rows"])
         log("medians over the rounds (each round's ratio against its own fp16):")
         for m in report["medians"]:
