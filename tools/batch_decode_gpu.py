@@ -122,6 +122,25 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
             "pipelined_step_peak_mib": peaks}
 
 
+def step_runners(step, state: dict, steps: int):
+    """(run_sync, run_pipelined): `steps` steps from state["y"], evaluated one by one, or
+    with step t+1 encoded (mx.async_eval) before waiting on step t; state["y"] follows."""
+    def run_sync():
+        for _ in range(steps):
+            state["y"] = step(state["y"])
+            mx.eval(state["y"])
+
+    def run_pipelined():
+        for _ in range(steps):
+            nxt = step(state["y"])
+            mx.async_eval(nxt)
+            mx.eval(state["y"])
+            state["y"] = nxt
+        mx.eval(state["y"])
+
+    return run_sync, run_pipelined
+
+
 def ops_in_step(step, y: mx.array, dot_path: str) -> tuple[mx.array, dict[str, int]]:
     """One step, with the primitives MLX will evaluate for it counted by name (from
     mx.export_to_dot of its unevaluated graph): the ops the host builds and encodes."""
@@ -156,20 +175,7 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
         state["y"] = step(state["y"])
         mx.eval(state["y"])
     state["y"], ops = ops_in_step(step, state["y"], dot_prefix + "-ops.dot")
-
-    def run_sync():
-        for _ in range(steps):
-            state["y"] = step(state["y"])
-            mx.eval(state["y"])
-
-    def run_pipelined():
-        for _ in range(steps):
-            nxt = step(state["y"])
-            mx.async_eval(nxt)
-            mx.eval(state["y"])
-            state["y"] = nxt
-        mx.eval(state["y"])
-
+    run_sync, run_pipelined = step_runners(step, state, steps)
     sync_graphs, sync_kernels = committed(run_sync)
     pipe_graphs, pipe_kernels = committed(run_pipelined)
     return {"ops_per_step": sum(ops.values()), "ops": ops,
@@ -213,21 +219,7 @@ def diagnose(step, batch: int, label: str, steps: int = 16) -> None:
     except ImportError as exc:  # no torch here: the host profile only
         log(f"no CUPTI trace ({exc})")
         return
-    state = {"y": y}
-
-    def run():
-        for _ in range(steps):
-            state["y"] = step(state["y"])
-            mx.eval(state["y"])
-
-    def run_pipelined():
-        for _ in range(steps):
-            nxt = step(state["y"])
-            mx.async_eval(nxt)
-            mx.eval(state["y"])
-            state["y"] = nxt
-        mx.eval(state["y"])
-
+    run, run_pipelined = step_runners(step, {"y": y}, steps)
     wall, events = traced(run, label)
     summarize(label + " sync", wall, events, steps, top=14)
     wall, events = traced(run_pipelined, label)
@@ -314,7 +306,10 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=20,
+                    help="untimed steps first: 20 cover a block opening (block size 16), "
+                         "whose first use in a process may compile kernels (with 3, the first "
+                         "timed process of a machine stalled for seconds: docs/BENCHMARKS.md)")
     ap.add_argument("--max-fp16-gib", type=float, default=40.0,
                     help="skip a (B, context) whose fp16 KV is larger than this")
     ap.add_argument("--pool-mib", type=int, default=12000)
