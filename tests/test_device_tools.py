@@ -78,15 +78,19 @@ def test_batch_decode_gpu_counts_ops_and_cuda_graphs_per_step(tmp_path):
     assert (dots / "graph-ops.dot").exists() and not list(dots.glob("graph_*.dot"))
 
 
-def test_graph_limits_driver_stops_at_its_time_limit_and_rejects_an_unknown_mode(tmp_path):
+def test_graph_limits_driver_stops_at_its_time_limit_and_refuses_bad_arguments(tmp_path):
     script = str(ROOT / "tools/graph_limits_gpu.sh")
     res = subprocess.run(["bash", script, "time", str(tmp_path), "2", "--shape", "tiny"],
                          capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "TQSTORE_GRAPH_LIMIT_S": "-1"})
     assert res.returncode == 0 and "stopped before round 0 setting default" in res.stdout
-    res = subprocess.run(["bash", script, "nope", str(tmp_path)], capture_output=True,
-                         text=True, timeout=60)
-    assert res.returncode == 2 and "usage" in res.stderr
+    for args, env, says in ((["nope", str(tmp_path)], {}, "usage"), (["time"], {}, "usage"),
+                            (["count", str(tmp_path)], {"TQSTORE_GRAPH_SETTINGS": "mb bogus"},
+                             "unknown setting bogus")):
+        res = subprocess.run(["bash", script, *args], capture_output=True, text=True,
+                             timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+        assert res.returncode == 2 and says in res.stderr, res.stderr
+        assert "graphs per step" not in res.stdout  # refused before running anything
 
 
 def test_batch_decode_gpu_rounds_rotate_our_rows_and_report_medians(tmp_path):

@@ -28,8 +28,8 @@ host's ms building and encoding (mx.async_eval) the next step and its ms waiting
 (a wait near zero: the host sets the pace, or async_eval itself waited: it does when more
 than 10 CUDA graphs are in flight, see --graphs); a pipelined step's median and longest ms
 (first to last: a stall shows as a long maximum over a median at the pace) and the most
-memory any pipelined step allocated above what was live at its start (`peak MiB`; the
-slowest steps are listed with theirs); KV bytes per sequence
+memory in use during any pipelined step above what was in use at its start (`peak MiB`, net
+of what the step freed; the slowest steps are listed with theirs); KV bytes per sequence
 (fp16: the KVCache's bytes / B, in the model's dtype (bf16), as allocated: mlx-lm grows it
 in 256-token steps; ours: the pool's bytes held by the B sequences / B) and the
 sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
@@ -97,7 +97,9 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
     host = wait = 0.0
     per_step = []  # each pipelined step's ms: a few long ones are stalls, not the pace
     t0 = time.perf_counter()
-    peaks = []  # MiB allocated per pipelined step above what was live at its start
+    # Per pipelined step, MiB: the most memory in use during it (MLX's peak, reset at its
+    # start) less what was in use at its start. Net: a step that frees first may show < 0.
+    peaks = []
     for _ in range(steps):
         mx.reset_peak_memory()
         live = mx.get_active_memory()
@@ -157,6 +159,7 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
     (none on the CPU)."""
     def committed(run) -> tuple[int, int]:
         mx.synchronize()
+        clear_graph_dots(dot_prefix)  # what loading, warm-up and the ops count committed
         before = set(Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot"))
         run()
         mx.synchronize()
@@ -166,7 +169,8 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
         # child graph's (cuBLAS, ...: not expanded) "rectangle".
         text = "".join(f.read_text() for f in new)
         kernels = len(re.findall(r'_node_\d+"\[[^\n]*shape="octagon"', text))
-        for f in sorted(new):  # the last one stays as a sample of what a graph holds
+        # The last committed one stays as a sample of what a graph holds (MLX numbers them).
+        for f in sorted(new, key=lambda f: int(f.stem.rsplit("_", 1)[1])):
             f.replace(dot_prefix + "-sample.dot")
         return len(new), kernels
 
@@ -183,6 +187,12 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
             "kernels_per_sync_graph": sync_kernels / max(1, sync_graphs),
             "graphs_per_pipelined_step": pipe_graphs / steps,
             "kernels_per_pipelined_graph": pipe_kernels / max(1, pipe_graphs)}
+
+
+def clear_graph_dots(dot_prefix: str) -> None:
+    """Remove the per-graph dot files MLX wrote so far (`{dot_prefix}_{n}.dot`)."""
+    for f in Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot"):
+        f.unlink()
 
 
 def measure(step, batch: int, args) -> dict:
@@ -404,6 +414,9 @@ def main() -> int:
             log(f"{m['batch']:>3} {m['context']:>6} {m['name']:>10} sync {m['sync_vs_fp16']:.2f}"
                 f" pipelined {m['pipelined_vs_fp16']:.2f} ({m['rounds']} rounds)")
     report["backend"] = active_backend()
+    if args.graphs:
+        mx.synchronize()
+        clear_graph_dots(dot_prefix(args))  # DIR keeps the samples, not thousands of graphs
     emit(report, args.json)
     return 0
 

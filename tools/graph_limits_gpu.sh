@@ -16,10 +16,18 @@
 # Each run's log and JSON land in OUTDIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+usage() { echo "usage: $0 count OUTDIR [args] | time OUTDIR ROUNDS [args]" >&2; exit 2; }
+[ $# -ge 2 ] || usage
 mode=$1 out=$2
 shift 2
 mkdir -p "$out"
 read -ra SETTINGS <<< "${TQSTORE_GRAPH_SETTINGS:-default mb mbops}"
+for name in "${SETTINGS[@]}"; do
+  case $name in
+    default|mb|mbops) ;;
+    *) echo "unknown setting $name (default, mb, mbops)" >&2; exit 2 ;;
+  esac
+done
 BIG=1000000000
 start=$SECONDS
 
@@ -43,6 +51,7 @@ case $mode in
       rm -rf "$out/dots-$name"/graph_*.dot
     done ;;
   time)
+    [ $# -ge 1 ] || usage
     rounds=$1
     shift
     for ((r = 0; r < rounds; r++)); do
@@ -58,5 +67,5 @@ case $mode in
           | grep -E "^\[.{8}\] +[0-9]+ +[0-9]+ |slowest|Error|error"
       done
     done ;;
-  *) echo "usage: $0 count|time OUTDIR ..." >&2; exit 2 ;;
+  *) usage ;;
 esac
