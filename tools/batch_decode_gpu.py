@@ -20,19 +20,20 @@ the keys; tools/attention_e2e.py does the same for B=1), all B of the same lengt
               (the default before the epilogue was folded in: FOLD_EPILOGUE off)
   tq-batched  the default ("shared"): as tq-2launch with the per-row epilogue folded into the
               step kernel (tqstore.metal.mma_epilogue): one launch per layer
-With --rounds R each (B, context) runs R times, our rows' order rotated by one each round,
-and the report adds each row's median ratio. Per row: tokens/s (B tokens per step) built and evaluated step by step as the serving engine
-does (`sync`) and pipelined as mlx-lm's generate_step does (`pipelined`: the graph of step t+1
-is built while step t runs); the host's graph-building ms per sync step; per pipelined step the
-host's ms building and encoding (mx.async_eval) the next step and its ms waiting for the GPU
-(a wait near zero: the host sets the pace, or async_eval itself waited: it does when more
-than 10 CUDA graphs are in flight, see --graphs); a pipelined step's median and longest ms
-(first to last: a stall shows as a long maximum over a median at the pace) and the most
-memory in use during any pipelined step above what was in use at its start (`peak MiB`, net
-of what the step freed; the slowest steps are listed with theirs); KV bytes per sequence
-(fp16: the KVCache's bytes / B, in the model's dtype (bf16), as allocated: mlx-lm grows it
-in 256-token steps; ours: the pool's bytes held by the B sequences / B) and the
-sequences of this context that fit in the fp16 batch's KV bytes at ours per sequence.
+With --rounds R each (B, context) runs R times, our rows' order rotated by one each round, and
+the report adds each row's median ratio. Per row: tokens/s (B tokens per step) built and
+evaluated step by step as the serving engine does (`sync`) and pipelined as mlx-lm's
+generate_step does (`pipelined`: the graph of step t+1 is built while step t runs); the host's
+graph-building ms per sync step; per pipelined step the host's ms building and encoding
+(mx.async_eval) the next step and its ms waiting for the GPU (a wait near zero: the host sets
+the pace, or async_eval itself waited: it does when more than 10 CUDA graphs are in flight, see
+--graphs); a pipelined step's median and longest ms (first to last: a stall shows as a long
+maximum over a median at the pace) and the most memory in use during any pipelined step above
+what was in use at its start (`peak MiB`, net of what the step freed; the slowest steps are
+listed with theirs); KV bytes per sequence (fp16: the KVCache's bytes / B, in the model's dtype
+(bf16), as allocated: mlx-lm grows it in 256-token steps; ours: the pool's bytes held by the B
+sequences / B) and the sequences of this context that fit in the fp16 batch's KV bytes at ours
+per sequence.
 
 With --graphs DIR nothing is timed: each row instead counts its ops per step (by primitive)
 and the CUDA graphs MLX commits per step (sync, then pipelined) with their kernel nodes (not
@@ -160,10 +161,9 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
     def committed(run) -> tuple[int, int]:
         mx.synchronize()
         clear_graph_dots(dot_prefix)  # what loading, warm-up and the ops count committed
-        before = set(Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot"))
         run()
         mx.synchronize()
-        new = set(Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot")) - before
+        new = graph_dots(dot_prefix)
         # cudaGraphDebugDotPrint (flags 0, seen on the H100): a node opens with
         # `"graph_<g>_node_<n>"[style=... shape=...`; a kernel's shape is "octagon", a captured
         # child graph's (cuBLAS, ...: not expanded) "rectangle".
@@ -175,9 +175,7 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
         return len(new), kernels
 
     state = {"y": mx.zeros((batch,), dtype=mx.int32)}
-    for _ in range(warmup):
-        state["y"] = step(state["y"])
-        mx.eval(state["y"])
+    step_runners(step, state, warmup)[0]()  # the warm-up, evaluated step by step
     state["y"], ops = ops_in_step(step, state["y"], dot_prefix + "-ops.dot")
     run_sync, run_pipelined = step_runners(step, state, steps)
     sync_graphs, sync_kernels = committed(run_sync)
@@ -189,9 +187,13 @@ def graphs_per_step(step, batch: int, steps: int, warmup: int, dot_prefix: str) 
             "kernels_per_pipelined_graph": pipe_kernels / max(1, pipe_graphs)}
 
 
+def graph_dots(dot_prefix: str) -> list[Path]:
+    """The per-graph dot files MLX has written (`{dot_prefix}_{n}.dot`)."""
+    return list(Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot"))
+
+
 def clear_graph_dots(dot_prefix: str) -> None:
-    """Remove the per-graph dot files MLX wrote so far (`{dot_prefix}_{n}.dot`)."""
-    for f in Path(dot_prefix).parent.glob(Path(dot_prefix).name + "_*.dot"):
+    for f in graph_dots(dot_prefix):
         f.unlink()
 
 
@@ -333,8 +335,8 @@ def main() -> int:
     ap.add_argument("--diagnose", action="store_true",
                     help="also profile each row's graph building and trace its kernels")
     ap.add_argument("--graphs", default=None, metavar="DIR",
-                    help="time nothing: count each row's CUDA graphs per step (MLX writes "
-                         "each committed graph into DIR)")
+                    help="time nothing: count each row's ops and CUDA graphs per step (MLX "
+                         "writes each committed graph into DIR)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.graphs:
@@ -402,9 +404,8 @@ def main() -> int:
                         f"{r['kv_bytes_per_seq'] / 2**20:>10.1f} {r['sequences_fit_x']:>6.2f} "
                         f"{r['pipelined_step_ms_median']:>7.2f} {r['pipelined_step_ms_max']:>7.2f} "
                         f"{max(r['pipelined_step_peak_mib']):>8.0f}")
-                    slowest = sorted(range(len(r["pipelined_step_ms"])),
-                                     key=r["pipelined_step_ms"].__getitem__)[-4:]
                     ms, peak = r["pipelined_step_ms"], r["pipelined_step_peak_mib"]
+                    slowest = sorted(range(len(ms)), key=ms.__getitem__)[-4:]
                     log(f"    {name}: slowest pipelined steps (index: ms, peak MiB) " + ", ".join(
                         f"{i}: {ms[i]:.1f}, {peak[i]:.0f}" for i in sorted(slowest)))
     if args.rounds > 1 and not args.graphs:

@@ -20,6 +20,7 @@ usage() { echo "usage: $0 count OUTDIR [args] | time OUTDIR ROUNDS [args]" >&2; 
 [ $# -ge 2 ] || usage
 mode=$1 out=$2
 shift 2
+case $mode in count|time) ;; *) usage ;; esac
 mkdir -p "$out"
 read -ra SETTINGS <<< "${TQSTORE_GRAPH_SETTINGS:-default mb mbops}"
 for name in "${SETTINGS[@]}"; do
@@ -48,7 +49,6 @@ case $mode in
       with_setting "$name" python3 tools/batch_decode_gpu.py --graphs "$out/dots-$name" \
         --json "$out/graphs-$name.json" "$@" 2>&1 | tee "$out/graphs-$name.log" \
         | grep -E "graphs/step|ops/step|Error|error"
-      rm -rf "$out/dots-$name"/graph_*.dot
     done ;;
   time)
     [ $# -ge 1 ] || usage
@@ -67,5 +67,4 @@ case $mode in
           | grep -E "^\[.{8}\] +[0-9]+ +[0-9]+ |slowest|Error|error"
       done
     done ;;
-  *) usage ;;
 esac
