@@ -234,6 +234,45 @@ def test_a_batch_makes_its_arrival_counters_once_per_layer(rng, shared_path, len
         assert bool(all_open) == (lengths != PROMPTS)  # in step: all rows open blocks at once
 
 
+def test_a_block_opening_step_makes_its_index_arrays_once_for_every_layer(rng, shared_path,
+                                                                         monkeypatch):
+    """Rows at the same position in their blocks commit their full tails together in every
+    layer of the step that opens their next blocks: one page write per layer, every layer
+    given the same block-id array (shared_tail.index_array: made once per step, not a host
+    array per layer, which cost 51 us each on an H100's host), holding each row's block;
+    the next opening, new blocks and a new array."""
+    from tqstore.paged.arenas import TurboQuantArena
+    shared_module.index_array.cache_clear()
+    writes = []  # (layer, the block-id array, its values) of each whole-page write
+    real = TurboQuantArena.write
+
+    def write(self, block_ids, slots, keys, values):
+        if slots is None:
+            writes.append((self.layer, block_ids, np.array(block_ids).tolist()))
+        return real(self, block_ids, slots, keys, values)
+
+    monkeypatch.setattr(TurboQuantArena, "write", write)
+    model = tiny_model("llama")
+    install(model)
+    lengths = (21, 29, 37)  # 5 tokens into their blocks of 8 each: they open blocks together
+    sequences = prefilled(model, TAIL, [[int(t) for t in rng.integers(3, 97, n)]
+                                        for n in lengths])
+    writes.clear()  # the prefills' own
+    for step in forced(rng.integers(3, 97, (2 * BS, len(lengths)))):
+        for caches, token in zip(sequences, step):
+            caches[0].sequence.append_token_ids([token])
+        mx.eval(model(mx.array([[t] for t in step]), cache=batch_caches(sequences)))
+    layers = len(model.layers)
+    assert [w[0] for w in writes] == 2 * list(range(layers))  # two openings, one write each
+    for opening in (writes[:layers], writes[layers:]):
+        assert all(w[1] is opening[0][1] for w in opening)
+    # The blocks each row filled: positions [k * BS, k * BS + BS), k = n // BS then the next.
+    for k, opening in enumerate((writes[0], writes[layers])):
+        assert opening[2] == [s[0].sequence.block_ids[n // BS + k]
+                              for s, n in zip(sequences, lengths)]
+    assert writes[0][1] is not writes[layers][1]
+
+
 def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path, monkeypatch):
     """The engine rebuilds the batch every step: rows reorder, one decodes alone in between,
     one is trimmed. Each row must still read its own tail: the buffer is passed on only when

@@ -96,6 +96,22 @@ def _tail_info(lengths: tuple[int, ...]) -> mx.array:
     return info
 
 
+@lru_cache(maxsize=16)
+def index_array(values: tuple[int, ...]) -> mx.array:
+    """int32 ``values`` as an array, kept by value: commit_full_tails' block ids and the rows'
+    places in the shared tails are the same for every layer of a step (a sequence's block
+    table serves every layer), so a block-opening step makes them once, not once per layer
+    (2 host arrays per layer, 51 us each on an H100's host under cProfile: docs/BENCHMARKS.md,
+    twenty-first session). Evaluated when made, as _tail_info's, and on the CPU stream: fewer
+    than 4 values are a slice of their padded buffer, and evaluating that on the GPU's stream
+    would wait for every GPU launch queued before it (the previous step's, pipelined).
+    Block ids are new at every block opening, so this is made once per such step."""
+    with mx.stream(mx.cpu):
+        arr = padded_array(list(values))
+        mx.eval(arr)
+    return arr
+
+
 def old_tails(caches: Seq[PagedLayerCache], lengths: list[int]
               ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """The rows' tails before this step as block-sized buffers (B, Hkv, block_size, D), the
@@ -211,12 +227,13 @@ def commit_full_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> None:
         if slots is not None:
             return  # not whole blocks (nothing written yet): each row commits its own
         ids.append(cache.sequence.blocks[cache.committed // bs].block_id)
-    shared, where = refs[0][0], padded_array([r[1] for r in refs])
+    shared, where = refs[0][0], index_array(tuple(r[1] for r in refs))
 
     def tokens(buffer: mx.array) -> mx.array:  # (R, Hkv, bs, D) -> (Hkv, R * bs, D)
         picked = mx.swapaxes(buffer[where], 0, 1)
         return picked.reshape(picked.shape[0], -1, picked.shape[-1])
 
-    caches[0].arena.write(padded_array(ids), None, tokens(shared.keys), tokens(shared.values))
+    caches[0].arena.write(index_array(tuple(ids)), None, tokens(shared.keys),
+                          tokens(shared.values))
     for _, cache in rows:
         cache.tail_committed_by_batch()
