@@ -173,6 +173,22 @@ def test_quantize_source_compiles(dialect, dim, bits, nc, tmp_path):
     syntax_check(src, tmp_path, f"quant_{dialect}")
 
 
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("load", ["rows", "rows_centered"])
+def test_quantize_rows_source_compiles(dialect, load, tmp_path):
+    """The rows form (fp16 tail buffers, the rows to take, the keys' center) of the quantize
+    kernel that a block-opening decode step writes full tails with."""
+    from tqstore.metal.quantize import ROWS_INPUTS, quantize_body, quantize_header
+    types = dict(x="float16", signs="float32", codebook="float32", midpoints="float32",
+                 rot_norm="float32", params="int32", where="int32", center="float32")
+    body = quantize_body(128, 4, True, dialect, load)
+    assert ("center[" in body) == (load == "rows_centered") and "where[" in body
+    src = full_source(dialect, "quant", quantize_header(dialect), body,
+                      [(n, types[n]) for n in ROWS_INPUTS],
+                      [("codes", "uint8"), ("scales", "float16")])
+    syntax_check(src, tmp_path, f"quant_{load}_{dialect}")
+
+
 def test_quantize_tree_sum_matches_the_codec_order(rng):
     """The generated reduction replays codec.tree_sum_last's pairing, odd tails included."""
     import mlx.core as mx

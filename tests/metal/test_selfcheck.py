@@ -189,6 +189,51 @@ def test_a_centered_codec_quantizes_to_its_own_bytes_on_every_device(rng, device
     assert not any(v.startswith("disabled") for v in selfcheck.kernel_report().values())
 
 
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
+def test_full_tail_blocks_quantize_to_the_codecs_bytes_on_every_device(rng, device, centered):
+    """dispatch.quantize_rows (a block-opening step's write of full tails, straight from the
+    shared tail buffers): codec.quantize(buffer[rows]) byte for byte, in the pages' layout. On
+    a GPU that is the rows kernel (the gather and the centering inside it), checked here
+    against the codec on the CPU stream, and its self-check passed; elsewhere the gather."""
+    from tqstore.codec.profile import QualityProfile
+    from tqstore.metal.quantize import kernel_quantize_rows
+    heads, dim, bs = 2, 128, 16
+    profile = None
+    if centered:
+        means = (rng.standard_normal((4, heads, dim)) * 3).astype(np.float16)
+        profile = QualityProfile("m", 4, heads, dim, means.tobytes())
+    codec = layer_codecs(CodecConfig(4, 4, profile=profile), 2, heads, dim)[0]
+    assert (codec.center is not None) == centered
+    buffer = mx.array((rng.standard_normal((5, heads, bs, dim)) * 2).astype(np.float16))
+    rows = mx.array(np.array([3, 0, 4], dtype=np.int32))
+    got = dispatch.quantize_rows(codec, buffer, rows)
+    with mx.stream(mx.cpu):
+        want = codec.quantize(buffer[rows])
+    assert got.codes.shape == (3, heads, bs, codec.code_bytes) and got.scales.shape == (3, heads, bs)
+    assert np.array(got.codes).tobytes() == np.array(want.codes).tobytes()
+    assert np.array(got.scales).view(np.uint16).tobytes() == np.array(
+        want.scales).view(np.uint16).tobytes()
+    assert (kernel_quantize_rows(codec, buffer, rows) is None) == (device == "cpu")
+    assert not any(v.startswith("disabled") for v in selfcheck.kernel_report().values())
+
+
+def test_the_rows_quantize_check_rejects_wrong_rows_and_a_missed_center(rng):
+    """selfcheck.check_quantize_rows passes the gather itself and fails a kernel that takes
+    the first rows instead of the asked ones, or forgets the keys' center."""
+    from tqstore.codec.profile import QualityProfile
+    heads, dim = 2, 64
+    means = (rng.standard_normal((2, heads, dim)) * 3).astype(np.float16)
+    codec = layer_codecs(CodecConfig(4, 4, profile=QualityProfile("m", 2, heads, dim,
+                                                                  means.tobytes())), 1, heads, dim)[0]
+    with mx.stream(mx.cpu):
+        assert selfcheck.check_quantize_rows(codec, lambda c, b, w: c.quantize(b[w])) is None
+        first = lambda c, b, w: c.quantize(b[: w.shape[0]])  # noqa: E731
+        assert "differ" in selfcheck.check_quantize_rows(codec, first)
+        uncentered = lambda c, b, w: c.residual_codec.quantize(b[w])  # noqa: E731
+        assert "differ" in selfcheck.check_quantize_rows(codec, uncentered)
+        assert "declined" in selfcheck.check_quantize_rows(codec, lambda c, b, w: None)
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_the_folded_epilogues_check_rejects_a_small_error_of_either_part(dtype):
     """selfcheck.check_step_epilogue (the step kernel with the epilogue folded in) passes the

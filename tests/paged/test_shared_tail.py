@@ -113,12 +113,13 @@ def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtyp
     buffer) and every committed page hold the same bytes, exact by construction (conversions,
     copies and per-vector codes); the output is in the queries' dtype. Rows at the same
     position in their blocks commit together, in one write for all of them: all three
-    ("in-step"), or rows 0 and 2 while row 1 commits on its own ("pair")."""
-    from tqstore.paged.tail_storage import TailStorage
-    together = []
-    real = TailStorage.tail_committed_by_batch
-    monkeypatch.setattr(TailStorage, "tail_committed_by_batch",
-                        lambda self: (together.append(self.layer), real(self))[1])
+    ("in-step"), or rows 0 and 2 while row 1 commits on its own ("pair"); a row alone, from
+    its row of the shared buffer too ("apart")."""
+    from tqstore.paged.arenas import TurboQuantArena
+    writes = []  # (layer, the rows) of each batched block write
+    real = TurboQuantArena.write_blocks
+    monkeypatch.setattr(TurboQuantArena, "write_blocks", lambda self, ids, k, v, rows: (
+        writes.append((self.layer, np.array(rows).tolist())), real(self, ids, k, v, rows))[1])
     model = tiny_model("llama")
     install(model)  # the rows' attention is routed (else every step takes the general path)
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in lengths]
@@ -155,9 +156,11 @@ def test_tails_and_pages_hold_the_bytes_of_each_row_alone(rng, shared_path, dtyp
                 arr = getattr(mine.arena, name)
                 assert np.array(arr[mx.array(ids_a)]).tobytes() == np.array(
                     getattr(theirs.arena, name)[mx.array(ids_w)]).tobytes(), (b, name)
-    # The one block opening of these steps, every layer: the rows in step at once.
-    in_step = sum(1 for n in lengths if sum(m % BS == n % BS for m in lengths) > 1)
-    assert together == [layer for layer in range(len(model.layers)) for _ in range(in_step)]
+    # The one block opening of each row in these steps, every layer: rows in step at once.
+    groups = [[b for b, m in enumerate(lengths) if m % BS == r] for r in sorted(
+        {n % BS for n in lengths})]
+    assert sorted(writes) == sorted((layer, g) for layer in range(len(model.layers))
+                                    for g in groups)
 
 
 class _CountingLaunch:
@@ -234,38 +237,54 @@ def test_a_batch_makes_its_arrival_counters_once_per_layer(rng, shared_path, len
         assert bool(all_open) == (lengths != PROMPTS)  # in step: all rows open blocks at once
 
 
-def test_a_block_opening_step_makes_its_index_arrays_once_for_every_layer(rng, shared_path,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("lengths", [(21, 29, 37), (21,)], ids=["batch", "alone"])
+def test_a_block_opening_step_writes_each_layers_full_tails_at_once(rng, shared_path, lengths,
+                                                                     monkeypatch):
     """Rows at the same position in their blocks commit their full tails together in every
-    layer of the step that opens their next blocks: one page write per layer, every layer
-    given the same block-id array (shared_tail.index_array: made once per step, not a host
-    array per layer, which cost 51 us each on an H100's host), holding each row's block;
-    the next opening, new blocks and a new array."""
+    layer of the step that opens their next blocks: one write_blocks per layer straight from
+    the shared tail buffers (no per-row write), every layer given the same block-id and row
+    arrays (shared_tail.index_array: made once per step, not host arrays per layer, which
+    cost 51 us each on an H100's host), holding each row's block; the next opening, new
+    blocks and a new array. A sequence alone (a batch of one) commits the same way."""
     from tqstore.paged.arenas import TurboQuantArena
     shared_module.index_array.cache_clear()
-    writes = []  # (layer, the block-id array, its values) of each whole-page write
-    real = TurboQuantArena.write
+    writes = []  # (layer, block-id array, its values, rows array, its values) per write_blocks
+    real_blocks, real_write = TurboQuantArena.write_blocks, TurboQuantArena.write
+    per_row = []
+
+    def write_blocks(self, block_ids, keys, values, rows):
+        writes.append((self.layer, block_ids, np.array(block_ids).tolist(), rows,
+                       np.array(rows).tolist()))
+        return real_blocks(self, block_ids, keys, values, rows)
 
     def write(self, block_ids, slots, keys, values):
-        if slots is None:
-            writes.append((self.layer, block_ids, np.array(block_ids).tolist()))
-        return real(self, block_ids, slots, keys, values)
+        per_row.append(self.layer)
+        return real_write(self, block_ids, slots, keys, values)
 
+    monkeypatch.setattr(TurboQuantArena, "write_blocks", write_blocks)
     monkeypatch.setattr(TurboQuantArena, "write", write)
+    if len(lengths) == 1:  # the step a GPU takes alone (the CPU's is the C step)
+        import tqstore.paged.cache as cache_module
+        monkeypatch.setattr(cache_module, "SHARED_STEP_ALONE", True)
+        monkeypatch.setattr(cache_module, "fused_decode_step_possible", lambda: False)
     model = tiny_model("llama")
     install(model)
-    lengths = (21, 29, 37)  # 5 tokens into their blocks of 8 each: they open blocks together
+    # 5 tokens into their blocks of 8 each: they open blocks together
     sequences = prefilled(model, TAIL, [[int(t) for t in rng.integers(3, 97, n)]
                                         for n in lengths])
     writes.clear()  # the prefills' own
+    per_row.clear()
     for step in forced(rng.integers(3, 97, (2 * BS, len(lengths)))):
         for caches, token in zip(sequences, step):
             caches[0].sequence.append_token_ids([token])
-        mx.eval(model(mx.array([[t] for t in step]), cache=batch_caches(sequences)))
+        cache = batch_caches(sequences) if len(lengths) > 1 else sequences[0]
+        mx.eval(model(mx.array([[t] for t in step]), cache=cache))
     layers = len(model.layers)
+    assert per_row == []
     assert [w[0] for w in writes] == 2 * list(range(layers))  # two openings, one write each
     for opening in (writes[:layers], writes[layers:]):
-        assert all(w[1] is opening[0][1] for w in opening)
+        assert all(w[1] is opening[0][1] and w[3] is opening[0][3] for w in opening)
+        assert opening[0][4] == list(range(len(lengths)))  # every row, in the batch's order
     # The blocks each row filled: positions [k * BS, k * BS + BS), k = n // BS then the next.
     for k, opening in enumerate((writes[0], writes[layers])):
         assert opening[2] == [s[0].sequence.block_ids[n // BS + k]

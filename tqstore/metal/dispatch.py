@@ -31,7 +31,7 @@ from tqstore.metal.attention_kernel import (LaunchPlan, gpu_backend, launch_plan
 from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_queries, rotate_fits
 from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
 from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
-from tqstore.metal.quantize import kernel_quantize, quantize_kernel_fits
+from tqstore.metal.quantize import kernel_quantize, kernel_quantize_rows, quantize_kernel_fits
 from tqstore.metal.reference import (batched_epilogue_reference, decode_epilogue_reference,
                                      paged_decode_attention_reference, rotate_queries_reference,
                                      unpack_pages)
@@ -466,3 +466,22 @@ def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
                 announce(name, "TurboQuant quantization")
                 return out
     return codec.quantize(x)
+
+
+def quantize_rows(codec: TurboQuantCodec, buffer: mx.array, where: mx.array) -> QuantizedVectors:
+    """codec.quantize(buffer[where]) for fp16 tail buffers (B, heads, tokens, D) and int32 rows
+    (R,): the pages' layout (R, heads, tokens, ...). On a GPU one launch (the gather and the
+    centering inside the quantize kernel, checked byte for byte at first use per shape), else
+    the gather, then quantize()."""
+    gpu = gpu_backend()
+    if _forced != "reference" and gpu is not None and quantize_kernel_fits(codec.residual_codec):
+        name = f"{gpu}-kernel-quantize-rows"
+        shape = (codec.head_dim, codec.bits, codec.norm_correction, codec.num_heads,
+                 codec.center is not None)
+        if selfcheck.usable(name, shape, lambda: selfcheck.check_quantize_rows(
+                codec, kernel_quantize_rows)):
+            out = kernel_quantize_rows(codec, buffer, where)
+            if out is not None:
+                announce(name, "TurboQuant quantization of full tail blocks")
+                return out
+    return quantize(codec, buffer[where])

@@ -26,6 +26,8 @@ from tqstore.metal.dialect import body_prologue, dialect_header
 from tqstore.small_arrays import padded_array
 
 QUANT_INPUTS = ("x", "signs", "codebook", "midpoints", "rot_norm", "params")
+# The rows form (kernel_quantize_rows) also reads which rows of x to take, and the keys' center.
+ROWS_INPUTS = QUANT_INPUTS + ("where", "center")
 QUANT_OUTPUTS = ("codes", "scales")
 THREADS = 128  # a threadgroup: 4 SIMD groups of 32 lanes, one vector each
 VECTORS_PER_GROUP = THREADS // 32
@@ -85,9 +87,28 @@ def _warp_tree_sum(arr: str, head_dim: int) -> str:
     return "\n".join(out + [_tree_sum(arr, e)])
 
 
-def quantize_body(head_dim: int, bits: int, norm_correction: bool, dialect: str) -> str:
-    """One SIMD group (32 lanes) quantizes one (token, head) vector of x (rows of head_dim
-    float32); lane l holds elements [l*E, l*E + E), E = head_dim / 32.
+# How a SIMD group reads its vector's elements (v[e] for e < E, from element `first`):
+# "plain": x holds the vectors in float32, one after another (x[r]).
+# "rows", "rows_centered": x holds fp16 tail buffers (B, heads, tokens, D) and the kernel
+# quantizes rows where[0..R) of them; "rows_centered" first subtracts the keys' center in
+# float32, the codec's own `centered` (an exact widening, then one rounded subtraction).
+_LOADS = {
+    "plain": "    for (int e = 0; e < E; ++e) v[e] = x[r * D + first + e];",
+    "rows": """    const int per_row = tokens * heads;
+    const int src = where[r / per_row] * per_row + r % per_row;
+    for (int e = 0; e < E; ++e) v[e] = TQ_HALF_TO_FLOAT(x[src * D + first + e]);""",
+    "rows_centered": """    const int per_row = tokens * heads;
+    const int src = where[r / per_row] * per_row + r % per_row;
+    for (int e = 0; e < E; ++e)
+      v[e] = TQ_SUB_RN(TQ_HALF_TO_FLOAT(x[src * D + first + e]), center[head * D + first + e]);""",
+}
+
+
+def quantize_body(head_dim: int, bits: int, norm_correction: bool, dialect: str,
+                  load: str = "plain") -> str:
+    """One SIMD group (32 lanes) quantizes one (token, head) vector (rows of head_dim
+    float32, read as ``load`` says: _LOADS); lane l holds elements [l*E, l*E + E),
+    E = head_dim / 32.
 
     Every op is the codec's, in the codec's order (see _warp_tree_sum for the sums; the
     Hadamard butterflies pair element j with j ^ h: inside a lane for h < E, with lane
@@ -149,7 +170,8 @@ def quantize_body(head_dim: int, bits: int, norm_correction: bool, dialect: str)
     const int first = lane * E;
     float v[E];
     float a[E];
-    for (int e = 0; e < E; ++e) {{ v[e] = x[r * D + first + e]; a[e] = TQ_MUL_RN(v[e], v[e]); }}
+{_LOADS[load]}
+    for (int e = 0; e < E; ++e) a[e] = TQ_MUL_RN(v[e], v[e]);
 {_warp_tree_sum("a", head_dim)}
     const float norm = TQ_SQRT_RN(a[0]);
     const float safe = norm > 0.0f ? norm : 1.0f;
@@ -184,14 +206,17 @@ def quantize_kernel_fits(codec: TurboQuantCodec) -> bool:
 
 
 @lru_cache(maxsize=32)
-def quantize_kernel(head_dim: int, bits: int, norm_correction: bool, backend: str | None = None):
+def quantize_kernel(head_dim: int, bits: int, norm_correction: bool, backend: str | None = None,
+                    load: str = "plain"):
     backend = backend or gpu_backend()
     if backend is None:
         return None
+    suffix = "" if load == "plain" else f"_{load}"
     return _builder(backend)(
-        name=f"tq_quantize_d{head_dim}b{bits}nc{int(norm_correction)}",
-        input_names=list(QUANT_INPUTS), output_names=list(QUANT_OUTPUTS),
-        source=quantize_body(head_dim, bits, norm_correction, backend),
+        name=f"tq_quantize_d{head_dim}b{bits}nc{int(norm_correction)}{suffix}",
+        input_names=list(QUANT_INPUTS if load == "plain" else ROWS_INPUTS),
+        output_names=list(QUANT_OUTPUTS),
+        source=quantize_body(head_dim, bits, norm_correction, backend, load),
         header=quantize_header(backend), ensure_row_contiguous=True)
 
 
@@ -232,3 +257,39 @@ def kernel_quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors | N
         output_dtypes=[mx.uint8, mx.float16],
         grid=(-(-rows // VECTORS_PER_GROUP) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))
     return QuantizedVectors(codes.reshape(*lead, codec.code_bytes), scales.reshape(lead))
+
+
+def kernel_quantize_rows(codec: TurboQuantCodec, buffer: mx.array,
+                         where: mx.array) -> QuantizedVectors | None:
+    """codec.quantize(buffer[where]) in one launch, for fp16 tail buffers (B, heads, tokens, D)
+    and int32 rows ``where`` (R,): codes (R, heads, tokens, code_bytes), scales (R, heads,
+    tokens). That is the pages' own layout, so a block-opening step writes a batch's full tails
+    into the arenas with a gather, a centering, a cast, reshapes and transposes of none of them
+    (tqstore.paged.arenas.TurboQuantArena.write_blocks). None where there is no kernel."""
+    backend = gpu_backend()
+    if backend is None or not quantize_kernel_fits(codec):
+        return None
+    codec.check_input(buffer)
+    if buffer.ndim != 4 or buffer.dtype != mx.float16 or where.ndim != 1 or where.dtype != mx.int32:
+        raise ValueError(f"expected fp16 buffers (B, heads, tokens, D) and int32 rows (R,), got "
+                         f"{buffer.dtype} {tuple(buffer.shape)} and {tuple(where.shape)}")
+    heads, tokens, d = buffer.shape[1:]
+    lead = (where.shape[0], heads, tokens)
+    rows = lead[0] * heads * tokens
+    if rows == 0:
+        return QuantizedVectors(mx.zeros((*lead, codec.code_bytes), dtype=mx.uint8),
+                                mx.zeros(lead, dtype=mx.float16))
+    centered = codec.center is not None
+    kern = quantize_kernel(d, codec.bits, codec.norm_correction, backend,
+                           "rows_centered" if centered else "rows")
+    codes, scales = kern(
+        # The center (heads, 1, D) float32 is read flat as (heads, D); without one the input
+        # is not read (the rotation's norm stands in: any evaluated array).
+        inputs=[buffer, codec.rotation.signs, codec.codebook, codec.midpoints,
+                _rotation_norm(codec.rotation.p), _params(rows, tokens, heads),
+                where,
+                codec.center if centered else _rotation_norm(codec.rotation.p)],
+        output_shapes=[(*lead, codec.code_bytes), lead],
+        output_dtypes=[mx.uint8, mx.float16],
+        grid=(-(-rows // VECTORS_PER_GROUP) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))
+    return QuantizedVectors(codes, scales)

@@ -24,7 +24,7 @@ import numpy as np
 from tqstore.codec import CodecConfig, QuantizedVectors, TurboQuantCodec, layer_codecs
 from tqstore.errors import InvalidArgument
 from tqstore.metal import dispatch as kernels
-from tqstore.metal.dispatch import quantize as dispatch_quantize
+from tqstore.metal.dispatch import quantize as dispatch_quantize, quantize_rows
 
 KV_DTYPE = mx.float16
 
@@ -140,6 +140,20 @@ class TurboQuantArena:
         for name, x in (("key_codes", qk.codes), ("key_scales", qk.scales),
                         ("value_codes", qv.codes), ("value_scales", qv.scales)):
             _scatter(self, name, block_ids, slots, x)
+
+    def write_blocks(self, block_ids: mx.array, keys: mx.array, values: mx.array,
+                     rows: mx.array) -> None:
+        """Quantize whole tail blocks into pages: rows ``rows`` (int32 (R,)) of fp16 tail
+        buffers keys/values (B, Hkv, block_size, D) go to blocks ``block_ids`` (R,). The same
+        bytes as write() of those tokens (codes are per vector), in the pages' layout as they
+        come: a GPU makes them in one launch per page pair and writes each page array in one
+        scatter (a block-opening decode step: tqstore.paged.shared_tail.commit_full_tails)."""
+        qk = quantize_rows(self.key_codec, keys, rows)
+        qv = quantize_rows(self.value_codec, values, rows)
+        self.key_codes[block_ids] = qk.codes
+        self.key_scales[block_ids] = qk.scales
+        self.value_codes[block_ids] = qv.codes
+        self.value_scales[block_ids] = qv.scales
 
     def write_codes(self, block_ids: mx.array, slots: mx.array, codes: dict[str, mx.array]) -> None:
         """Store already-quantized tokens (the daemon's TurboQuant Fetch form): codes

@@ -209,31 +209,27 @@ def append(caches: Seq[PagedLayerCache], keys: mx.array, values: mx.array,
     return keys, values
 
 
-def commit_full_tails(caches: Seq[PagedLayerCache], lengths: list[int]) -> None:
-    """Rows whose token opens a new block commit their full tail first. Where several do in
-    one step (sequences at the same position in their blocks: a batch that started together)
-    and their tails are rows of one buffer, all of them in one gather, one quantization and
-    one write per page array, not a chain of ops per row (codes are per vector: the same
-    bytes). Others are left to each row's own commit (shared_tail_append)."""
-    rows = [(b, c) for b, (c, n) in enumerate(zip(caches, lengths))
-            if n == 0 and c.offset > c.committed]
-    refs = [c.shared_tail_ref() for _, c in rows]
+def commit_full_tails(caches: Seq[PagedLayerCache], lengths: Seq[int]) -> None:
+    """Rows whose token opens a new block commit their full tail first. Where their tails are
+    rows of one buffer (a batched step's, also a batch of one's), all of them in one
+    quantization per page pair (the gather and the centering inside it on a GPU) and one
+    scatter per page array (TurboQuantArena.write_blocks), not a chain of gathers, casts,
+    transposes and scatters per row (codes are per vector: the same bytes). Rows it leaves
+    (own arrays, another buffer, not whole blocks) keep committed < offset: shared_tail_append
+    commits them one by one."""
+    rows = [c for c, n in zip(caches, lengths) if n == 0 and c.offset > c.committed]
+    refs = [c.shared_tail_ref() for c in rows]
     bs = caches[0].sequence.block_size
-    if len(rows) < 2 or any(r is None or r[0] is not refs[0][0] or r[2] != bs for r in refs):
+    if not rows or any(r is None or r[0] is not refs[0][0] or r[2] != bs for r in refs):
         return
     ids = []
-    for _, cache in rows:
+    for cache in rows:
         block_ids, slots = cache.sequence.prepare_write(cache.committed, bs)
         if slots is not None:
             return  # not whole blocks (nothing written yet): each row commits its own
         ids.append(cache.sequence.blocks[cache.committed // bs].block_id)
-    shared, where = refs[0][0], index_array(tuple(r[1] for r in refs))
-
-    def tokens(buffer: mx.array) -> mx.array:  # (R, Hkv, bs, D) -> (Hkv, R * bs, D)
-        picked = mx.swapaxes(buffer[where], 0, 1)
-        return picked.reshape(picked.shape[0], -1, picked.shape[-1])
-
-    caches[0].arena.write(index_array(tuple(ids)), None, tokens(shared.keys),
-                          tokens(shared.values))
-    for _, cache in rows:
+    shared = refs[0][0]
+    caches[0].arena.write_blocks(index_array(tuple(ids)), shared.keys, shared.values,
+                                 index_array(tuple(r[1] for r in refs)))
+    for cache in rows:
         cache.tail_committed_by_batch()

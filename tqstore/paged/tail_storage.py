@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from tqstore.errors import InvalidArgument
 from tqstore.paged.arenas import KV_DTYPE
+from tqstore.paged.shared_tail import commit_full_tails
 
 
 class TailStorage:
@@ -72,7 +73,11 @@ class TailStorage:
         return None
 
     def shared_tail_append(self, n_old: int) -> None:
-        """Count this step's token (shared_tail.append); a full tail goes to the pages first."""
+        """Count this step's token (shared_tail.append); a full tail goes to the pages first:
+        in one write where it is a row of a batched step's buffers (a batch of one's too),
+        else from its own arrays."""
+        if n_old == 0 and self.offset > self.committed:
+            commit_full_tails([self], (0,))
         if n_old == 0 and self.offset > self.committed:
             self._commit(self.committed, self._tail_keys, self._tail_values)
             self._tail_keys = self._tail_values = None
