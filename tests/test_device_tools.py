@@ -54,6 +54,9 @@ def test_batch_decode_gpu_runs_every_row_on_a_tiny_batch(tmp_path):
     # Each pipelined step's ms and the memory it allocated: one entry per timed step.
     for r in rows:
         assert len(r["pipelined_step_ms"]) == len(r["pipelined_step_peak_mib"]) == 2
+        for i, ms in enumerate(r["pipelined_step_ms"]):  # build and encode are parts of it
+            parts = r["pipelined_step_build_ms"][i] + r["pipelined_step_encode_ms"][i]
+            assert 0 < r["pipelined_step_build_ms"][i] and 0 <= parts <= ms
         assert r["pipelined_step_ms_median"] <= r["pipelined_step_ms_max"]
         assert r["pipelined_step_ms_max"] == max(r["pipelined_step_ms"])
 

@@ -30,7 +30,7 @@ the pace, or async_eval itself waited: it does when more than 10 CUDA graphs are
 --graphs); a pipelined step's median and longest ms (first to last: a stall shows as a long
 maximum over a median at the pace) and the most memory in use during any pipelined step above
 what was in use at its start (`peak MiB`, net of what the step freed; the slowest steps are
-listed with theirs); KV bytes per sequence (fp16: the KVCache's bytes / B, in the model's dtype
+listed with theirs and their ms split into building, encoding and waiting); KV bytes per sequence (fp16: the KVCache's bytes / B, in the model's dtype
 (bf16), as allocated: mlx-lm grows it in 256-token steps; ours: the pool's bytes held by the B
 sequences / B) and the sequences of this context that fit in the fp16 batch's KV bytes at ours
 per sequence.
@@ -101,17 +101,23 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
     # Per pipelined step, MiB: the most memory in use during it (MLX's peak, reset at its
     # start) less what was in use at its start. Net: a step that frees first may show < 0.
     peaks = []
+    # Per pipelined step, ms: the host's Python building its graph, then MLX encoding it
+    # (mx.async_eval: CUDA graphs captured, updated or instantiated, and launched).
+    builds, encodes = [], []
     for _ in range(steps):
         mx.reset_peak_memory()
         live = mx.get_active_memory()
         th = time.perf_counter()
         nxt = step(y)
+        tb = time.perf_counter()
         mx.async_eval(nxt)
         tw = time.perf_counter()
         mx.eval(y)
         done = time.perf_counter()
         host, wait = host + tw - th, wait + done - tw
         per_step.append(1e3 * (done - th))
+        builds.append(1e3 * (tb - th))
+        encodes.append(1e3 * (tw - tb))
         peaks.append((mx.get_peak_memory() - live) / 2**20)
         y = nxt
     mx.eval(y)
@@ -122,7 +128,8 @@ def timed(step, batch: int, steps: int, warmup: int) -> dict:
             "build_ms": 1e3 * build / steps, "host_ms": 1e3 * host / steps,
             "wait_ms": 1e3 * wait / steps, "pipelined_step_ms_median": statistics.median(per_step),
             "pipelined_step_ms_max": max(per_step), "pipelined_step_ms": per_step,
-            "pipelined_step_peak_mib": peaks}
+            "pipelined_step_peak_mib": peaks, "pipelined_step_build_ms": builds,
+            "pipelined_step_encode_ms": encodes}
 
 
 def step_runners(step, state: dict, steps: int):
@@ -405,9 +412,15 @@ def main() -> int:
                         f"{r['pipelined_step_ms_median']:>7.2f} {r['pipelined_step_ms_max']:>7.2f} "
                         f"{max(r['pipelined_step_peak_mib']):>8.0f}")
                     ms, peak = r["pipelined_step_ms"], r["pipelined_step_peak_mib"]
+                    build, enc = r["pipelined_step_build_ms"], r["pipelined_step_encode_ms"]
                     slowest = sorted(range(len(ms)), key=ms.__getitem__)[-4:]
-                    log(f"    {name}: slowest pipelined steps (index: ms, peak MiB) " + ", ".join(
-                        f"{i}: {ms[i]:.1f}, {peak[i]:.0f}" for i in sorted(slowest)))
+                    log(f"    {name}: slowest pipelined steps (index: ms = build + encode + "
+                        f"wait, peak MiB) " + ", ".join(
+                            f"{i}: {ms[i]:.1f} = {build[i]:.1f} + {enc[i]:.1f} + "
+                            f"{ms[i] - build[i] - enc[i]:.1f}, {peak[i]:.0f}"
+                            for i in sorted(slowest)))
+                    log(f"    {name}: median build {statistics.median(build):.2f} ms, "
+                        f"encode {statistics.median(enc):.2f} ms")
     if args.rounds > 1 and not args.graphs:
         report["medians"] = medians(report["rows"])
         log("medians over the rounds (each round's ratio against its own fp16):")

@@ -97,6 +97,17 @@ def test_multi_token_steps_equal_token_by_token_decode(rng, device, chunk, monke
         written[-1].append((self.layer, ids, slots, np.array(k), np.array(v)))
         return original_write(self, b, s, k, v)
     monkeypatch.setattr(TurboQuantArena, "write", per_token_write)
+    original_blocks = TurboQuantArena.write_blocks
+
+    def per_token_blocks(self, b, k, v, rows):  # a decode step alone's full tail (a GPU's)
+        def tokens(buffer):  # rows (R, H, bs, D) -> (H, R * bs, D), as write() is given them
+            picked = np.array(buffer)[np.array(rows)]
+            return np.swapaxes(picked, 0, 1).reshape(picked.shape[1], -1, picked.shape[-1])
+        ids = np.repeat(np.array(b), self.block_size)
+        slots = np.tile(np.arange(self.block_size), len(np.array(b)))
+        written[-1].append((self.layer, ids, slots, tokens(k), tokens(v)))
+        return original_blocks(self, b, k, v, rows)
+    monkeypatch.setattr(TurboQuantArena, "write_blocks", per_token_blocks)
 
     def logits(step):
         written.append([])
