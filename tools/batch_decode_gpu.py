@@ -245,6 +245,33 @@ def diagnose(step, batch: int, label: str, steps: int = 16) -> None:
     summarize(label + " pipelined", wall, events, steps, top=6)
 
 
+def profile_builds(step, batch: int, label: str, steps: int = 32) -> None:
+    """``--profile-builds``: `steps` pipelined steps, each one's graph building under a
+    cProfile of its own; prints the slowest step's and a median step's profiles (cumulative,
+    this project's functions): what a block-opening step builds beyond the others."""
+    import cProfile
+    import pstats
+
+    y, runs = mx.zeros((batch,), dtype=mx.int32), []
+    for _ in range(steps):
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        nxt = step(y)
+        prof.disable()
+        runs.append((1e3 * (time.perf_counter() - t0), prof))
+        mx.async_eval(nxt)
+        mx.eval(y)
+        y = nxt
+    mx.eval(y)
+    order = sorted(range(steps), key=lambda i: runs[i][0])
+    log(f"== {label}: build ms per step under cProfile: " + " ".join(
+        f"{ms:.1f}" for ms, _ in runs))
+    for tag, i in (("slowest", order[-1]), ("median", order[steps // 2])):
+        log(f"== {label}: the {tag} step's building (step {i}, {runs[i][0]:.1f} ms), cumulative")
+        pstats.Stats(runs[i][1]).sort_stats("cumtime").print_stats("tqstore|mlx_lm", 30)
+
+
 def fp16_row(model, batch: int, context: int, args) -> dict:
     from mlx_lm.models.cache import KVCache
 
@@ -296,6 +323,8 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
         row = measure(step, batch, args)
         if args.diagnose:
             diagnose(step, batch, f"{mode} B={batch} {context}")
+        if args.profile_builds:
+            profile_builds(step, batch, f"{mode} B={batch} {context}")
     finally:
         batch_module.BATCH_MODE = default
         step_launch.STEP_FORM = default_form
@@ -341,6 +370,9 @@ def main() -> int:
                          "each row's median ratio")
     ap.add_argument("--diagnose", action="store_true",
                     help="also profile each row's graph building and trace its kernels")
+    ap.add_argument("--profile-builds", action="store_true",
+                    help="also profile 32 of our rows' steps' graph building one by one and "
+                         "print the slowest and a median one (a block opening against the rest)")
     ap.add_argument("--graphs", default=None, metavar="DIR",
                     help="time nothing: count each row's ops and CUDA graphs per step (MLX "
                          "writes each committed graph into DIR)")
