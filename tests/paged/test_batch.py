@@ -149,6 +149,18 @@ def test_step_tables_are_built_once_per_step_and_follow_a_new_block(rng):
     table, lens = (np.array(a) for a in tables.get(layer0))
     assert lens.tolist() == [BS + 1, 2 * BS + 5]
     assert table[0, :2].tolist() == sequences[0][0].sequence.block_ids
+    # A block copied on write (same lengths, same width, one id changed) is seen too; an
+    # unchanged batch gets the same arrays; get() makes no table array per sequence.
+    for caches in sequences:
+        caches[0].sequence._table_array = None
+    again = tables.get(layer0)
+    assert tables.get(layer0)[0] is again[0]
+    seq = sequences[1][0].sequence
+    old_id = seq.block_ids[1]
+    seq._copy_on_write(1)
+    table = np.array(tables.get(layer0)[0])
+    assert table[1].tolist() == seq.block_ids and seq.block_ids[1] != old_id
+    assert all(caches[0].sequence._table_array is None for caches in sequences)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "fp32"])

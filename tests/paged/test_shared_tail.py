@@ -247,7 +247,6 @@ def test_a_block_opening_step_writes_each_layers_full_tails_at_once(rng, shared_
     cost 51 us each on an H100's host), holding each row's block; the next opening, new
     blocks and a new array. A sequence alone (a batch of one) commits the same way."""
     from tqstore.paged.arenas import TurboQuantArena
-    shared_module.index_array.cache_clear()
     writes = []  # (layer, block-id array, its values, rows array, its values) per write_blocks
     real_blocks, real_write = TurboQuantArena.write_blocks, TurboQuantArena.write
     per_row = []

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
@@ -51,6 +52,10 @@ class Sequence:
         # token is out, not inside TTFT. None: prefill ends at the first single-token step.
         self.prompt_length: int | None = None
         self._table_array: mx.array | None = None
+        # Names this sequence's block list as it is now, unique across all sequences and
+        # changes (a new number at every change): a batch's step tables compare these, and
+        # build no table array per sequence (tqstore.paged.batch.StepTables).
+        self.table_version = next(_TABLE_VERSIONS)
         self._length_array: tuple[int, mx.array] | None = None
         # The last prepare_write answer: every layer of a step writes the same positions, so
         # the index arrays are built (and uploaded, on a GPU) once per step, not once per layer.
@@ -115,6 +120,7 @@ class Sequence:
 
     def _blocks_changed(self) -> None:
         self._table_array = None
+        self.table_version = next(_TABLE_VERSIONS)
         self._write_memo = None
 
     def _copy_on_write(self, index: int) -> None:
@@ -189,6 +195,9 @@ class Sequence:
     def _check_live(self) -> None:
         if self.released:
             raise InvalidArgument("sequence was released")
+
+
+_TABLE_VERSIONS = itertools.count()
 
 
 @lru_cache(maxsize=1024)

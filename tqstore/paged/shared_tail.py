@@ -30,6 +30,7 @@ tqstore.paged.cache.SHARED_STEP_ALONE, on by default).
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence as Seq
 
@@ -96,19 +97,28 @@ def _tail_info(lengths: tuple[int, ...]) -> mx.array:
     return info
 
 
-@lru_cache(maxsize=16)
+_RECENT_INDEX = threading.local()  # per thread: a lazy array is never shared across threads
+
+
 def index_array(values: tuple[int, ...]) -> mx.array:
-    """int32 ``values`` as an array, kept by value: commit_full_tails' block ids and the rows'
-    places in the shared tails are the same for every layer of a step (a sequence's block
-    table serves every layer), so a block-opening step makes them once, not once per layer
-    (2 host arrays per layer, 51 us each on an H100's host under cProfile: docs/BENCHMARKS.md,
-    twenty-first session). Evaluated when made, as _tail_info's, and on the CPU stream: fewer
-    than 4 values are a slice of their padded buffer, and evaluating that on the GPU's stream
-    would wait for every GPU launch queued before it (the previous step's, pipelined).
-    Block ids are new at every block opening, so this is made once per such step."""
-    with mx.stream(mx.cpu):
-        arr = padded_array(list(values))
-        mx.eval(arr)
+    """int32 ``values`` as an array, kept by value (the last 16 per thread): commit_full_tails'
+    block ids and the rows' places in the shared tails are the same for every layer of a step
+    (a sequence's block table serves every layer), so a block-opening step makes them once,
+    not once per layer (2 host arrays per layer, 51 us each on an H100's host under cProfile:
+    docs/BENCHMARKS.md, twenty-first session).
+    Not evaluated here: fewer than 4 values are a prefix view of their padded buffer
+    (tqstore.small_arrays), and evaluating that when made waited for the GPU's queue, on the
+    CPU stream too (4 ms of a B=1 step on an H100 under cProfile); the step that first uses
+    it evaluates it, as it does its sequence lengths. Per thread, so two threads' graphs
+    never share an unevaluated array."""
+    recent = getattr(_RECENT_INDEX, "arrays", None)
+    if recent is None:
+        recent = _RECENT_INDEX.arrays = {}
+    arr = recent.get(values)
+    if arr is None:
+        if len(recent) >= 16:
+            recent.clear()
+        arr = recent[values] = padded_array(list(values))
     return arr
 
 
