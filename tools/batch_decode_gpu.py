@@ -30,10 +30,11 @@ the pace, or async_eval itself waited: it does when more than 10 CUDA graphs are
 --graphs); a pipelined step's median and longest ms (first to last: a stall shows as a long
 maximum over a median at the pace) and the most memory in use during any pipelined step above
 what was in use at its start (`peak MiB`, net of what the step freed; the slowest steps are
-listed with theirs and their ms split into building, encoding and waiting); KV bytes per sequence (fp16: the KVCache's bytes / B, in the model's dtype
-(bf16), as allocated: mlx-lm grows it in 256-token steps; ours: the pool's bytes held by the B
-sequences / B) and the sequences of this context that fit in the fp16 batch's KV bytes at ours
-per sequence.
+listed with theirs and their ms split into building, encoding and waiting); KV bytes per
+sequence after the timed steps (fp16: the KVCache's bytes / B, in the model's dtype (bf16), as
+allocated: mlx-lm grows it in 256-token steps; ours: the pool's bytes held by the B sequences /
+B) and the sequences of this context that fit in the fp16 batch's KV bytes at ours per
+sequence.
 
 With --graphs DIR nothing is timed: each row instead counts its ops per step (by primitive)
 and the CUDA graphs MLX commits per step (sync, then pipelined) with their kernel nodes (not
@@ -287,9 +288,9 @@ def fp16_row(model, batch: int, context: int, args) -> dict:
         return mx.argmax(model(tokens[:, None], cache=caches)[:, -1, :], axis=-1)
 
     row = measure(step, batch, args)
+    row["kv_bytes_per_seq"] = sum(c.nbytes for c in caches) / batch
     if args.diagnose:
         diagnose(step, batch, f"fp16 B={batch} {context}")
-    row["kv_bytes_per_seq"] = sum(c.nbytes for c in caches) / batch
     del caches
     return row
 
@@ -321,6 +322,8 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
     default_fold, step_launch.FOLD_EPILOGUE = step_launch.FOLD_EPILOGUE, fold
     try:
         row = measure(step, batch, args)
+        # Before any diagnosis's extra steps, which may take another block per sequence.
+        row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
         if args.diagnose:
             diagnose(step, batch, f"{mode} B={batch} {context}")
         if args.profile_builds:
@@ -330,7 +333,6 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
         step_launch.STEP_FORM = default_form
         step_launch.FOLD_EPILOGUE = default_fold
         uninstall(model)  # the fp16 rows run stock mlx-lm, never through our dispatch
-    row["kv_bytes_per_seq"] = sum(c.nbytes for caches in sequences for c in caches) / batch
     for caches in sequences:
         caches[0].sequence.release()
     del sequences, pool

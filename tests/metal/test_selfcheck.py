@@ -218,20 +218,21 @@ def test_full_tail_blocks_quantize_to_the_codecs_bytes_on_every_device(rng, devi
 
 
 def test_the_rows_quantize_check_rejects_wrong_rows_and_a_missed_center(rng):
-    """selfcheck.check_quantize_rows passes the gather itself and fails a kernel that takes
+    """quantize_checks.check_quantize_rows passes the gather itself and fails a kernel that takes
     the first rows instead of the asked ones, or forgets the keys' center."""
     from tqstore.codec.profile import QualityProfile
+    from tqstore.metal.quantize_checks import check_quantize_rows
     heads, dim = 2, 64
     means = (rng.standard_normal((2, heads, dim)) * 3).astype(np.float16)
     codec = layer_codecs(CodecConfig(4, 4, profile=QualityProfile("m", 2, heads, dim,
                                                                   means.tobytes())), 1, heads, dim)[0]
     with mx.stream(mx.cpu):
-        assert selfcheck.check_quantize_rows(codec, lambda c, b, w: c.quantize(b[w])) is None
+        assert check_quantize_rows(codec, lambda c, b, w: c.quantize(b[w])) is None
         first = lambda c, b, w: c.quantize(b[: w.shape[0]])  # noqa: E731
-        assert "differ" in selfcheck.check_quantize_rows(codec, first)
+        assert "differ" in check_quantize_rows(codec, first)
         uncentered = lambda c, b, w: c.residual_codec.quantize(b[w])  # noqa: E731
-        assert "differ" in selfcheck.check_quantize_rows(codec, uncentered)
-        assert "declined" in selfcheck.check_quantize_rows(codec, lambda c, b, w: None)
+        assert "differ" in check_quantize_rows(codec, uncentered)
+        assert "declined" in check_quantize_rows(codec, lambda c, b, w: None)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

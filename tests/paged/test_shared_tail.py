@@ -289,6 +289,12 @@ def test_a_block_opening_step_writes_each_layers_full_tails_at_once(rng, shared_
         assert opening[2] == [s[0].sequence.block_ids[n // BS + k]
                               for s, n in zip(sequences, lengths)]
     assert writes[0][1] is not writes[layers][1]
+    # Counted as written in every layer, and the two blocks published (their hashes).
+    for caches, n in zip(sequences, lengths):
+        committed = caches[0].committed
+        assert committed == (n // BS + 2) * BS and all(c.committed == committed for c in caches)
+        assert caches[0].sequence.written == [committed] * layers
+        assert len(caches[0].sequence.block_hashes) == committed // BS
 
 
 def test_rows_that_join_leave_or_reorder_keep_their_own_tails(rng, shared_path, monkeypatch):

@@ -32,6 +32,7 @@ from tqstore.metal.batch_step import kernel_batched_epilogue, kernel_rotate_quer
 from tqstore.metal.epilogue import epilogue_fits, kernel_decode_epilogue
 from tqstore.metal.multi_token import cpu_multi_token_attention, mask_kind
 from tqstore.metal.quantize import kernel_quantize, kernel_quantize_rows, quantize_kernel_fits
+from tqstore.metal.quantize_checks import check_quantize, check_quantize_rows
 from tqstore.metal.reference import (batched_epilogue_reference, decode_epilogue_reference,
                                      paged_decode_attention_reference, rotate_queries_reference,
                                      unpack_pages)
@@ -460,7 +461,7 @@ def quantize(codec: TurboQuantCodec, x: mx.array) -> QuantizedVectors:
             name = run = None
         shape = (codec.head_dim, codec.bits, codec.norm_correction, codec.num_heads)
         if run is not None and selfcheck.usable(name, shape,
-                                                lambda: selfcheck.check_quantize(codec, run)):
+                                                lambda: check_quantize(codec, run)):
             out = run(codec, x)
             if out is not None:
                 announce(name, "TurboQuant quantization")
@@ -478,7 +479,7 @@ def quantize_rows(codec: TurboQuantCodec, buffer: mx.array, where: mx.array) -> 
         name = f"{gpu}-kernel-quantize-rows"
         shape = (codec.head_dim, codec.bits, codec.norm_correction, codec.num_heads,
                  codec.center is not None)
-        if selfcheck.usable(name, shape, lambda: selfcheck.check_quantize_rows(
+        if selfcheck.usable(name, shape, lambda: check_quantize_rows(
                 codec, kernel_quantize_rows)):
             out = kernel_quantize_rows(codec, buffer, where)
             if out is not None:

@@ -283,8 +283,8 @@ def kernel_quantize_rows(codec: TurboQuantCodec, buffer: mx.array,
     kern = quantize_kernel(d, codec.bits, codec.norm_correction, backend,
                            "rows_centered" if centered else "rows")
     codes, scales = kern(
-        # The center (heads, 1, D) float32 is read flat as (heads, D); without one the input
-        # is not read (the rotation's norm stands in: any evaluated array).
+        # The center (heads, 1, D) float32 is read flat as (heads, D); without one the kernel
+        # never reads that input (the rotation's norm fills the slot).
         inputs=[buffer, codec.rotation.signs, codec.codebook, codec.midpoints,
                 _rotation_norm(codec.rotation.p), _params(rows, tokens, heads),
                 where,

@@ -148,6 +148,13 @@ class TurboQuantArena:
         bytes as write() of those tokens (codes are per vector), in the pages' layout as they
         come: a GPU makes them in one launch per page pair and writes each page array in one
         scatter (a block-opening decode step: tqstore.paged.shared_tail.commit_full_tails)."""
+        bs = self.block_size
+        if (keys.ndim != 4 or keys.shape[2] != bs or values.ndim != 4 or values.shape[2] != bs
+                or block_ids.shape != rows.shape):
+            # A scatter would broadcast a wrong shape into the pages without a word.
+            raise InvalidArgument(f"write_blocks: tails {tuple(keys.shape)}, "
+                                  f"{tuple(values.shape)} for {tuple(block_ids.shape)} blocks "
+                                  f"and {tuple(rows.shape)} rows (block size {bs})")
         qk = quantize_rows(self.key_codec, keys, rows)
         qv = quantize_rows(self.value_codec, values, rows)
         self.key_codes[block_ids] = qk.codes

@@ -190,8 +190,8 @@ class PagedLayerCache(TailStorage):
                                   "tqstore.paged.install(model) before generating")
         self._flush_pending()
         if L == 1 and alone and SHARED_STEP_ALONE and not fused_decode_step_possible():
-            # The step of a batch of one (shared_tail.plan and append for one row, inline:
-            # this runs per layer and step, and a lone row has no joint commit).
+            # The step of a batch of one (shared_tail.plan and append for one row, inline: this
+            # runs per layer and step; shared_tail_append commits a full tail as append does).
             n_old = self.shared_tail_plan()
             if n_old is not None:
                 self.shared_tail_append(n_old)

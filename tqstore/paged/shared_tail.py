@@ -101,7 +101,7 @@ _RECENT_INDEX = threading.local()  # per thread: a lazy array is never shared ac
 
 
 def index_array(values: tuple[int, ...]) -> mx.array:
-    """int32 ``values`` as an array, kept by value (the last 16 per thread): commit_full_tails'
+    """int32 ``values`` as an array, kept by value (up to 16 per thread): commit_full_tails'
     block ids and the rows' places in the shared tails are the same for every layer of a step
     (a sequence's block table serves every layer), so a block-opening step makes them once,
     not once per layer (2 host arrays per layer, 51 us each on an H100's host under cProfile:
@@ -220,26 +220,28 @@ def append(caches: Seq[PagedLayerCache], keys: mx.array, values: mx.array,
 
 
 def commit_full_tails(caches: Seq[PagedLayerCache], lengths: Seq[int]) -> None:
-    """Rows whose token opens a new block commit their full tail first. Where their tails are
-    rows of one buffer (a batched step's, also a batch of one's), all of them in one
+    """Rows whose token opens a new block commit their full tail first: the rows whose tails
+    are rows of one buffer (a batched step's, also a batch of one's) all together, in one
     quantization per page pair (the gather and the centering inside it on a GPU) and one
     scatter per page array (TurboQuantArena.write_blocks), not a chain of gathers, casts,
-    transposes and scatters per row (codes are per vector: the same bytes). Rows it leaves
-    (own arrays, another buffer, not whole blocks) keep committed < offset: shared_tail_append
-    commits them one by one."""
-    rows = [c for c, n in zip(caches, lengths) if n == 0 and c.offset > c.committed]
-    refs = [c.shared_tail_ref() for c in rows]
+    transposes and scatters per row (codes are per vector: the same bytes); one such write per
+    buffer. Rows it leaves (own arrays, not whole blocks) keep committed < offset:
+    shared_tail_append commits them from their own arrays."""
     bs = caches[0].sequence.block_size
-    if not rows or any(r is None or r[0] is not refs[0][0] or r[2] != bs for r in refs):
-        return
-    ids = []
-    for cache in rows:
-        block_ids, slots = cache.sequence.prepare_write(cache.committed, bs)
-        if slots is not None:
-            return  # not whole blocks (nothing written yet): each row commits its own
-        ids.append(cache.sequence.blocks[cache.committed // bs].block_id)
-    shared = refs[0][0]
-    caches[0].arena.write_blocks(index_array(tuple(ids)), shared.keys, shared.values,
-                                 index_array(tuple(r[1] for r in refs)))
-    for cache in rows:
-        cache.tail_committed_by_batch()
+    groups: dict[int, tuple[SharedTail, list[tuple[PagedLayerCache, int]]]] = {}
+    for cache, n in zip(caches, lengths):
+        ref = cache.shared_tail_ref() if n == 0 and cache.offset > cache.committed else None
+        if ref is not None and ref[2] == bs:
+            groups.setdefault(id(ref[0]), (ref[0], []))[1].append((cache, ref[1]))
+    for shared, rows in groups.values():
+        ids = []
+        for cache, _ in rows:
+            _, slots = cache.sequence.prepare_write(cache.committed, bs)
+            if slots is not None:
+                break  # not whole blocks (nothing written yet): each row commits its own
+            ids.append(cache.sequence.blocks[cache.committed // bs].block_id)
+        else:
+            rows[0][0].arena.write_blocks(index_array(tuple(ids)), shared.keys, shared.values,
+                                          index_array(tuple(row for _, row in rows)))
+            for cache, _ in rows:
+                cache.tail_committed_by_batch()

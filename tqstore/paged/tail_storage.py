@@ -85,8 +85,9 @@ class TailStorage:
         self.decode_pending = True
 
     def tail_committed_by_batch(self) -> None:
-        """Its full tail block was quantized into its page by a batch's one write for several
-        rows (shared_tail.commit_full_tails): count it as _commit does."""
+        """Its full tail block was quantized into its page straight from a shared tail buffer
+        (shared_tail.commit_full_tails: one write for the rows of that buffer, a sequence alone
+        included): count it as _commit does."""
         self.committed = self.offset
         self._tail_keys = self._tail_values = None
         self.sequence.note_written(self.layer, self.committed)
