@@ -431,7 +431,8 @@ class KvStoreClient:
                    payloads: Sequence[BlockPayload], trailing_partial: bool = False) -> int:
         def messages():
             yield pb.PutRequest(namespace=namespace_to_proto(ns), token_ids=token_ids,
-                                first_block=first_block, trailing_partial=trailing_partial)
+                                first_block=first_block, trailing_partial=trailing_partial,
+                                num_blocks=len(payloads))
             for i, p in enumerate(payloads):
                 for chunk in fp16_chunks(ns, first_block + i, p.keys, p.values):
                     yield pb.PutRequest(chunk=chunk)

@@ -332,22 +332,29 @@ class KvStoreService(pb_grpc.KvStoreServicer):
                     self.put_bytes.stream() as charge:
                 tokens = _token_array(head.token_ids)
                 stored = self._put_stream(ns, tokens, head.first_block, head.trailing_partial,
-                                          itertools.chain([head], messages), charge, context)
+                                          itertools.chain([head], messages), charge, context,
+                                          head.num_blocks)
             return pb.PutResponse(stored_blocks=stored)
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc)
 
     def _put_stream(self, ns, tokens: np.ndarray, first: int, partial: bool,
-                    messages: Iterator[Any], charge: Callable[[int], None], context) -> int:
+                    messages: Iterator[Any], charge: Callable[[int], None], context,
+                    declared: int = 0) -> int:
         """Assemble and store one Put stream's blocks; nothing is stored unless every message
         is valid (the blocks are written together at the end). `charge` is told each chunk's
         cost before its memory is taken: a block's bytes with its first chunk (BlockAssembler
         allocates the whole block then), CHUNK_OVERHEAD_BYTES for every chunk. `partial`: the
-        last block is the trailing partial block (index `full`), and it must be sent."""
+        last block is the trailing partial block (index `full`), and it must be sent.
+        `declared`: the blocks the stream says it carries (PutRequest.num_blocks; 0: not
+        said); nothing is stored unless exactly that many arrived whole."""
         full = _full_blocks(ns, tokens)
         assembler = BlockAssembler(ns, partial=(full, len(tokens) - full * ns.block_size)
                                    if partial else None)
         end = full + partial
+        if declared > end - first:
+            raise InvalidArgument(f"num_blocks {declared}: these token ids name blocks "
+                                  f"[{first}, {end}) only")
         block_bytes = _block_bytes(ns)
         blocks: dict[int, BlockPayload] = {}
         for n, msg in enumerate(messages):
@@ -373,6 +380,10 @@ class KvStoreService(pb_grpc.KvStoreServicer):
             raise InvalidArgument(f"Put blocks {sorted(blocks)[:20]} are not contiguous from {first}")
         if partial and full not in blocks:
             raise InvalidArgument(f"trailing_partial: the partial block {full} was not sent")
+        if declared and len(blocks) != declared:
+            # Also a cancelled call whose request stream gRPC ended as if normally: the
+            # client is gone, so this answer reaches no one, and nothing is stored.
+            raise InvalidArgument(f"the Put declared {declared} blocks; {len(blocks)} arrived")
         if not context.is_active():
             # gRPC may end the request stream of a call the client cancelled as if it had
             # ended normally (the cancel is seen a moment later): store nothing then. The race

@@ -119,7 +119,7 @@ def _cancel_calls(address: str, rnd: random.Random, seed: int, victim: int) -> N
 
             def messages(tokens=_tokens(fam), payloads=payloads):
                 yield pb.PutRequest(namespace=namespace_to_proto(ns), token_ids=tokens,
-                                    first_block=0)
+                                    first_block=0, num_blocks=len(payloads))
                 for i, p in enumerate(payloads):
                     for chunk in fp16_chunks(ns, i, p.keys, p.values):
                         yield pb.PutRequest(chunk=chunk)
@@ -159,7 +159,7 @@ def _put_messages(tokens: list[int], payloads, claim: list[int]):
     from tqstore.wire import fp16_chunks, namespace_to_proto
 
     yield pb.PutRequest(namespace=namespace_to_proto(BIG_NAMESPACE), token_ids=claim,
-                        first_block=0)
+                        first_block=0, num_blocks=len(payloads))
     for i, p in enumerate(payloads):
         for chunk in fp16_chunks(BIG_NAMESPACE, i, p.keys, p.values):
             yield pb.PutRequest(chunk=chunk)

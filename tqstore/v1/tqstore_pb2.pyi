@@ -121,18 +121,20 @@ class KvChunk(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_count: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., key_codes: _Optional[_Union[Tensor, _Mapping]] = ..., key_scales: _Optional[_Union[Tensor, _Mapping]] = ..., value_codes: _Optional[_Union[Tensor, _Mapping]] = ..., value_scales: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "token_ids", "first_block", "chunk", "trailing_partial")
+    __slots__ = ("namespace", "token_ids", "first_block", "chunk", "trailing_partial", "num_blocks")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRAILING_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_block: int
     chunk: KvChunk
     trailing_partial: bool
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., trailing_partial: _Optional[bool] = ...) -> None: ...
+    num_blocks: int
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., trailing_partial: _Optional[bool] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored_blocks",)
