@@ -215,4 +215,7 @@ def test_step_host_cost_times_graph_building_with_the_kernels_stubbed(tmp_path):
                        "--steps", "2", "--context", "40")
     assert [r["batch"] for r in report["rows"]] == [1, 2] and report["layers"] == 2
     assert all(r["build_ms"] > 0 and r["fp16_build_ms"] > 0 for r in report["rows"])
+    for r in report["rows"]:  # each step's build, whose mean is build_ms
+        assert len(r["build_ms_per_step"]) == 2
+        assert abs(sum(r["build_ms_per_step"]) / 2 - r["build_ms"]) < 1e-6 * r["build_ms"] + 1e-9
 

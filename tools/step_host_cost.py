@@ -25,6 +25,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,15 +71,17 @@ def small_llama(layers: int):
 
 
 def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
-             limit=18, warmup: int = 20) -> tuple[float, float]:
+             limit=18, warmup: int = 20) -> tuple[float, float, list[float]]:
     """Mean host ms to build one step's graph and to encode it (mx.async_eval: each kernel's
-    launch into MLX's command encoder), each step then evaluated before the next."""
+    launch into MLX's command encoder), each step then evaluated before the next; and each
+    step's build ms (a block-opening step, one in 16, builds more than the others)."""
     y = mx.zeros((batch,), dtype=mx.int32)
     for _ in range(warmup):  # past a block boundary: first-use self-checks and JIT builds
         y = step(y)
         mx.eval(y)
     prof = cProfile.Profile() if profile else None
     total = encode = 0.0
+    per_step = []
     for _ in range(steps):
         t0 = time.perf_counter()
         if prof:
@@ -89,10 +92,11 @@ def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
         t1 = time.perf_counter()
         mx.async_eval(y)
         total, encode = total + t1 - t0, encode + time.perf_counter() - t1
+        per_step.append(1e3 * (t1 - t0))
         mx.eval(y)
     if prof:
         pstats.Stats(prof).sort_stats(sort).print_stats(limit)
-    return 1e3 * total / steps, 1e3 * encode / steps
+    return 1e3 * total / steps, 1e3 * encode / steps, per_step
 
 
 def fp16_step(model, batch: int, context: int):
@@ -149,16 +153,19 @@ def main() -> int:
     if not args.real:
         stub_gpu_kernels()
     print(f"{'B':>3} {'fp16 ms':>8} {'ours ms':>8} {'ours/fp16':>9}  (graph building per step)"
-          f"  {'fp16 enc':>8} {'ours enc':>8}  (encoding, ms)")
+          f"  {'fp16 enc':>8} {'ours enc':>8}  (encoding, ms)  ours' median and slowest builds")
     rows = []
     for b in args.batches:
-        ours, enc = build_ms(tq_step(model, b, args.context, alone=b == 1), b, args.steps,
-                             args.profile, args.sort, args.limit)
-        base, base_enc = fp16[b]
+        ours, enc, per_step = build_ms(tq_step(model, b, args.context, alone=b == 1), b,
+                                       args.steps, args.profile, args.sort, args.limit)
+        base, base_enc, _ = fp16[b]
+        # The slowest steps are the block openings (one step in 16 opens a block).
+        slowest = sorted(per_step)[-max(1, args.steps // 16):]
         print(f"{b:>3} {base:>8.2f} {ours:>8.2f} {ours / base:>9.2f}  {'':>24}  "
-              f"{base_enc:>8.2f} {enc:>8.2f}")
+              f"{base_enc:>8.2f} {enc:>8.2f}  {statistics.median(per_step):.2f}, "
+              + " ".join(f"{ms:.2f}" for ms in slowest))
         rows.append(dict(batch=b, fp16_build_ms=base, build_ms=ours, fp16_encode_ms=base_enc,
-                         encode_ms=enc))
+                         encode_ms=enc, build_ms_per_step=per_step))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(layers=args.layers, context=args.context,
                                                    steps=args.steps, rows=rows), indent=1))
