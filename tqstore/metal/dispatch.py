@@ -475,7 +475,7 @@ def quantize_rows(codec: TurboQuantCodec, buffer: mx.array, where: mx.array) -> 
     centering inside the quantize kernel, checked byte for byte at first use per shape), else
     the gather, then quantize()."""
     gpu = gpu_backend()
-    if _forced != "reference" and gpu is not None and quantize_kernel_fits(codec.residual_codec):
+    if _forced != "reference" and gpu is not None and quantize_kernel_fits(codec):
         name = f"{gpu}-kernel-quantize-rows"
         shape = (codec.head_dim, codec.bits, codec.norm_correction, codec.num_heads,
                  codec.center is not None)

@@ -92,14 +92,13 @@ def _warp_tree_sum(arr: str, head_dim: int) -> str:
 # "rows", "rows_centered": x holds fp16 tail buffers (B, heads, tokens, D) and the kernel
 # quantizes rows where[0..R) of them; "rows_centered" first subtracts the keys' center in
 # float32, the codec's own `centered` (an exact widening, then one rounded subtraction).
+_ROW_SOURCE = """    const int per_row = tokens * heads;
+    const int src = where[r / per_row] * per_row + r % per_row;
+"""
 _LOADS = {
     "plain": "    for (int e = 0; e < E; ++e) v[e] = x[r * D + first + e];",
-    "rows": """    const int per_row = tokens * heads;
-    const int src = where[r / per_row] * per_row + r % per_row;
-    for (int e = 0; e < E; ++e) v[e] = TQ_HALF_TO_FLOAT(x[src * D + first + e]);""",
-    "rows_centered": """    const int per_row = tokens * heads;
-    const int src = where[r / per_row] * per_row + r % per_row;
-    for (int e = 0; e < E; ++e)
+    "rows": _ROW_SOURCE + """    for (int e = 0; e < E; ++e) v[e] = TQ_HALF_TO_FLOAT(x[src * D + first + e]);""",
+    "rows_centered": _ROW_SOURCE + """    for (int e = 0; e < E; ++e)
       v[e] = TQ_SUB_RN(TQ_HALF_TO_FLOAT(x[src * D + first + e]), center[head * D + first + e]);""",
 }
 
