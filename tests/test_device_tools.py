@@ -219,3 +219,33 @@ def test_step_host_cost_times_graph_building_with_the_kernels_stubbed(tmp_path):
         assert len(r["build_ms_per_step"]) == 2
         assert abs(sum(r["build_ms_per_step"]) / 2 - r["build_ms"]) < 1e-6 * r["build_ms"] + 1e-9
 
+
+
+def test_step_host_cost_sections_account_each_attention_layers_building(tmp_path):
+    report = tool_json(tmp_path, "step_host_cost.py", "--batches", "1", "--layers", "2",
+                       "--steps", "3", "--context", "40", "--sections")
+    sections = report["sections_ms_per_step"]
+    assert set(sections) == {"fp16 B=1", "ours B=1"}
+    for label, ms in sections.items():
+        # Every section timed, none negative, and the sections are parts of the step's build.
+        assert set(ms) == {"projections", "head reshapes", "rope", "update_and_fetch",
+                           "attention", "release q/k/v", "output"}, label
+        assert all(v >= 0 for v in ms.values()) and ms["attention"] > 0
+    ours = report["rows"][0]
+    assert sum(sections["ours B=1"].values()) <= ours["build_ms"]
+
+
+def test_interleaved_decode_alternates_fp16_and_ours_in_one_process(tmp_path):
+    report = tool_json(tmp_path, "interleaved_decode.py", "--shape", "tiny", "--batch", "2",
+                       "--context", "40", "--pairs", "3", "--chunk", "2", "--warmup", "2",
+                       "--pool-mib", "16")
+    assert report["batch"] == 2 and report["pairs"] == 3 and report["chunk"] == 2
+    assert len(report["pair_ratios"]) == 3 and all(r > 0 for r in report["pair_ratios"])
+    assert report["median_ratio"] == sorted(report["pair_ratios"])[1]
+    for name in ("fp16", "tq-batched"):
+        assert len(report[name]["chunk_seconds"]) == 3 and report[name]["tok_s"] > 0
+    # The whole run's ratio is over every timed step of each side.
+    whole = sum(report["fp16"]["chunk_seconds"]) / sum(report["tq-batched"]["chunk_seconds"])
+    assert abs(report["whole_run_ratio"] - whole) < 1e-9
+    # Ours held its sequences in pages (fewer bytes than fp16): its path ran, not fp16's twice.
+    assert report["kv_bytes_per_seq"]["tq-batched"] < report["kv_bytes_per_seq"]["fp16"]

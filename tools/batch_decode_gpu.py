@@ -273,20 +273,47 @@ def profile_builds(step, batch: int, label: str, steps: int = 32) -> None:
         pstats.Stats(runs[i][1]).sort_stats("cumtime").print_stats("tqstore|mlx_lm", 30)
 
 
-def fp16_row(model, batch: int, context: int, args) -> dict:
+def fp16_batch(model, batch: int, context: int, seed: int):
+    """(mlx-lm's fp16 KVCache per layer holding `batch` random prefixes of `context` tokens,
+    the decode step over them)."""
     from mlx_lm.models.cache import KVCache
 
     caches = [KVCache() for _ in model.layers]
     # The model's own dtype (bf16 here), as its prefill would have written them: a cache of
     # another dtype would make SDPA promote and read twice the bytes.
     dtype = model.layers[0].self_attn.k_proj.weight.dtype
-    for cache, (k, v) in zip(caches, random_kv(model, batch, context, args.seed, dtype)):
+    for cache, (k, v) in zip(caches, random_kv(model, batch, context, seed, dtype)):
         cache.update_and_fetch(k, v)
         mx.eval(cache.state)
 
     def step(tokens: mx.array) -> mx.array:
         return mx.argmax(model(tokens[:, None], cache=caches)[:, -1, :], axis=-1)
+    return caches, step
 
+
+def tq_batch(model, batch: int, context: int, seed: int, pool_mib: int):
+    """(our pool, each sequence's caches, the batched decode step over them) with `batch`
+    random prefixes of `context` tokens loaded. The step needs tqstore.paged.install(model)."""
+    from tqstore.paged import CachePolicy, make_prompt_cache, pool_for_model
+    from tqstore.paged.batch import batch_caches
+
+    pool = pool_for_model(model, policy=CachePolicy.default(None), budget_bytes=pool_mib << 20)
+    sequences = [make_prompt_cache(pool) for _ in range(batch)]
+    for layer, (k, v) in enumerate(random_kv(model, batch, context, seed, mx.float16)):
+        for b, caches in enumerate(sequences):
+            caches[layer].load_fp16_prefix(k[b:b + 1], v[b:b + 1])
+        mx.eval([c.state for caches in sequences for c in caches])
+
+    def step(tokens: mx.array) -> mx.array:
+        for caches in sequences:
+            caches[0].sequence.append_token_ids([0])
+        joined = batch_caches(sequences)
+        return mx.argmax(model(tokens[:, None], cache=joined)[:, -1, :], axis=-1)
+    return pool, sequences, step
+
+
+def fp16_row(model, batch: int, context: int, args) -> dict:
+    caches, step = fp16_batch(model, batch, context, args.seed)
     row = measure(step, batch, args)
     row["kv_bytes_per_seq"] = sum(c.nbytes for c in caches) / batch
     if args.diagnose:
@@ -299,24 +326,10 @@ def tq_row(model, batch: int, context: int, args, mode: str, step_form: bool = T
            fold: bool = True) -> dict:
     import tqstore.metal.step_launch as step_launch
     import tqstore.paged.batch as batch_module
-    from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, uninstall
-    from tqstore.paged.batch import batch_caches
+    from tqstore.paged import install, uninstall
 
     install(model)
-    pool = pool_for_model(model, policy=CachePolicy.default(None),
-                          budget_bytes=args.pool_mib << 20)
-    sequences = [make_prompt_cache(pool) for _ in range(batch)]
-    for layer, (k, v) in enumerate(random_kv(model, batch, context, args.seed, mx.float16)):
-        for b, caches in enumerate(sequences):
-            caches[layer].load_fp16_prefix(k[b:b + 1], v[b:b + 1])
-        mx.eval([c.state for caches in sequences for c in caches])
-
-    def step(tokens: mx.array) -> mx.array:
-        for caches in sequences:
-            caches[0].sequence.append_token_ids([0])
-        joined = batch_caches(sequences)
-        return mx.argmax(model(tokens[:, None], cache=joined)[:, -1, :], axis=-1)
-
+    pool, sequences, step = tq_batch(model, batch, context, args.seed, args.pool_mib)
     default, batch_module.BATCH_MODE = batch_module.BATCH_MODE, mode
     default_form, step_launch.STEP_FORM = step_launch.STEP_FORM, step_form
     default_fold, step_launch.FOLD_EPILOGUE = step_launch.FOLD_EPILOGUE, fold

@@ -71,7 +71,8 @@ def small_llama(layers: int):
 
 
 def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
-             limit=18, warmup: int = 20) -> tuple[float, float, list[float]]:
+             limit=18, warmup: int = 20, sections: dict[str, float] | None = None
+             ) -> tuple[float, float, list[float]]:
     """Mean host ms to build one step's graph and to encode it (mx.async_eval: each kernel's
     launch into MLX's command encoder), each step then evaluated before the next; and each
     step's build ms (a block-opening step, one in 16, builds more than the others)."""
@@ -79,6 +80,8 @@ def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
     for _ in range(warmup):  # past a block boundary: first-use self-checks and JIT builds
         y = step(y)
         mx.eval(y)
+    if sections is not None:  # time_attention_sections' totals: the timed steps only
+        sections.clear()
     prof = cProfile.Profile() if profile else None
     total = encode = 0.0
     per_step = []
@@ -97,6 +100,48 @@ def build_ms(step, batch: int, steps: int, profile: bool, sort: str = "tottime",
     if prof:
         pstats.Stats(prof).sort_stats(sort).print_stats(limit)
     return 1e3 * total / steps, 1e3 * encode / steps, per_step
+
+
+SECTIONS = ("projections", "head reshapes", "rope", "update_and_fetch", "attention",
+            "release q/k/v", "output")
+
+
+def time_attention_sections(totals: dict[str, float]) -> None:
+    """Replace mlx-lm's llama Attention.__call__ with the same code timed section by section
+    (host seconds added to ``totals``): where a step's building goes, ours against fp16's.
+    "release q/k/v" drops the layer's last references to them: with stubbed kernels nothing
+    holds them, so their graphs are freed there; with real kernels the attention's output
+    holds them and that section is near zero (the frees come after evaluation, in MLX)."""
+    from mlx_lm.models import llama
+
+    clock = time.perf_counter
+
+    def call(self, x, mask=None, cache=None):
+        marks = [clock()]
+        B, L, _ = x.shape
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        marks.append(clock())
+        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        marks.append(clock())
+        queries = self.rope(queries, offset=cache.offset)
+        keys = self.rope(keys, offset=cache.offset)
+        marks.append(clock())
+        keys, values = cache.update_and_fetch(keys, values)
+        marks.append(clock())
+        output = llama.scaled_dot_product_attention(queries, keys, values, cache=cache,
+                                                    scale=self.scale, mask=mask)
+        marks.append(clock())
+        del queries, keys, values
+        marks.append(clock())
+        output = self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        marks.append(clock())
+        for name, start, end in zip(SECTIONS, marks, marks[1:]):
+            totals[name] = totals.get(name, 0.0) + end - start
+        return output
+
+    llama.Attention.__call__ = call
 
 
 def fp16_step(model, batch: int, context: int):
@@ -146,18 +191,28 @@ def main() -> int:
     ap.add_argument("--real", action="store_true",
                     help="the real kernels, not stubs (a GPU machine): each kernel call's own "
                          "host cost counted too (MLX builds its source string per call)")
+    ap.add_argument("--sections", action="store_true",
+                    help="also each attention layer's building by section (projections, rope, "
+                         "update_and_fetch, attention, ...), ms per step, fp16 and ours")
     args = ap.parse_args()
     model = small_llama(args.layers)
-    fp16 = {b: build_ms(fp16_step(model, b, args.context), b, args.steps, False)
-            for b in args.batches}
+    sections: dict[str, dict[str, float]] = {}
+
+    def timed(name: str, step, b: int, profile: bool = False):
+        totals = sections.setdefault(f"{name} B={b}", {})
+        if args.sections:
+            time_attention_sections(totals)
+        return build_ms(step, b, args.steps, profile, args.sort, args.limit, sections=totals)
+
+    fp16 = {b: timed("fp16", fp16_step(model, b, args.context), b) for b in args.batches}
     if not args.real:
         stub_gpu_kernels()
     print(f"{'B':>3} {'fp16 ms':>8} {'ours ms':>8} {'ours/fp16':>9}  (graph building per step)"
           f"  {'fp16 enc':>8} {'ours enc':>8}  (encoding, ms)  ours' median and slowest builds")
     rows = []
     for b in args.batches:
-        ours, enc, per_step = build_ms(tq_step(model, b, args.context, alone=b == 1), b,
-                                       args.steps, args.profile, args.sort, args.limit)
+        ours, enc, per_step = timed("ours", tq_step(model, b, args.context, alone=b == 1), b,
+                                    args.profile)
         base, base_enc, _ = fp16[b]
         # The slowest steps are the block openings (one step in 16 opens a block).
         slowest = sorted(per_step)[-max(1, args.steps // 16):]
@@ -166,9 +221,17 @@ def main() -> int:
               + " ".join(f"{ms:.2f}" for ms in slowest))
         rows.append(dict(batch=b, fp16_build_ms=base, build_ms=ours, fp16_encode_ms=base_enc,
                          encode_ms=enc, build_ms_per_step=per_step))
+    if args.sections:
+        print("attention layers' building by section, ms per step (all layers):")
+        print(f"{'':>12} " + " ".join(f"{name:>16}" for name in SECTIONS))
+        for label, totals in sections.items():
+            print(f"{label:>12} " + " ".join(f"{1e3 * totals.get(name, 0.0) / args.steps:>16.3f}"
+                                            for name in SECTIONS))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(layers=args.layers, context=args.context,
-                                                   steps=args.steps, rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(
+            layers=args.layers, context=args.context, steps=args.steps, rows=rows,
+            sections_ms_per_step={label: {k: 1e3 * v / args.steps for k, v in totals.items()}
+                                  for label, totals in sections.items() if totals}), indent=1))
     return 0
 
 
