@@ -247,5 +247,5 @@ def test_interleaved_decode_alternates_fp16_and_ours_in_one_process(tmp_path):
     # The whole run's ratio is over every timed step of each side.
     whole = sum(report["fp16"]["chunk_seconds"]) / sum(report["tq-batched"]["chunk_seconds"])
     assert abs(report["whole_run_ratio"] - whole) < 1e-9
-    # Ours held its sequences in pages (fewer bytes than fp16): its path ran, not fp16's twice.
+    # Ours held its sequences in pages (fewer bytes than fp16): our caches ran, not fp16's twice.
     assert report["kv_bytes_per_seq"]["tq-batched"] < report["kv_bytes_per_seq"]["fp16"]

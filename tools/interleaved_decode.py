@@ -4,17 +4,19 @@ the host's speed of the moment moves for both sides alike.
 
 Why: tools/batch_decode_gpu.py times its rows one after another, each in its own stretch of
 the process. On the H200 the host's graph building for the same code and shape ranged 2.1-4.9
-ms a step between processes of one device call (docs/BENCHMARKS.md, twenty-third session), and
-a B=1 step is bound by the host, so one process's ratio moved from 0.63x to 0.99x with nothing
-changed. Here both sides live in the process at once (mlx-lm's fp16 KVCache and our pool,
-holding the same random prefixes as in batch_decode_gpu.py) and take turns: `--chunk` pipelined
-steps of one, then of the other, `--pairs` times, the side that goes first alternating. Each
-pair gives a ratio of two stretches a few hundred milliseconds apart; the report is their
-median and spread, and the whole run's ratio (every step of each side).
+ms a step between processes (docs/BENCHMARKS.md, twenty-third session), and a B=1 step is
+bound by the host, so two processes with the same setting gave 0.63x and 0.99x. Here both
+sides live in the process at once (mlx-lm's fp16 KVCache and our pool, holding the same random
+prefixes as in batch_decode_gpu.py) and take turns: `--chunk` pipelined steps of one, then of
+the other, `--pairs` times, the side that goes first alternating. Each pair gives a ratio of
+two stretches a few hundred milliseconds apart; the report is their median and spread, and
+the whole run's ratio (every step of each side). Past about 14 pairs of 16 steps fp16's
+KVCache grows (every 256 tokens), a copy inside one of its chunks: the median absorbs it.
 
 A chunk of 16 steps (the block size) holds one block opening of ours wherever it starts, so
 every chunk of ours pays the openings' share. Each chunk starts from a drained GPU (its first
-step is not overlapped): the same for both sides. Between chunks our attention routing is
+step is not overlapped) and ends with a drain: alike for both sides, it pulls the ratio
+slightly toward 1 (about one step in 16). Between chunks our attention routing is
 installed or removed (tqstore.paged.install / uninstall), so fp16 runs stock mlx-lm as in
 batch_decode_gpu.py.
 
