@@ -220,7 +220,6 @@ def test_step_host_cost_times_graph_building_with_the_kernels_stubbed(tmp_path):
         assert abs(sum(r["build_ms_per_step"]) / 2 - r["build_ms"]) < 1e-6 * r["build_ms"] + 1e-9
 
 
-
 def test_step_host_cost_sections_account_each_attention_layers_building(tmp_path):
     report = tool_json(tmp_path, "step_host_cost.py", "--batches", "1", "--layers", "2",
                        "--steps", "3", "--context", "40", "--sections")

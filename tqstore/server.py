@@ -360,9 +360,10 @@ class KvStoreService(pb_grpc.KvStoreServicer):
         for n, msg in enumerate(messages):
             msg = _decoded(msg)
             if n and (msg.HasField("namespace") or len(msg.token_ids) or msg.first_block
-                      or msg.trailing_partial):
+                      or msg.trailing_partial or msg.num_blocks):
                 raise InvalidArgument(f"Put message {n} carries namespace, token_ids, "
-                                      f"first_block or trailing_partial: only the first may")
+                                      f"first_block, trailing_partial or num_blocks: only the "
+                                      f"first may")
             if not msg.HasField("chunk"):
                 charge(CHUNK_OVERHEAD_BYTES)  # empty messages are not free either
                 continue

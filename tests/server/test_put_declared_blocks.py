@@ -43,6 +43,17 @@ def test_a_put_stores_its_declared_blocks_or_nothing(namespace, daemon, client, 
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, name
         assert why in err.value.details(), (name, err.value.details())
         assert client.lookup(namespace, tokens).hit_blocks == 0, name
+    # The count belongs to the first message only, like the other header fields.
+    def late_count():
+        yield pb.PutRequest(namespace=namespace_to_proto(namespace), token_ids=tokens,
+                            first_block=0)
+        for chunk in fp16_chunks(namespace, 0, blocks[0].keys, blocks[0].values):
+            yield pb.PutRequest(chunk=chunk, num_blocks=1)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Put(late_count(), timeout=10)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_blocks: only the first may" in err.value.details()
+    assert client.lookup(namespace, tokens).hit_blocks == 0
     # Not declared (0, an older client): the whole blocks that arrived are stored, as before.
     assert _put(stub, namespace, tokens, blocks[:1], 0).stored_blocks == 1
     assert client.lookup(namespace, tokens).hit_blocks == 1
