@@ -39,7 +39,7 @@ from tqstore.metal.epilogue import out_define  # noqa: E402
 from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS  # noqa: E402
 from tqstore.metal.mma_merge import FUSED_OUTPUTS  # noqa: E402
 
-STAMPS = 10  # per threadgroup: the most any form uses (len(phases(geo)) + 2)
+STAMPS = 14  # per threadgroup: the most any form uses (len(phases(geo)) + 2)
 FORMS = ("split", "step", "step-epilogue")
 # (phase ending at this stamp, source anchor, insert after the anchor?, condition that makes
 # the stamp wait for the phase's loads). Stamp 0 is the start; the last stamp is at the end.
@@ -64,11 +64,19 @@ STEP_PHASES = [
     _BOUNDS,
     ("codes issued", "  float* const tq_qs = (float*)tq_lut;", False, "true"),
     ("queries scaled and rotated", "  tq_u32 qf[KSTEPS][2];", False, "true"),
-    ("fragments, table built", "  const tq_u32 lk = (tq_u32)lane * 4u", False, "true"),
+    ("query fragments", "  // The dequantization table: entry e", False, "true"),
+    ("table built", "  const tq_u32 lk = (tq_u32)lane * 4u", False, "true"),
 ] + _TAIL
-# The merging threadgroup's last two phases in the folded form: the merge, then the epilogue.
-EPILOGUE_ANCHOR = ("split-K merge (merging threadgroups)",
-                   "  TQ_BARRIER();  // out and lse are written", False, "true")
+# The merging threadgroup's last phases in the folded form: the merge, then the epilogue's
+# parts (tqstore.metal.epilogue.epilogue_core; the last one ends at the final stamp).
+EPILOGUE_PHASES = [
+    ("split-K merge (merging threadgroups)", "  TQ_BARRIER();  // out and lse are written",
+     False, "true"),
+    ("epilogue: queries, output, tail values", "  // Tail scores s = q . (k - c)", False,
+     "true"),
+    ("epilogue: tail keys, scores", "  // Per head, softmax over (pages, tail)", False, "true"),
+    ("epilogue: softmax", "  // Per chunk of DC output dims", False, "true"),
+]
 
 
 def phases(geo: MmaGeometry) -> list[tuple[str, str, bool, str]]:
@@ -76,11 +84,11 @@ def phases(geo: MmaGeometry) -> list[tuple[str, str, bool, str]]:
     the body, is not listed: it closes the merge, or the epilogue where it is folded in)."""
     if not geo.step:
         return PHASES
-    return STEP_PHASES + ([EPILOGUE_ANCHOR] if geo.epilogue else [])
+    return STEP_PHASES + (EPILOGUE_PHASES if geo.epilogue else [])
 
 
 def phase_names(geo: MmaGeometry) -> list[str]:
-    last = "epilogue (merging threadgroups)" if geo.epilogue else "merge (merging threadgroups)"
+    last = "epilogue: output dims" if geo.epilogue else "merge (merging threadgroups)"
     return [p[0] for p in phases(geo)] + [last]
 
 
@@ -204,7 +212,7 @@ def main() -> int:
             # others leave zero), or without it the ones whose last phase took any time.
             merging = (clk[:, last - 1] > 0 if geo.epilogue
                        else clk[:, last] - clk[:, last - 1] > 0.5)
-            first_merging = last - (2 if geo.epilogue else 1) + 1
+            first_merging = last - (len(EPILOGUE_PHASES) if geo.epilogue else 0)
             for i, name in enumerate(names, start=1):
                 d = clk[:, i] - clk[:, i - 1]
                 if i >= first_merging:

@@ -21,7 +21,9 @@ output (tests/metal/test_mma_emulated.py checks that on the emulator).
 
 Memory: the epilogue's threadgroup arrays are carved out of the dequantization table's dynamic
 shared memory (LUT_BYTES), dead once the pages are attended and merged: no more shared memory
-per threadgroup, so the attention's occupancy is unchanged (attention_mma.LUT_BYTES).
+per threadgroup, so the attention's occupancy is unchanged (attention_mma.LUT_BYTES). That room
+also holds the tail's values (epilogue_core's ``stage_values``), read once instead of once per
+chunk of output dims.
 
 Measured (H100, docs/BENCHMARKS.md "One launch per layer"): graph building per step is lower
 than with two launches; tokens/s showed no gain within the runs' noise. The merging
@@ -56,14 +58,18 @@ def step_epilogue_unsupported_reason(key_dim: int, value_dim: int, group: int,
     return None
 
 
-def merged_epilogue(key_dim: int, value_dim: int, group: int, block_size: int) -> str:
+def merged_epilogue(key_dim: int, value_dim: int, group: int, block_size: int,
+                    shared_limit: int) -> str:
     """Statements for the threadgroup that holds the merged pages' output of its (b, kvh) in
     ``out`` and ``lse`` (this launch's global buffers, written by its own threads): all of the
     threadgroup's NT threads reach them together. Every dim of the group's heads in chunks of
-    DC (the standalone kernel spreads the chunks over DV / DC threadgroups)."""
+    DC (the standalone kernel spreads the chunks over DV / DC threadgroups). The tail's values
+    are staged where they fit in ``shared_limit`` bytes (the table's) with the rest."""
+    values = shared_bytes(key_dim, value_dim, group, block_size, True) <= shared_limit
     return f"""  TQ_BARRIER();  // out and lse are written; the table's shared memory is free
   {{  // the per-row epilogue of (b, kvh): tqstore.metal.mma_epilogue
-{epilogue_shared(key_dim, value_dim, group, block_size, base="tq_lut")}{epilogue_core(
-        key_dim, block_size, True, pages_out="out", pages_lse="lse[b * HQ + h0 + tq_tid]",
-        out="attn_out", dims=("0", "DV"), copy_tail="true")}  }}
+{epilogue_shared(key_dim, value_dim, group, block_size, base="tq_lut", stage_values=values)}{
+        epilogue_core(key_dim, block_size, True, pages_out="out",
+                      pages_lse="lse[b * HQ + h0 + tq_tid]", out="attn_out", dims=("0", "DV"),
+                      copy_tail="true", stage_values=values)}  }}
 """
