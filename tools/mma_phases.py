@@ -75,7 +75,7 @@ EPILOGUE_PHASES = [
     ("epilogue: queries, output, tail values", "  // Tail scores s = q . (k - c)", False,
      "true"),
     ("epilogue: tail keys, scores", "  // Per head, softmax over (pages, tail)", False, "true"),
-    ("epilogue: softmax", "  // Per chunk of DC output dims", False, "true"),
+    ("epilogue: softmax", "  // Per pass of DW output dims", False, "true"),
 ]
 
 

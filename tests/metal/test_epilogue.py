@@ -233,3 +233,22 @@ def test_per_row_epilogue_kernel_on_the_emulator(case, tmp_path):
             m["new_values"][b:b + 1].astype(mx.float16), m["key_center"],
             m["output_rotation"], getattr(mx, dtype))
         assert np.array_equal(np.array(alone[0].astype(mx.float32))[0], want[0][b, :, 0])
+
+
+def test_the_folded_epilogue_stages_the_values_and_the_widest_pass_that_fit_the_table():
+    """merged_layout: the tail's values staged where they fit the table's bytes, then whole DC
+    chunks per pass that divide DV and fit beside the epilogue's other arrays; DC and
+    unstaged values where nothing more fits (then it is the standalone's loop)."""
+    from tqstore.metal.attention_mma import LUT_BYTES
+    from tqstore.metal.epilogue import shared_bytes
+    from tqstore.metal.mma_epilogue import merged_layout
+    assert merged_layout(128, 128, 4, 16, LUT_BYTES) == (True, 64)   # Llama-3-8B: 4 chunks don't fit
+    assert merged_layout(64, 64, 3, 16, LUT_BYTES) == (True, 64)     # SmolLM2: one pass over DV
+    assert merged_layout(128, 96, 4, 16, LUT_BYTES) == (True, 96)    # 3 chunks, all in one pass
+    assert merged_layout(128, 128, 8, 256, LUT_BYTES) == (False, 64)  # 128 KB of values
+    tight = shared_bytes(128, 128, 4, 16)  # just the standalone's arrays: nothing more fits
+    assert merged_layout(128, 128, 4, 16, tight) == (False, DIMS_PER_GROUP)
+    for dk, dv, g, bs in ((128, 128, 4, 16), (64, 64, 3, 16), (128, 96, 8, 32), (128, 128, 8, 256)):
+        values, width = merged_layout(dk, dv, g, bs, LUT_BYTES)
+        assert dv % width == 0 and width % DIMS_PER_GROUP == 0
+        assert shared_bytes(dk, dv, g, bs, values, dv * width) <= LUT_BYTES

@@ -79,11 +79,11 @@ def _stage_floats(key_dim: int, value_dim: int) -> int:
 
 
 def shared_bytes(key_dim: int, value_dim: int, group: int, block_size: int,
-                 stage_values: bool = False) -> int:
-    """Threadgroup bytes of epilogue_shared (``stage_values``: with the tail's values)."""
+                 stage_values: bool = False, stage_floats: int = 0) -> int:
+    """Threadgroup bytes of epilogue_shared with the same arguments."""
     values = block_size * value_dim if stage_values else 0
-    return 4 * (group * (key_dim + value_dim + block_size + 1) + _stage_floats(key_dim, value_dim)
-                + values)
+    stage = max(_stage_floats(key_dim, value_dim), stage_floats)
+    return 4 * (group * (key_dim + value_dim + block_size + 1) + stage + values)
 
 
 def epilogue_unsupported_reason(key_dim: int, value_dim: int, num_q_heads: int,
@@ -130,13 +130,15 @@ def epilogue_body(dialect: str, key_dim: int, value_dim: int, num_q_heads: int,
 
 
 def epilogue_shared(key_dim: int, value_dim: int, group: int, block_size: int,
-                    base: str | None = None, stage_values: bool = False) -> str:
+                    base: str | None = None, stage_values: bool = False,
+                    stage_floats: int = 0) -> str:
     """The epilogue's threadgroup arrays: declared (``base`` None), or carved out of the
     float buffer ``base`` (a kernel whose threadgroup memory is free by then: the MMA step
     kernel's dequantization table, tqstore.metal.mma_epilogue), shared_bytes in all.
-    ``stage_values``: also ``vstage``, the tail's values as floats (epilogue_core's)."""
+    ``stage_values``: also ``vstage``, the tail's values as floats (epilogue_core's);
+    ``stage_floats``: a staging buffer of at least that many floats (wider passes)."""
     sizes = [("qs", group * key_dim), ("o_rot", group * value_dim), ("p", group * block_size),
-             ("w_pages", group), ("stage", _stage_floats(key_dim, value_dim))]
+             ("w_pages", group), ("stage", max(_stage_floats(key_dim, value_dim), stage_floats))]
     if stage_values:
         sizes.append(("vstage", block_size * value_dim))
     if base is None:
@@ -148,18 +150,27 @@ def epilogue_shared(key_dim: int, value_dim: int, group: int, block_size: int,
     return "".join(lines)
 
 
-def _batched(total: str, loads: list[tuple[str, str]], stores: list[str], width: int = 8) -> str:
-    """A loop over i in [0, total) by the threadgroup's NT threads whose global loads are
-    issued together: per round, each thread loads ``width`` elements into registers (``loads``:
-    (register array, float expression of i)), then stores them (``stores``: statements on
-    ``name[u_]`` and i). Why: the outputs may alias the inputs as far as the compiler knows,
-    so in a plain loop each load waits for the previous element's store, one memory round
-    trip per element (the folded epilogue took 15-21 us of the step kernel's 40-80 on an H200,
-    tools/mma_phases.py --forms step-epilogue). Same values, same order of every sum."""
-    decl = "".join(f"    float {name}[{width}];\n" for name, _ in loads)
-    load = "".join(f"      {name}[u_] = i < {total} ? {expr} : 0.0f;\n" for name, expr in loads)
-    store = "".join(f"        {st}\n" for st in stores)
-    return f"""  for (int i0 = 0; i0 < {total}; i0 += {width} * NT) {{
+def _gathered(groups: list[tuple[str, list[tuple[str, str]], list[str]]],
+              width: int = 8) -> str:
+    """A loop over i by the threadgroup's NT threads whose global loads are issued together:
+    per round each thread loads ``width`` elements of every group into registers, then
+    stores them. A group is (its count of elements, its loads: (register array, float
+    expression of i), its stores: statements on ``name[u_]`` and i). Why: the outputs may
+    alias the inputs as far as the compiler knows, so in a plain loop each load waits for the
+    previous element's store, one memory round trip per element (the folded epilogue took
+    15-21 us of the step kernel's 40-80 on an H200, tools/mma_phases.py --forms
+    step-epilogue); groups in one round share one round trip. Same values, same order of
+    every sum."""
+    totals = [g[0] for g in groups]
+    bound = totals[0]
+    for t in totals[1:]:
+        bound = f"(({bound}) > ({t}) ? ({bound}) : ({t}))"
+    decl = "".join(f"    float {name}[{width}];\n" for _, loads, _ in groups for name, _ in loads)
+    load = "".join(f"      {name}[u_] = i < {total} ? {expr} : 0.0f;\n"
+                   for total, loads, _ in groups for name, expr in loads)
+    store = "".join(f"      if (i < {total}) {{\n" + "".join(f"        {st}\n" for st in stores)
+                    + "      }\n" for total, _, stores in groups)
+    return f"""  for (int i0 = 0; i0 < {bound}; i0 += {width} * NT) {{
 {decl}#pragma unroll
     for (int u_ = 0; u_ < {width}; ++u_) {{
       const int i = i0 + u_ * NT + tq_tid;
@@ -167,31 +178,32 @@ def _batched(total: str, loads: list[tuple[str, str]], stores: list[str], width:
 #pragma unroll
     for (int u_ = 0; u_ < {width}; ++u_) {{
       const int i = i0 + u_ * NT + tq_tid;
-      if (i < {total}) {{
-{store}      }}
-    }}
+{store}    }}
   }}
 """
 
 
 def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: str,
                   pages_lse: str, out: str, dims: tuple[str, str], copy_tail: str,
-                  stage_values: bool = False) -> str:
+                  stage_values: bool = False, width: str = "DC") -> str:
     """The epilogue's work for one (sequence b, kv head kvh): the tail's scores, the softmax
-    over (pages, tail), the output dims [dims[0], dims[1]) of the group's heads in chunks of
-    DC, and (where ``copy_tail`` holds) the next tail. In scope: DK, DV, HQ, HKV, G, NT, b,
-    kvh, h0, the arrays of epilogue_shared and the inputs and outputs of the module doc (the
-    model's output named ``out``; ``pages_out`` the name of the pages' output, ``pages_lse``
-    the expression of head h0 + tq_tid's log-sum-exp). Every output is the same float32 sum
-    in the same order whichever dims a threadgroup owns (one chunk of the standalone kernel
-    or all of them: the MMA step kernel's merging threadgroup), so both give the same bits.
-    ``stage_values`` (epilogue_shared's ``vstage`` exists): the tail's values are read once
-    into threadgroup memory instead of once per chunk of dims from device memory; the same
-    values, so the same bits.
+    over (pages, tail), the output dims [dims[0], dims[1]) of the group's heads, ``width``
+    dims per pass, and (where ``copy_tail`` holds) the next tail. In scope: DK, DV, HQ, HKV,
+    G, NT, b, kvh, h0, the arrays of epilogue_shared and the inputs and outputs of the module
+    doc (the model's output named ``out``; ``pages_out`` the name of the pages' output,
+    ``pages_lse`` the expression of head h0 + tq_tid's log-sum-exp). Every output is the same
+    float32 sum in the same order whichever dims a threadgroup owns and however many it
+    stages per pass (one chunk of DC in the standalone kernel, all of them in passes of a
+    multiple of DC in the MMA step kernel's merging threadgroup: ``stage`` must hold DV x
+    width floats), so both give the same bits. ``stage_values`` (epilogue_shared's ``vstage``
+    exists): the tail's values are read once into threadgroup memory instead of once per pass
+    from device memory; the same values, so the same bits.
 
-    Global loads are batched (_batched) and R's next chunk of columns is loaded while the
-    current one is used: the merging threadgroup of the MMA step kernel runs this on the
-    launch's critical path, where every round trip to memory is the whole GPU's time."""
+    Every global load before the scores is issued in one round (_gathered: the queries, the
+    pages' output, the tail's values and first chunk of keys, with the next tail's copy on
+    the way), and R's next pass of columns is loaded while the current one is used: the
+    merging threadgroup of the MMA step kernel runs this on the launch's critical path,
+    where every round trip to memory is the whole GPU's time."""
     chunk = max(1, STAGE_FLOATS // key_dim)
     # Where row b's lengths are, and how many rows each tail buffer holds per (b, kv head).
     info, old_rows, next_rows = ("2 * b", "MAXN", "MAXN") if per_row else ("0", "n_old", "n")
@@ -203,36 +215,39 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
         query = "queries[(b * HQ + h0) * DK + i]"
         new_k, new_v = ("new_keys[(new_k + (t) - n_old) * DK + (d)]",
                         "new_values[(new_k + (t) - n_old) * DV + (d)]")
-    stage_keys = _batched(
-        "cn * DK", [("kx_", "TQ_HALF_TO_FLOAT(TQ_TAIL_K(c0 + i / DK, i % DK))"),
-                    ("kc_", "key_center[kvh * DK + i % DK]")],
-        ["if (copy) next_tail_keys[(row + c0) * DK + i] = TQ_FLOAT_TO_HALF(kx_[u_]);",
-         "stage[(i / DK) * KP + i % DK] = kx_[u_] - kc_[u_];"])
+
+    def keys(c0: str, count: str) -> tuple[str, list[tuple[str, str]], list[str]]:
+        """The gathered group of the tail keys [c0, c0 + count): copied, staged minus c."""
+        return (f"{count} * DK",
+                [("kx_", f"TQ_HALF_TO_FLOAT(TQ_TAIL_K({c0} + i / DK, i % DK))"),
+                 ("kc_", "key_center[kvh * DK + i % DK]")],
+                [f"if (copy) next_tail_keys[(row + {c0}) * DK + i] = TQ_FLOAT_TO_HALF(kx_[u_]);",
+                 "stage[(i / DK) * KP + i % DK] = kx_[u_] - kc_[u_];"])
+
     value_stores = ["if (copy) next_tail_values[row * DV + i] = TQ_FLOAT_TO_HALF(vx_[u_]);"]
     if stage_values:
         value_stores.append("vstage[i] = vx_[u_];")
-    values = _batched("n * DV", [("vx_", "TQ_HALF_TO_FLOAT(TQ_TAIL_V(i / DV, i % DV))")],
-                      value_stores)
-    # Without the staged values only the copy needs this pass (the output reads them itself).
-    values_when = "true" if stage_values else "copy"
+    # Without the staged values only the copy needs them here (the output reads them itself).
+    entry = _gathered([
+        ("G * DK", [("q_", query)], ["qs[i] = q_[u_];"]),
+        ("G * DV", [("o_", f"{pages_out}[(b * HQ + h0) * DV + i]")], ["o_rot[i] = o_[u_];"]),
+        ("n * DV" if stage_values else "(copy ? n * DV : 0)",
+         [("vx_", "TQ_HALF_TO_FLOAT(TQ_TAIL_V(i / DV, i % DV))")], value_stores),
+        keys("0", "cn0")])
+    later_keys = _gathered([keys("c0", "cn")])
     tail_value = ("vstage[t * DV + d0 + c]" if stage_values
                   else "TQ_HALF_TO_FLOAT(TQ_TAIL_V(t, d0 + c))")
-    zero_rows = ("""    for (int i = n * DK + tq_tid; i < MAXN * DK; i += NT) next_tail_keys[row * DK + i] = TQ_FLOAT_TO_HALF(0.0f);
+    zero_rows = ("""  if (copy) {
+    for (int i = n * DK + tq_tid; i < MAXN * DK; i += NT) next_tail_keys[row * DK + i] = TQ_FLOAT_TO_HALF(0.0f);
     for (int i = n * DV + tq_tid; i < MAXN * DV; i += NT) next_tail_values[row * DV + i] = TQ_FLOAT_TO_HALF(0.0f);
+  }
 """ if per_row else "")
-    return f"""  constexpr int MAXN = {block_size}, DC = {DIMS_PER_GROUP};
+    return f"""  constexpr int MAXN = {block_size}, DC = {DIMS_PER_GROUP}, DW = {width};
   constexpr int CH = {chunk}, KP = DK + 1;  // tail keys staged per chunk, padded row length
-  constexpr int RPT = (DV * DC + NT - 1) / NT;  // R's elements per thread per chunk of dims
+  constexpr int RPT = (DV * DW + NT - 1) / NT;  // R's elements per thread per pass
   const int n = tail_info[{info}], n_old = tail_info[{info} + 1], n_new = n - n_old;
+  const int cn0 = n < CH ? n : CH;
   const int rot = kvh * DV * DV;
-  // R's first chunk of columns: in flight during everything up to its first use.
-  float rn_[RPT];
-#define TQ_R_LOAD(d0) \\
-  for (int u_ = 0; u_ < RPT; ++u_) {{ const int i = u_ * NT + tq_tid; \\
-    rn_[u_] = i < DV * DC ? output_rotation[rot + (i / DC) * DV + (d0) + i % DC] : 0.0f; }}
-  TQ_R_LOAD({dims[0]})
-  for (int i = tq_tid; i < G * DK; i += NT) qs[i] = {query};
-  for (int i = tq_tid; i < G * DV; i += NT) o_rot[i] = {pages_out}[(b * HQ + h0) * DV + i];
   // Token t of the tail after this step: the old tail's, then the new ones.
   const int old_k = (b * HKV + kvh) * {old_rows}, new_k = (b * HKV + kvh) * n_new;
 #define TQ_TAIL_K(t, d) ((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] : {new_k})
@@ -240,16 +255,20 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
   // The next tail (where `copy`): a copy of the old one plus the new tokens (then zeros).
   const bool copy = {copy_tail};
   const int row = (b * HKV + kvh) * {next_rows};
-  if ({values_when}) {{
-{values}  }}
-  if (copy) {{
-{zero_rows}  }}
-  // Tail scores s = q . (k - c): keys staged chunk by chunk (all loads in flight at once),
-  // then one thread per (head, token) over the staged row; the copy of the keys on the way.
+{entry}{zero_rows}  // R's first pass of columns: in flight through the scores and the softmax.
+  float rn_[RPT];
+#define TQ_R_LOAD(d0) \\
+  for (int u_ = 0; u_ < RPT; ++u_) {{ const int i = u_ * NT + tq_tid; \\
+    rn_[u_] = i < DV * DW ? output_rotation[rot + (i / DW) * DV + (d0) + i % DW] : 0.0f; }}
+  TQ_R_LOAD({dims[0]})
+  // Tail scores s = q . (k - c): keys staged chunk by chunk (the first one above), then one
+  // thread per (head, token) over the staged row.
   for (int c0 = 0; c0 < n; c0 += CH) {{
     const int cn = n - c0 < CH ? n - c0 : CH;
+    if (c0 > 0) {{  // the next chunk of a tail longer than CH tokens
+      TQ_BARRIER();
+{later_keys}    }}
     TQ_BARRIER();
-{stage_keys}    TQ_BARRIER();
     for (int pair = tq_tid; pair < G * cn; pair += NT) {{
       const int gq = pair / cn, tt = pair % cn;
       float s = 0.0f;
@@ -274,21 +293,21 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
     for (int t = 0; t < n; ++t) p[tq_tid * MAXN + t] *= inv;
     w_pages[tq_tid] = wp * inv;
   }}
-  // Per chunk of DC output dims: R's columns [d0, d0 + DC) from registers into the staging
-  // buffer, the next chunk's loads issued, then the un-rotated pages' output plus the tail's
+  // Per pass of DW output dims: R's columns [d0, d0 + DW) from registers into the staging
+  // buffer, the next pass's loads issued, then the un-rotated pages' output plus the tail's
   // values.
-  for (int d0 = {dims[0]}; d0 < {dims[1]}; d0 += DC) {{
-    TQ_BARRIER();  // the weights are in; the previous chunk is done with the stage
+  for (int d0 = {dims[0]}; d0 < {dims[1]}; d0 += DW) {{
+    TQ_BARRIER();  // the weights are in; the previous pass is done with the stage
     for (int u_ = 0; u_ < RPT; ++u_) {{
       const int i = u_ * NT + tq_tid;
-      if (i < DV * DC) stage[i] = rn_[u_];
+      if (i < DV * DW) stage[i] = rn_[u_];
     }}
     TQ_BARRIER();
-    if (d0 + DC < {dims[1]}) {{ TQ_R_LOAD(d0 + DC) }}
-    for (int i = tq_tid; i < G * DC; i += NT) {{
-      const int gq = i / DC, c = i % DC;
+    if (d0 + DW < {dims[1]}) {{ TQ_R_LOAD(d0 + DW) }}
+    for (int i = tq_tid; i < G * DW; i += NT) {{
+      const int gq = i / DW, c = i % DW;
       float acc = 0.0f;
-      for (int j = 0; j < DV; ++j) acc += o_rot[gq * DV + j] * stage[j * DC + c];
+      for (int j = 0; j < DV; ++j) acc += o_rot[gq * DV + j] * stage[j * DW + c];
       float v = w_pages[gq] * acc;
       for (int t = 0; t < n; ++t) v += p[gq * MAXN + t] * {tail_value};
       {out}[(b * HQ + h0 + gq) * DV + d0 + c] = TQ_OUT(v);

@@ -58,18 +58,39 @@ def step_epilogue_unsupported_reason(key_dim: int, value_dim: int, group: int,
     return None
 
 
+def merged_layout(key_dim: int, value_dim: int, group: int, block_size: int,
+                  shared_limit: int) -> tuple[bool, int]:
+    """(whether the tail's values are staged, output dims per pass) of the merging
+    threadgroup's epilogue in the table's ``shared_limit`` bytes: the values where they fit,
+    then the most whole chunks of DIMS_PER_GROUP per pass that divide DV and whose R columns
+    (DV x width floats) fit beside the rest. Why wider: the standalone kernel spreads DV / DC
+    chunks over as many threadgroups; folded, one threadgroup does the passes one after
+    another on the kernel's critical path, with G x width of its threads busy (128 of 256 at
+    DC for Llama-3-8B's heads; two chunks per pass there: every thread busy, half the
+    barriers). Each output is the same sum at any width."""
+    values = shared_bytes(key_dim, value_dim, group, block_size, True) <= shared_limit
+    chunks = value_dim // DIMS_PER_GROUP
+    for k in range(chunks, 0, -1):
+        width = k * DIMS_PER_GROUP
+        if chunks % k == 0 and shared_bytes(key_dim, value_dim, group, block_size, values,
+                                            value_dim * width) <= shared_limit:
+            return values, width
+    return values, DIMS_PER_GROUP
+
+
 def merged_epilogue(key_dim: int, value_dim: int, group: int, block_size: int,
                     shared_limit: int) -> str:
     """Statements for the threadgroup that holds the merged pages' output of its (b, kvh) in
     ``out`` and ``lse`` (this launch's global buffers, written by its own threads): all of the
-    threadgroup's NT threads reach them together. Every dim of the group's heads in chunks of
-    DC (the standalone kernel spreads the chunks over DV / DC threadgroups). The tail's values
-    are staged where they fit in ``shared_limit`` bytes (the table's) with the rest."""
-    values = shared_bytes(key_dim, value_dim, group, block_size, True) <= shared_limit
+    threadgroup's NT threads reach them together. Every dim of the group's heads, in passes of
+    merged_layout's width (the standalone kernel spreads DC-dim chunks over DV / DC
+    threadgroups; each output is the same sum either way, so the bits are the same)."""
+    values, width = merged_layout(key_dim, value_dim, group, block_size, shared_limit)
     return f"""  TQ_BARRIER();  // out and lse are written; the table's shared memory is free
   {{  // the per-row epilogue of (b, kvh): tqstore.metal.mma_epilogue
-{epilogue_shared(key_dim, value_dim, group, block_size, base="tq_lut", stage_values=values)}{
+{epilogue_shared(key_dim, value_dim, group, block_size, base="tq_lut", stage_values=values,
+                 stage_floats=value_dim * width)}{
         epilogue_core(key_dim, block_size, True, pages_out="out",
                       pages_lse="lse[b * HQ + h0 + tq_tid]", out="attn_out", dims=("0", "DV"),
-                      copy_tail="true", stage_values=values)}  }}
+                      copy_tail="true", stage_values=values, width=str(width))}  }}
 """
