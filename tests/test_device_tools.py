@@ -262,3 +262,41 @@ def test_interleaved_decode_alternates_fp16_and_ours_in_one_process(tmp_path):
     assert abs(report["whole_run_ratio"] - whole) < 1e-9
     # Ours held its sequences in pages (fewer bytes than fp16): our caches ran, not fp16's twice.
     assert report["kv_bytes_per_seq"]["tq-batched"] < report["kv_bytes_per_seq"]["fp16"]
+
+
+def test_kernel_sass_counts_the_round_trips_of_a_stretch_of_loads():
+    """tools/kernel_sass.py's reading of SASS: loads issued together cost one round trip;
+    a load whose register the next address needs (the serialized tail loads it found in
+    the folded epilogue) costs one each; barriers split the stretches."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from kernel_sass import instructions, load_regions
+    sass = """
+        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;   /* 0x0 */
+        /*0010*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;   /* 0x0 */
+        /*0020*/                   @!P0 LDG.E.U16 R6, desc[UR4][R8.64] ;   /* 0x0 */
+        /*0030*/                   FADD R7, R4, R5 ;   /* 0x0 */
+        /*0040*/                   STS [R9], R7 ;   /* 0x0 */
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;   /* 0x0 */
+        /*0060*/                   @P0 LDG.E.U16 R20, desc[UR4][R20.64] ;   /* 0x0 */
+        /*0070*/                   IADD3 R20, R20, 0x2, RZ ;   /* 0x0 */
+        /*0080*/                   @P1 LDG.E.U16 R20, desc[UR4][R20.64] ;   /* 0x0 */
+        /*0090*/                   IADD3 R20, R20, 0x2, RZ ;   /* 0x0 */
+        /*00a0*/                   LDG.E.64 R22, desc[UR4][R10.64] ;   /* 0x0 */
+        /*00b0*/                   FADD R11, R23, R23 ;   /* 0x0 */
+        /*00c0*/                   EXIT ;   /* 0x0 */
+    """
+    program = instructions(sass)
+    assert program[0] == ("0000", "LDG.E R4, desc[UR4][R2.64]") and len(program) == 13
+    first, second = load_regions(program)
+    assert (first["loads"], first["round_trips"]) == (3, 1)
+    assert (second["loads"], second["round_trips"]) == (3, 3)  # R23: the .64 load's pair
+
+
+def test_kernel_sass_needs_nvcc_or_reads_ptxas():
+    res = subprocess.run([sys.executable, str(ROOT / "tools/kernel_sass.py"), "--form", "split"],
+                         capture_output=True, text=True, timeout=600)
+    if shutil.which("nvcc"):
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "registers" in res.stdout and "-maxrregcount=128" in res.stdout
+    else:
+        assert res.returncode == 2 and "needs nvcc" in res.stderr
