@@ -23,6 +23,33 @@ def random_seed(request) -> int:
     return seed
 
 
+@pytest.fixture(autouse=True)
+def attention_routing_restored():
+    """Each test leaves attention routing (tqstore.paged.install) as it found it. Routing is
+    process-wide: a test that routes a model and never removes it, or removes routing that a
+    session fixture installed (uninstall restores every patched module), changes what later
+    tests in the same process see, and which tests those are depends on xdist's scheduling
+    (a GPU suite run failed on one). The patched modules' functions, the originals and the
+    caches' flag are put back exactly."""
+    import sys
+
+    from tqstore.paged import integration
+    from tqstore.paged.cache import PagedLayerCache
+
+    saved = dict(integration._originals)
+    current = {name: getattr(sys.modules[name], integration._ATTR) for name in saved}
+    routed = PagedLayerCache.attention_routed
+    yield
+    for name, original in integration._originals.items():
+        if name not in saved:  # routed by the test: the module's own function again
+            setattr(sys.modules[name], integration._ATTR, original)
+    for name, function in current.items():
+        setattr(sys.modules[name], integration._ATTR, function)
+    integration._originals.clear()
+    integration._originals.update(saved)
+    PagedLayerCache.attention_routed = routed
+
+
 def _devices() -> list[str]:
     import mlx.core as mx
 

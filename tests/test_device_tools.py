@@ -276,6 +276,7 @@ def test_kernel_sass_counts_the_round_trips_of_a_stretch_of_loads():
         /*0020*/                   @!P0 LDG.E.U16 R6, desc[UR4][R8.64] ;   /* 0x0 */
         /*0030*/                   FADD R7, R4, R5 ;   /* 0x0 */
         /*0040*/                   STS [R9], R7 ;   /* 0x0 */
+        /*0048*/                   MEMBAR.SC.GPU ;   /* 0x0 */
         /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;   /* 0x0 */
         /*0060*/                   @P0 LDG.E.U16 R20, desc[UR4][R20.64] ;   /* 0x0 */
         /*0070*/                   IADD3 R20, R20, 0x2, RZ ;   /* 0x0 */
@@ -283,13 +284,16 @@ def test_kernel_sass_counts_the_round_trips_of_a_stretch_of_loads():
         /*0090*/                   IADD3 R20, R20, 0x2, RZ ;   /* 0x0 */
         /*00a0*/                   LDG.E.64 R22, desc[UR4][R10.64] ;   /* 0x0 */
         /*00b0*/                   FADD R11, R23, R23 ;   /* 0x0 */
-        /*00c0*/                   EXIT ;   /* 0x0 */
+        /*00c0*/                   LDG.E.128 R12, desc[UR4][R10.64] ;   /* 0x0 */
+        /*00d0*/                   FADD R11, R15, R15 ;   /* 0x0 */
+        /*00e0*/                   EXIT ;   /* 0x0 */
     """
     program = instructions(sass)
-    assert program[0] == ("0000", "LDG.E R4, desc[UR4][R2.64]") and len(program) == 13
-    first, second = load_regions(program)
+    assert program[0] == ("0000", "LDG.E R4, desc[UR4][R2.64]") and len(program) == 16
+    first, second = load_regions(program)  # MEMBAR (a fence) does not split a stretch
     assert (first["loads"], first["round_trips"]) == (3, 1)
-    assert (second["loads"], second["round_trips"]) == (3, 3)  # R23: the .64 load's pair
+    # R23: the .64 load's pair; R15: the .128 load's last register
+    assert (second["loads"], second["round_trips"]) == (4, 4)
 
 
 def test_kernel_sass_needs_nvcc_or_reads_ptxas():
@@ -300,3 +304,36 @@ def test_kernel_sass_needs_nvcc_or_reads_ptxas():
         assert "registers" in res.stdout and "-maxrregcount=128" in res.stdout
     else:
         assert res.returncode == 2 and "needs nvcc" in res.stderr
+
+
+@pytest.mark.parametrize("form", ["split", "step-epilogue"])
+def test_mma_phases_summarizes_the_merging_threadgroups_apart(form):
+    """tools/mma_phases.py's summary on written stamps: two threadgroups, one of them merging.
+    Every phase but the merging ones is the median over both; the merge (and the epilogue's
+    parts) only over the merging one; the span is first start to last end."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import numpy as np
+    from mma_phases import STAMPS, form_geometry, phase_names, phases, summarize
+
+    geo = form_geometry(form)
+    n = len(phases(geo)) + 2  # stamps written: start, one per phase, the end
+    merging_from = n - 1 - (4 if geo.epilogue else 0)  # the first merging-only stamp
+    ghz = 2.0
+    dbg = np.zeros((2, 2 * STAMPS), dtype=np.int64)
+    for tg, step in ((0, 2000), (1, 4000)):  # clock cycles per phase: 1 us and 2 us
+        for k in range(n):
+            dbg[tg, STAMPS + k] = k * step
+            dbg[tg, k] = 1000 * k * (1 + tg)  # globaltimer ns
+    # threadgroup 0 does not merge: its merging-only stamps stay zero (the epilogue's) or,
+    # without the epilogue, its last phase takes no time
+    if geo.epilogue:
+        dbg[0, STAMPS + merging_from:STAMPS + n - 1] = 0
+        dbg[0, STAMPS + n - 1] = dbg[0, STAMPS + merging_from - 1]
+    else:
+        dbg[0, STAMPS + n - 1] = dbg[0, STAMPS + n - 2]
+    spans, rows = summarize(geo, [dbg], ghz)
+    assert [r[0] for r in rows] == phase_names(geo)
+    assert spans == [(dbg[1, n - 1] - dbg[0, 0]) / 1e3]
+    for k, (name, median, _) in enumerate(rows, start=1):
+        want = 2.0 if k >= merging_from else 1.5  # the merging threadgroup alone, or both
+        assert median == pytest.approx(want), (name, median)

@@ -17,8 +17,9 @@ header applies __launch_bounds__ under NVRTC only), sm_90.
     python3 tools/kernel_sass.py --form step-epilogue            # ptxas's registers and spills
     python3 tools/kernel_sass.py --form step-epilogue --after-barrier 3 --limit 80
         # the memory instructions after the 3rd barrier from the end of the merge (SASS)
-Needs nvcc (and cuobjdump for the SASS: --cuobjdump PATH or on PATH); says so and exits 2
-without them.
+Needs nvcc (and cuobjdump for the SASS: --cuobjdump PATH or on PATH; where the toolkit lacks
+it, the `nvidia-cuda-cuobjdump` wheel carries one under nvidia/cu13/bin); says so and exits 2
+without nvcc. The round trips are read from straight-line code: a loop's body counts once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 FORMS = ("split", "step", "step-epilogue")
 MEMORY = re.compile(r"\b(LDG|STG|LDS|STS|BAR|ATOMG|MEMBAR)\b")
+BARRIER = re.compile(r"\bBAR\.")  # a threadgroup barrier (not MEMBAR, not DEPBAR)
 
 
 def kernel_source(form: str) -> tuple[str, int]:
@@ -116,7 +118,7 @@ def load_regions(program: list[tuple[str, str]]) -> list[dict]:
     taken as back too)."""
     regions, loads, trips, pending, start = [], 0, 0, set(), program[0][0] if program else ""
     for offset, text in program:
-        if "BAR." in text:
+        if BARRIER.search(text):
             regions.append(dict(start=start, end=offset, loads=loads, round_trips=trips))
             loads, trips, pending, start = 0, 0, set(), offset
             continue
@@ -124,10 +126,11 @@ def load_regions(program: list[tuple[str, str]]) -> list[dict]:
         if pending & regs:
             trips += 1
             pending = set()
-        if re.match(r"(@!?P\d\s+)?LDG", text):
+        load = re.match(r"(@!?P\d\s+)?LDG(\S*)\s+R(\d+)", text)
+        if load:
             loads += 1
-            dest = re.search(r"LDG\S*\s+(R\d+)", text).group(1)
-            pending |= _registers(dest + (".64" if ".64 " in text.split(",")[0] else ""))
+            width = 4 if ".128" in load.group(2) else 2 if ".64" in load.group(2) else 1
+            pending |= {f"R{int(load.group(3)) + k}" for k in range(width)}
     regions.append(dict(start=start, end=program[-1][0] if program else "", loads=loads,
                         round_trips=trips))
     return regions
@@ -161,7 +164,7 @@ def main() -> int:
     for r in regions:
         print(f"  {r['start']}-{r['end']}: {r['loads']:4d} loads {r['round_trips']:4d} round trips")
     if args.after_barrier:
-        barriers = [k for k, (_, text) in enumerate(program) if "BAR." in text]
+        barriers = [k for k, (_, text) in enumerate(program) if BARRIER.search(text)]
         first = barriers[-args.after_barrier] if len(barriers) >= args.after_barrier else 0
         listed = [(o, t) for o, t in program[first:] if MEMORY.search(t)][:args.limit]
         for offset, text in listed:

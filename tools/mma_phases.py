@@ -100,9 +100,11 @@ def _stamp(i: int, cond: str) -> str:
 
 
 def instrumented_source(geo: MmaGeometry) -> str:
-    """The fused split kernel's body with a clock stamp per phase boundary per threadgroup
-    (the final one, at the end, also times the merge and any epilogue in the one threadgroup
-    per (sequence, kv head) that runs them; the others leave those stamps zero)."""
+    """The fused split kernel's body with a clock stamp per phase boundary per threadgroup.
+    The final stamp, at the end, is written by every threadgroup; it closes the merge (and
+    the folded epilogue) in the one threadgroup per (sequence, kv head) that runs them. The
+    epilogue's own stamps (EPILOGUE_PHASES) only the merging threadgroups write: the others
+    leave them zero."""
     src = mma_attention_body(geo, True)
     start = "  const int h0 = kvh * G;\n"
     if start not in src:
@@ -169,6 +171,29 @@ def form_inputs(geo: MmaGeometry, p: dict, plan, rng: np.random.Generator
     return inputs, shapes, dtypes
 
 
+def summarize(geo: MmaGeometry, runs: list[np.ndarray], clock_ghz: float
+              ) -> tuple[list[float], list[tuple[str, float, float]]]:
+    """From each launch's dbg output (threadgroups x 2 * STAMPS: globaltimer ns, then clock64
+    cycles): (each launch's span in us, first start to last end on the globaltimer; per
+    phase (name, median us, p90 us) over threadgroups and launches). The phases only the
+    merging threadgroups run are summarized over those alone: the ones whose epilogue stamps
+    are set, or without the epilogue the ones whose last phase took over 0.5 us."""
+    names = phase_names(geo)
+    last = len(names)
+    clk = np.concatenate([r[:, STAMPS:] for r in runs]) / (clock_ghz * 1e3)
+    spans = [(r[:, last].max() - r[:, 0].min()) / 1e3 for r in runs]
+    merging = (clk[:, last - 1] > 0 if geo.epilogue
+               else clk[:, last] - clk[:, last - 1] > 0.5)
+    first_merging = last - (len(EPILOGUE_PHASES) if geo.epilogue else 0)
+    rows = []
+    for i, name in enumerate(names, start=1):
+        d = clk[:, i] - clk[:, i - 1]
+        if i >= first_merging:
+            d = d[merging]
+        rows.append((name, float(np.median(d)), float(np.percentile(d, 90))))
+    return spans, rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -201,24 +226,12 @@ def main() -> int:
                 mx.eval(dbg)
                 if i >= 2:  # two warm-up launches
                     runs.append(np.array(dbg).astype(np.int64))
-            names = phase_names(geo)
-            last = len(names)
-            clk = np.concatenate([r[:, STAMPS:] for r in runs]) / (args.clock_ghz * 1e3)
-            spans = [(r[:, last].max() - r[:, 0].min()) / 1e3 for r in runs]
+            spans, rows = summarize(geo, runs, args.clock_ghz)
             print(f"{form}: B=1 ctx {ctx}, {plan.nsplit} splits x 8 kv heads: launch span "
                   f"(first start to last end, globaltimer) median {np.median(spans):.1f} us, "
                   f"min {min(spans):.1f}")
-            # The merging threadgroups: the only ones past the epilogue's anchor (a stamp the
-            # others leave zero), or without it the ones whose last phase took any time.
-            merging = (clk[:, last - 1] > 0 if geo.epilogue
-                       else clk[:, last] - clk[:, last - 1] > 0.5)
-            first_merging = last - (len(EPILOGUE_PHASES) if geo.epilogue else 0)
-            for i, name in enumerate(names, start=1):
-                d = clk[:, i] - clk[:, i - 1]
-                if i >= first_merging:
-                    d = d[merging]  # only the merging threadgroups reach these stamps
-                print(f"  {name:36s} median {np.median(d):6.2f} us  p90 "
-                      f"{np.percentile(d, 90):6.2f}")
+            for name, median, p90 in rows:
+                print(f"  {name:36s} median {median:6.2f} us  p90 {p90:6.2f}")
     return 0
 
 

@@ -237,18 +237,25 @@ def test_per_row_epilogue_kernel_on_the_emulator(case, tmp_path):
 
 def test_the_folded_epilogue_stages_the_values_and_the_widest_pass_that_fit_the_table():
     """merged_layout: the tail's values staged where they fit the table's bytes, then whole DC
-    chunks per pass that divide DV and fit beside the epilogue's other arrays; DC and
-    unstaged values where nothing more fits (then it is the standalone's loop)."""
+    chunks per pass that divide DV, fit beside the epilogue's other arrays and keep R's next
+    pass within MAX_R_REGISTERS a thread; DC and unstaged values where nothing more fits
+    (then it is the standalone's loop); a shape the epilogue does not fit is refused."""
     from tqstore.metal.attention_mma import LUT_BYTES
     from tqstore.metal.epilogue import shared_bytes
-    from tqstore.metal.mma_epilogue import merged_layout
-    assert merged_layout(128, 128, 4, 16, LUT_BYTES) == (True, 64)   # Llama-3-8B: 4 chunks don't fit
-    assert merged_layout(64, 64, 3, 16, LUT_BYTES) == (True, 64)     # SmolLM2: one pass over DV
-    assert merged_layout(128, 96, 4, 16, LUT_BYTES) == (True, 96)    # 3 chunks, all in one pass
-    assert merged_layout(128, 128, 8, 256, LUT_BYTES) == (False, 64)  # 128 KB of values
+    from tqstore.metal.mma_epilogue import MAX_R_REGISTERS, merged_layout
+    assert merged_layout(128, 128, 4, 16, LUT_BYTES, 256) == (True, 64)   # Llama-3-8B
+    assert merged_layout(64, 64, 3, 16, LUT_BYTES, 256) == (True, 64)     # SmolLM2: one pass
+    assert merged_layout(128, 128, 8, 256, LUT_BYTES, 256) == (False, 64)  # 128 KB of values
+    assert merged_layout(128, 128, 4, 16, LUT_BYTES, 128) == (True, 32)   # 4 warps: registers
+    assert merged_layout(128, 96, 4, 16, LUT_BYTES, 256) == (True, 32)    # 96 x 96 / 256 > 32
+    assert merged_layout(128, 96, 4, 16, LUT_BYTES, 512) == (True, 96)    # 3 chunks in a pass
     tight = shared_bytes(128, 128, 4, 16)  # just the standalone's arrays: nothing more fits
-    assert merged_layout(128, 128, 4, 16, tight) == (False, DIMS_PER_GROUP)
-    for dk, dv, g, bs in ((128, 128, 4, 16), (64, 64, 3, 16), (128, 96, 8, 32), (128, 128, 8, 256)):
-        values, width = merged_layout(dk, dv, g, bs, LUT_BYTES)
+    assert merged_layout(128, 128, 4, 16, tight, 256) == (False, DIMS_PER_GROUP)
+    with pytest.raises(ValueError, match="does not fit"):
+        merged_layout(128, 128, 4, 16, tight - 4, 256)
+    for dk, dv, g, bs, nt in ((128, 128, 4, 16, 256), (64, 64, 3, 16, 128),
+                              (128, 96, 8, 32, 256), (128, 128, 8, 256, 512)):
+        values, width = merged_layout(dk, dv, g, bs, LUT_BYTES, nt)
         assert dv % width == 0 and width % DIMS_PER_GROUP == 0
         assert shared_bytes(dk, dv, g, bs, values, dv * width) <= LUT_BYTES
+        assert -(-dv * width // nt) <= MAX_R_REGISTERS

@@ -491,7 +491,7 @@ def _finish(geo: MmaGeometry, fused: bool) -> str:
     run by the threadgroup that holds the finished output of its (b, kvh): the merging one,
     or the only one without split-K."""
     epilogue = "" if geo.epilogue is None else merged_epilogue(
-        geo.key_dim, geo.value_dim, geo.group, geo.block_size, LUT_BYTES)
+        geo.key_dim, geo.value_dim, geo.group, geo.block_size, LUT_BYTES, geo.threads)
     if fused:
         return fused_merge(geo, then=epilogue)
     return epilogue

@@ -42,6 +42,9 @@ from tqstore.metal.epilogue import (DIMS_PER_GROUP, OUT_DTYPES, epilogue_core, e
 EPILOGUE_INPUTS = ("tail_keys", "tail_values", "new_keys", "new_values", "tail_info",
                    "key_center", "output_rotation")
 EPILOGUE_OUTPUTS = ("attn_out", "next_tail_keys", "next_tail_values")
+# R's next pass of columns waits in registers (epilogue_core's rn_) through the current one,
+# in a kernel capped at 128 registers a thread (attention_mma's launch bounds).
+MAX_R_REGISTERS = 32
 
 
 def step_epilogue_unsupported_reason(key_dim: int, value_dim: int, group: int,
@@ -62,33 +65,40 @@ def step_epilogue_unsupported_reason(key_dim: int, value_dim: int, group: int,
 
 
 def merged_layout(key_dim: int, value_dim: int, group: int, block_size: int,
-                  shared_limit: int) -> tuple[bool, int]:
+                  shared_limit: int, threads: int) -> tuple[bool, int]:
     """(whether the tail's values are staged, output dims per pass) of the merging
     threadgroup's epilogue in the table's ``shared_limit`` bytes: the values where they fit,
-    then the most whole chunks of DIMS_PER_GROUP per pass that divide DV and whose R columns
-    (DV x width floats) fit beside the rest. Why wider: the standalone kernel spreads DV / DC
-    chunks over as many threadgroups; folded, one threadgroup does the passes one after
-    another on the kernel's critical path, with G x width of its threads busy (128 of 256 at
-    DC for Llama-3-8B's heads; two chunks per pass there: every thread busy, half the
-    barriers). Each output is the same sum at any width."""
+    then the most whole chunks of DIMS_PER_GROUP per pass that divide DV, whose R columns
+    (DV x width floats) fit beside the rest and whose next pass, held in registers while the
+    current one is used, takes at most MAX_R_REGISTERS of each of the ``threads`` threads (one
+    chunk per pass always qualifies where the epilogue fits at all). Why wider: the
+    standalone kernel spreads DV / DC chunks over as many threadgroups; folded, one
+    threadgroup does the passes one after another on the kernel's critical path, with G x
+    width of its threads busy (128 of 256 at DC for Llama-3-8B's heads; two chunks per pass
+    there: every thread busy, half the barriers). Each output is the same sum at any
+    width."""
     values = shared_bytes(key_dim, value_dim, group, block_size, True) <= shared_limit
     chunks = value_dim // DIMS_PER_GROUP
     for k in range(chunks, 0, -1):
         width = k * DIMS_PER_GROUP
-        if chunks % k == 0 and shared_bytes(key_dim, value_dim, group, block_size, values,
-                                            value_dim * width) <= shared_limit:
+        fits = shared_bytes(key_dim, value_dim, group, block_size, values,
+                            value_dim * width) <= shared_limit
+        registers = -(-value_dim * width // threads)
+        if chunks % k == 0 and fits and (registers <= MAX_R_REGISTERS or k == 1):
             return values, width
-    return values, DIMS_PER_GROUP
+    raise ValueError(f"the epilogue does not fit {shared_limit} bytes (step_epilogue_"
+                     f"unsupported_reason refuses this shape)")
 
 
 def merged_epilogue(key_dim: int, value_dim: int, group: int, block_size: int,
-                    shared_limit: int) -> str:
+                    shared_limit: int, threads: int) -> str:
     """Statements for the threadgroup that holds the merged pages' output of its (b, kvh) in
     ``out`` and ``lse`` (this launch's global buffers, written by its own threads): all of the
     threadgroup's NT threads reach them together. Every dim of the group's heads, in passes of
     merged_layout's width (the standalone kernel spreads DC-dim chunks over DV / DC
     threadgroups; each output is the same sum either way, so the bits are the same)."""
-    values, width = merged_layout(key_dim, value_dim, group, block_size, shared_limit)
+    values, width = merged_layout(key_dim, value_dim, group, block_size, shared_limit,
+                                  threads)
     return f"""  TQ_BARRIER();  // out and lse are written; the table's shared memory is free
   {{  // the per-row epilogue of (b, kvh): tqstore.metal.mma_epilogue
 {epilogue_shared(key_dim, value_dim, group, block_size, base="tq_lut", stage_values=values,
