@@ -127,37 +127,19 @@ def test_mma_phases_instruments_the_current_kernel(tmp_path, form):
     once in the current kernel body of each form, and the instrumented source must still
     compile."""
     sys.path.insert(0, str(ROOT / "tools"))
+    from kernel_sass import NVCC_PRELUDE, kernel_source
     from mma_phases import STAMPS, form_geometry, instrumented_source, phases
-    from tests.metal.signature import full_source, syntax_check
-    from tests.metal.test_kernel_sources import ATTN_TYPES
-    from tqstore.metal.attention_mma import STEP_ATTN_INPUTS, mma_header
-    from tqstore.metal.attention_source import ATTN_INPUTS
-    from tqstore.metal.epilogue import out_define
-    from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS
+    from tests.metal.signature import syntax_check
 
     geo = form_geometry(form)
     src = instrumented_source(geo)
     assert src.count("clock64()") == len(phases(geo)) + 2 <= STAMPS
     assert geo.step == (form != "split") and (geo.epilogue is not None) == (form == "step-epilogue")
-    step_types = dict(ATTN_TYPES, rotation="float32", scale="float32",
-                      arrivals="int32", after="int32", tail_keys="float16",
-                      tail_values="float16", new_keys="bfloat16", new_values="bfloat16",
-                      tail_info="int32", key_center="float32", output_rotation="float32")
-    if geo.step:  # the model's queries as they come (the attention alone: float32 rotated)
-        step_types["queries"] = "bfloat16"
-    names = list(STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS)
-    outs = [("work", "float32")]
-    header = mma_header(activations=geo.step)
-    if geo.epilogue:
-        names += list(EPILOGUE_INPUTS)
-        outs += [(n, t) for n, t in zip(EPILOGUE_OUTPUTS, ("bfloat16", "float16", "float16"))]
-        header += out_define("cuda", geo.epilogue)
-    outs.append(("dbg", "uint32"))
-    args = ([(n, step_types[n]) for n in names], outs)
-    syntax_check(full_source("cuda", "mma_phases", header, src, *args), tmp_path, "mma_phases")
+    dbg = (("dbg", "uint32"),)
+    syntax_check(kernel_source(geo, src, prelude=None, extra_outputs=dbg), tmp_path,
+                 "mma_phases")
     if shutil.which("nvcc"):  # the stamps themselves are device code: the real compiler
-        dev = full_source("cuda", "mma_phases", header, src, *args,
-                          prelude="#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cstdint>")
+        dev = kernel_source(geo, src, prelude=NVCC_PRELUDE, extra_outputs=dbg)
         (tmp_path / "phases.cu").write_text(dev)
         res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "p.cubin"),
                               str(tmp_path / "phases.cu")], capture_output=True, text=True)

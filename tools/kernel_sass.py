@@ -41,39 +41,42 @@ MEMORY = re.compile(r"\b(LDG|STG|LDS|STS|BAR|ATOMG|MEMBAR)\b")
 BARRIER = re.compile(r"\bBAR\.")  # a threadgroup barrier (not MEMBAR, not DEPBAR)
 
 
-def kernel_source(form: str) -> tuple[str, int]:
-    """(A translation unit of the form's kernel for nvcc, its register cap per thread)."""
-    from mma_phases import form_geometry
-    from tests.metal.signature import full_source
-    from tests.metal.test_kernel_sources import ATTN_TYPES
-    from tqstore.metal.attention_kernel import SM_REGISTERS, mma_resident_groups
-    from tqstore.metal.attention_mma import STEP_ATTN_INPUTS, mma_attention_body, mma_header
-    from tqstore.metal.attention_source import ATTN_INPUTS
-    from tqstore.metal.epilogue import out_define
-    from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS
+# The kernels' argument dtypes for a bf16 model's decode step (Llama-3-8B's in the tools).
+INPUT_TYPES = dict(queries="float32", key_codes="uint8", key_scales="float16",
+                   value_codes="uint8", value_scales="float16", block_tables="int32",
+                   seq_lens="int32", key_codebook="float32", value_codebook="float32",
+                   params="int32", rotation="float32", scale="float32", arrivals="int32",
+                   after="int32", tail_keys="float16", tail_values="float16",
+                   new_keys="bfloat16", new_values="bfloat16", tail_info="int32",
+                   key_center="float32", output_rotation="float32")
+OUTPUT_TYPES = dict(work="float32", attn_out="bfloat16", next_tail_keys="float16",
+                    next_tail_values="float16")
+NVCC_PRELUDE = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cstdint>"
 
-    geo = form_geometry(form)
-    types = dict(ATTN_TYPES, rotation="float32", scale="float32", arrivals="int32",
-                 after="int32", tail_keys="float16", tail_values="float16",
-                 new_keys="bfloat16", new_values="bfloat16", tail_info="int32",
-                 key_center="float32", output_rotation="float32")
-    if geo.step:  # the model's queries as they come
-        types["queries"] = "bfloat16"
-    names = list(STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS)
-    outputs = [("work", "float32")]
-    groups = mma_resident_groups(geo)
-    header = mma_header((geo.threads, groups), activations=geo.step)
-    if geo.epilogue:
-        names += list(EPILOGUE_INPUTS)
-        outputs += list(zip(EPILOGUE_OUTPUTS, ("bfloat16", "float16", "float16")))
-        header += out_define("cuda", geo.epilogue)
-    source = full_source("cuda", "tq_step_kernel", header, mma_attention_body(geo, True),
-                         [(n, types[n]) for n in names], outputs,
-                         prelude="#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
-                                 "#include <cstdint>")
-    # __launch_bounds__(threads, groups) caps registers at this (allocation granularity 8).
-    cap = min(255, SM_REGISTERS // (geo.threads * groups) // 8 * 8)
-    return source, cap
+
+def kernel_source(geo, body: str | None = None, prelude: str | None = NVCC_PRELUDE,
+                  extra_outputs: tuple[tuple[str, str], ...] = ()) -> str:
+    """A translation unit of `geo`'s fused split kernel (its body, or ``body``: an
+    instrumented one) with the signature MLX generates from attention_kernel's interface:
+    for nvcc with ``prelude``, for the repository's g++ shim with None."""
+    from tests.metal.signature import full_source
+    from tqstore.metal.attention_kernel import mma_kernel_interface
+    from tqstore.metal.attention_mma import mma_attention_body
+
+    inputs, outputs, header = mma_kernel_interface(geo, True)
+    types = dict(INPUT_TYPES, queries="bfloat16") if geo.step else INPUT_TYPES  # the model's
+    return full_source("cuda", "tq_step_kernel", header,
+                       mma_attention_body(geo, True) if body is None else body,
+                       [(n, types[n]) for n in inputs],
+                       [(n, OUTPUT_TYPES[n]) for n in outputs] + list(extra_outputs),
+                       prelude=prelude)
+
+
+def register_cap(geo) -> int:
+    """The registers a thread gets under the kernel's __launch_bounds__(threads, groups)
+    (allocation granularity 8)."""
+    from tqstore.metal.attention_kernel import SM_REGISTERS, mma_resident_groups
+    return min(255, SM_REGISTERS // (geo.threads * mma_resident_groups(geo)) // 8 * 8)
 
 
 def compile_cubin(source: str, cap: int, workdir: Path) -> tuple[Path, str]:
@@ -148,7 +151,9 @@ def main() -> int:
     if shutil.which("nvcc") is None:
         print("needs nvcc (the CUDA toolkit's compiler) on PATH", file=sys.stderr)
         return 2
-    source, cap = kernel_source(args.form)
+    from mma_phases import form_geometry
+    geo = form_geometry(args.form)
+    source, cap = kernel_source(geo), register_cap(geo)
     with tempfile.TemporaryDirectory() as tmp:
         cubin, usage = compile_cubin(source, cap, Path(tmp))
         print(f"{args.form}: sm_90, -maxrregcount={cap}: {usage.replace(chr(10), '; ')}")

@@ -31,13 +31,9 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tqstore.metal.attention_kernel import (as_dtype, gpu_backend, launch_plan,  # noqa: E402
-                                            mma_resident_groups)
-from tqstore.metal.attention_mma import (LUT_BYTES, STEP_ATTN_INPUTS,  # noqa: E402
-                                         MmaGeometry, mma_attention_body, mma_header)
-from tqstore.metal.attention_source import ATTN_INPUTS  # noqa: E402
-from tqstore.metal.epilogue import out_define  # noqa: E402
-from tqstore.metal.mma_epilogue import EPILOGUE_INPUTS, EPILOGUE_OUTPUTS  # noqa: E402
-from tqstore.metal.mma_merge import FUSED_OUTPUTS  # noqa: E402
+                                            mma_kernel_interface)
+from tqstore.metal.attention_mma import (LUT_BYTES, MmaGeometry,  # noqa: E402
+                                         mma_attention_body)
 
 STAMPS = 14  # per threadgroup: the most any form uses (len(phases(geo)) + 2)
 FORMS = ("split", "step", "step-epilogue")
@@ -127,11 +123,7 @@ def form_geometry(form: str) -> MmaGeometry:
 
 
 def form_kernel(geo: MmaGeometry):
-    inputs, outputs = (STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS), FUSED_OUTPUTS
-    header = mma_header((geo.threads, mma_resident_groups(geo)), activations=geo.step)
-    if geo.epilogue:
-        inputs, outputs = inputs + EPILOGUE_INPUTS, outputs + EPILOGUE_OUTPUTS
-        header += out_define("cuda", geo.epilogue)
+    inputs, outputs, header = mma_kernel_interface(geo, True)
     return mx.fast.cuda_kernel(
         name=f"tq_mma_phases_{geo.tag()}", input_names=list(inputs),
         output_names=list(outputs) + ["dbg"], source=instrumented_source(geo), header=header,

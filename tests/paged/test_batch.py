@@ -12,7 +12,7 @@ import mlx.core as mx
 import tqstore.paged.batch as batch_module
 import tqstore.paged.cache as cache_module
 from tqstore.codec import CodecConfig
-from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model, uninstall
+from tqstore.paged import CachePolicy, install, make_prompt_cache, pool_for_model
 from tqstore.paged.batch import BatchedLayerCache, StepTables, batch_caches
 
 from tests.paged.test_integration import rel, tiny_model
@@ -43,23 +43,6 @@ def forced(steps):
 
 
 @pytest.fixture
-def routed():
-    """install(model) for this test only: routing is process-wide, and a later test in the
-    same process (tests/paged/test_sequence.py's caches without a routed model) must find it
-    off."""
-    models = []
-
-    def route(model):
-        install(model)
-        models.append(model)
-        return model
-
-    yield route
-    for model in models:
-        uninstall(model)
-
-
-@pytest.fixture
 def one_launch(monkeypatch):
     """Drive the pages' one-launch batch path (gpu_batch_step) wherever the test runs (on the CPU its attention
     call is the C kernel over all rows), and record the batch size of every launch."""
@@ -80,8 +63,9 @@ def one_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("policy", [TAIL, PLAIN], ids=["fp16-tail", "pages-only"])
-def test_one_launch_for_all_rows_gives_each_row_its_own_step(rng, policy, one_launch, routed):
-    model = routed(tiny_model("llama"))
+def test_one_launch_for_all_rows_gives_each_row_its_own_step(rng, policy, one_launch):
+    model = tiny_model("llama")
+    install(model)
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS]
     tokens = forced(rng.integers(3, 97, (STEPS, len(PROMPTS))))
     alone = []
@@ -133,10 +117,11 @@ def step_in_order(model, sequences, reference, order, rng) -> None:
                    np.array(want[0, -1], dtype=np.float64)) < rtol(2e-3, MODEL_TF32), (order, b)
 
 
-def test_a_row_reads_its_own_table_and_length(rng, one_launch, routed):
+def test_a_row_reads_its_own_table_and_length(rng, one_launch):
     """Rows swapped between steps (the engine rebuilds the batch each step, in any order)
     still read their own pages: swapping only the tables would mix two sequences' context."""
-    model = routed(tiny_model("llama"))
+    model = tiny_model("llama")
+    install(model)
     prompts = [[int(t) for t in rng.integers(3, 97, n)] for n in PROMPTS[:2]]
     sequences = prefilled(model, TAIL, prompts)
     reference = prefilled(model, TAIL, prompts)

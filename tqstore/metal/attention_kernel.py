@@ -105,6 +105,20 @@ def attention_kernel(geo: AttentionGeometry, split: bool, backend: str | None = 
         ensure_row_contiguous=True)
 
 
+def mma_kernel_interface(geo: MmaGeometry, split: bool
+                         ) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """(input names, output names, header) of the tensor-core kernel for `geo`: what MLX
+    builds its signature from (the tools that instrument or compile the kernel take it from
+    here too)."""
+    outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
+    inputs = STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS
+    header = mma_header((geo.threads, mma_resident_groups(geo)), activations=geo.step)
+    if geo.epilogue is not None:  # the folded epilogue (tqstore.metal.mma_epilogue)
+        inputs, outputs = inputs + EPILOGUE_INPUTS, outputs + EPILOGUE_OUTPUTS
+        header += out_define("cuda", geo.epilogue)
+    return inputs, outputs, header
+
+
 @lru_cache(maxsize=64)
 def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = None):
     """The tensor-core kernel for `geo` (CUDA only), or None without a CUDA backend."""
@@ -112,12 +126,7 @@ def mma_attention_kernel(geo: MmaGeometry, split: bool, backend: str | None = No
     if backend != "cuda":
         return None
     name = f"tq_attn_mma_{'split' if split else 'single'}_{geo.tag()}"
-    outputs = (FUSED_OUTPUTS if geo.fused else SPLIT_OUTPUTS) if split else SINGLE_OUTPUTS
-    inputs = STEP_ATTN_INPUTS if geo.step else ATTN_INPUTS
-    header = mma_header((geo.threads, mma_resident_groups(geo)), activations=geo.step)
-    if geo.epilogue is not None:  # the folded epilogue (tqstore.metal.mma_epilogue)
-        inputs, outputs = inputs + EPILOGUE_INPUTS, outputs + EPILOGUE_OUTPUTS
-        header += out_define("cuda", geo.epilogue)
+    inputs, outputs, header = mma_kernel_interface(geo, split)
     return mx.fast.cuda_kernel(
         name=name, input_names=list(inputs), output_names=list(outputs),
         source=mma_attention_body(geo, split), header=header, ensure_row_contiguous=True,
