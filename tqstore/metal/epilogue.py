@@ -150,35 +150,39 @@ def epilogue_shared(key_dim: int, value_dim: int, group: int, block_size: int,
     return "".join(lines)
 
 
-def _gathered(groups: list[tuple[str, list[tuple[str, str]], list[str]]],
-              width: int = 8) -> str:
+def _gathered(groups: list[tuple[str, str, list[tuple[str, str]], list[str]]]) -> str:
     """A loop over i by the threadgroup's NT threads whose global loads are issued together:
-    per round each thread loads ``width`` elements of every group into registers, then
-    stores them. A group is (its count of elements, its loads: (register array, float
-    expression of i), its stores: statements on ``name[u_]`` and i). Why: the outputs may
-    alias the inputs as far as the compiler knows, so in a plain loop each load waits for the
-    previous element's store, one memory round trip per element (the folded epilogue took
-    15-21 us of the step kernel's 40-80 on an H200, tools/mma_phases.py --forms
-    step-epilogue); groups in one round share one round trip. Same values, same order of
-    every sum."""
-    totals = [g[0] for g in groups]
-    bound = totals[0]
-    for t in totals[1:]:
-        bound = f"(({bound}) > ({t}) ? ({bound}) : ({t}))"
-    decl = "".join(f"    float {name}[{width}];\n" for _, loads, _ in groups for name, _ in loads)
-    load = "".join(f"      {name}[u_] = i < {total} ? {expr} : 0.0f;\n"
-                   for total, loads, _ in groups for name, expr in loads)
-    store = "".join(f"      if (i < {total}) {{\n" + "".join(f"        {st}\n" for st in stores)
-                    + "      }\n" for total, _, stores in groups)
-    return f"""  for (int i0 = 0; i0 < {bound}; i0 += {width} * NT) {{
-{decl}#pragma unroll
-    for (int u_ = 0; u_ < {width}; ++u_) {{
-      const int i = i0 + u_ * NT + tq_tid;
-{load}    }}
-#pragma unroll
-    for (int u_ = 0; u_ < {width}; ++u_) {{
-      const int i = i0 + u_ * NT + tq_tid;
-{store}    }}
+    per round each thread loads its elements of every group into registers, then stores
+    them. A group is (its count of elements, elements per thread and round: a compile-time
+    expression, its loads: (register array, float expression of i), its stores: statements
+    on ``name[u_]`` and i). Why: the outputs may alias the inputs as far as the compiler
+    knows, so in a plain loop each load waits for the previous element's store, one memory
+    round trip per element (the folded epilogue took 15-21 us of the step kernel's 40-80 on
+    an H200, tools/mma_phases.py --forms step-epilogue); groups in one round share one round
+    trip. Each load reads one array at an address of its own: a select between two arrays
+    per element (the old tail or the new token) made ptxas reuse one register for the
+    address and the result of each such load, which serialized them. Same values, same
+    order of every sum."""
+    rounds = "".join(
+        f"    {{ const int r_ = ({total} + ({width}) * NT - 1) / (({width}) * NT); "
+        f"rounds_ = r_ > rounds_ ? r_ : rounds_; }}\n" for total, width, _, _ in groups)
+    decl = "".join(f"      float {name}[{width}];\n"
+                   for _, width, loads, _ in groups for name, _ in loads)
+    load = "".join(f"""#pragma unroll
+      for (int u_ = 0; u_ < ({width}); ++u_) {{
+        const int i = (r_ * ({width}) + u_) * NT + tq_tid;
+""" + "".join(f"        {name}[u_] = i < {total} ? {expr} : 0.0f;\n" for name, expr in loads)
+                   + "      }\n" for total, width, loads, _ in groups)
+    store = "".join(f"""#pragma unroll
+      for (int u_ = 0; u_ < ({width}); ++u_) {{
+        const int i = (r_ * ({width}) + u_) * NT + tq_tid;
+        if (i < {total}) {{
+""" + "".join(f"          {st}\n" for st in stores) + "        }\n      }\n"
+                    for total, width, _, stores in groups)
+    return f"""  {{
+    int rounds_ = 0;
+{rounds}    for (int r_ = 0; r_ < rounds_; ++r_) {{
+{decl}{load}{store}    }}
   }}
 """
 
@@ -216,25 +220,46 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
         new_k, new_v = ("new_keys[(new_k + (t) - n_old) * DK + (d)]",
                         "new_values[(new_k + (t) - n_old) * DV + (d)]")
 
-    def keys(c0: str, count: str) -> tuple[str, list[tuple[str, str]], list[str]]:
-        """The gathered group of the tail keys [c0, c0 + count): copied, staged minus c."""
-        return (f"{count} * DK",
-                [("kx_", f"TQ_HALF_TO_FLOAT(TQ_TAIL_K({c0} + i / DK, i % DK))"),
-                 ("kc_", "key_center[kvh * DK + i % DK]")],
-                [f"if (copy) next_tail_keys[(row + {c0}) * DK + i] = TQ_FLOAT_TO_HALF(kx_[u_]);",
-                 "stage[(i / DK) * KP + i % DK] = kx_[u_] - kc_[u_];"])
+    def widened(x: str) -> str:
+        """A new token's element as the tail holds it, as float."""
+        return f"TQ_HALF_TO_FLOAT(TQ_FLOAT_TO_HALF(TQ_TO_FLOAT({x})))" if per_row else (
+            f"TQ_HALF_TO_FLOAT({x})")
 
-    value_stores = ["if (copy) next_tail_values[row * DV + i] = TQ_FLOAT_TO_HALF(vx_[u_]);"]
+    def keys(c0: str, count: str) -> list[tuple[str, str, list[tuple[str, str]], list[str]]]:
+        """The gathered groups of the tail keys [c0, c0 + count): the old tail's ko_ rows
+        first, then the new tokens' (each group one contiguous run of its array), copied and
+        staged minus the center."""
+        center = ("kc_", "key_center[kvh * DK + i % DK]")
+        return [
+            ("ko_ * DK", "WK", [("kx_", f"TQ_HALF_TO_FLOAT(tail_keys[(old_k + {c0}) * DK + i])"),
+                                center],
+             [f"if (copy) next_tail_keys[(row + {c0}) * DK + i] = TQ_FLOAT_TO_HALF(kx_[u_]);",
+              "stage[(i / DK) * KP + i % DK] = kx_[u_] - kc_[u_];"]),
+            (f"({count} - ko_) * DK", "WN",
+             [("nx_", widened(f"new_keys[(new_k + {c0} + ko_ - n_old) * DK + i]")),
+              ("nc_", "key_center[kvh * DK + i % DK]")],
+             [f"if (copy) next_tail_keys[(row + {c0} + ko_) * DK + i] = TQ_FLOAT_TO_HALF(nx_[u_]);",
+              "stage[(ko_ + i / DK) * KP + i % DK] = nx_[u_] - nc_[u_];"])]
+
+    old_value_stores = ["if (copy) next_tail_values[row * DV + i] = TQ_FLOAT_TO_HALF(vx_[u_]);"]
+    new_value_stores = ["if (copy) next_tail_values[(row + n_old) * DV + i] = "
+                        "TQ_FLOAT_TO_HALF(wx_[u_]);"]
     if stage_values:
-        value_stores.append("vstage[i] = vx_[u_];")
+        old_value_stores.append("vstage[i] = vx_[u_];")
+        new_value_stores.append("vstage[n_old * DV + i] = wx_[u_];")
     # Without the staged values only the copy needs them here (the output reads them itself).
+    when = "" if stage_values else "copy ? "
+    otherwise = "" if stage_values else " : 0"
     entry = _gathered([
-        ("G * DK", [("q_", query)], ["qs[i] = q_[u_];"]),
-        ("G * DV", [("o_", f"{pages_out}[(b * HQ + h0) * DV + i]")], ["o_rot[i] = o_[u_];"]),
-        ("n * DV" if stage_values else "(copy ? n * DV : 0)",
-         [("vx_", "TQ_HALF_TO_FLOAT(TQ_TAIL_V(i / DV, i % DV))")], value_stores),
-        keys("0", "cn0")])
-    later_keys = _gathered([keys("c0", "cn")])
+        ("G * DK", "WQ", [("q_", query)], ["qs[i] = q_[u_];"]),
+        ("G * DV", "WO", [("o_", f"{pages_out}[(b * HQ + h0) * DV + i]")],
+         ["o_rot[i] = o_[u_];"]),
+        (f"({when}n_old * DV{otherwise})", "WV",
+         [("vx_", "TQ_HALF_TO_FLOAT(tail_values[old_k * DV + i])")], old_value_stores),
+        (f"({when}n_new * DV{otherwise})", "WN",
+         [("wx_", widened("new_values[new_k * DV + i]"))], new_value_stores),
+        *keys("0", "cn0")])
+    later_keys = _gathered(keys("c0", "cn"))
     tail_value = ("vstage[t * DV + d0 + c]" if stage_values
                   else "TQ_HALF_TO_FLOAT(TQ_TAIL_V(t, d0 + c))")
     zero_rows = ("""  if (copy) {
@@ -245,8 +270,16 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
     return f"""  constexpr int MAXN = {block_size}, DC = {DIMS_PER_GROUP}, DW = {width};
   constexpr int CH = {chunk}, KP = DK + 1;  // tail keys staged per chunk, padded row length
   constexpr int RPT = (DV * DW + NT - 1) / NT;  // R's elements per thread per pass
+  // Elements per thread and round of the gathered loads (at most 8 per array).
+  constexpr int WQ = (G * DK + NT - 1) / NT < 8 ? (G * DK + NT - 1) / NT : 8;
+  constexpr int WO = (G * DV + NT - 1) / NT < 8 ? (G * DV + NT - 1) / NT : 8;
+  constexpr int WV = (MAXN * DV + NT - 1) / NT < 8 ? (MAXN * DV + NT - 1) / NT : 8;
+  constexpr int WK = ((MAXN < CH ? MAXN : CH) * DK + NT - 1) / NT < 8
+      ? ((MAXN < CH ? MAXN : CH) * DK + NT - 1) / NT : 8;
+  constexpr int WN = ((DK > DV ? DK : DV) + NT - 1) / NT;  // a new token's row
   const int n = tail_info[{info}], n_old = tail_info[{info} + 1], n_new = n - n_old;
   const int cn0 = n < CH ? n : CH;
+  int ko_ = n_old < cn0 ? n_old : cn0;  // the old tail's rows in the key chunk
   const int rot = kvh * DV * DV;
   // Token t of the tail after this step: the old tail's, then the new ones.
   const int old_k = (b * HKV + kvh) * {old_rows}, new_k = (b * HKV + kvh) * n_new;
@@ -267,6 +300,7 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
     const int cn = n - c0 < CH ? n - c0 : CH;
     if (c0 > 0) {{  // the next chunk of a tail longer than CH tokens
       TQ_BARRIER();
+      ko_ = n_old - c0 < 0 ? 0 : (n_old - c0 < cn ? n_old - c0 : cn);
 {later_keys}    }}
     TQ_BARRIER();
     for (int pair = tq_tid; pair < G * cn; pair += NT) {{
