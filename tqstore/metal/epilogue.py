@@ -213,12 +213,11 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
     info, old_rows, next_rows = ("2 * b", "MAXN", "MAXN") if per_row else ("0", "n_old", "n")
     if per_row:  # rows past n are zeros; queries and new tokens in the model's dtype
         query = "TQ_TO_FLOAT(queries[(b * HQ + h0) * DK + i]) * scale[0]"
-        new_k, new_v = ("TQ_FLOAT_TO_HALF(TQ_TO_FLOAT(new_keys[(new_k + (t) - n_old) * DK + (d)]))",
-                        "TQ_FLOAT_TO_HALF(TQ_TO_FLOAT(new_values[(new_k + (t) - n_old) * DV + (d)]))")
+        # (the output's tail values where they are not staged: TQ_TAIL_V)
+        new_v = "TQ_FLOAT_TO_HALF(TQ_TO_FLOAT(new_values[(new_k + (t) - n_old) * DV + (d)]))"
     else:
         query = "queries[(b * HQ + h0) * DK + i]"
-        new_k, new_v = ("new_keys[(new_k + (t) - n_old) * DK + (d)]",
-                        "new_values[(new_k + (t) - n_old) * DV + (d)]")
+        new_v = "new_values[(new_k + (t) - n_old) * DV + (d)]"
 
     def widened(x: str) -> str:
         """A new token's element as the tail holds it, as float."""
@@ -276,14 +275,15 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
   constexpr int WV = (MAXN * DV + NT - 1) / NT < 8 ? (MAXN * DV + NT - 1) / NT : 8;
   constexpr int WK = ((MAXN < CH ? MAXN : CH) * DK + NT - 1) / NT < 8
       ? ((MAXN < CH ? MAXN : CH) * DK + NT - 1) / NT : 8;
-  constexpr int WN = ((DK > DV ? DK : DV) + NT - 1) / NT;  // a new token's row
+  // A new token's row per round: one new token per row in the per-row form; more (the
+  // standalone form's contract allows them) take more rounds.
+  constexpr int WN = ((DK > DV ? DK : DV) + NT - 1) / NT;
   const int n = tail_info[{info}], n_old = tail_info[{info} + 1], n_new = n - n_old;
   const int cn0 = n < CH ? n : CH;
   int ko_ = n_old < cn0 ? n_old : cn0;  // the old tail's rows in the key chunk
   const int rot = kvh * DV * DV;
   // Token t of the tail after this step: the old tail's, then the new ones.
   const int old_k = (b * HKV + kvh) * {old_rows}, new_k = (b * HKV + kvh) * n_new;
-#define TQ_TAIL_K(t, d) ((t) < n_old ? tail_keys[(old_k + (t)) * DK + (d)] : {new_k})
 #define TQ_TAIL_V(t, d) ((t) < n_old ? tail_values[(old_k + (t)) * DV + (d)] : {new_v})
   // The next tail (where `copy`): a copy of the old one plus the new tokens (then zeros).
   const bool copy = {copy_tail};
@@ -348,7 +348,6 @@ def epilogue_core(key_dim: int, block_size: int, per_row: bool, *, pages_out: st
     }}
   }}
 #undef TQ_R_LOAD
-#undef TQ_TAIL_K
 #undef TQ_TAIL_V
 """
 
