@@ -232,9 +232,9 @@ def test_step_host_cost_sections_account_each_attention_layers_building(tmp_path
 
 def test_interleaved_decode_alternates_fp16_and_ours_in_one_process(tmp_path):
     report = tool_json(tmp_path, "interleaved_decode.py", "--shape", "tiny", "--batch", "2",
-                       "--context", "40", "--pairs", "3", "--chunk", "2", "--warmup", "2",
+                       "--context", "40", "--pairs", "3", "--chunk", "4", "--warmup", "2",
                        "--pool-mib", "16")
-    assert report["batch"] == 2 and report["pairs"] == 3 and report["chunk"] == 2
+    assert report["batch"] == 2 and report["pairs"] == 3 and report["chunk"] == 4
     assert len(report["pair_ratios"]) == 3 and all(r > 0 for r in report["pair_ratios"])
     assert report["median_ratio"] == sorted(report["pair_ratios"])[1]
     for name in ("fp16", "tq-batched"):
@@ -242,6 +242,12 @@ def test_interleaved_decode_alternates_fp16_and_ours_in_one_process(tmp_path):
     # The whole run's ratio is over every timed step of each side.
     whole = sum(report["fp16"]["chunk_seconds"]) / sum(report["tq-batched"]["chunk_seconds"])
     assert abs(report["whole_run_ratio"] - whole) < 1e-9
+    # The steady steps: each chunk's intervals between completions, its first and last
+    # steps left out (4 steps: 2 intervals per chunk), and their medians' ratio.
+    for name in ("fp16", "tq-batched"):
+        assert report[name]["steady_steps"] == 3 * 2 and report[name]["median_step_ms"] > 0
+    assert abs(report["median_step_ratio"] - report["fp16"]["median_step_ms"]
+               / report["tq-batched"]["median_step_ms"]) < 1e-12
     # Ours held its sequences in pages (fewer bytes than fp16): our caches ran, not fp16's twice.
     assert report["kv_bytes_per_seq"]["tq-batched"] < report["kv_bytes_per_seq"]["fp16"]
 

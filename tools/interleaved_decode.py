@@ -43,12 +43,16 @@ from hit_gpu_bench import build_model  # noqa: E402
 
 
 def pipelined_chunk(step, y: mx.array, steps: int) -> tuple[mx.array, float, list[float],
-                                                             list[float]]:
+                                                             list[float], list[float]]:
     """`steps` steps from y, step t+1 built and encoded (mx.async_eval) before waiting on step
     t, as mlx-lm's generate_step does, then drained: (last tokens, seconds, each step's
-    building ms, each step's encoding ms)."""
+    building ms, each step's encoding ms, the ms between consecutive steps' completions).
+
+    The intervals leave out the chunk's edges: the first step starts from a drained GPU and
+    the last one drains it. Their median is a steady step's pace, free of the chunk's fill
+    and of its one block opening (the chunk's seconds include both)."""
     mx.synchronize()
-    builds, encodes = [], []
+    builds, encodes, done = [], [], []
     t0 = time.perf_counter()
     for _ in range(steps):
         tb = time.perf_counter()
@@ -58,9 +62,12 @@ def pipelined_chunk(step, y: mx.array, steps: int) -> tuple[mx.array, float, lis
         builds.append(1e3 * (te - tb))
         encodes.append(1e3 * (time.perf_counter() - te))
         mx.eval(y)
+        done.append(time.perf_counter())
         y = nxt
     mx.eval(y)
-    return y, time.perf_counter() - t0, builds, encodes
+    # done[0] is the previous chunk's last token (or the warm-up's): intervals from done[1].
+    intervals = [1e3 * (b - a) for a, b in zip(done[1:], done[2:])]
+    return y, time.perf_counter() - t0, builds, encodes, intervals
 
 
 def run(model, args) -> dict:
@@ -78,12 +85,13 @@ def run(model, args) -> dict:
     seconds = {name: [] for name in sides}
     builds = {name: [] for name in sides}
     encodes = {name: [] for name in sides}
+    intervals = {name: [] for name in sides}
 
     def turn(name: str, steps: int, record: bool) -> None:
         if name != "fp16":
             install(model)
         try:
-            y, s, b, e = pipelined_chunk(sides[name], tokens[name], steps)
+            y, s, b, e, gaps = pipelined_chunk(sides[name], tokens[name], steps)
         finally:
             if name != "fp16":
                 uninstall(model)
@@ -92,6 +100,7 @@ def run(model, args) -> dict:
             seconds[name].append(s)
             builds[name] += b
             encodes[name] += e
+            intervals[name] += gaps
 
     for name in sides:  # first-use kernel builds, self-checks and a block opening of ours
         turn(name, args.warmup, record=False)
@@ -109,7 +118,15 @@ def run(model, args) -> dict:
         report[name] = {"tok_s": args.batch * total_steps / sum(seconds[name]),
                         "median_build_ms": statistics.median(builds[name]),
                         "median_encode_ms": statistics.median(encodes[name]),
-                        "chunk_seconds": seconds[name]}
+                        "chunk_seconds": seconds[name],
+                        "steady_steps": len(intervals[name]),
+                        "median_step_ms": (statistics.median(intervals[name])
+                                           if intervals[name] else None)}
+    if intervals["fp16"] and intervals["tq-batched"]:
+        # The steady pace's ratio: without each chunk's fill and drain and our block openings
+        # (one in 16 steps), which median_ratio and whole_run_ratio both include.
+        report["median_step_ratio"] = (report["fp16"]["median_step_ms"]
+                                       / report["tq-batched"]["median_step_ms"])
     report["kv_bytes_per_seq"] = {
         "fp16": sum(c.nbytes for c in fp16_caches) / args.batch,
         "tq-batched": sum(c.nbytes for caches in sequences for c in caches) / args.batch}
@@ -142,10 +159,15 @@ def main() -> int:
     log(f"B={args.batch} context {args.context}: {args.pairs} pairs of {args.chunk} pipelined "
         f"steps; tq-batched against fp16 per pair: median {report['median_ratio']:.2f}x "
         f"(range {min(ratios):.2f}-{max(ratios):.2f}); whole run "
-        f"{report['whole_run_ratio']:.2f}x")
+        f"{report['whole_run_ratio']:.2f}x"
+        + (f"; median steady step {report['median_step_ratio']:.2f}x"
+           if "median_step_ratio" in report else ""))
     for name in ("fp16", "tq-batched"):
         r = report[name]
-        log(f"  {name:>10}: {r['tok_s']:.1f} tok/s, median build {r['median_build_ms']:.2f} ms, "
+        step_ms = r["median_step_ms"]
+        log(f"  {name:>10}: {r['tok_s']:.1f} tok/s, median step "
+            f"{'-' if step_ms is None else f'{step_ms:.2f}'} ms, median build "
+            f"{r['median_build_ms']:.2f} ms, "
             f"encode {r['median_encode_ms']:.2f} ms, KV MiB/seq "
             f"{report['kv_bytes_per_seq'][name] / 2**20:.1f}")
     emit(report, args.json)
