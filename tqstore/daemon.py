@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -216,11 +217,17 @@ class Daemon:
         open rebuilds the index from the payload files."""
         from tqstore.supervisor import EXIT_RESTART
 
-        done = threading.Event()
+        # The handler only appends to a list, taking no lock: it runs in the main thread
+        # between two bytecodes, possibly while that thread holds one. It was Event.set on an
+        # Event this loop waited on: a SIGTERM landing inside Event.wait's hold of the
+        # Condition's lock deadlocked the worker (seen once on a loaded GPU machine: it
+        # outlived its killed supervisor, holding the store's writer lock).
+        signals: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        while not done.wait(0.2):
-            if self.service.index_damaged.is_set():
+            signal.signal(sig, lambda sig, _frame: signals.append(sig))
+        while not signals:
+            time.sleep(0.2)  # the handler runs during it (then the sleep finishes its 0.2 s)
+            if not signals and self.service.index_damaged.is_set():
                 self.stop(grace=min(self.config.drain_seconds, 2.0))
                 return EXIT_RESTART
         self.stop()

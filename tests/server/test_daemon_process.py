@@ -47,6 +47,50 @@ def test_unix_socket_sigterm_drains_and_data_persists(rng, tmp_path, namespace):
         assert got.keys.tobytes() == blocks[2].keys.tobytes()
 
 
+# A daemon in its own process whose main thread, once its SIGTERM handler is installed,
+# receives SIGTERM from inside the first threading.Condition it enters (the handler then runs
+# while that thread holds the Condition's lock), or after 1 s from a timer if it enters none.
+_SIGTERM_UNDER_A_LOCK = """
+import signal, sys, threading
+from tqstore.config import ServerConfig
+from tqstore.daemon import Daemon
+
+daemon = Daemon(ServerConfig(path=sys.argv[1], listen="127.0.0.1:0", drain_seconds=1)).start()
+main, fired = threading.main_thread(), []
+enter = threading.Condition.__enter__
+
+def enter_then_signal(cond):
+    held = enter(cond)
+    installed = callable(signal.getsignal(signal.SIGTERM))  # serve_until_signal's handler
+    if installed and threading.get_ident() == main.ident and not fired:
+        fired.append("under a lock")
+        signal.raise_signal(signal.SIGTERM)
+    return held
+
+def timer():
+    if not fired:
+        fired.append("timer")
+        signal.pthread_kill(main.ident, signal.SIGTERM)
+
+threading.Condition.__enter__ = enter_then_signal
+threading.Timer(1.0, timer).start()
+code = daemon.serve_until_signal()
+print("exit", code, fired[0], flush=True)
+"""
+
+
+def test_a_sigterm_while_the_main_thread_holds_a_lock_still_stops_the_daemon(tmp_path):
+    """The signal handler must take no lock: Python runs it in the main thread between two
+    bytecodes, and the wait loop's Event.wait held its Condition's lock while the handler's
+    Event.set wanted it. That deadlocked a worker on the GPU machine under load (it outlived
+    its killed supervisor, holding the store's writer lock)."""
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_UNDER_A_LOCK, str(tmp_path / "kv")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "exit 0" in proc.stdout, proc.stdout + proc.stderr
+    with BlockStore(tmp_path / "kv"):  # stopped cleanly: the writer lock is free
+        pass
+
+
 def test_refuses_a_bad_listen_address(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tqstore.cli", "serve", "--path", str(tmp_path / "kv"),
                           "--listen", "nonsense"], capture_output=True, text=True, timeout=60)

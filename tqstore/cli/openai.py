@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from tqstore.cli.connection_args import add_connection_arguments, client_config_from
 from tqstore.config import DEFAULT_LISTEN, WIDE_PREFILL_CHUNK, MiB, ServingConfig
@@ -69,6 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)  # to the daemon (--store), not this endpoint's clients
 
 
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM's handler: KeyboardInterrupt in the main thread (serve_forever ends as on
+    Ctrl-C), once; the next SIGTERMs are ignored while the shutdown runs."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from tqstore.cli.generate import connect
     from tqstore.models.loader import load_model
@@ -110,9 +116,12 @@ def run(args: argparse.Namespace) -> int:
              args.max_batch)
     print(f"tqstore openai: http://{host}:{port}/v1", file=sys.stderr, flush=True)
     # SIGTERM (systemd, docker, kill) stops like Ctrl-C: the engine ends and queued uploads
-    # reach the daemon before the process exits.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    # reach the daemon before the process exits. The handler takes no lock: it runs in the
+    # main thread between two bytecodes, possibly while that thread holds one (starting a
+    # request's thread does), and a handler that started a thread itself could deadlock
+    # there. Later SIGTERMs are ignored, so they cannot cut the uploads' wait short.
     try:
+        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # inside: its interrupt cleans up
         server.serve_forever()
     except KeyboardInterrupt:
         pass
