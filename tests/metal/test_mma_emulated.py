@@ -74,6 +74,9 @@ MMA_CASES = [
     ([700, 64], 4, 4, 96, 64, 64, 3, 1, 3),               # MHA, Dk != Dv, 3 words per lane
     ([0, 3000], 8, 1, 128, 128, 256, 4, 4, 2),            # G = 8 (full n tile), empty sequence
     ([250, 77], 14, 2, 128, 128, 32, 2, 8, 1),            # G = 7, 8 warps
+    # Llama-3-8B's default launch (8 warps, depth 1) with more splits than the merge loads in
+    # one round (16 at G = 4): its later rounds, as the GPU's 33 splits run them.
+    ([17, 900], 32, 8, 128, 128, 16, 20, 8, 1),
 ]
 
 
