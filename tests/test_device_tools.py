@@ -6,6 +6,7 @@ tools/launch_overhead.py and tools/mma_phases.py measure on a GPU (CUDA for mma_
 refuse clearly without one. Their numbers come from the GPU machine (docs/BENCHMARKS.md)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -325,3 +326,30 @@ def test_mma_phases_summarizes_the_merging_threadgroups_apart(form):
     for k, (name, median, _) in enumerate(rows, start=1):
         want = 2.0 if k >= merging_from else 1.5  # the merging threadgroup alone, or both
         assert median == pytest.approx(want), (name, median)
+
+
+def test_ab_trees_packs_branches_and_runs_every_tree_each_round(tmp_path):
+    """tools/ab_trees.sh: `pack` copies a branch's tqstore and tools with its revision; `run`
+    times the working tree ("main") and every packed tree, in the same order each round. Here
+    (no CUDA) mma_phases refuses in every tree, and the script reports each and goes on."""
+    env = {**os.environ, "TQSTORE_AB_DIR": str(tmp_path / "ab"), "OUT": str(tmp_path)}
+    script = str(ROOT / "tools" / "ab_trees.sh")
+    packed = subprocess.run(["bash", script, "pack", "HEAD"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr
+    tree = tmp_path / "ab" / "HEAD"
+    assert (tree / "tqstore" / "metal" / "attention_mma.py").is_file()
+    assert (tree / "tools" / "mma_phases.py").is_file()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert (tree / "REV").read_text().strip() == head
+    ran = subprocess.run(["bash", script, "run", "2"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    rounds = [line.split()[1:4] for line in ran.stdout.splitlines() if line.startswith("== ")]
+    assert rounds == [["round", "1", "main"], ["round", "1", "HEAD"],
+                      ["round", "2", "main"], ["round", "2", "HEAD"]], ran.stdout
+    assert (tmp_path / "phases_HEAD_2.txt").is_file()
+    usage = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
