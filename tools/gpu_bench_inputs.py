@@ -40,7 +40,7 @@ def emit(report: dict, path: str | None) -> None:
 def model_config(shape: str, vocab: int, tok_config: dict) -> dict:
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPES[shape],
            "vocab_size": vocab, "rope_theta": 500000.0, "rope_traditional": False,
-           "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
            "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
            "torch_dtype": "bfloat16"}
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -57,7 +57,9 @@ def write_model(out: Path, shape: str, seed: int = 0) -> Path:
 
     from tqstore.models.export import bundled_model_dir
 
-    marker = {"shape": shape, "seed": seed, "dtype": "bfloat16", "std": 0.02, "format": 1}
+    # format 2: max_position_embeddings 131072 (was 16384, which capped the serving endpoint's
+    # prompts: it refuses a request past the model's context).
+    marker = {"shape": shape, "seed": seed, "dtype": "bfloat16", "std": 0.02, "format": 2}
     if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == marker:
         log(f"model directory {out} is current")
         return out

@@ -9,10 +9,10 @@ request runs its full length (completion tokens are still counted from ``usage``
 
 The model directory (written once, reused while its marker matches):
   config.json  llama: hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128, intermediate
-               14336, rope_theta 500000, max_position_embeddings 16384, untied lm_head; vocab
+               14336, rope_theta 500000, max_position_embeddings 131072, untied lm_head; vocab
                49152 = SmolLM2's tokenizer (every id it emits is a valid row; the embedding and
                lm_head are 49152 x 4096 instead of Llama-3's 128256 x 4096). No llama3
-               rope_scaling (irrelevant below 16k tokens for random weights).
+               rope_scaling (irrelevant for random weights).
   weights      bf16, normal(0, 0.02), RMSNorm weights 1, in shards of 8 layers plus
                model.safetensors.index.json, written with mx.save_safetensors.
   tokenizer    SmolLM2's tokenizer and chat template (tqstore.models.export's bundled export).
