@@ -328,28 +328,59 @@ def test_mma_phases_summarizes_the_merging_threadgroups_apart(form):
         assert median == pytest.approx(want), (name, median)
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git (the script packs branches)")
 def test_ab_trees_packs_branches_and_runs_every_tree_each_round(tmp_path):
-    """tools/ab_trees.sh: `pack` copies a branch's tqstore and tools with its revision; `run`
-    times the working tree ("main") and every packed tree, in the same order each round. Here
-    (no CUDA) mma_phases refuses in every tree, and the script reports each and goes on."""
+    """tools/ab_trees.sh in a repository of its own (a copy of the script, a stub
+    mma_phases.py that prints which tree it belongs to): `pack` copies a branch's tqstore and
+    tools with its revision; `run` times the working tree and every packed tree, each with its
+    own tools, every round, starting one tree later each round; bad input is refused."""
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    (repo / "tqstore").mkdir()
+    shutil.copy(ROOT / "tools" / "ab_trees.sh", repo / "tools")
+    stub = repo / "tools" / "mma_phases.py"
+    stub.write_text("import sys\nprint('launch span of tree worktree', ' '.join(sys.argv[1:]))\n")
+    (repo / "tqstore" / "__init__.py").write_text("")
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "base")
+    _git(repo, "checkout", "-qb", "feature/b1")
+    stub.write_text(stub.read_text().replace("tree worktree", "tree b1"))
+    _git(repo, "commit", "-qam", "b1")
+    _git(repo, "checkout", "-q", "main")
     env = {**os.environ, "TQSTORE_AB_DIR": str(tmp_path / "ab"), "OUT": str(tmp_path)}
-    script = str(ROOT / "tools" / "ab_trees.sh")
-    packed = subprocess.run(["bash", script, "pack", "HEAD"], env=env, capture_output=True,
-                            text=True, timeout=120)
+    script = ["bash", str(repo / "tools" / "ab_trees.sh")]
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(script + list(args), env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    packed = call("pack", "feature/b1")
     assert packed.returncode == 0, packed.stderr
-    tree = tmp_path / "ab" / "HEAD"
-    assert (tree / "tqstore" / "metal" / "attention_mma.py").is_file()
-    assert (tree / "tools" / "mma_phases.py").is_file()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
-    assert (tree / "REV").read_text().strip() == head
-    ran = subprocess.run(["bash", script, "run", "2"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    tree = tmp_path / "ab" / "feature_b1"
+    assert (tree / "REV").read_text().strip() == _git(repo, "rev-parse", "--short", "feature/b1")
+    assert (tree / "tqstore" / "__init__.py").is_file()
+    ran = call("run", "2", "--contexts", "4096")
     assert ran.returncode == 0, ran.stderr
-    rounds = [line.split()[1:4] for line in ran.stdout.splitlines() if line.startswith("== ")]
-    assert rounds == [["round", "1", "main"], ["round", "1", "HEAD"],
-                      ["round", "2", "main"], ["round", "2", "HEAD"]], ran.stdout
-    assert (tmp_path / "phases_HEAD_2.txt").is_file()
-    usage = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage" in usage.stderr
+    order = [line.split()[2:4] for line in ran.stdout.splitlines() if line.startswith("== ")]
+    assert order == [["1", "worktree"], ["1", "feature_b1"],
+                     ["2", "feature_b1"], ["2", "worktree"]], ran.stdout
+    for name, marker in (("worktree", "tree worktree"), ("feature_b1", "tree b1")):
+        for round_ in (1, 2):  # each tree ran its own tools, with the arguments given
+            text = (tmp_path / f"phases_{name}_{round_}.txt").read_text()
+            assert marker in text and "--contexts 4096" in text, text
+    # Bad input: a round count that is no count, the working tree's name as a branch, and a
+    # folder that holds anything but packed trees (never removed).
+    assert call("run", "0").returncode == 2
+    assert call("pack", "worktree").returncode == 2
+    (tmp_path / "ab" / "notes.txt").write_text("keep me")
+    refused = call("pack", "feature/b1")
+    assert refused.returncode == 2 and "not removing" in refused.stderr
+    assert (tmp_path / "ab" / "notes.txt").read_text() == "keep me"
+    assert call().returncode == 2
 

@@ -150,6 +150,10 @@ CASES = [
     ((64, 64, 9, 3, 16), 2, 7, 0, True, True, "float32"),        # SmolLM2 heads, no new token
     ((96, 64, 4, 4, 8), 1, 1, 1, True, False, "float16"),        # MHA, Dk != Dv
     ((128, 64, 16, 2, 64), 1, 40, 1, True, False, "float32"),    # G = 8, 2 staged key chunks
+    # More than one new token (the standalone form's contract): the new tokens' gathered group
+    # takes several rounds, and here spans a key chunk's boundary.
+    ((128, 128, 32, 8, 64), 1, 30, 5, True, False, "float32"),
+    ((128, 64, 16, 2, 64), 1, 3, 60, True, False, "float16"),
 ]
 
 

@@ -430,3 +430,18 @@ def test_inspect_shows_an_endpoints_live_figures(small, capsys):
     # Nothing listening: one line naming the address, exit 2.
     assert main(["inspect", "--endpoint", "http://127.0.0.1:9"]) == 2
     assert "no tqstore endpoint answers at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_sigterm_ends_the_endpoint_with_status_0(model_dir, tmp_path):
+    """SIGTERM (systemd, docker, kill) stops the endpoint as Ctrl-C does: it answers, then
+    exits 0 after its cleanup. Its own endpoint: stopping a shared one would break the tests
+    that a parallel run gives the same worker after this one."""
+    ep = Endpoint("sigterm", tmp_path, "--model", model_dir, "--store", "none").ready()
+    try:
+        assert ep.chat(FRANCE, max_tokens=2).usage.completion_tokens >= 1
+        ep.client.close()
+        ep.client = None
+        status = ep.process.stop(grace=60)  # SIGTERM, then SIGKILL after 60 s
+        assert status == 0, ep.process.log_tail(40)
+    finally:
+        ep.stop(kill=True)

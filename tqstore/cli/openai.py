@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # Whatever stopped it (SIGTERM or Ctrl-C): a SIGTERM now must not cut the uploads'
+        # wait short (a second Ctrl-C still can).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.server_close()
         engine.close()
         if client is not None:
